@@ -1,0 +1,4 @@
+from harness.sweep import main
+import sys
+
+sys.exit(main())

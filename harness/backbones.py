@@ -1,0 +1,171 @@
+"""Registry of `keras.applications` backbones.
+
+The table below is plain data so that config validation can check names and input sizes without
+importing TensorFlow. Everything that needs Keras imports it lazily inside the function.
+
+    >>> spec = BACKBONES["MobileNetV2"]
+    >>> spec.module, spec.min_size
+    ('mobilenet_v2', 32)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str  # the constructor's name in keras.applications, e.g. "ResNet50"
+    module: str  # keras.applications.<module> holds its preprocess_input
+    min_size: int  # smallest square input (px) the architecture accepts without weights
+    # Regex whose first group names the block a layer belongs to; None = use graph cuts only.
+    block_pattern: str | None = None
+
+
+def _spec(names: list[str], module: str, min_size: int, pattern: str | None) -> dict[str, BackboneSpec]:
+    return {n: BackboneSpec(n, module, min_size, pattern) for n in names}
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    **_spec(["VGG16", "VGG19"], "vgg16", 32, r"^(block\d+)_"),
+    **_spec(["ResNet50", "ResNet101", "ResNet152"], "resnet", 32, r"^(conv\d_block\d+)_"),
+    **_spec(["ResNet50V2", "ResNet101V2", "ResNet152V2"], "resnet_v2", 32, r"^(conv\d_block\d+)_"),
+    **_spec(["InceptionV3"], "inception_v3", 75, None),
+    **_spec(["InceptionResNetV2"], "inception_resnet_v2", 75, None),
+    **_spec(["Xception"], "xception", 71, r"^(block\d+)_"),
+    **_spec(["MobileNet"], "mobilenet", 32, r"^conv_(?:dw_|pw_|pad_)?(\d+)"),
+    **_spec(["MobileNetV2"], "mobilenet_v2", 32, r"^(block_\d+|expanded_conv)_"),
+    **_spec(["MobileNetV3Small", "MobileNetV3Large"], "mobilenet_v3", 32, r"^(expanded_conv(?:_\d+)?)_"),
+    **_spec(["DenseNet121", "DenseNet169", "DenseNet201"], "densenet", 32, r"^(conv\d_block\d+|pool\d)_"),
+    **_spec(["NASNetMobile", "NASNetLarge"], "nasnet", 32, None),
+    **_spec([f"EfficientNetB{i}" for i in range(8)], "efficientnet", 32, r"^(block\d[a-z])_"),
+    **_spec(
+        ["EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetV2B2", "EfficientNetV2B3",
+         "EfficientNetV2S", "EfficientNetV2M", "EfficientNetV2L"],
+        "efficientnet_v2", 32, r"^(block\d+[a-z])_",
+    ),
+    **_spec(["ConvNeXtTiny", "ConvNeXtSmall", "ConvNeXtBase"], "convnext", 32, None),
+}
+# VGG19 has its own module for preprocess_input (identical to VGG16's); keep it exact.
+BACKBONES["VGG19"] = BackboneSpec("VGG19", "vgg19", 32, r"^(block\d+)_")
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise KeyError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}") from None
+
+
+def preprocess_fn(name: str):
+    """The backbone's own `keras.applications.<module>.preprocess_input`."""
+    import keras
+
+    return getattr(keras.applications, get_spec(name).module).preprocess_input
+
+
+def construct(name: str, image_size: int, weights: str | None, options: dict | None = None):
+    """Build the headless backbone: `keras.applications.<name>(include_top=False, ...)`.
+
+    `weights` is "imagenet" (downloaded and cached by Keras; needs internet once), None (random
+    init), or the path of a weights file that this exact constructor produced.
+    """
+    import keras
+
+    ctor = getattr(keras.applications, name)
+    from_file = weights not in (None, "imagenet")
+    model = ctor(
+        include_top=False,
+        weights=None if from_file else weights,
+        input_shape=(image_size, image_size, 3),
+        **(options or {}),
+    )
+    if from_file:
+        model.load_weights(weights)
+    return model
+
+
+# --- block structure -------------------------------------------------------------------------
+
+
+def _history_refs(obj) -> list[str]:
+    """Names of the layers whose outputs a serialized inbound-node structure refers to."""
+    found: list[str] = []
+    if isinstance(obj, dict):
+        if "keras_history" in obj.get("config", {}) if isinstance(obj.get("config"), dict) else False:
+            found.append(obj["config"]["keras_history"][0])
+        else:
+            for v in obj.values():
+                found.extend(_history_refs(v))
+    elif isinstance(obj, (list, tuple)):
+        # Older serialisations store a bare [layer_name, node_index, tensor_index, ...] list.
+        if len(obj) >= 3 and isinstance(obj[0], str) and isinstance(obj[1], int):
+            found.append(obj[0])
+        else:
+            for v in obj:
+                found.extend(_history_refs(v))
+    return found
+
+
+def clean_cut_points(layer_inputs: list[tuple[str, list[str]]]) -> list[int]:
+    """Indices i after which the graph can be cut with exactly one live tensor.
+
+    `layer_inputs` lists the layers in topological order with the names of the layers they read.
+    A cut after layer i is clean when layer i's output is the only tensor produced at or before i
+    that is still read after i: no skip connection crosses it. Cutting anywhere else would split a
+    residual or inception block in two.
+    """
+    position = {name: i for i, (name, _) in enumerate(layer_inputs)}
+    last_use = {name: position[name] for name, _ in layer_inputs}
+    for i, (_, inputs) in enumerate(layer_inputs):
+        for src in inputs:
+            last_use[src] = max(last_use[src], i)
+    cuts = []
+    for i, (name, _) in enumerate(layer_inputs[:-1]):
+        live = [n for n, _ in layer_inputs[: i + 1] if last_use[n] > i]
+        if live == [name]:
+            cuts.append(i)
+    return cuts
+
+
+def group_blocks(layer_names: list[str], cuts: list[int], pattern: str | None) -> list[list[str]]:
+    """Split layers into blocks at clean cuts, merging pieces that the names say are one block.
+
+    Pure: takes names and cut indices, so it is tested without building a model. Layers whose
+    name does not match `pattern` (stem, top convs) keep their own structural pieces.
+    """
+    pieces: list[list[str]] = []
+    start = 0
+    for c in cuts + [len(layer_names) - 1]:
+        pieces.append(layer_names[start : c + 1])
+        start = c + 1
+    if pattern is None:
+        return [p for p in pieces if p]
+    regex = re.compile(pattern)
+
+    def key(piece: list[str]):
+        keys = {m.group(1) for n in piece if (m := regex.match(n))}
+        return keys.pop() if len(keys) == 1 else None
+
+    blocks: list[list[str]] = []
+    prev_key = object()
+    for piece in pieces:
+        k = key(piece)
+        if blocks and k is not None and k == prev_key:
+            blocks[-1].extend(piece)
+        else:
+            blocks.append(list(piece))
+        prev_key = k
+    return blocks
+
+
+def backbone_blocks(backbone, name: str) -> list[list[str]]:
+    """The backbone's layers (input layer excluded) grouped into blocks, input to output."""
+    config = backbone.get_config()
+    layer_inputs = [(lc["name"], _history_refs(lc.get("inbound_nodes", []))) for lc in config["layers"]]
+    cuts = clean_cut_points(layer_inputs)
+    blocks = group_blocks([n for n, _ in layer_inputs], cuts, get_spec(name).block_pattern)
+    input_names = {backbone.layers[0].name}
+    blocks = [[n for n in b if n not in input_names] for b in blocks]
+    return [b for b in blocks if b]

@@ -1,0 +1,468 @@
+"""Sweep config: YAML -> frozen dataclasses, with every check done at load time.
+
+Every error names the dotted key path and, where the YAML has one, its file:line:col, so a user
+fixes a config without reading a traceback. Configs are data: only `yaml.safe_load`-level
+constructs are accepted and nothing is evaluated. This module never imports TensorFlow.
+
+    >>> cfg = load_config("sweeps/demo.yaml")
+    >>> cfg.study.name
+    'demo'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from harness.backbones import BACKBONES
+
+
+class ConfigError(Exception):
+    """The sweep cannot run as configured. Message names the key path (and file:line:col)."""
+
+
+# --- the schema ------------------------------------------------------------------------------
+# Field metadata: "min"/"max" bound numbers (inclusive), "doc" is the comment users see in --help
+# of the YAML reference in the README.
+
+
+def _f(default, doc: str, **bounds):
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **bounds})
+    return field(default=default, metadata={"doc": doc, **bounds})
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = _f("sweep", "Optuna study name; also the MLflow experiment and results/<name>/ folder")
+    direction: Literal["maximize", "minimize"] = _f("maximize", "maximize | minimize the metric")
+    metric: Literal["val_accuracy", "val_loss"] = _f("val_accuracy", "objective: best epoch's value")
+    n_trials: int = _f(10, "trials to finish (completed + pruned); re-runs resume up to this", min=1)
+    timeout: float | None = _f(None, "seconds after which no new trial starts; null = none", min=1)
+    seed: int = _f(0, "sampler seed (and default data seed)", min=0)
+    sampler: Literal["tpe", "random"] = _f("tpe", "Optuna sampler")
+    pruner: Literal["median", "percentile", "hyperband", "none"] = _f("median", "Optuna pruner")
+    pruner_warmup_epochs: int = _f(2, "epochs a trial runs before it may be pruned", min=0)
+    pruner_startup_trials: int = _f(3, "finished trials before pruning starts", min=0)
+    storage: str | None = _f(None, "Optuna storage URL; null = sqlite:///results/<name>/optuna.db")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["builtin", "folder", "tfds"] = _f("builtin", "builtin | folder | tfds")
+    name: str | None = _f(None, "builtin: shapes-source|shapes|digits; tfds: dataset name")
+    path: str | None = _f(None, "folder: root with one sub-folder of images per class")
+    image_size: int = _f(32, "square input size in px", min=8, max=1024)
+    classes: list[str] | None = _f(None, "keep only these class names (a target with fewer labels)")
+    train_per_class: int | None = _f(None, "subsample the train split to N images per class", min=1)
+    val_per_class: int | None = _f(None, "subsample the val split to N images per class", min=1)
+    val_fraction: float = _f(0.2, "share of each class held out for validation", min=0.01, max=0.9)
+    test_fraction: float = _f(0.2, "share of each class held out for the final test", min=0.01, max=0.9)
+    seed: int = _f(0, "split and subsample seed", min=0)
+    builtin_size: int = _f(200, "builtin generated sets: images generated per class", min=10)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """A source backbone the harness pretrains itself (used when model.weights is 'source')."""
+
+    data: DataConfig = _f(DataConfig(name="shapes-source"), "source dataset (same keys as data)")
+    epochs: int = _f(20, "pretraining epochs", min=1)
+    batch_size: int = _f(64, "pretraining batch size", min=1)
+    learning_rate: float = _f(2e-3, "pretraining Adam learning rate", min=1e-8, max=1.0)
+    cache_dir: str = _f("results/sources", "where pretrained weights are cached, keyed by a hash")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    weights: str = _f("imagenet", "imagenet | none | source | path/to/file.weights.h5")
+    backbone_options: dict[str, dict[str, Any]] = _f({}, "constructor kwargs per backbone, e.g. MobileNetV2: {alpha: 0.35}")
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    epochs: int = _f(5, "maximum epochs of this phase (0 skips it)", min=0)
+    batch_size: int = _f(32, "batch size", min=1)
+    patience: int | None = _f(3, "early-stopping patience in epochs on the objective; null = off", min=1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    head: PhaseConfig = _f(PhaseConfig(), "phase 1: frozen backbone, new head")
+    finetune: PhaseConfig = _f(PhaseConfig(), "phase 2: top of the backbone unfrozen, low LR")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = _f(None, "MLflow tracking URI; null = $MLFLOW_TRACKING_URI or sqlite:///results/mlflow.db")
+    experiment: str | None = _f(None, "MLflow experiment name; null = the study name")
+    artifact_root: str = _f("results/mlartifacts", "artifact location of new experiments on a local store")
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    scratch: bool = _f(True, "after the search, train the best trial's architecture from random init")
+    epochs: int = _f(30, "from-scratch training epochs", min=1)
+    learning_rate: float = _f(2e-3, "from-scratch Adam learning rate", min=1e-8, max=1.0)
+    patience: int | None = _f(8, "early-stopping patience; null = off", min=1)
+
+
+# Search-space parameters: name -> (kind, allowed range or choices, doc).
+# A YAML value is either fixed (a scalar) or searched: {choices: [...]} or {low, high, log?, step?}.
+PARAMS: dict[str, tuple[str, Any, str]] = {
+    "backbone": ("str", sorted(BACKBONES), "keras.applications model name"),
+    "unfreeze_fraction": ("float", (0.0, 1.0), "share of backbone blocks (from the top) unfrozen in phase 2"),
+    "unfreeze_blocks": ("int", (0, 10_000), "number of top backbone blocks unfrozen in phase 2"),
+    "head_units": ("int", (0, 65_536), "hidden Dense units of the head; 0 = linear classifier"),
+    "head_lr": ("float", (1e-8, 1.0), "phase-1 Adam learning rate"),
+    "finetune_lr": ("float", (1e-8, 1.0), "phase-2 Adam learning rate (well below head_lr)"),
+    "dropout": ("float", (0.0, 0.95), "dropout before the classifier"),
+    "pooling": ("str", ["avg", "max"], "global pooling of the feature map"),
+    "augment": ("bool", [True, False], "random flip/rotation/zoom layers inside the model"),
+}
+DEFAULT_SEARCH: dict[str, Any] = {
+    "backbone": "MobileNetV2",
+    "unfreeze_fraction": 0.5,
+    "head_units": 0,
+    "head_lr": 1e-3,
+    "finetune_lr": 1e-4,
+    "dropout": 0.2,
+    "pooling": "avg",
+    "augment": False,
+}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One search-space entry: fixed `value`, or `choices`, or a `low`..`high` range."""
+
+    name: str
+    kind: str
+    value: Any = None
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+
+    @property
+    def fixed(self) -> bool:
+        return self.choices is None and self.low is None
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    study: StudyConfig
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    tracking: TrackingConfig
+    baseline: BaselineConfig
+    search: dict[str, ParamSpec]
+    source: SourceConfig | None = None
+    path: str = "<memory>"  # where the config came from (for messages and artifacts)
+
+    def to_dict(self) -> dict:
+        """The resolved config as plain data (the first artifact of every run)."""
+        out = {k: _plain(getattr(self, k)) for k in ("study", "data", "model", "train", "tracking", "baseline", "source")}
+        out["search"] = {n: _param_plain(p) for n, p in self.search.items()}
+        return out
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _plain(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _param_plain(p: ParamSpec):
+    if p.fixed:
+        return p.value
+    if p.choices is not None:
+        return {"choices": list(p.choices)}
+    out = {"low": p.low, "high": p.high}
+    if p.log:
+        out["log"] = True
+    if p.step is not None:
+        out["step"] = p.step
+    return out
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+class _Locator:
+    """Maps dotted key paths to 'file:line:col' using the YAML node tree."""
+
+    def __init__(self, filename: str, root: yaml.Node | None):
+        self.filename = filename
+        self.marks: dict[str, yaml.Mark] = {}
+        if root is not None:
+            self._walk(root, "")
+
+    def _walk(self, node, path):
+        self.marks[path] = node.start_mark
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{path}.{k.value}" if path else str(k.value)
+                self.marks[key] = k.start_mark
+                self._walk(v, key)
+                self.marks[key] = k.start_mark
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                self._walk(v, f"{path}[{i}]")
+
+    def where(self, path: str) -> str:
+        probe = path
+        while probe not in self.marks and probe:
+            probe = probe.rpartition(".")[0]
+        mark = self.marks.get(probe)
+        if mark is None:
+            return self.filename
+        return f"{self.filename}:{mark.line + 1}:{mark.column + 1}"
+
+    def error(self, path: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.where(path)}: {path}: {message}" if path else f"{self.filename}: {message}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, path: str, loc: _Locator, meta: dict):
+    """Check `value` against the annotation `tp`; return it (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            if len(args) < len(typing.get_args(tp)):
+                return None
+            raise loc.error(path, "must not be null")
+        return _coerce(value, args[0], path, loc, meta)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise loc.error(path, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, loc)
+    if origin is list:
+        if not isinstance(value, list):
+            raise loc.error(path, f"must be a list; got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{path}[{i}]", loc, {}) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise loc.error(path, f"must be a mapping; got {type(value).__name__}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(v, vt, f"{path}.{k}", loc, {}) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept plain numeric strings only.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise loc.error(path, f"must be {_type_name(tp)}; got {type(value).__name__} {value!r}")
+    if "min" in meta and value < meta["min"]:
+        raise loc.error(path, f"must be >= {meta['min']}; got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise loc.error(path, f"must be <= {meta['max']}; got {value!r}")
+    return value
+
+
+def _build(cls, raw, path: str, loc: _Locator):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise loc.error(path, f"must be a mapping; got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise loc.error(f"{path}.{key}" if path else str(key), f"unknown key; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], f"{path}.{name}" if path else name, loc, dict(f.metadata))
+    return cls(**kwargs)
+
+
+def _param(name: str, raw, loc: _Locator) -> ParamSpec:
+    path = f"search.{name}"
+    if name not in PARAMS:
+        raise loc.error(path, f"unknown search parameter; valid: {', '.join(PARAMS)}")
+    kind, allowed, _ = PARAMS[name]
+    py = {"str": str, "int": int, "float": float, "bool": bool}[kind]
+
+    def check(v, where):
+        if kind == "float" and isinstance(v, (int, str)) and not isinstance(v, bool):
+            v = _coerce(v, float, where, loc, {})
+        if not isinstance(v, py) or (py is int and isinstance(v, bool)):
+            raise loc.error(where, f"must be {kind}; got {type(v).__name__} {v!r}")
+        if isinstance(allowed, tuple) and not (allowed[0] <= v <= allowed[1]):
+            raise loc.error(where, f"must be within [{allowed[0]}, {allowed[1]}]; got {v!r}")
+        if isinstance(allowed, list) and v not in allowed:
+            raise loc.error(where, f"unknown value {v!r}; valid: {', '.join(map(str, allowed))}")
+        return v
+
+    if not isinstance(raw, dict):
+        return ParamSpec(name, kind, value=check(raw, path))
+    keys = set(raw)
+    if keys == {"choices"}:
+        if not isinstance(raw["choices"], list) or not raw["choices"]:
+            raise loc.error(f"{path}.choices", "must be a non-empty list")
+        choices = tuple(check(v, f"{path}.choices[{i}]") for i, v in enumerate(raw["choices"]))
+        return ParamSpec(name, kind, choices=choices)
+    if {"low", "high"} <= keys <= {"low", "high", "log", "step"}:
+        if kind not in ("int", "float"):
+            raise loc.error(path, f"a {kind} parameter takes a fixed value or {{choices: [...]}}")
+        low, high = check(raw["low"], f"{path}.low"), check(raw["high"], f"{path}.high")
+        if low > high:
+            raise loc.error(path, f"low ({low}) must not exceed high ({high})")
+        log = raw.get("log", False)
+        if not isinstance(log, bool):
+            raise loc.error(f"{path}.log", f"must be bool; got {log!r}")
+        if log and low <= 0:
+            raise loc.error(f"{path}.low", "must be > 0 on a log scale")
+        step = raw.get("step")
+        if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+            raise loc.error(f"{path}.step", f"must be a positive number; got {step!r}")
+        if log and step is not None:
+            raise loc.error(path, "log and step cannot be combined (Optuna refuses it)")
+        return ParamSpec(name, kind, low=low, high=high, log=log, step=step)
+    raise loc.error(path, "must be a fixed value, {choices: [...]}, or {low: .., high: .., log?: .., step?: ..}")
+
+
+def _param_values(p: ParamSpec) -> list:
+    """Every value a parameter can take (endpoints for ranges) - enough for feasibility checks."""
+    if p.fixed:
+        return [p.value]
+    if p.choices is not None:
+        return list(p.choices)
+    return [p.low, p.high]
+
+
+def _check_cross(cfg: SweepConfig, loc: _Locator) -> None:
+    """Checks that span several keys: impossible combinations are refused before anything runs."""
+    search = cfg.search
+    if "unfreeze_fraction" in search and "unfreeze_blocks" in search:
+        raise loc.error("search.unfreeze_blocks", "set either unfreeze_fraction or unfreeze_blocks, not both")
+    backbones = _param_values(search["backbone"])
+    for name in backbones:
+        min_size = BACKBONES[name].min_size
+        if cfg.data.image_size < min_size:
+            raise loc.error(
+                "data.image_size",
+                f"{cfg.data.image_size} px is below {name}'s minimum input size of {min_size} px",
+            )
+        if cfg.source is not None and cfg.model.weights == "source" and cfg.source.data.image_size != cfg.data.image_size:
+            raise loc.error("source.data.image_size", "must equal data.image_size (the source backbone is reused as is)")
+    for name in cfg.model.backbone_options:
+        if name not in BACKBONES:
+            raise loc.error(f"model.backbone_options.{name}", f"unknown backbone; valid: {', '.join(sorted(BACKBONES))}")
+    if cfg.model.weights == "source" and cfg.source is None:
+        raise loc.error("model.weights", "'source' needs a source: block describing the source pretraining")
+    weights = cfg.model.weights
+    if weights not in ("imagenet", "none", "source"):
+        if not Path(weights).is_file():
+            raise loc.error("model.weights", f"weights file not found: {weights}")
+        if not weights.endswith(".weights.h5"):
+            raise loc.error("model.weights", f"Keras 3 weights files end in .weights.h5; got {weights}")
+    for key, data in (("data", cfg.data), ("source.data", cfg.source.data if cfg.source else None)):
+        if data is None:
+            continue
+        if data.val_fraction + data.test_fraction >= 0.95:
+            raise loc.error(f"{key}.test_fraction", "val_fraction + test_fraction must leave at least 5% for training")
+        if data.source == "folder":
+            if not data.path:
+                raise loc.error(f"{key}.path", "a folder dataset needs a path")
+            if not Path(data.path).is_dir():
+                raise loc.error(f"{key}.path", f"dataset folder not found: {data.path}")
+        elif not data.name:
+            raise loc.error(f"{key}.name", f"a {data.source} dataset needs a name")
+        if data.source == "builtin":
+            from harness.datasets_builtin import BUILTIN
+
+            if data.name not in BUILTIN:
+                raise loc.error(f"{key}.name", f"unknown builtin dataset {data.name!r}; valid: {', '.join(BUILTIN)}")
+        if data.classes is not None and len(set(data.classes)) < 2:
+            raise loc.error(f"{key}.classes", "a classification task needs at least two classes")
+    if cfg.train.head.epochs < 1:
+        raise loc.error("train.head.epochs", "phase 1 must train the head for at least one epoch")
+
+
+def parse_config(text: str, filename: str = "<string>") -> SweepConfig:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
+        raise ConfigError(f"{where}: malformed YAML: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{filename}: malformed YAML: {exc}") from None
+    loc = _Locator(filename, root)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise loc.error("", f"top level must be a mapping; got {type(raw).__name__}")
+    sections = {
+        "study": StudyConfig, "data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+        "tracking": TrackingConfig, "baseline": BaselineConfig, "source": SourceConfig,
+    }
+    for key in raw:
+        if key not in sections and key != "search":
+            raise loc.error(str(key), f"unknown key; valid keys: {', '.join([*sections, 'search'])}")
+    built = {k: _build(cls, raw.get(k), k, loc) for k, cls in sections.items() if k != "source"}
+    built["source"] = _build(SourceConfig, raw["source"], "source", loc) if raw.get("source") is not None else None
+    search_raw = raw.get("search") or {}
+    if not isinstance(search_raw, dict):
+        raise loc.error("search", "must be a mapping of parameter -> value or range")
+    merged = dict(DEFAULT_SEARCH)
+    if "unfreeze_blocks" in search_raw:
+        merged.pop("unfreeze_fraction")
+    merged.update(search_raw)
+    search = {name: _param(name, value, loc) for name, value in merged.items()}
+    cfg = SweepConfig(search=search, path=filename, **built)
+    _check_cross(cfg, loc)
+    return cfg
+
+
+def load_config(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    return parse_config(text, str(path))
+
+
+def with_overrides(cfg: SweepConfig, **study_overrides) -> SweepConfig:
+    """Command-line flags win over the YAML; None means 'not given'."""
+    study_kw = {k: v for k, v in study_overrides.items() if v is not None and k in {f.name for f in dataclasses.fields(StudyConfig)}}
+    cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, **study_kw))
+    if study_overrides.get("tracking_uri"):
+        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=study_overrides["tracking_uri"]))
+    return cfg

@@ -1,0 +1,165 @@
+"""Backbone + head, and freezing by depth.
+
+The model is `input -> [augmentation] -> backbone's preprocess_input -> backbone -> pooling ->
+[dropout -> Dense(head_units, relu)] -> dropout -> Dense(classes, softmax)`.
+
+A pretrained backbone is called with `training=False`, so its BatchNormalization layers run in
+inference mode in both phases, even once unfrozen (the Keras transfer-learning guide: otherwise
+the batch statistics of a small target set overwrite the pretrained ones). A randomly initialised
+backbone is called in the default mode, so its BatchNormalization trains; its momentum is lowered
+because Keras' default of 0.99-0.999 leaves the moving statistics near their initial 0/1 after a
+few hundred steps, and inference-mode accuracy would then sit at chance.
+
+Freeze policy is a set of small pure functions over block lists (see `blocks_to_unfreeze`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import keras
+
+from harness import backbones as bb
+
+RANDOM_INIT_BN_MOMENTUM = 0.9  # fits moving statistics within ~50 steps
+
+
+@keras.saving.register_keras_serializable(package="harness")
+class BackbonePreprocess(keras.layers.Layer):
+    """Runs `keras.applications.<module>.preprocess_input` inside the model (self-contained saves)."""
+
+    def __init__(self, backbone: str, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self._fn = bb.preprocess_fn(backbone)
+
+    def call(self, x):
+        return self._fn(keras.ops.cast(x, "float32"))
+
+    def get_config(self):
+        return {**super().get_config(), "backbone": self.backbone}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    backbone: str
+    image_size: int
+    num_classes: int
+    weights: str | None  # "imagenet", None (random init) or a weights-file path
+    backbone_options: dict
+    head_units: int = 0
+    dropout: float = 0.0
+    pooling: str = "avg"
+    augment: bool = False
+    cut_fraction: float = 1.0  # keep this share of the backbone's blocks (intermediate features)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights is not None
+
+
+@dataclass
+class TransferModel:
+    model: keras.Model
+    backbone: keras.Model
+    blocks: list[list[str]]  # backbone layer names grouped into blocks, input to output
+    spec: ModelSpec
+
+
+def augmentation_layers(seed: int = 0) -> keras.Sequential:
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.1, seed=seed),
+            keras.layers.RandomZoom(0.1, seed=seed),
+        ],
+        name="augment",
+    )
+
+
+def blocks_to_keep(n_blocks: int, cut_fraction: float) -> int:
+    """How many blocks (from the input) an intermediate-feature backbone keeps; at least one."""
+    return max(1, min(n_blocks, math.ceil(n_blocks * cut_fraction - 1e-9)))
+
+
+def build_model(spec: ModelSpec, seed: int = 0) -> TransferModel:
+    backbone = bb.construct(spec.backbone, spec.image_size, spec.weights, spec.backbone_options)
+    blocks = bb.backbone_blocks(backbone, spec.backbone)
+    if spec.cut_fraction < 1.0:
+        keep = blocks_to_keep(len(blocks), spec.cut_fraction)
+        last = blocks[keep - 1][-1]
+        backbone = keras.Model(backbone.input, backbone.get_layer(last).output, name=f"{backbone.name}_cut{keep}")
+        blocks = blocks[:keep]
+    if not spec.pretrained:
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = RANDOM_INIT_BN_MOMENTUM
+
+    inputs = keras.Input((spec.image_size, spec.image_size, 3), name="image")
+    x = augmentation_layers(seed)(inputs) if spec.augment else inputs
+    x = BackbonePreprocess(spec.backbone, name="preprocess")(x)
+    x = backbone(x, training=False) if spec.pretrained else backbone(x)
+    pool = keras.layers.GlobalAveragePooling2D if spec.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+    x = pool(name="pool")(x)
+    if spec.head_units > 0:
+        x = keras.layers.Dropout(spec.dropout, name="head_dropout")(x)
+        x = keras.layers.Dense(spec.head_units, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(spec.dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(spec.num_classes, activation="softmax", name="classifier")(x)
+    model = keras.Model(inputs, outputs, name=f"{spec.backbone}_transfer")
+    return TransferModel(model, backbone, blocks, spec)
+
+
+# --- freeze policy (pure) --------------------------------------------------------------------
+
+
+def blocks_to_unfreeze(n_blocks: int, unfreeze_fraction: float | None = None, unfreeze_blocks: int | None = None) -> int:
+    """Number of top blocks phase 2 unfreezes, snapped to whole blocks.
+
+    A fraction rounds to the nearest block so that 0.5 of a 17-block MobileNetV2 and of a
+    16-block ResNet50 both mean "the top half"; any fraction above zero unfreezes at least one.
+    """
+    if unfreeze_blocks is not None:
+        return max(0, min(n_blocks, unfreeze_blocks))
+    fraction = unfreeze_fraction or 0.0
+    if fraction <= 0:
+        return 0
+    return max(1, min(n_blocks, round(n_blocks * fraction)))
+
+
+def trainable_layer_names(blocks: list[list[str]], n_unfrozen: int) -> set[str]:
+    """Names of the backbone layers trainable when the top `n_unfrozen` blocks are unfrozen."""
+    if n_unfrozen <= 0:
+        return set()
+    return {name for block in blocks[len(blocks) - n_unfrozen :] for name in block}
+
+
+def set_backbone_trainable(tm: TransferModel, n_unfrozen: int) -> None:
+    """Freeze the whole backbone, then unfreeze its top `n_unfrozen` blocks.
+
+    BatchNormalization layers of a pretrained backbone stay frozen even inside unfrozen blocks
+    (their statistics and affine terms are kept as pretrained: the Keras EfficientNet fine-tuning
+    example). The model must be recompiled afterwards: compile() captures the trainable state.
+    """
+    names = trainable_layer_names(tm.blocks, n_unfrozen)
+    tm.backbone.trainable = n_unfrozen > 0
+    for layer in tm.backbone.layers:
+        train = layer.name in names
+        if train and tm.spec.pretrained and isinstance(layer, keras.layers.BatchNormalization):
+            train = False
+        layer.trainable = train
+
+
+def set_all_trainable(tm: TransferModel) -> None:
+    """From-scratch training: every layer, BatchNormalization included, learns."""
+    tm.backbone.trainable = True
+    for layer in tm.backbone.layers:
+        layer.trainable = True
+
+
+def count_params(model: keras.Model) -> tuple[int, int]:
+    """(trainable, total) parameter counts as the optimizer will see them."""
+    trainable = sum(int(math.prod(w.shape)) for w in model.trainable_weights)
+    total = sum(int(math.prod(w.shape)) for w in model.weights)
+    return trainable, total

@@ -1,0 +1,220 @@
+"""One trial's lifecycle: sample -> build -> phase 1 -> phase 2 -> result, pruned, or failed.
+
+Error taxonomy (as in keras-tuner): `TrialFailed` means "this trial failed, record it and go on"
+(NaN loss, out of memory, an exception inside Keras); a `ConfigError`/`DataError` means "the
+sweep cannot run" and propagates to stop the sweep at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import optuna
+
+from harness import space
+from harness.config import ConfigError, SweepConfig
+from harness.data import Dataset, Splits, tf_dataset
+from harness.phases import EpochRecord, History, NonFiniteLoss, Phase, run_phases, scratch_plan, two_phase_plan
+from harness.tracking import STATE_TAG, TRIAL_TAG, Tracker
+
+
+class TrialFailed(Exception):
+    """This trial failed for a reason of its own; the study goes on."""
+
+
+# Exceptions that end one trial but not the sweep. Everything else (ConfigError, KeyboardInterrupt,
+# bugs in the harness itself) stops the sweep.
+def _trial_level_errors() -> tuple[type[BaseException], ...]:
+    import tensorflow as tf
+
+    return (NonFiniteLoss, MemoryError, tf.errors.ResourceExhaustedError, tf.errors.InvalidArgumentError,
+            tf.errors.InternalError, tf.errors.UnknownError, ValueError, RuntimeError)
+
+
+@dataclass
+class TrialResult:
+    value: float
+    history: History
+    params: dict[str, Any]
+
+
+def model_spec(cfg: SweepConfig, params: dict, num_classes: int, weights: str | None, pretrained: bool = True):
+    from harness.model import ModelSpec
+
+    return ModelSpec(
+        backbone=params["backbone"],
+        image_size=cfg.data.image_size,
+        num_classes=num_classes,
+        weights=weights if pretrained else None,
+        backbone_options=dict(cfg.model.backbone_options.get(params["backbone"], {})),
+        head_units=int(params["head_units"]),
+        dropout=float(params["dropout"]),
+        pooling=params["pooling"],
+        augment=bool(params["augment"]),
+    )
+
+
+def plan_for(cfg: SweepConfig, params: dict, n_blocks: int) -> list[Phase]:
+    from harness.model import blocks_to_unfreeze
+
+    n_unfreeze = blocks_to_unfreeze(n_blocks, params.get("unfreeze_fraction"), params.get("unfreeze_blocks"))
+    head, ft = cfg.train.head, cfg.train.finetune
+    return two_phase_plan(head.epochs, params["head_lr"], head.patience, ft.epochs, params["finetune_lr"], ft.patience, n_unfreeze)
+
+
+class Objective:
+    """Callable for `study.optimize`: runs one two-phase trial and logs it as a child run."""
+
+    def __init__(
+        self,
+        cfg: SweepConfig,
+        dataset: Dataset,
+        splits: Splits,
+        tracker: Tracker,
+        weights_for: Callable[[str], str | None],
+        progress=None,
+    ):
+        self.cfg, self.dataset, self.splits, self.tracker = cfg, dataset, splits, tracker
+        self.weights_for = weights_for
+        self.progress = progress
+        self._pipelines: dict[tuple, tuple] = {}
+
+    def pipelines(self, batch_size: int):
+        """Train/val tf.data pipelines, built once per batch size and re-used by every trial."""
+        if batch_size not in self._pipelines:
+            seed = self.cfg.data.seed
+            self._pipelines[batch_size] = (
+                tf_dataset(self.dataset, self.splits.train, batch_size, shuffle=True, seed=seed),
+                tf_dataset(self.dataset, self.splits.val, batch_size, shuffle=False),
+            )
+        return self._pipelines[batch_size]
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = space.suggest(trial, self.cfg.search)
+        cfg = self.cfg
+        run_id = self.tracker.start_child(
+            f"trial {trial.number}", "trial",
+            {TRIAL_TAG: trial.number, "backbone": params["backbone"], "dataset": self.dataset.name,
+             STATE_TAG: "RUNNING", "optuna.study": cfg.study.name},
+            config=cfg.to_dict(),
+        )
+        trial.set_user_attr("mlflow_run_id", run_id)
+        self.tracker.log_params(run_id, params)
+        if self.progress:
+            self.progress.trial_started(trial.number, params)
+        started = time.perf_counter()
+        history: History | None = None
+        try:
+            history = self._train(trial, params, run_id)
+        except optuna.TrialPruned:
+            self.tracker.end_run(run_id, "KILLED", optuna_state="PRUNED")
+            raise
+        except ConfigError:
+            self.tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
+            raise
+        except _trial_level_errors() as exc:
+            reason = f"{type(exc).__name__}: {str(exc)[:500]}"
+            trial.set_user_attr("fail_reason", reason)
+            self.tracker.log_failure(run_id, exc)
+            self.tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
+            raise TrialFailed(reason) from exc
+        except BaseException as exc:
+            # KeyboardInterrupt/SIGTERM or a harness bug: record it, then stop the sweep.
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            self.tracker.log_failure(run_id, exc)
+            self.tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", optuna_state="FAIL")
+            raise
+        finally:
+            _release_memory()
+        value = history.best(cfg.study.metric, cfg.study.direction)
+        self.tracker.log_metrics(run_id, {"objective": value, "wall_seconds": time.perf_counter() - started})
+        self.tracker.end_run(run_id, "FINISHED", optuna_state="COMPLETE")
+        return value
+
+    def _train(self, trial: optuna.Trial, params: dict, run_id: str) -> History:
+        from harness.model import build_model
+
+        cfg = self.cfg
+        weights = self.weights_for(params["backbone"])
+        tm = build_model(model_spec(cfg, params, self.dataset.num_classes, weights), seed=cfg.study.seed + trial.number)
+        plan = plan_for(cfg, params, len(tm.blocks))
+        n_unfrozen = plan[1].unfreeze_blocks if len(plan) > 1 else 0
+        self.tracker.log_params(run_id, {"backbone_blocks": len(tm.blocks), "unfrozen_blocks": n_unfrozen})
+        total_epochs = sum(p.epochs for p in plan)
+
+        def on_phase_start(phase: Phase, trainable: int, total: int):
+            self.tracker.log_metrics(run_id, {f"{phase.name}/trainable_params": trainable, f"{phase.name}/total_params": total})
+            if self.progress:
+                self.progress.phase_started(phase.name)
+
+        def on_epoch(record: EpochRecord):
+            self.tracker.log_metrics(run_id, record.metrics, step=record.epoch)
+            value = record.metrics.get(cfg.study.metric)
+            if self.progress:
+                self.progress.epoch_done(record, total_epochs)
+            if value is not None:
+                trial.report(value, step=record.epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at epoch {record.epoch} ({cfg.study.metric}={value:.4f})")
+
+        history = _run_with_batches(self, tm, plan, on_epoch, on_phase_start)
+        log_history(self.tracker, run_id, history)
+        return history
+
+
+def _run_with_batches(obj: Objective, tm, plan, on_epoch, on_phase_start) -> History:
+    """Run the plan; phases may use different batch sizes, so each gets its own pipeline."""
+    cfg = obj.cfg
+    batch = {"head": cfg.train.head.batch_size, "finetune": cfg.train.finetune.batch_size}
+    if len({batch.get(p.name, cfg.train.head.batch_size) for p in plan}) == 1:
+        train_ds, val_ds = obj.pipelines(batch.get(plan[0].name, cfg.train.head.batch_size))
+        return run_phases(tm, plan, train_ds, val_ds, on_epoch, on_phase_start, cfg.study.metric, cfg.study.direction)
+    merged = History()
+    for phase in plan:
+        train_ds, val_ds = obj.pipelines(batch[phase.name])
+        part = run_phases(tm, [phase], train_ds, val_ds, on_epoch, on_phase_start, cfg.study.metric, cfg.study.direction,
+                          start_epoch=len(merged.epochs))
+        merged.epochs.extend(part.epochs)
+        merged.phases.extend(part.phases)
+    return merged
+
+
+def log_history(tracker: Tracker, run_id: str, history: History) -> None:
+    """Per-phase summaries, the epoch table as CSV and the learning-curve PNG."""
+    from harness.plots import learning_curve_figure
+
+    summary: dict[str, float] = {}
+    for p in history.phases:
+        summary[f"{p.name}/seconds"] = p.seconds
+        summary[f"{p.name}/epochs"] = p.epochs_run
+        for k, v in p.best.items():
+            summary[f"{p.name}/best_{k}"] = v
+    finetune_start = history.phase_start("finetune")
+    if finetune_start is not None:
+        summary["finetune_start_epoch"] = finetune_start
+    tracker.log_metrics(run_id, summary)
+    tracker.set_tags(run_id, {"finetune_start_epoch": finetune_start if finetune_start is not None else "none"})
+    tracker.log_text(run_id, history_csv(history), "history.csv")
+    fig = learning_curve_figure(history)
+    tracker.log_figure(run_id, fig, "learning_curve.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def history_csv(history: History) -> str:
+    import pandas as pd
+
+    rows = [{"epoch": e.epoch, "phase": e.phase, **e.metrics} for e in history.epochs]
+    return pd.DataFrame(rows).to_csv(index=False)
+
+
+def _release_memory() -> None:
+    """Trials share one process: drop Keras' graph state so memory stays flat over a long sweep."""
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()

@@ -1,0 +1,169 @@
+"""The two-phase routine on one epoch timeline.
+
+Phase 1 ("head") freezes the whole backbone and trains the new head. Phase 2 ("finetune")
+unfreezes the top blocks, recompiles with the (lower) fine-tune learning rate and continues at
+`initial_epoch` = the epochs phase 1 ran, so MLflow curves and Optuna's pruner see one axis
+(`Trial.report` ignores a step it has already seen: restarting at 0 would disable pruning).
+
+This module never talks to MLflow or Optuna: it calls `on_epoch(record)` after every epoch and
+lets the caller log, report or raise (a raised exception stops training at once).
+
+    >>> history = run_phases(tm, plan, train_ds, val_ds, on_epoch=print)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import keras
+
+from harness.model import TransferModel, count_params, set_all_trainable, set_backbone_trainable
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss: this trial failed, the sweep goes on."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # "head", "finetune" or "scratch"
+    epochs: int
+    learning_rate: float
+    unfreeze_blocks: int  # top backbone blocks trainable; -1 = everything incl. BN (from scratch)
+    patience: int | None = None
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 0-based position on the shared timeline
+    phase: str
+    metrics: dict[str, float]  # loss, accuracy, val_loss, val_accuracy
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    start_epoch: int
+    epochs_run: int
+    seconds: float
+    trainable_params: int
+    total_params: int
+    best: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class History:
+    epochs: list[EpochRecord] = field(default_factory=list)
+    phases: list[PhaseResult] = field(default_factory=list)
+
+    def best(self, metric: str, direction: str) -> float:
+        values = [e.metrics[metric] for e in self.epochs if metric in e.metrics]
+        if not values:
+            return math.nan
+        return max(values) if direction == "maximize" else min(values)
+
+    def phase_start(self, name: str) -> int | None:
+        return next((p.start_epoch for p in self.phases if p.name == name), None)
+
+
+class _EpochHook(keras.callbacks.Callback):
+    def __init__(self, phase: str, history: History, on_epoch: Callable[[EpochRecord], None]):
+        super().__init__()
+        self.phase, self.history, self.on_epoch = phase, history, on_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {k: float(v) for k, v in (logs or {}).items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+        for key in ("loss", "val_loss"):
+            if key in metrics and not math.isfinite(metrics[key]):
+                self.model.stop_training = True
+                raise NonFiniteLoss(f"{self.phase} phase, epoch {epoch}: {key} is {metrics[key]}")
+        record = EpochRecord(epoch, self.phase, metrics)
+        self.history.epochs.append(record)
+        self.on_epoch(record)
+
+
+class _NonFiniteBatch(keras.callbacks.Callback):
+    """Stop within the batch a loss turns NaN/inf instead of burning the rest of the epoch."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLoss(f"batch {batch}: loss is {float(loss)}")
+
+
+def compile_for(tm: TransferModel, learning_rate: float) -> None:
+    tm.model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def apply_phase_trainability(tm: TransferModel, phase: Phase) -> None:
+    if phase.unfreeze_blocks < 0:
+        set_all_trainable(tm)
+    else:
+        set_backbone_trainable(tm, phase.unfreeze_blocks)
+
+
+def run_phases(
+    tm: TransferModel,
+    plan: list[Phase],
+    train_ds,
+    val_ds,
+    on_epoch: Callable[[EpochRecord], None] = lambda r: None,
+    on_phase_start: Callable[[Phase, int, int], None] = lambda p, t, n: None,
+    monitor: str = "val_accuracy",
+    direction: str = "maximize",
+    start_epoch: int = 0,
+) -> History:
+    """Run each phase of `plan` in turn on one epoch timeline; return the full history."""
+    history = History()
+    epoch = start_epoch
+    for phase in plan:
+        if phase.epochs <= 0:
+            continue
+        apply_phase_trainability(tm, phase)
+        compile_for(tm, phase.learning_rate)  # recompile: compile() captures `trainable`
+        trainable, total = count_params(tm.model)
+        on_phase_start(phase, trainable, total)
+        callbacks: list[keras.callbacks.Callback] = [_NonFiniteBatch(), _EpochHook(phase.name, history, on_epoch)]
+        if phase.patience:
+            callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    monitor=monitor, mode="max" if direction == "maximize" else "min",
+                    patience=phase.patience, restore_best_weights=True,
+                )
+            )
+        started = time.perf_counter()
+        before = len(history.epochs)
+        tm.model.fit(
+            train_ds, validation_data=val_ds, initial_epoch=epoch, epochs=epoch + phase.epochs,
+            callbacks=callbacks, verbose=0, shuffle=False,  # tf.data shuffles already
+        )
+        ran = len(history.epochs) - before
+        result = PhaseResult(phase.name, epoch, ran, time.perf_counter() - started, trainable, total)
+        phase_epochs = history.epochs[before:]
+        for key in ("val_accuracy", "val_loss", "accuracy", "loss"):
+            vals = [e.metrics[key] for e in phase_epochs if key in e.metrics]
+            if vals:
+                result.best[key] = min(vals) if key.endswith("loss") else max(vals)
+        history.phases.append(result)
+        epoch += ran
+    return history
+
+
+def two_phase_plan(head_epochs, head_lr, head_patience, finetune_epochs, finetune_lr, finetune_patience, n_unfreeze) -> list[Phase]:
+    """The classic routine. No unfrozen blocks means phase 2 would only repeat phase 1: skip it."""
+    plan = [Phase("head", head_epochs, head_lr, 0, head_patience)]
+    if n_unfreeze > 0 and finetune_epochs > 0:
+        plan.append(Phase("finetune", finetune_epochs, finetune_lr, n_unfreeze, finetune_patience))
+    return plan
+
+
+def scratch_plan(epochs: int, learning_rate: float, patience: int | None) -> list[Phase]:
+    """Random init, everything (BatchNormalization too) trained in one phase."""
+    return [Phase("scratch", epochs, learning_rate, -1, patience)]

@@ -1,0 +1,131 @@
+"""The harness's own source backbone: pretrained on a source dataset, cached, re-used.
+
+Offline there are no ImageNet weights, yet a demo must still *transfer*. So the harness trains the
+backbone itself on a large, varied source set (config `source:`) and saves the headless backbone's
+weights. Lookup order for a config's source weights:
+
+1. harness/assets/<backbone>-<key>.weights.h5  (shipped with the package, made by `--ship`);
+2. <source.cache_dir>/<backbone>-<key>.weights.h5  (made on first use);
+3. otherwise pretrain now and write (2).
+
+The key hashes everything that shapes the weights (backbone, its options, input size, the whole
+source block), so changing any of it pretrains anew instead of silently re-using stale weights.
+Training is seeded with op determinism on, so running the command again reproduces the file.
+
+    python -m harness.pretrain sweeps/demo.yaml          # fill the cache
+    python -m harness.pretrain sweeps/demo.yaml --ship   # (re)make the shipped asset
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from harness.config import ConfigError, SweepConfig, load_config
+
+ASSETS = Path(__file__).parent / "assets"
+PRETRAIN_SEED = 1234
+
+
+def source_key(cfg: SweepConfig, backbone: str) -> str:
+    blob = {
+        "backbone": backbone,
+        "options": cfg.model.backbone_options.get(backbone, {}),
+        "image_size": cfg.data.image_size,
+        "source": dataclasses.asdict(cfg.source),
+    }
+    blob["source"].pop("cache_dir")
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def weights_filename(cfg: SweepConfig, backbone: str) -> str:
+    return f"{backbone}-{source_key(cfg, backbone)}.weights.h5"
+
+
+def find_source_weights(cfg: SweepConfig, backbone: str) -> Path | None:
+    name = weights_filename(cfg, backbone)
+    for folder in (ASSETS, Path(cfg.source.cache_dir)):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def ensure_source_weights(cfg: SweepConfig, backbone: str, log=print) -> Path:
+    found = find_source_weights(cfg, backbone)
+    if found:
+        return found
+    out = Path(cfg.source.cache_dir) / weights_filename(cfg, backbone)
+    log(f"pretraining the source backbone {backbone} on {cfg.source.data.name} (once; cached at {out})")
+    pretrain(cfg, backbone, out, log=log)
+    return out
+
+
+def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
+    """Train backbone + linear head on the source set; save the backbone's weights and a report."""
+    import keras
+    import tensorflow as tf
+
+    from harness.data import load_dataset, make_splits, tf_dataset
+    from harness.model import ModelSpec, build_model
+    from harness.phases import run_phases, scratch_plan
+
+    keras.utils.set_random_seed(PRETRAIN_SEED)
+    tf.config.experimental.enable_op_determinism()
+    src = cfg.source
+    data = load_dataset(src.data)
+    splits = make_splits(data.labels, src.data)
+    spec = ModelSpec(
+        backbone=backbone, image_size=src.data.image_size, num_classes=data.num_classes, weights=None,
+        backbone_options=dict(cfg.model.backbone_options.get(backbone, {})),
+    )
+    tm = build_model(spec, seed=PRETRAIN_SEED)
+    train = tf_dataset(data, splits.train, src.batch_size, shuffle=True, seed=PRETRAIN_SEED)
+    val = tf_dataset(data, splits.val, src.batch_size, shuffle=False)
+    started = time.perf_counter()
+
+    def on_epoch(r):
+        log(f"  source epoch {r.epoch + 1}/{src.epochs}: loss {r.metrics['loss']:.3f} "
+            f"val_accuracy {r.metrics.get('val_accuracy', float('nan')):.3f}")
+
+    history = run_phases(tm, scratch_plan(src.epochs, src.learning_rate, None), train, val, on_epoch=on_epoch)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name.replace(".weights.h5", ".partial.weights.h5"))
+    tm.backbone.save_weights(tmp)
+    tmp.replace(out)  # atomic: a crash never leaves a half-written cache entry behind
+    report = {
+        "backbone": backbone, "source": src.data.name, "classes": data.num_classes,
+        "train_images": int(len(splits.train)), "epochs": src.epochs,
+        "final_val_accuracy": history.epochs[-1].metrics.get("val_accuracy"),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out.with_suffix("").with_suffix(".json").write_text(json.dumps(report, indent=2))
+    log(f"source backbone saved: {out} (val_accuracy {report['final_val_accuracy']:.3f}, {report['seconds']}s)")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", default="sweeps/demo.yaml", help="sweep config with a source: block")
+    parser.add_argument("--ship", action="store_true", help="write into harness/assets/ (the shipped copy)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        if cfg.source is None:
+            raise ConfigError(f"{args.config}: source: no source block to pretrain from")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    backbones = cfg.search["backbone"].choices or (cfg.search["backbone"].value,)
+    for backbone in backbones:
+        folder = ASSETS if args.ship else Path(cfg.source.cache_dir)
+        pretrain(cfg, backbone, folder / weights_filename(cfg, backbone))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

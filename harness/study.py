@@ -1,0 +1,123 @@
+"""Optuna storage, sampler, pruner, resume and heartbeat. Never logs to MLflow.
+
+The default storage is SQLite under results/<study>/optuna.db, so re-running the same command
+resumes the study. RDB storages (SQLite, PostgreSQL) get Optuna's heartbeat: a trial whose
+process died stops heartbeating, is marked FAIL and its parameters are re-queued by
+`RetryHeartbeatStaleTrialCallback`. n_trials counts COMPLETE and PRUNED trials only, so failed and
+retried trials never eat into the budget.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from harness.config import SweepConfig
+
+HEARTBEAT_SECONDS = 30  # how often a running trial proves it is alive
+GRACE_SECONDS = 90  # silence after which a RUNNING trial counts as dead
+MAX_RETRIES = 2  # re-runs of a trial whose process died
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def default_storage_url(study_name: str, results_dir: str = "results") -> str:
+    path = (Path(results_dir) / study_name / "optuna.db").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def storage_url(cfg: SweepConfig) -> str:
+    return cfg.study.storage or default_storage_url(cfg.study.name)
+
+
+def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS) -> RDBStorage:
+    engine_kwargs = {}
+    if url.startswith("sqlite"):
+        # Wait for a competing writer instead of failing with 'database is locked'.
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    return RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=heartbeat,
+        grace_period=grace,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+    )
+
+
+def make_sampler(cfg: SweepConfig) -> optuna.samplers.BaseSampler:
+    if cfg.study.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.study.seed)
+    return optuna.samplers.TPESampler(seed=cfg.study.seed, n_startup_trials=min(10, max(2, cfg.study.n_trials // 3)))
+
+
+def total_epochs(cfg: SweepConfig) -> int:
+    return cfg.train.head.epochs + cfg.train.finetune.epochs
+
+
+def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
+    s = cfg.study
+    if s.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if s.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, s.pruner_warmup_epochs), max_resource=total_epochs(cfg))
+    if s.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(
+            25.0, n_startup_trials=s.pruner_startup_trials, n_warmup_steps=s.pruner_warmup_epochs
+        )
+    return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials, n_warmup_steps=s.pruner_warmup_epochs)
+
+
+def open_study(cfg: SweepConfig, storage=None) -> optuna.Study:
+    """Create the study, or load it when it exists (resume)."""
+    storage = storage or make_storage(storage_url(cfg))
+    study = optuna.create_study(
+        study_name=cfg.study.name,
+        storage=storage,
+        sampler=make_sampler(cfg),
+        pruner=make_pruner(cfg),
+        direction=cfg.study.direction,
+        load_if_exists=True,
+    )
+    if study.direction.name.lower() != cfg.study.direction:
+        raise ValueError(f"study {cfg.study.name!r} exists with direction {study.direction.name.lower()}; the config says {cfg.study.direction}")
+    return study
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def trial_states(study: optuna.Study) -> dict[int, str]:
+    return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Mark trials whose heartbeat stopped as FAIL now (and queue their retries)."""
+    optuna.storages.fail_stale_trials(study)
+
+
+class StopAfterFailures:
+    """Stop the study after `limit` failed trials in a row: something is wrong with every trial."""
+
+    def __init__(self, limit: int = 5):
+        self.limit = limit
+        self.streak = 0
+        self.tripped = False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.streak = self.streak + 1 if trial.state == TrialState.FAIL else 0
+        if self.streak >= self.limit:
+            self.tripped = True
+            study.stop()

@@ -1,0 +1,254 @@
+"""`python -m harness.sweep [CONFIG]`: run (or resume) a transfer-learning sweep.
+
+Order of work, so that bad input costs nothing:
+  1. load and validate the config (no TensorFlow yet);
+  2. preflight: load the dataset, check every image, resolve and test every backbone's weights;
+  3. only then open the Optuna study and the MLflow parent run, and optimise;
+  4. train the from-scratch baseline, print the summary and the command that opens the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import signal
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "sweeps/demo.yaml"
+EXIT_CONFIG = 2  # bad input: nothing was created
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    def positive_int(text):
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        return value
+
+    def positive_float(text):
+        value = float(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        return value
+
+    p = argparse.ArgumentParser(
+        prog="python -m harness.sweep",
+        description="Run or resume an Optuna sweep of two-phase transfer learning, tracked in MLflow.",
+    )
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"sweep YAML (default: {DEFAULT_CONFIG}, the offline demo)")
+    p.add_argument("--n-trials", type=positive_int, help="finished (completed + pruned) trials to reach; overrides study.n_trials")
+    p.add_argument("--timeout", type=positive_float, help="seconds after which no new trial starts; overrides study.timeout")
+    p.add_argument("--study-name", help="Optuna study / MLflow experiment name; overrides study.name")
+    p.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user:pw@127.0.0.1/db; overrides study.storage")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI; overrides tracking.uri and $MLFLOW_TRACKING_URI")
+    p.add_argument("--seed", type=int, help="sampler seed; overrides study.seed")
+    return p
+
+
+class SweepRefused(Exception):
+    """The sweep cannot start (lock held, weights unusable): message for the user, exit 2."""
+
+
+@contextlib.contextmanager
+def local_study_lock(cfg):
+    """One process per study on the default SQLite storage.
+
+    SQLite is not meant for parallel writers (Optuna's own advice); rather than risk 'database is
+    locked' mid-trial, a second process is refused and told to use a server storage instead.
+    Holding the lock also proves that any RUNNING trial in this storage is an orphan.
+    """
+    if cfg.study.storage is not None:
+        yield False
+        return
+    from harness.study import default_storage_url
+
+    url = default_storage_url(cfg.study.name)
+    lock_path = Path(url.removeprefix("sqlite:///")).with_name("sweep.lock")
+    handle = open(lock_path, "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SweepRefused(
+            f"study {cfg.study.name!r} is already running in another process on the local storage {url}. "
+            "To run several workers on one study, give them a server storage: "
+            "--storage postgresql://USER:PASSWORD@127.0.0.1/DBNAME"
+        ) from None
+    try:
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield True
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def resolve_weights(cfg, log) -> dict[str, str | None]:
+    """Each candidate backbone's weights, checked by building the backbone once (fails fast)."""
+    from harness import backbones as bb
+
+    names = cfg.search["backbone"].choices or (cfg.search["backbone"].value,)
+    resolved: dict[str, str | None] = {}
+    for name in names:
+        w = cfg.model.weights
+        if w == "none":
+            weights = None
+        elif w == "source":
+            from harness.pretrain import ensure_source_weights
+
+            weights = str(ensure_source_weights(cfg, name, log=log))
+        else:
+            weights = w
+        try:
+            bb.construct(name, cfg.data.image_size, weights, cfg.model.backbone_options.get(name))
+        except Exception as exc:  # noqa: BLE001 - any failure here means no trial could run
+            hint = " (ImageNet weights need internet the first time; offline use weights: source or a file)" if weights == "imagenet" else ""
+            raise SweepRefused(f"model.weights: cannot build {name} with weights {weights!r}: {type(exc).__name__}: {str(exc)[:400]}{hint}") from None
+        resolved[name] = weights
+    import keras
+
+    keras.backend.clear_session()
+    return resolved
+
+
+def run(cfg, log=None) -> dict:
+    """Run the sweep a validated config describes; returns the summary (also printed)."""
+    import optuna
+
+    from harness import study as st
+    from harness.baseline import run_scratch_baseline
+    from harness.data import load_dataset, make_splits
+    from harness.objective import Objective, TrialFailed
+    from harness.progress import Progress
+    from harness.summary import summarize
+    from harness.tracking import Tracker, resolve_tracking_uri
+
+    progress_stream = sys.stderr
+    log = log or (lambda text: print(text, file=progress_stream, flush=True))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    # --- preflight: everything that can refuse the sweep, before anything is created ---------
+    dataset = load_dataset(cfg.data)
+    splits = make_splits(dataset.labels, cfg.data)
+    log(f"data: {dataset.name}, {dataset.num_classes} classes, "
+        f"train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)} images (test held out)")
+    weights = resolve_weights(cfg, log)
+    with local_study_lock(cfg) as exclusive:
+        url = st.storage_url(cfg)
+        storage = st.make_storage(url)
+        study = st.open_study(cfg, storage)
+        tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
+        tracker = Tracker(tracking_uri, cfg.tracking.experiment or cfg.study.name, cfg.tracking.artifact_root)
+        parent = tracker.start_study_run(cfg.study.name, cfg.to_dict(), url)
+        study.set_user_attr("mlflow_parent_run_id", parent)
+        study.set_user_attr("mlflow_tracking_uri", tracking_uri)
+
+        # --- crash recovery: orphaned trials -> FAIL (retried), orphaned runs -> KILLED ------
+        recover_orphans(study, exclusive)
+        killed = tracker.reconcile(st.trial_states(study))
+        if killed:
+            log(f"reconciled {len(killed)} MLflow run(s) left RUNNING by a dead process -> KILLED")
+
+        n_done = st.finished_count(study)
+        progress = Progress(cfg.study.n_trials, n_done, cfg.study.direction, cfg.study.metric, progress_stream)
+        objective = Objective(cfg, dataset, splits, tracker, weights.get, progress)
+        breaker = st.StopAfterFailures()
+
+        def on_trial_end(s, t):
+            best = st.best_trial(s)
+            progress.trial_finished(t.number, t.state.name, t.value, best.value if best else None,
+                                    counted=t.state in st.FINISHED_STATES)
+
+        status = "FINISHED"
+        old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            if n_done >= cfg.study.n_trials:
+                log(f"study {cfg.study.name!r} already has {n_done} finished trial(s) (n_trials={cfg.study.n_trials}): nothing to run")
+            else:
+                log(f"study {cfg.study.name!r}: {n_done} finished, running up to {cfg.study.n_trials}")
+                study.optimize(
+                    objective,
+                    n_trials=None,
+                    timeout=cfg.study.timeout,
+                    catch=(TrialFailed,),
+                    callbacks=[optuna.study.MaxTrialsCallback(cfg.study.n_trials, states=st.FINISHED_STATES),
+                               on_trial_end, breaker],
+                    gc_after_trial=True,
+                )
+            if breaker.tripped:
+                status = "FAILED"
+                raise SweepRefused(f"{breaker.limit} trials failed in a row; see the fail_reason of the last trials "
+                                   f"(optuna user attrs / MLflow tag harness.fail_reason)")
+            baseline = None
+            if cfg.baseline.scratch and st.best_trial(study) is not None:
+                baseline = run_scratch_baseline(cfg, study, dataset, splits, tracker, log)
+            summary = summarize(cfg, study, dataset, baseline, tracker)
+            log(summary["text"])
+            return summary
+        except BaseException:
+            status = "KILLED"
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, old_handler)
+            tracker.end_study_run(status)
+
+
+def recover_orphans(study, exclusive: bool) -> None:
+    """Fail trials a dead process left RUNNING, and queue their parameters for a retry.
+
+    With the local storage this process holds the study's lock, so every RUNNING trial is an
+    orphan and is failed at once. With a server storage other workers may be alive: only trials
+    whose heartbeat went silent are failed (Optuna's heartbeat and grace period).
+    """
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    from harness import study as st
+
+    if not exclusive:
+        st.fail_stale_trials(study)
+        return
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=st.MAX_RETRIES)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died while the trial ran")
+        if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+            retry(study, study._storage.get_trial(t._trial_id))
+    optuna.logging.get_logger("optuna")  # keep optuna's logger configured for later trials
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from harness.config import ConfigError, load_config, with_overrides
+
+    try:
+        cfg = load_config(args.config)
+        cfg = with_overrides(
+            cfg, n_trials=args.n_trials, timeout=args.timeout, name=args.study_name, storage=args.storage,
+            seed=args.seed, tracking_uri=args.tracking_uri,
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter out of the log
+    try:
+        run(cfg)
+    except (ConfigError, SweepRefused) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt as exc:
+        print(f"\ninterrupted ({exc or 'Ctrl-C'}): finished trials are saved; run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Every MLflow call the harness makes: experiment, parent run per study, child run per trial.
+
+All calls go through `MlflowClient` with explicit run ids (no global "active run"), so a trial's
+run can be ended, failed or reconciled from anywhere, including after a crash.
+
+Run tree:  experiment <study name>
+             └─ parent run  (tag harness.role=study)   config.yaml, summary
+                  ├─ child run per trial (harness.role=trial, optuna.trial_number)
+                  └─ child run per baseline (harness.role=baseline)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import traceback as tb
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROLE = "harness.role"
+STUDY_TAG = "harness.study"
+TRIAL_TAG = "optuna.trial_number"
+STATE_TAG = "optuna.state"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI draws the tree from it
+
+DEFAULT_TRACKING_DB = "results/mlflow.db"
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """Flag/config first, then $MLFLOW_TRACKING_URI, then a local SQLite store under results/."""
+    if configured:
+        return configured
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    path = Path(DEFAULT_TRACKING_DB).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """Owns the MLflow client, the sweep's experiment and its parent run."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if artifact_root and not uri.startswith(("http://", "https://")):
+                # A local store keeps artifacts beside it, not in the working directory.
+                location = Path(artifact_root).resolve().as_uri()
+                Path(artifact_root).mkdir(parents=True, exist_ok=True)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_run_id: str | None = None
+
+    # --- parent run ------------------------------------------------------------------------
+
+    def start_study_run(self, study_name: str, config: dict, storage_url: str) -> str:
+        """Create the study's parent run, or reopen it when the study is resumed."""
+        existing = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{ROLE}` = 'study' and tags.`{STUDY_TAG}` = '{study_name}'",
+            max_results=1,
+        )
+        if existing:
+            run_id = existing[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"study {study_name}",
+                tags={ROLE: "study", STUDY_TAG: study_name, "optuna.storage": _redact(storage_url)},
+            )
+            run_id = run.info.run_id
+            self.client.log_dict(run_id, config, "config.yaml")
+            params = _flatten({k: v for k, v in config.items() if k != "search"})
+            params.update({f"search.{k}": v for k, v in config.get("search", {}).items()})
+            self.log_params(run_id, params)
+        self.parent_run_id = run_id
+        return run_id
+
+    def end_study_run(self, status: str = "FINISHED") -> None:
+        if self.parent_run_id:
+            self.client.set_terminated(self.parent_run_id, status=status)
+
+    # --- child runs ------------------------------------------------------------------------
+
+    def start_child(self, name: str, role: str, tags: dict[str, Any], config: dict | None = None) -> str:
+        tags = {ROLE: role, PARENT_TAG: self.parent_run_id, **{k: str(v) for k, v in tags.items()}}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        if config is not None:
+            # The resolved config is every run's first artifact: the run describes itself.
+            self.client.log_dict(run.info.run_id, config, "config.yaml")
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        self.client.log_figure(run_id, figure, artifact_file)
+
+    def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_failure(self, run_id: str, exc: BaseException) -> None:
+        """Reason as a tag, the whole traceback as an artifact."""
+        reason = f"{type(exc).__name__}: {exc}"
+        self.set_tags(run_id, {"harness.fail_reason": reason[:5000]})
+        self.log_text(run_id, "".join(tb.format_exception(exc)), "traceback.txt")
+
+    def end_run(self, run_id: str, status: str, optuna_state: str | None = None) -> None:
+        if optuna_state:
+            self.client.set_tag(run_id, STATE_TAG, optuna_state)
+        self.client.set_terminated(run_id, status=status)
+
+    # --- crash recovery --------------------------------------------------------------------
+
+    def reconcile(self, trial_states: dict[int, str]) -> list[str]:
+        """End child runs left RUNNING by a dead process; returns the run ids it ended.
+
+        `trial_states` maps trial numbers to their Optuna state name. A run whose trial is no
+        longer RUNNING (failed by the heartbeat, or missing) was orphaned by a crash: KILLED.
+        """
+        ended = []
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+            max_results=10_000,
+        )
+        for run in runs:
+            number = run.data.tags.get(TRIAL_TAG)
+            state = trial_states.get(int(number)) if number is not None and number.isdigit() else None
+            if state == "RUNNING":
+                continue  # another live worker owns it
+            self.end_run(run.info.run_id, "KILLED", optuna_state=state or "FAIL")
+            self.set_tags(run.info.run_id, {"harness.fail_reason": "process died before the trial ended"})
+            ended.append(run.info.run_id)
+        return ended
+
+
+def config_yaml(config: dict) -> str:
+    buf = io.StringIO()
+    yaml.safe_dump(config, buf, sort_keys=False)
+    return buf.getvalue()
+
+
+def _redact(url: str) -> str:
+    """Storage URLs may carry a password: never log it."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url

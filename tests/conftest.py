@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny offline configs, run from a temporary working directory."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their own stores
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = """
+study:
+  name: tiny
+  n_trials: 2
+  seed: 0
+  pruner: none
+data:
+  source: builtin
+  name: shapes
+  image_size: 32
+  builtin_size: 10
+  classes: [pentagon, star4, three_dots]
+  val_fraction: 0.3
+  test_fraction: 0.2
+model:
+  weights: none
+  backbone_options:
+    MobileNetV2: {alpha: 0.35}
+search:
+  backbone: MobileNetV2
+  unfreeze_fraction: {low: 0.2, high: 1.0}
+  head_units: {choices: [0, 8]}
+  head_lr: {low: 0.001, high: 0.01, log: true}
+  finetune_lr: {low: 0.0001, high: 0.001, log: true}
+  dropout: 0.1
+train:
+  head: {epochs: 2, batch_size: 16, patience: null}
+  finetune: {epochs: 2, batch_size: 16, patience: null}
+baseline:
+  scratch: true
+  epochs: 2
+  patience: null
+"""
+
+
+def write_config(folder: Path, text: str = TINY, name: str = "sweep.yaml") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh working directory: results/ and every store land inside tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_config(workdir) -> Path:
+    return write_config(workdir)
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None):
+    """Run `python -m harness.sweep ...` as a real process; return the CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "harness.sweep", *args], cwd=cwd, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+    )
