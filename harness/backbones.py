@@ -130,33 +130,50 @@ def clean_cut_points(layer_inputs: list[tuple[str, list[str]]]) -> list[int]:
 
 
 def group_blocks(layer_names: list[str], cuts: list[int], pattern: str | None) -> list[list[str]]:
-    """Split layers into blocks at clean cuts, merging pieces that the names say are one block.
+    """Split layers into blocks at clean cuts, then merge the pieces that form one block.
 
-    Pure: takes names and cut indices, so it is tested without building a model. Layers whose
-    name does not match `pattern` (stem, top convs) keep their own structural pieces.
+    Pure: takes names and cut indices, so it is tested without building a model.
+    - Pieces whose layer names share a block key (`pattern`'s first group) form one block; an
+      unnamed piece (e.g. Keras' auto-named `re_lu`) between two pieces of one block joins it.
+    - Runs of unkeyed single-layer pieces (a plain conv -> bn -> relu stem or top) form one block.
+    - An unkeyed piece of several layers (it contains a branch: an inception module) stays whole.
     """
     pieces: list[list[str]] = []
     start = 0
     for c in cuts + [len(layer_names) - 1]:
-        pieces.append(layer_names[start : c + 1])
+        if layer_names[start : c + 1]:
+            pieces.append(layer_names[start : c + 1])
         start = c + 1
-    if pattern is None:
-        return [p for p in pieces if p]
-    regex = re.compile(pattern)
+    regex = re.compile(pattern) if pattern else None
 
     def key(piece: list[str]):
+        if regex is None:
+            return None
         keys = {m.group(1) for n in piece if (m := regex.match(n))}
         return keys.pop() if len(keys) == 1 else None
 
+    keys = [key(p) for p in pieces]
+    for i, k in enumerate(keys):
+        if k is None:
+            before = next((keys[j] for j in range(i - 1, -1, -1) if keys[j] is not None), None)
+            after = next((keys[j] for j in range(i + 1, len(keys)) if keys[j] is not None), None)
+            if before is not None and before == after:
+                keys[i] = before
+
     blocks: list[list[str]] = []
-    prev_key = object()
-    for piece in pieces:
-        k = key(piece)
-        if blocks and k is not None and k == prev_key:
+    prev: object = object()  # sentinel: never equal to a key
+    for piece, k in zip(pieces, keys):
+        if k is not None:
+            same = blocks and k == prev
+        else:
+            # unkeyed: a chain of single layers merges with the unkeyed chain before it
+            same = blocks and prev == ("chain",) and len(piece) == 1
+            k = ("chain",) if len(piece) == 1 else ("branch", len(blocks))
+        if same:
             blocks[-1].extend(piece)
         else:
             blocks.append(list(piece))
-        prev_key = k
+        prev = k
     return blocks
 
 

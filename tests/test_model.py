@@ -1,0 +1,129 @@
+"""Model surgery on real keras.applications backbones: what trains in each phase, BN, preprocessing."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from harness.model import (
+    BackbonePreprocess, ModelSpec, blocks_to_unfreeze, build_model, count_params, set_all_trainable,
+    set_backbone_trainable, trainable_layer_names,
+)
+from harness.phases import compile_for
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """A weights file the harness wrote itself, standing in for pretrained weights offline."""
+    from harness import backbones as bb
+
+    path = tmp_path_factory.mktemp("w") / "mnv2.weights.h5"
+    bb.construct("MobileNetV2", 32, None, {"alpha": 0.35}).save_weights(path)
+    return str(path)
+
+
+def spec(weights, **kw):
+    base = dict(backbone="MobileNetV2", image_size=32, num_classes=3, weights=weights, backbone_options={"alpha": 0.35})
+    return ModelSpec(**{**base, **kw})
+
+
+def data(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3)).astype("uint8"), rng.integers(0, 3, n)
+
+
+def backbone_trainable(tm):
+    return {l.name for l in tm.backbone.layers if l.trainable and l.weights}
+
+
+def test_freeze_policy_snaps_fractions_to_whole_blocks():
+    assert blocks_to_unfreeze(19, 0.0) == 0
+    assert blocks_to_unfreeze(19, 0.01) == 1  # any positive fraction unfreezes a block
+    assert blocks_to_unfreeze(19, 0.5) == 10
+    assert blocks_to_unfreeze(16, 0.5) == 8
+    assert blocks_to_unfreeze(19, 1.0) == 19
+    assert blocks_to_unfreeze(19, unfreeze_blocks=3) == 3
+    assert blocks_to_unfreeze(19, unfreeze_blocks=99) == 19
+    blocks = [["a"], ["b", "c"], ["d"]]
+    assert trainable_layer_names(blocks, 2) == {"b", "c", "d"}
+    assert trainable_layer_names(blocks, 0) == set()
+
+
+def test_phase1_trains_only_the_head(weights_file):
+    tm = build_model(spec(weights_file, head_units=8))
+    set_backbone_trainable(tm, 0)
+    assert backbone_trainable(tm) == set()
+    trainable = {w.path.split("/")[0] for w in tm.model.trainable_weights}
+    assert trainable == {"head_dense", "classifier"}
+
+
+def test_phase2_unfreezes_exactly_the_top_blocks_and_keeps_bn_frozen(weights_file):
+    tm = build_model(spec(weights_file))
+    set_backbone_trainable(tm, 3)
+    top3 = {n for b in tm.blocks[-3:] for n in b}
+    expected = {l.name for l in tm.backbone.layers
+                if l.name in top3 and l.weights and not isinstance(l, keras.layers.BatchNormalization)}
+    assert backbone_trainable(tm) == expected
+    assert "block_16_project" in expected and "block_13_expand" not in expected
+    assert all(not l.trainable for l in tm.backbone.layers if isinstance(l, keras.layers.BatchNormalization))
+
+
+def test_recompiled_phase2_step_moves_unfrozen_weights_only_and_bn_statistics_stay(weights_file):
+    tm = build_model(spec(weights_file))
+    x, y = data()
+    set_backbone_trainable(tm, 0)
+    compile_for(tm, 1e-2)
+    tm.model.fit(x, y, epochs=1, verbose=0)
+    set_backbone_trainable(tm, 2)
+    compile_for(tm, 1e-2)  # compile() captures `trainable`: must follow the change
+    before = {w.path: w.numpy().copy() for w in tm.backbone.weights}
+    tm.model.fit(x, y, epochs=1, verbose=0)
+    changed = {p for p, v in before.items() if not np.allclose(v, _weight(tm, p))}
+    top2 = {n for b in tm.blocks[-2:] for n in b}
+    assert changed, "phase 2 must update the unfrozen blocks"
+    assert all(p.split("/")[-2] in top2 for p in changed), changed
+    assert not any("moving_" in p for p in changed), "pretrained BN statistics must not be updated"
+
+
+def _weight(tm, path):
+    return next(w.numpy() for w in tm.backbone.weights if w.path == path)
+
+
+def test_random_init_backbone_trains_its_batchnorm_with_lowered_momentum():
+    tm = build_model(spec(None))
+    set_all_trainable(tm)
+    bns = [l for l in tm.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bns and all(l.trainable and l.momentum == 0.9 for l in bns)
+    compile_for(tm, 1e-3)
+    x, y = data()
+    mean_before = bns[0].moving_mean.numpy().copy()
+    tm.model.fit(x, y, epochs=1, verbose=0)
+    assert not np.allclose(mean_before, bns[0].moving_mean.numpy()), "scratch BN must fit its statistics"
+    trainable, total = count_params(tm.model)
+    assert trainable > 0.95 * total
+
+
+@pytest.mark.parametrize("backbone, module, options", [("MobileNetV2", "mobilenet_v2", {"alpha": 0.35}), ("ResNet50", "resnet50", {})])
+def test_each_backbones_preprocess_input_sits_inside_the_model(backbone, module, options):
+    tm = build_model(ModelSpec(backbone, 32, 2, None, options))
+    layer = tm.model.get_layer("preprocess")
+    assert isinstance(layer, BackbonePreprocess) and layer.backbone == backbone
+    x = np.full((1, 32, 32, 3), 200, "float32")
+    expected = getattr(keras.applications, module).preprocess_input(x.copy())
+    np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5)
+
+
+def test_saved_model_is_self_contained_and_loads_in_safe_mode(tmp_path, weights_file):
+    tm = build_model(spec(weights_file, augment=True))
+    x, _ = data(4)
+    path = tmp_path / "m.keras"
+    tm.model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), tm.model.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+
+
+def test_intermediate_features_cut_the_backbone_at_a_block_boundary():
+    tm = build_model(spec(None, cut_fraction=0.5))
+    assert len(tm.blocks) == 10  # ceil(19 * 0.5)
+    assert tm.backbone.layers[-1].name == tm.blocks[-1][-1]
