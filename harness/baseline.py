@@ -33,6 +33,8 @@ def run_scratch_baseline(cfg, study, dataset, splits, tracker: Tracker, log) -> 
 
     best = study.best_trial
     params = {**{n: p.value for n, p in cfg.search.items() if p.fixed}, **best.params}
+    if cfg.baseline.augment is not None:
+        params["augment"] = cfg.baseline.augment
     existing = find_baseline_run(tracker, best.number)
     if existing is not None:
         value = existing.data.metrics.get("objective")

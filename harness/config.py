@@ -113,6 +113,7 @@ class BaselineConfig:
     epochs: int = _f(30, "from-scratch training epochs", min=1)
     learning_rate: float = _f(2e-3, "from-scratch Adam learning rate", min=1e-8, max=1.0)
     patience: int | None = _f(8, "early-stopping patience; null = off", min=1)
+    augment: bool | None = _f(None, "augmentation for the baseline; null = as the best trial")
 
 
 # Search-space parameters: name -> (kind, allowed range or choices, doc).

@@ -94,6 +94,66 @@ class _NonFiniteBatch(keras.callbacks.Callback):
             raise NonFiniteLoss(f"batch {batch}: loss is {float(loss)}")
 
 
+def reestimate_bn_statistics(model: keras.Model, train_ds, max_batches: int = 50) -> None:
+    """Set every BatchNormalization's moving statistics to the average over training batches.
+
+    A randomly initialised network's weights move fast, so exponential moving averages lag far
+    behind the statistics the current weights produce, and inference-mode accuracy sits at chance
+    while training accuracy climbs. A momentum of i/(i+1) on batch i makes the moving value the
+    exact running mean of the batch statistics under the *current* weights.
+    """
+    bns = [l for l in _all_layers(model) if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
+    if not bns:
+        return
+    saved = [l.momentum for l in bns]
+    try:
+        for i, (x, _) in enumerate(train_ds.take(max_batches)):
+            for layer in bns:
+                layer.momentum = i / (i + 1)
+            model(x, training=True)
+    finally:
+        for layer, m in zip(bns, saved):
+            layer.momentum = m
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def evaluate(model: keras.Model, ds) -> dict[str, float]:
+    """Inference-mode loss and accuracy over a dataset."""
+    import numpy as np
+
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="sum")
+    total_loss, correct, count = 0.0, 0, 0
+    for x, y in ds:
+        probs = model(x, training=False)
+        total_loss += float(loss_fn(y, probs))
+        correct += int(np.sum(np.argmax(np.asarray(probs), axis=-1) == np.asarray(y)))
+        count += int(len(y))
+    return {"loss": total_loss / max(count, 1), "accuracy": correct / max(count, 1)}
+
+
+class _ScratchValidation(keras.callbacks.Callback):
+    """Validation for a backbone whose BatchNormalization trains: re-estimate, then evaluate.
+
+    Runs before the other epoch-end callbacks and writes val_* into the shared logs, so early
+    stopping and the pruner see inference-mode numbers that are fair to a from-scratch model.
+    """
+
+    def __init__(self, train_ds, val_ds):
+        super().__init__()
+        self.train_ds, self.val_ds = train_ds, val_ds
+
+    def on_epoch_end(self, epoch, logs=None):
+        reestimate_bn_statistics(self.model, self.train_ds)
+        if logs is not None:
+            logs.update({f"val_{k}": v for k, v in evaluate(self.model, self.val_ds).items()})
+
+
 def compile_for(tm: TransferModel, learning_rate: float) -> None:
     tm.model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -130,7 +190,10 @@ def run_phases(
         compile_for(tm, phase.learning_rate)  # recompile: compile() captures `trainable`
         trainable, total = count_params(tm.model)
         on_phase_start(phase, trainable, total)
+        trains_bn = phase.unfreeze_blocks < 0
         callbacks: list[keras.callbacks.Callback] = [_NonFiniteBatch(), _EpochHook(phase.name, history, on_epoch)]
+        if trains_bn:
+            callbacks.insert(0, _ScratchValidation(train_ds, val_ds))
         if phase.patience:
             callbacks.append(
                 keras.callbacks.EarlyStopping(
@@ -141,7 +204,7 @@ def run_phases(
         started = time.perf_counter()
         before = len(history.epochs)
         tm.model.fit(
-            train_ds, validation_data=val_ds, initial_epoch=epoch, epochs=epoch + phase.epochs,
+            train_ds, validation_data=None if trains_bn else val_ds, initial_epoch=epoch, epochs=epoch + phase.epochs,
             callbacks=callbacks, verbose=0, shuffle=False,  # tf.data shuffles already
         )
         ran = len(history.epochs) - before

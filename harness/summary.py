@@ -29,7 +29,7 @@ def chance_level(labels: np.ndarray) -> float:
     return float(counts.max() / counts.sum())
 
 
-def summarize(cfg, study, dataset, baseline: dict | None, tracker: Tracker, results_dir: str = "results") -> dict:
+def summarize(cfg, study, val_labels: np.ndarray, baseline: dict | None, tracker: Tracker, results_dir: str = "results") -> dict:
     frame = trials_frame(study)
     out_dir = Path(results_dir) / cfg.study.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +37,7 @@ def summarize(cfg, study, dataset, baseline: dict | None, tracker: Tracker, resu
     tracker.log_file(tracker.parent_run_id, out_dir / "trials.csv")
 
     best = study.best_trial if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else None
-    chance = chance_level(dataset.labels)
+    chance = chance_level(val_labels)
     numbers = {"best_value": best.value if best else None, "chance": chance,
                "scratch_value": baseline["value"] if baseline else None}
     tracker.log_metrics(tracker.parent_run_id, {k: v for k, v in numbers.items() if v is not None})
@@ -49,7 +49,7 @@ def summarize(cfg, study, dataset, baseline: dict | None, tracker: Tracker, resu
         lines.append(f"best trial {best.number}: {cfg.study.metric} {best.value:.4f}")
     if baseline:
         lines.append(f"same architecture from scratch: {cfg.study.metric} {baseline['value']:.4f}")
-    lines.append(f"chance (majority class): {chance:.4f}")
+    lines.append(f"chance (majority class of the val split): {chance:.4f}")
     lines.append(f"per-trial table: {out_dir / 'trials.csv'}")
     lines.append(f"open the MLflow UI: {ui_command(tracker.uri)}")
     return {**numbers, "text": "\n".join(lines), "frame": frame}

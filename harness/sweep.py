@@ -131,6 +131,14 @@ def run(cfg, log=None) -> dict:
     from harness.summary import summarize
     from harness.tracking import Tracker, resolve_tracking_uri
 
+    import warnings
+
+    # Heartbeat and stale-trial retry are marked experimental by Optuna; they are used on purpose.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message=".*shuffle=True.*")
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     progress_stream = sys.stderr
     log = log or (lambda text: print(text, file=progress_stream, flush=True))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -190,7 +198,7 @@ def run(cfg, log=None) -> dict:
             baseline = None
             if cfg.baseline.scratch and st.best_trial(study) is not None:
                 baseline = run_scratch_baseline(cfg, study, dataset, splits, tracker, log)
-            summary = summarize(cfg, study, dataset, baseline, tracker)
+            summary = summarize(cfg, study, dataset.labels[splits.val], baseline, tracker)
             log(summary["text"])
             return summary
         except BaseException:

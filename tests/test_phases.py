@@ -1,0 +1,45 @@
+"""The two-phase routine: one epoch timeline, early stopping per phase, NaN losses stop a trial."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from harness.model import ModelSpec, build_model
+from harness.phases import NonFiniteLoss, run_phases, two_phase_plan
+
+
+def datasets(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, 32, 32, 3)).astype("uint8")
+    y = rng.integers(0, 3, n)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    return ds, ds
+
+
+def tiny_model(weights=None):
+    return build_model(ModelSpec("MobileNetV2", 32, 3, weights, {"alpha": 0.35}))
+
+
+def test_phase2_continues_the_epoch_count_of_phase1():
+    train, val = datasets()
+    seen = []
+    plan = two_phase_plan(2, 1e-3, None, 3, 1e-4, None, n_unfreeze=4)
+    history = run_phases(tiny_model(), plan, train, val, on_epoch=lambda r: seen.append((r.phase, r.epoch)))
+    assert seen == [("head", 0), ("head", 1), ("finetune", 2), ("finetune", 3), ("finetune", 4)]
+    assert history.phase_start("finetune") == 2
+    head, ft = history.phases
+    assert ft.trainable_params > head.trainable_params  # phase 2 really unfroze something
+    assert head.total_params == ft.total_params
+
+
+def test_no_unfrozen_blocks_means_no_phase2():
+    assert [p.name for p in two_phase_plan(3, 1e-3, None, 5, 1e-4, None, n_unfreeze=0)] == ["head"]
+
+
+def test_absurd_learning_rate_ends_in_a_nonfinite_loss_error():
+    train, val = datasets()
+    plan = two_phase_plan(3, 1e38, None, 0, 1e-4, None, n_unfreeze=0)
+    with pytest.raises(NonFiniteLoss, match="loss is"):
+        run_phases(tiny_model(), plan, train, val)

@@ -1,0 +1,93 @@
+"""End to end: the real command on a tiny sweep, read back through Optuna's and MLflow's own APIs."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """Run the tiny sweep once (2 trials), then resume it to 3 trials with the same command."""
+    from tests.conftest import write_config
+
+    work = tmp_path_factory.mktemp("sweep")
+    config = write_config(work)
+    first = run_cli(str(config), cwd=work)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(str(config), "--n-trials", "3", cwd=work)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return work, first, second
+
+
+def _study(work):
+    return optuna.load_study(study_name="tiny", storage=f"sqlite:///{work}/results/tiny/optuna.db")
+
+
+def _client(work):
+    return MlflowClient(tracking_uri=f"sqlite:///{work}/results/mlflow.db")
+
+
+def test_study_is_resumed_not_restarted(finished_sweep):
+    work, first, second = finished_sweep
+    study = _study(work)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert "0 finished, running up to 2" in first.stderr
+    assert "2 finished, running up to 3" in second.stderr
+    assert "open the MLflow UI: mlflow ui --backend-store-uri sqlite:///" in second.stderr
+
+
+def test_run_tree_has_one_parent_and_a_child_per_trial(finished_sweep):
+    work, *_ = finished_sweep
+    client = _client(work)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("harness.role") == "study"]
+    assert len(parents) == 1, "resuming must reopen the same parent run"
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trials = sorted((r for r in children if r.data.tags["harness.role"] == "trial"), key=lambda r: int(r.data.tags["optuna.trial_number"]))
+    assert [r.data.tags["optuna.trial_number"] for r in trials] == ["0", "1", "2"]
+    assert all(r.info.status == "FINISHED" and r.data.tags["optuna.state"] == "COMPLETE" for r in trials)
+    assert any(r.data.tags["harness.role"] == "baseline" for r in children)
+    assert parent.info.status == "FINISHED"
+
+
+def test_each_trial_run_is_complete_and_cross_linked(finished_sweep):
+    work, *_ = finished_sweep
+    client, study = _client(work), _study(work)
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["optuna.trial_number"] == str(trial.number)
+        assert run.data.tags["backbone"] == "MobileNetV2" and run.data.tags["dataset"] == "shapes"
+        # every sampled and fixed param
+        for name in ("backbone", "unfreeze_fraction", "head_units", "head_lr", "finetune_lr", "dropout", "pooling", "augment"):
+            assert name in run.data.params
+        assert float(run.data.params["head_lr"]) == pytest.approx(trial.params["head_lr"])
+        # one epoch axis across both phases: head 0-1, finetune 2-3
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert steps == [0, 1, 2, 3]
+        assert run.data.metrics["finetune_start_epoch"] == 2
+        assert run.data.metrics["objective"] == pytest.approx(trial.value)
+        assert run.data.metrics["finetune/trainable_params"] > run.data.metrics["head/trainable_params"]
+        assert run.data.metrics["head/seconds"] > 0 and run.data.metrics["finetune/seconds"] > 0
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "history.csv", "learning_curve.png"} <= artifacts
+
+
+def test_history_csv_matches_the_logged_metrics(finished_sweep, tmp_path):
+    import pandas as pd
+
+    work, *_ = finished_sweep
+    client, study = _client(work), _study(work)
+    run_id = study.trials[0].user_attrs["mlflow_run_id"]
+    path = client.download_artifacts(run_id, "history.csv", str(tmp_path))
+    frame = pd.read_csv(path)
+    assert frame["phase"].tolist() == ["head", "head", "finetune", "finetune"]
+    logged = [m.value for m in client.get_metric_history(run_id, "val_loss")]
+    assert frame["val_loss"].tolist() == pytest.approx(logged)
