@@ -59,6 +59,8 @@ def run_scratch_baseline(cfg, study, dataset, splits, tracker: Tracker, log) -> 
 
         def on_epoch(r):
             tracker.log_metrics(run_id, r.metrics, step=r.epoch)
+            log(f"  baseline epoch {r.epoch + 1}/{cfg.baseline.epochs}: loss {r.metrics.get('loss', float('nan')):.3f} "
+                f"val_accuracy {r.metrics.get('val_accuracy', float('nan')):.3f}")
 
         plan = scratch_plan(cfg.baseline.epochs, cfg.baseline.learning_rate, cfg.baseline.patience)
         history = run_phases(tm, plan, train, val, on_epoch=on_epoch, monitor=cfg.study.metric, direction=cfg.study.direction)

@@ -53,6 +53,7 @@ class StudyConfig:
     pruner_warmup_epochs: int = _f(2, "epochs a trial runs before it may be pruned", min=0)
     pruner_startup_trials: int = _f(3, "finished trials before pruning starts", min=0)
     storage: str | None = _f(None, "Optuna storage URL; null = sqlite:///results/<name>/optuna.db")
+    max_consecutive_failures: int = _f(5, "failed trials in a row that stop the sweep (something fails every trial)", min=1)
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,9 @@ PARAMS: dict[str, tuple[str, Any, str]] = {
     "unfreeze_fraction": ("float", (0.0, 1.0), "share of backbone blocks (from the top) unfrozen in phase 2"),
     "unfreeze_blocks": ("int", (0, 10_000), "number of top backbone blocks unfrozen in phase 2"),
     "head_units": ("int", (0, 65_536), "hidden Dense units of the head; 0 = linear classifier"),
-    "head_lr": ("float", (1e-8, 1.0), "phase-1 Adam learning rate"),
-    "finetune_lr": ("float", (1e-8, 1.0), "phase-2 Adam learning rate (well below head_lr)"),
+    # Learning rates are bounded only by float32: an absurd value is a legitimate (failing) trial.
+    "head_lr": ("float", (1e-12, 1e38), "phase-1 Adam learning rate"),
+    "finetune_lr": ("float", (1e-12, 1e38), "phase-2 Adam learning rate (well below head_lr)"),
     "dropout": ("float", (0.0, 0.95), "dropout before the classifier"),
     "pooling": ("str", ["avg", "max"], "global pooling of the feature map"),
     "augment": ("bool", [True, False], "random flip/rotation/zoom layers inside the model"),

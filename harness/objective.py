@@ -8,6 +8,7 @@ sweep cannot run" and propagates to stop the sweep at once.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -122,10 +123,14 @@ class Objective:
             self.tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
             raise TrialFailed(reason) from exc
         except BaseException as exc:
-            # KeyboardInterrupt/SIGTERM or a harness bug: record it, then stop the sweep.
+            # Ctrl-C/SIGTERM or a harness bug: record it, then stop the sweep. An interrupted
+            # trial did nothing wrong, so its configuration is queued to run again on resume.
+            interrupted = isinstance(exc, KeyboardInterrupt)
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            if interrupted:
+                trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             self.tracker.log_failure(run_id, exc)
-            self.tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", optuna_state="FAIL")
+            self.tracker.end_run(run_id, "KILLED" if interrupted else "FAILED", optuna_state="FAIL")
             raise
         finally:
             _release_memory()
@@ -151,6 +156,7 @@ class Objective:
                 self.progress.phase_started(phase.name)
 
         def on_epoch(record: EpochRecord):
+            inject_fault(trial.number, record.epoch)
             self.tracker.log_metrics(run_id, record.metrics, step=record.epoch)
             value = record.metrics.get(cfg.study.metric)
             if self.progress:
@@ -210,6 +216,24 @@ def history_csv(history: History) -> str:
 
     rows = [{"epoch": e.epoch, "phase": e.phase, **e.metrics} for e in history.epochs]
     return pd.DataFrame(rows).to_csv(index=False)
+
+
+FAULT_ENV = "HARNESS_INJECT_FAULT"
+
+
+def inject_fault(trial_number: int, epoch: int) -> None:
+    """Testing switch: HARNESS_INJECT_FAULT=oom:<trial> raises TensorFlow's out-of-memory error
+    at the end of that trial's first epoch, exactly as a GPU allocation failure would surface.
+    Unset (always, outside tests) it does nothing.
+    """
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec or epoch != 0:
+        return
+    kind, _, number = spec.partition(":")
+    if kind == "oom" and number == str(trial_number):
+        import tensorflow as tf
+
+        raise tf.errors.ResourceExhaustedError(None, None, f"simulated out of memory in trial {trial_number} ({FAULT_ENV})")
 
 
 def _release_memory() -> None:

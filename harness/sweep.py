@@ -108,15 +108,33 @@ def resolve_weights(cfg, log) -> dict[str, str | None]:
         else:
             weights = w
         try:
-            bb.construct(name, cfg.data.image_size, weights, cfg.model.backbone_options.get(name))
+            backbone = bb.construct(name, cfg.data.image_size, weights, cfg.model.backbone_options.get(name))
         except Exception as exc:  # noqa: BLE001 - any failure here means no trial could run
+            if weights not in (None, "imagenet"):
+                problem = f"weights file {weights} does not fit {name} with options {cfg.model.backbone_options.get(name, {})}"
+            else:
+                problem = f"cannot build {name} with weights {weights!r}"
             hint = " (ImageNet weights need internet the first time; offline use weights: source or a file)" if weights == "imagenet" else ""
-            raise SweepRefused(f"model.weights: cannot build {name} with weights {weights!r}: {type(exc).__name__}: {str(exc)[:400]}{hint}") from None
+            raise SweepRefused(f"model.weights: {problem}: {type(exc).__name__}: {str(exc)[:300]}{hint}") from None
+        check_freeze_depth(cfg, name, len(bb.backbone_blocks(backbone, name)))
         resolved[name] = weights
     import keras
 
     keras.backend.clear_session()
     return resolved
+
+
+def check_freeze_depth(cfg, name: str, n_blocks: int) -> None:
+    """A freeze depth in blocks must exist in every candidate backbone."""
+    spec = cfg.search.get("unfreeze_blocks")
+    if spec is None:
+        return
+    deepest = max(v for v in (spec.value, spec.high, *(spec.choices or ())) if v is not None)
+    if deepest > n_blocks:
+        raise SweepRefused(
+            f"search.unfreeze_blocks: {deepest} is impossible for {name}, which has {n_blocks} blocks "
+            f"(use unfreeze_fraction to mean the same depth across backbones)"
+        )
 
 
 def run(cfg, log=None) -> dict:
@@ -168,7 +186,7 @@ def run(cfg, log=None) -> dict:
         n_done = st.finished_count(study)
         progress = Progress(cfg.study.n_trials, n_done, cfg.study.direction, cfg.study.metric, progress_stream)
         objective = Objective(cfg, dataset, splits, tracker, weights.get, progress)
-        breaker = st.StopAfterFailures()
+        breaker = st.StopAfterFailures(cfg.study.max_consecutive_failures)
 
         def on_trial_end(s, t):
             best = st.best_trial(s)

@@ -158,26 +158,31 @@ class Tracker:
     # --- crash recovery --------------------------------------------------------------------
 
     def reconcile(self, trial_states: dict[int, str]) -> list[str]:
-        """End child runs left RUNNING by a dead process; returns the run ids it ended.
+        """Make trial runs agree with their Optuna trials after a crash; returns the run ids fixed.
 
-        `trial_states` maps trial numbers to their Optuna state name. A run whose trial is no
-        longer RUNNING (failed by the heartbeat, or missing) was orphaned by a crash: KILLED.
+        `trial_states` maps trial numbers to Optuna state names. A run left RUNNING (or ended as
+        FINISHED a moment before the process died, so Optuna never recorded the result) whose
+        trial is not RUNNING any more was orphaned: it ends KILLED with optuna.state=FAIL.
         """
-        ended = []
+        fixed = []
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"attributes.status = 'RUNNING' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
-            max_results=10_000,
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{ROLE}` = 'trial'",
+            max_results=50_000,
         )
         for run in runs:
-            number = run.data.tags.get(TRIAL_TAG)
-            state = trial_states.get(int(number)) if number is not None and number.isdigit() else None
+            number = run.data.tags.get(TRIAL_TAG, "")
+            state = trial_states.get(int(number)) if number.isdigit() else None
             if state == "RUNNING":
-                continue  # another live worker owns it
+                continue  # a live worker owns it
+            if state in ("COMPLETE", "PRUNED") and run.info.status != "RUNNING":
+                continue
+            if state == "FAIL" and run.info.status in ("FAILED", "KILLED") and run.data.tags.get(STATE_TAG) == "FAIL":
+                continue
             self.end_run(run.info.run_id, "KILLED", optuna_state=state or "FAIL")
-            self.set_tags(run.info.run_id, {"harness.fail_reason": "process died before the trial ended"})
-            ended.append(run.info.run_id)
-        return ended
+            self.set_tags(run.info.run_id, {"harness.fail_reason": run.data.tags.get("harness.fail_reason") or "process died before the trial ended"})
+            fixed.append(run.info.run_id)
+        return fixed
 
 
 def config_yaml(config: dict) -> str:

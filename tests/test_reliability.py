@@ -1,0 +1,190 @@
+"""Reliability: real processes killed mid-trial, failing trials, refused input, two processes.
+
+Every check reads the Optuna storage and the MLflow store through their own APIs.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, TINY, run_cli, write_config
+
+pytestmark = pytest.mark.slow
+
+# One epoch per phase keeps each trial short; three trials give room to kill in the middle.
+KILLABLE = TINY.replace("n_trials: 2", "n_trials: 3").replace("epochs: 2, batch", "epochs: 1, batch").replace(
+    "scratch: true", "scratch: false"
+)
+
+
+class Sweep:
+    """A sweep process whose stderr is read line by line, so a test can kill it at a chosen point."""
+
+    def __init__(self, work, *args, env=None):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "harness.sweep", *args], cwd=work, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stderr:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, text: str, timeout: float = 300) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"process ended before {text!r}:\n" + "".join(self.lines[-40:]))
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"timed out waiting for {text!r}:\n" + "".join(self.lines[-40:]))
+
+    def finish(self, timeout: float = 300) -> int:
+        code = self.proc.wait(timeout=timeout)
+        while (line := self._queue.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return code
+
+
+def load(work):
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{work}/results/tiny/optuna.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{work}/results/mlflow.db")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    return study, client, runs
+
+
+def trial_runs(runs):
+    return [r for r in runs if r.data.tags.get("harness.role") == "trial"]
+
+
+@pytest.mark.parametrize(
+    "sig, kill_at",
+    [
+        (signal.SIGKILL, "trial 1 head epoch 1/2"),  # mid-phase, between the two phases
+        (signal.SIGKILL, "trial 1 starts"),  # right after the run was created and params logged
+        (signal.SIGTERM, "trial 1 finetune epoch 2/2"),  # during end-of-trial logging
+        (signal.SIGINT, "trial 1 head epoch 1/2"),  # Ctrl-C
+    ],
+)
+def test_killed_sweep_loses_nothing_and_resumes(tmp_path, sig, kill_at):
+    config = write_config(tmp_path, KILLABLE)
+    sweep = Sweep(tmp_path, str(config))
+    sweep.wait_for("trial 0 COMPLETE")
+    sweep.wait_for(kill_at)
+    sweep.proc.send_signal(sig)
+    code = sweep.finish()
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+    else:
+        assert code == 130, "".join(sweep.lines[-20:])  # the running trial was ended cleanly first
+        assert "Traceback" not in "".join(sweep.lines)
+
+    study, client, runs = load(tmp_path)
+    first_run_id = study.trials[0].user_attrs["mlflow_run_id"]
+    assert study.trials[0].state.name == "COMPLETE"
+    if sig != signal.SIGKILL:
+        # a clean stop leaves nothing RUNNING even before the resume
+        assert study.trials[1].state.name == "FAIL"
+        assert client.get_run(study.trials[1].user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+    resumed = run_cli(str(config), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study, client, runs = load(tmp_path)
+    states = [t.state.name for t in study.trials]
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 3, states
+    assert study.trials[0].state.name == "COMPLETE" and study.trials[0].user_attrs["mlflow_run_id"] == first_run_id
+    assert client.get_run(first_run_id).info.status == "FINISHED"  # finished work untouched
+    interrupted = study.trials[1]
+    assert interrupted.state.name == "FAIL"
+    # its configuration ran again and finished
+    assert any(t.params == interrupted.params and t.state.name == "COMPLETE" for t in study.trials[2:]), states
+    # nothing left RUNNING anywhere
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    run = client.get_run(interrupted.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
+
+
+def test_nan_and_out_of_memory_trials_fail_alone(tmp_path):
+    text = KILLABLE.replace("head_lr: {low: 0.001, high: 0.01, log: true}", "head_lr: {choices: [1.0e+38, 0.001]}")
+    config = write_config(tmp_path, text)
+    proc = run_cli(str(config), "--n-trials", "3", "--seed", "3", cwd=tmp_path, env={"HARNESS_INJECT_FAULT": "oom:0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study, client, runs = load(tmp_path)
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    reasons = [t.user_attrs["fail_reason"] for t in failed]
+    assert any(r.startswith("ResourceExhaustedError") and "simulated out of memory" in r for r in reasons), reasons
+    assert any(r.startswith("NonFiniteLoss") for r in reasons), reasons
+    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 3  # the study went on
+    for t in failed:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED" and run.data.tags["harness.fail_reason"]
+        assert "traceback.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_errors_that_fail_every_trial_stop_the_sweep(tmp_path):
+    text = KILLABLE.replace("head_lr: {low: 0.001, high: 0.01, log: true}", "head_lr: 1.0e+38").replace(
+        "pruner: none", "pruner: none\n  max_consecutive_failures: 2"
+    )
+    proc = run_cli(str(write_config(tmp_path, text)), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "2 trials failed in a row" in proc.stderr
+    study, _, runs = load(tmp_path)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_second_process_on_the_local_study_is_refused(tmp_path):
+    config = write_config(tmp_path, KILLABLE)
+    first = Sweep(tmp_path, str(config))
+    first.wait_for("trial 0 starts")
+    second = run_cli(str(config), cwd=tmp_path, timeout=300)
+    assert second.returncode == 2
+    assert "already running in another process" in second.stderr and "--storage postgresql://" in second.stderr
+    assert first.finish() == 0, "".join(first.lines[-20:])
+    study, _, runs = load(tmp_path)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert len(trial_runs(runs)) == 3
+
+
+def test_weights_file_that_does_not_fit_is_refused_before_anything_is_created(tmp_path):
+    from harness import backbones as bb
+
+    weights = tmp_path / "wide.weights.h5"
+    bb.construct("MobileNetV2", 32, None, {"alpha": 1.0}).save_weights(weights)
+    text = TINY.replace("weights: none", f"weights: {weights}")
+    proc = run_cli(str(write_config(tmp_path, text)), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert f"model.weights: weights file {weights} does not fit MobileNetV2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "results" / "tiny" / "optuna.db").exists()
+    assert not (tmp_path / "results" / "mlflow.db").exists()
+
+
+def test_freeze_depth_impossible_for_the_backbone_is_refused(tmp_path):
+    text = TINY.replace("unfreeze_fraction: {low: 0.2, high: 1.0}", "unfreeze_blocks: 40")
+    proc = run_cli(str(write_config(tmp_path, text)), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert "search.unfreeze_blocks: 40 is impossible for MobileNetV2, which has 19 blocks" in proc.stderr
+    assert not (tmp_path / "results" / "mlflow.db").exists()
