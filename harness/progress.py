@@ -48,11 +48,14 @@ class Progress:
             f" loss {m.get('loss', float('nan')):.3f} val_acc {m.get('val_accuracy', float('nan')):.3f}"
         )
 
-    def trial_finished(self, number: int, state: str, value: float | None, best: float | None, counted: bool) -> None:
+    def trial_finished(self, number: int, state: str, value: float | None, best: float | None, counted: bool,
+                       reason: str | None = None) -> None:
         if counted:
             self.done += 1
         self.best = best
         shown = "" if value is None else f" {self.metric}={value:.4f}"
+        if state == "FAIL" and reason:
+            shown += f" ({reason[:200]})"
         self._emit(f"{self._head()} trial {number} {state}{shown}", final=True)
 
     def message(self, text: str) -> None:

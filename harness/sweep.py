@@ -159,7 +159,8 @@ def run(cfg, log=None) -> dict:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     progress_stream = sys.stderr
     log = log or (lambda text: print(text, file=progress_stream, flush=True))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna would print a traceback per failed trial; the progress line and MLflow carry the reason.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
     # --- preflight: everything that can refuse the sweep, before anything is created ---------
     dataset = load_dataset(cfg.data)
@@ -191,7 +192,7 @@ def run(cfg, log=None) -> dict:
         def on_trial_end(s, t):
             best = st.best_trial(s)
             progress.trial_finished(t.number, t.state.name, t.value, best.value if best else None,
-                                    counted=t.state in st.FINISHED_STATES)
+                                    counted=t.state in st.FINISHED_STATES, reason=t.user_attrs.get("fail_reason"))
 
         status = "FINISHED"
         old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)

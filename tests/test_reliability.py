@@ -144,9 +144,9 @@ def test_nan_and_out_of_memory_trials_fail_alone(tmp_path):
 
 
 def test_errors_that_fail_every_trial_stop_the_sweep(tmp_path):
-    text = KILLABLE.replace("head_lr: {low: 0.001, high: 0.01, log: true}", "head_lr: 1.0e+38").replace(
+    text = TINY.replace("head_lr: {low: 0.001, high: 0.01, log: true}", "head_lr: 1.0e+38").replace(
         "pruner: none", "pruner: none\n  max_consecutive_failures: 2"
-    )
+    ).replace("head: {epochs: 2", "head: {epochs: 3")
     proc = run_cli(str(write_config(tmp_path, text)), cwd=tmp_path)
     assert proc.returncode == 2
     assert "2 trials failed in a row" in proc.stderr
