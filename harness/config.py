@@ -117,12 +117,40 @@ class BaselineConfig:
     augment: bool | None = _f(None, "augmentation for the baseline; null = as the best trial")
 
 
+STRATEGIES = ("features", "intermediate", "partial", "full", "scratch")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """One target dataset of a quadrant comparison."""
+
+    name: str = _f("target", "short name used in study names and tables")
+    size: Literal["small", "large"] = _f("small", "small | large (made by data.train_per_class)")
+    similarity: Literal["similar", "dissimilar"] = _f("similar", "similar | dissimilar to the source data")
+    data: DataConfig = _f(DataConfig(), "the target dataset (same keys as data)")
+
+
+@dataclass(frozen=True)
+class QuadrantsConfig:
+    """Strategy-by-quadrant comparison: one Optuna study per (target, strategy) cell."""
+
+    targets: list[TargetConfig] = _f([], "target datasets, each with its quadrant")
+    strategies: list[str] = _f(list(STRATEGIES), "features | intermediate | partial | full | scratch")
+    trials_per_cell: int = _f(4, "trials of every (target, strategy) study: equal budgets", min=1)
+    confirm_seeds: int = _f(3, "seeds the best configuration of each cell is retrained with", min=1)
+    cut_range: list[float] = _f([0.3, 0.8], "intermediate: searched share of backbone blocks kept")
+    partial_range: list[float] = _f([0.2, 0.8], "partial: searched share of top blocks unfrozen")
+    logme: bool = _f(True, "score every (backbone, target) with LogME before training")
+    logme_max_images: int = _f(2000, "training images LogME reads per target", min=10)
+
+
 # Search-space parameters: name -> (kind, allowed range or choices, doc).
 # A YAML value is either fixed (a scalar) or searched: {choices: [...]} or {low, high, log?, step?}.
 PARAMS: dict[str, tuple[str, Any, str]] = {
     "backbone": ("str", sorted(BACKBONES), "keras.applications model name"),
     "unfreeze_fraction": ("float", (0.0, 1.0), "share of backbone blocks (from the top) unfrozen in phase 2"),
     "unfreeze_blocks": ("int", (0, 10_000), "number of top backbone blocks unfrozen in phase 2"),
+    "cut_fraction": ("float", (0.05, 1.0), "share of backbone blocks kept (1 = whole backbone; less = intermediate features)"),
     "head_units": ("int", (0, 65_536), "hidden Dense units of the head; 0 = linear classifier"),
     # Learning rates are bounded only by float32: an absurd value is a legitimate (failing) trial.
     "head_lr": ("float", (1e-12, 1e38), "phase-1 Adam learning rate"),
@@ -171,11 +199,12 @@ class SweepConfig:
     baseline: BaselineConfig
     search: dict[str, ParamSpec]
     source: SourceConfig | None = None
+    quadrants: QuadrantsConfig | None = None
     path: str = "<memory>"  # where the config came from (for messages and artifacts)
 
     def to_dict(self) -> dict:
         """The resolved config as plain data (the first artifact of every run)."""
-        out = {k: _plain(getattr(self, k)) for k in ("study", "data", "model", "train", "tracking", "baseline", "source")}
+        out = {k: _plain(getattr(self, k)) for k in ("study", "data", "model", "train", "tracking", "baseline", "source", "quadrants")}
         out["search"] = {n: _param_plain(p) for n, p in self.search.items()}
         return out
 
@@ -371,7 +400,7 @@ def _check_cross(cfg: SweepConfig, loc: _Locator) -> None:
     if "unfreeze_fraction" in search and "unfreeze_blocks" in search:
         raise loc.error("search.unfreeze_blocks", "set either unfreeze_fraction or unfreeze_blocks, not both")
     backbones = _param_values(search["backbone"])
-    for name in backbones:
+    for name in backbones if cfg.quadrants is None else ():
         min_size = BACKBONES[name].min_size
         if cfg.data.image_size < min_size:
             raise loc.error(
@@ -391,27 +420,63 @@ def _check_cross(cfg: SweepConfig, loc: _Locator) -> None:
             raise loc.error("model.weights", f"weights file not found: {weights}")
         if not weights.endswith(".weights.h5"):
             raise loc.error("model.weights", f"Keras 3 weights files end in .weights.h5; got {weights}")
-    for key, data in (("data", cfg.data), ("source.data", cfg.source.data if cfg.source else None)):
-        if data is None:
-            continue
-        if data.val_fraction + data.test_fraction >= 0.95:
-            raise loc.error(f"{key}.test_fraction", "val_fraction + test_fraction must leave at least 5% for training")
-        if data.source == "folder":
-            if not data.path:
-                raise loc.error(f"{key}.path", "a folder dataset needs a path")
-            if not Path(data.path).is_dir():
-                raise loc.error(f"{key}.path", f"dataset folder not found: {data.path}")
-        elif not data.name:
-            raise loc.error(f"{key}.name", f"a {data.source} dataset needs a name")
-        if data.source == "builtin":
-            from harness.datasets_builtin import BUILTIN
-
-            if data.name not in BUILTIN:
-                raise loc.error(f"{key}.name", f"unknown builtin dataset {data.name!r}; valid: {', '.join(BUILTIN)}")
-        if data.classes is not None and len(set(data.classes)) < 2:
-            raise loc.error(f"{key}.classes", "a classification task needs at least two classes")
+    # A quadrant sweep reads its targets' data blocks; the top-level data block is unused there.
+    top = None if cfg.quadrants is not None else cfg.data
+    for key, data in (("data", top), ("source.data", cfg.source.data if cfg.source else None)):
+        if data is not None:
+            _check_data(key, data, loc)
+    if cfg.quadrants is not None:
+        _check_quadrants(cfg, loc)
     if cfg.train.head.epochs < 1:
         raise loc.error("train.head.epochs", "phase 1 must train the head for at least one epoch")
+
+
+def _check_data(key: str, data: DataConfig, loc: _Locator) -> None:
+    if data.val_fraction + data.test_fraction >= 0.95:
+        raise loc.error(f"{key}.test_fraction", "val_fraction + test_fraction must leave at least 5% for training")
+    if data.source == "folder":
+        if not data.path:
+            raise loc.error(f"{key}.path", "a folder dataset needs a path")
+        if not Path(data.path).is_dir():
+            raise loc.error(f"{key}.path", f"dataset folder not found: {data.path}")
+    elif not data.name:
+        raise loc.error(f"{key}.name", f"a {data.source} dataset needs a name")
+    if data.source == "builtin":
+        from harness.datasets_builtin import BUILTIN
+
+        if data.name not in BUILTIN:
+            raise loc.error(f"{key}.name", f"unknown builtin dataset {data.name!r}; valid: {', '.join(BUILTIN)}")
+    if data.classes is not None and len(set(data.classes)) < 2:
+        raise loc.error(f"{key}.classes", "a classification task needs at least two classes")
+
+
+def _check_quadrants(cfg: SweepConfig, loc: _Locator) -> None:
+    q = cfg.quadrants
+    if not q.targets:
+        raise loc.error("quadrants.targets", "list at least one target dataset")
+    names = [t.name for t in q.targets]
+    for i, t in enumerate(q.targets):
+        if names.count(t.name) > 1:
+            raise loc.error(f"quadrants.targets[{i}].name", f"duplicate target name {t.name!r}")
+        if not t.name.replace("-", "").replace("_", "").isalnum():
+            raise loc.error(f"quadrants.targets[{i}].name", "use letters, digits, - and _ only")
+        _check_data(f"quadrants.targets[{i}].data", t.data, loc)
+        for name in _param_values(cfg.search["backbone"]):
+            if t.data.image_size < BACKBONES[name].min_size:
+                raise loc.error(f"quadrants.targets[{i}].data.image_size",
+                                f"{t.data.image_size} px is below {name}'s minimum input size of {BACKBONES[name].min_size} px")
+        if cfg.model.weights == "source" and cfg.source is not None and t.data.image_size != cfg.source.data.image_size:
+            raise loc.error(f"quadrants.targets[{i}].data.image_size", "must equal source.data.image_size (the source backbone is reused as is)")
+    for i, s in enumerate(q.strategies):
+        if s not in STRATEGIES:
+            raise loc.error(f"quadrants.strategies[{i}]", f"unknown strategy {s!r}; valid: {', '.join(STRATEGIES)}")
+    if len(set(q.strategies)) != len(q.strategies) or not q.strategies:
+        raise loc.error("quadrants.strategies", "list each strategy once, at least one")
+    for key, rng, lo in (("cut_range", q.cut_range, 0.05), ("partial_range", q.partial_range, 0.0)):
+        if len(rng) != 2 or not (lo <= rng[0] <= rng[1] <= 1.0):
+            raise loc.error(f"quadrants.{key}", f"must be [low, high] with {lo} <= low <= high <= 1; got {rng}")
+    if cfg.model.weights == "none" and set(q.strategies) - {"scratch"}:
+        raise loc.error("model.weights", "transfer strategies need pretrained weights (imagenet, source or a file)")
 
 
 def parse_config(text: str, filename: str = "<string>") -> SweepConfig:
@@ -432,12 +497,15 @@ def parse_config(text: str, filename: str = "<string>") -> SweepConfig:
     sections = {
         "study": StudyConfig, "data": DataConfig, "model": ModelConfig, "train": TrainConfig,
         "tracking": TrackingConfig, "baseline": BaselineConfig, "source": SourceConfig,
+        "quadrants": QuadrantsConfig,
     }
     for key in raw:
         if key not in sections and key != "search":
             raise loc.error(str(key), f"unknown key; valid keys: {', '.join([*sections, 'search'])}")
-    built = {k: _build(cls, raw.get(k), k, loc) for k, cls in sections.items() if k != "source"}
-    built["source"] = _build(SourceConfig, raw["source"], "source", loc) if raw.get("source") is not None else None
+    optional = ("source", "quadrants")  # absent means "not used", not "defaults"
+    built = {k: _build(cls, raw.get(k), k, loc) for k, cls in sections.items() if k not in optional}
+    for k in optional:
+        built[k] = _build(sections[k], raw[k], k, loc) if raw.get(k) is not None else None
     search_raw = raw.get("search") or {}
     if not isinstance(search_raw, dict):
         raise loc.error("search", "must be a mapping of parameter -> value or range")

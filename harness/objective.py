@@ -18,7 +18,7 @@ import optuna
 from harness import space
 from harness.config import ConfigError, SweepConfig
 from harness.data import Dataset, Splits, tf_dataset
-from harness.phases import EpochRecord, History, NonFiniteLoss, Phase, run_phases, scratch_plan, two_phase_plan
+from harness.phases import EpochRecord, History, NonFiniteLoss, Phase, run_phases, scratch_plan, two_phase_plan  # noqa: F401
 from harness.tracking import STATE_TAG, TRIAL_TAG, Tracker
 
 
@@ -45,6 +45,7 @@ class TrialResult:
 def model_spec(cfg: SweepConfig, params: dict, num_classes: int, weights: str | None, pretrained: bool = True):
     from harness.model import ModelSpec
 
+    pretrained = pretrained and params.get("strategy", "finetune") != "scratch"
     return ModelSpec(
         backbone=params["backbone"],
         image_size=cfg.data.image_size,
@@ -55,14 +56,18 @@ def model_spec(cfg: SweepConfig, params: dict, num_classes: int, weights: str | 
         dropout=float(params["dropout"]),
         pooling=params["pooling"],
         augment=bool(params["augment"]),
+        cut_fraction=float(params.get("cut_fraction", 1.0)),
     )
 
 
 def plan_for(cfg: SweepConfig, params: dict, n_blocks: int) -> list[Phase]:
     from harness.model import blocks_to_unfreeze
 
-    n_unfreeze = blocks_to_unfreeze(n_blocks, params.get("unfreeze_fraction"), params.get("unfreeze_blocks"))
     head, ft = cfg.train.head, cfg.train.finetune
+    if params.get("strategy") == "scratch":
+        # Same epoch budget as the two-phase strategies, all of it with everything training.
+        return scratch_plan(head.epochs + ft.epochs, params["head_lr"], max(filter(None, (head.patience, ft.patience)), default=None))
+    n_unfreeze = blocks_to_unfreeze(n_blocks, params.get("unfreeze_fraction"), params.get("unfreeze_blocks"))
     return two_phase_plan(head.epochs, params["head_lr"], head.patience, ft.epochs, params["finetune_lr"], ft.patience, n_unfreeze)
 
 
@@ -77,8 +82,12 @@ class Objective:
         tracker: Tracker,
         weights_for: Callable[[str], str | None],
         progress=None,
+        parent_run_id: str | None = None,
+        extra_tags: dict | None = None,
     ):
         self.cfg, self.dataset, self.splits, self.tracker = cfg, dataset, splits, tracker
+        self.parent_run_id = parent_run_id  # None: the study's parent run
+        self.extra_tags = extra_tags or {}
         self.weights_for = weights_for
         self.progress = progress
         self._pipelines: dict[tuple, tuple] = {}
@@ -99,8 +108,8 @@ class Objective:
         run_id = self.tracker.start_child(
             f"trial {trial.number}", "trial",
             {TRIAL_TAG: trial.number, "backbone": params["backbone"], "dataset": self.dataset.name,
-             STATE_TAG: "RUNNING", "optuna.study": cfg.study.name},
-            config=cfg.to_dict(),
+             STATE_TAG: "RUNNING", "optuna.study": cfg.study.name, **self.extra_tags},
+            config=cfg.to_dict(), parent_id=self.parent_run_id,
         )
         trial.set_user_attr("mlflow_run_id", run_id)
         self.tracker.log_params(run_id, params)
@@ -146,7 +155,7 @@ class Objective:
         weights = self.weights_for(params["backbone"])
         tm = build_model(model_spec(cfg, params, self.dataset.num_classes, weights), seed=cfg.study.seed + trial.number)
         plan = plan_for(cfg, params, len(tm.blocks))
-        n_unfrozen = plan[1].unfreeze_blocks if len(plan) > 1 else 0
+        n_unfrozen = max(p.unfreeze_blocks if p.unfreeze_blocks >= 0 else len(tm.blocks) for p in plan)
         self.tracker.log_params(run_id, {"backbone_blocks": len(tm.blocks), "unfrozen_blocks": n_unfrozen})
         total_epochs = sum(p.epochs for p in plan)
 
@@ -172,15 +181,15 @@ class Objective:
 
 
 def _run_with_batches(obj: Objective, tm, plan, on_epoch, on_phase_start) -> History:
-    """Run the plan; phases may use different batch sizes, so each gets its own pipeline."""
-    cfg = obj.cfg
+    return run_plan(obj.cfg, tm, plan, obj.pipelines, on_epoch, on_phase_start)
+
+
+def run_plan(cfg: SweepConfig, tm, plan, pipelines, on_epoch=lambda r: None, on_phase_start=lambda p, t, n: None) -> History:
+    """Run a plan whose phases may use different batch sizes; `pipelines(batch)` -> (train, val)."""
     batch = {"head": cfg.train.head.batch_size, "finetune": cfg.train.finetune.batch_size}
-    if len({batch.get(p.name, cfg.train.head.batch_size) for p in plan}) == 1:
-        train_ds, val_ds = obj.pipelines(batch.get(plan[0].name, cfg.train.head.batch_size))
-        return run_phases(tm, plan, train_ds, val_ds, on_epoch, on_phase_start, cfg.study.metric, cfg.study.direction)
     merged = History()
     for phase in plan:
-        train_ds, val_ds = obj.pipelines(batch[phase.name])
+        train_ds, val_ds = pipelines(batch.get(phase.name, cfg.train.head.batch_size))
         part = run_phases(tm, [phase], train_ds, val_ds, on_epoch, on_phase_start, cfg.study.metric, cfg.study.direction,
                           start_epoch=len(merged.epochs))
         merged.epochs.extend(part.epochs)

@@ -36,8 +36,7 @@ def source_key(cfg: SweepConfig, backbone: str) -> str:
     blob = {
         "backbone": backbone,
         "options": cfg.model.backbone_options.get(backbone, {}),
-        "image_size": cfg.data.image_size,
-        "source": dataclasses.asdict(cfg.source),
+        "source": dataclasses.asdict(cfg.source),  # includes the input size the weights were trained at
     }
     blob["source"].pop("cache_dir")
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]

@@ -11,7 +11,7 @@ import time
 
 
 class Progress:
-    def __init__(self, n_trials: int, already_done: int, direction: str, metric: str, stream=None):
+    def __init__(self, n_trials: int, already_done: int, direction: str, metric: str, stream=None, prefix: str = ""):
         self.n_trials, self.done = n_trials, already_done
         self.direction, self.metric = direction, metric
         self.stream = stream or sys.stderr
@@ -20,6 +20,7 @@ class Progress:
         self.trial: int | None = None
         self.phase = ""
         self.started = time.monotonic()
+        self.prefix = f"{prefix} " if prefix else ""
 
     def _emit(self, text: str, final: bool = False) -> None:
         if self.tty:
@@ -31,7 +32,7 @@ class Progress:
     def _head(self) -> str:
         best = "-" if self.best is None else f"{self.best:.4f}"
         elapsed = time.monotonic() - self.started
-        return f"[{self.done}/{self.n_trials} done, {max(0, self.n_trials - self.done)} left, best {self.metric} {best}, {elapsed:.0f}s]"
+        return f"{self.prefix}[{self.done}/{self.n_trials} done, {max(0, self.n_trials - self.done)} left, best {self.metric} {best}, {elapsed:.0f}s]"
 
     def trial_started(self, number: int, params: dict) -> None:
         self.trial = number

@@ -96,6 +96,7 @@ def resolve_weights(cfg, log) -> dict[str, str | None]:
     from harness import backbones as bb
 
     names = cfg.search["backbone"].choices or (cfg.search["backbone"].value,)
+    size = cfg.quadrants.targets[0].data.image_size if cfg.quadrants else cfg.data.image_size
     resolved: dict[str, str | None] = {}
     for name in names:
         w = cfg.model.weights
@@ -108,7 +109,7 @@ def resolve_weights(cfg, log) -> dict[str, str | None]:
         else:
             weights = w
         try:
-            backbone = bb.construct(name, cfg.data.image_size, weights, cfg.model.backbone_options.get(name))
+            backbone = bb.construct(name, size, weights, cfg.model.backbone_options.get(name))
         except Exception as exc:  # noqa: BLE001 - any failure here means no trial could run
             if weights not in (None, "imagenet"):
                 problem = f"weights file {weights} does not fit {name} with options {cfg.model.backbone_options.get(name, {})}"
@@ -137,95 +138,134 @@ def check_freeze_depth(cfg, name: str, n_blocks: int) -> None:
         )
 
 
-def run(cfg, log=None) -> dict:
-    """Run the sweep a validated config describes; returns the summary (also printed)."""
-    import optuna
-
-    from harness import study as st
-    from harness.baseline import run_scratch_baseline
-    from harness.data import load_dataset, make_splits
-    from harness.objective import Objective, TrialFailed
-    from harness.progress import Progress
-    from harness.summary import summarize
-    from harness.tracking import Tracker, resolve_tracking_uri
-
+def _quiet_libraries() -> None:
+    import logging
     import warnings
+
+    import optuna
 
     # Heartbeat and stale-trial retry are marked experimental by Optuna; they are used on purpose.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message=".*shuffle=True.*")
-    import logging
-
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    progress_stream = sys.stderr
-    log = log or (lambda text: print(text, file=progress_stream, flush=True))
     # Optuna would print a traceback per failed trial; the progress line and MLflow carry the reason.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
+
+def run_trials(cfg, study, objective, progress, log) -> None:
+    """Optimise until `n_trials` finished (completed + pruned) trials exist, or the timeout.
+
+    Raises SweepRefused when trials keep failing: an error that fails every trial must stop the
+    sweep instead of being retried all night.
+    """
+    import optuna
+
+    from harness import study as st
+    from harness.objective import TrialFailed
+
+    n_done = st.finished_count(study)
+    if n_done >= cfg.study.n_trials:
+        log(f"study {cfg.study.name!r} already has {n_done} finished trial(s) (n_trials={cfg.study.n_trials}): nothing to run")
+        return
+    log(f"study {cfg.study.name!r}: {n_done} finished, running up to {cfg.study.n_trials}")
+    breaker = st.StopAfterFailures(cfg.study.max_consecutive_failures)
+
+    def on_trial_end(s, t):
+        best = st.best_trial(s)
+        progress.trial_finished(t.number, t.state.name, t.value, best.value if best else None,
+                                counted=t.state in st.FINISHED_STATES, reason=t.user_attrs.get("fail_reason"))
+
+    study.optimize(
+        objective,
+        n_trials=None,
+        timeout=cfg.study.timeout,
+        catch=(TrialFailed,),
+        callbacks=[optuna.study.MaxTrialsCallback(cfg.study.n_trials, states=st.FINISHED_STATES), on_trial_end, breaker],
+        gc_after_trial=True,
+    )
+    if breaker.tripped:
+        raise SweepRefused(f"{breaker.limit} trials failed in a row; see the fail_reason of the last trials "
+                           f"(optuna user attrs / MLflow tag harness.fail_reason)")
+
+
+def recover(study, tracker, exclusive: bool, log, parent_id: str | None = None) -> None:
+    """Crash recovery: orphaned trials -> FAIL (and retried), orphaned runs -> KILLED."""
+    from harness import study as st
+
+    recover_orphans(study, exclusive)
+    fixed = tracker.reconcile(st.trial_states(study), parent_id=parent_id)
+    if fixed:
+        log(f"reconciled {len(fixed)} MLflow run(s) left behind by a dead process -> KILLED")
+
+
+def run(cfg, log=None) -> dict:
+    """Run the sweep a validated config describes; returns the summary (also printed)."""
+    from harness import study as st
+    from harness.data import load_dataset, make_splits
+    from harness.tracking import Tracker, resolve_tracking_uri
+
+    _quiet_libraries()
+    progress_stream = sys.stderr
+    log = log or (lambda text: print(text, file=progress_stream, flush=True))
+
     # --- preflight: everything that can refuse the sweep, before anything is created ---------
-    dataset = load_dataset(cfg.data)
-    splits = make_splits(dataset.labels, cfg.data)
-    log(f"data: {dataset.name}, {dataset.num_classes} classes, "
-        f"train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)} images (test held out)")
+    if cfg.quadrants is None:
+        dataset = load_dataset(cfg.data)
+        splits = make_splits(dataset.labels, cfg.data)
+        log(f"data: {dataset.name}, {dataset.num_classes} classes, "
+            f"train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)} images (test held out)")
+    else:
+        from harness.quadrants import load_targets
+
+        targets = load_targets(cfg, log)
     weights = resolve_weights(cfg, log)
+
     with local_study_lock(cfg) as exclusive:
         url = st.storage_url(cfg)
         storage = st.make_storage(url)
-        study = st.open_study(cfg, storage)
         tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
         tracker = Tracker(tracking_uri, cfg.tracking.experiment or cfg.study.name, cfg.tracking.artifact_root)
-        parent = tracker.start_study_run(cfg.study.name, cfg.to_dict(), url)
-        study.set_user_attr("mlflow_parent_run_id", parent)
-        study.set_user_attr("mlflow_tracking_uri", tracking_uri)
-
-        # --- crash recovery: orphaned trials -> FAIL (retried), orphaned runs -> KILLED ------
-        recover_orphans(study, exclusive)
-        killed = tracker.reconcile(st.trial_states(study))
-        if killed:
-            log(f"reconciled {len(killed)} MLflow run(s) left RUNNING by a dead process -> KILLED")
-
-        n_done = st.finished_count(study)
-        progress = Progress(cfg.study.n_trials, n_done, cfg.study.direction, cfg.study.metric, progress_stream)
-        objective = Objective(cfg, dataset, splits, tracker, weights.get, progress)
-        breaker = st.StopAfterFailures(cfg.study.max_consecutive_failures)
-
-        def on_trial_end(s, t):
-            best = st.best_trial(s)
-            progress.trial_finished(t.number, t.state.name, t.value, best.value if best else None,
-                                    counted=t.state in st.FINISHED_STATES, reason=t.user_attrs.get("fail_reason"))
-
         status = "FINISHED"
         old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            if n_done >= cfg.study.n_trials:
-                log(f"study {cfg.study.name!r} already has {n_done} finished trial(s) (n_trials={cfg.study.n_trials}): nothing to run")
-            else:
-                log(f"study {cfg.study.name!r}: {n_done} finished, running up to {cfg.study.n_trials}")
-                study.optimize(
-                    objective,
-                    n_trials=None,
-                    timeout=cfg.study.timeout,
-                    catch=(TrialFailed,),
-                    callbacks=[optuna.study.MaxTrialsCallback(cfg.study.n_trials, states=st.FINISHED_STATES),
-                               on_trial_end, breaker],
-                    gc_after_trial=True,
-                )
-            if breaker.tripped:
-                status = "FAILED"
-                raise SweepRefused(f"{breaker.limit} trials failed in a row; see the fail_reason of the last trials "
-                                   f"(optuna user attrs / MLflow tag harness.fail_reason)")
-            baseline = None
-            if cfg.baseline.scratch and st.best_trial(study) is not None:
-                baseline = run_scratch_baseline(cfg, study, dataset, splits, tracker, log)
-            summary = summarize(cfg, study, dataset.labels[splits.val], baseline, tracker)
-            log(summary["text"])
-            return summary
+            tracker.start_study_run(cfg.study.name, cfg.to_dict(), url)
+            if cfg.quadrants is not None:
+                from harness.quadrants import run_quadrants
+
+                return run_quadrants(cfg, targets, storage, tracker, weights, exclusive, log)
+            return _run_single(cfg, dataset, splits, storage, tracker, weights, exclusive, log)
+        except SweepRefused:
+            status = "FAILED"
+            raise
         except BaseException:
             status = "KILLED"
             raise
         finally:
             signal.signal(signal.SIGTERM, old_handler)
             tracker.end_study_run(status)
+
+
+def _run_single(cfg, dataset, splits, storage, tracker, weights, exclusive, log) -> dict:
+    """One study: the core two-phase sweep, then the from-scratch baseline and the summary."""
+    from harness import study as st
+    from harness.baseline import run_scratch_baseline
+    from harness.objective import Objective
+    from harness.progress import Progress
+    from harness.summary import summarize
+
+    study = st.open_study(cfg, storage)
+    study.set_user_attr("mlflow_parent_run_id", tracker.parent_run_id)
+    study.set_user_attr("mlflow_tracking_uri", tracker.uri)
+    recover(study, tracker, exclusive, log)
+    progress = Progress(cfg.study.n_trials, st.finished_count(study), cfg.study.direction, cfg.study.metric, sys.stderr)
+    objective = Objective(cfg, dataset, splits, tracker, weights.get, progress)
+    run_trials(cfg, study, objective, progress, log)
+    baseline = None
+    if cfg.baseline.scratch and st.best_trial(study) is not None:
+        baseline = run_scratch_baseline(cfg, study, dataset, splits, tracker, log)
+    summary = summarize(cfg, study, dataset.labels[splits.val], baseline, tracker)
+    log(summary["text"])
+    return summary
 
 
 def recover_orphans(study, exclusive: bool) -> None:

@@ -108,8 +108,10 @@ class Tracker:
 
     # --- child runs ------------------------------------------------------------------------
 
-    def start_child(self, name: str, role: str, tags: dict[str, Any], config: dict | None = None) -> str:
-        tags = {ROLE: role, PARENT_TAG: self.parent_run_id, **{k: str(v) for k, v in tags.items()}}
+    def start_child(self, name: str, role: str, tags: dict[str, Any], config: dict | None = None,
+                    parent_id: str | None = None) -> str:
+        """A nested run under `parent_id` (default: the study's parent run)."""
+        tags = {ROLE: role, PARENT_TAG: parent_id or self.parent_run_id, **{k: str(v) for k, v in tags.items()}}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         if config is not None:
             # The resolved config is every run's first artifact: the run describes itself.
@@ -157,7 +159,15 @@ class Tracker:
 
     # --- crash recovery --------------------------------------------------------------------
 
-    def reconcile(self, trial_states: dict[int, str]) -> list[str]:
+    def find_child(self, role: str, tags: dict[str, Any], parent_id: str | None = None):
+        """The newest nested run with this role and these tags, or None (used to resume)."""
+        conditions = [f"tags.`{ROLE}` = '{role}'", f"tags.`{PARENT_TAG}` = '{parent_id or self.parent_run_id}'"]
+        conditions += [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        runs = self.client.search_runs([self.experiment_id], filter_string=" and ".join(conditions),
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
+
+    def reconcile(self, trial_states: dict[int, str], parent_id: str | None = None) -> list[str]:
         """Make trial runs agree with their Optuna trials after a crash; returns the run ids fixed.
 
         `trial_states` maps trial numbers to Optuna state names. A run left RUNNING (or ended as
@@ -167,7 +177,7 @@ class Tracker:
         fixed = []
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{ROLE}` = 'trial'",
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id or self.parent_run_id}' and tags.`{ROLE}` = 'trial'",
             max_results=50_000,
         )
         for run in runs:

@@ -1,0 +1,166 @@
+"""Quadrant comparison: strategy -> trainable layers, equal budgets, confirmation, report read back."""
+
+from __future__ import annotations
+
+import keras
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from harness.config import parse_config
+from harness.strategies import strategy_search
+from tests.conftest import run_cli, write_config
+
+QUAD = """
+study:
+  name: quad
+  seed: 0
+  pruner: none
+model:
+  weights: {weights}
+  backbone_options:
+    MobileNetV2: {{alpha: 0.35}}
+search:
+  backbone: MobileNetV2
+  head_lr: {{low: 0.001, high: 0.01, log: true}}
+  finetune_lr: {{low: 0.0001, high: 0.001, log: true}}
+  dropout: 0.1
+train:
+  head: {{epochs: 1, batch_size: 16, patience: null}}
+  finetune: {{epochs: 1, batch_size: 16, patience: null}}
+quadrants:
+  strategies: [features, intermediate, partial, full, scratch]
+  trials_per_cell: 2
+  confirm_seeds: 2
+  logme_max_images: 40
+  targets:
+    - name: shapes-small
+      size: small
+      similarity: similar
+      data: {{source: builtin, name: shapes, builtin_size: 10, classes: [pentagon, star4, arc]}}
+    - name: digits-small
+      size: small
+      similarity: dissimilar
+      data: {{source: builtin, name: digits, classes: ['0', '1'], train_per_class: 8, val_per_class: 6}}
+"""
+
+
+def quad_config(weights="none"):
+    return parse_config(QUAD.format(weights=weights), "q.yaml") if weights != "none" else None
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    from harness import backbones as bb
+
+    path = tmp_path_factory.mktemp("w") / "src.weights.h5"
+    bb.construct("MobileNetV2", 32, None, {"alpha": 0.35}).save_weights(path)
+    return path
+
+
+def test_each_strategy_pins_what_it_means(weights_file):
+    cfg = parse_config(QUAD.format(weights=weights_file), "q.yaml")
+    q = cfg.quadrants
+    s = {name: strategy_search(name, cfg.search, q) for name in q.strategies}
+    assert s["features"]["unfreeze_fraction"].value == 0.0 and s["features"]["cut_fraction"].value == 1.0
+    assert s["intermediate"]["unfreeze_fraction"].value == 0.0
+    assert (s["intermediate"]["cut_fraction"].low, s["intermediate"]["cut_fraction"].high) == tuple(q.cut_range)
+    assert (s["partial"]["unfreeze_fraction"].low, s["partial"]["unfreeze_fraction"].high) == tuple(q.partial_range)
+    assert s["full"]["unfreeze_fraction"].value == 1.0
+    assert s["scratch"]["strategy"].value == "scratch"
+    # parameters a strategy cannot use are pinned, not searched
+    assert s["features"]["finetune_lr"].fixed and not s["partial"]["finetune_lr"].fixed
+
+
+@pytest.mark.parametrize("strategy", ["features", "intermediate", "partial", "full", "scratch"])
+def test_strategy_maps_to_the_trainable_layers_of_each_phase(strategy, weights_file):
+    from harness.model import build_model
+    from harness.objective import model_spec, plan_for
+    from harness.phases import apply_phase_trainability
+
+    cfg = parse_config(QUAD.format(weights=weights_file), "q.yaml")
+    search = strategy_search(strategy, cfg.search, cfg.quadrants)
+    params = {n: (p.value if p.fixed else (p.low if p.low is not None else p.choices[0])) for n, p in search.items()}
+    tm = build_model(model_spec(cfg, params, 3, str(weights_file)))
+    plan = plan_for(cfg, params, len(tm.blocks))
+    trainable = []
+    for phase in plan:
+        apply_phase_trainability(tm, phase)
+        trainable.append({l.name for l in tm.backbone.layers if l.trainable and l.weights})
+    all_layers = {l.name for l in tm.backbone.layers if l.weights}
+    bn = {l.name for l in tm.backbone.layers if isinstance(l, keras.layers.BatchNormalization)}
+    if strategy == "features":
+        assert [p.name for p in plan] == ["head"] and trainable == [set()] and len(tm.blocks) == 19
+    elif strategy == "intermediate":
+        assert [p.name for p in plan] == ["head"] and trainable == [set()]
+        assert len(tm.blocks) == 8  # ceil(19 * 0.4): the backbone is cut after an earlier block
+    elif strategy == "partial":
+        top = {n for b in tm.blocks[-round(19 * 0.3):] for n in b}
+        assert trainable[0] == set() and trainable[1] == (all_layers & top) - bn
+        assert "Conv1" not in trainable[1]  # the first blocks stay frozen
+    elif strategy == "full":
+        assert trainable[0] == set() and trainable[1] == all_layers - bn
+    else:
+        assert [p.name for p in plan] == ["scratch"] and trainable == [all_layers]  # BN included
+        assert not tm.spec.pretrained
+
+
+@pytest.fixture(scope="module")
+def quad_sweep(tmp_path_factory, weights_file):
+    work = tmp_path_factory.mktemp("quad")
+    config = write_config(work, QUAD.format(weights=weights_file))
+    proc = run_cli(str(config), cwd=work, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return work, proc
+
+
+def test_every_cell_gets_its_own_study_with_the_same_budget(quad_sweep):
+    work, _ = quad_sweep
+    storage = f"sqlite:///{work}/results/quad/optuna.db"
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    expected = sorted(f"quad.{t}.{s}" for t in ("shapes-small", "digits-small")
+                      for s in ("features", "intermediate", "partial", "full", "scratch"))
+    assert names == expected
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 2
+
+
+def test_confirmation_retrains_each_cell_with_k_seeds_and_reads_test_once(quad_sweep):
+    work, _ = quad_sweep
+    client = MlflowClient(f"sqlite:///{work}/results/mlflow.db")
+    exp = client.get_experiment_by_name("quad")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    cells = [r for r in runs if r.data.tags.get("harness.role") == "cell"]
+    assert len(cells) == 10 and all(c.info.status == "FINISHED" for c in cells)
+    for cell in cells:
+        confirms = [r for r in runs if r.data.tags.get("harness.role") == "confirm"
+                    and r.data.tags["mlflow.parentRunId"] == cell.info.run_id]
+        assert sorted(r.data.tags["harness.seed"] for r in confirms) == ["0", "1"]
+        assert all(0.0 <= r.data.metrics["test_accuracy"] <= 1.0 for r in confirms)
+    # test metrics appear on confirmation runs only
+    assert not [r for r in runs if r.data.tags.get("harness.role") != "confirm" and "test_accuracy" in r.data.metrics]
+    logme = [r for r in runs if r.data.tags.get("harness.role") == "logme"]
+    assert sorted(r.data.tags["target"] for r in logme) == ["digits-small", "shapes-small"]
+
+
+def test_report_files_parse_back_to_the_mlflow_numbers(quad_sweep):
+    work, proc = quad_sweep
+    out = work / "results" / "quad"
+    for name in ("comparison.csv", "comparison.md", "comparison.tex", "comparison.html", "heatmap.png", "trials.csv", "logme.csv"):
+        assert (out / name).is_file(), name
+    table = pd.read_csv(out / "comparison.csv")
+    client = MlflowClient(f"sqlite:///{work}/results/mlflow.db")
+    exp = client.get_experiment_by_name("quad")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    for cell in (r for r in runs if r.data.tags.get("harness.role") == "cell"):
+        row = table[(table.target == cell.data.tags["target"]) & (table.strategy == cell.data.tags["strategy"])].iloc[0]
+        assert row.test_mean == pytest.approx(cell.data.metrics["test_mean"])
+        assert row.best_val == pytest.approx(cell.data.metrics["best_val"])
+        assert row.n_seeds == 2
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 20 and set(trials.state) <= {"COMPLETE", "PRUNED"}
+    # the report is also attached to the sweep's parent run
+    parent = next(r for r in runs if r.data.tags.get("harness.role") == "study")
+    assert "report/comparison.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
