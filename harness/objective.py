@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -112,6 +113,7 @@ class Objective:
             config=cfg.to_dict(), parent_id=self.parent_run_id,
         )
         trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         self.tracker.log_params(run_id, params)
         if self.progress:
             self.progress.trial_started(trial.number, params)

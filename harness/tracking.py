@@ -80,12 +80,12 @@ class Tracker:
     # --- parent run ------------------------------------------------------------------------
 
     def start_study_run(self, study_name: str, config: dict, storage_url: str) -> str:
-        """Create the study's parent run, or reopen it when the study is resumed."""
-        existing = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{ROLE}` = 'study' and tags.`{STUDY_TAG}` = '{study_name}'",
-            max_results=1,
-        )
+        """Create the study's parent run, or reopen it when the study is resumed.
+
+        Several workers may start at once: each creates a parent if it sees none, then all agree
+        on the oldest one and any duplicate is deleted, so the study keeps exactly one parent.
+        """
+        existing = self._study_runs(study_name)
         if existing:
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -95,12 +95,25 @@ class Tracker:
                 tags={ROLE: "study", STUDY_TAG: study_name, "optuna.storage": _redact(storage_url)},
             )
             run_id = run.info.run_id
-            self.client.log_dict(run_id, config, "config.yaml")
-            params = _flatten({k: v for k, v in config.items() if k != "search"})
-            params.update({f"search.{k}": v for k, v in config.get("search", {}).items()})
-            self.log_params(run_id, params)
+            oldest = self._study_runs(study_name)[0].info.run_id
+            if oldest != run_id:  # another worker won the race
+                self.client.delete_run(run_id)
+                run_id = oldest
+            else:
+                self.client.log_dict(run_id, config, "config.yaml")
+                params = _flatten({k: v for k, v in config.items() if k != "search"})
+                params.update({f"search.{k}": v for k, v in config.get("search", {}).items()})
+                self.log_params(run_id, params)
         self.parent_run_id = run_id
         return run_id
+
+    def _study_runs(self, study_name: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{ROLE}` = 'study' and tags.`{STUDY_TAG}` = '{study_name}'",
+            order_by=["attributes.start_time ASC", "attributes.run_id ASC"],
+            max_results=10,
+        )
 
     def end_study_run(self, status: str = "FINISHED") -> None:
         if self.parent_run_id:
