@@ -209,7 +209,13 @@ class SweepConfig:
         return out
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        """Hash of everything that decides what a trial computes (not budgets or where things go),
+        so resuming with a changed config is caught instead of mixing results."""
+        d = self.to_dict()
+        for key in ("n_trials", "timeout", "storage", "max_consecutive_failures"):
+            d["study"].pop(key, None)
+        d.pop("tracking", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _plain(obj):

@@ -225,10 +225,17 @@ def run(cfg, log=None) -> dict:
         storage = st.make_storage(url)
         tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
         tracker = Tracker(tracking_uri, cfg.tracking.experiment or cfg.study.name, cfg.tracking.artifact_root)
+        recorded = tracker.existing_fingerprint(cfg.study.name)
+        if recorded and recorded != cfg.fingerprint():
+            raise SweepRefused(
+                f"study {cfg.study.name!r} already exists in {tracking_uri} with a different config "
+                f"(fingerprint {recorded}, now {cfg.fingerprint()}): resuming would mix results. "
+                f"Run it under a new --study-name, or delete the old study's results first."
+            )
         status = "FINISHED"
         old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
-            tracker.start_study_run(cfg.study.name, cfg.to_dict(), url)
+            tracker.start_study_run(cfg.study.name, cfg.to_dict(), url, cfg.fingerprint())
             if cfg.quadrants is not None:
                 from harness.quadrants import run_quadrants
 

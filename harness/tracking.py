@@ -23,7 +23,8 @@ ROLE = "harness.role"
 STUDY_TAG = "harness.study"
 TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"
-PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI draws the tree from it
+PARENT_TAG = "mlflow.parentRunId"
+FINGERPRINT_TAG = "harness.config_fingerprint"  # MLflow's own nesting tag: the UI draws the tree from it
 
 DEFAULT_TRACKING_DB = "results/mlflow.db"
 
@@ -79,7 +80,11 @@ class Tracker:
 
     # --- parent run ------------------------------------------------------------------------
 
-    def start_study_run(self, study_name: str, config: dict, storage_url: str) -> str:
+    def existing_fingerprint(self, study_name: str) -> str | None:
+        runs = self._study_runs(study_name)
+        return runs[0].data.tags.get(FINGERPRINT_TAG) if runs else None
+
+    def start_study_run(self, study_name: str, config: dict, storage_url: str, fingerprint: str = "") -> str:
         """Create the study's parent run, or reopen it when the study is resumed.
 
         Several workers may start at once: each creates a parent if it sees none, then all agree
@@ -92,7 +97,8 @@ class Tracker:
         else:
             run = self.client.create_run(
                 self.experiment_id, run_name=f"study {study_name}",
-                tags={ROLE: "study", STUDY_TAG: study_name, "optuna.storage": _redact(storage_url)},
+                tags={ROLE: "study", STUDY_TAG: study_name, "optuna.storage": _redact(storage_url),
+                      FINGERPRINT_TAG: fingerprint},
             )
             run_id = run.info.run_id
             oldest = self._study_runs(study_name)[0].info.run_id

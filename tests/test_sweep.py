@@ -91,3 +91,46 @@ def test_history_csv_matches_the_logged_metrics(finished_sweep, tmp_path):
     assert frame["phase"].tolist() == ["head", "head", "finetune", "finetune"]
     logged = [m.value for m in client.get_metric_history(run_id, "val_loss")]
     assert frame["val_loss"].tolist() == pytest.approx(logged)
+
+
+def test_report_of_a_plain_sweep_is_its_per_trial_table(finished_sweep):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from tests.conftest import ROOT
+
+    work, *_ = finished_sweep
+    proc = subprocess.run([sys.executable, "-m", "harness.report", "tiny"], cwd=work, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = pd.read_csv(work / "results" / "tiny" / "trials.csv")
+    study = _study(work)
+    assert sorted(table.trial) == [t.number for t in study.trials]
+    by_trial = table.set_index("trial")
+    for t in study.trials:
+        assert by_trial.loc[t.number, "objective"] == pytest.approx(t.value)
+        assert by_trial.loc[t.number, "mlflow_run_id"] == t.user_attrs["mlflow_run_id"]
+        assert by_trial.loc[t.number, "finetune_best_val_accuracy"] == pytest.approx(
+            _client(work).get_run(t.user_attrs["mlflow_run_id"]).data.metrics["finetune/best_val_accuracy"])
+
+
+def test_report_refuses_an_unknown_sweep(finished_sweep):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    work, *_ = finished_sweep
+    proc = subprocess.run([sys.executable, "-m", "harness.report", "nonesuch"], cwd=work, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 2 and "no MLflow experiment 'nonesuch'" in proc.stderr
+
+
+def test_resuming_with_a_changed_config_is_refused_instead_of_mixing_results(finished_sweep):
+    work, *_ = finished_sweep
+    proc = run_cli(str(work / "sweep.yaml"), "--seed", "5", cwd=work, timeout=300)
+    assert proc.returncode == 2
+    assert "study 'tiny' already exists" in proc.stderr and "with a different config" in proc.stderr
+    assert len(_study(work).trials) == 3  # untouched
