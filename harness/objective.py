@@ -104,6 +104,10 @@ class Objective:
         return self._pipelines[batch_size]
 
     def __call__(self, trial: optuna.Trial) -> float:
+        from harness.phases import stop_requested
+
+        if stop_requested.is_set():
+            raise KeyboardInterrupt("stop requested")
         params = space.suggest(trial, self.cfg.search)
         cfg = self.cfg
         run_id = self.tracker.start_child(

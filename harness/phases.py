@@ -14,6 +14,7 @@ lets the caller log, report or raise (a raised exception stops training at once)
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +22,12 @@ from typing import Callable
 import keras
 
 from harness.model import TransferModel, count_params, set_all_trainable, set_backbone_trainable
+
+
+# Set by the sweep's SIGTERM/SIGINT handler. The handler also raises KeyboardInterrupt at once, but
+# Python drops an exception raised while a finalizer runs ("Exception ignored in ..."), so every
+# batch re-checks the flag: a stop request can never be lost inside TensorFlow.
+stop_requested = threading.Event()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -86,9 +93,11 @@ class _EpochHook(keras.callbacks.Callback):
 
 
 class _NonFiniteBatch(keras.callbacks.Callback):
-    """Stop within the batch a loss turns NaN/inf instead of burning the rest of the epoch."""
+    """Stop within the batch a loss turns NaN/inf (or a stop is requested), not at the epoch's end."""
 
     def on_train_batch_end(self, batch, logs=None):
+        if stop_requested.is_set():
+            raise KeyboardInterrupt("stop requested")
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise NonFiniteLoss(f"batch {batch}: loss is {float(loss)}")

@@ -88,6 +88,9 @@ def local_study_lock(cfg):
 
 
 def _raise_interrupt(signum, frame):
+    from harness.phases import stop_requested
+
+    stop_requested.set()
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
@@ -233,7 +236,7 @@ def run(cfg, log=None) -> dict:
                 f"Run it under a new --study-name, or delete the old study's results first."
             )
         status = "FINISHED"
-        old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+        old_handlers = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             tracker.start_study_run(cfg.study.name, cfg.to_dict(), url, cfg.fingerprint())
             if cfg.quadrants is not None:
@@ -248,7 +251,8 @@ def run(cfg, log=None) -> dict:
             status = "KILLED"
             raise
         finally:
-            signal.signal(signal.SIGTERM, old_handler)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
             tracker.end_study_run(status)
 
 

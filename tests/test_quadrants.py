@@ -168,3 +168,37 @@ def test_report_files_parse_back_to_the_mlflow_numbers(quad_sweep):
     # the report is also attached to the sweep's parent run
     parent = next(r for r in runs if r.data.tags.get("harness.role") == "study")
     assert "report/comparison.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+
+
+def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weights_file, monkeypatch):
+    """Spy on every tf.data pipeline built: the test indices appear once per seed, after training."""
+    import numpy as np
+
+    from harness import quadrants
+    from harness.data import load_dataset, make_splits
+    from harness.tracking import Tracker
+
+    cfg = parse_config(quad(weights_file, "[features]"), "q.yaml")
+    target = cfg.quadrants.targets[1]
+    ccfg = quadrants.cell_config(cfg, target, "features")
+    dataset = load_dataset(target.data)
+    splits = make_splits(dataset.labels, target.data)
+    built = []
+    real = quadrants.tf_dataset
+
+    def spy(ds, indices, *args, **kwargs):
+        built.append(np.array(indices))
+        return real(ds, indices, *args, **kwargs)
+
+    monkeypatch.setattr(quadrants, "tf_dataset", spy)
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "spy", str(tmp_path / "a"))
+    tracker.start_study_run("spy", {}, "none")
+    cell = tracker.start_child("cell", "cell", {})
+    params = {"head_lr": 0.003}
+    tests = quadrants.confirm_cell(ccfg, params, dataset, splits, tracker, cell, 2, {"MobileNetV2": str(weights_file)}, print)
+    assert len(tests) == 2
+    uses_of_test = [i for i, idx in enumerate(built) if np.array_equal(idx, splits.test)]
+    assert len(uses_of_test) == 2  # once per seed
+    # each test read comes after that seed's training pipelines
+    assert all(any(np.array_equal(built[j], splits.train) for j in range(i)) for i in uses_of_test)
+    assert not any(np.intersect1d(idx, splits.test).size for idx in built if not np.array_equal(idx, splits.test))

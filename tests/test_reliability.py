@@ -188,3 +188,19 @@ def test_freeze_depth_impossible_for_the_backbone_is_refused(tmp_path):
     assert proc.returncode == 2
     assert "search.unfreeze_blocks: 40 is impossible for MobileNetV2, which has 19 blocks" in proc.stderr
     assert not (tmp_path / "results" / "mlflow.db").exists()
+
+
+def test_imagenet_weights_offline_fail_up_front_with_the_reason(tmp_path):
+    """Where ImageNet weights cannot be downloaded (as here), nothing runs and the user is told why."""
+    from harness.backbones import construct
+
+    try:
+        construct("MobileNetV2", 32, "imagenet", {"alpha": 0.35})
+        pytest.skip("ImageNet weights are reachable here (cached or online)")
+    except Exception:  # noqa: BLE001 - exactly the offline case this test is about
+        pass
+    proc = run_cli(str(write_config(tmp_path, TINY.replace("weights: none", "weights: imagenet"))), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert "model.weights: cannot build MobileNetV2 with weights 'imagenet'" in proc.stderr
+    assert "ImageNet weights need internet the first time" in proc.stderr
+    assert not (tmp_path / "results" / "mlflow.db").exists()
