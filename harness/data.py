@@ -202,6 +202,3 @@ def tf_dataset(ds: Dataset, indices: np.ndarray, batch_size: int, shuffle: bool,
         pipe = pipe.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
     return pipe.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
-
-def class_counts(labels: np.ndarray, indices: np.ndarray, num_classes: int) -> list[int]:
-    return np.bincount(labels[indices], minlength=num_classes).tolist()

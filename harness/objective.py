@@ -181,13 +181,9 @@ class Objective:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {record.epoch} ({cfg.study.metric}={value:.4f})")
 
-        history = _run_with_batches(self, tm, plan, on_epoch, on_phase_start)
+        history = run_plan(cfg, tm, plan, self.pipelines, on_epoch, on_phase_start)
         log_history(self.tracker, run_id, history)
         return history
-
-
-def _run_with_batches(obj: Objective, tm, plan, on_epoch, on_phase_start) -> History:
-    return run_plan(obj.cfg, tm, plan, obj.pipelines, on_epoch, on_phase_start)
 
 
 def run_plan(cfg: SweepConfig, tm, plan, pipelines, on_epoch=lambda r: None, on_phase_start=lambda p, t, n: None) -> History:

@@ -31,6 +31,3 @@ def suggest(trial: optuna.Trial, search: dict[str, ParamSpec]) -> dict[str, Any]
     """Every parameter's value for this trial, sampled or fixed, in config order."""
     return {name: suggest_one(trial, p) for name, p in search.items()}
 
-
-def searched_names(search: dict[str, ParamSpec]) -> list[str]:
-    return [n for n, p in search.items() if not p.fixed]

@@ -141,10 +141,33 @@ def check_freeze_depth(cfg, name: str, n_blocks: int) -> None:
         )
 
 
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up banner (oneDNN, CPU features, absl) silenced.
+
+    Those lines are printed straight to file descriptor 2 before absl's logging is set up, so
+    TF_CPP_MIN_LOG_LEVEL cannot hide them; an overnight log should start with the sweep's own
+    lines. Python-level errors still surface: the descriptor is restored before they propagate.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _quiet_libraries() -> None:
     import logging
     import warnings
 
+    import mlflow  # noqa: F401 - imported first: it configures its logger on import
     import optuna
 
     # Heartbeat and stale-trial retry are marked experimental by Optuna; they are used on purpose.
@@ -316,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ chatter out of the log
+    import_tensorflow_quietly()
     try:
         run(cfg)
     except (ConfigError, SweepRefused) as exc:

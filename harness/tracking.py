@@ -11,13 +11,11 @@ Run tree:  experiment <study name>
 
 from __future__ import annotations
 
-import io
 import os
 import traceback as tb
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 ROLE = "harness.role"
 STUDY_TAG = "harness.study"
@@ -212,12 +210,6 @@ class Tracker:
             self.set_tags(run.info.run_id, {"harness.fail_reason": run.data.tags.get("harness.fail_reason") or "process died before the trial ended"})
             fixed.append(run.info.run_id)
         return fixed
-
-
-def config_yaml(config: dict) -> str:
-    buf = io.StringIO()
-    yaml.safe_dump(config, buf, sort_keys=False)
-    return buf.getvalue()
 
 
 def _redact(url: str) -> str:
