@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from harness.objective import log_history, model_spec
+from harness.objective import log_history, model_spec, release_memory
 from harness.tracking import STATE_TAG, Tracker
 
 
@@ -70,7 +70,7 @@ def run_scratch_baseline(cfg, study, dataset, splits, tracker: Tracker, log) -> 
         tracker.end_run(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED", optuna_state="FAIL")
         raise
     finally:
-        keras.backend.clear_session()
+        release_memory()
     value = history.best(cfg.study.metric, cfg.study.direction)
     tracker.log_metrics(run_id, {"objective": value, "wall_seconds": time.perf_counter() - started})
     tracker.end_run(run_id, "FINISHED", optuna_state="COMPLETE")

@@ -103,26 +103,51 @@ class _NonFiniteBatch(keras.callbacks.Callback):
             raise NonFiniteLoss(f"batch {batch}: loss is {float(loss)}")
 
 
-def reestimate_bn_statistics(model: keras.Model, train_ds, max_batches: int = 50) -> None:
-    """Set every BatchNormalization's moving statistics to the average over training batches.
+class BatchNormReestimator:
+    """Sets every trainable BatchNormalization's moving statistics to their average over training
+    batches under the *current* weights.
 
     A randomly initialised network's weights move fast, so exponential moving averages lag far
     behind the statistics the current weights produce, and inference-mode accuracy sits at chance
-    while training accuracy climbs. A momentum of i/(i+1) on batch i makes the moving value the
-    exact running mean of the batch statistics under the *current* weights.
+    while training accuracy climbs. Here each batch runs in training mode with momentum 0 (the
+    moving value becomes that batch's statistic), the values are averaged over the batches, then
+    written back. The forward pass is traced once per model, so this costs a few compiled steps.
     """
-    bns = [l for l in _all_layers(model) if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
-    if not bns:
-        return
-    saved = [l.momentum for l in bns]
-    try:
-        for i, (x, _) in enumerate(train_ds.take(max_batches)):
-            for layer in bns:
-                layer.momentum = i / (i + 1)
-            model(x, training=True)
-    finally:
-        for layer, m in zip(bns, saved):
-            layer.momentum = m
+
+    def __init__(self, model: keras.Model, max_batches: int = 20):
+        import tensorflow as tf
+
+        self.model, self.max_batches = model, max_batches
+        self.bns = [l for l in _all_layers(model) if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
+        self._forward = tf.function(lambda x: model(x, training=True))
+
+    def __call__(self, train_ds) -> None:
+        if not self.bns:
+            return
+        saved = [l.momentum for l in self.bns]
+        sums = [[0.0, 0.0] for _ in self.bns]
+        n = 0
+        try:
+            for layer in self.bns:
+                layer.momentum = 0.0
+            for x, _ in train_ds.take(self.max_batches):
+                self._forward(x)
+                for acc, layer in zip(sums, self.bns):
+                    acc[0] = acc[0] + layer.moving_mean.numpy()
+                    acc[1] = acc[1] + layer.moving_variance.numpy()
+                n += 1
+        finally:
+            for layer, m in zip(self.bns, saved):
+                layer.momentum = m
+        if n:
+            for (mean, var), layer in zip(sums, self.bns):
+                layer.moving_mean.assign(mean / n)
+                layer.moving_variance.assign(var / n)
+
+
+def reestimate_bn_statistics(model: keras.Model, train_ds, max_batches: int = 20) -> None:
+    """One-off re-estimation (see BatchNormReestimator)."""
+    BatchNormReestimator(model, max_batches)(train_ds)
 
 
 def _all_layers(model):
@@ -133,17 +158,9 @@ def _all_layers(model):
 
 
 def evaluate(model: keras.Model, ds) -> dict[str, float]:
-    """Inference-mode loss and accuracy over a dataset."""
-    import numpy as np
-
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="sum")
-    total_loss, correct, count = 0.0, 0, 0
-    for x, y in ds:
-        probs = model(x, training=False)
-        total_loss += float(loss_fn(y, probs))
-        correct += int(np.sum(np.argmax(np.asarray(probs), axis=-1) == np.asarray(y)))
-        count += int(len(y))
-    return {"loss": total_loss / max(count, 1), "accuracy": correct / max(count, 1)}
+    """Inference-mode loss and accuracy over a dataset (compiled, via the model's own metrics)."""
+    results = model.evaluate(ds, verbose=0, return_dict=True)
+    return {"loss": float(results["loss"]), "accuracy": float(results["accuracy"])}
 
 
 class _ScratchValidation(keras.callbacks.Callback):
@@ -156,9 +173,12 @@ class _ScratchValidation(keras.callbacks.Callback):
     def __init__(self, train_ds, val_ds):
         super().__init__()
         self.train_ds, self.val_ds = train_ds, val_ds
+        self.reestimate = None
 
     def on_epoch_end(self, epoch, logs=None):
-        reestimate_bn_statistics(self.model, self.train_ds)
+        if self.reestimate is None:
+            self.reestimate = BatchNormReestimator(self.model)
+        self.reestimate(self.train_ds)
         if logs is not None:
             logs.update({f"val_{k}": v for k, v in evaluate(self.model, self.val_ds).items()})
 

@@ -134,7 +134,7 @@ def confirm_cell(ccfg: SweepConfig, params: dict, dataset: Dataset, splits: Spli
     import keras
 
     from harness.model import build_model
-    from harness.objective import log_history, model_spec, plan_for, run_plan
+    from harness.objective import log_history, model_spec, plan_for, release_memory, run_plan
 
     params = {**{n: p.value for n, p in ccfg.search.items() if p.fixed}, **params}
     metric = ccfg.study.metric
@@ -165,7 +165,7 @@ def confirm_cell(ccfg: SweepConfig, params: dict, dataset: Dataset, splits: Spli
             tracker.end_run(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
             raise
         finally:
-            keras.backend.clear_session()
+            release_memory()
         tracker.log_metrics(run_id, {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
                                      "best_val": history.best(metric, ccfg.study.direction),
                                      "wall_seconds": time.perf_counter() - started})
@@ -195,10 +195,9 @@ def logme_indices(labels: np.ndarray, train: np.ndarray, max_images: int) -> np.
 
 def log_logme_scores(cfg: SweepConfig, target: TargetConfig, dataset: Dataset, splits: Splits, tracker, weights: dict, log) -> dict:
     """LogME of every candidate backbone on this target, from frozen features, before any training."""
-    import keras
-
     from harness.logme import logme
     from harness.model import ModelSpec, build_model
+    from harness.objective import release_memory
 
     scores = {}
     names = cfg.search["backbone"].choices or (cfg.search["backbone"].value,)
@@ -214,7 +213,8 @@ def log_logme_scores(cfg: SweepConfig, target: TargetConfig, dataset: Dataset, s
         tm = build_model(spec)
         idx = logme_indices(dataset.labels, splits.train, cfg.quadrants.logme_max_images)
         score = logme(backbone_features(tm, dataset, idx), dataset.labels[idx])
-        keras.backend.clear_session()
+        del tm
+        release_memory()
         run_id = tracker.start_child(f"logme {target.name} {backbone}", "logme",
                                      {**tags, "size": target.size, "similarity": target.similarity})
         tracker.log_metrics(run_id, {"logme": score, "images": len(idx), "wall_seconds": time.perf_counter() - started})

@@ -54,7 +54,7 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRAC
                 grace_period=grace,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
             )
-        except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError) as exc:
+        except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError):
             # Workers started together on a fresh database race to create Optuna's schema
             # ('type "studydirection" already exists'); the loser retries and finds the tables.
             if attempt == 4:
