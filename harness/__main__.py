@@ -1,4 +1,5 @@
-from harness.sweep import main
-import sys
+"""`python -m harness` is `python -m harness.sweep`."""
 
-sys.exit(main())
+from harness.sweep import cli
+
+cli()

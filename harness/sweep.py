@@ -351,5 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    code = main()
+    # Everything is committed to the stores by now. Skip the interpreter's teardown: collecting a
+    # large TensorFlow heap can take a minute, which looks like a sweep ignoring SIGTERM.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
