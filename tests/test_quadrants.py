@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 import optuna
 import pandas as pd
@@ -98,9 +100,10 @@ def test_strategy_maps_to_the_trainable_layers_of_each_phase(strategy, weights_f
         assert [p.name for p in plan] == ["head"] and trainable == [set()] and len(tm.blocks) == 19
     elif strategy == "intermediate":
         assert [p.name for p in plan] == ["head"] and trainable == [set()]
-        assert len(tm.blocks) == 8  # ceil(19 * 0.4): the backbone is cut after an earlier block
+        low = cfg.quadrants.cut_range[0]
+        assert len(tm.blocks) == math.ceil(19 * low) < 19  # cut after an earlier block
     elif strategy == "partial":
-        top = {n for b in tm.blocks[-round(19 * 0.3):] for n in b}
+        top = {n for b in tm.blocks[-round(19 * cfg.quadrants.partial_range[0]):] for n in b}
         assert trainable[0] == set() and trainable[1] == (all_layers & top) - bn
         assert "Conv1" not in trainable[1]  # the first blocks stay frozen
     elif strategy == "full":
