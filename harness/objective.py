@@ -157,7 +157,10 @@ class Objective:
     def _train(self, trial: optuna.Trial, params: dict, run_id: str) -> History:
         from harness.model import build_model
 
+        import keras
+
         cfg = self.cfg
+        keras.utils.set_random_seed(cfg.study.seed + trial.number)  # a trial's init is reproducible
         weights = self.weights_for(params["backbone"])
         tm = build_model(model_spec(cfg, params, self.dataset.num_classes, weights), seed=cfg.study.seed + trial.number)
         plan = plan_for(cfg, params, len(tm.blocks))
