@@ -54,6 +54,9 @@ class StudyConfig:
     pruner_startup_trials: int = _f(3, "finished trials before pruning starts", min=0)
     storage: str | None = _f(None, "Optuna storage URL; null = sqlite:///results/<name>/optuna.db")
     max_consecutive_failures: int = _f(5, "failed trials in a row that stop the sweep (something fails every trial)", min=1)
+    trials_per_process: int = _f(
+        1, "trials each fresh child process runs before it exits (memory stays flat; a trial the OS kills fails alone); "
+        "0 = every trial in the sweep process", min=0)
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ class SweepConfig:
         """Hash of everything that decides what a trial computes (not budgets or where things go),
         so resuming with a changed config is caught instead of mixing results."""
         d = self.to_dict()
-        for key in ("n_trials", "timeout", "storage", "max_consecutive_failures"):
+        for key in ("n_trials", "timeout", "storage", "max_consecutive_failures", "trials_per_process"):
             d["study"].pop(key, None)
         d.pop("tracking", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -150,7 +150,8 @@ class Objective:
         finally:
             release_memory()
         value = history.best(cfg.study.metric, cfg.study.direction)
-        self.tracker.log_metrics(run_id, {"objective": value, "wall_seconds": time.perf_counter() - started})
+        self.tracker.log_metrics(run_id, {"objective": value, "wall_seconds": time.perf_counter() - started,
+                                          "system/rss_mib": resident_mib()})
         self.tracker.end_run(run_id, "FINISHED", optuna_state="COMPLETE")
         return value
 
@@ -236,38 +237,25 @@ FAULT_ENV = "HARNESS_INJECT_FAULT"
 
 
 def inject_fault(trial_number: int, epoch: int) -> None:
-    """Testing switch: HARNESS_INJECT_FAULT=oom:<trial> raises TensorFlow's out-of-memory error
-    at the end of that trial's first epoch, exactly as a GPU allocation failure would surface.
-    Unset (always, outside tests) it does nothing.
+    """Testing switch, at the end of the first epoch of trial N (unset, always outside tests, it
+    does nothing):
+
+      HARNESS_INJECT_FAULT=oom:N   raise TensorFlow's out-of-memory error, as a GPU allocation
+                                   failure surfaces;
+      HARNESS_INJECT_FAULT=kill:N  SIGKILL the trial's own process, as the kernel's out-of-memory
+                                   killer ends a process that exhausted the host's memory.
     """
     spec = os.environ.get(FAULT_ENV, "")
     if not spec or epoch != 0:
         return
     kind, _, number = spec.partition(":")
-    if kind == "oom" and number == str(trial_number):
+    if number != str(trial_number):
+        return
+    if kind == "oom":
         import tensorflow as tf
 
         raise tf.errors.ResourceExhaustedError(None, None, f"simulated out of memory in trial {trial_number} ({FAULT_ENV})")
+    if kind == "kill":
+        import signal
 
-
-def release_memory() -> None:
-    """Trials share one process: drop Keras' graph state so memory stays flat over a long sweep.
-
-    Clearing the session frees TensorFlow's objects, but glibc keeps the freed heap pages mapped
-    (the resident size only grows); malloc_trim hands them back to the OS.
-    """
-    import keras
-
-    keras.backend.clear_session()
-    gc.collect()
-    _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -11,15 +11,17 @@ import time
 
 
 class Progress:
-    def __init__(self, n_trials: int, already_done: int, direction: str, metric: str, stream=None, prefix: str = ""):
+    def __init__(self, n_trials: int, already_done: int, direction: str, metric: str, stream=None, prefix: str = "",
+                 best: float | None = None, started: float | None = None):
+        """`started`: a time.monotonic() reading, so a trial process shows the sweep's elapsed time."""
         self.n_trials, self.done = n_trials, already_done
         self.direction, self.metric = direction, metric
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.best: float | None = None
+        self.best = best
         self.trial: int | None = None
         self.phase = ""
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
         self.prefix = f"{prefix} " if prefix else ""
 
     def _emit(self, text: str, final: bool = False) -> None:

@@ -57,13 +57,13 @@ def cell_config(cfg: SweepConfig, target: TargetConfig, strategy: str) -> SweepC
 
 
 def run_quadrants(cfg: SweepConfig, targets, storage, tracker, weights: dict, exclusive: bool, log) -> dict:
-    from harness.progress import Progress
-    from harness.sweep import recover, run_trials
+    from harness.sweep import TrialBatch, recover
 
     q = cfg.quadrants
     n_cells = len(targets) * len(q.strategies)
     log(f"quadrant sweep {cfg.study.name}: {len(targets)} target(s) x {len(q.strategies)} strategies = {n_cells} cells, "
         f"{q.trials_per_cell} trial(s) each, then {q.confirm_seeds} confirmation seed(s)")
+    started = time.monotonic()
     scores = {}
     for i, (target, dataset, splits) in enumerate(targets):
         if q.logme:
@@ -75,30 +75,65 @@ def run_quadrants(cfg: SweepConfig, targets, storage, tracker, weights: dict, ex
             study = st.open_study(ccfg, storage)
             study.set_user_attr("mlflow_cell_run_id", cell_run)
             recover(study, tracker, exclusive, log, parent_id=cell_run)
-            prefix = f"cell {i * len(q.strategies) + j + 1}/{n_cells} {name}"
-            progress = Progress(ccfg.study.n_trials, st.finished_count(study), ccfg.study.direction, ccfg.study.metric, sys.stderr, prefix)
-            from harness.objective import Objective
-
-            objective = Objective(ccfg, dataset, splits, tracker, weights.get, progress, parent_run_id=cell_run,
-                                  extra_tags=_cell_tags(target, strategy))
-            run_trials(ccfg, study, objective, progress, log)
-            best = st.best_trial(study)
-            if best is None:
+            batch = TrialBatch(ccfg, dataset, splits, tracker, weights, parent_run_id=cell_run,
+                               extra_tags=_cell_tags(target, strategy), started=started,
+                               progress_prefix=f"cell {i * len(q.strategies) + j + 1}/{n_cells} {name}")
+            outcome = _run_cell_isolated(cfg, study, batch, exclusive, log) if cfg.study.trials_per_process else run_cell(batch, exclusive)
+            if outcome is None:
                 log(f"{name}: no completed trial; nothing to confirm")
                 tracker.end_run(cell_run, "FAILED")
                 continue
-            tracker.log_metrics(cell_run, {"best_val": best.value, "best_trial": best.number})
-            tests = confirm_cell(ccfg, best.params, dataset, splits, tracker, cell_run, q.confirm_seeds, weights, log,
-                                 tags=_cell_tags(target, strategy))
-            tracker.log_metrics(cell_run, {"test_mean": float(np.mean(tests)), "test_std": float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0})
+            best_value, tests = outcome
             tracker.end_run(cell_run, "FINISHED")
-            scores[name] = (best.value, float(np.mean(tests)))
-            log(f"{name}: best val {best.value:.4f}; test {np.mean(tests):.4f} over {len(tests)} seed(s)")
+            scores[name] = (best_value, float(np.mean(tests)))
+            log(f"{name}: best val {best_value:.4f}; test {np.mean(tests):.4f} over {len(tests)} seed(s)")
     from harness.report import build_report
 
     log("writing the comparison report")
     paths = build_report(cfg.study.name, tracker, log=log)
     return {"cells": scores, "report": paths}
+
+
+def run_cell(batch, exclusive: bool) -> tuple[float, list[float]] | None:
+    """One cell: its study's trials, then the best configuration retrained with every seed.
+
+    Returns (best validation value, test accuracy per seed), or None when no trial completed.
+    """
+    from harness.sweep import run_trials
+
+    ccfg, tracker, cell_run = batch.cfg, batch.tracker, batch.parent_run_id
+    cfg_here = dataclasses.replace(ccfg, study=dataclasses.replace(ccfg.study, trials_per_process=0))
+    study = st.open_study(ccfg, st.make_storage(st.storage_url(ccfg)))
+    log = _stderr_log
+    run_trials(cfg_here, study, dataclasses.replace(batch, cfg=cfg_here), exclusive, log)
+    best = st.best_trial(study)
+    if best is None:
+        return None
+    tracker.log_metrics(cell_run, {"best_val": best.value, "best_trial": best.number})
+    tests = confirm_cell(ccfg, best.params, batch.dataset, batch.splits, tracker, cell_run, ccfg.quadrants.confirm_seeds,
+                         batch.weights, log, tags=batch.extra_tags)
+    tracker.log_metrics(cell_run, {"test_mean": float(np.mean(tests)), "test_std": float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0})
+    return best.value, tests
+
+
+def _run_cell_isolated(cfg: SweepConfig, study, batch, exclusive: bool, log):
+    """A cell's trials and confirmations in one child process (memory flat across cells). A child
+    the OS kills fails its running trial and the cell is tried again, up to the failure limit."""
+    from harness.sweep import SweepRefused, record_dead_process
+    from harness.worker import ProcessDied, run_isolated
+
+    for attempt in range(1, cfg.study.max_consecutive_failures + 1):
+        try:
+            return run_isolated(run_cell, batch, exclusive)
+        except ProcessDied as died:
+            failed = record_dead_process(study, batch.tracker, died, exclusive, parent_id=batch.parent_run_id)
+            batch.tracker.fail_running_children(batch.parent_run_id, "confirm", str(died))
+            log(f"{batch.progress_prefix}: trial {', '.join(map(str, failed)) or '?'} FAIL ({died}); attempt {attempt}")
+    raise SweepRefused(f"{batch.progress_prefix}: its process died {cfg.study.max_consecutive_failures} times in a row")
+
+
+def _stderr_log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _cell_tags(target: TargetConfig, strategy: str) -> dict:

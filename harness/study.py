@@ -62,10 +62,13 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRAC
             time.sleep(0.5 + random.random())
 
 
-def make_sampler(cfg: SweepConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: SweepConfig, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """`seed_offset`: a trial process opens the study afresh; offsetting the seed by the trials
+    already in it keeps the sweep reproducible without every process drawing the same first point."""
+    seed = cfg.study.seed + seed_offset
     if cfg.study.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.study.seed)
-    return optuna.samplers.TPESampler(seed=cfg.study.seed, n_startup_trials=min(10, max(2, cfg.study.n_trials // 3)))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, cfg.study.n_trials // 3)))
 
 
 def total_epochs(cfg: SweepConfig) -> int:
@@ -85,13 +88,20 @@ def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials, n_warmup_steps=s.pruner_warmup_epochs)
 
 
-def open_study(cfg: SweepConfig, storage=None) -> optuna.Study:
-    """Create the study, or load it when it exists (resume)."""
+def open_study(cfg: SweepConfig, storage=None, reseed: bool = False) -> optuna.Study:
+    """Create the study, or load it when it exists (resume). `reseed`: offset the sampler's seed
+    by the number of trials already in the study (see make_sampler)."""
     storage = storage or make_storage(storage_url(cfg))
+    offset = 0
+    if reseed:
+        try:
+            offset = len(optuna.load_study(study_name=cfg.study.name, storage=storage).trials)
+        except KeyError:  # the study does not exist yet
+            offset = 0
     study = optuna.create_study(
         study_name=cfg.study.name,
         storage=storage,
-        sampler=make_sampler(cfg),
+        sampler=make_sampler(cfg, offset),
         pruner=make_pruner(cfg),
         direction=cfg.study.direction,
         load_if_exists=True,
@@ -116,6 +126,22 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         return None
 
 
+def fail_trials_of_dead_worker(study: optuna.Study, worker: str, reason: str, exclusive: bool) -> list[int]:
+    """FAIL the trials a dead trial process left RUNNING, with `reason`; not retried, since the
+    trial itself most likely killed its process (out of memory). Returns their numbers.
+
+    `worker` is the trial's "worker" user attribute (host:pid). With the local storage this
+    process holds the study's lock, so any RUNNING trial is the dead child's, even one it created
+    but had not yet labelled."""
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if exclusive or t.user_attrs.get("worker") == worker:
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+            if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                failed.append(t.number)
+    return failed
+
+
 def fail_stale_trials(study: optuna.Study) -> None:
     """Mark trials whose heartbeat stopped as FAIL now (and queue their retries)."""
     optuna.storages.fail_stale_trials(study)
@@ -124,9 +150,9 @@ def fail_stale_trials(study: optuna.Study) -> None:
 class StopAfterFailures:
     """Stop the study after `limit` failed trials in a row: something is wrong with every trial."""
 
-    def __init__(self, limit: int = 5):
+    def __init__(self, limit: int = 5, streak: int = 0):
         self.limit = limit
-        self.streak = 0
+        self.streak = streak  # failures in a row carried over from earlier trial processes
         self.tripped = False
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

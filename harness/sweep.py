@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import os
 import signal
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_CONFIG = "sweeps/demo.yaml"
 EXIT_CONFIG = 2  # bad input: nothing was created
@@ -178,23 +182,42 @@ def _quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
-def run_trials(cfg, study, objective, progress, log) -> None:
-    """Optimise until `n_trials` finished (completed + pruned) trials exist, or the timeout.
+@dataclass(frozen=True)
+class TrialBatch:
+    """Everything needed to run trials of one study, in this process or (pickled) in a child."""
 
-    Raises SweepRefused when trials keep failing: an error that fails every trial must stop the
-    sweep instead of being retried all night.
-    """
+    cfg: Any
+    dataset: Any
+    splits: Any
+    tracker: Any
+    weights: dict
+    parent_run_id: str | None = None  # MLflow parent of the trial runs; None: the study's run
+    extra_tags: dict = field(default_factory=dict)
+    progress_prefix: str = ""
+    started: float = field(default_factory=time.monotonic)  # the sweep's start, for elapsed time
+    n_trials: int | None = None  # trials to run; None: until the study has its n_trials finished
+    streak: int = 0  # failed trials in a row so far
+    timeout: float | None = None
+
+
+def run_trial_batch(batch: TrialBatch) -> dict:
+    """Run a batch of trials with Optuna; returns the failure streak and whether it stopped the study."""
     import optuna
 
     from harness import study as st
-    from harness.objective import TrialFailed
+    from harness.objective import Objective, TrialFailed
+    from harness.progress import Progress
 
-    n_done = st.finished_count(study)
-    if n_done >= cfg.study.n_trials:
-        log(f"study {cfg.study.name!r} already has {n_done} finished trial(s) (n_trials={cfg.study.n_trials}): nothing to run")
-        return
-    log(f"study {cfg.study.name!r}: {n_done} finished, running up to {cfg.study.n_trials}")
-    breaker = st.StopAfterFailures(cfg.study.max_consecutive_failures)
+    cfg = batch.cfg
+    study = st.open_study(cfg, st.make_storage(st.storage_url(cfg)), reseed=batch.n_trials is not None)
+    breaker = st.StopAfterFailures(cfg.study.max_consecutive_failures, batch.streak)
+    if st.finished_count(study) >= cfg.study.n_trials:  # other workers finished the study meanwhile
+        return {"streak": breaker.streak, "tripped": False}
+    best = st.best_trial(study)
+    progress = Progress(cfg.study.n_trials, st.finished_count(study), cfg.study.direction, cfg.study.metric, sys.stderr,
+                        batch.progress_prefix, best=best.value if best else None, started=batch.started)
+    objective = Objective(cfg, batch.dataset, batch.splits, batch.tracker, batch.weights.get, progress,
+                          parent_run_id=batch.parent_run_id, extra_tags=batch.extra_tags)
 
     def on_trial_end(s, t):
         best = st.best_trial(s)
@@ -203,15 +226,80 @@ def run_trials(cfg, study, objective, progress, log) -> None:
 
     study.optimize(
         objective,
-        n_trials=None,
-        timeout=cfg.study.timeout,
+        n_trials=batch.n_trials,
+        timeout=batch.timeout,
         catch=(TrialFailed,),
         callbacks=[optuna.study.MaxTrialsCallback(cfg.study.n_trials, states=st.FINISHED_STATES), on_trial_end, breaker],
         gc_after_trial=True,
     )
-    if breaker.tripped:
-        raise SweepRefused(f"{breaker.limit} trials failed in a row; see the fail_reason of the last trials "
-                           f"(optuna user attrs / MLflow tag harness.fail_reason)")
+    return {"streak": breaker.streak, "tripped": breaker.tripped}
+
+
+def run_trials(cfg, study, batch: TrialBatch, exclusive: bool, log) -> None:
+    """Optimise until `n_trials` finished (completed + pruned) trials exist, or the timeout.
+
+    With `study.trials_per_process` > 0 (the default) trials run in child processes, one batch
+    after another (see harness/worker.py for why). Raises SweepRefused when trials keep failing:
+    an error that fails every trial must stop the sweep instead of being retried all night.
+    """
+    from harness import study as st
+
+    n_done = st.finished_count(study)
+    if n_done >= cfg.study.n_trials:
+        log(f"study {cfg.study.name!r} already has {n_done} finished trial(s) (n_trials={cfg.study.n_trials}): nothing to run")
+        return
+    log(f"study {cfg.study.name!r}: {n_done} finished, running up to {cfg.study.n_trials}")
+    if cfg.study.trials_per_process == 0:
+        outcome = run_trial_batch(dataclasses.replace(batch, timeout=cfg.study.timeout))
+    else:
+        outcome = _run_trial_processes(cfg, study, batch, exclusive, log)
+    if outcome["tripped"]:
+        raise SweepRefused(f"{cfg.study.max_consecutive_failures} trials failed in a row; see the fail_reason of the last "
+                           f"trials (optuna user attrs / MLflow tag harness.fail_reason)")
+
+
+def _run_trial_processes(cfg, study, batch: TrialBatch, exclusive: bool, log) -> dict:
+    from harness import study as st
+    from harness.worker import ProcessDied, run_isolated
+
+    deadline = None if cfg.study.timeout is None else time.monotonic() + cfg.study.timeout
+    streak = 0
+    while st.finished_count(study) < cfg.study.n_trials:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            log(f"timeout of {cfg.study.timeout:g} s reached: no new trial starts")
+            break
+        try:
+            outcome = run_isolated(run_trial_batch, dataclasses.replace(
+                batch, n_trials=cfg.study.trials_per_process, streak=streak, timeout=remaining))
+        except ProcessDied as died:
+            failed = record_dead_process(study, batch.tracker, died, exclusive, parent_id=batch.parent_run_id)
+            log(f"{batch.progress_prefix + ' ' if batch.progress_prefix else ''}trial {', '.join(map(str, failed)) or '?'} "
+                f"FAIL ({died})")
+            streak += max(1, len(failed))
+            outcome = {"streak": streak, "tripped": streak >= cfg.study.max_consecutive_failures}
+        streak = outcome["streak"]
+        if outcome["tripped"]:
+            return outcome
+    return {"streak": streak, "tripped": False}
+
+
+def record_dead_process(study, tracker, died, exclusive: bool, parent_id: str | None = None) -> list[int]:
+    """A trial process vanished: its trials FAIL with the reason (not retried), their runs FAILED."""
+    import socket
+
+    from harness import study as st
+
+    reason = str(died)
+    failed = st.fail_trials_of_dead_worker(study, f"{socket.gethostname()}:{died.pid}", reason, exclusive)
+    for number in failed:
+        run_id = study.trials[number].user_attrs.get("mlflow_run_id")
+        if run_id:
+            tracker.set_tags(run_id, {"harness.fail_reason": reason})
+            tracker.log_text(run_id, f"No Python traceback: {reason} (exit code {died.exitcode}).\n", "traceback.txt")
+            tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
+    tracker.reconcile(st.trial_states(study), parent_id=parent_id)  # a run created but not yet linked
+    return failed
 
 
 def recover(study, tracker, exclusive: bool, log, parent_id: str | None = None) -> None:
@@ -283,17 +371,13 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, exclusive, log)
     """One study: the core two-phase sweep, then the from-scratch baseline and the summary."""
     from harness import study as st
     from harness.baseline import run_scratch_baseline
-    from harness.objective import Objective
-    from harness.progress import Progress
     from harness.summary import summarize
 
     study = st.open_study(cfg, storage)
     study.set_user_attr("mlflow_parent_run_id", tracker.parent_run_id)
     study.set_user_attr("mlflow_tracking_uri", tracker.uri)
     recover(study, tracker, exclusive, log)
-    progress = Progress(cfg.study.n_trials, st.finished_count(study), cfg.study.direction, cfg.study.metric, sys.stderr)
-    objective = Objective(cfg, dataset, splits, tracker, weights.get, progress)
-    run_trials(cfg, study, objective, progress, log)
+    run_trials(cfg, study, TrialBatch(cfg, dataset, splits, tracker, weights), exclusive, log)
     baseline = None
     if cfg.baseline.scratch and st.best_trial(study) is not None:
         baseline = run_scratch_baseline(cfg, study, dataset, splits, tracker, log)

@@ -76,6 +76,16 @@ class Tracker:
             self.experiment_id = exp.experiment_id
         self.parent_run_id: str | None = None
 
+    # A trial process receives the tracker pickled and opens its own client to the same store.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "client"}
+
+    def __setstate__(self, state: dict) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.__dict__.update(state)
+        self.client = MlflowClient(tracking_uri=self.uri)
+
     # --- parent run ------------------------------------------------------------------------
 
     def existing_fingerprint(self, study_name: str) -> str | None:
@@ -183,6 +193,18 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], filter_string=" and ".join(conditions),
                                        order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0] if runs else None
+
+    def fail_running_children(self, parent_id: str, role: str, reason: str) -> list[str]:
+        """End `role` runs under `parent_id` still RUNNING because their process died: FAILED."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{ROLE}` = '{role}' and attributes.status = 'RUNNING'",
+            max_results=50_000,
+        )
+        for run in runs:
+            self.set_tags(run.info.run_id, {"harness.fail_reason": reason})
+            self.end_run(run.info.run_id, "FAILED")
+        return [r.info.run_id for r in runs]
 
     def reconcile(self, trial_states: dict[int, str], parent_id: str | None = None) -> list[str]:
         """Make trial runs agree with their Optuna trials after a crash; returns the run ids fixed.
