@@ -259,3 +259,34 @@ def inject_fault(trial_number: int, epoch: int) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def resident_mib() -> float:
+    """Resident memory of this process now (after the trial's clean-up): the figure that must stay flat."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def release_memory() -> None:
+    """Drop Keras' graph state after a trial or a confirmation run.
+
+    Clearing the session frees what TensorFlow lets go of, and glibc keeps freed heap pages
+    mapped unless malloc_trim hands them back. It does not stop `model.fit`'s own leak (see
+    harness/worker.py): that is why trials run in child processes by default.
+    """
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass

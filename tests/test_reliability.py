@@ -103,6 +103,10 @@ def test_killed_sweep_loses_nothing_and_resumes(tmp_path, sig, kill_at):
     study, client, runs = load(tmp_path)
     first_run_id = study.trials[0].user_attrs["mlflow_run_id"]
     assert study.trials[0].state.name == "COMPLETE"
+    # the trial ran in a child process, which did not outlive the sweep (even one killed with -9)
+    trial_pid = int(study.trials[1].user_attrs["worker"].rsplit(":", 1)[1])
+    assert trial_pid != sweep.proc.pid
+    assert process_gone(trial_pid), f"trial process {trial_pid} outlived the sweep"
     if sig != signal.SIGKILL:
         # a clean stop leaves nothing RUNNING even before the resume
         assert study.trials[1].state.name == "FAIL"
@@ -124,6 +128,40 @@ def test_killed_sweep_loses_nothing_and_resumes(tmp_path, sig, kill_at):
     assert not [r for r in runs if r.info.status == "RUNNING"]
     run = client.get_run(interrupted.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
+
+
+def process_gone(pid: int, timeout: float = 15) -> bool:
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_trial_process_killed_by_the_os_fails_alone_and_the_study_goes_on(tmp_path):
+    """The kernel's out-of-memory killer ends a process with SIGKILL, which no Python code can
+    catch: the trial's own process is killed that way, the trial fails alone, the sweep goes on."""
+    config = write_config(tmp_path, KILLABLE)
+    proc = run_cli(str(config), "--n-trials", "2", cwd=tmp_path, env={"HARNESS_INJECT_FAULT": "kill:0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trial 0 FAIL (trial process killed by SIGKILL" in proc.stderr
+    study, client, runs = load(tmp_path)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    failed = study.trials[0]
+    assert failed.user_attrs["fail_reason"].startswith("trial process killed by SIGKILL")
+    run = client.get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
+    assert "killed by SIGKILL" in run.data.tags["harness.fail_reason"]
+    assert "traceback.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    # every trial ran in a process of its own
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 3
 
 
 def test_out_of_memory_trial_fails_alone_and_the_study_goes_on(tmp_path):
