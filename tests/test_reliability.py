@@ -246,3 +246,13 @@ def test_imagenet_weights_offline_fail_up_front_with_the_reason(tmp_path):
     assert "model.weights: cannot build MobileNetV2 with weights 'imagenet'" in proc.stderr
     assert "ImageNet weights need internet the first time" in proc.stderr
     assert not (tmp_path / "results" / "mlflow.db").exists()
+
+
+def test_trials_per_process_zero_runs_every_trial_in_the_sweep_process(tmp_path):
+    text = KILLABLE.replace("n_trials: 3", "n_trials: 2\n  trials_per_process: 0")
+    proc = run_cli(str(write_config(tmp_path, text)), cwd=tmp_path, env={"HARNESS_INJECT_FAULT": "oom:0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study, client, runs = load(tmp_path)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 1  # one process ran them all
+    assert all(client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics["system/rss_mib"] > 0 for t in study.trials[1:])
