@@ -85,10 +85,13 @@ class Objective:
         progress=None,
         parent_run_id: str | None = None,
         extra_tags: dict | None = None,
+        sweep_process: str | None = None,
     ):
         self.cfg, self.dataset, self.splits, self.tracker = cfg, dataset, splits, tracker
         self.parent_run_id = parent_run_id  # None: the study's parent run
         self.extra_tags = extra_tags or {}
+        # host:pid of the sweep process; trials may run in child processes of it ("worker")
+        self.sweep_process = sweep_process or f"{socket.gethostname()}:{os.getpid()}"
         self.weights_for = weights_for
         self.progress = progress
         self._pipelines: dict[tuple, tuple] = {}
@@ -117,7 +120,8 @@ class Objective:
             config=cfg.to_dict(), parent_id=self.parent_run_id,
         )
         trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # the process running it
+        trial.set_user_attr("sweep_process", self.sweep_process)
         self.tracker.log_params(run_id, params)
         if self.progress:
             self.progress.trial_started(trial.number, params)

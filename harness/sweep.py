@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -198,6 +199,7 @@ class TrialBatch:
     n_trials: int | None = None  # trials to run; None: until the study has its n_trials finished
     streak: int = 0  # failed trials in a row so far
     timeout: float | None = None
+    sweep_process: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # who started it
 
 
 def run_trial_batch(batch: TrialBatch) -> dict:
@@ -217,7 +219,7 @@ def run_trial_batch(batch: TrialBatch) -> dict:
     progress = Progress(cfg.study.n_trials, st.finished_count(study), cfg.study.direction, cfg.study.metric, sys.stderr,
                         batch.progress_prefix, best=best.value if best else None, started=batch.started)
     objective = Objective(cfg, batch.dataset, batch.splits, batch.tracker, batch.weights.get, progress,
-                          parent_run_id=batch.parent_run_id, extra_tags=batch.extra_tags)
+                          parent_run_id=batch.parent_run_id, extra_tags=batch.extra_tags, sweep_process=batch.sweep_process)
 
     def on_trial_end(s, t):
         best = st.best_trial(s)
@@ -286,8 +288,6 @@ def _run_trial_processes(cfg, study, batch: TrialBatch, exclusive: bool, log) ->
 
 def record_dead_process(study, tracker, died, exclusive: bool, parent_id: str | None = None) -> list[int]:
     """A trial process vanished: its trials FAIL with the reason (not retried), their runs FAILED."""
-    import socket
-
     from harness import study as st
 
     reason = str(died)

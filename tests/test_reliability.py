@@ -162,6 +162,7 @@ def test_trial_process_killed_by_the_os_fails_alone_and_the_study_goes_on(tmp_pa
     assert not [r for r in runs if r.info.status == "RUNNING"]
     # every trial ran in a process of its own
     assert len({t.user_attrs["worker"] for t in study.trials}) == 3
+    assert len({t.user_attrs["sweep_process"] for t in study.trials}) == 1  # all children of one sweep
 
 
 def test_out_of_memory_trial_fails_alone_and_the_study_goes_on(tmp_path):

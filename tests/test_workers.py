@@ -95,7 +95,7 @@ def test_two_workers_share_one_study_and_one_tracking_server(tmp_path, postgres_
     # MaxTrialsCallback is checked after each trial: each worker may start one more before it sees the count.
     assert 4 <= len(finished) <= 5
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
-    assert len({t.user_attrs["worker"] for t in finished}) == 2, "both workers must have run trials"
+    assert len({t.user_attrs["sweep_process"] for t in finished}) == 2, "both workers must have run trials"
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name(study_name)
