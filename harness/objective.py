@@ -129,6 +129,8 @@ class Objective:
         history: History | None = None
         try:
             history = self._train(trial, params, run_id)
+            if stop_requested.is_set():  # asked to stop while the trial was finishing: it runs again on resume
+                raise KeyboardInterrupt("stop requested")
         except optuna.TrialPruned:
             self.tracker.end_run(run_id, "KILLED", optuna_state="PRUNED")
             raise

@@ -24,9 +24,10 @@ import keras
 from harness.model import TransferModel, count_params, set_all_trainable, set_backbone_trainable
 
 
-# Set by the sweep's SIGTERM/SIGINT handler. The handler also raises KeyboardInterrupt at once, but
-# Python drops an exception raised while a finalizer runs ("Exception ignored in ..."), so every
-# batch re-checks the flag: a stop request can never be lost inside TensorFlow.
+# Set by the SIGTERM/SIGINT handler. In a trial process (harness/worker.py) the handler only sets it
+# and training raises KeyboardInterrupt at the next batch, a point where the trial's clean-up can
+# run. In the sweep process the handler also raises at once, but Python drops an exception raised
+# while a finalizer runs ("Exception ignored in ..."), so every batch re-checks the flag.
 stop_requested = threading.Event()
 
 
@@ -101,6 +102,10 @@ class _NonFiniteBatch(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise NonFiniteLoss(f"batch {batch}: loss is {float(loss)}")
+
+    def on_test_batch_end(self, batch, logs=None):
+        if stop_requested.is_set():
+            raise KeyboardInterrupt("stop requested")
 
 
 class BatchNormReestimator:

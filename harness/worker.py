@@ -146,15 +146,14 @@ def _sendable(exc: BaseException) -> BaseException:
 
 
 def _install_stop_handlers() -> None:
-    """First SIGTERM/SIGINT: end the running trial cleanly (KeyboardInterrupt). Later ones only
-    keep the stop flag set, so a Ctrl-C that reaches both processes cannot break the clean-up."""
+    """SIGTERM/SIGINT only set the stop flag: training raises KeyboardInterrupt at its next batch
+    (harness/phases.py) and a new trial does not start (harness/objective.py). Raising from the
+    handler itself could land inside a database transaction of Optuna or MLflow, and the clean-up
+    that marks the trial FAIL and its run KILLED would then fail with it."""
     from harness.phases import stop_requested
 
     def handler(signum, frame):
-        if stop_requested.is_set():
-            return
         stop_requested.set()
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -42,9 +43,21 @@ def test_a_child_killed_by_the_os_is_reported_with_the_likely_cause():
     assert "killed by SIGKILL" in str(info.value) and "out-of-memory killer" in str(info.value)
 
 
-def test_a_child_asked_to_stop_reports_an_interruption():
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        run_isolated(die_by, signal.SIGTERM)  # handled in the child: ends its work cleanly
+def work_until_stopped():
+    """Like training: the signal only sets the stop flag, the work checks it at its next step."""
+    from harness.phases import stop_requested
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(200):
+        if stop_requested.is_set():
+            raise KeyboardInterrupt("stop requested")
+        time.sleep(0.05)
+    return "never stopped"
+
+
+def test_a_child_asked_to_stop_ends_its_work_and_reports_an_interruption():
+    with pytest.raises(KeyboardInterrupt, match="stop requested"):
+        run_isolated(work_until_stopped)
 
 
 def test_exit_descriptions():
