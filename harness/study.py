@@ -92,20 +92,16 @@ def open_study(cfg: SweepConfig, storage=None, reseed: bool = False) -> optuna.S
     """Create the study, or load it when it exists (resume). `reseed`: offset the sampler's seed
     by the number of trials already in the study (see make_sampler)."""
     storage = storage or make_storage(storage_url(cfg))
-    offset = 0
-    if reseed:
-        try:
-            offset = len(optuna.load_study(study_name=cfg.study.name, storage=storage).trials)
-        except KeyError:  # the study does not exist yet
-            offset = 0
     study = optuna.create_study(
         study_name=cfg.study.name,
         storage=storage,
-        sampler=make_sampler(cfg, offset),
+        sampler=make_sampler(cfg),
         pruner=make_pruner(cfg),
         direction=cfg.study.direction,
         load_if_exists=True,
     )
+    if reseed:
+        study.sampler = make_sampler(cfg, seed_offset=len(study.trials))
     if study.direction.name.lower() != cfg.study.direction:
         raise ValueError(f"study {cfg.study.name!r} exists with direction {study.direction.name.lower()}; the config says {cfg.study.direction}")
     return study
