@@ -12,6 +12,7 @@ Run tree:  experiment <study name>
 from __future__ import annotations
 
 import os
+import time
 import traceback as tb
 from pathlib import Path
 from typing import Any
@@ -64,17 +65,34 @@ class Tracker:
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
+        self.experiment_id = self._get_or_create_experiment(experiment, artifact_root)
+        self.parent_run_id: str | None = None
+
+    def _get_or_create_experiment(self, name: str, artifact_root: str | None) -> str:
+        """The experiment's id, creating it when it does not exist yet.
+
+        Workers started together all see no experiment and all try to create it; the store
+        accepts one and answers the others RESOURCE_ALREADY_EXISTS (or a unique-constraint error
+        from a SQL store). A loser reads back what the winner created instead of dying.
+        """
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(10):
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
             location = None
-            if artifact_root and not uri.startswith(("http://", "https://")):
+            if artifact_root and not self.uri.startswith(("http://", "https://")):
                 # A local store keeps artifacts beside it, not in the working directory.
                 location = Path(artifact_root).resolve().as_uri()
                 Path(artifact_root).mkdir(parents=True, exist_ok=True)
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = exp.experiment_id
-        self.parent_run_id: str | None = None
+            try:
+                return self.client.create_experiment(name, artifact_location=location)
+            except MlflowException as exc:
+                if not _lost_creation_race(exc):
+                    raise
+            time.sleep(0.2 * (attempt + 1))  # the winner's row may not be visible yet
+        raise RuntimeError(f"MLflow experiment {name!r} was reported as existing but cannot be read back from {self.uri}")
 
     # A trial process receives the tracker pickled and opens its own client to the same store.
     def __getstate__(self) -> dict:
@@ -232,6 +250,13 @@ class Tracker:
             self.set_tags(run.info.run_id, {"harness.fail_reason": run.data.tags.get("harness.fail_reason") or "process died before the trial ended"})
             fixed.append(run.info.run_id)
         return fixed
+
+
+def _lost_creation_race(exc: Exception) -> bool:
+    """True for the error a store gives the loser of a race to create the same entity."""
+    code = getattr(exc, "error_code", "")
+    text = str(exc)
+    return code == "RESOURCE_ALREADY_EXISTS" or "already exists" in text or "UNIQUE constraint" in text or "IntegrityError" in text
 
 
 def _redact(url: str) -> str:
