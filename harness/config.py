@@ -29,6 +29,10 @@ class ConfigError(Exception):
     """The sweep cannot run as configured. Message names the key path (and file:line:col)."""
 
 
+class SweepRefused(Exception):
+    """The sweep cannot start or go on (lock held, weights unusable, every trial failing): exit 2."""
+
+
 # --- the schema ------------------------------------------------------------------------------
 # Field metadata: "min"/"max" bound numbers (inclusive), "doc" is the comment users see in --help
 # of the YAML reference in the README.
@@ -55,8 +59,12 @@ class StudyConfig:
     storage: str | None = _f(None, "Optuna storage URL; null = sqlite:///results/<name>/optuna.db")
     max_consecutive_failures: int = _f(5, "failed trials in a row that stop the sweep (something fails every trial)", min=1)
     trials_per_process: int = _f(
-        1, "trials each fresh child process runs before it exits (memory stays flat; a trial the OS kills fails alone); "
-        "0 = every trial in the sweep process", min=0)
+        20, "trials a warm trial process runs before a fresh one replaces it (Keras leaks a little per fit)", min=1)
+    recycle_memory_mib: float = _f(
+        2048, "MiB a trial process's resident memory may grow past its size after its first trial before it is "
+        "replaced", min=64)
+    workers: Any = _f(1, "trial processes this sweep process runs at once: a count, or 'auto' = one per visible GPU "
+                      "(1 on CPU)")
 
 
 @dataclass(frozen=True)
@@ -215,7 +223,8 @@ class SweepConfig:
         """Hash of everything that decides what a trial computes (not budgets or where things go),
         so resuming with a changed config is caught instead of mixing results."""
         d = self.to_dict()
-        for key in ("n_trials", "timeout", "storage", "max_consecutive_failures", "trials_per_process"):
+        for key in ("n_trials", "timeout", "storage", "max_consecutive_failures", "trials_per_process",
+                    "recycle_memory_mib", "workers"):
             d["study"].pop(key, None)
         d.pop("tracking", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -405,6 +414,9 @@ def _param_values(p: ParamSpec) -> list:
 
 def _check_cross(cfg: SweepConfig, loc: _Locator) -> None:
     """Checks that span several keys: impossible combinations are refused before anything runs."""
+    workers = cfg.study.workers
+    if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+        raise loc.error("study.workers", f"must be a count >= 1 or 'auto'; got {workers!r}")
     search = cfg.search
     if "unfreeze_fraction" in search and "unfreeze_blocks" in search:
         raise loc.error("search.unfreeze_blocks", "set either unfreeze_fraction or unfreeze_blocks, not both")

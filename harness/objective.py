@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import optuna
 
-from harness import space
 from harness.config import ConfigError, SweepConfig
 from harness.data import Dataset, Splits, tf_dataset
 from harness.phases import EpochRecord, History, NonFiniteLoss, Phase, run_phases, scratch_plan, two_phase_plan  # noqa: F401
-from harness.tracking import STATE_TAG, TRIAL_TAG, Tracker
+from harness.tracking import Tracker
 
 
 class TrialFailed(Exception):
@@ -72,28 +70,19 @@ def plan_for(cfg: SweepConfig, params: dict, n_blocks: int) -> list[Phase]:
     return two_phase_plan(head.epochs, params["head_lr"], head.patience, ft.epochs, params["finetune_lr"], ft.patience, n_unfreeze)
 
 
-class Objective:
-    """Callable for `study.optimize`: runs one two-phase trial and logs it as a child run."""
+class TrialRunner:
+    """Runs trials of one study inside a trial process; the sweep process asked Optuna for them.
 
-    def __init__(
-        self,
-        cfg: SweepConfig,
-        dataset: Dataset,
-        splits: Splits,
-        tracker: Tracker,
-        weights_for: Callable[[str], str | None],
-        progress=None,
-        parent_run_id: str | None = None,
-        extra_tags: dict | None = None,
-        sweep_process: str | None = None,
-    ):
+    It is built once per process and study (harness/trials.py), so the data are loaded and the
+    tf.data pipelines traced once, not once per trial. The sweep process keeps the Optuna study:
+    it sampled `params`, created the MLflow run `run_id`, and takes every pruning decision, which
+    `report(epoch_summary)` asks for after each epoch (True: prune now).
+    """
+
+    def __init__(self, cfg: SweepConfig, dataset: Dataset, splits: Splits, tracker: Tracker,
+                 weights: dict[str, str | None]):
         self.cfg, self.dataset, self.splits, self.tracker = cfg, dataset, splits, tracker
-        self.parent_run_id = parent_run_id  # None: the study's parent run
-        self.extra_tags = extra_tags or {}
-        # host:pid of the sweep process; trials may run in child processes of it ("worker")
-        self.sweep_process = sweep_process or f"{socket.gethostname()}:{os.getpid()}"
-        self.weights_for = weights_for
-        self.progress = progress
+        self.weights = weights
         self._pipelines: dict[tuple, tuple] = {}
 
     def pipelines(self, batch_size: int):
@@ -106,29 +95,19 @@ class Objective:
             )
         return self._pipelines[batch_size]
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def run_trial(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool]) -> float:
+        """Train one trial; returns its objective value. Raises optuna.TrialPruned, TrialFailed,
+        ConfigError (stop the sweep) or KeyboardInterrupt (stop asked for), with the MLflow run
+        already ended to match."""
         from harness.phases import stop_requested
 
         if stop_requested.is_set():
+            self.tracker.end_run(run_id, "KILLED", optuna_state="FAIL")
             raise KeyboardInterrupt("stop requested")
-        params = space.suggest(trial, self.cfg.search)
         cfg = self.cfg
-        run_id = self.tracker.start_child(
-            f"trial {trial.number}", "trial",
-            {TRIAL_TAG: trial.number, "backbone": params["backbone"], "dataset": self.dataset.name,
-             STATE_TAG: "RUNNING", "optuna.study": cfg.study.name, **self.extra_tags},
-            config=cfg.to_dict(), parent_id=self.parent_run_id,
-        )
-        trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # the process running it
-        trial.set_user_attr("sweep_process", self.sweep_process)
-        self.tracker.log_params(run_id, params)
-        if self.progress:
-            self.progress.trial_started(trial.number, params)
         started = time.perf_counter()
-        history: History | None = None
         try:
-            history = self._train(trial, params, run_id)
+            history = self._train(number, params, run_id, report)
             if stop_requested.is_set():  # asked to stop while the trial was finishing: it runs again on resume
                 raise KeyboardInterrupt("stop requested")
         except optuna.TrialPruned:
@@ -139,17 +118,13 @@ class Objective:
             raise
         except _trial_level_errors() as exc:
             reason = f"{type(exc).__name__}: {str(exc)[:500]}"
-            trial.set_user_attr("fail_reason", reason)
             self.tracker.log_failure(run_id, exc)
             self.tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
             raise TrialFailed(reason) from exc
         except BaseException as exc:
             # Ctrl-C/SIGTERM or a harness bug: record it, then stop the sweep. An interrupted
-            # trial did nothing wrong, so its configuration is queued to run again on resume.
+            # trial did nothing wrong: the sweep process queues its configuration again.
             interrupted = isinstance(exc, KeyboardInterrupt)
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
-            if interrupted:
-                trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             self.tracker.log_failure(run_id, exc)
             self.tracker.end_run(run_id, "KILLED" if interrupted else "FAILED", optuna_state="FAIL")
             raise
@@ -161,15 +136,15 @@ class Objective:
         self.tracker.end_run(run_id, "FINISHED", optuna_state="COMPLETE")
         return value
 
-    def _train(self, trial: optuna.Trial, params: dict, run_id: str) -> History:
+    def _train(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool]) -> History:
         from harness.model import build_model
 
         import keras
 
         cfg = self.cfg
-        keras.utils.set_random_seed(cfg.study.seed + trial.number)  # a trial's init is reproducible
-        weights = self.weights_for(params["backbone"])
-        tm = build_model(model_spec(cfg, params, self.dataset.num_classes, weights), seed=cfg.study.seed + trial.number)
+        keras.utils.set_random_seed(cfg.study.seed + number)  # a trial's init is reproducible
+        weights = self.weights.get(params["backbone"])
+        tm = build_model(model_spec(cfg, params, self.dataset.num_classes, weights), seed=cfg.study.seed + number)
         plan = plan_for(cfg, params, len(tm.blocks))
         n_unfrozen = max(p.unfreeze_blocks if p.unfreeze_blocks >= 0 else len(tm.blocks) for p in plan)
         self.tracker.log_params(run_id, {"backbone_blocks": len(tm.blocks), "unfrozen_blocks": n_unfrozen})
@@ -177,19 +152,15 @@ class Objective:
 
         def on_phase_start(phase: Phase, trainable: int, total: int):
             self.tracker.log_metrics(run_id, {f"{phase.name}/trainable_params": trainable, f"{phase.name}/total_params": total})
-            if self.progress:
-                self.progress.phase_started(phase.name)
 
         def on_epoch(record: EpochRecord):
-            inject_fault(trial.number, record.epoch)
+            inject_fault(number, record.epoch)
             self.tracker.log_metrics(run_id, record.metrics, step=record.epoch)
             value = record.metrics.get(cfg.study.metric)
-            if self.progress:
-                self.progress.epoch_done(record, total_epochs)
-            if value is not None:
-                trial.report(value, step=record.epoch)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at epoch {record.epoch} ({cfg.study.metric}={value:.4f})")
+            prune = report({"number": number, "epoch": record.epoch, "phase": record.phase, "metrics": dict(record.metrics),
+                            "total_epochs": total_epochs, "value": value})
+            if prune:
+                raise optuna.TrialPruned(f"pruned at epoch {record.epoch} ({cfg.study.metric}={value:.4f})")
 
         history = run_plan(cfg, tm, plan, self.pipelines, on_epoch, on_phase_start)
         log_history(self.tracker, run_id, history)
@@ -279,7 +250,7 @@ def release_memory() -> None:
 
     Clearing the session frees what TensorFlow lets go of, and glibc keeps freed heap pages
     mapped unless malloc_trim hands them back. It does not stop `model.fit`'s own leak (see
-    harness/worker.py): that is why trials run in child processes by default.
+    harness/worker.py): that is why trials run in warm child processes that are recycled.
     """
     import keras
 

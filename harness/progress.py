@@ -44,10 +44,11 @@ class Progress:
     def phase_started(self, phase: str) -> None:
         self.phase = phase
 
-    def epoch_done(self, record, total_epochs: int) -> None:
-        m = record.metrics
+    def epoch_done(self, epoch: dict) -> None:
+        """`epoch`: number, epoch, phase, metrics, total_epochs (as a trial process reports it)."""
+        m = epoch["metrics"]
         self._emit(
-            f"{self._head()} trial {self.trial} {record.phase} epoch {record.epoch + 1}/{total_epochs}"
+            f"{self._head()} trial {epoch['number']} {epoch['phase']} epoch {epoch['epoch'] + 1}/{epoch['total_epochs']}"
             f" loss {m.get('loss', float('nan')):.3f} val_acc {m.get('val_accuracy', float('nan')):.3f}"
         )
 

@@ -11,6 +11,10 @@ MLflow run tree:  sweep parent run
                     └─ cell run per (target, strategy)
                          ├─ trial runs
                          └─ confirm run per seed (test_accuracy)
+
+Cells run in parallel: each cell's search study and its confirmation study are jobs of the trial
+engine (harness/trials.py), so `--workers N` and every sweep process on a server storage share
+them, and each cell's trials and seeds run exactly once.
 """
 
 from __future__ import annotations
@@ -18,13 +22,18 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
+import optuna
+from optuna.trial import TrialState
 
 from harness import study as st
 from harness.config import SweepConfig, TargetConfig
 from harness.data import Dataset, Splits, load_dataset, make_splits, tf_dataset
+from harness.progress import Progress
 from harness.strategies import strategy_search
+from harness.trials import Context, Job, recover, trial_job
 
 CELL_TAG = "harness.cell"
 
@@ -56,37 +65,25 @@ def cell_config(cfg: SweepConfig, target: TargetConfig, strategy: str) -> SweepC
     return dataclasses.replace(cfg, study=study, data=target.data, search=strategy_search(strategy, cfg.search, cfg.quadrants))
 
 
-def run_quadrants(cfg: SweepConfig, targets, storage, tracker, weights: dict, exclusive: bool, log) -> dict:
-    from harness.sweep import TrialBatch, recover
-
+def run_quadrants(cfg: SweepConfig, targets, storage, tracker, weights: dict, engine, exclusive: bool, log) -> dict:
+    """Every cell's search, then its confirmation seeds, spread over the engine's trial processes
+    (and over every sweep process sharing a server storage); then the report."""
     q = cfg.quadrants
     n_cells = len(targets) * len(q.strategies)
     log(f"quadrant sweep {cfg.study.name}: {len(targets)} target(s) x {len(q.strategies)} strategies = {n_cells} cells, "
         f"{q.trials_per_cell} trial(s) each, then {q.confirm_seeds} confirmation seed(s)")
     started = time.monotonic()
-    scores = {}
+    scores: dict[str, tuple[float, float]] = {}
+    jobs = []
     for i, (target, dataset, splits) in enumerate(targets):
         if q.logme:
-            log_logme_scores(cfg, target, dataset, splits, tracker, weights, log)
+            with st.claim_lock(storage, f"{cfg.study.name}:logme:{target.name}"):
+                log_logme_scores(cfg, target, dataset, splits, tracker, weights, log)
         for j, strategy in enumerate(q.strategies):
-            ccfg = cell_config(cfg, target, strategy)
-            name = cell_name(target, strategy)
-            cell_run = _open_cell_run(tracker, cfg, target, strategy, ccfg)
-            study = st.open_study(ccfg, storage)
-            study.set_user_attr("mlflow_cell_run_id", cell_run)
-            recover(study, tracker, exclusive, log, parent_id=cell_run)
-            batch = TrialBatch(ccfg, dataset, splits, tracker, weights, parent_run_id=cell_run,
-                               extra_tags=_cell_tags(target, strategy), started=started,
-                               progress_prefix=f"cell {i * len(q.strategies) + j + 1}/{n_cells} {name}")
-            outcome = _run_cell_isolated(cfg, study, batch, exclusive, log) if cfg.study.trials_per_process else run_cell(batch, exclusive)
-            if outcome is None:
-                log(f"{name}: no completed trial; nothing to confirm")
-                tracker.end_run(cell_run, "FAILED")
-                continue
-            best_value, tests = outcome
-            tracker.end_run(cell_run, "FINISHED")
-            scores[name] = (best_value, float(np.mean(tests)))
-            log(f"{name}: best val {best_value:.4f}; test {np.mean(tests):.4f} over {len(tests)} seed(s)")
+            prefix = f"cell {i * len(q.strategies) + j + 1}/{n_cells} {cell_name(target, strategy)}"
+            jobs.append(cell_job(cfg, target, strategy, dataset, splits, storage, tracker, weights, exclusive, log,
+                                 started, prefix, scores))
+    engine.run(jobs)
     from harness.report import build_report
 
     log("writing the comparison report")
@@ -94,46 +91,93 @@ def run_quadrants(cfg: SweepConfig, targets, storage, tracker, weights: dict, ex
     return {"cells": scores, "report": paths}
 
 
-def run_cell(batch, exclusive: bool) -> tuple[float, list[float]] | None:
-    """One cell: its study's trials, then the best configuration retrained with every seed.
-
-    Returns (best validation value, test accuracy per seed), or None when no trial completed.
-    """
-    from harness.sweep import run_trials
-
-    ccfg, tracker, cell_run = batch.cfg, batch.tracker, batch.parent_run_id
-    cfg_here = dataclasses.replace(ccfg, study=dataclasses.replace(ccfg.study, trials_per_process=0))
-    study = st.open_study(ccfg, st.make_storage(st.storage_url(ccfg)))
-    log = _stderr_log
-    run_trials(cfg_here, study, dataclasses.replace(batch, cfg=cfg_here), exclusive, log)
+def cell_job(cfg, target, strategy, dataset, splits, storage, tracker, weights, exclusive, log, started, prefix, scores) -> Job:
+    """The search job of one cell; once its study is full, the cell's confirmation job follows."""
+    ccfg = cell_config(cfg, target, strategy)
+    name = cell_name(target, strategy)
+    with st.claim_lock(storage, ccfg.study.name):  # sweep processes started together: one cell run
+        study = st.open_study(ccfg, storage, reseed=not exclusive)
+        cell_run = study.user_attrs.get("mlflow_cell_run_id") or _open_cell_run(tracker, cfg, target, strategy, ccfg)
+        study.set_user_attr("mlflow_cell_run_id", cell_run)
+    recover(study, tracker, exclusive, log, parent_id=cell_run)
+    context = Context(ccfg.study.name, ccfg, dataset, splits, tracker, weights)
     best = st.best_trial(study)
-    if best is None:
-        return None
-    tracker.log_metrics(cell_run, {"best_val": best.value, "best_trial": best.number})
-    tests = confirm_cell(ccfg, best.params, batch.dataset, batch.splits, tracker, cell_run, ccfg.quadrants.confirm_seeds,
-                         batch.weights, log, tags=batch.extra_tags)
-    tracker.log_metrics(cell_run, {"test_mean": float(np.mean(tests)), "test_std": float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0})
-    return best.value, tests
+    progress = Progress(ccfg.study.n_trials, st.finished_count(study), ccfg.study.direction, ccfg.study.metric, sys.stderr,
+                        prefix, best=best.value if best else None, started=started)
+
+    def searched() -> list[Job]:
+        best = st.best_trial(study)
+        if best is None:
+            log(f"{name}: no completed trial; nothing to confirm")
+            tracker.end_run(cell_run, "FAILED")
+            return []
+        tracker.log_metrics(cell_run, {"best_val": best.value, "best_trial": best.number})
+        params = {**{n: p.value for n, p in ccfg.search.items() if p.fixed}, **best.params}
+        return [confirm_job(ccfg, params, best.value, storage, tracker, context, cell_run, _cell_tags(target, strategy),
+                            log, name, scores)]
+
+    return trial_job(ccfg, study, context, tracker, parent_run_id=cell_run, extra_tags=_cell_tags(target, strategy),
+                     name=name, progress=progress, on_done=searched)
 
 
-def _run_cell_isolated(cfg: SweepConfig, study, batch, exclusive: bool, log):
-    """A cell's trials and confirmations in one child process (memory flat across cells). A child
-    the OS kills fails its running trial and the cell is tried again, up to the failure limit."""
-    from harness.sweep import SweepRefused, record_dead_process
-    from harness.worker import ProcessDied, run_isolated
+def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tracker, context: Context, cell_run: str,
+                tags: dict, log, name: str, scores: dict) -> Job:
+    """Retrain the cell's best configuration once per seed and test each model once.
 
-    for attempt in range(1, cfg.study.max_consecutive_failures + 1):
-        try:
-            return run_isolated(run_cell, batch, exclusive)
-        except ProcessDied as died:
-            failed = record_dead_process(study, batch.tracker, died, exclusive, parent_id=batch.parent_run_id)
-            batch.tracker.fail_running_children(batch.parent_run_id, "confirm", str(died))
-            log(f"{batch.progress_prefix}: trial {', '.join(map(str, failed)) or '?'} FAIL ({died}); attempt {attempt}")
-    raise SweepRefused(f"{batch.progress_prefix}: its process died {cfg.study.max_consecutive_failures} times in a row")
+    The seeds are the trials of a study of their own (`<cell study>.confirm`), so the engine's
+    exact budget makes each seed run exactly once, across processes and machines, and a seed
+    whose process died runs again."""
+    seeds = ccfg.quadrants.confirm_seeds
+    study = optuna.create_study(study_name=f"{ccfg.study.name}.confirm", storage=storage, direction="maximize",
+                                load_if_exists=True, sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def next_seed(study) -> None:
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return  # study.ask() takes the queued one
+        taken = {_seed_of(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
+        missing = [s for s in range(seeds) if s not in taken]
+        if missing:
+            study.enqueue_trial({"seed": missing[0]})
+
+    def prepare(trial: optuna.Trial, worker_id: str) -> ConfirmTask:
+        seed = trial.suggest_int("seed", 0, seeds - 1)
+        run_id = tracker.start_child(f"confirm seed {seed}", "confirm", {**tags, "harness.seed": seed},
+                                     config=ccfg.to_dict(), parent_id=cell_run)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("worker", worker_id)
+        tracker.log_params(run_id, {**params, "seed": seed})
+        return ConfirmTask(context.key, params, seed, run_id)
+
+    def confirmed() -> list[Job]:
+        tests = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        tracker.log_metrics(cell_run, {"test_mean": float(np.mean(tests)),
+                                       "test_std": float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0})
+        tracker.end_run(cell_run, "FINISHED")
+        scores[name] = (best_value, float(np.mean(tests)))
+        log(f"{name}: best val {best_value:.4f}; test {np.mean(tests):.4f} over {len(tests)} seed(s)")
+        return []
+
+    return Job(f"{name} confirm", study, seeds, context, prepare, before_ask=next_seed, on_done=confirmed)
 
 
-def _stderr_log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+def _seed_of(trial) -> int | None:
+    """A confirmation trial's seed: its parameter, or the one queued for it before it sampled."""
+    return trial.params.get("seed", trial.system_attrs.get("fixed_params", {}).get("seed"))
+
+
+@dataclass(frozen=True)
+class ConfirmTask:
+    """Retrain a cell's best configuration with one seed in a trial process; test it once."""
+
+    context_key: str
+    params: dict
+    seed: int
+    run_id: str
+    context: Context | None = None
+
+    def run(self, runner, channel) -> tuple[str, float]:
+        return "complete", confirm_seed(runner, self.params, self.seed, self.run_id)
 
 
 def _cell_tags(target: TargetConfig, strategy: str) -> dict:
@@ -163,51 +207,38 @@ def evaluate_on_test(tm, dataset: Dataset, splits: Splits, batch_size: int) -> d
     return evaluate(tm.model, tf_dataset(dataset, splits.test, batch_size, shuffle=False))
 
 
-def confirm_cell(ccfg: SweepConfig, params: dict, dataset: Dataset, splits: Splits, tracker, cell_run: str,
-                 seeds: int, weights: dict, log, tags: dict | None = None) -> list[float]:
-    """Retrain the cell's best configuration with each seed; test each model once. Resumable."""
+def confirm_seed(runner, params: dict, seed: int, run_id: str) -> float:
+    """Train the configuration with `seed` into the run `run_id`; returns its test accuracy."""
     import keras
 
     from harness.model import build_model
     from harness.objective import log_history, model_spec, plan_for, release_memory, run_plan
 
-    params = {**{n: p.value for n, p in ccfg.search.items() if p.fixed}, **params}
-    metric = ccfg.study.metric
-    results = []
-    for seed in range(seeds):
-        done = tracker.find_child("confirm", {"harness.seed": seed}, parent_id=cell_run)
-        if done is not None and done.info.status == "FINISHED" and "test_accuracy" in done.data.metrics:
-            results.append(done.data.metrics["test_accuracy"])
-            continue
-        run_id = tracker.start_child(f"confirm seed {seed}", "confirm", {**(tags or {}), "harness.seed": seed},
-                                     config=ccfg.to_dict(), parent_id=cell_run)
-        tracker.log_params(run_id, {**params, "seed": seed})
-        started = time.perf_counter()
-        try:
-            keras.utils.set_random_seed(seed)
-            tm = build_model(model_spec(ccfg, params, dataset.num_classes, weights.get(params["backbone"])), seed=seed)
-            plan = plan_for(ccfg, params, len(tm.blocks))
+    ccfg, dataset, splits, tracker = runner.cfg, runner.dataset, runner.splits, runner.tracker
+    started = time.perf_counter()
+    try:
+        keras.utils.set_random_seed(seed)
+        tm = build_model(model_spec(ccfg, params, dataset.num_classes, runner.weights.get(params["backbone"])), seed=seed)
+        plan = plan_for(ccfg, params, len(tm.blocks))
 
-            def pipelines(batch_size):
-                return (tf_dataset(dataset, splits.train, batch_size, shuffle=True, seed=seed),
-                        tf_dataset(dataset, splits.val, batch_size, shuffle=False))
+        def pipelines(batch_size):
+            return (tf_dataset(dataset, splits.train, batch_size, shuffle=True, seed=seed),
+                    tf_dataset(dataset, splits.val, batch_size, shuffle=False))
 
-            history = run_plan(ccfg, tm, plan, pipelines, on_epoch=lambda r: tracker.log_metrics(run_id, r.metrics, step=r.epoch))
-            test = evaluate_on_test(tm, dataset, splits, ccfg.train.head.batch_size)
-            log_history(tracker, run_id, history)
-        except BaseException as exc:
-            tracker.log_failure(run_id, exc)
-            tracker.end_run(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
-            raise
-        finally:
-            release_memory()
-        tracker.log_metrics(run_id, {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
-                                     "best_val": history.best(metric, ccfg.study.direction),
-                                     "wall_seconds": time.perf_counter() - started})
-        tracker.end_run(run_id, "FINISHED")
-        results.append(test["accuracy"])
-        log(f"  confirm {params.get('strategy', '')} seed {seed}: test accuracy {test['accuracy']:.4f}")
-    return results
+        history = run_plan(ccfg, tm, plan, pipelines, on_epoch=lambda r: tracker.log_metrics(run_id, r.metrics, step=r.epoch))
+        test = evaluate_on_test(tm, dataset, splits, ccfg.train.head.batch_size)
+        log_history(tracker, run_id, history)
+    except BaseException as exc:
+        tracker.log_failure(run_id, exc)
+        tracker.end_run(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+    finally:
+        release_memory()
+    tracker.log_metrics(run_id, {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
+                                 "best_val": history.best(ccfg.study.metric, ccfg.study.direction),
+                                 "wall_seconds": time.perf_counter() - started})
+    tracker.end_run(run_id, "FINISHED")
+    return test["accuracy"]
 
 
 # --- LogME -----------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ retried trials never eat into the budget.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from pathlib import Path
 
 import optuna
@@ -68,7 +70,10 @@ def make_sampler(cfg: SweepConfig, seed_offset: int = 0) -> optuna.samplers.Base
     seed = cfg.study.seed + seed_offset
     if cfg.study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, cfg.study.n_trials // 3)))
+    # constant_liar: trials still running elsewhere count as bad guesses, so parallel workers do not
+    # all sample the same promising region (Optuna's advice for distributed TPE).
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, cfg.study.n_trials // 3)),
+                                      constant_liar=True)
 
 
 def total_epochs(cfg: SweepConfig) -> int:
@@ -105,6 +110,39 @@ def open_study(cfg: SweepConfig, storage=None, reseed: bool = False) -> optuna.S
     if study.direction.name.lower() != cfg.study.direction:
         raise ValueError(f"study {cfg.study.name!r} exists with direction {study.direction.name.lower()}; the config says {cfg.study.direction}")
     return study
+
+
+@contextlib.contextmanager
+def claim_lock(storage, name: str):
+    """Serialise "count the budget, then ask for a trial" across every process on the storage.
+
+    Without it two sweep processes can both see one trial left and both start one, overshooting
+    n_trials. PostgreSQL gets a session advisory lock keyed by `name` (a study's name; the sweep's
+    set-up uses it too, so its MLflow experiment and parent run are created once). SQLite needs none:
+    the local storage has a single sweep process (harness/sweep.py holds its lock file), and only
+    the sweep process asks Optuna for trials.
+    """
+    engine = getattr(storage, "engine", None)
+    if engine is None or engine.dialect.name != "postgresql":
+        yield
+        return
+    import sqlalchemy as sa
+
+    key = int.from_bytes(hashlib.sha1(f"harness:{name}".encode()).digest()[:8], "big", signed=True)
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
+
+
+def budget_left(study: optuna.Study, n_trials: int) -> int:
+    """Trials that may still start: the budget less the finished and the running ones (anywhere)."""
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    taken = sum(s in FINISHED_STATES or s == TrialState.RUNNING for s in states)
+    return n_trials - taken
 
 
 def finished_count(study: optuna.Study) -> int:

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import fcntl
 import os
 import signal
-import socket
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from harness.config import SweepRefused
+from harness.worker import import_tensorflow_quietly
 
 DEFAULT_CONFIG = "sweeps/demo.yaml"
 EXIT_CONFIG = 2  # bad input: nothing was created
@@ -32,6 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
         value = int(text)
         if value < 1:
             raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        return value
+
+    def workers_arg(text):
+        if text == "auto":
+            return text
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive count or 'auto', got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1 or 'auto', got {value}")
         return value
 
     def positive_float(text):
@@ -51,11 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user:pw@127.0.0.1/db; overrides study.storage")
     p.add_argument("--tracking-uri", help="MLflow tracking URI; overrides tracking.uri and $MLFLOW_TRACKING_URI")
     p.add_argument("--seed", type=int, help="sampler seed; overrides study.seed")
+    p.add_argument("--workers", type=workers_arg, help="trial processes in this sweep process: N, or 'auto' (one per "
+                   "visible GPU, 1 on CPU); overrides study.workers")
     return p
-
-
-class SweepRefused(Exception):
-    """The sweep cannot start (lock held, weights unusable): message for the user, exit 2."""
 
 
 @contextlib.contextmanager
@@ -92,11 +99,41 @@ def local_study_lock(cfg):
         handle.close()
 
 
-def _raise_interrupt(signum, frame):
+def _request_stop(signum, frame):
+    """Only set the flag: the engine notices it within a second, asks the trial processes to end
+    their trials cleanly and then raises KeyboardInterrupt. Raising here could land inside a
+    database transaction of Optuna or MLflow and leave a half-written record behind."""
     from harness.phases import stop_requested
 
     stop_requested.set()
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _check_stop() -> None:
+    from harness.phases import stop_requested
+
+    if stop_requested.is_set():
+        raise KeyboardInterrupt("stop requested")
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them for a child process."""
+    import tensorflow as tf
+
+    found = _GPUS_BEFORE_HIDING if _GPUS_BEFORE_HIDING is not None else tf.config.list_physical_devices("GPU")
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if listed and len(listed) >= len(found):
+        return listed[: len(found)]
+    return [str(i) for i in range(len(found))]
+
+
+def plan_workers(requested, gpus: list[str]) -> int:
+    """`--workers`: a count, or 'auto' (one per visible GPU, else 1). Refuses more GPUs than exist."""
+    if requested == "auto":
+        return max(1, len(gpus))
+    if gpus and requested > len(gpus):
+        raise SweepRefused(f"study.workers: {requested} workers asked for, but only {len(gpus)} GPU(s) are visible "
+                           f"({', '.join(gpus)}); use --workers auto or at most {len(gpus)}")
+    return requested
 
 
 def resolve_weights(cfg, log) -> dict[str, str | None]:
@@ -146,183 +183,20 @@ def check_freeze_depth(cfg, name: str, n_blocks: int) -> None:
         )
 
 
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up banner (oneDNN, CPU features, absl) silenced.
-
-    Those lines are printed straight to file descriptor 2 before absl's logging is set up, so
-    TF_CPP_MIN_LOG_LEVEL cannot hide them; an overnight log should start with the sweep's own
-    lines. Python-level errors still surface: the descriptor is restored before they propagate.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def _quiet_libraries() -> None:
-    import logging
-    import warnings
-
-    import mlflow  # noqa: F401 - imported first: it configures its logger on import
-    import optuna
-
-    # Heartbeat and stale-trial retry are marked experimental by Optuna; they are used on purpose.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message=".*shuffle=True.*")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    # Optuna would print a traceback per failed trial; the progress line and MLflow carry the reason.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-
-
-@dataclass(frozen=True)
-class TrialBatch:
-    """Everything needed to run trials of one study, in this process or (pickled) in a child."""
-
-    cfg: Any
-    dataset: Any
-    splits: Any
-    tracker: Any
-    weights: dict
-    parent_run_id: str | None = None  # MLflow parent of the trial runs; None: the study's run
-    extra_tags: dict = field(default_factory=dict)
-    progress_prefix: str = ""
-    started: float = field(default_factory=time.monotonic)  # the sweep's start, for elapsed time
-    n_trials: int | None = None  # trials to run; None: until the study has its n_trials finished
-    streak: int = 0  # failed trials in a row so far
-    timeout: float | None = None
-    sweep_process: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # who started it
-
-
-def run_trial_batch(batch: TrialBatch) -> dict:
-    """Run a batch of trials with Optuna; returns the failure streak and whether it stopped the study."""
-    import optuna
-
-    from harness import study as st
-    from harness.objective import Objective, TrialFailed
-    from harness.progress import Progress
-
-    cfg = batch.cfg
-    study = st.open_study(cfg, st.make_storage(st.storage_url(cfg)), reseed=batch.n_trials is not None)
-    breaker = st.StopAfterFailures(cfg.study.max_consecutive_failures, batch.streak)
-    if st.finished_count(study) >= cfg.study.n_trials:  # other workers finished the study meanwhile
-        return {"streak": breaker.streak, "tripped": False}
-    best = st.best_trial(study)
-    progress = Progress(cfg.study.n_trials, st.finished_count(study), cfg.study.direction, cfg.study.metric, sys.stderr,
-                        batch.progress_prefix, best=best.value if best else None, started=batch.started)
-    objective = Objective(cfg, batch.dataset, batch.splits, batch.tracker, batch.weights.get, progress,
-                          parent_run_id=batch.parent_run_id, extra_tags=batch.extra_tags, sweep_process=batch.sweep_process)
-
-    def on_trial_end(s, t):
-        best = st.best_trial(s)
-        progress.trial_finished(t.number, t.state.name, t.value, best.value if best else None,
-                                counted=t.state in st.FINISHED_STATES, reason=t.user_attrs.get("fail_reason"))
-
-    study.optimize(
-        objective,
-        n_trials=batch.n_trials,
-        timeout=batch.timeout,
-        catch=(TrialFailed,),
-        callbacks=[optuna.study.MaxTrialsCallback(cfg.study.n_trials, states=st.FINISHED_STATES), on_trial_end, breaker],
-        gc_after_trial=True,
-    )
-    return {"streak": breaker.streak, "tripped": breaker.tripped}
-
-
-def run_trials(cfg, study, batch: TrialBatch, exclusive: bool, log) -> None:
-    """Optimise until `n_trials` finished (completed + pruned) trials exist, or the timeout.
-
-    With `study.trials_per_process` > 0 (the default) trials run in child processes, one batch
-    after another (see harness/worker.py for why). Raises SweepRefused when trials keep failing:
-    an error that fails every trial must stop the sweep instead of being retried all night.
-    """
-    from harness import study as st
-
-    n_done = st.finished_count(study)
-    if n_done >= cfg.study.n_trials:
-        log(f"study {cfg.study.name!r} already has {n_done} finished trial(s) (n_trials={cfg.study.n_trials}): nothing to run")
-        return
-    log(f"study {cfg.study.name!r}: {n_done} finished, running up to {cfg.study.n_trials}")
-    if cfg.study.trials_per_process == 0:
-        outcome = run_trial_batch(dataclasses.replace(batch, timeout=cfg.study.timeout))
-    else:
-        outcome = _run_trial_processes(cfg, study, batch, exclusive, log)
-    if outcome["tripped"]:
-        raise SweepRefused(f"{cfg.study.max_consecutive_failures} trials failed in a row; see the fail_reason of the last "
-                           f"trials (optuna user attrs / MLflow tag harness.fail_reason)")
-
-
-def _run_trial_processes(cfg, study, batch: TrialBatch, exclusive: bool, log) -> dict:
-    from harness import study as st
-    from harness.worker import ProcessDied, run_isolated
-
-    deadline = None if cfg.study.timeout is None else time.monotonic() + cfg.study.timeout
-    streak = 0
-    while st.finished_count(study) < cfg.study.n_trials:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            log(f"timeout of {cfg.study.timeout:g} s reached: no new trial starts")
-            break
-        try:
-            outcome = run_isolated(run_trial_batch, dataclasses.replace(
-                batch, n_trials=cfg.study.trials_per_process, streak=streak, timeout=remaining))
-        except ProcessDied as died:
-            failed = record_dead_process(study, batch.tracker, died, exclusive, parent_id=batch.parent_run_id)
-            log(f"{batch.progress_prefix + ' ' if batch.progress_prefix else ''}trial {', '.join(map(str, failed)) or '?'} "
-                f"FAIL ({died})")
-            streak += max(1, len(failed))
-            outcome = {"streak": streak, "tripped": streak >= cfg.study.max_consecutive_failures}
-        streak = outcome["streak"]
-        if outcome["tripped"]:
-            return outcome
-    return {"streak": streak, "tripped": False}
-
-
-def record_dead_process(study, tracker, died, exclusive: bool, parent_id: str | None = None) -> list[int]:
-    """A trial process vanished: its trials FAIL with the reason (not retried), their runs FAILED."""
-    from harness import study as st
-
-    reason = str(died)
-    failed = st.fail_trials_of_dead_worker(study, f"{socket.gethostname()}:{died.pid}", reason, exclusive)
-    for number in failed:
-        run_id = study.trials[number].user_attrs.get("mlflow_run_id")
-        if run_id:
-            tracker.set_tags(run_id, {"harness.fail_reason": reason})
-            tracker.log_text(run_id, f"No Python traceback: {reason} (exit code {died.exitcode}).\n", "traceback.txt")
-            tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
-    tracker.reconcile(st.trial_states(study), parent_id=parent_id)  # a run created but not yet linked
-    return failed
-
-
-def recover(study, tracker, exclusive: bool, log, parent_id: str | None = None) -> None:
-    """Crash recovery: orphaned trials -> FAIL (and retried), orphaned runs -> KILLED."""
-    from harness import study as st
-
-    recover_orphans(study, exclusive)
-    fixed = tracker.reconcile(st.trial_states(study), parent_id=parent_id)
-    if fixed:
-        log(f"reconciled {len(fixed)} MLflow run(s) left behind by a dead process -> KILLED")
-
-
 def run(cfg, log=None) -> dict:
     """Run the sweep a validated config describes; returns the summary (also printed)."""
     from harness import study as st
     from harness.data import load_dataset, make_splits
     from harness.tracking import Tracker, resolve_tracking_uri
+    from harness.worker import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     progress_stream = sys.stderr
     log = log or (lambda text: print(text, file=progress_stream, flush=True))
 
     # --- preflight: everything that can refuse the sweep, before anything is created ---------
+    gpus = visible_gpus()
+    workers = plan_workers(cfg.study.workers, gpus)
     if cfg.quadrants is None:
         dataset = load_dataset(cfg.data)
         splits = make_splits(dataset.labels, cfg.data)
@@ -335,26 +209,32 @@ def run(cfg, log=None) -> dict:
     weights = resolve_weights(cfg, log)
 
     with local_study_lock(cfg) as exclusive:
+        from harness.trials import TrialEngine
+
         url = st.storage_url(cfg)
         storage = st.make_storage(url)
         tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
-        tracker = Tracker(tracking_uri, cfg.tracking.experiment or cfg.study.name, cfg.tracking.artifact_root)
-        recorded = tracker.existing_fingerprint(cfg.study.name)
-        if recorded and recorded != cfg.fingerprint():
-            raise SweepRefused(
-                f"study {cfg.study.name!r} already exists in {tracking_uri} with a different config "
-                f"(fingerprint {recorded}, now {cfg.fingerprint()}): resuming would mix results. "
-                f"Run it under a new --study-name, or delete the old study's results first."
-            )
-        status = "FINISHED"
-        old_handlers = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
+        with st.claim_lock(storage, f"{cfg.study.name}:setup"):  # sweep processes started together: one creates
+            tracker = Tracker(tracking_uri, cfg.tracking.experiment or cfg.study.name, cfg.tracking.artifact_root)
+            recorded = tracker.existing_fingerprint(cfg.study.name)
+            if recorded and recorded != cfg.fingerprint():
+                raise SweepRefused(
+                    f"study {cfg.study.name!r} already exists in {tracking_uri} with a different config "
+                    f"(fingerprint {recorded}, now {cfg.fingerprint()}): resuming would mix results. "
+                    f"Run it under a new --study-name, or delete the old study's results first."
+                )
             tracker.start_study_run(cfg.study.name, cfg.to_dict(), url, cfg.fingerprint())
+        log(f"{workers} trial process(es)" + (f" on GPU(s) {', '.join(gpus)}" if gpus else " on CPU")
+            + ("" if exclusive else f", sharing the study through {tracker_safe(url)}"))
+        engine = TrialEngine.for_config(cfg, tracker, exclusive, log, workers, gpus)
+        status = "FINISHED"
+        old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
             if cfg.quadrants is not None:
                 from harness.quadrants import run_quadrants
 
-                return run_quadrants(cfg, targets, storage, tracker, weights, exclusive, log)
-            return _run_single(cfg, dataset, splits, storage, tracker, weights, exclusive, log)
+                return run_quadrants(cfg, targets, storage, tracker, weights, engine, exclusive, log)
+            return _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusive, log)
         except SweepRefused:
             status = "FAILED"
             raise
@@ -367,47 +247,41 @@ def run(cfg, log=None) -> dict:
             tracker.end_study_run(status)
 
 
-def _run_single(cfg, dataset, splits, storage, tracker, weights, exclusive, log) -> dict:
+def tracker_safe(url: str) -> str:
+    from harness.tracking import redact
+
+    return redact(url)
+
+
+def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusive, log) -> dict:
     """One study: the core two-phase sweep, then the from-scratch baseline and the summary."""
     from harness import study as st
     from harness.baseline import run_scratch_baseline
+    from harness.progress import Progress
     from harness.summary import summarize
+    from harness.trials import Context, recover, trial_job
 
-    study = st.open_study(cfg, storage)
+    study = st.open_study(cfg, storage, reseed=not exclusive)
     study.set_user_attr("mlflow_parent_run_id", tracker.parent_run_id)
     study.set_user_attr("mlflow_tracking_uri", tracker.uri)
     recover(study, tracker, exclusive, log)
-    run_trials(cfg, study, TrialBatch(cfg, dataset, splits, tracker, weights), exclusive, log)
+    n_done = st.finished_count(study)
+    if n_done >= cfg.study.n_trials:
+        log(f"study {cfg.study.name!r} already has {n_done} finished trial(s) (n_trials={cfg.study.n_trials}): nothing to run")
+    else:
+        log(f"study {cfg.study.name!r}: {n_done} finished, running up to {cfg.study.n_trials}")
+        best = st.best_trial(study)
+        progress = Progress(cfg.study.n_trials, n_done, cfg.study.direction, cfg.study.metric, sys.stderr,
+                            best=best.value if best else None)
+        context = Context(cfg.study.name, cfg, dataset, splits, tracker, weights)
+        engine.run([trial_job(cfg, study, context, tracker, progress=progress)])
+    _check_stop()
     baseline = None
     if cfg.baseline.scratch and st.best_trial(study) is not None:
         baseline = run_scratch_baseline(cfg, study, dataset, splits, tracker, log)
     summary = summarize(cfg, study, dataset.labels[splits.val], baseline, tracker)
     log(summary["text"])
     return summary
-
-
-def recover_orphans(study, exclusive: bool) -> None:
-    """Fail trials a dead process left RUNNING, and queue their parameters for a retry.
-
-    With the local storage this process holds the study's lock, so every RUNNING trial is an
-    orphan and is failed at once. With a server storage other workers may be alive: only trials
-    whose heartbeat went silent are failed (Optuna's heartbeat and grace period).
-    """
-    import optuna
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-    from optuna.trial import TrialState
-
-    from harness import study as st
-
-    if not exclusive:
-        st.fail_stale_trials(study)
-        return
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=st.MAX_RETRIES)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died while the trial ran")
-        if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-            retry(study, study._storage.get_trial(t._trial_id))
-    optuna.logging.get_logger("optuna")  # keep optuna's logger configured for later trials
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,12 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         cfg = with_overrides(
             cfg, n_trials=args.n_trials, timeout=args.timeout, name=args.study_name, storage=args.storage,
-            seed=args.seed, tracking_uri=args.tracking_uri,
+            seed=args.seed, tracking_uri=args.tracking_uri, workers=args.workers,
         )
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     import_tensorflow_quietly()
+    hide_gpus_from_this_process()
     try:
         run(cfg)
     except (ConfigError, SweepRefused) as exc:
@@ -433,6 +308,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted ({exc or 'Ctrl-C'}): finished trials are saved; run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
+
+
+def hide_gpus_from_this_process() -> None:
+    """The sweep process never trains: it only builds backbones to check them. Left to itself,
+    TensorFlow would reserve most of every GPU's memory here, and the trial processes would then
+    run out. Each trial process gets its own GPU (harness/trials.py)."""
+    import tensorflow as tf
+
+    global _GPUS_BEFORE_HIDING
+    _GPUS_BEFORE_HIDING = tf.config.list_physical_devices("GPU")
+    if _GPUS_BEFORE_HIDING:
+        tf.config.set_visible_devices([], "GPU")
+
+
+_GPUS_BEFORE_HIDING: list | None = None
 
 
 def cli() -> None:

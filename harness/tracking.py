@@ -123,7 +123,7 @@ class Tracker:
         else:
             run = self.client.create_run(
                 self.experiment_id, run_name=f"study {study_name}",
-                tags={ROLE: "study", STUDY_TAG: study_name, "optuna.storage": _redact(storage_url),
+                tags={ROLE: "study", STUDY_TAG: study_name, "optuna.storage": redact(storage_url),
                       FINGERPRINT_TAG: fingerprint},
             )
             run_id = run.info.run_id
@@ -259,7 +259,7 @@ def _lost_creation_race(exc: Exception) -> bool:
     return code == "RESOURCE_ALREADY_EXISTS" or "already exists" in text or "UNIQUE constraint" in text or "IntegrityError" in text
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """Storage URLs may carry a password: never log it."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)

@@ -1,16 +1,33 @@
-"""Run a unit of work (a batch of trials, a quadrant cell) in a fresh child process.
+"""Warm trial processes: spawn one, hand it tasks one after another, watch it, stop it.
 
-Why not simply in the sweep process: Keras' `model.fit` leaks. Every fit of a MobileNetV2 keeps
-~160 MB after `keras.backend.clear_session()`, `gc.collect()` and `malloc_trim`
+Why trials do not run in the sweep process: Keras' `model.fit` leaks. Every fit of a MobileNetV2
+keeps ~160 MB after `keras.backend.clear_session()`, `gc.collect()` and `malloc_trim`
 (benchmarks/keras_fit_leak.py; upstream tensorflow#61791, keras#21090). Over an overnight sweep
 that is tens of GB. A process that exits gives all of it back, GPU memory included, and a trial
 the operating system kills (the kernel's out-of-memory killer sends SIGKILL) fails alone instead
-of ending the sweep. The price is one Python + TensorFlow start-up per child (a few seconds).
+of ending the sweep.
+
+Why one process does not run just one trial: a process start costs a TensorFlow import, a data
+load and graph tracing (~15 s here). So a trial process stays warm and runs task after task, and
+the trial engine (harness/trials.py) retires it once it has run `study.trials_per_process` tasks
+or its memory has grown by `study.recycle_memory_mib` (Celery's max-tasks-per-child and
+max-memory-per-child). Its successor is started while its last task still runs.
 
 The child is spawned (never forked: TensorFlow's threads do not survive a fork), dies with its
-parent (PR_SET_PDEATHSIG), and reports back through a pipe: its result, an exception, or that it
-was interrupted. When the sweep is told to stop (SIGTERM, Ctrl-C), the child is asked first, so
-its running trial ends cleanly before the sweep exits.
+parent (PR_SET_PDEATHSIG), and talks to it over a duplex pipe:
+
+    parent -> child   ("task", task)      run this (the handler given at spawn does the work)
+                      ("reply", value)    the answer to the child's last ("ask", ...)
+                      None                finish: exit after the current task
+    child  -> parent  ("ready", rss_mib)  imports done: the process is warm
+                      ("ask", payload)    a question the task needs answered (e.g. prune now?)
+                      ("note", payload)   information, no answer expected (progress)
+                      ("done", result, rss_mib)
+                      ("error", exception, rss_mib)
+                      ("interrupted", text, rss_mib)
+
+When the sweep is told to stop (SIGTERM, Ctrl-C), the child is asked first (SIGTERM), so its
+running trial ends cleanly at the next batch before the sweep exits.
 """
 
 from __future__ import annotations
@@ -18,13 +35,14 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
 from typing import Any, Callable
 
-STOP_GRACE_SECONDS = 120  # how long a child may take to end its trial after SIGTERM
+STOP_GRACE_SECONDS = 120  # how long a child may take to end its task after SIGTERM
 
 
 class ProcessDied(Exception):
@@ -48,87 +66,198 @@ def describe_exit(exitcode: int | None) -> str:
     return f"trial process exited with code {exitcode} without reporting a result"
 
 
-def run_isolated(fn: Callable[..., Any], *args: Any) -> Any:
-    """`fn(*args)` in a new process; returns its result or raises what it raised.
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up banner (oneDNN, CPU features, absl) silenced.
 
-    Raises KeyboardInterrupt when the child was interrupted (or this process was, in which case
-    the child is stopped first) and ProcessDied when it vanished without a word. `fn` and `args`
-    must be picklable; `fn` a module-level function.
+    Those lines are printed straight to file descriptor 2 before absl's logging is set up, so
+    TF_CPP_MIN_LOG_LEVEL cannot hide them; an overnight log should start with the sweep's own
+    lines. Python-level errors still surface: the descriptor is restored before they propagate.
     """
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child_main, args=(send, os.getpid(), fn, args), name=f"harness-{fn.__name__}")
-    child.start()
-    send.close()  # only the child writes; our copy would hide its end-of-file
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        message = _wait_for_report(child, receive)
-    except KeyboardInterrupt:
-        _stop(child)
-        raise
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
     finally:
-        receive.close()
-    if message is None:
-        raise ProcessDied(child.pid, child.exitcode)
-    kind, payload = message
-    if kind == "ok":
-        return payload
-    if kind == "interrupted":
-        raise KeyboardInterrupt(payload)
-    raise payload
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
-def _wait_for_report(child, receive):
-    while True:
-        if receive.poll(0.5):
-            try:
-                message = receive.recv()
-            except EOFError:  # the pipe closed without a report: the child died
-                message = None
-            child.join()
-            return message
-        if not child.is_alive():
-            child.join()
-            return receive.recv() if receive.poll(0) else None
+def quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    import mlflow  # noqa: F401 - imported first: it configures its logger on import
+    import optuna
+
+    # Heartbeat and stale-trial retry are marked experimental by Optuna; they are used on purpose.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message=".*shuffle=True.*")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # Optuna would print a traceback per failed trial; the progress line and MLflow carry the reason.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if "tensorflow" in sys.modules:
+        # A warm process traces one graph per trial; TensorFlow's "retracing" warning says so
+        # every trial and means nothing here.
+        sys.modules["tensorflow"].get_logger().setLevel(logging.ERROR)
 
 
-def _stop(child) -> None:
-    """Ask the child to end its running trial cleanly; kill it if it does not within the grace."""
-    if child.is_alive():
-        os.kill(child.pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_SECONDS
-    while child.is_alive():
+def resident_mib(pid: int | None = None) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+class TrialProcess:
+    """The parent's handle on one warm child process.
+
+    `handler(task, channel)` runs in the child for every task; `channel.ask(payload)` sends a
+    question back and returns the parent's reply, `channel.note(payload)` just informs.
+    `env` is applied to the child's environment before anything is imported there (one GPU per
+    process through CUDA_VISIBLE_DEVICES); `threads` caps TensorFlow's CPU threads (0 = default).
+    """
+
+    def __init__(self, handler: Callable[[Any, "Channel"], Any], env: dict[str, str] | None = None, threads: int = 0,
+                 name: str = "harness-trials"):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child_end = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_child_main, args=(child_end, os.getpid(), handler, env or {}, threads),
+                                   name=name, daemon=False)
+        self.process.start()
+        child_end.close()  # only the child holds this end: its death then reads as end-of-file here
+        self.pid = self.process.pid
+        self.worker_id = f"{socket.gethostname()}:{self.pid}"
+        self.tasks_started = 0
+        self.ready = False
+        self.rss_after_first: float | None = None  # resident memory after its first task
+        self.rss: float | None = None
+        self.busy = False
+        self.env = env or {}
+
+    @property
+    def sentinel(self):
+        return self.process.sentinel
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def send(self, message) -> None:
+        self.conn.send(message)
+
+    def start_task(self, task) -> None:
+        self.tasks_started += 1
+        self.busy = True
+        self.conn.send(("task", task))
+
+    def receive(self):
+        """The next message, or None when the child died (its pipe closed)."""
         try:
-            child.join(timeout=max(0.1, deadline - time.monotonic()))
-        except KeyboardInterrupt:  # asked twice: stop waiting; the resume fails the orphan
-            break
-        if time.monotonic() >= deadline:
-            break
-    if child.is_alive():
-        child.kill()
-        child.join()
+            message = self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join(timeout=5)
+            return None
+        if message[0] == "ready":
+            self.ready = True
+            self.rss = message[1]
+        elif message[0] in ("done", "error", "interrupted"):
+            self.busy = False
+            self.rss = message[2]
+            if self.rss_after_first is None:
+                self.rss_after_first = self.rss
+        return message
+
+    def memory_growth_mib(self) -> float:
+        if self.rss is None or self.rss_after_first is None:
+            return 0.0
+        return self.rss - self.rss_after_first
+
+    def retire(self) -> None:
+        """Let the child finish and exit on its own (it is idle)."""
+        try:
+            self.conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        threading.Thread(target=self._reap, daemon=True).start()
+
+    def _reap(self) -> None:
+        self.process.join(timeout=STOP_GRACE_SECONDS)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+    def interrupt(self) -> None:
+        """Ask the child to end its running task cleanly (it answers "interrupted")."""
+        if self.process.is_alive():
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
+class Channel:
+    """The child's side of the pipe, as the task handler sees it."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def ask(self, payload):
+        self._conn.send(("ask", payload))
+        kind, value = self._conn.recv()
+        assert kind == "reply", kind
+        return value
+
+    def note(self, payload) -> None:
+        self._conn.send(("note", payload))
 
 
 # --- the child's side -------------------------------------------------------------------------
 
 
-def _child_main(report, parent_pid: int, fn: Callable[..., Any], args: tuple) -> None:
+def _child_main(conn, parent_pid: int, handler, env: dict, threads: int) -> None:
     _die_with_parent(parent_pid)
-    from harness.sweep import _quiet_libraries, import_tensorflow_quietly
-
+    os.environ.update(env)  # before TensorFlow is imported: CUDA_VISIBLE_DEVICES is read then
     import_tensorflow_quietly()  # first: other imports would pull TensorFlow in with its banner
+    if threads:
+        import tensorflow as tf
+
+        # Several trial processes on one CPU box: each gets its share of the cores, instead of
+        # every process starting a thread per core and all of them thrashing.
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
     _install_stop_handlers()
+    quiet_libraries()
+    channel = Channel(conn)
+    conn.send(("ready", resident_mib()))
     code = 0
-    try:
-        _quiet_libraries()
-        report.send(("ok", fn(*args)))
-    except KeyboardInterrupt as exc:
-        report.send(("interrupted", str(exc) or "interrupted"))
-    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
-        report.send(("error", _sendable(exc)))
-        code = 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            break
+        if message is None:
+            break
+        _, task = message
+        try:
+            result = handler(task, channel)
+            conn.send(("done", result, resident_mib()))
+        except KeyboardInterrupt as exc:
+            conn.send(("interrupted", str(exc) or "interrupted", resident_mib()))
+            break  # a stop was asked for: no further task
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+            conn.send(("error", _sendable(exc), resident_mib()))
+    sys.stdout.flush()
+    sys.stderr.flush()
     # Skip the interpreter's teardown: collecting a large TensorFlow heap can take a minute.
     os._exit(code)
 
@@ -148,8 +277,8 @@ def _sendable(exc: BaseException) -> BaseException:
 def _install_stop_handlers() -> None:
     """SIGTERM/SIGINT only set the stop flag: training raises KeyboardInterrupt at its next batch
     (harness/phases.py) and a new trial does not start (harness/objective.py). Raising from the
-    handler itself could land inside a database transaction of Optuna or MLflow, and the clean-up
-    that marks the trial FAIL and its run KILLED would then fail with it."""
+    handler itself could land inside a database transaction of MLflow, and the clean-up that
+    marks the run KILLED would then fail with it."""
     from harness.phases import stop_requested
 
     def handler(signum, frame):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from harness.config import parse_config, with_overrides
-from harness.tracking import Tracker, _redact, resolve_tracking_uri
+from harness.tracking import Tracker, redact, resolve_tracking_uri
 from tests.conftest import TINY
 
 
@@ -24,7 +24,7 @@ def test_command_line_flags_override_the_yaml():
 
 
 def test_storage_passwords_never_reach_mlflow():
-    assert _redact("postgresql://user:secret@127.0.0.1/db") == "postgresql://user:***@127.0.0.1/db"
+    assert redact("postgresql://user:secret@127.0.0.1/db") == "postgresql://user:***@127.0.0.1/db"
 
 
 def test_parent_run_is_reopened_not_duplicated_and_children_nest(workdir):

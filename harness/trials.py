@@ -1,0 +1,468 @@
+"""The trial engine: a pool of warm trial processes fed by ask-and-tell.
+
+The sweep process is the only one that talks to Optuna. For every idle trial process it asks
+the study for a trial (`study.ask`), creates the trial's MLflow run, and hands the process a task;
+the process trains and sends each epoch's value back; the sweep process reports it to Optuna and
+answers whether to prune; at the end it tells Optuna the outcome (`study.tell`). So the default
+local SQLite storage has a single writer however many processes train, and `--workers N` needs
+no server. On a server storage (PostgreSQL) several sweep processes, on several machines, fill
+one study the same way; Optuna's heartbeat fails the trials of a machine that died, and their
+parameters run again.
+
+Exact budgets: a trial starts only while finished + running trials (of every process) are below
+`n_trials`, counted and asked for under one lock (`study.claim_lock`), so finished trials end
+exactly at the budget for any number of workers and machines.
+
+A job is one study to fill: a single sweep has one, a quadrant sweep one per cell plus one per
+cell's confirmation seeds (harness/quadrants.py adds those as cells finish). The engine knows
+nothing of what a task does: a task is an object with `run(runner, channel)`, executed in a trial
+process against the runner its context loaded there (once per process).
+
+Trial processes (harness/worker.py) are recycled after `study.trials_per_process` tasks or
+`study.recycle_memory_mib` of memory growth; the successor starts while the last task runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from harness import space
+from harness import study as st
+from harness.config import SweepRefused
+from harness.objective import TrialFailed, TrialRunner
+from harness.tracking import STATE_TAG, TRIAL_TAG
+from harness.worker import Channel, TrialProcess, describe_exit
+
+POLL_SECONDS = 1.0  # how often the engine looks at the clock and at other machines' trials
+PRESTART_SHARE = 0.75  # start a successor once a process has grown by this share of its memory limit
+
+
+# --- what a trial process runs ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything a trial process needs to run one study's tasks; loaded there once."""
+
+    key: str
+    cfg: Any
+    dataset: Any
+    splits: Any
+    tracker: Any
+    weights: dict
+
+    def load(self) -> TrialRunner:
+        return TrialRunner(self.cfg, self.dataset, self.splits, self.tracker, self.weights)
+
+
+@dataclass(frozen=True)
+class TrialTask:
+    """Train trial `number` of a study with `params` into the MLflow run `run_id`."""
+
+    context_key: str
+    number: int
+    params: dict
+    run_id: str
+    context: Context | None = None  # attached the first time a process sees this study
+
+    def run(self, runner: TrialRunner, channel: Channel) -> tuple[str, Any]:
+        try:
+            return "complete", runner.run_trial(self.number, self.params, self.run_id, lambda e: channel.ask(("epoch", e)))
+        except optuna.TrialPruned as exc:
+            return "pruned", str(exc)
+        except TrialFailed as exc:
+            return "failed", str(exc)
+
+
+_RUNNERS: dict[str, Any] = {}  # in a trial process: context key -> its loaded runner
+
+
+def execute(task, channel: Channel):
+    """The trial process's handler: load the task's context once, then run the task."""
+    if task.context is not None and task.context_key not in _RUNNERS:
+        _RUNNERS[task.context_key] = task.context.load()
+    return task.run(_RUNNERS[task.context_key], channel)
+
+
+# --- what the sweep process keeps ---------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One study the engine fills until `budget` trials finished.
+
+    `prepare(trial, worker_id)` turns an asked trial into a task (and creates its MLflow run);
+    `before_ask(study)` may enqueue the next trial's parameters (confirmation seeds);
+    `on_outcome(trial, state, value, reason)` sees every result; `on_done()` runs once the study
+    is full and returns the jobs that may start now.
+    """
+
+    name: str
+    study: optuna.Study
+    budget: int
+    context: Context
+    prepare: Callable[[optuna.Trial, str], Any]
+    before_ask: Callable[[optuna.Study], None] | None = None
+    on_done: Callable[[], list["Job"]] = lambda: []
+    retry_interrupted: bool = True  # an interrupted trial's parameters are queued to run again
+    progress: Any = None
+
+    def finished(self) -> int:
+        return st.finished_count(self.study)
+
+
+def trial_job(cfg, study, context: Context, tracker, parent_run_id: str | None = None, extra_tags: dict | None = None,
+              name: str = "", progress=None, on_done: Callable[[], list[Job]] = lambda: []) -> Job:
+    """The job of a search study: sample parameters, open the trial's MLflow run, train."""
+    sweep_process = f"{socket.gethostname()}:{os.getpid()}"
+
+    def prepare(trial: optuna.Trial, worker_id: str) -> TrialTask:
+        params = space.suggest(trial, cfg.search)
+        run_id = tracker.start_child(
+            f"trial {trial.number}", "trial",
+            {TRIAL_TAG: trial.number, "backbone": params["backbone"], "dataset": context.dataset.name,
+             STATE_TAG: "RUNNING", "optuna.study": cfg.study.name, **(extra_tags or {})},
+            config=cfg.to_dict(), parent_id=parent_run_id,
+        )
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("worker", worker_id)  # the process running it
+        trial.set_user_attr("sweep_process", sweep_process)  # the process that asked for it
+        tracker.log_params(run_id, params)
+        if progress:
+            progress.trial_started(trial.number, params)
+        return TrialTask(context.key, trial.number, params, run_id)
+
+    return Job(name or cfg.study.name, study, cfg.study.n_trials, context, prepare, on_done=on_done, progress=progress)
+
+
+@dataclass
+class Slot:
+    """One place a trial process runs (a GPU, or a share of the CPU cores)."""
+
+    env: dict
+    threads: int
+    current: TrialProcess | None = None
+    successor: TrialProcess | None = None
+
+
+@dataclass
+class Running:
+    job: Job
+    trial: optuna.Trial
+    task: Any
+    started: float = field(default_factory=time.monotonic)
+
+
+def plan_slots(workers: int, gpus: list[str], cpu_count: int) -> list[Slot]:
+    """One slot per worker: a GPU each (round-robin over the visible ones), or a share of the cores."""
+    if gpus:
+        return [Slot({"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}, 0) for i in range(workers)]
+    threads = 0 if workers == 1 else max(1, cpu_count // workers)
+    # A CPU-only trial process must not grab a GPU another process was given.
+    return [Slot({"CUDA_VISIBLE_DEVICES": ""} if workers > 1 else {}, threads) for _ in range(workers)]
+
+
+class TrialEngine:
+    """Runs jobs on a pool of warm trial processes until every job's study is full."""
+
+    @classmethod
+    def for_config(cls, cfg, tracker, exclusive: bool, log, workers: int, gpus: list[str]) -> "TrialEngine":
+        slots = plan_slots(workers, gpus, os.cpu_count() or 1)
+        return cls(slots, tracker, exclusive, log, cfg.study.trials_per_process, cfg.study.recycle_memory_mib,
+                   cfg.study.max_consecutive_failures, cfg.study.timeout)
+
+    def __init__(self, slots: list[Slot], tracker, exclusive: bool, log, trials_per_process: int = 20,
+                 recycle_memory_mib: float = 2048, max_consecutive_failures: int = 5, timeout: float | None = None):
+        self.slots, self.tracker, self.exclusive, self.log = slots, tracker, exclusive, log
+        self.trials_per_process, self.recycle_memory_mib = trials_per_process, recycle_memory_mib
+        self.max_failures, self.timeout = max_consecutive_failures, timeout
+        self.running: dict[TrialProcess, Running] = {}
+        self.loaded: dict[TrialProcess, set[str]] = {}
+        self.streak = 0
+        self.startup_deaths = 0  # processes that died before they were ready, in a row
+        self._stopping = False
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, jobs: list[Job]) -> None:
+        """Fill every job's study; raises SweepRefused when trials keep failing, KeyboardInterrupt
+        when a stop was asked for (after ending the running trials cleanly)."""
+        from harness.phases import stop_requested
+
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        pending = list(jobs)
+        if not self.exclusive:
+            self._heartbeat = threading.Thread(target=self._beat, daemon=True)
+            self._heartbeat.start()
+        try:
+            for slot in self.slots:
+                slot.current = self._spawn(slot)
+            timed_out = False
+            while True:
+                if stop_requested.is_set():
+                    raise KeyboardInterrupt("stop requested")
+                if deadline is not None and time.monotonic() >= deadline and not timed_out:
+                    timed_out = True
+                    self.log(f"timeout of {self.timeout:g} s reached: no new trial starts")
+                tripped = self.streak >= self.max_failures
+                if not timed_out and not tripped:
+                    self._dispatch(pending)
+                pending = self._close_full_jobs(pending)
+                if not self.running and (not pending or timed_out or tripped or self._nothing_to_wait_for(pending)):
+                    break
+                self._wait_and_handle()
+            if self.streak >= self.max_failures:
+                raise SweepRefused(f"{self.max_failures} trials failed in a row; see the fail_reason of the last trials "
+                                   f"(optuna user attrs / MLflow tag harness.fail_reason)")
+        except KeyboardInterrupt:
+            self._stop_running()
+            raise
+        finally:
+            self._stop.set()
+            self._shut_down()
+
+    def _nothing_to_wait_for(self, pending: list[Job]) -> bool:
+        """True when no job can start a trial and no other process runs one of theirs."""
+        if self.exclusive:
+            return all(st.budget_left(j.study, j.budget) <= 0 for j in pending) and not any(
+                self._running_elsewhere(j) for j in pending)
+        for job in pending:
+            st.fail_stale_trials(job.study)  # a machine that died: its trials fail and are queued again
+        return False  # on a server storage, wait for the other machines' trials (they end or go stale)
+
+    @staticmethod
+    def _running_elsewhere(job: Job) -> bool:
+        return bool(job.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+    def _close_full_jobs(self, pending: list[Job]) -> list[Job]:
+        still = []
+        for job in pending:
+            if job.finished() >= job.budget and not any(r.job is job for r in self.running.values()):
+                still.extend(job.on_done())
+            else:
+                still.append(job)
+        return still
+
+    def _dispatch(self, pending: list[Job]) -> None:
+        for slot in self.slots:
+            proc = slot.current
+            if proc is None or proc in self.running:
+                continue
+            claimed = self._claim(pending)
+            if claimed is None:
+                return
+            job, trial = claimed
+            try:
+                task = job.prepare(trial, proc.worker_id)
+            except BaseException:
+                job.study.tell(trial, state=TrialState.FAIL)
+                raise
+            if job.context.key not in self.loaded.setdefault(proc, set()):
+                task = dataclasses.replace(task, context=job.context)
+                self.loaded[proc].add(job.context.key)
+            self.running[proc] = Running(job, trial, task)
+            proc.start_task(task)
+            if self._last_task_of(proc):
+                slot.successor = slot.successor or self._spawn(slot)  # warm up while this task runs
+
+    def _claim(self, pending: list[Job]):
+        for job in pending:
+            with st.claim_lock(job.study._storage, job.study.study_name):
+                if st.budget_left(job.study, job.budget) <= 0:
+                    continue
+                if job.before_ask is not None:
+                    job.before_ask(job.study)
+                return job, job.study.ask()
+        return None
+
+    def _wait_and_handle(self) -> None:
+        from multiprocessing.connection import wait
+
+        procs = {p.conn: p for s in self.slots for p in (s.current, s.successor) if p is not None}
+        for conn in wait(list(procs), timeout=POLL_SECONDS):
+            proc = procs[conn]
+            message = proc.receive()
+            if message is None:
+                self._process_died(proc)
+                continue
+            kind = message[0]
+            if kind == "ask":
+                proc.send(("reply", self._answer(proc, message[1])))
+            elif kind in ("done", "error", "interrupted"):
+                self._task_ended(proc, message)
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def _answer(self, proc: TrialProcess, question) -> Any:
+        kind, payload = question
+        if kind != "epoch":
+            raise ValueError(f"unknown question from a trial process: {kind!r}")
+        running = self.running[proc]
+        if running.job.progress:
+            running.job.progress.epoch_done(payload)
+        value = payload.get("value")
+        if value is None:
+            return False
+        running.trial.report(value, step=payload["epoch"])
+        return running.trial.should_prune()
+
+    def _task_ended(self, proc: TrialProcess, message) -> None:
+        running = self.running.pop(proc)
+        job, trial = running.job, running.trial
+        kind = message[0]
+        if kind == "error":  # a ConfigError or a bug: the sweep cannot go on
+            trial.set_user_attr("fail_reason", f"{type(message[1]).__name__}: {message[1]}"[:1000])
+            job.study.tell(trial, state=TrialState.FAIL)
+            raise message[1]
+        if kind == "interrupted":
+            self._record(job, trial, TrialState.FAIL, None, f"interrupted: {message[1]}")
+            if job.retry_interrupted:  # it did nothing wrong: its configuration runs again on resume
+                job.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            return
+        state, value = message[1]
+        if state == "complete":
+            self._record(job, trial, TrialState.COMPLETE, value)
+        elif state == "pruned":
+            self._record(job, trial, TrialState.PRUNED, None, value)
+        else:
+            self._record(job, trial, TrialState.FAIL, None, value)
+        self._maybe_recycle(proc)
+
+    def _record(self, job: Job, trial: optuna.Trial, state: TrialState, value, reason: str | None = None) -> None:
+        if state == TrialState.FAIL and reason:
+            trial.set_user_attr("fail_reason", reason[:1000])
+        job.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        self.streak = self.streak + 1 if state == TrialState.FAIL else 0
+        if job.progress:
+            best = st.best_trial(job.study)
+            job.progress.trial_finished(trial.number, state.name, value, best.value if best else None,
+                                        counted=state in st.FINISHED_STATES, reason=reason if state == TrialState.FAIL else None)
+
+    def _process_died(self, proc: TrialProcess) -> None:
+        """A trial process vanished (the OS killed it, most likely for memory): its trial fails alone,
+        not retried (it would likely kill the next process too); a fresh process takes its place."""
+        reason = describe_exit(proc.process.exitcode)
+        running = self.running.pop(proc, None)
+        if running is not None:
+            run_id = running.trial.user_attrs.get("mlflow_run_id") or getattr(running.task, "run_id", None)
+            if run_id:
+                self.tracker.set_tags(run_id, {"harness.fail_reason": reason})
+                self.tracker.log_text(run_id, f"No Python traceback: {reason} (exit code {proc.process.exitcode}).\n",
+                                      "traceback.txt")
+                self.tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
+            self._record(running.job, running.trial, TrialState.FAIL, None, reason)
+        if self._stopping:
+            return
+        self.startup_deaths = 0 if proc.ready else self.startup_deaths + 1
+        if self.startup_deaths >= 3:
+            raise SweepRefused(f"trial processes die while starting ({reason}): see the messages above")
+        self._replace(proc)
+
+    # -- the pool ----------------------------------------------------------------------------
+
+    def _spawn(self, slot: Slot) -> TrialProcess:
+        return TrialProcess(execute, env=slot.env, threads=slot.threads)
+
+    def _slot_of(self, proc: TrialProcess) -> Slot | None:
+        return next((s for s in self.slots if proc in (s.current, s.successor)), None)
+
+    def _last_task_of(self, proc: TrialProcess) -> bool:
+        return (proc.tasks_started >= self.trials_per_process
+                or proc.memory_growth_mib() >= PRESTART_SHARE * self.recycle_memory_mib)
+
+    def _maybe_recycle(self, proc: TrialProcess) -> None:
+        if proc.tasks_started >= self.trials_per_process or proc.memory_growth_mib() >= self.recycle_memory_mib:
+            proc.retire()
+            self._replace(proc)
+
+    def _replace(self, proc: TrialProcess) -> None:
+        slot = self._slot_of(proc)
+        self.loaded.pop(proc, None)
+        if slot is None:
+            return
+        if slot.successor is proc:  # a successor died while warming up: start another
+            slot.successor = self._spawn(slot)
+            return
+        slot.current, slot.successor = (slot.successor or self._spawn(slot)), None
+
+    def _stop_running(self) -> None:
+        """Ask every busy process to end its trial cleanly, record what they report, then go."""
+        from harness.worker import STOP_GRACE_SECONDS
+
+        self._stopping = True
+        for proc in self.running:
+            proc.interrupt()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while self.running and time.monotonic() < deadline:
+            try:
+                self._wait_and_handle()
+            except KeyboardInterrupt:  # asked twice: stop waiting; the resume fails the orphans
+                break
+            except Exception:  # noqa: BLE001 - a child's error while stopping: the resume recovers it
+                break
+
+    def _shut_down(self) -> None:
+        for slot in self.slots:
+            for proc in (slot.current, slot.successor):
+                if proc is not None:
+                    if proc in self.running or not proc.alive():
+                        proc.kill()
+                    else:
+                        proc.retire()
+            slot.current = slot.successor = None
+
+    def _beat(self) -> None:
+        """Heartbeats for the trials this process runs (server storages): a machine that dies stops
+        beating, and the other sweep processes fail its trials and queue them again."""
+        while not self._stop.wait(st.HEARTBEAT_SECONDS):
+            for running in list(self.running.values()):
+                try:
+                    running.job.study._storage.record_heartbeat(running.trial._trial_id)
+                except Exception:  # noqa: BLE001 - a missed beat is retried at the next one
+                    pass
+
+
+# --- recovery after a crash ----------------------------------------------------------------------
+
+
+def recover(study, tracker, exclusive: bool, log, parent_id: str | None = None) -> None:
+    """Crash recovery: orphaned trials -> FAIL (and retried), orphaned runs -> KILLED."""
+    recover_orphans(study, exclusive)
+    fixed = tracker.reconcile(st.trial_states(study), parent_id=parent_id)
+    if fixed:
+        log(f"reconciled {len(fixed)} MLflow run(s) left behind by a dead process -> KILLED")
+
+
+def recover_orphans(study, exclusive: bool) -> None:
+    """Fail trials a dead process left RUNNING, and queue their parameters for a retry.
+
+    With the local storage this process holds the study's lock, so every RUNNING trial is an
+    orphan and is failed at once. With a server storage other workers may be alive: only trials
+    whose heartbeat went silent are failed (Optuna's heartbeat and grace period).
+    """
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    if not exclusive:
+        st.fail_stale_trials(study)
+        return
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=st.MAX_RETRIES)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died while the trial ran")
+        if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+            retry(study, study._storage.get_trial(t._trial_id))
+
+
+def stderr_log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
