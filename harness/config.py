@@ -63,6 +63,8 @@ class StudyConfig:
     recycle_memory_mib: float = _f(
         2048, "MiB a trial process's resident memory may grow past its size after its first trial before it is "
         "replaced", min=64)
+    heartbeat_seconds: int = _f(30, "server storages: how often a running trial proves it is alive; one silent for "
+                                "3 beats is failed and its parameters run again", min=1)
     workers: Any = _f(1, "trial processes this sweep process runs at once: a count, or 'auto' = one per visible GPU "
                       "(1 on CPU)")
 
@@ -224,7 +226,7 @@ class SweepConfig:
         so resuming with a changed config is caught instead of mixing results."""
         d = self.to_dict()
         for key in ("n_trials", "timeout", "storage", "max_consecutive_failures", "trials_per_process",
-                    "recycle_memory_mib", "workers"):
+                    "recycle_memory_mib", "workers", "heartbeat_seconds"):
             d["study"].pop(key, None)
         d.pop("tracking", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 
 from harness.config import SweepConfig
 
-HEARTBEAT_SECONDS = 30  # how often a running trial proves it is alive
-GRACE_SECONDS = 90  # silence after which a RUNNING trial counts as dead
+HEARTBEAT_SECONDS = 30  # how often a running trial proves it is alive (study.heartbeat_seconds)
+GRACE_BEATS = 3  # missed beats after which a RUNNING trial counts as dead
 MAX_RETRIES = 2  # re-runs of a trial whose process died
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -35,7 +35,7 @@ def storage_url(cfg: SweepConfig) -> str:
     return cfg.study.storage or default_storage_url(cfg.study.name)
 
 
-def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS) -> RDBStorage:
+def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS) -> RDBStorage:
     engine_kwargs = {}
     if url.startswith("sqlite"):
         # Wait for a competing writer instead of failing with 'database is locked'.
@@ -53,7 +53,7 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRAC
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat,
-                grace_period=grace,
+                grace_period=GRACE_BEATS * heartbeat,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
             )
         except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError):

@@ -212,7 +212,7 @@ def run(cfg, log=None) -> dict:
         from harness.trials import TrialEngine
 
         url = st.storage_url(cfg)
-        storage = st.make_storage(url)
+        storage = st.make_storage(url, cfg.study.heartbeat_seconds)
         tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
         with st.claim_lock(storage, f"{cfg.study.name}:setup"):  # sweep processes started together: one creates
             tracker = Tracker(tracking_uri, cfg.tracking.experiment or cfg.study.name, cfg.tracking.artifact_root)

@@ -179,10 +179,12 @@ class TrialEngine:
     def for_config(cls, cfg, tracker, exclusive: bool, log, workers: int, gpus: list[str]) -> "TrialEngine":
         slots = plan_slots(workers, gpus, os.cpu_count() or 1)
         return cls(slots, tracker, exclusive, log, cfg.study.trials_per_process, cfg.study.recycle_memory_mib,
-                   cfg.study.max_consecutive_failures, cfg.study.timeout)
+                   cfg.study.max_consecutive_failures, cfg.study.timeout, cfg.study.heartbeat_seconds)
 
     def __init__(self, slots: list[Slot], tracker, exclusive: bool, log, trials_per_process: int = 20,
-                 recycle_memory_mib: float = 2048, max_consecutive_failures: int = 5, timeout: float | None = None):
+                 recycle_memory_mib: float = 2048, max_consecutive_failures: int = 5, timeout: float | None = None,
+                 heartbeat_seconds: float = st.HEARTBEAT_SECONDS):
+        self.heartbeat_seconds = heartbeat_seconds
         self.slots, self.tracker, self.exclusive, self.log = slots, tracker, exclusive, log
         self.trials_per_process, self.recycle_memory_mib = trials_per_process, recycle_memory_mib
         self.max_failures, self.timeout = max_consecutive_failures, timeout
@@ -426,7 +428,7 @@ class TrialEngine:
     def _beat(self) -> None:
         """Heartbeats for the trials this process runs (server storages): a machine that dies stops
         beating, and the other sweep processes fail its trials and queue them again."""
-        while not self._stop.wait(st.HEARTBEAT_SECONDS):
+        while not self._stop.wait(self.heartbeat_seconds):
             for running in list(self.running.values()):
                 try:
                     running.job.study._storage.record_heartbeat(running.trial._trial_id)

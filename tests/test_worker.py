@@ -1,5 +1,5 @@
-"""Work in a child process: results and errors come back, a vanished child is reported, and a
-child never outlives the process that started it."""
+"""Warm trial processes: one process runs task after task, questions come back to the parent,
+errors and deaths are reported, and a child never outlives the process that started it."""
 
 from __future__ import annotations
 
@@ -10,56 +10,124 @@ import time
 import pytest
 
 from harness.config import ConfigError
-from harness.worker import ProcessDied, describe_exit, run_isolated
+from harness.worker import TrialProcess, describe_exit
 
 
-def add(a, b):
-    return {"sum": a + b, "pid": os.getpid()}
+def handle(task, channel):
+    """The handler the tests' child processes run: a tiny instruction set."""
+    kind, arg = task
+    if kind == "add":
+        return {"sum": arg[0] + arg[1], "pid": os.getpid(), "threads": os.environ.get("TEST_SLOT")}
+    if kind == "ask":
+        return channel.ask(arg) * 10
+    if kind == "refuse":
+        raise ConfigError(arg)
+    if kind == "die":
+        os.kill(os.getpid(), arg)
+    if kind == "work_until_stopped":
+        from harness.phases import stop_requested
+
+        while not stop_requested.is_set():
+            time.sleep(0.05)
+        raise KeyboardInterrupt("stop requested")
+    raise ValueError(kind)
 
 
-def refuse(message):
-    raise ConfigError(message)
+def next_outcome(proc, answer=None, timeout=120):
+    """Messages until the task's outcome; questions are answered with `answer(payload)`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.conn.poll(1):
+            continue
+        message = proc.receive()
+        if message is None or message[0] in ("done", "error", "interrupted"):
+            return message
+        if message[0] == "ask":
+            proc.send(("reply", answer(message[1])))
+    raise AssertionError("no outcome in time")
 
 
-def die_by(sig):
-    os.kill(os.getpid(), sig)
+@pytest.fixture
+def proc():
+    p = TrialProcess(handle, env={"TEST_SLOT": "gpu-7"})
+    yield p
+    p.kill()
 
 
-def test_result_comes_back_from_another_process():
-    out = run_isolated(add, 2, 3)
-    assert out["sum"] == 5 and out["pid"] != os.getpid()
+def test_one_warm_process_runs_task_after_task_with_its_environment(proc):
+    proc.start_task(("add", (2, 3)))
+    first = next_outcome(proc)
+    proc.start_task(("add", (4, 5)))
+    second = next_outcome(proc)
+    assert first[0] == "done" and first[1]["sum"] == 5 and second[1]["sum"] == 9
+    assert first[1]["pid"] == second[1]["pid"] == proc.pid != os.getpid()  # the same warm process
+    assert first[1]["threads"] == "gpu-7"  # the slot's environment reached the child
+    assert proc.ready and proc.rss > 0 and proc.tasks_started == 2
 
 
-def test_an_error_in_the_child_is_raised_here_as_itself():
-    with pytest.raises(ConfigError, match="data.path: nope") as info:
-        run_isolated(refuse, "data.path: nope")
-    assert any("raised in the trial process" in note for note in info.value.__notes__)
+def test_a_question_is_answered_by_the_parent(proc):
+    proc.start_task(("ask", 4))
+    assert next_outcome(proc, answer=lambda x: x + 1)[:2] == ("done", 50)
 
 
-def test_a_child_killed_by_the_os_is_reported_with_the_likely_cause():
-    with pytest.raises(ProcessDied) as info:
-        run_isolated(die_by, signal.SIGKILL)
-    assert info.value.exitcode == -signal.SIGKILL
-    assert "killed by SIGKILL" in str(info.value) and "out-of-memory killer" in str(info.value)
+def test_an_error_comes_back_as_itself_and_the_process_goes_on(proc):
+    proc.start_task(("refuse", "data.path: nope"))
+    kind, exc, _ = next_outcome(proc)
+    assert kind == "error" and isinstance(exc, ConfigError) and "data.path: nope" in str(exc)
+    proc.start_task(("add", (1, 1)))
+    assert next_outcome(proc)[1]["sum"] == 2
 
 
-def work_until_stopped():
-    """Like training: the signal only sets the stop flag, the work checks it at its next step."""
-    from harness.phases import stop_requested
-
-    os.kill(os.getpid(), signal.SIGTERM)
-    for _ in range(200):
-        if stop_requested.is_set():
-            raise KeyboardInterrupt("stop requested")
-        time.sleep(0.05)
-    return "never stopped"
+def test_a_child_killed_by_the_os_reads_as_a_death_with_the_likely_cause(proc):
+    proc.start_task(("die", signal.SIGKILL))
+    assert next_outcome(proc) is None  # no report: the pipe closed
+    assert proc.process.exitcode == -signal.SIGKILL
+    assert "out-of-memory killer" in describe_exit(proc.process.exitcode)
 
 
-def test_a_child_asked_to_stop_ends_its_work_and_reports_an_interruption():
-    with pytest.raises(KeyboardInterrupt, match="stop requested"):
-        run_isolated(work_until_stopped)
+def test_a_child_asked_to_stop_ends_its_task_and_reports_an_interruption(proc):
+    proc.start_task(("work_until_stopped", None))
+    time.sleep(1)
+    while not proc.ready:
+        proc.receive()
+    proc.interrupt()
+    assert next_outcome(proc)[0] == "interrupted"
+
+
+def test_a_child_dies_with_its_parent(tmp_path):
+    """SIGKILL the parent: PR_SET_PDEATHSIG takes the warm child down too (no orphan)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(os.path.dirname(os.path.dirname(__file__)))!r})\n"
+        "from harness.worker import TrialProcess\n"
+        "from tests.test_worker import handle\n"
+        "p = TrialProcess(handle)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"child {child_pid} outlived its parent")
 
 
 def test_exit_descriptions():
-    assert describe_exit(-signal.SIGSEGV) == "trial process killed by SIGSEGV"
-    assert "exited with code 3" in describe_exit(3)
+    assert "SIGKILL" in describe_exit(-signal.SIGKILL) and "out-of-memory" in describe_exit(-signal.SIGKILL)
+    assert "SIGSEGV" in describe_exit(-signal.SIGSEGV)
+    assert "code 3" in describe_exit(3)
