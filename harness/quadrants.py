@@ -158,7 +158,8 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
         log(f"{name}: best val {best_value:.4f}; test {np.mean(tests):.4f} over {len(tests)} seed(s)")
         return []
 
-    return Job(f"{name} confirm", study, seeds, context, prepare, before_ask=next_seed, on_done=confirmed)
+    return Job(f"{name} confirm", study, seeds, context, prepare, before_ask=next_seed, on_done=confirmed,
+               parent_run_id=cell_run)
 
 
 def _seed_of(trial) -> int | None:

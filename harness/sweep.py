@@ -187,7 +187,6 @@ def run(cfg, log=None) -> dict:
     """Run the sweep a validated config describes; returns the summary (also printed)."""
     from harness import study as st
     from harness.data import load_dataset, make_splits
-    from harness.tracking import Tracker, resolve_tracking_uri
     from harness.worker import quiet_libraries
 
     quiet_libraries()
@@ -212,18 +211,7 @@ def run(cfg, log=None) -> dict:
         from harness.trials import TrialEngine
 
         url = st.storage_url(cfg)
-        storage = st.make_storage(url, cfg.study.heartbeat_seconds)
-        tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
-        with st.claim_lock(storage, f"{cfg.study.name}:setup"):  # sweep processes started together: one creates
-            tracker = Tracker(tracking_uri, cfg.tracking.experiment or cfg.study.name, cfg.tracking.artifact_root)
-            recorded = tracker.existing_fingerprint(cfg.study.name)
-            if recorded and recorded != cfg.fingerprint():
-                raise SweepRefused(
-                    f"study {cfg.study.name!r} already exists in {tracking_uri} with a different config "
-                    f"(fingerprint {recorded}, now {cfg.fingerprint()}): resuming would mix results. "
-                    f"Run it under a new --study-name, or delete the old study's results first."
-                )
-            tracker.start_study_run(cfg.study.name, cfg.to_dict(), url, cfg.fingerprint())
+        storage, tracker = open_stores(cfg)
         log(f"{workers} trial process(es)" + (f" on GPU(s) {', '.join(gpus)}" if gpus else " on CPU")
             + ("" if exclusive else f", sharing the study through {tracker_safe(url)}"))
         engine = TrialEngine.for_config(cfg, tracker, exclusive, log, workers, gpus)
@@ -245,6 +233,30 @@ def run(cfg, log=None) -> dict:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             tracker.end_study_run(status)
+
+
+def open_stores(cfg):
+    """The Optuna storage, the MLflow experiment and the sweep's parent run: created by the first
+    sweep process, found by the others. Processes started at the same instant against fresh
+    servers race for each; the schema race is retried (harness/study.py) and the rest is created
+    under the study's claim lock, so each exists once and every process reads the same ones."""
+    from harness import study as st
+    from harness.tracking import Tracker, resolve_tracking_uri
+
+    url = st.storage_url(cfg)
+    storage = st.make_storage(url, cfg.study.heartbeat_seconds)
+    tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
+    with st.claim_lock(storage, f"{cfg.study.name}:setup"):
+        tracker = Tracker(tracking_uri, cfg.tracking.experiment or cfg.study.name, cfg.tracking.artifact_root)
+        recorded = tracker.existing_fingerprint(cfg.study.name)
+        if recorded and recorded != cfg.fingerprint():
+            raise SweepRefused(
+                f"study {cfg.study.name!r} already exists in {tracking_uri} with a different config "
+                f"(fingerprint {recorded}, now {cfg.fingerprint()}): resuming would mix results. "
+                f"Run it under a new --study-name, or delete the old study's results first."
+            )
+        tracker.start_study_run(cfg.study.name, cfg.to_dict(), url, cfg.fingerprint())
+    return storage, tracker
 
 
 def tracker_safe(url: str) -> str:

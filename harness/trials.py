@@ -116,6 +116,7 @@ class Job:
     on_done: Callable[[], list["Job"]] = lambda: []
     retry_interrupted: bool = True  # an interrupted trial's parameters are queued to run again
     progress: Any = None
+    parent_run_id: str | None = None  # MLflow parent of its runs (None: the sweep's parent run)
 
     def finished(self) -> int:
         return st.finished_count(self.study)
@@ -142,7 +143,8 @@ def trial_job(cfg, study, context: Context, tracker, parent_run_id: str | None =
             progress.trial_started(trial.number, params)
         return TrialTask(context.key, trial.number, params, run_id)
 
-    return Job(name or cfg.study.name, study, cfg.study.n_trials, context, prepare, on_done=on_done, progress=progress)
+    return Job(name or cfg.study.name, study, cfg.study.n_trials, context, prepare, on_done=on_done, progress=progress,
+               parent_run_id=parent_run_id)
 
 
 @dataclass
@@ -225,6 +227,8 @@ class TrialEngine:
                 if not self.running and (not pending or timed_out or tripped or self._nothing_to_wait_for(pending)):
                     break
                 self._wait_and_handle()
+            for job in jobs:  # runs of trials that died on another machine end KILLED too
+                self.tracker.reconcile(st.trial_states(job.study), parent_id=job.parent_run_id)
             if self.streak >= self.max_failures:
                 raise SweepRefused(f"{self.max_failures} trials failed in a row; see the fail_reason of the last trials "
                                    f"(optuna user attrs / MLflow tag harness.fail_reason)")
@@ -281,12 +285,17 @@ class TrialEngine:
 
     def _claim(self, pending: list[Job]):
         for job in pending:
+            if not self.exclusive:
+                st.fail_stale_trials(job.study)  # a machine that died: its trials fail and are queued again
             with st.claim_lock(job.study._storage, job.study.study_name):
                 if st.budget_left(job.study, job.budget) <= 0:
                     continue
                 if job.before_ask is not None:
                     job.before_ask(job.study)
-                return job, job.study.ask()
+                trial = job.study.ask()
+                if not self.exclusive:  # beat at once: a trial with no beat at all never goes stale
+                    job.study._storage.record_heartbeat(trial._trial_id)
+                return job, trial
         return None
 
     def _wait_and_handle(self) -> None:

@@ -75,37 +75,99 @@ def mlflow_server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def test_two_workers_share_one_study_and_one_tracking_server(tmp_path, postgres_url, mlflow_server):
+def fresh_database(url: str) -> str:
+    import sqlalchemy as sa
+
+    name = f"harness_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def open_stores_at(args):
+    """One sweep process's start-up (schema, experiment, parent run), released at the barrier."""
+    config_text, storage, tracking, barrier = args
+    from harness.config import parse_config, with_overrides
+    from harness.sweep import open_stores
+
+    cfg = with_overrides(parse_config(config_text, "race.yaml"), storage=storage, tracking_uri=tracking)
+    barrier.wait()
+    _, tracker = open_stores(cfg)
+    return tracker.experiment_id, tracker.parent_run_id
+
+
+def test_sweep_processes_started_together_create_schema_experiment_and_parent_once(postgres_url, mlflow_server):
+    """Four processes open the same fresh study at the same instant, ten times over: every one
+    joins, and each of Optuna's schema, the MLflow experiment and the parent run exists once."""
+    import multiprocessing
+
+    base = os.environ["HARNESS_TEST_POSTGRES"]
+    ctx = multiprocessing.get_context("spawn")
+    client = MlflowClient(mlflow_server)
+    with ctx.Pool(4) as pool:
+        for round_ in range(10):
+            storage = fresh_database(base)  # a fresh database: the schema race too
+            name = f"race-{uuid.uuid4().hex[:8]}"
+            text = TINY.replace("name: tiny", f"name: {name}")
+            barrier = ctx.Manager().Barrier(4)
+            joined = pool.map(open_stores_at, [(text, storage, mlflow_server, barrier)] * 4)
+            assert len(set(joined)) == 1, f"round {round_}: the processes disagree: {joined}"
+            experiment_id, parent = joined[0]
+            assert client.get_experiment_by_name(name).experiment_id == experiment_id
+            runs = client.search_runs([experiment_id], run_view_type=3)  # deleted runs too: none was made twice
+            assert [r.info.run_id for r in runs] == [parent]
+            assert optuna.get_all_study_names(storage) == []  # schema made, and usable
+
+
+def test_three_sweep_processes_fill_one_budget_exactly_and_survive_one_killed(tmp_path, postgres_url, mlflow_server):
+    """Three sweep processes on PostgreSQL and an MLflow server; one is SIGKILLed mid-trial. The
+    others fail its trial once its heartbeat stops, run its parameters again, and finish the budget
+    exactly; every finished trial has one FINISHED run under the one parent."""
     study_name = f"workers-{uuid.uuid4().hex[:8]}"
-    config = write_config(tmp_path, TINY.replace("scratch: true", "scratch: false"))
-    args = [sys.executable, "-m", "harness.sweep", str(config), "--study-name", study_name, "--n-trials", "4",
+    text = TINY.replace("scratch: true", "scratch: false").replace("pruner: none", "pruner: none\n  heartbeat_seconds: 2")
+    config = write_config(tmp_path, text)
+    args = [sys.executable, "-m", "harness.sweep", str(config), "--study-name", study_name, "--n-trials", "5",
             "--storage", postgres_url, "--tracking-uri", mlflow_server]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     workers = []
-    for i in range(2):  # each worker in its own folder, as on two machines
+    for i in range(3):  # each in its own folder, as on three machines
         (tmp_path / f"w{i}").mkdir()
         workers.append(subprocess.Popen(args, cwd=tmp_path / f"w{i}", env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True))
-    outputs = [w.communicate(timeout=900)[1] for w in workers]
-    for w, err in zip(workers, outputs):
+    victim = workers[0]
+    deadline = time.monotonic() + 600
+    for line in victim.stderr:  # kill it in the middle of its first trial
+        if "head epoch 1/" in line:
+            break
+        assert time.monotonic() < deadline, "the first sweep process never started a trial"
+    victim.kill()
+    victim.wait()
+    outputs = [w.communicate(timeout=900)[1] for w in workers[1:]]
+    for w, err in zip(workers[1:], outputs):
         assert w.returncode == 0, err[-3000:]
 
     study = optuna.load_study(study_name=study_name, storage=postgres_url)
+    states = [t.state.name for t in study.trials]
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    # MaxTrialsCallback is checked after each trial: each worker may start one more before it sees the count.
-    assert 4 <= len(finished) <= 5
-    assert not [t for t in study.trials if t.state.name == "RUNNING"]
-    assert len({t.user_attrs["sweep_process"] for t in finished}) == 2, "both workers must have run trials"
+    assert len(finished) == 5, states  # exactly the budget
+    killed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert len(killed) == 1, states
+    assert "RUNNING" not in states and "WAITING" not in states
+    assert any(t.params == killed[0].params for t in finished), "the killed trial's parameters must run again"
+    assert len({t.user_attrs["sweep_process"] for t in finished}) == 2, "both surviving processes must have run trials"
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name(study_name)
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in runs if r.data.tags.get("harness.role") == "study"]
-    assert len(parents) == 1, "the workers must agree on one parent run"
-    trial_runs = {r.info.run_id: r for r in runs if r.data.tags.get("harness.role") == "trial"}
+    assert len(parents) == 1, "the processes must agree on one parent run"
+    trial_runs = [r for r in runs if r.data.tags.get("harness.role") == "trial"]
     for t in finished:
-        run = trial_runs[t.user_attrs["mlflow_run_id"]]
-        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert run.data.tags["optuna.trial_number"] == str(t.number)
-        assert run.info.status in ("FINISHED", "KILLED")
-        assert "history.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}  # artifacts via the server
+        mine = [r for r in trial_runs if r.data.tags["optuna.trial_number"] == str(t.number)]
+        assert len(mine) == 1 and mine[0].info.run_id == t.user_attrs["mlflow_run_id"]
+        assert mine[0].info.status == "FINISHED"
+        assert mine[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert "history.csv" in {a.path for a in client.list_artifacts(mine[0].info.run_id)}  # artifacts via the server
+    assert client.get_run(killed[0].user_attrs["mlflow_run_id"]).info.status != "RUNNING"
