@@ -2,16 +2,16 @@
 
 Runs the real `python -m harness.sweep` on the tiny offline config the tests use, once per mode:
 
-  child       study.trials_per_process: 1 (the default): every trial in a fresh child process;
-  in-process  study.trials_per_process: 0: every trial in the sweep process, with the Keras
-              session cleared, garbage collected and malloc_trim'd after each trial.
+  warm   the default: warm trial processes that run trial after trial and are replaced after
+         study.trials_per_process trials or study.recycle_memory_mib of growth;
+  fresh  study.trials_per_process: 1: every trial in a fresh child process.
 
 Prints per mode: the resident memory of the process that ran the trial, measured after trial 3
 and after the last trial (each trial logs it to MLflow as `system/rss_mib`, after its clean-up);
 the peak resident memory of the whole process tree (sampled twice a second); and the wall time
 per trial. Usage:
 
-    python benchmarks/trial_memory.py [--trials 30] [--modes child in-process]
+    python benchmarks/trial_memory.py [--trials 30] [--modes warm fresh]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.conftest import TINY, write_config  # noqa: E402  (the tiny offline sweep the tests run)
 
-MODES = {"child": 1, "in-process": 0}
+MODES = {"warm": 20, "fresh": 1}  # study.trials_per_process
 
 
 def tree_rss_mib(proc) -> float:

@@ -14,9 +14,8 @@ from harness.tracking import STATE_TAG, Tracker
 
 
 def find_baseline_run(tracker: Tracker, trial_number: int):
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id],
-        filter_string=(f"tags.`harness.role` = 'baseline' and tags.`harness.baseline_for` = '{trial_number}' "
+    runs = tracker.search_runs(
+        (f"tags.`harness.role` = 'baseline' and tags.`harness.baseline_for` = '{trial_number}' "
                        f"and attributes.status = 'FINISHED' and tags.`mlflow.parentRunId` = '{tracker.parent_run_id}'"),
         max_results=1,
     )

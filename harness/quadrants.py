@@ -190,7 +190,7 @@ def _open_cell_run(tracker, cfg, target, strategy, ccfg) -> str:
     """The cell's run, reopened when the sweep resumes."""
     existing = tracker.find_child("cell", {CELL_TAG: cell_name(target, strategy)})
     if existing is not None:
-        tracker.client.update_run(existing.info.run_id, status="RUNNING")
+        tracker.reopen_run(existing.info.run_id)
         return existing.info.run_id
     run_id = tracker.start_child(f"cell {cell_name(target, strategy)}", "cell", _cell_tags(target, strategy), config=ccfg.to_dict())
     tracker.log_params(run_id, {"trials_per_cell": cfg.quadrants.trials_per_cell, "confirm_seeds": cfg.quadrants.confirm_seeds,

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.tracking import PARENT_TAG, ROLE, STUDY_TAG, Tracker, resolve_tracking_uri
+from harness.tracking import PARENT_TAG, ROLE, Tracker, resolve_tracking_uri
 
 RESULTS = "results"
 
 
 def _runs(tracker: Tracker, role: str) -> list:
-    return tracker.client.search_runs([tracker.experiment_id], filter_string=f"tags.`{ROLE}` = '{role}'", max_results=50_000)
+    return tracker.search_runs(f"tags.`{ROLE}` = '{role}'")
 
 
 def _seconds(run) -> float | None:
@@ -97,8 +97,7 @@ def build_report(sweep: str, tracker: Tracker, out_dir: str | Path | None = None
 
     out = Path(out_dir or Path(RESULTS) / sweep)
     out.mkdir(parents=True, exist_ok=True)
-    parents = tracker.client.search_runs(
-        [tracker.experiment_id], filter_string=f"tags.`{ROLE}` = 'study' and tags.`{STUDY_TAG}` = '{sweep}'", max_results=1)
+    parents = tracker.study_runs(sweep)
     if not parents:
         raise SystemExit(f"error: no sweep named {sweep!r} in {tracker.uri}")
     tracker.parent_run_id = parents[0].info.run_id
@@ -142,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     uri = resolve_tracking_uri(uri)
-    from mlflow.tracking import MlflowClient
-
-    if MlflowClient(uri).get_experiment_by_name(experiment) is None:
+    if not Tracker.experiment_exists(uri, experiment):
         print(f"error: no MLflow experiment {experiment!r} at {uri}; run the sweep first", file=sys.stderr)
         return 2
     tracker = Tracker(uri, experiment)

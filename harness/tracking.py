@@ -104,10 +104,25 @@ class Tracker:
         self.__dict__.update(state)
         self.client = MlflowClient(tracking_uri=self.uri)
 
+    @staticmethod
+    def experiment_exists(uri: str, name: str) -> bool:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=uri).get_experiment_by_name(name) is not None
+
+    def search_runs(self, filter_string: str, max_results: int = 50_000, order_by: list[str] | None = None) -> list:
+        """Runs of this experiment that match an MLflow filter string."""
+        return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=max_results,
+                                       order_by=order_by)
+
+    def reopen_run(self, run_id: str) -> None:
+        """A resumed sweep works in a run again: RUNNING until it ends."""
+        self.client.update_run(run_id, status="RUNNING")
+
     # --- parent run ------------------------------------------------------------------------
 
     def existing_fingerprint(self, study_name: str) -> str | None:
-        runs = self._study_runs(study_name)
+        runs = self.study_runs(study_name)
         return runs[0].data.tags.get(FINGERPRINT_TAG) if runs else None
 
     def start_study_run(self, study_name: str, config: dict, storage_url: str, fingerprint: str = "") -> str:
@@ -116,10 +131,10 @@ class Tracker:
         Several workers may start at once: each creates a parent if it sees none, then all agree
         on the oldest one and any duplicate is deleted, so the study keeps exactly one parent.
         """
-        existing = self._study_runs(study_name)
+        existing = self.study_runs(study_name)
         if existing:
             run_id = existing[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            self.reopen_run(run_id)
         else:
             run = self.client.create_run(
                 self.experiment_id, run_name=f"study {study_name}",
@@ -127,7 +142,7 @@ class Tracker:
                       FINGERPRINT_TAG: fingerprint},
             )
             run_id = run.info.run_id
-            oldest = self._study_runs(study_name)[0].info.run_id
+            oldest = self.study_runs(study_name)[0].info.run_id
             if oldest != run_id:  # another worker won the race
                 self.client.delete_run(run_id)
                 run_id = oldest
@@ -139,7 +154,7 @@ class Tracker:
         self.parent_run_id = run_id
         return run_id
 
-    def _study_runs(self, study_name: str) -> list:
+    def study_runs(self, study_name: str) -> list:
         return self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{ROLE}` = 'study' and tags.`{STUDY_TAG}` = '{study_name}'",
