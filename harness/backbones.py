@@ -74,16 +74,27 @@ def construct(name: str, image_size: int, weights: str | None, options: dict | N
     import keras
 
     ctor = getattr(keras.applications, name)
+    key = (name, image_size, weights, repr(sorted((options or {}).items())))
+    cached = _LOADED_WEIGHTS.get(key) if weights is not None else None
     from_file = weights not in (None, "imagenet")
     model = ctor(
         include_top=False,
-        weights=None if from_file else weights,
+        weights=None if (from_file or cached is not None) else weights,
         input_shape=(image_size, image_size, 3),
         **(options or {}),
     )
-    if from_file:
+    if cached is not None:
+        model.set_weights(cached)
+    elif from_file:
         model.load_weights(weights)
+    if weights is not None and cached is None:
+        _LOADED_WEIGHTS[key] = model.get_weights()
     return model
+
+
+# Pretrained weights, read once per process: a warm trial process builds the same backbone for
+# trial after trial, and re-reading a weights file (about 100 MB for ResNet50) each time is waste.
+_LOADED_WEIGHTS: dict[tuple, list] = {}
 
 
 # --- block structure -------------------------------------------------------------------------

@@ -48,3 +48,15 @@ def test_real_backbones_split_at_their_block_boundaries(name, size, options, n_b
 def test_unknown_backbone_lists_the_valid_names():
     with pytest.raises(KeyError, match="valid: .*MobileNetV2"):
         bb.get_spec("MobileNetV9")
+
+
+def test_pretrained_weights_are_read_once_per_process(tmp_path):
+    """A warm trial process builds the same backbone trial after trial: the file is read once."""
+    import numpy as np
+
+    path = tmp_path / "w.weights.h5"
+    bb.construct("MobileNetV2", 32, None, {"alpha": 0.35}).save_weights(path)
+    first = bb.construct("MobileNetV2", 32, str(path), {"alpha": 0.35})
+    path.unlink()  # a second read would fail now
+    again = bb.construct("MobileNetV2", 32, str(path), {"alpha": 0.35})
+    assert all(np.array_equal(a, b) for a, b in zip(first.get_weights(), again.get_weights()))
