@@ -7,7 +7,10 @@ inference), for its own, longer budget, with early stopping on the same validati
 
 from __future__ import annotations
 
+import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from harness.objective import log_history, model_spec, release_memory
 from harness.tracking import STATE_TAG, Tracker
@@ -22,14 +25,11 @@ def find_baseline_run(tracker: Tracker, trial_number: int):
     return runs[0] if runs else None
 
 
-def run_scratch_baseline(cfg, study, dataset, splits, tracker: Tracker, log) -> dict:
-    """Train (or re-use) the scratch baseline of the study's best trial; returns its scores."""
-    import keras
+def run_scratch_baseline(cfg, study, dataset_name: str, tracker: Tracker, log, run_task) -> dict:
+    """Train (or re-use) the scratch baseline of the study's best trial; returns its scores.
 
-    from harness.data import tf_dataset
-    from harness.model import build_model
-    from harness.phases import run_phases, scratch_plan
-
+    `run_task(task)` runs the training in a trial process (harness/trials.py: TrialEngine.call),
+    where the trials ran: on a GPU box that is a GPU, and the sweep process stays lean."""
     best = study.best_trial
     params = {**{n: p.value for n, p in cfg.search.items() if p.fixed}, **best.params}
     if cfg.baseline.augment is not None:
@@ -43,12 +43,38 @@ def run_scratch_baseline(cfg, study, dataset, splits, tracker: Tracker, log) -> 
     log(f"training the from-scratch baseline (trial {best.number}'s architecture, random init, {cfg.baseline.epochs} epochs max)")
     run_id = tracker.start_child(
         f"scratch baseline of trial {best.number}", "baseline",
-        {"harness.baseline_for": best.number, "backbone": params["backbone"], "dataset": dataset.name,
+        {"harness.baseline_for": best.number, "backbone": params["backbone"], "dataset": dataset_name,
          "strategy": "scratch", STATE_TAG: "RUNNING"},
         config=cfg.to_dict(),
     )
     tracker.log_params(run_id, {**params, "weights": "none", "baseline_lr": cfg.baseline.learning_rate,
                                 "baseline_epochs": cfg.baseline.epochs})
+    value = run_task(BaselineTask(cfg.study.name, params, run_id))
+    return {"trial": best.number, "value": value, "run_id": run_id}
+
+
+@dataclass(frozen=True)
+class BaselineTask:
+    """The scratch baseline's training, as a task for a trial process."""
+
+    context_key: str
+    params: dict
+    run_id: str
+    context: Any = None
+
+    def run(self, runner, channel) -> float:
+        return train_scratch(runner, self.params, self.run_id)
+
+
+def train_scratch(runner, params: dict, run_id: str) -> float:
+    """All layers from random init for the baseline's own budget; logs into `run_id`."""
+    import keras
+
+    from harness.data import tf_dataset
+    from harness.model import build_model
+    from harness.phases import run_phases, scratch_plan
+
+    cfg, dataset, splits, tracker = runner.cfg, runner.dataset, runner.splits, runner.tracker
     started = time.perf_counter()
     try:
         keras.utils.set_random_seed(cfg.study.seed)
@@ -58,8 +84,8 @@ def run_scratch_baseline(cfg, study, dataset, splits, tracker: Tracker, log) -> 
 
         def on_epoch(r):
             tracker.log_metrics(run_id, r.metrics, step=r.epoch)
-            log(f"  baseline epoch {r.epoch + 1}/{cfg.baseline.epochs}: loss {r.metrics.get('loss', float('nan')):.3f} "
-                f"val_accuracy {r.metrics.get('val_accuracy', float('nan')):.3f}")
+            print(f"  baseline epoch {r.epoch + 1}/{cfg.baseline.epochs}: loss {r.metrics.get('loss', float('nan')):.3f} "
+                  f"val_accuracy {r.metrics.get('val_accuracy', float('nan')):.3f}", file=sys.stderr, flush=True)
 
         plan = scratch_plan(cfg.baseline.epochs, cfg.baseline.learning_rate, cfg.baseline.patience)
         history = run_phases(tm, plan, train, val, on_epoch=on_epoch, monitor=cfg.study.metric, direction=cfg.study.direction)
@@ -73,4 +99,4 @@ def run_scratch_baseline(cfg, study, dataset, splits, tracker: Tracker, log) -> 
     value = history.best(cfg.study.metric, cfg.study.direction)
     tracker.log_metrics(run_id, {"objective": value, "wall_seconds": time.perf_counter() - started})
     tracker.end_run(run_id, "FINISHED", optuna_state="COMPLETE")
-    return {"trial": best.number, "value": value, "run_id": run_id}
+    return value

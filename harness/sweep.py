@@ -230,6 +230,7 @@ def run(cfg, log=None) -> dict:
             status = "KILLED"
             raise
         finally:
+            engine.close()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             tracker.end_study_run(status)
@@ -277,6 +278,7 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     study.set_user_attr("mlflow_parent_run_id", tracker.parent_run_id)
     study.set_user_attr("mlflow_tracking_uri", tracker.uri)
     recover(study, tracker, exclusive, log)
+    context = Context(cfg.study.name, cfg, dataset, splits, tracker, weights)
     n_done = st.finished_count(study)
     if n_done >= cfg.study.n_trials:
         log(f"study {cfg.study.name!r} already has {n_done} finished trial(s) (n_trials={cfg.study.n_trials}): nothing to run")
@@ -285,12 +287,11 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
         best = st.best_trial(study)
         progress = Progress(cfg.study.n_trials, n_done, cfg.study.direction, cfg.study.metric, sys.stderr,
                             best=best.value if best else None)
-        context = Context(cfg.study.name, cfg, dataset, splits, tracker, weights)
         engine.run([trial_job(cfg, study, context, tracker, progress=progress)])
     _check_stop()
     baseline = None
     if cfg.baseline.scratch and st.best_trial(study) is not None:
-        baseline = run_scratch_baseline(cfg, study, dataset, splits, tracker, log)
+        baseline = run_scratch_baseline(cfg, study, dataset.name, tracker, log, lambda task: engine.call(context, task))
     summary = summarize(cfg, study, dataset.labels[splits.val], baseline, tracker)
     log(summary["text"])
     return summary

@@ -207,12 +207,8 @@ class TrialEngine:
 
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         pending = list(jobs)
-        if not self.exclusive:
-            self._heartbeat = threading.Thread(target=self._beat, daemon=True)
-            self._heartbeat.start()
         try:
-            for slot in self.slots:
-                slot.current = self._spawn(slot)
+            self._ensure_pool()
             timed_out = False
             while True:
                 if stop_requested.is_set():
@@ -235,9 +231,53 @@ class TrialEngine:
         except KeyboardInterrupt:
             self._stop_running()
             raise
-        finally:
-            self._stop.set()
-            self._shut_down()
+
+    def call(self, context: Context, task) -> Any:
+        """Run one task that is not a trial (the scratch baseline) in a trial process and return its
+        result: the training runs where the trials ran (on a GPU box, on a GPU), not in this process."""
+        from harness.phases import stop_requested
+
+        self._ensure_pool()
+        slot = self.slots[0]
+        proc = slot.current
+        if context.key not in self.loaded.setdefault(proc, set()):
+            task = dataclasses.replace(task, context=context)
+            self.loaded[proc].add(context.key)
+        proc.start_task(task)
+        asked_to_stop = False
+        while True:
+            if stop_requested.is_set() and not asked_to_stop:
+                proc.interrupt()
+                asked_to_stop = True
+            if not proc.conn.poll(POLL_SECONDS):
+                continue
+            message = proc.receive()
+            if message is None:
+                self._replace(proc)
+                raise SweepRefused(f"{describe_exit(proc.process.exitcode)} (while it ran {type(task).__name__})")
+            kind = message[0]
+            if kind == "ask":
+                proc.send(("reply", False))  # nothing to prune outside a study
+            elif kind == "done":
+                self._maybe_recycle(proc)
+                return message[1]
+            elif kind == "error":
+                raise message[1]
+            elif kind == "interrupted":
+                raise KeyboardInterrupt(message[1])
+
+    def close(self) -> None:
+        """End every trial process and the heartbeat."""
+        self._stop.set()
+        self._shut_down()
+
+    def _ensure_pool(self) -> None:
+        for slot in self.slots:
+            if slot.current is None:
+                slot.current = self._spawn(slot)
+        if not self.exclusive and self._heartbeat is None:
+            self._heartbeat = threading.Thread(target=self._beat, daemon=True)
+            self._heartbeat.start()
 
     def _nothing_to_wait_for(self, pending: list[Job]) -> bool:
         """True when no job can start a trial and no other process runs one of theirs."""

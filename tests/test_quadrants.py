@@ -126,12 +126,13 @@ def test_every_cell_gets_its_own_study_with_the_same_budget(quad_sweep):
     work, _ = quad_sweep
     storage = f"sqlite:///{work}/results/quad/optuna.db"
     names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
-    expected = sorted(f"quad.{t}.{s}" for t in ("shapes-small", "digits-small")
-                      for s in ("features", "partial", "scratch"))
-    assert names == expected
+    cells = [f"quad.{t}.{s}" for t in ("shapes-small", "digits-small") for s in ("features", "partial", "scratch")]
+    assert names == sorted(cells + [f"{c}.confirm" for c in cells])  # a search study and a seeds study per cell
     for name in names:
         study = optuna.load_study(study_name=name, storage=storage)
-        assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 2
+        assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 2 == len(study.trials)
+        if name.endswith(".confirm"):  # each seed ran exactly once
+            assert sorted(t.params["seed"] for t in study.trials) == [0, 1]
 
 
 def test_confirmation_retrains_each_cell_with_k_seeds_and_reads_test_once(quad_sweep):
@@ -180,6 +181,7 @@ def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weigh
     from harness import quadrants
     from harness.data import load_dataset, make_splits
     from harness.tracking import Tracker
+    from harness.trials import Context
 
     cfg = parse_config(quad(weights_file, "[features]"), "q.yaml")
     target = cfg.quadrants.targets[1]
@@ -197,8 +199,10 @@ def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weigh
     tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "spy", str(tmp_path / "a"))
     tracker.start_study_run("spy", {}, "none")
     cell = tracker.start_child("cell", "cell", {})
-    params = {"head_lr": 0.003}
-    tests = quadrants.confirm_cell(ccfg, params, dataset, splits, tracker, cell, 2, {"MobileNetV2": str(weights_file)}, print)
+    params = {**{n: p.value for n, p in ccfg.search.items() if p.fixed}, "head_lr": 0.003}
+    runner = Context("spy", ccfg, dataset, splits, tracker, {"MobileNetV2": str(weights_file)}).load()
+    tests = [quadrants.confirm_seed(runner, params, seed, tracker.start_child(f"confirm {seed}", "confirm", {}, parent_id=cell))
+             for seed in range(2)]
     assert len(tests) == 2
     uses_of_test = [i for i, idx in enumerate(built) if np.array_equal(idx, splits.test)]
     assert len(uses_of_test) == 2  # once per seed
