@@ -185,17 +185,28 @@ def check_freeze_depth(cfg, name: str, n_blocks: int) -> None:
 
 def run(cfg, log=None) -> dict:
     """Run the sweep a validated config describes; returns the summary (also printed)."""
-    from harness import study as st
-    from harness.data import load_dataset, make_splits
     from harness.worker import quiet_libraries
 
     quiet_libraries()
     progress_stream = sys.stderr
     log = log or (lambda text: print(text, file=progress_stream, flush=True))
-
-    # --- preflight: everything that can refuse the sweep, before anything is created ---------
     gpus = visible_gpus()
     workers = plan_workers(cfg.study.workers, gpus)
+    from harness.trials import TrialEngine
+
+    engine = TrialEngine.for_config(cfg, log, workers, gpus)
+    try:
+        engine.warm_up()  # the trial processes import TensorFlow while the preflight runs
+        return _run_checked(cfg, engine, workers, gpus, log)
+    finally:
+        engine.close()
+
+
+def _run_checked(cfg, engine, workers: int, gpus: list[str], log) -> dict:
+    from harness import study as st
+    from harness.data import load_dataset, make_splits
+
+    # --- preflight: everything that can refuse the sweep, before anything is created ---------
     if cfg.quadrants is None:
         dataset = load_dataset(cfg.data)
         splits = make_splits(dataset.labels, cfg.data)
@@ -208,13 +219,11 @@ def run(cfg, log=None) -> dict:
     weights = resolve_weights(cfg, log)
 
     with local_study_lock(cfg) as exclusive:
-        from harness.trials import TrialEngine
-
         url = st.storage_url(cfg)
         storage, tracker = open_stores(cfg)
         log(f"{workers} trial process(es)" + (f" on GPU(s) {', '.join(gpus)}" if gpus else " on CPU")
             + ("" if exclusive else f", sharing the study through {tracker_safe(url)}"))
-        engine = TrialEngine.for_config(cfg, tracker, exclusive, log, workers, gpus)
+        engine.use_stores(tracker, exclusive)
         status = "FINISHED"
         old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -230,7 +239,7 @@ def run(cfg, log=None) -> dict:
             status = "KILLED"
             raise
         finally:
-            engine.close()
+            engine.close()  # before the parent run ends: no trial process outlives the sweep's record
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             tracker.end_study_run(status)

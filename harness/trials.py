@@ -178,9 +178,10 @@ class TrialEngine:
     """Runs jobs on a pool of warm trial processes until every job's study is full."""
 
     @classmethod
-    def for_config(cls, cfg, tracker, exclusive: bool, log, workers: int, gpus: list[str]) -> "TrialEngine":
+    def for_config(cls, cfg, log, workers: int, gpus: list[str]) -> "TrialEngine":
+        """The engine for a config; `use_stores` must follow before `run` or `call`."""
         slots = plan_slots(workers, gpus, os.cpu_count() or 1)
-        return cls(slots, tracker, exclusive, log, cfg.study.trials_per_process, cfg.study.recycle_memory_mib,
+        return cls(slots, None, True, log, cfg.study.trials_per_process, cfg.study.recycle_memory_mib,
                    cfg.study.max_consecutive_failures, cfg.study.timeout, cfg.study.heartbeat_seconds)
 
     def __init__(self, slots: list[Slot], tracker, exclusive: bool, log, trials_per_process: int = 20,
@@ -197,6 +198,14 @@ class TrialEngine:
         self._stopping = False
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+
+    def use_stores(self, tracker, exclusive: bool) -> None:
+        """Where runs are logged, and whether this process is the storage's only sweep process."""
+        self.tracker, self.exclusive = tracker, exclusive
+
+    def warm_up(self) -> None:
+        """Start the trial processes now: their TensorFlow import overlaps the sweep's preflight."""
+        self._ensure_pool()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -275,7 +284,7 @@ class TrialEngine:
         for slot in self.slots:
             if slot.current is None:
                 slot.current = self._spawn(slot)
-        if not self.exclusive and self._heartbeat is None:
+        if self.tracker is not None and not self.exclusive and self._heartbeat is None:
             self._heartbeat = threading.Thread(target=self._beat, daemon=True)
             self._heartbeat.start()
 
@@ -366,7 +375,10 @@ class TrialEngine:
         value = payload.get("value")
         if value is None:
             return False
-        running.trial.report(value, step=payload["epoch"])
+        try:
+            running.trial.report(value, step=payload["epoch"])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return True  # another sweep process took this trial for dead and queued it again: stop
         return running.trial.should_prune()
 
     def _task_ended(self, proc: TrialProcess, message) -> None:
@@ -392,9 +404,15 @@ class TrialEngine:
         self._maybe_recycle(proc)
 
     def _record(self, job: Job, trial: optuna.Trial, state: TrialState, value, reason: str | None = None) -> None:
-        if state == TrialState.FAIL and reason:
-            trial.set_user_attr("fail_reason", reason[:1000])
-        job.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        try:
+            if state == TrialState.FAIL and reason:
+                trial.set_user_attr("fail_reason", reason[:1000])
+            job.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another sweep process took it for dead (its heartbeat came late) and queued its
+            # parameters again: the retry counts, this result does not.
+            self.log(f"trial {trial.number} was failed as stale by another sweep process; its retry counts instead")
+            return
         self.streak = self.streak + 1 if state == TrialState.FAIL else 0
         if job.progress:
             best = st.best_trial(job.study)

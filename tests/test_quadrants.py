@@ -117,11 +117,12 @@ def test_strategy_maps_to_the_trainable_layers_of_each_phase(strategy, weights_f
 def quad_sweep(tmp_path_factory, weights_file):
     work = tmp_path_factory.mktemp("quad")
     config = write_config(work, quad(weights_file, E2E))
-    proc = run_cli(str(config), cwd=work, timeout=1500)
+    proc = run_cli(str(config), "--workers", "2", cwd=work, timeout=1500)  # cells spread over two processes
     assert proc.returncode == 0, proc.stderr[-4000:]
     return work, proc
 
 
+@pytest.mark.xdist_group("quad")  # one worker runs the shared sweep
 def test_every_cell_gets_its_own_study_with_the_same_budget(quad_sweep):
     work, _ = quad_sweep
     storage = f"sqlite:///{work}/results/quad/optuna.db"
@@ -133,8 +134,11 @@ def test_every_cell_gets_its_own_study_with_the_same_budget(quad_sweep):
         assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 2 == len(study.trials)
         if name.endswith(".confirm"):  # each seed ran exactly once
             assert sorted(t.params["seed"] for t in study.trials) == [0, 1]
+    workers = {t.user_attrs["worker"] for name in names for t in optuna.load_study(study_name=name, storage=storage).trials}
+    assert len(workers) == 2, "both trial processes must have run cells"
 
 
+@pytest.mark.xdist_group("quad")  # one worker runs the shared sweep
 def test_confirmation_retrains_each_cell_with_k_seeds_and_reads_test_once(quad_sweep):
     work, _ = quad_sweep
     client = MlflowClient(f"sqlite:///{work}/results/mlflow.db")
@@ -153,6 +157,7 @@ def test_confirmation_retrains_each_cell_with_k_seeds_and_reads_test_once(quad_s
     assert sorted(r.data.tags["target"] for r in logme) == ["digits-small", "shapes-small"]
 
 
+@pytest.mark.xdist_group("quad")  # one worker runs the shared sweep
 def test_report_files_parse_back_to_the_mlflow_numbers(quad_sweep):
     work, proc = quad_sweep
     out = work / "results" / "quad"

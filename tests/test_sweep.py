@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sweep")]  # module fixtures: one xdist worker
 
 
 @pytest.fixture(scope="module")

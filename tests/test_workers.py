@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT, TINY, write_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("servers")]  # module fixtures: one xdist worker
 
 
 @pytest.fixture(scope="module")
