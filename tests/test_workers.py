@@ -126,7 +126,7 @@ def test_three_sweep_processes_fill_one_budget_exactly_and_survive_one_killed(tm
     others fail its trial once its heartbeat stops, run its parameters again, and finish the budget
     exactly; every finished trial has one FINISHED run under the one parent."""
     study_name = f"workers-{uuid.uuid4().hex[:8]}"
-    text = TINY.replace("scratch: true", "scratch: false").replace("pruner: none", "pruner: none\n  heartbeat_seconds: 2")
+    text = TINY.replace("scratch: true", "scratch: false").replace("pruner: none", "pruner: none\n  heartbeat_seconds: 3")
     config = write_config(tmp_path, text)
     args = [sys.executable, "-m", "harness.sweep", str(config), "--study-name", study_name, "--n-trials", "5",
             "--storage", postgres_url, "--tracking-uri", mlflow_server]
