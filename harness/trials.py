@@ -165,6 +165,14 @@ class Running:
     started: float = field(default_factory=time.monotonic)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), not every core the host has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def plan_slots(workers: int, gpus: list[str], cpu_count: int) -> list[Slot]:
     """One slot per worker: a GPU each (round-robin over the visible ones), or a share of the cores."""
     if gpus:
@@ -180,7 +188,7 @@ class TrialEngine:
     @classmethod
     def for_config(cls, cfg, log, workers: int, gpus: list[str]) -> "TrialEngine":
         """The engine for a config; `use_stores` must follow before `run` or `call`."""
-        slots = plan_slots(workers, gpus, os.cpu_count() or 1)
+        slots = plan_slots(workers, gpus, usable_cores())
         return cls(slots, None, True, log, cfg.study.trials_per_process, cfg.study.recycle_memory_mib,
                    cfg.study.max_consecutive_failures, cfg.study.timeout, cfg.study.heartbeat_seconds)
 

@@ -131,3 +131,14 @@ def test_exit_descriptions():
     assert "SIGKILL" in describe_exit(-signal.SIGKILL) and "out-of-memory" in describe_exit(-signal.SIGKILL)
     assert "SIGSEGV" in describe_exit(-signal.SIGSEGV)
     assert "code 3" in describe_exit(3)
+
+
+def test_slots_give_each_worker_a_gpu_or_a_share_of_the_cores():
+    from harness.trials import plan_slots
+
+    gpus = plan_slots(3, ["2", "5"], cpu_count=16)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpus] == ["2", "5", "2"]  # round-robin over the visible ones
+    assert all(s.threads == 0 for s in gpus)
+    cpu = plan_slots(2, [], cpu_count=2)
+    assert [s.threads for s in cpu] == [1, 1] and all(s.env["CUDA_VISIBLE_DEVICES"] == "" for s in cpu)
+    assert plan_slots(1, [], cpu_count=8)[0].threads == 0  # one process: TensorFlow's own default

@@ -171,3 +171,49 @@ def test_three_sweep_processes_fill_one_budget_exactly_and_survive_one_killed(tm
         assert mine[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert "history.csv" in {a.path for a in client.list_artifacts(mine[0].info.run_id)}  # artifacts via the server
     assert client.get_run(killed[0].user_attrs["mlflow_run_id"]).info.status != "RUNNING"
+
+
+def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_once(tmp_path, postgres_url, mlflow_server):
+    """Two sweep processes (as on two machines) share a quadrant sweep: the cells are spread over
+    both, every cell has exactly one cell run, and each confirmation seed runs exactly once."""
+    from harness import backbones as bb
+    from tests.test_quadrants import quad
+
+    weights = tmp_path / "src.weights.h5"
+    bb.construct("MobileNetV2", 32, None, {"alpha": 0.35}).save_weights(weights)
+    name = f"quadpg-{uuid.uuid4().hex[:8]}"
+    text = quad(weights, "[features, partial]").replace("name: quad", f"name: {name}").replace(
+        "trials_per_cell: 2", "trials_per_cell: 1").replace("logme_max_images: 40", "logme: false")
+    config = write_config(tmp_path, text)
+    args = [sys.executable, "-m", "harness.sweep", str(config), "--storage", postgres_url, "--tracking-uri", mlflow_server]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = []
+    for i in range(2):
+        (tmp_path / f"m{i}").mkdir()
+        procs.append(subprocess.Popen(args, cwd=tmp_path / f"m{i}", env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=900)[1] for p in procs]
+    for p, err in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+
+    cells = [f"{name}.{t}.{s}" for t in ("shapes-small", "digits-small") for s in ("features", "partial")]
+    sweep_processes = set()
+    for cell in cells:
+        search = optuna.load_study(study_name=cell, storage=postgres_url)
+        seeds = optuna.load_study(study_name=f"{cell}.confirm", storage=postgres_url)
+        assert [t.state.name for t in search.trials] == ["COMPLETE"]
+        assert sorted(t.params["seed"] for t in seeds.trials) == [0, 1]  # each seed once, none twice
+        assert all(t.state.name == "COMPLETE" for t in seeds.trials)
+        sweep_processes |= {t.user_attrs["sweep_process"] for t in search.trials}
+    assert len(sweep_processes) == 2, "both sweep processes must have run cells"
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=500, run_view_type=3)  # deleted runs too
+    cell_runs = [r for r in runs if r.data.tags.get("harness.role") == "cell"]
+    assert sorted(r.data.tags["harness.cell"] for r in cell_runs) == sorted(c.removeprefix(f"{name}.") for c in cells)
+    assert all(r.info.status == "FINISHED" for r in cell_runs)
+    for cell in cell_runs:
+        confirms = [r for r in runs if r.data.tags.get("harness.role") == "confirm"
+                    and r.data.tags["mlflow.parentRunId"] == cell.info.run_id]
+        assert sorted(r.data.tags["harness.seed"] for r in confirms) == ["0", "1"]
