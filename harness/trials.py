@@ -102,9 +102,8 @@ class Job:
     """One study the engine fills until `budget` trials finished.
 
     `prepare(trial, worker_id)` turns an asked trial into a task (and creates its MLflow run);
-    `before_ask(study)` may enqueue the next trial's parameters (confirmation seeds);
-    `on_outcome(trial, state, value, reason)` sees every result; `on_done()` runs once the study
-    is full and returns the jobs that may start now.
+    `before_ask(study)` may enqueue the next trial's parameters (confirmation seeds); `on_done()`
+    runs once the study is full and returns the jobs that may start now.
     """
 
     name: str
