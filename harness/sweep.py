@@ -319,7 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    import_tensorflow_quietly()
+    try:
+        import_tensorflow_quietly()
+    except ModuleNotFoundError as exc:
+        if exc.name != "tensorflow":
+            raise
+        print('error: TensorFlow is not installed. It is an extra, chosen per machine: pip install -e ".[cpu]" '
+              'on a CPU-only box, pip install -e ".[gpu]" on an NVIDIA GPU box (see the README)', file=sys.stderr)
+        return EXIT_CONFIG
     hide_gpus_from_this_process()
     try:
         run(cfg)
