@@ -49,6 +49,19 @@ baseline:
 """
 
 
+# Longest first, so that with two xdist workers the long end-to-end groups start at once and the
+# many short tests fill the other worker around them (collection order is dispatch order).
+_LONGEST_FIRST = ("test_workers.py", "test_quadrants.py", "test_sweep.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 def write_config(folder: Path, text: str = TINY, name: str = "sweep.yaml") -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(text))

