@@ -1,13 +1,16 @@
 """Benchmark of the trial engine; writes benchmarks/RESULTS.md (with the machine it ran on).
 
 The same enqueued trials (the demo's data and source backbone, `--trials` trials of 3 + 3
-epochs, no pruning, no baseline) run in four ways, each as a fresh process timed end to end:
+epochs, no pruning, no baseline) run in four ways (five with --before), each as a fresh process
+timed end to end:
 
   plain          a plain in-process Keras loop: one Python process builds, trains and evaluates
                  every trial with the harness's own model and phase code, and nothing else
                  (no Optuna, no MLflow, no trial processes): the floor;
-  fresh          `python -m harness.sweep` with study.trials_per_process: 1, a new trial process
-                 per trial, as the harness ran before warm processes;
+  before         (with --before DIR) the harness checked out in DIR, from before warm processes:
+                 a fresh child process per trial, started when the previous one ended;
+  fresh          `python -m harness.sweep` with study.trials_per_process: 1: a fresh trial process
+                 per trial, each started while the previous trial runs;
   warm           `python -m harness.sweep` as shipped: warm trial processes, --workers 1;
   warm x2        the same with --workers 2 (each process gets half the cores).
 
@@ -16,7 +19,7 @@ It reports harness/plain (goal <= 1.10), the fixed cost per trial of fresh and w
 It then runs benchmarks/trial_memory.py's measurement (resident memory of the process that ran
 each trial) for `--memory-trials` tiny trials. Usage:
 
-    python benchmarks/engine.py [--trials 6] [--memory-trials 30] [--out benchmarks/RESULTS.md]
+    python benchmarks/engine.py [--trials 6] [--memory-trials 30] [--before DIR] [--out benchmarks/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -126,18 +129,20 @@ def run_plain(work: Path, config: Path, trials: list[dict], weights: str) -> flo
     return time.perf_counter() - started
 
 
-def run_sweep(work: Path, config: Path, trials: list[dict], workers: int) -> float:
+def run_sweep(work: Path, config: Path, trials: list[dict], workers: int, code: Path = ROOT) -> float:
     """Enqueue the trials in the study's storage first, so the sweep runs exactly them."""
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{work}/results/bench/optuna.db"
     (work / "results" / "bench").mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name="bench", storage=storage, direction="maximize", load_if_exists=True)
     for params in trials:
         study.enqueue_trial(params)
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "harness.sweep", str(config), "--workers", str(workers)], cwd=work,
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"})
+    flags = ["--workers", str(workers)] if workers != 1 else []
+    out = subprocess.run([sys.executable, "-m", "harness.sweep", str(config), *flags], cwd=work, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(code), "TF_CPP_MIN_LOG_LEVEL": "3"})
     wall = time.perf_counter() - started
     if out.returncode != 0:
         raise SystemExit(f"sweep failed:\n{out.stderr[-3000:]}")
@@ -174,15 +179,23 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--memory-trials", type=int, default=30)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--before", type=Path, help="a checkout of the harness before warm processes (a child "
+                        "process per trial, started when the previous one ended), run the same way as 'before'")
     args = parser.parse_args()
     weights = source_weights()
     trials = trial_params(args.trials)
     seconds = {}
-    for mode, per_process, workers in (("plain", None, 1), ("fresh", 1, 1), ("warm", 20, 1), ("warm x2", 20, 2)):
+    modes = [("plain", None, 1), ("fresh", 1, 1), ("warm", 20, 1), ("warm x2", 20, 2)]
+    if args.before:
+        modes.insert(1, ("before", 1, 1))
+    for mode, per_process, workers in modes:
         work = Path(tempfile.mkdtemp(prefix=f"bench-{mode.replace(' ', '')}-"))
         config = work / "bench.yaml"
         config.write_text(WORKLOAD.format(n_trials=args.trials, trials_per_process=per_process or 1, weights=weights))
-        seconds[mode] = run_plain(work, config, trials, weights) if mode == "plain" else run_sweep(work, config, trials, workers)
+        if mode == "plain":
+            seconds[mode] = run_plain(work, config, trials, weights)
+        else:
+            seconds[mode] = run_sweep(work, config, trials, workers, args.before if mode == "before" else ROOT)
         print(f"{mode:>8}: {seconds[mode]:.1f} s for {args.trials} trials", flush=True)
 
     from benchmarks.trial_memory import run_mode
@@ -192,7 +205,8 @@ def main() -> None:
     lines = [
         "# Benchmark results",
         "",
-        f"Written by `python benchmarks/engine.py --trials {n} --memory-trials {args.memory_trials}` on "
+        f"Written by `python benchmarks/engine.py --trials {n} --memory-trials {args.memory_trials}"
+        f"{' --before ' + str(args.before) if args.before else ''}` on "
         f"{datetime.date.today().isoformat()}.",
         "",
         f"Machine: {machine()}.",
@@ -202,25 +216,41 @@ def main() -> None:
         "| run | seconds | vs plain loop | fixed cost per trial (s) |",
         "|---|---|---|---|",
     ]
-    for mode in ("plain", "fresh", "warm", "warm x2"):
+    for mode, *_ in modes:
         fixed = "" if mode in ("plain", "warm x2") else f"{(seconds[mode] - seconds['plain']) / n:.1f}"
         lines.append(f"| {mode} | {seconds[mode]:.1f} | {seconds[mode] / seconds['plain']:.2f} | {fixed} |")
     lines += [
         "",
         f"- Harness (warm, --workers 1) vs a plain in-process Keras loop: ratio **{seconds['warm'] / seconds['plain']:.2f}** (goal <= 1.10).",
         f"- `--workers 2` vs `--workers 1` throughput: **{seconds['warm'] / seconds['warm x2']:.2f}x** (goal >= 1.5x).",
-        f"- Fixed cost per trial, (sweep - plain) / trials: fresh process per trial {(seconds['fresh'] - seconds['plain']) / n:.1f} s, "
+        "- Fixed cost per trial, (sweep - plain) / trials: "
+        + (f"before this engine {(seconds['before'] - seconds['plain']) / n:.1f} s, " if args.before else "")
+        + f"a fresh process per trial started ahead {(seconds['fresh'] - seconds['plain']) / n:.1f} s, "
         f"warm processes {(seconds['warm'] - seconds['plain']) / n:.1f} s.",
+        "",
+        "Modes: `plain` is one Python process running the same trials with the harness's model and phase code and "
+        "nothing else; `before` is the harness before warm processes (a fresh child per trial, started when the last "
+        "ended); `fresh` is study.trials_per_process: 1 (a fresh process per trial, started while the previous trial "
+        "runs); `warm` is the default (warm processes, --workers 1); `warm x2` is --workers 2.",
         "",
         f"## Memory over {args.memory_trials} tiny trials (tests' config): resident memory of the process that ran each trial",
         "",
-        "| mode | after trial 3 (MiB) | after the last (MiB) | change | peak of the process tree (MiB) | s/trial |",
-        "|---|---|---|---|---|---|",
+        "| mode | after trial 3 (MiB) | after the last (MiB) | change | highest, first third (MiB) | "
+        "highest, last third (MiB) | change | peak of the process tree (MiB) | s/trial |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, r in memory.items():
         rss, last = r["rss"], max(r["rss"])
+        third = max(1, last // 3)
+        first_peak = max(v for k, v in rss.items() if k <= third)
+        last_peak = max(v for k, v in rss.items() if k > last - third)
         lines.append(f"| {mode} | {rss[3]:.0f} | {rss[last]:.0f} | {100 * (rss[last] / rss[3] - 1):+.1f}% | "
+                     f"{first_peak:.0f} | {last_peak:.0f} | {100 * (last_peak / first_peak - 1):+.1f}% | "
                      f"{r['peak_tree']:.0f} | {r['seconds_per_trial']:.1f} |")
+    lines += ["", "A warm process grows by Keras' per-fit leak until study.recycle_memory_mib (default 1024) and "
+              "is then replaced, so its memory is a saw-tooth with a fixed ceiling: compare the highest value of "
+              "the first and the last third of the sweep for the trend, not two single trials, which may sit at "
+              "different points of the saw-tooth."]
     lines += ["", "RSS by trial (MiB):", ""]
     for mode, r in memory.items():
         lines.append(f"- {mode}: " + ", ".join(f"{k}:{v:.0f}" for k, v in sorted(r["rss"].items())))

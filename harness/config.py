@@ -61,7 +61,7 @@ class StudyConfig:
     trials_per_process: int = _f(
         20, "trials a warm trial process runs before a fresh one replaces it (Keras leaks a little per fit)", min=1)
     recycle_memory_mib: float = _f(
-        2048, "MiB a trial process's resident memory may grow past its size after its first trial before it is "
+        1024, "MiB a trial process's resident memory may grow past its size after its first trial before it is "
         "replaced", min=64)
     heartbeat_seconds: int = _f(30, "server storages: how often a running trial proves it is alive; one silent for "
                                 "3 beats is failed and its parameters run again", min=1)

@@ -192,7 +192,7 @@ class TrialEngine:
                    cfg.study.max_consecutive_failures, cfg.study.timeout, cfg.study.heartbeat_seconds)
 
     def __init__(self, slots: list[Slot], tracker, exclusive: bool, log, trials_per_process: int = 20,
-                 recycle_memory_mib: float = 2048, max_consecutive_failures: int = 5, timeout: float | None = None,
+                 recycle_memory_mib: float = 1024, max_consecutive_failures: int = 5, timeout: float | None = None,
                  heartbeat_seconds: float = st.HEARTBEAT_SECONDS):
         self.heartbeat_seconds = heartbeat_seconds
         self.slots, self.tracker, self.exclusive, self.log = slots, tracker, exclusive, log
