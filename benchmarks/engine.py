@@ -151,6 +151,11 @@ def run_sweep(work: Path, config: Path, trials: list[dict], workers: int, code: 
     return wall
 
 
+def commit_of(folder: Path) -> str:
+    out = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
 def machine() -> str:
     import psutil
 
@@ -206,7 +211,8 @@ def main() -> None:
         "",
         f"Written by `python benchmarks/engine.py --trials {n} --memory-trials {args.memory_trials}"
         f"{' --before ' + str(args.before) if args.before else ''}` on "
-        f"{datetime.date.today().isoformat()}.",
+        f"{datetime.date.today().isoformat()}"
+        f"{' (the before checkout at commit ' + commit_of(args.before) + ')' if args.before else ''}.",
         "",
         f"Machine: {machine()}.",
         "",
