@@ -19,6 +19,7 @@ def weights_file(tmp_path_factory):
     from harness import backbones as bb
 
     path = tmp_path_factory.mktemp("w") / "mnv2.weights.h5"
+    keras.utils.set_random_seed(0)  # the same weights whatever ran before in this process
     bb.construct("MobileNetV2", 32, None, {"alpha": 0.35}).save_weights(path)
     return str(path)
 
@@ -70,6 +71,10 @@ def test_phase2_unfreezes_exactly_the_top_blocks_and_keeps_bn_frozen(weights_fil
 
 
 def test_recompiled_phase2_step_moves_unfrozen_weights_only_and_bn_statistics_stay(weights_file):
+    # Seeded: on random weights and inputs only 1 to 4 of the top blocks' weight tensors get a
+    # gradient at all (seen over 12 seeds), and with some random states none does, which made this
+    # test depend on what ran before it in the same process.
+    keras.utils.set_random_seed(1)
     tm = build_model(spec(weights_file))
     x, y = data()
     set_backbone_trainable(tm, 0)

@@ -61,6 +61,7 @@ def weights_file(tmp_path_factory):
     from harness import backbones as bb
 
     path = tmp_path_factory.mktemp("w") / "src.weights.h5"
+    keras.utils.set_random_seed(0)  # the same weights whatever ran before in this process
     bb.construct("MobileNetV2", 32, None, {"alpha": 0.35}).save_weights(path)
     return path
 
