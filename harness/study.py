@@ -122,7 +122,8 @@ def claim_lock(storage, name: str):
     the local storage has a single sweep process (harness/sweep.py holds its lock file), and only
     the sweep process asks Optuna for trials.
     """
-    engine = getattr(storage, "engine", None)
+    # A study wraps its RDBStorage in Optuna's caching layer; the database engine is the backend's.
+    engine = getattr(getattr(storage, "_backend", storage), "engine", None)
     if engine is None or engine.dialect.name != "postgresql":
         yield
         return

@@ -221,3 +221,29 @@ def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_onc
         confirms = [r for r in runs if r.data.tags.get("harness.role") == "confirm"
                     and r.data.tags["mlflow.parentRunId"] == cell.info.run_id]
         assert sorted(r.data.tags["harness.seed"] for r in confirms) == ["0", "1"]
+
+
+def test_the_claim_lock_serialises_processes_through_a_studys_own_storage(postgres_url):
+    """The engine takes the lock through `study._storage`, Optuna's caching wrapper: the lock must
+    reach PostgreSQL through it, so a second holder waits until the first lets go."""
+    import threading
+
+    from harness import study as st
+
+    storage = fresh_database(os.environ["HARNESS_TEST_POSTGRES"])
+    study = optuna.create_study(study_name="lock", storage=st.make_storage(storage))
+    order = []
+    with st.claim_lock(study._storage, "lock"):
+        other = threading.Thread(target=lambda: _hold(study, order))
+        other.start()
+        time.sleep(1.0)
+        order.append("first releases")
+    other.join(timeout=30)
+    assert order == ["first releases", "second holds"]
+
+
+def _hold(study, order):
+    from harness import study as st
+
+    with st.claim_lock(study._storage, "lock"):
+        order.append("second holds")
