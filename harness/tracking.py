@@ -246,6 +246,8 @@ class Tracker:
         FINISHED a moment before the process died, so Optuna never recorded the result) whose
         trial is not RUNNING any more was orphaned: it ends KILLED with optuna.state=FAIL.
         """
+        from mlflow.exceptions import MlflowException
+
         fixed = []
         runs = self.client.search_runs(
             [self.experiment_id],
@@ -261,8 +263,14 @@ class Tracker:
                 continue
             if state == "FAIL" and run.info.status in ("FAILED", "KILLED") and run.data.tags.get(STATE_TAG) == "FAIL":
                 continue
-            self.end_run(run.info.run_id, "KILLED", optuna_state=state or "FAIL")
-            self.set_tags(run.info.run_id, {"harness.fail_reason": run.data.tags.get("harness.fail_reason") or "process died before the trial ended"})
+            try:
+                self.end_run(run.info.run_id, "KILLED", optuna_state=state or "FAIL")
+                self.set_tags(run.info.run_id, {"harness.fail_reason": run.data.tags.get("harness.fail_reason")
+                                                or "process died before the trial ended"})
+            except MlflowException:
+                # Several sweep processes reconcile the same orphan at once, and a store may refuse
+                # the second writer of a tag (a unique-constraint error): the other one fixed it.
+                continue
             fixed.append(run.info.run_id)
         return fixed
 
