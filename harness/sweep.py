@@ -205,6 +205,7 @@ def run(cfg, log=None) -> dict:
 def _run_checked(cfg, engine, workers: int, gpus: list[str], log) -> dict:
     from harness import study as st
     from harness.data import load_dataset, make_splits
+    from harness.tracking import redact
 
     # --- preflight: everything that can refuse the sweep, before anything is created ---------
     if cfg.quadrants is None:
@@ -222,7 +223,7 @@ def _run_checked(cfg, engine, workers: int, gpus: list[str], log) -> dict:
         url = st.storage_url(cfg)
         storage, tracker = open_stores(cfg)
         log(f"{workers} trial process(es)" + (f" on GPU(s) {', '.join(gpus)}" if gpus else " on CPU")
-            + ("" if exclusive else f", sharing the study through {tracker_safe(url)}"))
+            + ("" if exclusive else f", sharing the study through {redact(url)}"))
         engine.use_stores(tracker, exclusive)
         status = "FINISHED"
         old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -267,12 +268,6 @@ def open_stores(cfg):
             )
         tracker.start_study_run(cfg.study.name, cfg.to_dict(), url, cfg.fingerprint())
     return storage, tracker
-
-
-def tracker_safe(url: str) -> str:
-    from harness.tracking import redact
-
-    return redact(url)
 
 
 def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusive, log) -> dict:

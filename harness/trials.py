@@ -27,10 +27,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import optuna
@@ -113,7 +112,6 @@ class Job:
     prepare: Callable[[optuna.Trial, str], Any]
     before_ask: Callable[[optuna.Study], None] | None = None
     on_done: Callable[[], list["Job"]] = lambda: []
-    retry_interrupted: bool = True  # an interrupted trial's parameters are queued to run again
     progress: Any = None
     parent_run_id: str | None = None  # MLflow parent of its runs (None: the sweep's parent run)
 
@@ -161,7 +159,6 @@ class Running:
     job: Job
     trial: optuna.Trial
     task: Any
-    started: float = field(default_factory=time.monotonic)
 
 
 def usable_cores() -> int:
@@ -398,8 +395,8 @@ class TrialEngine:
             raise message[1]
         if kind == "interrupted":
             self._record(job, trial, TrialState.FAIL, None, f"interrupted: {message[1]}")
-            if job.retry_interrupted:  # it did nothing wrong: its configuration runs again on resume
-                job.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            # it did nothing wrong: its configuration runs again on resume
+            job.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             return
         state, value = message[1]
         if state == "complete":
@@ -539,6 +536,3 @@ def recover_orphans(study, exclusive: bool) -> None:
         if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
             retry(study, study._storage.get_trial(t._trial_id))
 
-
-def stderr_log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)

@@ -137,7 +137,6 @@ class TrialProcess:
         self.rss_after_first: float | None = None  # resident memory after its first task
         self.rss: float | None = None
         self.busy = False
-        self.env = env or {}
 
     @property
     def sentinel(self):
