@@ -38,7 +38,8 @@ def run_scratch_baseline(cfg, study, dataset_name: str, tracker: Tracker, log, r
     if existing is not None:
         value = existing.data.metrics.get("objective")
         log(f"from-scratch baseline for trial {best.number} already trained: {cfg.study.metric} {value:.4f}")
-        return {"trial": best.number, "value": value, "run_id": existing.info.run_id}
+        return {"trial": best.number, "value": value, "run_id": existing.info.run_id,
+                "test_accuracy": existing.data.metrics.get("test_accuracy")}
 
     log(f"training the from-scratch baseline (trial {best.number}'s architecture, random init, {cfg.baseline.epochs} epochs max)")
     run_id = tracker.start_child(
@@ -49,8 +50,8 @@ def run_scratch_baseline(cfg, study, dataset_name: str, tracker: Tracker, log, r
     )
     tracker.log_params(run_id, {**params, "weights": "none", "baseline_lr": cfg.baseline.learning_rate,
                                 "baseline_epochs": cfg.baseline.epochs})
-    value = run_task(BaselineTask(cfg.study.name, params, run_id))
-    return {"trial": best.number, "value": value, "run_id": run_id}
+    result = run_task(BaselineTask(cfg.study.name, params, run_id))
+    return {"trial": best.number, "run_id": run_id, **result}
 
 
 @dataclass(frozen=True)
@@ -62,17 +63,20 @@ class BaselineTask:
     run_id: str
     context: Any = None
 
-    def run(self, runner, channel) -> float:
+    def run(self, runner, channel) -> dict[str, float]:
         return train_scratch(runner, self.params, self.run_id)
 
 
-def train_scratch(runner, params: dict, run_id: str) -> float:
-    """All layers from random init for the baseline's own budget; logs into `run_id`."""
+def train_scratch(runner, params: dict, run_id: str) -> dict[str, float]:
+    """All layers from random init for the baseline's own budget; logs into `run_id`.
+
+    Returns its best validation value and the test accuracy of the weights that scored it
+    (read once, after training, as for the winner)."""
     import keras
 
     from harness.data import tf_dataset
     from harness.model import build_model
-    from harness.phases import run_phases, scratch_plan
+    from harness.phases import evaluate, run_phases, scratch_plan
 
     cfg, dataset, splits, tracker = runner.cfg, runner.dataset, runner.splits, runner.tracker
     started = time.perf_counter()
@@ -90,6 +94,7 @@ def train_scratch(runner, params: dict, run_id: str) -> float:
         plan = scratch_plan(cfg.baseline.epochs, cfg.baseline.learning_rate, cfg.baseline.patience)
         history = run_phases(tm, plan, train, val, on_epoch=on_epoch, monitor=cfg.study.metric, direction=cfg.study.direction)
         log_history(tracker, run_id, history)
+        test = evaluate(tm.model, tf_dataset(dataset, splits.test, cfg.train.head.batch_size, shuffle=False))
     except BaseException as exc:
         tracker.log_failure(run_id, exc)
         tracker.end_run(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED", optuna_state="FAIL")
@@ -97,6 +102,7 @@ def train_scratch(runner, params: dict, run_id: str) -> float:
     finally:
         release_memory()
     value = history.best(cfg.study.metric, cfg.study.direction)
-    tracker.log_metrics(run_id, {"objective": value, "wall_seconds": time.perf_counter() - started})
+    tracker.log_metrics(run_id, {"objective": value, f"best_{cfg.study.metric}": value, "test_accuracy": test["accuracy"],
+                                 "test_loss": test["loss"], "wall_seconds": time.perf_counter() - started})
     tracker.end_run(run_id, "FINISHED", optuna_state="COMPLETE")
-    return value
+    return {"value": value, "test_accuracy": test["accuracy"]}

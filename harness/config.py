@@ -119,6 +119,8 @@ class TrackingConfig:
     uri: str | None = _f(None, "MLflow tracking URI; null = $MLFLOW_TRACKING_URI or sqlite:///results/mlflow.db")
     experiment: str | None = _f(None, "MLflow experiment name; null = the study name")
     artifact_root: str = _f("results/mlartifacts", "artifact location of new experiments on a local store")
+    system_metrics_seconds: float = _f(10, "how often each trial run samples CPU, memory and GPU use (MLflow system "
+                                       "metrics); 0 = off", min=0)
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,8 @@ PARAMS: dict[str, tuple[str, Any, str]] = {
     "dropout": ("float", (0.0, 0.95), "dropout before the classifier"),
     "pooling": ("str", ["avg", "max"], "global pooling of the feature map"),
     "augment": ("bool", [True, False], "random flip/rotation/zoom layers inside the model"),
+    "strategy": ("str", list(STRATEGIES), "how the backbone is used (quadrants pin one per cell); default: the "
+                 "two-phase routine as the other parameters describe it"),
 }
 DEFAULT_SEARCH: dict[str, Any] = {
     "backbone": "MobileNetV2",
@@ -219,6 +223,21 @@ class SweepConfig:
         """The resolved config as plain data (the first artifact of every run)."""
         out = {k: _plain(getattr(self, k)) for k in ("study", "data", "model", "train", "tracking", "baseline", "source", "quadrants")}
         out["search"] = {n: _param_plain(p) for n, p in self.search.items()}
+        return out
+
+    def resolved(self, params: dict, trial_number: int) -> dict:
+        """The config of one trial, re-runnable as it is: `python -m harness.sweep config.yaml`.
+
+        Every search parameter holds the value the trial used, and the study's seed is the one
+        that trial's weights were initialised with, under a study (and results folder) of its own,
+        in the same MLflow experiment; no pruning, no baseline, one trial."""
+        out = self.to_dict()
+        out["search"] = {name: value for name, value in params.items() if name in PARAMS}
+        out["study"].update(name=f"{self.study.name}.trial-{trial_number}", n_trials=1, timeout=None, storage=None,
+                            pruner="none", workers=1, seed=self.study.seed + trial_number)
+        out["tracking"]["experiment"] = self.tracking.experiment or self.study.name
+        out["baseline"]["scratch"] = False
+        out["quadrants"] = None
         return out
 
     def fingerprint(self) -> str:

@@ -12,6 +12,7 @@ larger ones with the same test split: a comparison across sizes isolates size.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,31 +51,109 @@ class Splits:
 # --- sources ---------------------------------------------------------------------------------
 
 
-def scan_folder(root: str | Path) -> tuple[list[str], list[str], np.ndarray]:
-    """(class names, file paths, labels) of a folder with one sub-folder per class."""
+def scan_folder(root: str | Path, cfg: DataConfig | None = None,
+                check_images: bool = False) -> tuple[list[str], list[str], np.ndarray]:
+    """(class names, file paths, labels) of a folder with one sub-folder per class.
+
+    Every problem is collected first and one DataError lists them all, so a bad folder costs one
+    run to diagnose, not one run per problem: fewer than two classes, empty class folders,
+    unreadable files (empty ones always; undecodable ones when `check_images`), and, given the
+    config, classes too small for its train/val/test splits.
+
+        >>> names, paths, labels = scan_folder("data/flowers", cfg.data, check_images=True)
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.path: dataset folder not found: {root}")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    problems = []
     if len(class_dirs) < 2:
-        raise DataError(f"data.path: {root} has {len(class_dirs)} class folder(s); a classification task needs at least two")
-    names, paths, labels = [], [], []
-    for label, d in enumerate(class_dirs):
-        files = sorted(str(f) for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise DataError(f"data.path: class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        names.append(d.name)
-        paths.extend(files)
-        labels.extend([label] * len(files))
+        problems.append(f"{root} has {len(class_dirs)} class folder(s); a classification task needs at least two")
+    files = {d: sorted(str(f) for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS) for d in class_dirs}
+    for d, found in files.items():
+        if not found:
+            problems.append(f"class folder {d} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    all_paths = [p for found in files.values() for p in found]
+    bad = set(find_corrupt_images(all_paths) if check_images else [p for p in all_paths if _is_empty(p)])
+    if bad:
+        problems.append(_unreadable(sorted(bad)))
+    if cfg is not None:
+        used = set(cfg.classes) if cfg.classes is not None else {d.name for d in class_dirs}
+        unknown = sorted(used - {d.name for d in class_dirs})
+        if unknown:
+            problems.append(f"data.classes names class(es) with no folder in {root}: {', '.join(unknown)}")
+        for d, found in files.items():
+            n = sum(p not in bad for p in found)
+            if found and d.name in used and not splittable(n, cfg):
+                problems.append(_too_few(d, n, cfg))
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise DataError(f"data.path: {root} cannot be used, {len(problems)} problem(s):\n{listed}")
+    names = [d.name for d in class_dirs]
+    paths = [p for d in class_dirs for p in files[d]]
+    labels = [label for label, d in enumerate(class_dirs) for _ in files[d]]
     return names, paths, np.asarray(labels, np.int64)
 
 
+SHOWN_FILES = 20  # unreadable files listed by name; the count is always the total
+
+
+def _unreadable(bad: list[str]) -> str:
+    shown = "\n      ".join(bad[:SHOWN_FILES])
+    more = f"\n      ... and {len(bad) - SHOWN_FILES} more" if len(bad) > SHOWN_FILES else ""
+    return f"{len(bad)} unreadable or corrupt image file(s) (delete or replace them):\n      {shown}{more}"
+
+
+def split_sizes(n: int, cfg: DataConfig) -> tuple[int, int, int]:
+    """(train, val, test) images of a class of `n`, before the per-class caps: make_splits' rounding."""
+    n_test = max(1, round(n * cfg.test_fraction))
+    n_val = max(1, round(n * cfg.val_fraction))
+    return n - n_test - n_val, n_val, n_test
+
+
+def splittable(n: int, cfg: DataConfig) -> bool:
+    """Whether a class of `n` images gives >= 1 val and test image and enough train images:
+    at least one, or `train_per_class` when that is set (a smaller class would silently train on
+    fewer images than the config says)."""
+    return n >= 3 and split_sizes(n, cfg)[0] >= (cfg.train_per_class or 1)
+
+
+def min_images_per_class(cfg: DataConfig, above: int = 2) -> int | None:
+    """The smallest class size over `above` that `splittable` accepts; None if there is none
+    (fractions that leave no train share, which config validation refuses)."""
+    return next((n for n in range(max(3, above + 1), 1_000_000) if splittable(n, cfg)), None)
+
+
+def _too_few(d: Path, n: int, cfg: DataConfig) -> str:
+    need = cfg.train_per_class or 1
+    rule = f"val_fraction {cfg.val_fraction:g}, test_fraction {cfg.test_fraction:g}"
+    rule += f", train_per_class {cfg.train_per_class}" if cfg.train_per_class else ""
+    least = min_images_per_class(cfg)
+    if least is None or n < least:
+        needed = "no class size works" if least is None else f"a class needs at least {least}"
+        return f"class folder {d} has {n} usable image(s), too few to split with {rule}: {needed}"
+    # Rounding can make one size fail between sizes that work (e.g. both fractions near 0.45).
+    train, val, test = split_sizes(n, cfg)
+    return (f"class folder {d} has {n} usable image(s); {rule} round that to {val} val + {test} test, "
+            f"leaving {train} for train where {need} are needed ({min_images_per_class(cfg, n)} images would split)")
+
+
+def _is_empty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:  # vanished or unreadable: as unusable as an empty file
+        return True
+
+
 def find_corrupt_images(paths: list[str]) -> list[str]:
-    """Files PIL cannot fully decode: checked once, before any study exists."""
+    """Files PIL cannot fully decode (empty files included): checked once, before any study exists."""
     from PIL import Image
 
     bad = []
     for p in paths:
+        if _is_empty(p):
+            bad.append(p)
+            continue
         try:
             with Image.open(p) as im:
                 im.load()
@@ -120,12 +199,7 @@ def load_dataset(cfg: DataConfig, check_images: bool = True) -> Dataset:
         images, labels, names = _load_tfds(cfg.name, cfg.image_size)
         ds = Dataset(names, labels, images=images, image_size=cfg.image_size, name=cfg.name)
     else:
-        names, paths, labels = scan_folder(cfg.path)
-        if check_images:
-            bad = find_corrupt_images(paths)
-            if bad:
-                shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-                raise DataError(f"data.path: {len(bad)} unreadable or corrupt image file(s):\n  {shown}")
+        names, paths, labels = scan_folder(cfg.path, cfg, check_images)
         ds = Dataset(names, labels, paths=paths, image_size=cfg.image_size, name=Path(cfg.path).name)
     if cfg.classes is not None:
         ds = select_classes(ds, cfg.classes)
@@ -202,3 +276,36 @@ def tf_dataset(ds: Dataset, indices: np.ndarray, batch_size: int, shuffle: bool,
         pipe = pipe.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
     return pipe.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
+
+
+# --- what a run trained on ---------------------------------------------------------------------
+
+
+def split_digest(ds: Dataset, indices: np.ndarray) -> str:
+    """A content hash of one split: its images (or each file's path, size and modification
+    time), labels and class names. Changes whenever what the split feeds a model changes."""
+    import hashlib
+
+    h = hashlib.sha256("\0".join(ds.class_names).encode())
+    h.update(np.asarray(ds.labels[indices], np.int64).tobytes())
+    if ds.images is not None:
+        h.update(np.ascontiguousarray(ds.images[indices]).tobytes())
+    else:
+        for i in indices:
+            stat = Path(ds.paths[i]).stat()
+            h.update(f"{ds.paths[i]}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def dataset_inputs(ds: Dataset, cfg: DataConfig, splits: Splits, with_test: bool = False) -> list[dict]:
+    """The dataset inputs of a run (harness/tracking.py `log_datasets`): one per split it used."""
+    if cfg.source == "folder":
+        source = str(Path(cfg.path).resolve())
+    elif cfg.source == "tfds":
+        source = f"https://www.tensorflow.org/datasets/catalog/{cfg.name}"
+    else:
+        source = {"generator": "harness.datasets_builtin", "name": str(cfg.name), "seed": str(cfg.seed),
+                  "images_per_class": str(cfg.builtin_size)}
+    parts = [("train", splits.train), ("validation", splits.val)] + ([("test", splits.test)] if with_test else [])
+    return [{"name": f"{ds.name}-{context}", "source": source, "digest": split_digest(ds, idx), "context": context,
+             "images": len(idx)} for context, idx in parts]

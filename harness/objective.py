@@ -17,7 +17,7 @@ import optuna
 
 from harness.config import ConfigError, SweepConfig
 from harness.data import Dataset, Splits, tf_dataset
-from harness.phases import EpochRecord, History, NonFiniteLoss, Phase, run_phases, scratch_plan, two_phase_plan  # noqa: F401
+from harness.phases import BestWeights, EpochRecord, History, NonFiniteLoss, Phase, run_phases, scratch_plan, two_phase_plan  # noqa: F401
 from harness.tracking import Tracker
 
 
@@ -95,10 +95,15 @@ class TrialRunner:
             )
         return self._pipelines[batch_size]
 
-    def run_trial(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool]) -> float:
+    def run_trial(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool],
+                  leader: float | None = None) -> float:
         """Train one trial; returns its objective value. Raises optuna.TrialPruned, TrialFailed,
         ConfigError (stop the sweep) or KeyboardInterrupt (stop asked for), with the MLflow run
-        already ended to match."""
+        already ended to match.
+
+        `leader` is the study's best value when the trial was handed out (None: no trial has
+        finished yet). A trial that matches or beats it logs its trained model to its run, so the
+        winner's model exists however the sweep ends, while most trials store none."""
         from harness.phases import stop_requested
 
         if stop_requested.is_set():
@@ -106,12 +111,24 @@ class TrialRunner:
             raise KeyboardInterrupt("stop requested")
         cfg = self.cfg
         started = time.perf_counter()
+        history = History()
+        system = self.tracker.system_metrics(run_id, cfg.tracking.system_metrics_seconds)
         try:
-            history = self._train(number, params, run_id, report)
+            tm = self._train(number, params, run_id, report, history)
             if stop_requested.is_set():  # asked to stop while the trial was finishing: it runs again on resume
                 raise KeyboardInterrupt("stop requested")
-        except optuna.TrialPruned:
-            self.tracker.end_run(run_id, "KILLED", optuna_state="PRUNED")
+            value = history.best(cfg.study.metric, cfg.study.direction)
+            self.tracker.log_metrics(run_id, {"objective": value, f"best_{cfg.study.metric}": value,
+                                              "wall_seconds": time.perf_counter() - started,
+                                              "system/rss_mib": resident_mib()})
+            if leads(value, leader, cfg.study.direction):
+                self.tracker.log_keras_model(run_id, tm.model, self.dataset.class_names, cfg.data.image_size,
+                                             tags={"harness.study": cfg.study.name, "harness.trial": number})
+        except optuna.TrialPruned as exc:
+            # A pruned trial did its job: it ends FINISHED, says why, and keeps its curve.
+            log_history(self.tracker, run_id, history)
+            self.tracker.set_tags(run_id, {"harness.pruned_reason": str(exc)})
+            self.tracker.end_run(run_id, "FINISHED", optuna_state="PRUNED")
             raise
         except ConfigError:
             self.tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
@@ -129,14 +146,15 @@ class TrialRunner:
             self.tracker.end_run(run_id, "KILLED" if interrupted else "FAILED", optuna_state="FAIL")
             raise
         finally:
+            system.finish()
+            tm = None
             release_memory()
-        value = history.best(cfg.study.metric, cfg.study.direction)
-        self.tracker.log_metrics(run_id, {"objective": value, "wall_seconds": time.perf_counter() - started,
-                                          "system/rss_mib": resident_mib()})
         self.tracker.end_run(run_id, "FINISHED", optuna_state="COMPLETE")
         return value
 
-    def _train(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool]) -> History:
+    def _train(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool], history: History):
+        """Build and train the trial's model (filling `history`); returns it with the best
+        epoch's weights."""
         from harness.model import build_model
 
         import keras
@@ -162,21 +180,35 @@ class TrialRunner:
             if prune:
                 raise optuna.TrialPruned(f"pruned at epoch {record.epoch} ({cfg.study.metric}={value:.4f})")
 
-        history = run_plan(cfg, tm, plan, self.pipelines, on_epoch, on_phase_start)
+        run_plan(cfg, tm, plan, self.pipelines, on_epoch, on_phase_start, history=history)
         log_history(self.tracker, run_id, history)
-        return history
+        return tm
 
 
-def run_plan(cfg: SweepConfig, tm, plan, pipelines, on_epoch=lambda r: None, on_phase_start=lambda p, t, n: None) -> History:
-    """Run a plan whose phases may use different batch sizes; `pipelines(batch)` -> (train, val)."""
+def leads(value: float, leader: float | None, direction: str) -> bool:
+    """Whether a finished trial's value matches or beats the best known when it started."""
+    import math
+
+    if not math.isfinite(value):
+        return False
+    if leader is None or not math.isfinite(leader):
+        return True
+    return value >= leader if direction == "maximize" else value <= leader
+
+
+def run_plan(cfg: SweepConfig, tm, plan, pipelines, on_epoch=lambda r: None, on_phase_start=lambda p, t, n: None,
+             history: History | None = None) -> History:
+    """Run a plan whose phases may use different batch sizes; `pipelines(batch)` -> (train, val).
+
+    The model ends with the best epoch's weights across all phases: the weights that scored.
+    `history` is filled as epochs end, so it holds what ran even when on_epoch raises (pruning)."""
     batch = {"head": cfg.train.head.batch_size, "finetune": cfg.train.finetune.batch_size}
-    merged = History()
+    merged = history if history is not None else History()
+    best = BestWeights(cfg.study.metric, cfg.study.direction)
     for phase in plan:
         train_ds, val_ds = pipelines(batch.get(phase.name, cfg.train.head.batch_size))
-        part = run_phases(tm, [phase], train_ds, val_ds, on_epoch, on_phase_start, cfg.study.metric, cfg.study.direction,
-                          start_epoch=len(merged.epochs))
-        merged.epochs.extend(part.epochs)
-        merged.phases.extend(part.phases)
+        run_phases(tm, [phase], train_ds, val_ds, on_epoch, on_phase_start, cfg.study.metric, cfg.study.direction,
+                   start_epoch=len(merged.epochs), best=best, history=merged)
     return merged
 
 

@@ -77,10 +77,40 @@ class History:
         return next((p.start_epoch for p in self.phases if p.name == name), None)
 
 
+class BestWeights:
+    """The weights of the best epoch on the objective, across every phase of a plan.
+
+    Each phase's EarlyStopping restores only its own best epoch, so without this a trial whose
+    best epoch was in phase 1 would be confirmed, tested and saved with phase 2's weights: the
+    model reported would not be the model scored. Weights include BatchNormalization's moving
+    statistics, so a from-scratch model keeps the statistics its score was measured with.
+    """
+
+    def __init__(self, monitor: str = "val_accuracy", direction: str = "maximize"):
+        self.monitor, self.direction = monitor, direction
+        self.value: float | None = None
+        self.epoch: int | None = None
+        self.weights: list | None = None
+
+    def improves(self, value: float) -> bool:
+        if self.value is None:
+            return True
+        return value > self.value if self.direction == "maximize" else value < self.value
+
+    def observe(self, model: keras.Model, record: EpochRecord) -> None:
+        value = record.metrics.get(self.monitor)
+        if value is not None and math.isfinite(value) and self.improves(value):
+            self.value, self.epoch, self.weights = value, record.epoch, model.get_weights()
+
+    def restore(self, model: keras.Model) -> None:
+        if self.weights is not None:
+            model.set_weights(self.weights)
+
+
 class _EpochHook(keras.callbacks.Callback):
-    def __init__(self, phase: str, history: History, on_epoch: Callable[[EpochRecord], None]):
+    def __init__(self, phase: str, history: History, on_epoch: Callable[[EpochRecord], None], best: BestWeights | None = None):
         super().__init__()
-        self.phase, self.history, self.on_epoch = phase, history, on_epoch
+        self.phase, self.history, self.on_epoch, self.best = phase, history, on_epoch, best
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = {k: float(v) for k, v in (logs or {}).items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
@@ -90,6 +120,8 @@ class _EpochHook(keras.callbacks.Callback):
                 raise NonFiniteLoss(f"{self.phase} phase, epoch {epoch}: {key} is {metrics[key]}")
         record = EpochRecord(epoch, self.phase, metrics)
         self.history.epochs.append(record)
+        if self.best is not None:
+            self.best.observe(self.model, record)
         self.on_epoch(record)
 
 
@@ -213,9 +245,18 @@ def run_phases(
     monitor: str = "val_accuracy",
     direction: str = "maximize",
     start_epoch: int = 0,
+    best: BestWeights | None = None,
+    history: History | None = None,
+    restore_best: bool = True,
 ) -> History:
-    """Run each phase of `plan` in turn on one epoch timeline; return the full history."""
-    history = History()
+    """Run each phase of `plan` in turn on one epoch timeline; return the full history.
+
+    The model ends with the weights of the best epoch of all phases run so far (`best`, shared
+    across calls when a plan runs phase by phase). `history`, when given, is filled in place, so
+    a caller that stops training by raising (a pruned trial) still has the epochs that ran.
+    """
+    history = history if history is not None else History()
+    best = best or BestWeights(monitor, direction)
     epoch = start_epoch
     for phase in plan:
         if phase.epochs <= 0:
@@ -225,7 +266,7 @@ def run_phases(
         trainable, total = count_params(tm.model)
         on_phase_start(phase, trainable, total)
         trains_bn = phase.unfreeze_blocks < 0
-        callbacks: list[keras.callbacks.Callback] = [_NonFiniteBatch(), _EpochHook(phase.name, history, on_epoch)]
+        callbacks: list[keras.callbacks.Callback] = [_NonFiniteBatch(), _EpochHook(phase.name, history, on_epoch, best)]
         if trains_bn:
             callbacks.insert(0, _ScratchValidation(train_ds, val_ds))
         if phase.patience:
@@ -250,6 +291,8 @@ def run_phases(
                 result.best[key] = min(vals) if key.endswith("loss") else max(vals)
         history.phases.append(result)
         epoch += ran
+    if restore_best:
+        best.restore(tm.model)
     return history
 
 

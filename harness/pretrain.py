@@ -91,7 +91,9 @@ def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
         log(f"  source epoch {r.epoch + 1}/{src.epochs}: loss {r.metrics['loss']:.3f} "
             f"val_accuracy {r.metrics.get('val_accuracy', float('nan')):.3f}")
 
-    history = run_phases(tm, scratch_plan(src.epochs, src.learning_rate, None), train, val, on_epoch=on_epoch)
+    # The source keeps its last epoch, as the shipped weights were made: `--ship` must reproduce them.
+    history = run_phases(tm, scratch_plan(src.epochs, src.learning_rate, None), train, val, on_epoch=on_epoch,
+                         restore_best=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name.replace(".weights.h5", ".partial.weights.h5"))
     tm.backbone.save_weights(tmp)

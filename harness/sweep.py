@@ -271,18 +271,22 @@ def open_stores(cfg):
 
 
 def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusive, log) -> dict:
-    """One study: the core two-phase sweep, then the from-scratch baseline and the summary."""
+    """One study: the two-phase sweep; then the winner registered and tested, the from-scratch
+    baseline, the summary and the parent run's description."""
     from harness import study as st
     from harness.baseline import run_scratch_baseline
+    from harness.data import dataset_inputs
     from harness.progress import Progress
-    from harness.summary import summarize
+    from harness.summary import chance_level, summarize
     from harness.trials import Context, recover, trial_job
+    from harness.winner import deliver_winner, description
 
     study = st.open_study(cfg, storage, reseed=not exclusive)
     study.set_user_attr("mlflow_parent_run_id", tracker.parent_run_id)
     study.set_user_attr("mlflow_tracking_uri", tracker.uri)
     recover(study, tracker, exclusive, log)
-    context = Context(cfg.study.name, cfg, dataset, splits, tracker, weights)
+    context = Context(cfg.study.name, cfg, dataset, splits, tracker, weights, tuple(dataset_inputs(dataset, cfg.data, splits)))
+    tracker.log_datasets(tracker.parent_run_id, dataset_inputs(dataset, cfg.data, splits, with_test=True))
     n_done = st.finished_count(study)
     if n_done >= cfg.study.n_trials:
         log(f"study {cfg.study.name!r} already has {n_done} finished trial(s) (n_trials={cfg.study.n_trials}): nothing to run")
@@ -293,12 +297,35 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
                             best=best.value if best else None)
         engine.run([trial_job(cfg, study, context, tracker, progress=progress)])
     _check_stop()
+
+    def run_task(task):
+        return engine.call(context, task)
+
+    winner = deliver_winner(cfg, study, tracker, run_task, log)
+    _check_stop()
     baseline = None
-    if cfg.baseline.scratch and st.best_trial(study) is not None:
-        baseline = run_scratch_baseline(cfg, study, dataset.name, tracker, log, lambda task: engine.call(context, task))
+    if cfg.baseline.scratch and winner is not None:
+        baseline = run_scratch_baseline(cfg, study, dataset.name, tracker, log, run_task)
     summary = summarize(cfg, study, dataset.labels[splits.val], baseline, tracker)
-    log(summary["text"])
+    parent_metrics = {"test_accuracy": winner and winner["test_accuracy"],
+                      "scratch_test_accuracy": baseline and baseline.get("test_accuracy")}
+    tracker.log_metrics(tracker.parent_run_id, {k: v for k, v in parent_metrics.items() if v is not None})
+    tracker.describe(tracker.parent_run_id, description(cfg, winner, baseline, chance_level(dataset.labels[splits.val]), tracker))
+    summary["winner"] = winner
+    log(summary["text"] + _test_lines(winner, baseline))
     return summary
+
+
+def _test_lines(winner: dict | None, baseline: dict | None) -> str:
+    """The held-out test scores, read once each after the search: the summary's last word."""
+    lines = []
+    if winner and winner.get("test_accuracy") is not None:
+        lines.append(f"winner (trial {winner['trial']}) on the held-out test split: accuracy {winner['test_accuracy']:.4f}")
+    if baseline and baseline.get("test_accuracy") is not None:
+        lines.append(f"from-scratch baseline on the held-out test split: accuracy {baseline['test_accuracy']:.4f}")
+    if winner and winner.get("model_uri"):
+        lines.append(f"winning model: {winner['model_uri']}  (predict: python -m harness.predict {winner['model_uri'].split('/')[1]} FOLDER)")
+    return "\n" + "\n".join(lines) if lines else ""
 
 
 def main(argv: list[str] | None = None) -> int:

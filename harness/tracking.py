@@ -4,9 +4,11 @@ All calls go through `MlflowClient` with explicit run ids (no global "active run
 run can be ended, failed or reconciled from anywhere, including after a crash.
 
 Run tree:  experiment <study name>
-             └─ parent run  (tag harness.role=study)   config.yaml, summary
-                  ├─ child run per trial (harness.role=trial, optuna.trial_number)
+             └─ parent run  (tag harness.role=study)   config.yaml, summary, description naming the winner
+                  ├─ child run per trial (harness.role=trial, optuna.trial_number)   config.yaml (resolved),
+                  │     history.csv, learning_curve.png, system metrics; a logged Keras model when it led
                   └─ child run per baseline (harness.role=baseline)
+           registered model <study name>: one version per sweep, the winner's logged model
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ PARENT_TAG = "mlflow.parentRunId"
 FINGERPRINT_TAG = "harness.config_fingerprint"  # MLflow's own nesting tag: the UI draws the tree from it
 
 DEFAULT_TRACKING_DB = "results/mlflow.db"
+MODEL_URI_TAG = "harness.model_uri"  # on a run whose trained model was logged: where it is
+DESCRIPTION_TAG = "mlflow.note.content"  # the run description the UI shows (markdown)
+# The UI opens an experiment in the view its kind names; without it, a new experiment with no runs
+# yet is guessed to be GenAI and opens on an empty traces page.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# The parent run's params: what a reader scans the runs table by. The whole config is its config.yaml.
+KEY_PARAMS = ("study.metric", "study.direction", "study.n_trials", "study.sampler", "study.pruner", "data.source",
+              "data.name", "data.path", "data.image_size", "model.weights")
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -80,6 +90,8 @@ class Tracker:
         for attempt in range(10):
             exp = self.client.get_experiment_by_name(name)
             if exp is not None:
+                if "mlflow.experimentKind" not in exp.tags:  # made before the kind was set, or by hand
+                    self.client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
                 return exp.experiment_id
             location = None
             if artifact_root and not self.uri.startswith(("http://", "https://")):
@@ -87,7 +99,7 @@ class Tracker:
                 location = Path(artifact_root).resolve().as_uri()
                 Path(artifact_root).mkdir(parents=True, exist_ok=True)
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
             except MlflowException as exc:
                 if not _lost_creation_race(exc):
                     raise
@@ -148,9 +160,8 @@ class Tracker:
                 run_id = oldest
             else:
                 self.client.log_dict(run_id, config, "config.yaml")
-                params = _flatten({k: v for k, v in config.items() if k != "search"})
-                params.update({f"search.{k}": v for k, v in config.get("search", {}).items()})
-                self.log_params(run_id, params)
+                flat = _flatten({k: v for k, v in config.items() if k != "search"})
+                self.log_params(run_id, {k: flat[k] for k in KEY_PARAMS if flat.get(k) is not None})
         self.parent_run_id = run_id
         return run_id
 
@@ -217,6 +228,93 @@ class Tracker:
             self.client.set_tag(run_id, STATE_TAG, optuna_state)
         self.client.set_terminated(run_id, status=status)
 
+    def describe(self, run_id: str, markdown: str) -> None:
+        """The run's description, shown at the top of its page in the UI."""
+        self.client.set_tag(run_id, DESCRIPTION_TAG, markdown)
+
+    def run_link(self, run_id: str) -> str:
+        """A link to a run that works from any page of the MLflow UI (markdown in descriptions)."""
+        return f"#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return self.client.get_run(run_id).data.tags
+
+    # --- models and datasets ---------------------------------------------------------------
+
+    def log_keras_model(self, run_id: str, model, class_names: list[str], image_size: int,
+                        tags: dict[str, Any] | None = None) -> str:
+        """Log a trained Keras model to its run (MLflow's Keras flavour, a `.keras` file inside);
+        returns its `models:/` URI, also kept on the run as the tag harness.model_uri.
+
+        The input is raw uint8 pixels (preprocessing is inside the model); the class names go in
+        the model's metadata, so `python -m harness.predict` names its predictions."""
+        import keras
+        import mlflow
+        import numpy as np
+        from mlflow.models import infer_signature
+
+        example = np.zeros((1, image_size, image_size, 3), np.uint8)
+        signature = infer_signature(example, np.asarray(model.predict(example, verbose=0), np.float32))
+        mlflow.set_tracking_uri(self.uri)
+        # The fluent API is the only way to log a flavour; the `with` ends the run as FINISHED, so
+        # this is called once the trial has succeeded, just before its run ends anyway.
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.keras.log_model(
+                model, name="model", signature=signature,
+                metadata={"class_names": list(class_names), "image_size": int(image_size)},
+                pip_requirements=[f"keras=={keras.__version__}", "tensorflow"],  # no slow requirement inference
+                tags={k: str(v) for k, v in (tags or {}).items()},
+            )
+        self.client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
+        return info.model_uri
+
+    def register_model(self, model_uri: str, name: str, run_id: str, tags: dict[str, Any], description: str = "") -> str:
+        """A new version of the registered model `name` pointing at a logged model; returns it."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        mlflow.set_tracking_uri(self.uri)  # the registry looks the logged model up through the global URI
+        try:
+            self.client.create_registered_model(name, description="Best models of the sweep " + name)
+        except MlflowException as exc:
+            if not _lost_creation_race(exc):
+                raise
+        version = self.client.create_model_version(name, model_uri, run_id=run_id,
+                                                   tags={k: str(v) for k, v in tags.items()}, description=description)
+        return version.version
+
+    def log_datasets(self, run_id: str, inputs: list[dict]) -> None:
+        """Dataset inputs of a run, as MLflow's Dataset column and run page show them.
+
+        Each input: name, source (a path, URL or {tags} for generated data), digest (content
+        hash), context (train, validation or test) and images (the split's size)."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        if not inputs:
+            return
+        entities = []
+        for item in inputs:
+            raw = item["source"]
+            if isinstance(raw, dict):
+                source = CodeDatasetSource(raw)
+            elif str(raw).startswith(("http://", "https://")):
+                source = HTTPDatasetSource(raw)
+            else:
+                source = resolve_dataset_source(str(raw))
+            dataset = MetaDataset(source, name=item["name"], digest=item["digest"])
+            entities.append(DatasetInput(dataset._to_mlflow_entity(), tags=[
+                InputTag("mlflow.data.context", item["context"]), InputTag("images", str(item["images"]))]))
+        self.client.log_inputs(run_id, datasets=entities)
+
+    def system_metrics(self, run_id: str, sampling_seconds: float) -> "SystemMetrics":
+        """MLflow's system metrics (CPU, memory, disk, network; GPU when nvidia-ml-py sees one)
+        of a run, sampled until `.finish()`."""
+        return SystemMetrics(self.uri, run_id, sampling_seconds)
+
     # --- crash recovery --------------------------------------------------------------------
 
     def find_child(self, role: str, tags: dict[str, Any], parent_id: str | None = None):
@@ -273,6 +371,34 @@ class Tracker:
                 continue
             fixed.append(run.info.run_id)
         return fixed
+
+
+class SystemMetrics:
+    """MLflow's system-metrics monitor for one run, with the last samples kept.
+
+    The monitor publishes once per interval, so a run shorter than one interval would get
+    nothing; `finish` publishes what was sampled since the last publication."""
+
+    def __init__(self, uri: str, run_id: str, sampling_seconds: float):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = None
+        if sampling_seconds > 0:
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_seconds, tracking_uri=uri)
+            self.monitor.start()
+
+    def finish(self) -> None:
+        if self.monitor is None:
+            return
+        self.monitor.finish()
+        try:
+            pending = self.monitor.aggregate_metrics()
+            if pending:
+                self.monitor.publish_metrics(pending)
+                self.monitor.mlflow_logger.flush()
+        except Exception:  # noqa: BLE001 - a missed sample must never fail a trial
+            pass
+        self.monitor = None
 
 
 def _lost_creation_race(exc: Exception) -> bool:

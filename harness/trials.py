@@ -59,6 +59,7 @@ class Context:
     splits: Any
     tracker: Any
     weights: dict
+    inputs: tuple = ()  # the dataset inputs each run records (harness/data.py `dataset_inputs`)
 
     def load(self) -> TrialRunner:
         return TrialRunner(self.cfg, self.dataset, self.splits, self.tracker, self.weights)
@@ -72,11 +73,13 @@ class TrialTask:
     number: int
     params: dict
     run_id: str
+    leader: float | None = None  # the study's best value when handed out: a trial that beats it logs its model
     context: Context | None = None  # attached the first time a process sees this study
 
     def run(self, runner: TrialRunner, channel: Channel) -> tuple[str, Any]:
         try:
-            return "complete", runner.run_trial(self.number, self.params, self.run_id, lambda e: channel.ask(("epoch", e)))
+            return "complete", runner.run_trial(self.number, self.params, self.run_id, lambda e: channel.ask(("epoch", e)),
+                                                self.leader)
         except optuna.TrialPruned as exc:
             return "pruned", str(exc)
         except TrialFailed as exc:
@@ -130,15 +133,17 @@ def trial_job(cfg, study, context: Context, tracker, parent_run_id: str | None =
             f"trial {trial.number}", "trial",
             {TRIAL_TAG: trial.number, "backbone": params["backbone"], "dataset": context.dataset.name,
              STATE_TAG: "RUNNING", "optuna.study": cfg.study.name, **(extra_tags or {})},
-            config=cfg.to_dict(), parent_id=parent_run_id,
+            config=cfg.resolved(params, trial.number), parent_id=parent_run_id,
         )
+        tracker.log_datasets(run_id, context.inputs)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("worker", worker_id)  # the process running it
         trial.set_user_attr("sweep_process", sweep_process)  # the process that asked for it
         tracker.log_params(run_id, params)
         if progress:
             progress.trial_started(trial.number, params)
-        return TrialTask(context.key, trial.number, params, run_id)
+        leader = st.best_trial(study)
+        return TrialTask(context.key, trial.number, params, run_id, leader.value if leader else None)
 
     return Job(name or cfg.study.name, study, cfg.study.n_trials, context, prepare, on_done=on_done, progress=progress,
                parent_run_id=parent_run_id)

@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from harness.config import DataConfig
-from harness.data import DataError, load_dataset, make_splits, select_classes, tf_dataset
+from harness.data import (DataError, load_dataset, make_splits, min_images_per_class, select_classes, splittable,
+                          tf_dataset)
+from tests.conftest import TINY, run_cli, write_config
 
 LABELS = np.repeat(np.arange(4), 50)
 
@@ -45,7 +47,7 @@ def _write_folder(root, classes=("cat", "dog"), n=6):
     for c in classes:
         (root / c).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+            Image.fromarray(np.full((20, 24, 3), 40 * i % 256, np.uint8)).save(root / c / f"{i}.png")
 
 
 def test_image_folder_is_read_and_piped_through_tf_data(tmp_path):
@@ -84,3 +86,99 @@ def test_corrupt_images_are_listed_before_anything_runs(tmp_path):
 def test_digits_are_real_scans_upscaled_to_rgb():
     ds = load_dataset(DataConfig(source="builtin", name="digits", image_size=32))
     assert ds.num_classes == 10 and ds.images.shape == (1797, 32, 32, 3)
+
+
+def _bad_folder(root):
+    """An empty class, two unreadable files (one garbage, one 0 bytes) and a class of one image."""
+    _write_folder(root)
+    (root / "empty_one").mkdir()
+    (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "dog" / "zero.jpg").write_bytes(b"")
+    _write_folder(root, classes=("lonely",), n=1)
+
+
+def test_every_problem_of_a_folder_is_reported_in_one_error(tmp_path):
+    _bad_folder(tmp_path)
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(source="folder", path=str(tmp_path)))
+    text = str(info.value)
+    assert text.startswith("data.path:") and "3 problem(s)" in text
+    assert "empty_one holds no images (looked for .jpg, .jpeg, .png" in text
+    assert "2 unreadable or corrupt image file(s)" in text and "broken.png" in text and "zero.jpg" in text
+    assert "lonely has 1 usable image(s), too few to split" in text and "a class needs at least 3" in text
+
+
+def test_without_the_decode_check_only_empty_files_are_unreadable(tmp_path):
+    _write_folder(tmp_path)
+    (tmp_path / "cat" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "dog" / "zero.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="1 unreadable") as info:
+        load_dataset(DataConfig(source="folder", path=str(tmp_path)), check_images=False)
+    assert "zero.jpg" in str(info.value) and "broken.png" not in str(info.value)
+
+
+def test_a_long_list_of_bad_files_is_capped_but_counted(tmp_path):
+    _write_folder(tmp_path)
+    for i in range(25):
+        (tmp_path / "cat" / f"bad{i:02d}.jpg").write_text("x")
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(source="folder", path=str(tmp_path)))
+    text = str(info.value)
+    assert "25 unreadable" in text and "... and 5 more" in text
+    assert sum(f"bad{i:02d}.jpg" in text for i in range(25)) == 20
+
+
+def test_the_minimum_class_size_follows_the_fractions_and_train_per_class(tmp_path):
+    assert min_images_per_class(DataConfig(val_fraction=0.2, test_fraction=0.2)) == 3
+    assert min_images_per_class(DataConfig(val_fraction=0.2, test_fraction=0.2, train_per_class=10)) == 16  # 16 - 3 test - 3 val
+    _write_folder(tmp_path, n=12)
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(source="folder", path=str(tmp_path), train_per_class=10))
+    text = str(info.value)
+    assert "2 problem(s)" in text and "cat has 12 usable image(s)" in text and "train_per_class 10" in text
+    assert "a class needs at least 16" in text
+    # Classes left out by data.classes are not held to the size rule.
+    _write_folder(tmp_path, classes=("bird",), n=2)
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(source="folder", path=str(tmp_path), classes=["cat", "dog"], train_per_class=10))
+    assert "bird" not in str(info.value)
+
+
+def test_a_class_size_that_rounds_to_no_train_image_is_explained(tmp_path):
+    # 0.45 + 0.45: 3 images split 1/1/1, but 4 round to 2 val + 2 test and leave none to train.
+    _write_folder(tmp_path, classes=("cat",), n=4)
+    _write_folder(tmp_path, classes=("dog",), n=3)
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(source="folder", path=str(tmp_path), val_fraction=0.45, test_fraction=0.45))
+    text = str(info.value)
+    assert "1 problem(s)" in text and "cat has 4 usable image(s)" in text
+    assert "2 val + 2 test, leaving 0 for train where 1 are needed" in text
+
+
+@pytest.mark.parametrize("val,test,train_per_class", [(0.2, 0.2, None), (0.1, 0.3, None), (0.45, 0.45, None),
+                                                      (0.15, 0.05, None), (0.2, 0.2, 4), (0.3, 0.1, 2)])
+def test_splittable_agrees_exactly_with_make_splits(val, test, train_per_class):
+    cfg = DataConfig(val_fraction=val, test_fraction=test, train_per_class=train_per_class)
+    for n in range(1, 60):
+        labels = np.repeat([0, 1], [n, 50])
+        try:
+            splits = make_splits(labels, cfg)
+        except DataError:
+            made = False
+        else:
+            made = (labels[splits.train] == 0).sum() >= (train_per_class or 1)
+        assert splittable(n, cfg) == made, n
+
+
+def test_the_cli_reports_every_folder_problem_and_creates_nothing(workdir):
+    _bad_folder(workdir / "images")
+    config = write_config(workdir, TINY.replace(
+        "  source: builtin\n  name: shapes\n", f"  source: folder\n  path: {workdir / 'images'}\n"
+    ).replace("  classes: [pentagon, star4, three_dots]\n", ""))
+    proc = run_cli(str(config), cwd=workdir, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    for problem in ("empty_one holds no images", "2 unreadable or corrupt", "broken.png", "zero.jpg",
+                    "lonely has 1 usable image(s)"):
+        assert problem in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (workdir / "results").exists() and not (workdir / "mlruns").exists()
