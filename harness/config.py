@@ -225,7 +225,7 @@ class SweepConfig:
         out["search"] = {n: _param_plain(p) for n, p in self.search.items()}
         return out
 
-    def resolved(self, params: dict, trial_number: int) -> dict:
+    def resolved(self, params: dict, trial_number: int, seed: int | None = None) -> dict:
         """The config of one trial, re-runnable as it is: `python -m harness.sweep config.yaml`.
 
         Every search parameter holds the value the trial used, and the study's seed is the one
@@ -234,7 +234,7 @@ class SweepConfig:
         out = self.to_dict()
         out["search"] = {name: value for name, value in params.items() if name in PARAMS}
         out["study"].update(name=f"{self.study.name}.trial-{trial_number}", n_trials=1, timeout=None, storage=None,
-                            pruner="none", workers=1, seed=self.study.seed + trial_number)
+                            pruner="none", workers=1, seed=self.study.seed + trial_number if seed is None else seed)
         out["tracking"]["experiment"] = self.tracking.experiment or self.study.name
         out["baseline"]["scratch"] = False
         out["quadrants"] = None

@@ -5,31 +5,37 @@ The sweep compares transfer-learning strategies (``features``, ``intermediate``,
 data similar|dissimilar). Each (quadrant, strategy) cell was searched, its best configuration was
 retrained with several seeds and tested once. This module turns those cells into:
 
-* ``quadrant_verdicts``: who won each quadrant, by how much, whether the gap beats the seed-to-seed
-  spread, and whether the winner is what the textbook rule recommends;
+* ``quadrant_verdicts``: per quadrant the best test mean, Welch's t-test of it against the
+  runner-up over the confirmation seeds, the tie set (every strategy the test cannot tell apart
+  from the best) and whether that tie set contains what the textbook rule recommends;
 * ``comparison_long`` / ``comparison_table``: the machine-readable long form and the human wide form;
 * ``write_comparison``: CSV, Markdown, LaTeX, a PNG heatmap and one offline HTML page.
 
-Everything here is pure pandas + matplotlib (Agg backend): no TensorFlow, MLflow or Optuna, so a
-report can be rebuilt from a CSV on any laptop.
+A winner is called only when it is significantly better (p < ``stats.ALPHA``) than *every* other
+strategy of its quadrant; otherwise the verdict names the tie. Statistics live in harness/stats.py.
+
+Everything here is pure pandas + scipy + matplotlib (Agg backend): no TensorFlow, MLflow or Optuna,
+so a report can be rebuilt from a CSV on any laptop.
 
     >>> import pandas as pd
     >>> from harness.export import quadrant_verdicts, write_comparison
+    >>> cell = {"quadrant": "small-similar", "size": "small", "similarity": "similar", "target": "flowers"}
     >>> cells = pd.DataFrame([
-    ...     {"quadrant": "small-similar", "size": "small", "similarity": "similar", "target": "flowers",
-    ...      "strategy": "features", "best_val": 0.83, "test_mean": 0.81, "test_std": 0.01, "n_seeds": 3},
-    ...     {"quadrant": "small-similar", "size": "small", "similarity": "similar", "target": "flowers",
-    ...      "strategy": "full", "best_val": 0.80, "test_mean": 0.78, "test_std": 0.02, "n_seeds": 3},
+    ...     {**cell, "strategy": "features", "best_val": 0.83, "test_mean": 0.81, "test_std": 0.01, "n_seeds": 3,
+    ...      "test_accuracies": [0.80, 0.81, 0.82]},
+    ...     {**cell, "strategy": "full", "best_val": 0.80, "test_mean": 0.71, "test_std": 0.01, "n_seeds": 3,
+    ...      "test_accuracies": [0.70, 0.71, 0.72]},
     ... ])
     >>> v = quadrant_verdicts(cells).iloc[0]
-    >>> v.winner, round(float(v.margin), 3), bool(v.margin_exceeds_spread), bool(v.agrees_with_textbook)
-    ('features', 0.03, True, True)
-    >>> paths = write_comparison(cells, "results/comparison", title="Transfer strategies")
+    >>> v.winner, v.verdict, bool(v.significant), bool(v.decisive), bool(v.agrees_with_textbook)
+    ('features', 'features', True, True, True)
+    >>> paths = write_comparison(cells, "results/comparison", title="Transfer strategies", experiment_id="1")
     >>> sorted(paths)
     ['csv', 'heatmap', 'html', 'md', 'tex']
 
-Numbers in the human-readable outputs (Markdown, LaTeX, HTML, heatmap) are rounded to 3 decimals;
-the CSV files keep full precision so that ``pd.read_csv`` gives back exactly the numbers passed in.
+Rendered outputs (Markdown, LaTeX, HTML, heatmap) round accuracies to 3 decimals and p-values to
+3 significant digits, and leave blank the parameters a strategy does not use; the CSV files keep
+full precision and every value, so that ``pd.read_csv`` gives back exactly the numbers passed in.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -48,6 +56,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+
+from harness import stats  # noqa: E402
 
 # --- the rules and the fixed orders -------------------------------------------------------------
 
@@ -63,20 +73,42 @@ TEXTBOOK: dict[tuple[str, str], tuple[str, ...]] = {
 # exact ties: when two strategies score the same, the one that trains less is the sensible pick.
 STRATEGY_ORDER = ["features", "intermediate", "partial", "full", "scratch"]
 
+# Search parameters a strategy does not use (harness/strategies.py pins them to placeholder values
+# so the sampler ignores them): rendered tables leave them blank instead of showing the placeholder.
+# No phase 2 means no fine-tune LR and nothing unfrozen; only `intermediate` cuts the backbone.
+NOT_APPLICABLE: dict[str, frozenset[str]] = {
+    "features": frozenset({"finetune_lr", "unfreeze_fraction", "unfreeze_blocks", "cut_fraction"}),
+    "intermediate": frozenset({"finetune_lr", "unfreeze_fraction", "unfreeze_blocks"}),
+    "partial": frozenset({"cut_fraction"}),
+    "full": frozenset({"cut_fraction"}),
+    "scratch": frozenset({"finetune_lr", "unfreeze_fraction", "unfreeze_blocks", "cut_fraction"}),
+}
+
 # Rows are shown small before large, similar before dissimilar (the order the rules are stated in).
 _SIZE_ORDER = ["small", "large"]
 _SIMILARITY_ORDER = ["similar", "dissimilar"]
 
 REQUIRED_COLUMNS = ("quadrant", "size", "similarity", "target", "strategy",
                     "best_val", "test_mean", "test_std", "n_seeds")
-_NUMERIC_COLUMNS = ("best_val", "test_mean", "test_std", "n_seeds", "logme")
+# Optional per-cell columns. comparison.csv always has them (blank where the caller had none), so
+# the file has one schema: logme (score of the cell's backbone on the target), test_accuracies
+# (JSON list, one test accuracy per confirmation seed), train_epochs / train_seconds (total over
+# the phases, mean over seeds), cell_run_id / best_confirm_run_id (MLflow runs).
+OPTIONAL_COLUMNS = ("logme", "test_accuracies", "train_epochs", "train_seconds", "cell_run_id", "best_confirm_run_id")
+_NUMERIC_COLUMNS = ("best_val", "test_mean", "test_std", "n_seeds", "logme", "train_epochs", "train_seconds")
+_TEXT_COLUMNS = ("cell_run_id", "best_confirm_run_id")
 
 VERDICT_COLUMNS = ["quadrant", "size", "similarity", "target", "winner", "winner_test_mean",
-                   "runner_up", "runner_up_test_mean", "margin", "spread", "margin_exceeds_spread",
-                   "textbook", "agrees_with_textbook", "tied"]
+                   "runner_up", "runner_up_test_mean", "margin", "p_value", "significant",
+                   "tie_set", "decisive", "verdict", "textbook", "agrees_with_textbook"]
+# Per-cell columns comparison_long adds: the 95% t-interval, and the cell's place in the verdict.
+CELL_STAT_COLUMNS = ["ci_low", "ci_high"]
+CELL_VERDICT_COLUMNS = ["is_winner", "in_tie_set", "p_vs_winner"]
 
-# Test means closer than this are a tie: averages of the same accuracies can differ in the last bit
-# (0.1 + 0.2 != 0.3), and such a "margin" must not count as beating a spread of 0.
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
+
+# Test means closer than this are equal: averages of the same accuracies can differ in the last bit
+# (0.1 + 0.2 != 0.3), and such a "margin" must not decide who is ranked first.
 _TIE_TOLERANCE = 1e-9
 
 # Names of the files write_comparison always writes, and the keys of the dict it returns; an extra
@@ -84,20 +116,46 @@ _TIE_TOLERANCE = 1e-9
 _RESERVED_NAMES = {"comparison", "heatmap", "csv", "md", "tex", "html"}
 
 
+def run_url(run_id, experiment_id, ui_url: str = DEFAULT_UI_URL) -> str | None:
+    """The MLflow UI page of a run, or None without both ids."""
+    if not isinstance(run_id, str) or not run_id or experiment_id in (None, ""):
+        return None
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 # --- input checks and orderings -----------------------------------------------------------------
 
+def _seeds(value) -> tuple[float, ...] | None:
+    """test_accuracies as a tuple of floats: from a list/array, a JSON string (the CSV), or None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        value = json.loads(value)
+    return tuple(float(v) for v in value)
+
+
 def _validated(cells: pd.DataFrame) -> pd.DataFrame:
-    """A checked copy of `cells`: required columns present, numbers numeric, one row per cell."""
+    """A checked copy of `cells`: required columns present, numbers numeric, one row per cell,
+    every optional column present, test_accuracies parsed to tuples."""
     missing = [c for c in REQUIRED_COLUMNS if c not in cells.columns]
     if missing:
         raise ValueError(f"cells is missing column(s) {missing}; it needs {list(REQUIRED_COLUMNS)}")
-    cells = cells.copy()
+    cells = cells.reset_index(drop=True).copy()
     for column in ("quadrant", "size", "similarity", "target", "strategy"):
         cells[column] = cells[column].astype(str)
     for column in _NUMERIC_COLUMNS:
         if column in cells.columns:
             # errors="raise": a typo like "0,81" must fail loudly, not silently become a blank cell.
             cells[column] = pd.to_numeric(cells[column], errors="raise").astype(float)
+        else:
+            cells[column] = math.nan
+    for column in _TEXT_COLUMNS:
+        cells[column] = [v if isinstance(v, str) and v else None
+                         for v in (cells[column] if column in cells.columns else [None] * len(cells))]
+    seeds = cells["test_accuracies"] if "test_accuracies" in cells.columns else [None] * len(cells)
+    cells["test_accuracies"] = pd.Series([_seeds(v) for v in seeds], index=cells.index, dtype=object)
     duplicated = cells.duplicated(["quadrant", "strategy"], keep=False)
     if duplicated.any():
         pairs = sorted(set(zip(cells.loc[duplicated, "quadrant"], cells.loc[duplicated, "strategy"])))
@@ -131,28 +189,20 @@ def _quadrant_groups(cells: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return sorted(cells.groupby("quadrant", sort=False), key=key)
 
 
-def _zero_if_nan(value: float) -> float:
-    # A single seed has no std (NaN): the spec compares the margin against 0 in that case.
-    return 0.0 if value is None or not math.isfinite(value) else float(value)
-
-
 # --- verdicts and tables ------------------------------------------------------------------------
 
-def quadrant_verdicts(cells: pd.DataFrame) -> pd.DataFrame:
-    """One row per quadrant: the winner, its margin over the runner-up, and the textbook check.
+def _p_between(a: pd.Series, b: pd.Series) -> float:
+    """Welch's p between two cells: from their seeds when both have them, else from mean, std, n
+    (the same number; a table that kept only the summary still gets its test)."""
+    if a["test_accuracies"] is not None and b["test_accuracies"] is not None:
+        return stats.welch_p(a["test_accuracies"], b["test_accuracies"])
+    return stats.welch_p_from_stats(a["test_mean"], a["test_std"], a["n_seeds"],
+                                    b["test_mean"], b["test_std"], b["n_seeds"])
 
-    `cells` has one row per (quadrant, strategy) with columns quadrant, size, similarity, target,
-    strategy, best_val, test_mean, test_std, n_seeds and optionally logme. Cells without a test
-    score (not run, or NaN) take no part in the ranking.
 
-    Columns returned: quadrant, size, similarity, target, winner, winner_test_mean, runner_up,
-    runner_up_test_mean, margin (winner minus runner-up test mean), spread (the larger of the two
-    stds, NaN counted as 0), margin_exceeds_spread (margin > spread), textbook (the rule's
-    strategies joined by ' or '), agrees_with_textbook (winner in the rule), and tied (the top two
-    test means are equal; the tie is broken by STRATEGY_ORDER and the margin is 0).
-    """
-    cells = _validated(cells)
-    rows = []
+def _analyse(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one verdict row per quadrant, one row per cell of `cells` with CELL_VERDICT_COLUMNS)."""
+    verdict_rows, cell_rows = [], {}
     for quadrant, group in _quadrant_groups(cells):
         first = group.iloc[0]
         rule = _rule(first["size"], first["similarity"])
@@ -161,51 +211,90 @@ def quadrant_verdicts(cells: pd.DataFrame) -> pd.DataFrame:
         scored["_score"] = scored["test_mean"].round(9)
         scored["_order"] = [_strategy_key(s) for s in scored["strategy"]]
         ranked = scored.sort_values(["_score", "_order"], ascending=[False, True])
-
         winner = ranked.iloc[0] if len(ranked) >= 1 else None
         runner = ranked.iloc[1] if len(ranked) >= 2 else None
-        if winner is None:
-            margin, spread = math.nan, math.nan
-        elif runner is None:
-            margin, spread = math.nan, _zero_if_nan(winner["test_std"])
-        else:
-            margin = float(winner["test_mean"] - runner["test_mean"])
-            spread = max(_zero_if_nan(winner["test_std"]), _zero_if_nan(runner["test_std"]))
-        tied = runner is not None and abs(margin) <= _TIE_TOLERANCE
-        if tied:
+
+        p_vs_winner = {i: math.nan if i == winner.name else _p_between(winner, row) for i, row in ranked.iterrows()}
+        tie = [row["strategy"] for i, row in ranked.iterrows()
+               if i == winner.name or not stats.significant(p_vs_winner[i])]
+        margin = float(winner["test_mean"] - runner["test_mean"]) if runner is not None else math.nan
+        if abs(margin) <= _TIE_TOLERANCE:
             margin = 0.0
-        rows.append({
+        p_value = p_vs_winner[runner.name] if runner is not None else math.nan
+        # Decisive: someone to beat, and every other strategy significantly worse than the winner.
+        decisive = runner is not None and len(tie) == 1
+        if winner is None:
+            verdict = ""
+        elif runner is None:
+            verdict = f"{winner['strategy']} (no other strategy has a test score)"
+        else:
+            verdict = winner["strategy"] if decisive else "tie: " + ", ".join(tie)
+        verdict_rows.append({
             "quadrant": quadrant, "size": first["size"], "similarity": first["similarity"],
             "target": first["target"],
             "winner": winner["strategy"] if winner is not None else None,
             "winner_test_mean": float(winner["test_mean"]) if winner is not None else math.nan,
             "runner_up": runner["strategy"] if runner is not None else None,
             "runner_up_test_mean": float(runner["test_mean"]) if runner is not None else math.nan,
-            "margin": margin,
-            "spread": spread,
-            # NaN margin (no runner-up) compares False: one strategy alone proves nothing.
-            "margin_exceeds_spread": bool(margin > spread),
+            "margin": margin, "p_value": p_value, "significant": stats.significant(p_value),
+            "tie_set": ", ".join(tie), "decisive": decisive, "verdict": verdict,
             "textbook": " or ".join(rule),
-            "agrees_with_textbook": winner is not None and winner["strategy"] in rule,
-            "tied": bool(tied),
+            # Judged against the tie set: a rule strategy the data cannot tell from the best agrees.
+            "agrees_with_textbook": bool(set(rule) & set(tie)),
         })
-    return pd.DataFrame(rows, columns=VERDICT_COLUMNS).astype(
-        {"margin_exceeds_spread": bool, "agrees_with_textbook": bool, "tied": bool})
+        for i, row in group.iterrows():
+            cell_rows[i] = {"is_winner": winner is not None and i == winner.name,
+                            "in_tie_set": row["strategy"] in tie and i in p_vs_winner,
+                            "p_vs_winner": p_vs_winner.get(i, math.nan)}
+    verdicts = pd.DataFrame(verdict_rows, columns=VERDICT_COLUMNS).astype(
+        {"significant": bool, "decisive": bool, "agrees_with_textbook": bool})
+    per_cell = pd.DataFrame.from_dict(cell_rows, orient="index", columns=CELL_VERDICT_COLUMNS).reindex(cells.index)
+    return verdicts, per_cell.astype({"is_winner": bool, "in_tie_set": bool, "p_vs_winner": float})
+
+
+def quadrant_verdicts(cells: pd.DataFrame) -> pd.DataFrame:
+    """One row per quadrant: the best test mean, Welch's test against the runner-up, the tie set.
+
+    `cells` has one row per (quadrant, strategy) with columns quadrant, size, similarity, target,
+    strategy, best_val, test_mean, test_std, n_seeds and optionally OPTIONAL_COLUMNS. Welch's test
+    runs on test_accuracies (one per seed) where both cells have them, else on mean/std/n_seeds.
+    Cells without a test score (not run, or NaN) take no part.
+
+    Columns returned: quadrant, size, similarity, target; winner (highest test mean, exact ties
+    broken by STRATEGY_ORDER) and winner_test_mean; runner_up and runner_up_test_mean; margin
+    (winner minus runner-up); p_value (Welch, winner vs runner-up; NaN when either has < 2 seeds);
+    significant (p_value < stats.ALPHA); tie_set (the winner and every strategy whose test against
+    it is not significant, best first, ', '-joined); decisive (a runner-up exists and the tie set
+    is the winner alone); verdict (the winner's name when decisive, else 'tie: a, b, ...');
+    textbook (the rule's strategies joined by ' or '); agrees_with_textbook (the rule names a
+    strategy in the tie set).
+    """
+    return _analyse(_validated(cells))[0]
+
+
+def _json_seeds(seeds: tuple[float, ...] | None) -> str | None:
+    return None if seeds is None else json.dumps(list(seeds))
 
 
 def comparison_long(cells: pd.DataFrame) -> pd.DataFrame:
-    """The machine-readable long form: every input cell (all its columns, numbers unrounded), an
-    is_winner flag, and its quadrant's verdict columns. This is what comparison.csv holds."""
+    """The machine-readable long form, exactly what comparison.csv holds: every input cell (its
+    columns, numbers unrounded, test_accuracies as a JSON list), ci_low/ci_high (95% t-interval
+    over seeds), every OPTIONAL_COLUMNS (blank where missing), is_winner / in_tie_set /
+    p_vs_winner, and its quadrant's verdict columns."""
     cells = _validated(cells)
-    verdicts = quadrant_verdicts(cells).drop(columns=["size", "similarity", "target"])
-    long = cells.merge(verdicts, on="quadrant", how="left")
-    long["is_winner"] = long["strategy"] == long["winner"]
+    verdicts, per_cell = _analyse(cells)
+    long = cells.copy()
+    intervals = [stats.t_interval(m, s, n) for m, s, n in zip(long["test_mean"], long["test_std"], long["n_seeds"])]
+    long["ci_low"] = [low for low, _ in intervals]
+    long["ci_high"] = [high for _, high in intervals]
+    long["test_accuracies"] = [_json_seeds(s) for s in long["test_accuracies"]]
+    long = long.join(per_cell).merge(verdicts.drop(columns=["size", "similarity", "target"]), on="quadrant", how="left")
 
-    # Known cell columns first, then whatever else the caller passed (e.g. backbone), then verdicts.
-    cell_columns = [c for c in (*REQUIRED_COLUMNS, "logme") if c in cells.columns]
-    other_columns = [c for c in cells.columns if c not in cell_columns]
-    verdict_columns = [c for c in verdicts.columns if c != "quadrant"]
-    long = long[cell_columns + other_columns + ["is_winner"] + verdict_columns]
+    # Known cell columns first, then whatever else the caller passed (e.g. param_backbone), then verdicts.
+    known = [*REQUIRED_COLUMNS, *CELL_STAT_COLUMNS, *OPTIONAL_COLUMNS]
+    other = [c for c in cells.columns if c not in known]
+    verdict_columns = [c for c in VERDICT_COLUMNS if c not in ("quadrant", "size", "similarity", "target")]
+    long = long[known + other + CELL_VERDICT_COLUMNS + verdict_columns]
 
     quadrant_rank = {q: i for i, (q, _) in enumerate(_quadrant_groups(cells))}
     order = sorted(range(len(long)), key=lambda i: (quadrant_rank[long["quadrant"].iloc[i]],
@@ -213,92 +302,167 @@ def comparison_long(cells: pd.DataFrame) -> pd.DataFrame:
     return long.iloc[order].reset_index(drop=True)
 
 
-def _cell_text(test_mean: float, test_std: float, best_val: float) -> str:
-    """'0.812 ± 0.010 (val 0.830)'; no '± …' without a std (one seed), '' when not run."""
+# --- text formatting shared by the renderers ----------------------------------------------------
+
+def _acc(value: float) -> str:
+    return f"{value:.3f}" if value is not None and math.isfinite(value) else ""
+
+
+def _p(value: float) -> str:
+    return f"{value:.3g}" if value is not None and math.isfinite(value) else ""
+
+
+def _cell_text(test_mean: float, ci_low: float, ci_high: float) -> str:
+    """'0.812 [0.800, 0.824]': mean and 95% interval over seeds; the mean alone with one seed; '' when not run."""
     if not math.isfinite(test_mean):
         return ""
-    text = f"{test_mean:.3f}"
-    if math.isfinite(test_std):
-        text += f" ± {test_std:.3f}"
-    if math.isfinite(best_val):
-        text += f" (val {best_val:.3f})"
-    return text
+    if math.isfinite(ci_low) and math.isfinite(ci_high):
+        return f"{test_mean:.3f} [{ci_low:.3f}, {ci_high:.3f}]"
+    return f"{test_mean:.3f}"
+
+
+# Columns whose numbers are accuracies or scores on the same scale: 3 decimals.
+_SCORE_COLUMN = re.compile(r"accuracy|(^|_)val($|_)|test|objective|logme|mean|std|margin|ci_|spearman")
+
+
+def _value_text(value, column: str = "") -> str:
+    """One value of a generic table as display text: accuracies 3 decimals, p-values and anything
+    else 3 significant digits (learning rates stay readable), counts as integers, yes/no, '' for missing."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        if not math.isfinite(number):
+            return ""
+        if column == "p" or column.startswith("p_"):
+            return f"{number:.3g}"
+        if _SCORE_COLUMN.search(column):
+            return f"{number:.3f}"
+        if number.is_integer():
+            return str(int(number))
+        return f"{number:.0f}" if abs(number) >= 100 else f"{number:.3g}"
+    return str(value)
+
+
+def _header(column: str) -> str:
+    """A generic table's column name, readable: 'param_head_lr' -> 'head lr'."""
+    return str(column).removeprefix("param_").replace("_", " ")
+
+
+def _not_applicable(strategy, column: str) -> bool:
+    """Whether `column` (a parameter, 'param_'-prefixed or bare) means nothing for `strategy`."""
+    return str(column).removeprefix("param_") in NOT_APPLICABLE.get(str(strategy), ())
+
+
+@dataclass
+class _Table:
+    """A rendered table before it is Markdown, HTML or LaTeX: display texts with readable headers,
+    an optional link per cell, and an emphasis per cell ('winner', 'tie' or '')."""
+
+    texts: pd.DataFrame
+    links: pd.DataFrame
+    marks: pd.DataFrame
+
+    @classmethod
+    def of(cls, texts: pd.DataFrame) -> _Table:
+        empty = pd.DataFrame("", index=texts.index, columns=texts.columns)
+        return cls(texts, pd.DataFrame(None, index=texts.index, columns=texts.columns, dtype=object), empty)
+
+
+# --- the tables a reader sees -------------------------------------------------------------------
+
+_ALPHA_TEXT = f"{stats.ALPHA:g}"
+_WIDE_HEADERS = {"verdict": "Winner", "runner_up": "Runner-up", "margin": "Margin", "p_value": "p (Welch)",
+                 "significant": "Significant", "textbook": "Textbook rule", "agrees_with_textbook": "Agrees with rule"}
 
 
 def comparison_table(cells: pd.DataFrame) -> pd.DataFrame:
     """The human wide form: one row per quadrant, one text column per strategy, then the verdict.
 
-    Strategy columns read 'mean ± std (val best_val)': the test accuracy over seeds with the
-    search's best validation score beside it; a blank string means the cell was not run. Only
-    strategies that appear somewhere in `cells` get a column. The verdict columns (winner,
-    runner_up, margin, spread, margin_exceeds_spread, textbook, agrees_with_textbook, tied) stay
-    numeric/boolean. For the machine-readable long form use `comparison_long`.
-    """
-    cells = _validated(cells)
+    Strategy columns read 'mean [ci_low, ci_high]' (test accuracy over seeds, 95% t-interval; the
+    mean alone with one seed; blank when not run). Only strategies that appear somewhere in `cells`
+    get a column. Then verdict (the winner, or 'tie: a, b'), runner_up, margin, p_value,
+    significant, tie_set, decisive, textbook, agrees_with_textbook, unformatted. For the
+    machine-readable long form use `comparison_long`."""
+    long = comparison_long(cells)
     verdicts = quadrant_verdicts(cells)
-    strategies = _strategies(cells)
-    by_cell = {(r.quadrant, r.strategy): r for r in cells.itertuples(index=False)}
+    strategies = _strategies(long)
+    by_cell = {(r.quadrant, r.strategy): r for r in long.itertuples(index=False)}
     rows = []
     for v in verdicts.itertuples(index=False):
         row = {"quadrant": v.quadrant, "target": v.target}
         for strategy in strategies:
             cell = by_cell.get((v.quadrant, strategy))
-            row[strategy] = "" if cell is None else _cell_text(cell.test_mean, cell.test_std, cell.best_val)
-        row.update({"winner": v.winner, "runner_up": v.runner_up, "margin": v.margin, "spread": v.spread,
-                    "margin_exceeds_spread": v.margin_exceeds_spread, "textbook": v.textbook,
-                    "agrees_with_textbook": v.agrees_with_textbook, "tied": v.tied})
+            row[strategy] = "" if cell is None else _cell_text(cell.test_mean, cell.ci_low, cell.ci_high)
+        row.update({c: getattr(v, c) for c in ("verdict", "runner_up", "margin", "p_value", "significant",
+                                                "tie_set", "decisive", "textbook", "agrees_with_textbook")})
         rows.append(row)
-    columns = ["quadrant", "target", *strategies, "winner", "runner_up", "margin", "spread",
-               "margin_exceeds_spread", "textbook", "agrees_with_textbook", "tied"]
+    columns = ["quadrant", "target", *strategies, "verdict", "runner_up", "margin", "p_value", "significant",
+               "tie_set", "decisive", "textbook", "agrees_with_textbook"]
     return pd.DataFrame(rows, columns=columns)
 
 
-# --- text formatting shared by the writers ------------------------------------------------------
-
-def _text(value, column: str = "") -> str:
-    """One value as display text: 3 decimals, yes/no for booleans, '' for missing."""
-    if value is None or (isinstance(value, (float, np.floating)) and not math.isfinite(value)):
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (float, np.floating)):
-        if column == "n_seeds" and float(value).is_integer():
-            return str(int(value))  # seeds are counts even if a NaN elsewhere made the column float
-        return f"{value:.3f}"
-    if value is pd.NA or value is pd.NaT:
-        return ""
-    return str(value)
-
-
-def _verdict_sentence(v) -> str:
-    """One plain-language line per quadrant (markdown/HTML verdict lists)."""
-    head = f"{v.quadrant} (target {v.target})"
-    if v.winner is None or (isinstance(v.winner, float) and math.isnan(v.winner)):
-        return f"{head}: no strategy has a test score."
-    text = f"{head}: winner {v.winner} ({v.winner_test_mean:.3f})"
-    if isinstance(v.runner_up, str):
-        text += f", runner-up {v.runner_up} ({v.runner_up_test_mean:.3f})"
-        if v.tied:
-            text += "; a tie, broken in favour of the strategy that trains less"
-        comparison = ">" if v.margin_exceeds_spread else "≤"
-        verdict = "larger than" if v.margin_exceeds_spread else "within"
-        text += f"; margin {v.margin:.3f} {comparison} spread {v.spread:.3f}, {verdict} the seed-to-seed spread"
-        if v.spread == 0:
-            text += " (spread 0: a single seed or identical seeds)"
-    else:
-        text += "; no runner-up (only one strategy has a test score)"
-    agreement = "agrees" if v.agrees_with_textbook else "disagrees"
-    rule = v.textbook or "no rule for this quadrant"
-    return text + f". Textbook: {rule}; the result {agreement}."
-
-
-def _detail_frame(cells: pd.DataFrame) -> pd.DataFrame:
-    """The per-cell numbers shown under the wide table (this is where LogME is visible)."""
+def _wide_display(cells: pd.DataFrame, experiment_id, ui_url: str) -> _Table:
+    """The wide table as shown: each strategy's cell links to its cell run; the decisive winner is
+    marked 'winner', the members of an undecided tie 'tie'."""
     long = comparison_long(cells)
-    columns = ["quadrant", "strategy", "test_mean", "test_std", "best_val", "n_seeds"]
-    if "logme" in long.columns:
-        columns.append("logme")
-    return long[columns + ["is_winner"]]
+    wide = comparison_table(cells)
+    verdicts = quadrant_verdicts(cells).set_index("quadrant")
+    strategies = _strategies(long)
+    by_cell = {(r.quadrant, r.strategy): r for r in long.itertuples(index=False)}
+    formats = {"margin": _acc, "p_value": _p}
+    texts = pd.DataFrame({
+        "Quadrant": wide["quadrant"], "Target": wide["target"], **{s: wide[s] for s in strategies},
+        **{header: [formats.get(column, _value_text)(x) for x in wide[column]] for column, header in _WIDE_HEADERS.items()},
+    })
+    table = _Table.of(texts)
+    for i, quadrant in enumerate(wide["quadrant"]):
+        v = verdicts.loc[quadrant]
+        for strategy in strategies:
+            cell = by_cell.get((quadrant, strategy))
+            if cell is None:
+                continue
+            table.links.iat[i, texts.columns.get_loc(strategy)] = run_url(cell.cell_run_id, experiment_id, ui_url)
+            if cell.in_tie_set and isinstance(v.runner_up, str):
+                table.marks.iat[i, texts.columns.get_loc(strategy)] = "winner" if v.decisive else "tie"
+    return table
+
+
+def _detail_display(cells: pd.DataFrame, experiment_id, ui_url: str) -> _Table:
+    """One row per cell: mean, std, interval, seeds, p against the winner, cost, the confirmed
+    configuration (blank where the strategy does not use a parameter) and links to its runs.
+    Optional columns that are blank for every cell are left out."""
+    long = comparison_long(cells)
+    params = [c for c in long.columns if c.startswith("param_")]
+    columns = {
+        "Quadrant": long["quadrant"], "Strategy": long["strategy"],
+        "Test mean": [_acc(x) for x in long["test_mean"]], "Std": [_acc(x) for x in long["test_std"]],
+        "95% CI": [f"[{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) else "" for lo, hi in zip(long["ci_low"], long["ci_high"])],
+        "Seeds": [_value_text(x, "n_seeds") for x in long["n_seeds"]],
+        "p vs winner": [_p(x) for x in long["p_vs_winner"]],
+        "Tied with winner": [_value_text(bool(t)) if not w and math.isfinite(m) else ""
+                             for t, w, m in zip(long["in_tie_set"], long["is_winner"], long["test_mean"])],
+        "Best val (search)": [_acc(x) for x in long["best_val"]],
+        "LogME": [_acc(x) for x in long["logme"]],
+        "Epochs per seed": [_value_text(x) for x in long["train_epochs"]],
+        "Train seconds per seed": [_value_text(x) for x in long["train_seconds"]],
+        **{_header(p): ["" if _not_applicable(s, p) else _value_text(x, p) for s, x in zip(long["strategy"], long[p])]
+           for p in params},
+        "Cell run": [r[:8] if isinstance(r, str) else "" for r in long["cell_run_id"]],
+        "Best seed run": [r[:8] if isinstance(r, str) else "" for r in long["best_confirm_run_id"]],
+    }
+    texts = pd.DataFrame(columns)
+    optional = {"LogME", "Epochs per seed", "Train seconds per seed", "Cell run", "Best seed run", *map(_header, params)}
+    texts = texts[[c for c in texts.columns if c not in optional or (texts[c] != "").any()]]
+    table = _Table.of(texts)
+    for name, column in (("Cell run", "cell_run_id"), ("Best seed run", "best_confirm_run_id")):
+        if name in texts.columns:
+            table.links[name] = [run_url(r, experiment_id, ui_url) for r in long[column]]
+    return table
 
 
 def _extra_frame(table: pd.DataFrame) -> pd.DataFrame:
@@ -311,143 +475,177 @@ def _extra_frame(table: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-# --- Markdown -----------------------------------------------------------------------------------
-
-def _md_escape(text: str) -> str:
-    # A '|' would split the cell; a newline would end the row.
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _markdown_table(frame: pd.DataFrame, bold: set[tuple[int, str]] = frozenset()) -> str:
-    """A GitHub-style pipe table written by hand (no `tabulate` dependency). `bold` holds
-    (row position, column) pairs whose text is wrapped in ** (the quadrant winners)."""
-    header = "| " + " | ".join(_md_escape(str(c)) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    lines = [header, rule]
-    for i, row in enumerate(frame.itertuples(index=False)):
-        texts = []
-        for column, value in zip(frame.columns, row):
-            text = _md_escape(_text(value, column))
-            texts.append(f"**{text}**" if (i, column) in bold and text else text)
-        lines.append("| " + " | ".join(texts) + " |")
-    return "\n".join(lines)
+def _extra_display(table: pd.DataFrame, experiment_id=None, ui_url: str = DEFAULT_UI_URL) -> _Table:
+    """A generic table (trials, LogME, ...) as shown: readable headers, rounded numbers, parameters
+    the row's strategy does not use left blank, an mlflow_run_id linked to its run."""
+    frame = _extra_frame(table).reset_index(drop=True)
+    strategies = frame["strategy"] if "strategy" in frame.columns else pd.Series([""] * len(frame))
+    texts = pd.DataFrame({
+        column: ["" if _not_applicable(s, column) else _value_text(x, column) for s, x in zip(strategies, frame[column])]
+        for column in frame.columns
+    }, index=frame.index)
+    result = _Table.of(texts)
+    if "mlflow_run_id" in frame.columns:
+        result.links["mlflow_run_id"] = [run_url(r, experiment_id, ui_url) for r in frame["mlflow_run_id"]]
+    headers = {c: _header(c) for c in frame.columns}
+    if len(set(headers.values())) == len(headers):  # keep raw names rather than merge two columns
+        for attr in ("texts", "links", "marks"):
+            setattr(result, attr, getattr(result, attr).rename(columns=headers))
+    return result
 
 
-def _winner_positions(wide: pd.DataFrame) -> set[tuple[int, str]]:
-    return {(i, w) for i, w in enumerate(wide["winner"]) if isinstance(w, str) and w in wide.columns}
+def _verdict_sentence(v) -> str:
+    """One plain-language line per quadrant (Markdown/HTML verdict lists)."""
+    head = f"{v.quadrant} (target {v.target})"
+    if not isinstance(v.winner, str):
+        return f"{head}: no strategy has a test score."
+    if not isinstance(v.runner_up, str):
+        text = f"{head}: only {v.winner} has a test score ({v.winner_test_mean:.3f}); nothing to compare"
+    else:
+        test = (f"Welch's t-test over seeds, {v.winner} vs runner-up {v.runner_up}: "
+                + (f"p = {_p(v.p_value)}" if math.isfinite(v.p_value) else "no p-value (fewer than 2 seeds)"))
+        if v.decisive:
+            text = (f"{head}: {v.winner} wins ({v.winner_test_mean:.3f} vs {v.runner_up_test_mean:.3f}, "
+                    f"margin {v.margin:.3f}); {test}, significant, and every other strategy is significantly worse")
+        else:
+            text = (f"{head}: no decisive winner; tie between {v.tie_set} (no significant difference from the "
+                    f"best, {v.winner} {v.winner_test_mean:.3f}, at p < {_ALPHA_TEXT}); {test}"
+                    + (", significant" if v.significant else ", not significant"))
+    agreement = "agrees" if v.agrees_with_textbook else "disagrees"
+    rule = v.textbook or "no rule for this quadrant"
+    return text + f". Textbook: {rule}; the result {agreement}."
 
 
-def _markdown(cells: pd.DataFrame, title: str, extra: dict[str, pd.DataFrame]) -> str:
-    wide = comparison_table(cells)
+def _intro(marks_note: str) -> str:
+    return (f"Test accuracy per quadrant and strategy: mean over confirmation seeds with its 95% t-interval "
+            f"[low, high]; a blank cell was not run. p (Welch) is Welch's t-test over the seeds' test accuracies, "
+            f"winner (best mean) vs runner-up. A winner is named only when it is significantly better "
+            f"(p < {_ALPHA_TEXT}) than every other strategy of its quadrant; otherwise the Winner column names the "
+            f"tie: every strategy the test cannot tell apart from the best. {marks_note}")
+
+
+# --- Markdown (pandas' to_markdown, i.e. tabulate) ----------------------------------------------
+
+def _md_cell(text: str, link: str | None, mark: str) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")  # a '|' would split the cell
+    if text and isinstance(link, str):
+        text = f"[{text}]({link})"
+    if text and mark:
+        text = f"**{text}**" if mark == "winner" else f"_{text}_"
+    return text
+
+
+def _markdown_table(table: _Table) -> str:
+    shown = pd.DataFrame({c: [_md_cell(t, lk, m) for t, lk, m in zip(table.texts[c], table.links[c], table.marks[c])]
+                          for c in table.texts.columns})
+    shown.columns = [c.replace("|", "\\|") for c in shown.columns]
+    # disable_numparse: tabulate would otherwise reformat '0.010' as '0.01'.
+    return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def markdown_table(frame: pd.DataFrame, experiment_id=None, ui_url: str = DEFAULT_UI_URL) -> str:
+    """A generic table (e.g. trials) as a Markdown pipe table, formatted as in the report."""
+    return _markdown_table(_extra_display(frame, experiment_id, ui_url))
+
+
+def _markdown(cells, title, extra, experiment_id, ui_url) -> str:
     verdicts = quadrant_verdicts(cells)
+    note = "**Bold**: the decisive winner; _italic_: the strategies of an undecided tie."
+    if experiment_id not in (None, ""):
+        note += " Cells link to their MLflow runs."
     parts = [
         f"# {title}", "",
-        "Test accuracy per quadrant and strategy: mean ± std over seeds, with the search's best "
-        "validation score in brackets. **Bold** marks the quadrant's winner; a blank cell was not run.", "",
-        _markdown_table(wide, _winner_positions(wide)), "",
+        _intro(note), "",
+        _markdown_table(_wide_display(cells, experiment_id, ui_url)), "",
         "## Verdicts", "",
         *[f"- {_verdict_sentence(v)}" for v in verdicts.itertuples(index=False)], "",
         "## Per-cell detail", "",
-        _markdown_table(_detail_frame(cells)), "",
+        "Parameters are the confirmed configuration; a blank parameter is not used by that strategy.", "",
+        _markdown_table(_detail_display(cells, experiment_id, ui_url)), "",
     ]
     for name, table in extra.items():
-        parts += [f"## {name}", "", _markdown_table(_extra_frame(table)), ""]
+        parts += [f"## {name}", "", _markdown_table(_extra_display(table, experiment_id, ui_url)), ""]
     return "\n".join(parts)
 
 
-# --- LaTeX --------------------------------------------------------------------------------------
-
-_LATEX_SPECIALS = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-}
-
-
-def _latex_escape(text: str) -> str:
-    # One pass, so the backslashes this inserts are not themselves escaped again.
-    return re.sub(r"[\\&%$#_{}~^]", lambda m: _LATEX_SPECIALS[m.group()], text)
-
+# --- LaTeX (pandas' Styler.to_latex) ------------------------------------------------------------
 
 def _latex(cells: pd.DataFrame, title: str) -> str:
-    """A plain `tabular` (only \\hline, so it compiles without booktabs) to \\input into a paper.
-    Cells show the test mean ± std; the search's best val is left to the CSV to keep it printable."""
-    cells = _validated(cells)
-    verdicts = quadrant_verdicts(cells)
-    strategies = _strategies(cells)
-    by_cell = {(r.quadrant, r.strategy): r for r in cells.itertuples(index=False)}
-    header = ["Quadrant", "Target", *strategies, "Winner", "Margin", "Spread", "Margin $>$ spread",
-              "Textbook", "Agrees"]
-    lines = [
+    """A booktabs `tabular` of the wide table to \\input into a paper (needs \\usepackage{booktabs})."""
+    table = _wide_display(cells, None, DEFAULT_UI_URL)
+    commands = {"winner": "textbf:--rwrap;", "tie": "textit:--rwrap;", "": ""}
+    styler = (table.texts.style.hide(axis="index")
+              .format(escape="latex").format_index(escape="latex", axis=1)
+              .apply(lambda _: table.marks.map(commands.get), axis=None))
+    n_strategies = len(table.texts.columns) - 2 - len(_WIDE_HEADERS)
+    body = styler.to_latex(hrules=True, column_format="ll" + "c" * n_strategies + "llrrllc")
+    header = [
         "% " + title.replace("\n", " "),
-        "% Test accuracy, mean $\\pm$ std over seeds; bold = the quadrant's winner; blank = not run.",
-        "\\begin{tabular}{ll" + "c" * len(strategies) + "lrrlll}",
-        "\\hline",
-        " & ".join(h if h.startswith("Margin $") else _latex_escape(h) for h in header) + " \\\\",
-        "\\hline",
+        "% Test accuracy: mean [95% t-interval] over seeds; p: Welch's t-test over seeds, winner vs runner-up.",
+        f"% Bold: winner significantly better than every other strategy (p < {_ALPHA_TEXT}); italic: an undecided tie.",
+        "% Needs \\usepackage{booktabs}.",
     ]
-    for v in verdicts.itertuples(index=False):
-        row = [_latex_escape(v.quadrant), _latex_escape(v.target)]
-        for strategy in strategies:
-            cell = by_cell.get((v.quadrant, strategy))
-            if cell is None or not math.isfinite(cell.test_mean):
-                row.append("")
-                continue
-            math_text = f"{cell.test_mean:.3f}"
-            if math.isfinite(cell.test_std):
-                math_text += f" \\pm {cell.test_std:.3f}"
-            # \textbf does not reach inside math mode; \mathbf bolds the digits of the winner.
-            row.append(f"$\\mathbf{{{math_text}}}$" if strategy == v.winner else f"${math_text}$")
-        row += [_latex_escape(_text(v.winner)), _text(v.margin), _text(v.spread),
-                _text(v.margin_exceeds_spread), _latex_escape(v.textbook), _text(v.agrees_with_textbook)]
-        lines.append(" & ".join(row) + " \\\\")
-    lines += ["\\hline", "\\end{tabular}", ""]
-    return "\n".join(lines)
+    return "\n".join(header) + "\n" + body
 
 
 # --- heatmap ------------------------------------------------------------------------------------
 
 def heatmap_figure(cells: pd.DataFrame, title: str = ""):
-    """Quadrant x strategy matrix of test_mean, each cell annotated 'mean ± std', the winner outlined.
-    Cells not run are grey and say so. Returns the matplotlib Figure (the caller closes it)."""
-    cells = _validated(cells)
+    """Quadrant x strategy heatmap with one colour scale per quadrant row: colour is the cell's
+    test mean rescaled within its row (0 = the row's worst, 1 = its best), so the differences inside a
+    quadrant show even when quadrants sit at very different accuracies. Each cell reads 'mean', its
+    interval and its difference from the row's best; the decisive winner is outlined solid, the
+    members of an undecided tie dashed. Cells not run are grey. Returns the Figure (caller closes it)."""
+    long = comparison_long(cells)
     verdicts = quadrant_verdicts(cells)
-    strategies = _strategies(cells)
+    strategies = _strategies(long)
     quadrants = list(verdicts["quadrant"])
     means = np.full((len(quadrants), len(strategies)), np.nan)
-    stds = np.full_like(means, np.nan)
-    for r in cells.itertuples(index=False):
+    lows, highs = np.full_like(means, np.nan), np.full_like(means, np.nan)
+    marks = np.full(means.shape, "", dtype=object)
+    decisive = dict(zip(verdicts["quadrant"], verdicts["decisive"]))
+    has_runner = {q: isinstance(r, str) for q, r in zip(verdicts["quadrant"], verdicts["runner_up"])}
+    for r in long.itertuples(index=False):
         i, j = quadrants.index(r.quadrant), strategies.index(r.strategy)
-        means[i, j], stds[i, j] = r.test_mean, r.test_std
+        means[i, j], lows[i, j], highs[i, j] = r.test_mean, r.ci_low, r.ci_high
+        if r.in_tie_set and has_runner[r.quadrant]:
+            marks[i, j] = "winner" if decisive[r.quadrant] else "tie"
+    best = np.array([np.nanmax(row) if np.isfinite(row).any() else np.nan for row in means])
+    worst = np.array([np.nanmin(row) if np.isfinite(row).any() else np.nan for row in means])
+    span = best - worst
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # A row whose cells all score the same is all "best" (1), not a division by zero.
+        scaled = np.where(span[:, None] > 0, (means - worst[:, None]) / span[:, None], 1.0)
+    scaled[~np.isfinite(means)] = np.nan
 
-    fig, ax = plt.subplots(figsize=(1.7 * len(strategies) + 3.0, 0.9 * len(quadrants) + 1.8))
+    fig, ax = plt.subplots(figsize=(1.9 * len(strategies) + 3.0, 1.0 * len(quadrants) + 1.8))
     cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # masked (not run) cells are grey
-    finite = means[np.isfinite(means)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    image = ax.imshow(np.ma.masked_invalid(means), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    image = ax.imshow(np.ma.masked_invalid(scaled), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
 
     for i in range(len(quadrants)):
         for j in range(len(strategies)):
             if not np.isfinite(means[i, j]):
                 ax.text(j, i, "not run", ha="center", va="center", fontsize=8, color="#555555")
                 continue
-            label = f"{means[i, j]:.3f}" + (f"\n± {stds[i, j]:.3f}" if np.isfinite(stds[i, j]) else "")
+            label = _cell_text(means[i, j], lows[i, j], highs[i, j]).replace(" [", "\n[")
+            gap = means[i, j] - best[i]
+            label += "\nbest" if gap > -_TIE_TOLERANCE else f"\n{gap:+.3f}".replace("-", "−")
             # Dark text on light colours and vice versa, so every label stays readable.
-            r, g, b, _ = cmap(image.norm(means[i, j]))
-            ax.text(j, i, label, ha="center", va="center", fontsize=8,
+            r, g, b, _ = cmap(image.norm(scaled[i, j]))
+            ax.text(j, i, label, ha="center", va="center", fontsize=7,
                     color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
-
-    for i, winner in enumerate(verdicts["winner"]):
-        if isinstance(winner, str):
-            ax.add_patch(Rectangle((strategies.index(winner) - 0.5, i - 0.5), 1, 1,
-                                   fill=False, edgecolor="#d62728", linewidth=3,
-                                   clip_on=False))  # edge cells: keep the outline whole
+            if marks[i, j]:
+                # Inset, so the outlines of neighbouring tied cells stay apart.
+                ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="#d62728",
+                                       linewidth=3 if marks[i, j] == "winner" else 2,
+                                       linestyle="-" if marks[i, j] == "winner" else "--"))
 
     ax.set_xticks(range(len(strategies)), strategies)
     ax.set_yticks(range(len(quadrants)), [f"{q}\n({t})" for q, t in zip(quadrants, verdicts["target"])])
     ax.tick_params(length=0)
-    fig.colorbar(image, ax=ax, label="test accuracy (mean over seeds)")
-    if title:
-        ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="test mean within its quadrant (0 = worst, 1 = best)")
+    ax.set_title((title + "\n" if title else "")
+                 + f"solid outline: significant winner; dashed: tie (Welch p ≥ {_ALPHA_TEXT})", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -459,60 +657,58 @@ def _png_bytes(fig) -> bytes:
     return buffer.getvalue()
 
 
-# --- HTML ---------------------------------------------------------------------------------------
+# --- HTML (pandas' Styler.to_html) --------------------------------------------------------------
 
 # Inline on purpose: the page must open offline, from an e-mail attachment or an archived run.
+# Links point at the MLflow UI, which only works where that server runs; nothing is loaded from it.
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }
 th { background: #f3f3f3; }
 td.winner { font-weight: bold; background: #fff3c4; }
-td.yes { color: #1a7f37; } td.no { color: #b42318; }
+td.tie { font-style: italic; background: #eef4ff; }
 img { max-width: 100%; }
 """
 
 
-def _html_table(frame: pd.DataFrame, winners: set[tuple[int, str]] = frozenset()) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = []
-    for i, row in enumerate(frame.itertuples(index=False)):
-        tds = []
-        for column, value in zip(frame.columns, row):
-            classes = []
-            if (i, column) in winners:
-                classes.append("winner")
-            if isinstance(value, (bool, np.bool_)):
-                classes.append("yes" if value else "no")
-            attr = f' class="{" ".join(classes)}"' if classes else ""
-            tds.append(f"<td{attr}>{html.escape(_text(value, column))}</td>")
-        body.append("<tr>" + "".join(tds) + "</tr>")
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>"
+def _html_table(table: _Table, uuid: str) -> str:
+    shown = pd.DataFrame({
+        c: [f'<a href="{html.escape(lk)}">{html.escape(t)}</a>' if t and isinstance(lk, str) else html.escape(t)
+            for t, lk in zip(table.texts[c], table.links[c])]
+        for c in table.texts.columns
+    })
+    # Cells are escaped above (links must stay markup); headers are escaped by the Styler.
+    styler = (shown.style.hide(axis="index").set_uuid(uuid).format_index(escape="html", axis=1)
+              .set_td_classes(table.marks.set_axis(shown.columns, axis=1)))
+    return styler.to_html()
 
 
-def _html(cells: pd.DataFrame, title: str, png: bytes, extra: dict[str, pd.DataFrame]) -> str:
-    wide = comparison_table(cells)
+def _html(cells, title, png, extra, experiment_id, ui_url) -> str:
     verdicts = quadrant_verdicts(cells)
     image = base64.b64encode(png).decode("ascii")
     sentences = "\n".join(f"<li>{html.escape(_verdict_sentence(v))}</li>" for v in verdicts.itertuples(index=False))
+    links = " Cells link to their MLflow runs." if experiment_id not in (None, "") else ""
     sections = [
         "<!DOCTYPE html>",
         '<html lang="en">',
         f'<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>',
         "<body>",
         f"<h1>{html.escape(title)}</h1>",
-        "<p>Test accuracy per quadrant and strategy: mean ± std over seeds, with the search's best "
-        "validation score in brackets. Highlighted cells are the quadrant's winner; a blank cell was not run.</p>",
-        _html_table(wide, _winner_positions(wide)),
+        f"<p>{html.escape(_intro('Highlighted bold: the decisive winner; italic: the strategies of an undecided tie.'))}"
+        f"{links}</p>",
+        _html_table(_wide_display(cells, experiment_id, ui_url), "comparison"),
         "<h2>Verdicts</h2>",
         f"<ul>\n{sentences}\n</ul>",
         "<h2>Heatmap</h2>",
-        f'<img alt="test accuracy heatmap, quadrant by strategy" src="data:image/png;base64,{image}">',
+        f'<img alt="test accuracy heatmap, quadrant by strategy, colour scaled per quadrant" '
+        f'src="data:image/png;base64,{image}">',
         "<h2>Per-cell detail</h2>",
-        _html_table(_detail_frame(cells)),
+        "<p>Parameters are the confirmed configuration; a blank parameter is not used by that strategy.</p>",
+        _html_table(_detail_display(cells, experiment_id, ui_url), "detail"),
     ]
     for name, table in extra.items():
-        sections += [f"<h2>{html.escape(name)}</h2>", _html_table(_extra_frame(table))]
+        sections += [f"<h2>{html.escape(name)}</h2>", _html_table(_extra_display(table, experiment_id, ui_url), name)]
     sections += ["</body>", "</html>", ""]
     return "\n".join(sections)
 
@@ -529,17 +725,20 @@ def _check_extra_names(extra: dict[str, pd.DataFrame]) -> None:
 
 
 def write_comparison(cells: pd.DataFrame, out_dir, title: str,
-                     extra_tables: dict[str, pd.DataFrame] | None = None) -> dict[str, Path]:
+                     extra_tables: dict[str, pd.DataFrame] | None = None,
+                     experiment_id: str | None = None, ui_url: str = DEFAULT_UI_URL) -> dict[str, Path]:
     """Write the comparison into `out_dir` (created if needed) and return {kind: path}:
 
     csv      comparison.csv, the long form (see `comparison_long`), full precision;
     md       comparison.md, the wide table, verdict sentences, per-cell detail;
-    tex      comparison.tex, a LaTeX tabular with escaped names and $\\pm$;
-    heatmap  heatmap.png, quadrant x strategy test means, winners outlined;
+    tex      comparison.tex, the wide table as a booktabs tabular;
+    heatmap  heatmap.png, quadrant x strategy, colour scaled per quadrant row;
     html     comparison.html, one self-contained page (inline CSS, heatmap as a data: URI).
 
-    Each entry of `extra_tables` adds <name>.csv (returned under key <name>) and a section in the
-    Markdown and HTML pages. Everything is checked before the first file is written.
+    With `experiment_id`, Markdown and HTML cells link to their MLflow runs at
+    `{ui_url}/#/experiments/{experiment_id}/runs/{run_id}`. Each entry of `extra_tables` adds
+    <name>.csv (returned under key <name>, written as given) and a section in the Markdown and HTML
+    pages. Everything is checked before the first file is written.
     """
     extra = dict(extra_tables or {})
     _check_extra_names(extra)
@@ -554,9 +753,9 @@ def write_comparison(cells: pd.DataFrame, out_dir, title: str,
     comparison_long(cells).to_csv(paths["csv"], index=False)
     png = _png_bytes(heatmap_figure(cells, title))
     paths["heatmap"].write_bytes(png)
-    paths["md"].write_text(_markdown(cells, title, extra), encoding="utf-8")
+    paths["md"].write_text(_markdown(cells, title, extra, experiment_id, ui_url), encoding="utf-8")
     paths["tex"].write_text(_latex(cells, title), encoding="utf-8")
-    paths["html"].write_text(_html(cells, title, png, extra), encoding="utf-8")
+    paths["html"].write_text(_html(cells, title, png, extra, experiment_id, ui_url), encoding="utf-8")
     for name, table in extra.items():
         paths[name] = out / f"{name}.csv"
         _extra_frame(table).to_csv(paths[name], index=False)

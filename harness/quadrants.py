@@ -30,9 +30,10 @@ from optuna.trial import TrialState
 
 from harness import study as st
 from harness.config import SweepConfig, TargetConfig
-from harness.data import Dataset, Splits, load_dataset, make_splits, tf_dataset
+from harness.data import Dataset, Splits, dataset_inputs, load_dataset, make_splits, tf_dataset
 from harness.progress import Progress
 from harness.strategies import strategy_search
+from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG
 from harness.trials import Context, Job, recover, trial_job
 
 CELL_TAG = "harness.cell"
@@ -100,7 +101,7 @@ def cell_job(cfg, target, strategy, dataset, splits, storage, tracker, weights, 
         cell_run = study.user_attrs.get("mlflow_cell_run_id") or _open_cell_run(tracker, cfg, target, strategy, ccfg)
         study.set_user_attr("mlflow_cell_run_id", cell_run)
     recover(study, tracker, exclusive, log, parent_id=cell_run)
-    context = Context(ccfg.study.name, ccfg, dataset, splits, tracker, weights)
+    context = Context(ccfg.study.name, ccfg, dataset, splits, tracker, weights, tuple(dataset_inputs(dataset, ccfg.data, splits)))
     best = st.best_trial(study)
     progress = Progress(ccfg.study.n_trials, st.finished_count(study), ccfg.study.direction, ccfg.study.metric, sys.stderr,
                         prefix, best=best.value if best else None, started=started)
@@ -143,16 +144,19 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
     def prepare(trial: optuna.Trial, worker_id: str) -> ConfirmTask:
         seed = trial.suggest_int("seed", 0, seeds - 1)
         run_id = tracker.start_child(f"confirm seed {seed}", "confirm", {**tags, "harness.seed": seed},
-                                     config=ccfg.to_dict(), parent_id=cell_run)
+                                     config=ccfg.resolved(params, 0, seed=seed), parent_id=cell_run)
+        tracker.log_datasets(run_id, context.inputs)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("worker", worker_id)
         tracker.log_params(run_id, {**params, "seed": seed})
-        return ConfirmTask(context.key, params, seed, run_id)
+        leader = _best_confirm_run(tracker, cell_run, ccfg.study.metric, ccfg.study.direction)
+        return ConfirmTask(context.key, params, seed, run_id, leader.data.metrics["best_val"] if leader else None)
 
     def confirmed() -> list[Job]:
         tests = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         tracker.log_metrics(cell_run, {"test_mean": float(np.mean(tests)),
                                        "test_std": float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0})
+        register_cell_model(tracker, ccfg, cell_run, tags, log)
         tracker.end_run(cell_run, "FINISHED")
         scores[name] = (best_value, float(np.mean(tests)))
         log(f"{name}: best val {best_value:.4f}; test {np.mean(tests):.4f} over {len(tests)} seed(s)")
@@ -160,6 +164,33 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
 
     return Job(f"{name} confirm", study, seeds, context, prepare, before_ask=next_seed, on_done=confirmed,
                parent_run_id=cell_run)
+
+
+def _best_confirm_run(tracker, cell_run: str, metric: str, direction: str):
+    """The cell's finished confirmation run with the best validation score that logged its model."""
+    runs = tracker.search_runs(f"tags.`mlflow.parentRunId` = '{cell_run}' and tags.`harness.role` = 'confirm' "
+                               f"and attributes.status = 'FINISHED'")
+    runs = [r for r in runs if MODEL_URI_TAG in r.data.tags and "best_val" in r.data.metrics]
+    if not runs:
+        return None
+    pick = max if direction == "maximize" else min
+    return pick(runs, key=lambda r: r.data.metrics["best_val"])
+
+
+def register_cell_model(tracker, ccfg: SweepConfig, cell_run: str, tags: dict, log) -> None:
+    """Register the cell's best confirmed model (chosen on validation, like everything else) as a
+    version of the registered model named after the cell's study, `<sweep>.<target>.<strategy>`."""
+    best = _best_confirm_run(tracker, cell_run, ccfg.study.metric, ccfg.study.direction)
+    if best is None or tracker.run_tags(cell_run).get(REGISTERED_TAG):
+        return
+    seed = best.data.tags.get("harness.seed")
+    version = tracker.register_model(
+        best.data.tags[MODEL_URI_TAG], ccfg.study.name, best.info.run_id,
+        tags={**tags, "harness.seed": seed, "best_val": f"{best.data.metrics['best_val']:.6g}",
+              "test_accuracy": f"{best.data.metrics.get('test_accuracy', float('nan')):.6g}"},
+        description=f"best confirmed model of cell {ccfg.study.name} (seed {seed}, chosen on validation)")
+    tracker.set_tags(cell_run, {REGISTERED_TAG: version, "harness.registered_model": f"models:/{ccfg.study.name}/{version}"})
+    log(f"{ccfg.study.name}: registered the best confirmed model (seed {seed}) as version {version}")
 
 
 def _seed_of(trial) -> int | None:
@@ -175,10 +206,11 @@ class ConfirmTask:
     params: dict
     seed: int
     run_id: str
+    leader: float | None = None  # the best validation score of the cell's confirmed seeds so far
     context: Context | None = None
 
     def run(self, runner, channel) -> tuple[str, float]:
-        return "complete", confirm_seed(runner, self.params, self.seed, self.run_id)
+        return "complete", confirm_seed(runner, self.params, self.seed, self.run_id, self.leader)
 
 
 def _cell_tags(target: TargetConfig, strategy: str) -> dict:
@@ -208,12 +240,15 @@ def evaluate_on_test(tm, dataset: Dataset, splits: Splits, batch_size: int) -> d
     return evaluate(tm.model, tf_dataset(dataset, splits.test, batch_size, shuffle=False))
 
 
-def confirm_seed(runner, params: dict, seed: int, run_id: str) -> float:
-    """Train the configuration with `seed` into the run `run_id`; returns its test accuracy."""
+def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | None = None) -> float:
+    """Train the configuration with `seed` into the run `run_id`; returns its test accuracy.
+
+    The model keeps the best epoch's weights across both phases (the ones its validation score
+    came from), and is logged when it matches or beats the cell's best confirmed seed so far."""
     import keras
 
     from harness.model import build_model
-    from harness.objective import log_history, model_spec, plan_for, release_memory, run_plan
+    from harness.objective import leads, log_history, model_spec, plan_for, release_memory, run_plan
 
     ccfg, dataset, splits, tracker = runner.cfg, runner.dataset, runner.splits, runner.tracker
     started = time.perf_counter()
@@ -229,15 +264,18 @@ def confirm_seed(runner, params: dict, seed: int, run_id: str) -> float:
         history = run_plan(ccfg, tm, plan, pipelines, on_epoch=lambda r: tracker.log_metrics(run_id, r.metrics, step=r.epoch))
         test = evaluate_on_test(tm, dataset, splits, ccfg.train.head.batch_size)
         log_history(tracker, run_id, history)
+        best_val = history.best(ccfg.study.metric, ccfg.study.direction)
+        if leads(best_val, leader, ccfg.study.direction):
+            tracker.log_keras_model(run_id, tm.model, dataset.class_names, ccfg.data.image_size,
+                                    tags={"harness.study": ccfg.study.name, "harness.seed": seed})
     except BaseException as exc:
         tracker.log_failure(run_id, exc)
         tracker.end_run(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
     finally:
         release_memory()
-    tracker.log_metrics(run_id, {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
-                                 "best_val": history.best(ccfg.study.metric, ccfg.study.direction),
-                                 "wall_seconds": time.perf_counter() - started})
+    tracker.log_metrics(run_id, {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "best_val": best_val,
+                                 f"best_{ccfg.study.metric}": best_val, "wall_seconds": time.perf_counter() - started})
     tracker.end_run(run_id, "FINISHED")
     return test["accuracy"]
 

@@ -1,9 +1,14 @@
-"""`python -m harness.report [SWEEP or CONFIG]`: comparison tables from the MLflow records.
+"""`python -m harness.report [SWEEP or CONFIG] [--ui-url URL]`: comparison tables from the MLflow records.
 
 Reads the sweep's runs (never retrains anything) and writes to results/<sweep>/:
-comparison.csv/.md/.tex/.html, heatmap.png, trials.csv (one row per trial) and logme.csv, then
-logs the same files as artifacts of the sweep's parent run under report/.
-A plain (non-quadrant) sweep gets its per-trial table only.
+comparison.csv/.md/.tex/.html, heatmap.png, trials.csv (one row per trial, from MLflow) and
+logme.csv, then logs the same files as artifacts of the sweep's parent run under report/.
+A plain (non-quadrant) sweep gets its per-trial table only (trials.csv and trials.md).
+
+trials.csv has one schema, `trials_table`'s, whoever writes it: the end-of-sweep summary writes
+Optuna's own table to a different file, optuna_trials.csv (harness/summary.py).
+Markdown and HTML cells link to their runs in the MLflow UI at --ui-url (default: the tracking
+server when the tracking URI is http(s), else http://127.0.0.1:5000, where `mlflow ui` listens).
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness import stats
+from harness.export import DEFAULT_UI_URL, markdown_table, write_comparison
 from harness.tracking import PARENT_TAG, ROLE, Tracker, resolve_tracking_uri
 
 RESULTS = "results"
+TRIALS_FILE = "trials.csv"  # trials_table's schema only (see the module docstring)
+# Training phases whose `<phase>/epochs` and `<phase>/seconds` metrics add up to a run's cost.
+PHASES = ("head", "finetune", "scratch")
 
 
 def _runs(tracker: Tracker, role: str) -> list:
@@ -28,6 +38,16 @@ def _seconds(run) -> float | None:
     if run.info.end_time and run.info.start_time:
         return round((run.info.end_time - run.info.start_time) / 1000, 1)
     return None
+
+
+def _param_value(text: str):
+    """An MLflow param (always a string) back as the number or text it was logged from."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
 
 
 def trials_table(tracker: Tracker, cell_runs: list) -> pd.DataFrame:
@@ -43,29 +63,66 @@ def trials_table(tracker: Tracker, cell_runs: list) -> pd.DataFrame:
             "objective": m.get("objective"), "head_best_val_accuracy": m.get("head/best_val_accuracy"),
             "finetune_best_val_accuracy": m.get("finetune/best_val_accuracy"),
             "scratch_best_val_accuracy": m.get("scratch/best_val_accuracy"),
-            **{f"param_{k}": v for k, v in sorted(run.data.params.items()) if k not in ("strategy",)},
+            **{f"param_{k}": _param_value(v) for k, v in sorted(run.data.params.items()) if k not in ("strategy",)},
             "duration_s": _seconds(run), "status": run.info.status, "mlflow_run_id": run.info.run_id,
         })
     frame = pd.DataFrame(rows)
     return frame.sort_values(["target", "strategy", "trial"]).reset_index(drop=True) if len(frame) else frame
 
 
-def cells_table(tracker: Tracker, cell_runs: list, logme: pd.DataFrame) -> pd.DataFrame:
-    """One row per (quadrant, strategy) cell: search's best val, confirmation test mean and std."""
+def _cost(runs: list, what: str) -> float:
+    """Mean over `runs` of the run's total `<phase>/<what>` over PHASES; NaN when no run logged any."""
+    totals = [sum(r.data.metrics[f"{p}/{what}"] for p in PHASES if f"{p}/{what}" in r.data.metrics)
+              for r in runs if any(f"{p}/{what}" in r.data.metrics for p in PHASES)]
+    return float(np.mean(totals)) if totals else np.nan
+
+
+def _seed(run) -> int:
+    try:
+        return int(run.data.tags.get("harness.seed", ""))
+    except ValueError:
+        return 1 << 30  # an untagged seed sorts last
+
+
+def _best_seed_run(runs: list, direction: str):
+    """The seed run with the best validation score (best_val), first seed on ties: chosen on
+    validation like the model the sweep registers, never on the test score. None without one."""
+    scored = [r for r in runs if "best_val" in r.data.metrics]
+    if not scored:
+        return None
+    sign = -1.0 if direction == "minimize" else 1.0
+    return max(scored, key=lambda r: sign * r.data.metrics["best_val"])
+
+
+def cells_table(tracker: Tracker, cell_runs: list, logme: pd.DataFrame, direction: str = "maximize") -> pd.DataFrame:
+    """One row per (quadrant, strategy) cell, in harness.export's input schema: the search's best
+    val; the finished confirmation seeds' test accuracies (test_accuracies, in seed order) with
+    their mean, std and count; the mean training cost per seed (train_epochs, train_seconds: blank
+    when the runs logged none); the cell's MLflow run and its best seed's run (best validation
+    score in the study's `direction`); the confirmed configuration as param_<name> columns; and
+    LogME of the cell's backbone on its target."""
     confirms = _runs(tracker, "confirm")
     rows = []
     for cell in cell_runs:
         tags = cell.data.tags
-        mine = [c for c in confirms if c.data.tags.get(PARENT_TAG) == cell.info.run_id and c.info.status == "FINISHED"]
-        tests = [c.data.metrics["test_accuracy"] for c in mine if "test_accuracy" in c.data.metrics]
-        backbone = mine[0].data.params.get("backbone") if mine else None
+        mine = sorted((c for c in confirms if c.data.tags.get(PARENT_TAG) == cell.info.run_id
+                       and c.info.status == "FINISHED" and "test_accuracy" in c.data.metrics), key=_seed)
+        tests = [c.data.metrics["test_accuracy"] for c in mine]
+        summary = stats.describe(tests)
+        best = _best_seed_run(mine, direction)
+        logged = mine[0].data.params if mine else {}  # every seed trains the same configuration
+        params = {k: _param_value(v) for k, v in sorted(logged.items()) if k not in ("seed", "strategy")}
+        backbone = params.get("backbone")
         score = logme.loc[(logme.target == tags["target"]) & (logme.backbone == backbone), "logme"] if len(logme) else []
         rows.append({
             "quadrant": tags["quadrant"], "size": tags["size"], "similarity": tags["similarity"], "target": tags["target"],
             "strategy": tags["strategy"], "best_val": cell.data.metrics.get("best_val", np.nan),
-            "test_mean": float(np.mean(tests)) if tests else np.nan,
-            "test_std": float(np.std(tests, ddof=1)) if len(tests) > 1 else np.nan,
-            "n_seeds": len(tests), "logme": float(score.iloc[0]) if len(score) else np.nan,
+            "test_mean": summary.mean, "test_std": summary.std, "n_seeds": summary.n,
+            "logme": float(score.iloc[0]) if len(score) else np.nan,
+            "test_accuracies": tests,
+            "train_epochs": _cost(mine, "epochs"), "train_seconds": _cost(mine, "seconds"),
+            "cell_run_id": cell.info.run_id, "best_confirm_run_id": best.info.run_id if best else None,
+            **{f"param_{k}": v for k, v in params.items()},
         })
     return pd.DataFrame(rows)
 
@@ -92,9 +149,14 @@ def logme_table(tracker: Tracker, trials: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def build_report(sweep: str, tracker: Tracker, out_dir: str | Path | None = None, log=print) -> dict[str, Path]:
-    from harness.export import write_comparison
+def default_ui_url(tracking_uri: str) -> str:
+    """Where run links point: the tracking server itself when it serves the UI, else `mlflow ui`'s default."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
 
+
+def build_report(sweep: str, tracker: Tracker, out_dir: str | Path | None = None, log=print,
+                 ui_url: str | None = None) -> dict[str, Path]:
+    ui_url = ui_url or default_ui_url(tracker.uri)
     out = Path(out_dir or Path(RESULTS) / sweep)
     out.mkdir(parents=True, exist_ok=True)
     parents = tracker.study_runs(sweep)
@@ -104,15 +166,19 @@ def build_report(sweep: str, tracker: Tracker, out_dir: str | Path | None = None
     cell_runs = _runs(tracker, "cell")
     trials = trials_table(tracker, cell_runs)
     if not cell_runs:
-        path = out / "trials.csv"
+        path = out / TRIALS_FILE
         trials.to_csv(path, index=False)
-        (out / "trials.md").write_text(trials.to_string(index=False) + "\n")
+        text = markdown_table(trials, tracker.experiment_id, ui_url) if len(trials.columns) else "(no trials)"
+        (out / "trials.md").write_text(f"# Trials of sweep {sweep}\n\n{text}\n", encoding="utf-8")
         paths = {"trials": path, "trials_md": out / "trials.md"}
     else:
         logme = logme_table(tracker, trials)
-        cells = cells_table(tracker, cell_runs, logme)
+        direction = parents[0].data.params.get("study.direction", "maximize")
+        cells = cells_table(tracker, cell_runs, logme, direction)
+        # extra table "trials" -> trials.csv: the same trials_table schema as a plain sweep's.
         paths = write_comparison(cells, out, title=f"Transfer strategies by quadrant: {sweep}",
-                                 extra_tables={"trials": trials, "logme": logme})
+                                 extra_tables={"trials": trials, "logme": logme},
+                                 experiment_id=tracker.experiment_id, ui_url=ui_url)
     for path in paths.values():
         tracker.log_file(tracker.parent_run_id, path, "report")
     for kind, path in sorted(paths.items()):
@@ -125,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", nargs="?", default="demo", help="sweep (study) name, or the sweep's YAML config")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: config, $MLFLOW_TRACKING_URI, results/mlflow.db)")
     parser.add_argument("--out", help="output folder (default results/<sweep>/)")
+    parser.add_argument("--ui-url", help=f"MLflow UI address the run links point to (default: the tracking server "
+                                         f"if the tracking URI is http(s), else {DEFAULT_UI_URL})")
     args = parser.parse_args(argv)
     uri, name, experiment = args.tracking_uri, args.sweep, args.sweep
     if args.sweep.endswith((".yaml", ".yml")):
@@ -146,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tracker = Tracker(uri, experiment)
     print(f"report of sweep {name!r} from {uri}:")
-    build_report(name, tracker, args.out)
+    build_report(name, tracker, args.out, ui_url=args.ui_url)
     return 0
 
 

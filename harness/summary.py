@@ -1,4 +1,9 @@
-"""End-of-sweep summary: the per-trial table (CSV), best vs from-scratch vs chance, UI command."""
+"""End-of-sweep summary: Optuna's per-trial table (CSV), best vs from-scratch vs chance, UI command.
+
+The table is written to results/<study>/optuna_trials.csv (OPTUNA_TRIALS_FILE): Optuna's own
+`study.trials_dataframe()` columns, plus mlflow_run_id. It has its own file name because
+`python -m harness.report` writes a different table, built from the MLflow runs, to trials.csv.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,22 @@ import pandas as pd
 
 from harness.tracking import Tracker, ui_command
 
+OPTUNA_TRIALS_FILE = "optuna_trials.csv"
+# Optuna's columns, less system_attrs (internal bookkeeping such as queued params, as Python dict reprs).
+_ATTRS = ("number", "value", "datetime_start", "datetime_complete", "duration", "params", "user_attrs", "state")
+
 
 def trials_frame(study) -> pd.DataFrame:
-    """One row per trial: number, state, value, params, duration, MLflow run id, fail reason."""
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
-        rows.append({
-            "trial": t.number, "state": t.state.name, "value": t.value, **t.params,
-            "duration_s": round(duration, 1) if duration is not None else None,
-            "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "fail_reason": t.user_attrs.get("fail_reason"),
-        })
-    return pd.DataFrame(rows)
+    """One row per trial, Optuna's `trials_dataframe()`: number, value, datetime_start,
+    datetime_complete, duration, params_<name>, user_attrs_<name> (e.g. user_attrs_fail_reason),
+    state; the trial's MLflow run is the column mlflow_run_id (blank before its run exists)."""
+    frame = study.trials_dataframe(attrs=_ATTRS)
+    if frame.empty:
+        frame = pd.DataFrame(columns=["number", "value", "state"])
+    frame = frame.rename(columns={"user_attrs_mlflow_run_id": "mlflow_run_id"})
+    if "mlflow_run_id" not in frame.columns:
+        frame["mlflow_run_id"] = None
+    return frame
 
 
 def chance_level(labels: np.ndarray) -> float:
@@ -29,12 +38,23 @@ def chance_level(labels: np.ndarray) -> float:
     return float(counts.max() / counts.sum())
 
 
+def _shown(frame: pd.DataFrame, ascending: bool) -> pd.DataFrame:
+    """The printed top of the table: number, state, value, params (prefix dropped), duration in s."""
+    shown = frame.sort_values("value", ascending=ascending, na_position="last")
+    params = [c for c in shown.columns if c.startswith("params_")]
+    out = shown[["number", "state", "value", *params]].rename(columns={p: p.removeprefix("params_") for p in params})
+    if "duration" in shown.columns:
+        out["duration_s"] = pd.to_timedelta(shown["duration"]).dt.total_seconds().round(1)
+    return out
+
+
 def summarize(cfg, study, val_labels: np.ndarray, baseline: dict | None, tracker: Tracker, results_dir: str = "results") -> dict:
     frame = trials_frame(study)
     out_dir = Path(results_dir) / cfg.study.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out_dir / "trials.csv", index=False)
-    tracker.log_file(tracker.parent_run_id, out_dir / "trials.csv")
+    path = out_dir / OPTUNA_TRIALS_FILE
+    frame.to_csv(path, index=False)
+    tracker.log_file(tracker.parent_run_id, path)
 
     best = study.best_trial if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else None
     chance = chance_level(val_labels)
@@ -42,14 +62,14 @@ def summarize(cfg, study, val_labels: np.ndarray, baseline: dict | None, tracker
                "scratch_value": baseline["value"] if baseline else None}
     tracker.log_metrics(tracker.parent_run_id, {k: v for k, v in numbers.items() if v is not None})
 
-    shown = frame.sort_values("value", ascending=cfg.study.direction == "minimize", na_position="last")
-    cols = [c for c in shown.columns if c not in ("mlflow_run_id", "fail_reason")]
-    lines = ["", f"study {cfg.study.name}: {len(frame)} trial(s)", shown[cols].head(10).to_string(index=False, float_format=lambda v: f"{v:.4g}"), ""]
+    shown = _shown(frame, ascending=cfg.study.direction == "minimize")
+    lines = ["", f"study {cfg.study.name}: {len(frame)} trial(s)", shown.head(10).to_string(index=False, float_format=lambda v: f"{v:.4g}"), ""]
     if best:
         lines.append(f"best trial {best.number}: {cfg.study.metric} {best.value:.4f}")
     if baseline:
         lines.append(f"same architecture from scratch: {cfg.study.metric} {baseline['value']:.4f}")
     lines.append(f"chance (majority class of the val split): {chance:.4f}")
-    lines.append(f"per-trial table: {out_dir / 'trials.csv'}")
+    lines.append(f"per-trial table (Optuna): {path}")
+    lines.append(f"per-trial table from MLflow, comparison tables: python -m harness.report {cfg.study.name}")
     lines.append(f"open the MLflow UI: {ui_command(tracker.uri)}")
     return {**numbers, "text": "\n".join(lines), "frame": frame}

@@ -29,6 +29,7 @@ FINGERPRINT_TAG = "harness.config_fingerprint"  # MLflow's own nesting tag: the 
 
 DEFAULT_TRACKING_DB = "results/mlflow.db"
 MODEL_URI_TAG = "harness.model_uri"  # on a run whose trained model was logged: where it is
+REGISTERED_TAG = "harness.registered_version"  # on the run a registry version was made for: that version
 DESCRIPTION_TAG = "mlflow.note.content"  # the run description the UI shows (markdown)
 # The UI opens an experiment in the view its kind names; without it, a new experiment with no runs
 # yet is guessed to be GenAI and opens on an empty traces page.

@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 
 from harness import study as st
-from harness.tracking import MODEL_URI_TAG, Tracker
+from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG, Tracker
 
 WINNER_TAG = "harness.winner"
-REGISTERED_TAG = "harness.registered_version"  # on the winner's run: the registry version made from it
 
 
 def scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
