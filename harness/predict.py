@@ -26,7 +26,6 @@ import os
 import re
 import sys
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from harness.data import IMAGE_EXTENSIONS
-from harness.tracking import MODEL_URI_TAG
+from harness.tracking import MODEL_URI_TAG, global_tracking_uri
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -226,28 +225,6 @@ def load_keras_file(path: Path) -> Classifier:
     return Classifier(model, names, int(size) if size else None, f"file {path}")
 
 
-@contextmanager
-def _tracking(uri: str):
-    """Point MLflow's global tracking URI at `uri` for a block, then put back what was there.
-
-    `mlflow.set_tracking_uri` also exports $MLFLOW_TRACKING_URI, which would otherwise leak into
-    every later run in this process and its children.
-    """
-    import mlflow
-
-    was_set, before = mlflow.is_tracking_uri_set(), mlflow.get_tracking_uri()
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before if was_set else None)
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
-
-
 def _run_model_uri(client, run_id: str) -> str:
     """The model logged in run `run_id`: logged-model search, then the harness tag, then runs:/<id>/model."""
     from mlflow.entities import LoggedModelStatus
@@ -317,7 +294,7 @@ def resolve_model(spec: str, tracking_uri: str | None) -> Classifier:
 
     is_run = RUN_ID.fullmatch(spec) is not None
     tried = []
-    with _tracking(uri):
+    with global_tracking_uri(uri):
         if is_run:
             try:
                 model_uri = _run_model_uri(MlflowClient(uri), spec)

@@ -60,7 +60,10 @@ def summarize(cfg, study, val_labels: np.ndarray, baseline: dict | None, tracker
     chance = chance_level(val_labels)
     numbers = {"best_value": best.value if best else None, "chance": chance,
                "scratch_value": baseline["value"] if baseline else None}
-    tracker.log_metrics(tracker.parent_run_id, {k: v for k, v in numbers.items() if v is not None})
+    # Named after the metric, so the runs table sorts parents and trials by the same column.
+    logged = {f"best_{cfg.study.metric}": numbers["best_value"], "chance": chance,
+              f"scratch_{cfg.study.metric}": numbers["scratch_value"]}
+    tracker.log_metrics(tracker.parent_run_id, {k: v for k, v in logged.items() if v is not None})
 
     shown = _shown(frame, ascending=cfg.study.direction == "minimize")
     lines = ["", f"study {cfg.study.name}: {len(frame)} trial(s)", shown.head(10).to_string(index=False, float_format=lambda v: f"{v:.4g}"), ""]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 import traceback as tb
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,29 @@ def resolve_tracking_uri(configured: str | None) -> str:
     path = Path(DEFAULT_TRACKING_DB).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+@contextmanager
+def global_tracking_uri(uri: str):
+    """Point MLflow's global tracking URI at `uri` for a block, then put back what was there.
+
+    Logging a model flavour and the registry's look-up of a logged model go through the global
+    URI, and `mlflow.set_tracking_uri` also exports $MLFLOW_TRACKING_URI, which would otherwise
+    leak into every later store this process opens and into its children.
+    """
+    import mlflow
+
+    was_set, before = mlflow.is_tracking_uri_set(), mlflow.get_tracking_uri()
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before if was_set else None)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def ui_command(uri: str) -> str:
@@ -256,10 +280,9 @@ class Tracker:
 
         example = np.zeros((1, image_size, image_size, 3), np.uint8)
         signature = infer_signature(example, np.asarray(model.predict(example, verbose=0), np.float32))
-        mlflow.set_tracking_uri(self.uri)
         # The fluent API is the only way to log a flavour; the `with` ends the run as FINISHED, so
         # this is called once the trial has succeeded, just before its run ends anyway.
-        with mlflow.start_run(run_id=run_id):
+        with global_tracking_uri(self.uri), mlflow.start_run(run_id=run_id):
             info = mlflow.keras.log_model(
                 model, name="model", signature=signature,
                 metadata={"class_names": list(class_names), "image_size": int(image_size)},
@@ -271,17 +294,16 @@ class Tracker:
 
     def register_model(self, model_uri: str, name: str, run_id: str, tags: dict[str, Any], description: str = "") -> str:
         """A new version of the registered model `name` pointing at a logged model; returns it."""
-        import mlflow
         from mlflow.exceptions import MlflowException
 
-        mlflow.set_tracking_uri(self.uri)  # the registry looks the logged model up through the global URI
         try:
             self.client.create_registered_model(name, description="Best models of the sweep " + name)
         except MlflowException as exc:
             if not _lost_creation_race(exc):
                 raise
-        version = self.client.create_model_version(name, model_uri, run_id=run_id,
-                                                   tags={k: str(v) for k, v in tags.items()}, description=description)
+        with global_tracking_uri(self.uri):  # the registry looks the logged model up through the global URI
+            version = self.client.create_model_version(name, model_uri, run_id=run_id,
+                                                       tags={k: str(v) for k, v in tags.items()}, description=description)
         return version.version
 
     def log_datasets(self, run_id: str, inputs: list[dict]) -> None:

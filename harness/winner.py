@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from harness import study as st
-from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG, Tracker
+from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG, Tracker, global_tracking_uri
 
 WINNER_TAG = "harness.winner"
 
@@ -42,8 +42,8 @@ def load_logged_model(tracking_uri: str, model_uri: str):
 
     import harness.model  # noqa: F401 - registers the harness's own layers for deserialisation
 
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.keras.load_model(model_uri)
+    with global_tracking_uri(tracking_uri):
+        return mlflow.keras.load_model(model_uri)
 
 
 @dataclass(frozen=True)

@@ -43,3 +43,37 @@ def test_absurd_learning_rate_ends_in_a_nonfinite_loss_error():
     plan = two_phase_plan(3, 1e38, None, 0, 1e-4, None, n_unfreeze=0)
     with pytest.raises(NonFiniteLoss, match="loss is"):
         run_phases(tiny_model(), plan, train, val)
+
+
+def test_the_model_ends_with_the_best_epochs_weights_across_both_phases():
+    """The weights scored are the weights tested: after a plan, the model is its best epoch's,
+    even when that epoch was in phase 1 and phase 2 then got worse."""
+    import keras
+
+    from harness.phases import evaluate
+
+    keras.utils.set_random_seed(0)
+    train, val = datasets()
+    # Phase 2 at an LR that wrecks the head: its epochs score worse than phase 1's best.
+    plan = two_phase_plan(3, 1e-2, None, 2, 0.5, None, n_unfreeze=2)
+    tm = tiny_model()
+    history = run_phases(tm, plan, train, val, monitor="val_loss", direction="minimize")
+    best = min(history.epochs, key=lambda e: e.metrics["val_loss"])
+    assert best.phase == "head", [(e.phase, round(e.metrics["val_loss"], 3)) for e in history.epochs]
+    assert evaluate(tm.model, val)["loss"] == pytest.approx(best.metrics["val_loss"], rel=1e-4)
+
+
+def test_best_weights_keeps_the_best_epoch_and_restores_it():
+    import keras
+
+    from harness.phases import BestWeights, EpochRecord
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    keeper = BestWeights("val_accuracy", "maximize")
+    first = [w.copy() for w in model.get_weights()]
+    keeper.observe(model, EpochRecord(0, "head", {"val_accuracy": 0.9}))
+    model.set_weights([w + 1 for w in first])
+    keeper.observe(model, EpochRecord(1, "finetune", {"val_accuracy": 0.5}))  # worse: not kept
+    keeper.observe(model, EpochRecord(2, "finetune", {"val_accuracy": float("nan")}))  # never kept
+    keeper.restore(model)
+    assert keeper.epoch == 0 and all(np.array_equal(a, b) for a, b in zip(model.get_weights(), first))

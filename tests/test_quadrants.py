@@ -158,6 +158,25 @@ def test_confirmation_retrains_each_cell_with_k_seeds_and_reads_test_once(quad_s
     assert sorted(r.data.tags["target"] for r in logme) == ["digits-small", "shapes-small"]
 
 
+@pytest.mark.xdist_group("quad")
+def test_each_cell_registers_its_best_confirmed_model(quad_sweep):
+    """Chosen on validation among the cell's seeds, never on test; one registered model per cell."""
+    work, _ = quad_sweep
+    client = MlflowClient(f"sqlite:///{work}/results/mlflow.db")
+    exp = client.get_experiment_by_name("quad")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    for cell in (r for r in runs if r.data.tags.get("harness.role") == "cell"):
+        name = f"quad.{cell.data.tags['harness.cell']}"
+        (version,) = client.search_model_versions(f"name = '{name}'")
+        confirms = [r for r in runs if r.data.tags.get("harness.role") == "confirm"
+                    and r.data.tags["mlflow.parentRunId"] == cell.info.run_id]
+        best_val = max(r.data.metrics["best_val"] for r in confirms)
+        chosen = client.get_run(version.run_id)
+        assert chosen.info.run_id in {r.info.run_id for r in confirms}
+        assert chosen.data.metrics["best_val"] == best_val
+        assert version.tags["strategy"] == cell.data.tags["strategy"] and version.tags["target"] == cell.data.tags["target"]
+
+
 @pytest.mark.xdist_group("quad")  # one worker runs the shared sweep
 def test_report_files_parse_back_to_the_mlflow_numbers(quad_sweep):
     work, proc = quad_sweep

@@ -134,3 +134,88 @@ def test_resuming_with_a_changed_config_is_refused_instead_of_mixing_results(fin
     assert proc.returncode == 2
     assert "study 'tiny' already exists" in proc.stderr and "with a different config" in proc.stderr
     assert len(_study(work).trials) == 3  # untouched
+
+
+# --- the morning after: the winner delivered, the UI telling the story -------------------------
+
+
+def test_the_winner_is_registered_and_its_model_scores_its_logged_value(finished_sweep):
+    import numpy as np
+
+    from harness.config import load_config
+    from harness.data import load_dataset, make_splits, tf_dataset
+    from harness.winner import load_logged_model, scores
+
+    work, first, second = finished_sweep
+    client, study = _client(work), _study(work)
+    best = study.best_trial
+    versions = client.search_model_versions("name = 'tiny'")
+    latest = max(versions, key=lambda v: int(v.version))
+    assert latest.tags["harness.trial"] == str(best.number) and latest.tags["harness.sweep"] == "tiny"
+    assert latest.run_id == best.user_attrs["mlflow_run_id"]
+    assert len(versions) <= 2, "one version per sweep (a resume registers again only for a new winner)"
+
+    cfg = load_config(work / "sweep.yaml")
+    dataset = load_dataset(cfg.data)
+    splits = make_splits(dataset.labels, cfg.data)
+    model = load_logged_model(f"sqlite:///{work}/results/mlflow.db", f"models:/tiny/{latest.version}")
+    probabilities = model.predict(tf_dataset(dataset, splits.val, 16, shuffle=False), verbose=0)
+    assert scores(probabilities, dataset.labels[splits.val])["accuracy"] == pytest.approx(best.value, abs=0.01)
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+
+    winner_run = client.get_run(best.user_attrs["mlflow_run_id"])
+    assert winner_run.data.tags["harness.winner"] == "true" and "(winner)" in winner_run.info.run_name
+    assert 0 <= winner_run.data.metrics["test_accuracy"] <= 1
+    assert "winner (trial" in second.stderr and "on the held-out test split: accuracy" in second.stderr
+
+
+def test_the_mlflow_ui_facts(finished_sweep):
+    """What a person sees in the UI, read back through MlflowClient."""
+    work, *_ = finished_sweep
+    client, study = _client(work), _study(work)
+    exp = client.get_experiment_by_name("tiny")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs, not GenAI traces
+
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    best = study.best_trial
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"trial {best.number}" in note and f"{best.value:.4f}" in note
+    assert f"#/experiments/{exp.experiment_id}/runs/{best.user_attrs['mlflow_run_id']}" in note
+    assert "test accuracy" in note
+    assert len(parent.data.params) <= 12 and parent.data.params["study.metric"] == "val_accuracy"
+    assert "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"best_val_accuracy", "test_accuracy", "scratch_test_accuracy"} <= set(parent.data.metrics)
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"shapes-train", "shapes-validation", "shapes-test"}
+
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.metrics["best_val_accuracy"] == pytest.approx(trial.value)
+        contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}
+        assert contexts == {"train", "validation"}  # the test split is no trial's input
+        assert all(d.dataset.digest for d in run.inputs.dataset_inputs)
+        assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
+        assert any(k.startswith("system/system_memory") for k in run.data.metrics)
+
+
+def test_a_trials_config_artifact_re_runs_that_trial(finished_sweep, tmp_path):
+    import yaml
+
+    work, *_ = finished_sweep
+    client, study = _client(work), _study(work)
+    trial = study.trials[1]
+    path = client.download_artifacts(trial.user_attrs["mlflow_run_id"], "config.yaml", str(tmp_path))
+    resolved = yaml.safe_load(open(path))
+    assert resolved["search"]["head_lr"] == pytest.approx(trial.params["head_lr"])  # values, not ranges
+    assert resolved["study"]["seed"] == 0 + trial.number and resolved["study"]["n_trials"] == 1
+
+    rerun_dir = tmp_path / "rerun"
+    rerun_dir.mkdir()
+    proc = run_cli(path, cwd=rerun_dir, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rerun = optuna.load_study(study_name=f"tiny.trial-{trial.number}",
+                              storage=f"sqlite:///{rerun_dir}/results/tiny.trial-{trial.number}/optuna.db")
+    assert rerun.trials[0].params == {} or rerun.trials[0].params == trial.params  # nothing left to sample
+    assert rerun.best_value == pytest.approx(trial.value, abs=0.1)
+    original = client.get_run(trial.user_attrs["mlflow_run_id"]).data.metrics
+    again = MlflowClient(f"sqlite:///{rerun_dir}/results/mlflow.db").get_run(rerun.trials[0].user_attrs["mlflow_run_id"]).data.metrics
+    assert again["head/best_val_loss"] == pytest.approx(original["head/best_val_loss"], abs=0.05)
