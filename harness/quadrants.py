@@ -156,7 +156,8 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
         tests = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         tracker.log_metrics(cell_run, {"test_mean": float(np.mean(tests)),
                                        "test_std": float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0})
-        register_cell_model(tracker, ccfg, cell_run, tags, log)
+        with st.claim_lock(storage, f"{ccfg.study.name}:register"):
+            register_cell_model(tracker, ccfg, cell_run, tags, log)
         tracker.end_run(cell_run, "FINISHED")
         scores[name] = (best_value, float(np.mean(tests)))
         log(f"{name}: best val {best_value:.4f}; test {np.mean(tests):.4f} over {len(tests)} seed(s)")

@@ -189,7 +189,10 @@ def run(cfg, log=None) -> dict:
 
     quiet_libraries()
     progress_stream = sys.stderr
-    log = log or (lambda text: print(text, file=progress_stream, flush=True))
+    from tqdm import tqdm
+
+    # tqdm.write prints above a live progress bar instead of through it (a plain print on a pipe).
+    log = log or (lambda text: tqdm.write(text, file=progress_stream))
     gpus = visible_gpus()
     workers = plan_workers(cfg.study.workers, gpus)
     from harness.trials import TrialEngine
@@ -301,7 +304,10 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     def run_task(task):
         return engine.call(context, task)
 
-    winner = deliver_winner(cfg, study, tracker, run_task, log)
+    # Sweep processes sharing a server storage finish together: one registers and tests the winner,
+    # the others find it done.
+    with st.claim_lock(storage, f"{cfg.study.name}:winner"):
+        winner = deliver_winner(cfg, study, tracker, run_task, log)
     _check_stop()
     baseline = None
     if cfg.baseline.scratch and winner is not None:

@@ -301,8 +301,11 @@ class Tracker:
         except MlflowException as exc:
             if not _lost_creation_race(exc):
                 raise
-        with global_tracking_uri(self.uri):  # the registry looks the logged model up through the global URI
-            version = self.client.create_model_version(name, model_uri, run_id=run_id,
+        # A tracking server wants the logged model's id beside its URI; a local store looks the
+        # model up through the global URI.
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        with global_tracking_uri(self.uri):
+            version = self.client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id,
                                                        tags={k: str(v) for k, v in tags.items()}, description=description)
         return version.version
 
