@@ -74,5 +74,5 @@ def summarize(cfg, study, val_labels: np.ndarray, baseline: dict | None, tracker
     lines.append(f"chance (majority class of the val split): {chance:.4f}")
     lines.append(f"per-trial table (Optuna): {path}")
     lines.append(f"per-trial table from MLflow, comparison tables: python -m harness.report {cfg.study.name}")
-    lines.append(f"open the MLflow UI: {ui_command(tracker.uri)}")
+    lines.append(f"open the MLflow UI: {ui_command(tracker.uri, tracker.experiment_id)}")
     return {**numbers, "text": "\n".join(lines), "frame": frame}

@@ -261,7 +261,8 @@ def open_stores(cfg):
     storage = st.make_storage(url, cfg.study.heartbeat_seconds)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     with st.claim_lock(storage, f"{cfg.study.name}:setup"):
-        tracker = Tracker(tracking_uri, cfg.tracking.experiment or cfg.study.name, cfg.tracking.artifact_root)
+        tracker = Tracker(tracking_uri, cfg.tracking.experiment or cfg.study.name, cfg.tracking.artifact_root,
+                          source=f"python -m harness.sweep {cfg.path}")
         recorded = tracker.existing_fingerprint(cfg.study.name)
         if recorded and recorded != cfg.fingerprint():
             raise SweepRefused(

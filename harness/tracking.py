@@ -75,10 +75,15 @@ def global_tracking_uri(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
-def ui_command(uri: str) -> str:
+def ui_command(uri: str, experiment_id: str | None = None) -> str:
+    """How to look at a store in the MLflow UI: the server to start (local stores) and the page to
+    open. The UI keeps a GenAI/model-training switch of its own, in the browser; the page's
+    `workflowType` parameter opens the experiment on its training runs whatever it was set to."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else ""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return f"open {uri.rstrip('/')}/{page} in a browser"
+    command = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return f"{command}, then open http://127.0.0.1:5000/{page}" if page else command
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -95,10 +100,12 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """Owns the MLflow client, the sweep's experiment and its parent run."""
 
-    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None):
+    def __init__(self, uri: str, experiment: str, artifact_root: str | None = None, source: str = ""):
+        """`source`: the command that made the runs, shown in the UI's Source column."""
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        self.source = source
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = self._get_or_create_experiment(experiment, artifact_root)
         self.parent_run_id: str | None = None
@@ -176,7 +183,7 @@ class Tracker:
             run = self.client.create_run(
                 self.experiment_id, run_name=f"study {study_name}",
                 tags={ROLE: "study", STUDY_TAG: study_name, "optuna.storage": redact(storage_url),
-                      FINGERPRINT_TAG: fingerprint},
+                      FINGERPRINT_TAG: fingerprint, **self._source_tags()},
             )
             run_id = run.info.run_id
             oldest = self.study_runs(study_name)[0].info.run_id
@@ -207,12 +214,16 @@ class Tracker:
     def start_child(self, name: str, role: str, tags: dict[str, Any], config: dict | None = None,
                     parent_id: str | None = None) -> str:
         """A nested run under `parent_id` (default: the study's parent run)."""
-        tags = {ROLE: role, PARENT_TAG: parent_id or self.parent_run_id, **{k: str(v) for k, v in tags.items()}}
+        tags = {ROLE: role, PARENT_TAG: parent_id or self.parent_run_id, **self._source_tags(),
+                **{k: str(v) for k, v in tags.items()}}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         if config is not None:
             # The resolved config is every run's first artifact: the run describes itself.
             self.client.log_dict(run.info.run_id, config, "config.yaml")
         return run.info.run_id
+
+    def _source_tags(self) -> dict[str, str]:
+        return {"mlflow.source.name": self.source, "mlflow.source.type": "LOCAL"} if self.source else {}
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

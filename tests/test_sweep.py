@@ -40,6 +40,7 @@ def test_study_is_resumed_not_restarted(finished_sweep):
     assert "0 finished, running up to 2" in first.stderr
     assert "2 finished, running up to 3" in second.stderr
     assert "open the MLflow UI: mlflow ui --backend-store-uri sqlite:///" in second.stderr
+    assert "?workflowType=machine_learning" in second.stderr  # opens on the training runs, not GenAI traces
 
 
 def test_run_tree_has_one_parent_and_a_child_per_trial(finished_sweep):
@@ -195,6 +196,7 @@ def test_the_mlflow_ui_facts(finished_sweep):
         assert all(d.dataset.digest for d in run.inputs.dataset_inputs)
         assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
         assert any(k.startswith("system/system_memory") for k in run.data.metrics)
+        assert run.data.tags["mlflow.source.name"].startswith("python -m harness.sweep")  # the Source column
 
 
 def test_a_trials_config_artifact_re_runs_that_trial(finished_sweep, tmp_path):
