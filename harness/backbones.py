@@ -38,7 +38,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     **_spec(["MobileNetV2"], "mobilenet_v2", 32, r"^(block_\d+|expanded_conv)_"),
     **_spec(["MobileNetV3Small", "MobileNetV3Large"], "mobilenet_v3", 32, r"^(expanded_conv(?:_\d+)?)_"),
     **_spec(["DenseNet121", "DenseNet169", "DenseNet201"], "densenet", 32, r"^(conv\d_block\d+|pool\d)_"),
-    **_spec(["NASNetMobile", "NASNetLarge"], "nasnet", 32, None),
+    # NASNet names every layer of a cell after the cell (`normal_bn_1_7`, `adjust_conv_1_reduce_4`,
+    # `separable_conv_1_reduction_left1_stem_2`); auto-named ReLUs (`activation_12`) must not match.
+    **_spec(["NASNetMobile", "NASNetLarge"], "nasnet", 32,
+            r"^(?:normal|reduction|adjust|separable)_.*?_((?:stem_|reduce_)?\d+)$"),
     **_spec([f"EfficientNetB{i}" for i in range(8)], "efficientnet", 32, r"^(block\d[a-z])_"),
     **_spec(
         ["EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetV2B2", "EfficientNetV2B3",
@@ -140,10 +143,55 @@ def clean_cut_points(layer_inputs: list[tuple[str, list[str]]]) -> list[int]:
     return cuts
 
 
-def group_blocks(layer_names: list[str], cuts: list[int], pattern: str | None) -> list[list[str]]:
+def split_cells(piece: list[str], keys: dict[str, str], reads: dict[str, list[str]]) -> list[list[str]]:
+    """Split a piece that holds several named cells into one block per cell, or keep it whole.
+
+    NASNet's cells each read the outputs of the *two* cells before them, so no single tensor ever
+    separates two cells and `clean_cut_points` finds no cut inside the stack. The cells are still
+    the architecture's blocks: unfreezing the top k cells trains whole cells that read frozen,
+    finished outputs of the cells below. `keys` maps a layer to its cell (from the block pattern);
+    an unnamed layer (Keras' `activation_12`) joins the earliest cell that reads it, so every layer
+    a frozen cell reads stays frozen too. The split is kept only if it is clean: a later cell reads
+    nothing from an earlier one but that cell's output (its last layer), and nothing flows back.
+    """
+    position = {n: i for i, n in enumerate(piece)}
+    readers: dict[str, list[str]] = {n: [] for n in piece}
+    for n in piece:
+        for src in reads.get(n, []):
+            if src in readers:
+                readers[src].append(n)
+    # Cells in the order of their outputs; an unnamed layer takes its earliest reader's cell.
+    cell_end = {}
+    for n in piece:
+        if n in keys:
+            cell_end[keys[n]] = position[n]
+    if len(cell_end) < 2:
+        return [piece]
+    order = {k: i for i, k in enumerate(sorted(cell_end, key=cell_end.get))}
+    cell: dict[str, int] = {}
+    for n in reversed(piece):  # readers come later in topological order: already assigned
+        if n in keys:
+            cell[n] = order[keys[n]]
+        else:
+            cell[n] = min((cell[r] for r in readers[n]), default=len(order) - 1)
+    cells: list[list[str]] = [[] for _ in order]
+    for n in piece:
+        cells[cell[n]].append(n)
+    for n in piece:
+        for r in readers[n]:
+            if cell[r] < cell[n] or (cell[r] > cell[n] and n != cells[cell[n]][-1]):
+                return [piece]  # the names do not describe self-contained cells: keep it whole
+    return [c for c in cells if c]
+
+
+def group_blocks(
+    layer_names: list[str], cuts: list[int], pattern: str | None, reads: dict[str, list[str]] | None = None,
+) -> list[list[str]]:
     """Split layers into blocks at clean cuts, then merge the pieces that form one block.
 
-    Pure: takes names and cut indices, so it is tested without building a model.
+    Pure: takes names, cut indices and the graph's edges, so it is tested without building a model.
+    - A piece whose layers carry several block keys is split into its cells (`split_cells`, needs
+      `reads`: layer name -> names of the layers it reads) when that split is clean.
     - Pieces whose layer names share a block key (`pattern`'s first group) form one block; an
       unnamed piece (e.g. Keras' auto-named `re_lu`) between two pieces of one block joins it.
     - Runs of unkeyed single-layer pieces (a plain conv -> bn -> relu stem or top) form one block.
@@ -156,6 +204,9 @@ def group_blocks(layer_names: list[str], cuts: list[int], pattern: str | None) -
             pieces.append(layer_names[start : c + 1])
         start = c + 1
     regex = re.compile(pattern) if pattern else None
+    if regex is not None and reads is not None:
+        keys_of = {n: m.group(1) for n in layer_names if (m := regex.match(n))}
+        pieces = [cell for piece in pieces for cell in split_cells(piece, keys_of, reads)]
 
     def key(piece: list[str]):
         if regex is None:
@@ -188,12 +239,70 @@ def group_blocks(layer_names: list[str], cuts: list[int], pattern: str | None) -
     return blocks
 
 
+def merge_weightless(blocks: list[list[str]], weighted: set[str]) -> list[list[str]]:
+    """Merge every block that owns no trainable weight into a neighbour, so each block trains.
+
+    `weighted` names the layers that train once their block is unfrozen (see `_trains_when_unfrozen`:
+    BatchNormalization never does). Without this, ResNetV2's top `post_bn`/`post_relu`, DenseNet's
+    `bn`/`relu` and NASNet's final ReLU were blocks of their own, and "unfreeze 1 block" trained
+    nothing but the head.
+
+    Which neighbour: the block *below* (towards the input). The weightless pieces between blocks
+    are what finishes the block below: its output activation (InceptionResNetV2's `block35_1_ac`
+    after each residual sum) or the final normalisation. Kept with that block, a block's last
+    layer is its finished output, which is where an intermediate-feature cut takes its features
+    (`build_model` cuts after `blocks[keep - 1][-1]`). What trains for "unfreeze the top k" is the
+    same either way, since these layers carry nothing to train. A weightless stem (e.g. a lone
+    Rescaling) has no block below, so it joins the first block above that has weights.
+    """
+    merged: list[list[str]] = []
+    stem: list[str] = []
+    for block in blocks:
+        if any(n in weighted for n in block):
+            merged.append(stem + block)
+            stem = []
+        elif merged:
+            merged[-1].extend(block)
+        else:
+            stem.extend(block)
+    if stem:  # nothing trainable at all: one block
+        merged.append(stem)
+    return merged
+
+
+def _trains_when_unfrozen(layer) -> bool:
+    """Whether unfreezing this layer gives the optimizer a weight to train.
+
+    BatchNormalization never does: the freeze policy keeps it frozen even inside unfrozen blocks
+    (`model.set_backbone_trainable`). LayerNormalization is trainable, but a block that is only a
+    per-channel scale and shift (ConvNeXt's final norm) is no block of features either, so no
+    normalisation layer makes a block on its own. Nested models (ConvNeXt's stem) count whole.
+    """
+    import keras
+
+    norms = (keras.layers.BatchNormalization, keras.layers.LayerNormalization, keras.layers.GroupNormalization)
+    return not isinstance(layer, norms) and any(v.trainable for v in layer.weights)
+
+
 def backbone_blocks(backbone, name: str) -> list[list[str]]:
-    """The backbone's layers (input layer excluded) grouped into blocks, input to output."""
+    """The backbone's layers (input layer excluded) grouped into blocks, input to output.
+
+    Names are of the graph's operations, so a few are not layers (`backbone.get_layer` fails on
+    them): ConvNeXt's residual sums and MobileNetV3's hard-sigmoid arithmetic are plain ops
+    (`add_3`). Use `output_of` to read any of them. Every block owns at least one weight that the
+    freeze policy trains (`merge_weightless`).
+    """
     config = backbone.get_config()
     layer_inputs = [(lc["name"], _history_refs(lc.get("inbound_nodes", []))) for lc in config["layers"]]
     cuts = clean_cut_points(layer_inputs)
-    blocks = group_blocks([n for n, _ in layer_inputs], cuts, get_spec(name).block_pattern)
+    names = [n for n, _ in layer_inputs]
+    blocks = group_blocks(names, cuts, get_spec(name).block_pattern, dict(layer_inputs))
     input_names = {backbone.layers[0].name}
     blocks = [[n for n in b if n not in input_names] for b in blocks]
-    return [b for b in blocks if b]
+    weighted = {layer.name for layer in backbone.layers if _trains_when_unfrozen(layer)}
+    return merge_weightless([b for b in blocks if b], weighted)
+
+
+def output_of(backbone, name: str):
+    """The output tensor of the backbone's operation `name`, a layer or a plain op (see above)."""
+    return next(op.output for op in backbone.operations if op.name == name)

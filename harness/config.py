@@ -69,6 +69,10 @@ class StudyConfig:
                       "(1 on CPU)")
 
 
+# data.class_map's reserved key: the classes listed under it are left out of the target.
+DROP_KEY = "_drop"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: Literal["builtin", "folder", "tfds"] = _f("builtin", "builtin | folder | tfds")
@@ -76,6 +80,10 @@ class DataConfig:
     path: str | None = _f(None, "folder: root with one sub-folder of images per class")
     image_size: int = _f(32, "square input size in px", min=8, max=1024)
     classes: list[str] | None = _f(None, "keep only these class names (a target with fewer labels)")
+    # Typed loosely so that load-time validation can list every problem of the map at once.
+    class_map: dict[str, Any] | None = _f(
+        None, "merge classes into target labels: {target: [class, ...]}; the labels are the target names sorted; "
+        f"every class goes to exactly one target or under {DROP_KEY} (left out); not with classes")
     train_per_class: int | None = _f(None, "subsample the train split to N images per class", min=1)
     val_per_class: int | None = _f(None, "subsample the val split to N images per class", min=1)
     val_fraction: float = _f(0.2, "share of each class held out for validation", min=0.01, max=0.9)
@@ -112,6 +120,9 @@ class PhaseConfig:
 class TrainConfig:
     head: PhaseConfig = _f(PhaseConfig(), "phase 1: frozen backbone, new head")
     finetune: PhaseConfig = _f(PhaseConfig(), "phase 2: top of the backbone unfrozen, low LR")
+    class_weight: Literal["none", "balanced"] = _f(
+        "none", "none | balanced: each class's loss weighted n_train / (n_classes * its train images), in every "
+        "phase, confirmation seed and the scratch baseline")
 
 
 @dataclass(frozen=True)
@@ -125,10 +136,18 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class BaselineConfig:
+    """From-scratch training, for the baseline of a sweep and the `scratch` cells' confirmation.
+
+    A from-scratch model needs far more updates than a fine-tune (He et al., 2019), so its budget
+    is optimizer steps with a floor, not epochs of a small training set."""
+
     scratch: bool = _f(True, "after the search, train the best trial's architecture from random init")
-    epochs: int = _f(30, "from-scratch training epochs", min=1)
-    learning_rate: float = _f(2e-3, "from-scratch Adam learning rate", min=1e-8, max=1.0)
-    patience: int | None = _f(8, "early-stopping patience; null = off", min=1)
+    epochs: int = _f(30, "from-scratch epochs of the training set, unless min_steps asks for more", min=1)
+    min_steps: int = _f(3000, "optimizer steps at least, however small the training set", min=1)
+    learning_rate: Any = _f("auto", "Adam learning rate, or 'auto': a short search picks it (1e-4, 3e-4, 1e-3, "
+                            "each for 5% of the steps; the lowest training loss wins)")
+    patience: int | None = _f(8, "early-stopping patience in epochs of the training set (at least 3 "
+                              "validations); null = off", min=1)
     augment: bool | None = _f(None, "augmentation for the baseline; null = as the best trial")
 
 
@@ -152,7 +171,8 @@ class QuadrantsConfig:
     targets: list[TargetConfig] = _f([], "target datasets, each with its quadrant")
     strategies: list[str] = _f(list(STRATEGIES), "features | intermediate | partial | full | scratch")
     trials_per_cell: int = _f(4, "trials of every (target, strategy) study: equal budgets", min=1)
-    confirm_seeds: int = _f(3, "seeds the best configuration of each cell is retrained with", min=1)
+    confirm_seeds: int = _f(3, "seeds the best configuration of each cell is retrained with; at least 2, since "
+                            "the report's Welch t-test compares cells over their seeds", min=2)
     cut_range: list[float] = _f([0.3, 0.8], "intermediate: searched share of backbone blocks kept")
     partial_range: list[float] = _f([0.2, 0.8], "partial: searched share of top blocks unfrozen")
     logme: bool = _f(True, "score every (backbone, target) with LogME before training")
@@ -438,6 +458,9 @@ def _check_cross(cfg: SweepConfig, loc: _Locator) -> None:
     workers = cfg.study.workers
     if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
         raise loc.error("study.workers", f"must be a count >= 1 or 'auto'; got {workers!r}")
+    lr = cfg.baseline.learning_rate
+    if lr != "auto" and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 1e-8 <= lr <= 1.0):
+        raise loc.error("baseline.learning_rate", f"must be 'auto' or a number in [1e-08, 1.0]; got {lr!r}")
     search = cfg.search
     if "unfreeze_fraction" in search and "unfreeze_blocks" in search:
         raise loc.error("search.unfreeze_blocks", "set either unfreeze_fraction or unfreeze_blocks, not both")
@@ -490,6 +513,82 @@ def _check_data(key: str, data: DataConfig, loc: _Locator) -> None:
             raise loc.error(f"{key}.name", f"unknown builtin dataset {data.name!r}; valid: {', '.join(BUILTIN)}")
     if data.classes is not None and len(set(data.classes)) < 2:
         raise loc.error(f"{key}.classes", "a classification task needs at least two classes")
+    if data.class_map is not None:
+        if data.classes is not None:
+            raise loc.error(f"{key}.class_map", f"set either {key}.classes or {key}.class_map, not both (to keep only "
+                            f"some classes, list the others under {DROP_KEY})")
+        problems = class_map_problems(data.class_map, _known_classes(data), f"{key}.class_map")
+        if problems:
+            raise loc.error(f"{key}.class_map", f"{len(problems)} problem(s): " + "; ".join(problems))
+
+
+SHOWN_CLASSES = 20  # class names listed in a message; a larger dataset's list ends with a count
+
+
+def class_map_problems(class_map: dict, known: list[str] | None, key: str = "data.class_map") -> list[str]:
+    """Every problem of a class_map, each naming its dotted key (empty: the map is usable).
+
+    `known` is the dataset's class names, or None where they are not known before loading (TFDS):
+    then unknown and unmapped classes are checked by harness/data.py `apply_class_map` at load.
+
+        >>> class_map_problems({"pos": ["happy"], "neg": ["happy", "sad"]}, ["happy", "sad", "calm"])
+        ["data.class_map.neg: class 'happy' is already in data.class_map.pos", ...]
+    """
+    problems = []
+    group_of: dict[str, str] = {}  # class -> the first group that names it
+    targets = [g for g in class_map if g != DROP_KEY]
+    if len(targets) < 2:
+        problems.append(f"{key}: a classification task needs at least two target labels; got {len(targets)}")
+    for group, members in class_map.items():
+        where = f"{key}.{group}"
+        if group.startswith("_") and group != DROP_KEY:
+            problems.append(f"{where}: target names starting with '_' are reserved; {DROP_KEY} lists classes to leave out")
+        if members is None or members == []:
+            if group != DROP_KEY:
+                problems.append(f"{where}: a target label needs at least one class")
+            continue
+        if not isinstance(members, list):
+            problems.append(f"{where}: must be a list of class names; got {type(members).__name__} {members!r}")
+            continue
+        unknown = []
+        for i, name in enumerate(members):
+            if not isinstance(name, str):
+                problems.append(f"{where}[{i}]: class names are strings; got {type(name).__name__} {name!r} (quote it)")
+            elif name in group_of:
+                first = group_of[name]
+                problems.append(f"{where}: class {name!r} listed twice" if first == group
+                                else f"{where}: class {name!r} is already in {key}.{first}")
+            else:
+                group_of[name] = group
+                if known is not None and name not in known:
+                    unknown.append(name)
+        if unknown:
+            problems.append(f"{where}: unknown class(es) {', '.join(map(repr, unknown))}; the dataset has "
+                            f"{_listed(known)}")
+    if known is not None:
+        unmapped = [c for c in known if c not in group_of]
+        if unmapped:
+            problems.append(f"{key}: class(es) {_listed(unmapped)} are in no target label; map them, or list them "
+                            f"under {DROP_KEY} to leave them out")
+    return problems
+
+
+def _listed(names: list[str]) -> str:
+    more = f" ... and {len(names) - SHOWN_CLASSES} more" if len(names) > SHOWN_CLASSES else ""
+    return ", ".join(names[:SHOWN_CLASSES]) + more
+
+
+def _known_classes(data: DataConfig) -> list[str] | None:
+    """A dataset's class names where they are cheap to know without loading it; None for TFDS."""
+    if data.source == "builtin":
+        from harness.datasets_builtin import SOURCE_CLASSES, TARGET_CLASSES
+
+        # scikit-learn's digits are labelled 0-9 (datasets_builtin.make_digits names them str(d)).
+        return {"shapes-source": list(SOURCE_CLASSES), "shapes": list(TARGET_CLASSES),
+                "digits": [str(d) for d in range(10)]}.get(data.name)
+    if data.source == "folder":  # the sub-folder names, as harness/data.py scan_folder reads them
+        return sorted(p.name for p in Path(data.path).iterdir() if p.is_dir() and not p.name.startswith("."))
+    return None
 
 
 def _check_quadrants(cfg: SweepConfig, loc: _Locator) -> None:

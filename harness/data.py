@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.config import ConfigError, DataConfig
+from harness.config import DROP_KEY, ConfigError, DataConfig, class_map_problems
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -203,6 +203,8 @@ def load_dataset(cfg: DataConfig, check_images: bool = True) -> Dataset:
         ds = Dataset(names, labels, paths=paths, image_size=cfg.image_size, name=Path(cfg.path).name)
     if cfg.classes is not None:
         ds = select_classes(ds, cfg.classes)
+    if cfg.class_map is not None:
+        ds = apply_class_map(ds, cfg.class_map)
     return ds
 
 
@@ -217,6 +219,36 @@ def select_classes(ds: Dataset, classes: list[str]) -> Dataset:
     labels = np.asarray([remap[v] for v in ds.labels[keep]], np.int64)
     return Dataset(
         list(classes), labels,
+        images=ds.images[keep] if ds.images is not None else None,
+        paths=[p for p, k in zip(ds.paths, keep) if k] if ds.paths is not None else None,
+        image_size=ds.image_size, name=ds.name,
+    )
+
+
+def apply_class_map(ds: Dataset, class_map: dict[str, list[str]]) -> Dataset:
+    """Merge classes into target labels, relabelled 0..k-1 in the order of the sorted target names;
+    the classes under the reserved key `_drop` are left out with their images.
+
+    Config loading has checked the map against the class names of builtin and folder datasets;
+    this checks it again against the loaded names (TFDS's are known only now), listing every problem.
+
+        >>> ds = apply_class_map(ds, {"positive": ["happy", "surprise"], "negative": ["angry", "sad"],
+        ...                           "neutral": ["neutral"], "_drop": ["contempt"]})
+        >>> ds.class_names
+        ['negative', 'neutral', 'positive']
+    """
+    problems = class_map_problems(class_map, ds.class_names)
+    if problems:
+        raise DataError(f"data.class_map: does not fit dataset {ds.name!r}, {len(problems)} problem(s): " + "; ".join(problems))
+    targets = sorted(g for g in class_map if g != DROP_KEY)
+    new_label = np.full(len(ds.class_names), -1, np.int64)  # -1: dropped
+    for label, target in enumerate(targets):
+        for name in class_map[target]:
+            new_label[ds.class_names.index(name)] = label
+    labels = new_label[ds.labels]
+    keep = labels >= 0
+    return Dataset(
+        targets, labels[keep],
         images=ds.images[keep] if ds.images is not None else None,
         paths=[p for p, k in zip(ds.paths, keep) if k] if ds.paths is not None else None,
         image_size=ds.image_size, name=ds.name,

@@ -93,9 +93,13 @@ REQUIRED_COLUMNS = ("quadrant", "size", "similarity", "target", "strategy",
 # Optional per-cell columns. comparison.csv always has them (blank where the caller had none), so
 # the file has one schema: logme (score of the cell's backbone on the target), test_accuracies
 # (JSON list, one test accuracy per confirmation seed), train_epochs / train_seconds (total over
-# the phases, mean over seeds), cell_run_id / best_confirm_run_id (MLflow runs).
-OPTIONAL_COLUMNS = ("logme", "test_accuracies", "train_epochs", "train_seconds", "cell_run_id", "best_confirm_run_id")
-_NUMERIC_COLUMNS = ("best_val", "test_mean", "test_std", "n_seeds", "logme", "train_epochs", "train_seconds")
+# the phases, mean over seeds), train_images_seen (training images fed, mean over seeds), undertrained
+# (1: a from-scratch cell whose models did not fit their training data; it takes no part in the
+# verdict), cell_run_id / best_confirm_run_id (MLflow runs).
+OPTIONAL_COLUMNS = ("logme", "test_accuracies", "train_epochs", "train_seconds", "train_images_seen", "undertrained",
+                    "cell_run_id", "best_confirm_run_id")
+_NUMERIC_COLUMNS = ("best_val", "test_mean", "test_std", "n_seeds", "logme", "train_epochs", "train_seconds",
+                    "train_images_seen", "undertrained")
 _TEXT_COLUMNS = ("cell_run_id", "best_confirm_run_id")
 
 VERDICT_COLUMNS = ["quadrant", "size", "similarity", "target", "winner", "winner_test_mean",
@@ -206,7 +210,9 @@ def _analyse(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     for quadrant, group in _quadrant_groups(cells):
         first = group.iloc[0]
         rule = _rule(first["size"], first["similarity"])
-        scored = group.dropna(subset=["test_mean"]).copy()
+        # An under-trained from-scratch cell is no result: it cannot win, tie or lose.
+        scored = group.dropna(subset=["test_mean"])
+        scored = scored[~(scored["undertrained"] > 0)].copy()
         # Rounding the sort key makes float-noise ties fall through to the STRATEGY_ORDER tie-break.
         scored["_score"] = scored["test_mean"].round(9)
         scored["_order"] = [_strategy_key(s) for s in scored["strategy"]]
@@ -397,7 +403,8 @@ def comparison_table(cells: pd.DataFrame) -> pd.DataFrame:
         row = {"quadrant": v.quadrant, "target": v.target}
         for strategy in strategies:
             cell = by_cell.get((v.quadrant, strategy))
-            row[strategy] = "" if cell is None else _cell_text(cell.test_mean, cell.ci_low, cell.ci_high)
+            row[strategy] = "" if cell is None else _cell_text(cell.test_mean, cell.ci_low, cell.ci_high) + (
+                " (under-trained)" if cell.undertrained > 0 else "")
         row.update({c: getattr(v, c) for c in ("verdict", "runner_up", "margin", "p_value", "significant",
                                                 "tie_set", "decisive", "textbook", "agrees_with_textbook")})
         rows.append(row)
@@ -450,13 +457,16 @@ def _detail_display(cells: pd.DataFrame, experiment_id, ui_url: str) -> _Table:
         "LogME": [_acc(x) for x in long["logme"]],
         "Epochs per seed": [_value_text(x) for x in long["train_epochs"]],
         "Train seconds per seed": [_value_text(x) for x in long["train_seconds"]],
+        "Images seen per seed": [_value_text(x, "n_seeds") for x in long["train_images_seen"]],
+        "Under-trained": ["yes" if u > 0 else "" for u in long["undertrained"]],
         **{_header(p): ["" if _not_applicable(s, p) else _value_text(x, p) for s, x in zip(long["strategy"], long[p])]
            for p in params},
         "Cell run": [r[:8] if isinstance(r, str) else "" for r in long["cell_run_id"]],
         "Best seed run": [r[:8] if isinstance(r, str) else "" for r in long["best_confirm_run_id"]],
     }
     texts = pd.DataFrame(columns)
-    optional = {"LogME", "Epochs per seed", "Train seconds per seed", "Cell run", "Best seed run", *map(_header, params)}
+    optional = {"LogME", "Epochs per seed", "Train seconds per seed", "Images seen per seed", "Under-trained", "Cell run",
+                "Best seed run", *map(_header, params)}
     texts = texts[[c for c in texts.columns if c not in optional or (texts[c] != "").any()]]
     table = _Table.of(texts)
     for name, column in (("Cell run", "cell_run_id"), ("Best seed run", "best_confirm_run_id")):

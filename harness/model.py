@@ -89,7 +89,7 @@ def build_model(spec: ModelSpec, seed: int = 0) -> TransferModel:
     if spec.cut_fraction < 1.0:
         keep = blocks_to_keep(len(blocks), spec.cut_fraction)
         last = blocks[keep - 1][-1]
-        backbone = keras.Model(backbone.input, backbone.get_layer(last).output, name=f"{backbone.name}_cut{keep}")
+        backbone = keras.Model(backbone.input, bb.output_of(backbone, last), name=f"{backbone.name}_cut{keep}")
         blocks = blocks[:keep]
     if not spec.pretrained:
         for layer in backbone.layers:
@@ -141,6 +141,8 @@ def set_backbone_trainable(tm: TransferModel, n_unfrozen: int) -> None:
     BatchNormalization layers of a pretrained backbone stay frozen even inside unfrozen blocks
     (their statistics and affine terms are kept as pretrained: the Keras EfficientNet fine-tuning
     example). The model must be recompiled afterwards: compile() captures the trainable state.
+    Every block has a non-BN weight to train (`backbones.merge_weightless` merges those that do
+    not), so each unfrozen block adds weights; change `backbones._trains_when_unfrozen` with this.
     """
     names = trainable_layer_names(tm.blocks, n_unfrozen)
     tm.backbone.trainable = n_unfrozen > 0

@@ -165,7 +165,9 @@ class TrialRunner:
         tm = build_model(model_spec(cfg, params, self.dataset.num_classes, weights), seed=cfg.study.seed + number)
         plan = plan_for(cfg, params, len(tm.blocks))
         n_unfrozen = max(p.unfreeze_blocks if p.unfreeze_blocks >= 0 else len(tm.blocks) for p in plan)
-        self.tracker.log_params(run_id, {"backbone_blocks": len(tm.blocks), "unfrozen_blocks": n_unfrozen})
+        class_weight = train_class_weights(cfg, self.dataset, self.splits)
+        weighted = {"class_weight": weights_param(class_weight, self.dataset.class_names)} if class_weight else {}
+        self.tracker.log_params(run_id, {"backbone_blocks": len(tm.blocks), "unfrozen_blocks": n_unfrozen, **weighted})
         total_epochs = sum(p.epochs for p in plan)
 
         def on_phase_start(phase: Phase, trainable: int, total: int):
@@ -180,7 +182,7 @@ class TrialRunner:
             if prune:
                 raise optuna.TrialPruned(f"pruned at epoch {record.epoch} ({cfg.study.metric}={value:.4f})")
 
-        run_plan(cfg, tm, plan, self.pipelines, on_epoch, on_phase_start, history=history)
+        run_plan(cfg, tm, plan, self.pipelines, on_epoch, on_phase_start, history=history, class_weight=class_weight)
         log_history(self.tracker, run_id, history)
         return tm
 
@@ -197,7 +199,7 @@ def leads(value: float, leader: float | None, direction: str) -> bool:
 
 
 def run_plan(cfg: SweepConfig, tm, plan, pipelines, on_epoch=lambda r: None, on_phase_start=lambda p, t, n: None,
-             history: History | None = None) -> History:
+             history: History | None = None, class_weight: dict[int, float] | None = None) -> History:
     """Run a plan whose phases may use different batch sizes; `pipelines(batch)` -> (train, val).
 
     The model ends with the best epoch's weights across all phases: the weights that scored.
@@ -208,8 +210,36 @@ def run_plan(cfg: SweepConfig, tm, plan, pipelines, on_epoch=lambda r: None, on_
     for phase in plan:
         train_ds, val_ds = pipelines(batch.get(phase.name, cfg.train.head.batch_size))
         run_phases(tm, [phase], train_ds, val_ds, on_epoch, on_phase_start, cfg.study.metric, cfg.study.direction,
-                   start_epoch=len(merged.epochs), best=best, history=merged)
+                   start_epoch=len(merged.epochs), best=best, history=merged, class_weight=class_weight)
     return merged
+
+
+def class_weights(labels, num_classes: int) -> dict[int, float]:
+    """Balanced loss weights, label -> n_samples / (n_classes * count of the label), over `labels`
+    (the train split's): every class then carries the same total weight in the loss, as with
+    scikit-learn's compute_class_weight("balanced"). A label absent from `labels` gets 1.0.
+
+        >>> class_weights(np.array([0, 0, 0, 1]), 2)
+        {0: 0.6666666666666666, 1: 2.0}
+    """
+    import numpy as np
+
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes)
+    present = int(np.count_nonzero(counts))
+    return {c: float(len(labels) / (present * n)) if n else 1.0 for c, n in enumerate(counts)}
+
+
+def train_class_weights(cfg: SweepConfig, dataset: Dataset, splits: Splits) -> dict[int, float] | None:
+    """`model.fit`'s class_weight as `train.class_weight` asks: None (unweighted), or balanced on
+    the train split's labels."""
+    if cfg.train.class_weight != "balanced":
+        return None
+    return class_weights(dataset.labels[splits.train], dataset.num_classes)
+
+
+def weights_param(class_weight: dict[int, float], class_names: list[str]) -> str:
+    """The weights as a short run param: `name: weight, ...`, rounded."""
+    return ", ".join(f"{class_names[label]}: {w:.4g}" for label, w in class_weight.items())
 
 
 def log_history(tracker: Tracker, run_id: str, history: History) -> None:

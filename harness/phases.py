@@ -248,6 +248,8 @@ def run_phases(
     best: BestWeights | None = None,
     history: History | None = None,
     restore_best: bool = True,
+    steps_per_epoch: int | None = None,
+    class_weight: dict[int, float] | None = None,
 ) -> History:
     """Run each phase of `plan` in turn on one epoch timeline; return the full history.
 
@@ -281,6 +283,8 @@ def run_phases(
         tm.model.fit(
             train_ds, validation_data=None if trains_bn else val_ds, initial_epoch=epoch, epochs=epoch + phase.epochs,
             callbacks=callbacks, verbose=0, shuffle=False,  # tf.data shuffles already
+            steps_per_epoch=steps_per_epoch,  # an "epoch" of a repeated pipeline (from-scratch training)
+            class_weight=class_weight,  # label -> loss weight (train.class_weight); validation stays unweighted
         )
         ran = len(history.epochs) - before
         result = PhaseResult(phase.name, epoch, ran, time.perf_counter() - started, trainable, total)

@@ -248,21 +248,37 @@ def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | N
     came from), and is logged when it matches or beats the cell's best confirmed seed so far."""
     import keras
 
+    from harness.baseline import train_from_scratch
     from harness.model import build_model
-    from harness.objective import leads, log_history, model_spec, plan_for, release_memory, run_plan
+    from harness.objective import leads, log_history, model_spec, plan_for, release_memory, run_plan, train_class_weights
 
     ccfg, dataset, splits, tracker = runner.cfg, runner.dataset, runner.splits, runner.tracker
     started = time.perf_counter()
+    def on_epoch(record):
+        tracker.log_metrics(run_id, record.metrics, step=record.epoch)
+
     try:
-        keras.utils.set_random_seed(seed)
-        tm = build_model(model_spec(ccfg, params, dataset.num_classes, runner.weights.get(params["backbone"])), seed=seed)
-        plan = plan_for(ccfg, params, len(tm.blocks))
+        if params.get("strategy") == "scratch":
+            # Confirmed as the sweep's baseline is trained: to convergence, not on the search's
+            # equal budget (the search's best_val stays the equal-budget figure).
+            tm, history, facts = train_from_scratch(runner, params, seed, run_id, on_epoch)
+            images_seen = facts["steps"] * ccfg.train.head.batch_size
+        else:
+            keras.utils.set_random_seed(seed)
+            tm = build_model(model_spec(ccfg, params, dataset.num_classes, runner.weights.get(params["backbone"])), seed=seed)
+            plan = plan_for(ccfg, params, len(tm.blocks))
 
-        def pipelines(batch_size):
-            return (tf_dataset(dataset, splits.train, batch_size, shuffle=True, seed=seed),
-                    tf_dataset(dataset, splits.val, batch_size, shuffle=False))
+            def pipelines(batch_size):
+                return (tf_dataset(dataset, splits.train, batch_size, shuffle=True, seed=seed),
+                        tf_dataset(dataset, splits.val, batch_size, shuffle=False))
 
-        history = run_plan(ccfg, tm, plan, pipelines, on_epoch=lambda r: tracker.log_metrics(run_id, r.metrics, step=r.epoch))
+            history = run_plan(ccfg, tm, plan, pipelines, on_epoch=on_epoch,
+                               class_weight=train_class_weights(ccfg, dataset, splits))
+            images_seen = sum(p.epochs_run for p in history.phases) * len(splits.train)
+        # What the cell's compute was: the report's cost columns (seconds on this process's device:
+        # GPU-seconds on a GPU box, where each trial process has one GPU).
+        tracker.log_metrics(run_id, {"cost/images_seen": images_seen, "cost/epochs": images_seen / len(splits.train),
+                                     "cost/seconds": sum(p.seconds for p in history.phases)})
         test = evaluate_on_test(tm, dataset, splits, ccfg.train.head.batch_size)
         log_history(tracker, run_id, history)
         best_val = history.best(ccfg.study.metric, ccfg.study.direction)

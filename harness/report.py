@@ -77,6 +77,12 @@ def _cost(runs: list, what: str) -> float:
     return float(np.mean(totals)) if totals else np.nan
 
 
+def _mean_metric(runs: list, key: str, fallback: float) -> float:
+    """Mean of a metric over the runs that logged it; `fallback` when none did (older runs)."""
+    values = [r.data.metrics[key] for r in runs if key in r.data.metrics]
+    return float(np.mean(values)) if values else fallback
+
+
 def _seed(run) -> int:
     try:
         return int(run.data.tags.get("harness.seed", ""))
@@ -120,7 +126,10 @@ def cells_table(tracker: Tracker, cell_runs: list, logme: pd.DataFrame, directio
             "test_mean": summary.mean, "test_std": summary.std, "n_seeds": summary.n,
             "logme": float(score.iloc[0]) if len(score) else np.nan,
             "test_accuracies": tests,
-            "train_epochs": _cost(mine, "epochs"), "train_seconds": _cost(mine, "seconds"),
+            "train_epochs": _mean_metric(mine, "cost/epochs", _cost(mine, "epochs")),
+            "train_seconds": _mean_metric(mine, "cost/seconds", _cost(mine, "seconds")),
+            "train_images_seen": _mean_metric(mine, "cost/images_seen", np.nan),
+            "undertrained": float(any(c.data.tags.get("harness.undertrained") == "true" for c in mine)) if mine else np.nan,
             "cell_run_id": cell.info.run_id, "best_confirm_run_id": best.info.run_id if best else None,
             **{f"param_{k}": v for k, v in params.items()},
         })

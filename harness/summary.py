@@ -48,6 +48,17 @@ def _shown(frame: pd.DataFrame, ascending: bool) -> pd.DataFrame:
     return out
 
 
+def baseline_line(metric: str, baseline: dict) -> str:
+    """The from-scratch baseline in one line: its score, or that it is no result (under-trained)."""
+    fit = baseline.get("train_accuracy")
+    fit_text = f", training accuracy {fit:.4f}" if fit is not None else ""
+    if baseline.get("fitted") is False:
+        return (f"same architecture from scratch: UNDER-TRAINED, not a result (training accuracy {fit:.4f} < 0.95 on "
+                f"its own training images; {metric} {baseline['value']:.4f}): raise baseline.min_steps or set "
+                f"baseline.learning_rate")
+    return f"same architecture from scratch: {metric} {baseline['value']:.4f}{fit_text}"
+
+
 def summarize(cfg, study, val_labels: np.ndarray, baseline: dict | None, tracker: Tracker, results_dir: str = "results") -> dict:
     frame = trials_frame(study)
     out_dir = Path(results_dir) / cfg.study.name
@@ -70,7 +81,7 @@ def summarize(cfg, study, val_labels: np.ndarray, baseline: dict | None, tracker
     if best:
         lines.append(f"best trial {best.number}: {cfg.study.metric} {best.value:.4f}")
     if baseline:
-        lines.append(f"same architecture from scratch: {cfg.study.metric} {baseline['value']:.4f}")
+        lines.append(baseline_line(cfg.study.metric, baseline))
     lines.append(f"chance (majority class of the val split): {chance:.4f}")
     lines.append(f"per-trial table (Optuna): {path}")
     lines.append(f"per-trial table from MLflow, comparison tables: python -m harness.report {cfg.study.name}")

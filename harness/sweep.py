@@ -315,7 +315,10 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
         baseline = run_scratch_baseline(cfg, study, dataset.name, tracker, log, run_task)
     summary = summarize(cfg, study, dataset.labels[splits.val], baseline, tracker)
     parent_metrics = {"test_accuracy": winner and winner["test_accuracy"],
-                      "scratch_test_accuracy": baseline and baseline.get("test_accuracy")}
+                      "scratch_test_accuracy": baseline and baseline.get("test_accuracy"),
+                      "scratch_train_accuracy": baseline and baseline.get("train_accuracy")}
+    if baseline:
+        tracker.set_tags(tracker.parent_run_id, {"harness.baseline_undertrained": str(baseline.get("fitted") is False).lower()})
     tracker.log_metrics(tracker.parent_run_id, {k: v for k, v in parent_metrics.items() if v is not None})
     tracker.describe(tracker.parent_run_id, description(cfg, winner, baseline, chance_level(dataset.labels[splits.val]), tracker))
     summary["winner"] = winner
@@ -328,7 +331,7 @@ def _test_lines(winner: dict | None, baseline: dict | None) -> str:
     lines = []
     if winner and winner.get("test_accuracy") is not None:
         lines.append(f"winner (trial {winner['trial']}) on the held-out test split: accuracy {winner['test_accuracy']:.4f}")
-    if baseline and baseline.get("test_accuracy") is not None:
+    if baseline and baseline.get("test_accuracy") is not None and baseline.get("fitted") is not False:
         lines.append(f"from-scratch baseline on the held-out test split: accuracy {baseline['test_accuracy']:.4f}")
     if winner and winner.get("model_uri"):
         lines.append(f"winning model: {winner['model_uri']}  (predict: python -m harness.predict {winner['model_uri'].split('/')[1]} FOLDER)")

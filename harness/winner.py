@@ -17,6 +17,7 @@ winner's model exists however the sweep ends. Afterwards:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,75 @@ def scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     picked = probabilities[np.arange(len(labels)), labels]
     return {"accuracy": float(np.mean(probabilities.argmax(axis=1) == labels)),
             "loss": float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))}
+
+
+def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """What a single accuracy hides, from class probabilities and integer labels (pure):
+
+    - `confusion`: int64 [num_classes, num_classes], rows = true class, columns = predicted;
+    - `per_class_accuracy`: accuracy on each class's images (its recall), NaN for a class with none;
+    - `auc`: for two classes, ROC AUC of class 1's probability (NaN when one class is absent);
+      None for more classes.
+
+        >>> m = classification_metrics(model.predict(test_ds), labels, 2)
+        >>> m["confusion"], m["per_class_accuracy"], m["auc"]
+    """
+    probabilities = np.asarray(probabilities, np.float64)
+    labels = np.asarray(labels, np.int64)
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels, probabilities.argmax(axis=1)), 1)
+    support = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where(support > 0, np.diag(confusion) / support, np.nan)
+    auc = None
+    if num_classes == 2:
+        from sklearn.metrics import roc_auc_score
+
+        auc = float(roc_auc_score(labels, probabilities[:, 1])) if len(np.unique(labels)) == 2 else math.nan
+    return {"confusion": confusion, "per_class_accuracy": [float(a) for a in per_class], "auc": auc}
+
+
+def class_metric_keys(class_names: list[str]) -> list[str]:
+    """MLflow-safe metric key parts for class names, unique: characters other than letters, digits,
+    `_ - . space` become `_` (a `/` too: keys like `test_accuracy/<class>` nest one level)."""
+    keys: list[str] = []
+    for i, name in enumerate(class_names):
+        key = re.sub(r"[^A-Za-z0-9_\-. ]", "_", str(name)).strip()
+        if not key.strip("."):  # "", "." and ".." are not usable path parts
+            key = f"class_{i}"
+        while key in keys:
+            key = f"{key}_{i}"
+        keys.append(key)
+    return keys
+
+
+def confusion_csv(confusion: np.ndarray, class_names: list[str]) -> str:
+    """The confusion matrix as CSV: a row per true class, a column per predicted class."""
+    import pandas as pd
+
+    frame = pd.DataFrame(confusion, index=list(class_names), columns=list(class_names))
+    return frame.to_csv(index_label="true / predicted")
+
+
+def confusion_figure(confusion: np.ndarray, class_names: list[str]):
+    """The confusion matrix as a heatmap with every count written in its cell."""
+    from harness.plots import plt
+
+    k = len(class_names)
+    side = min(2.5 + 0.6 * k, 16)
+    fig, ax = plt.subplots(figsize=(side, side * 0.85))
+    ax.imshow(confusion, cmap="Blues")
+    top = confusion.max() if confusion.size else 0
+    for (row, col), count in np.ndenumerate(confusion):
+        ax.text(col, row, str(count), ha="center", va="center", fontsize=8 if k > 10 else 10,
+                color="white" if count > top / 2 else "black")
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix, test split (images)")
+    fig.tight_layout()
+    return fig
 
 
 def load_logged_model(tracking_uri: str, model_uri: str):
@@ -59,14 +129,31 @@ class TestTask:
         from harness.data import tf_dataset
 
         model = load_logged_model(runner.tracker.uri, self.model_uri)
-        out = {}
+        names = runner.dataset.class_names
+        out, details = {}, {}
         for split, indices in (("val", runner.splits.val), ("test", runner.splits.test)):
             pipe = tf_dataset(runner.dataset, indices, runner.cfg.train.head.batch_size, shuffle=False)
-            result = scores(model.predict(pipe, verbose=0), runner.dataset.labels[indices])
+            probabilities, labels = model.predict(pipe, verbose=0), runner.dataset.labels[indices]
+            result = scores(probabilities, labels)
             out.update({f"{split}_accuracy": result["accuracy"], f"{split}_loss": result["loss"]})
+            details[split] = classification_metrics(probabilities, labels, len(names))
+            if _number(details[split]["auc"]):  # binary targets
+                out[f"{split}_auc"] = details[split]["auc"]
         # The test split is read here once, for a model chosen on validation alone.
-        runner.tracker.log_metrics(self.run_id, {"test_accuracy": out["test_accuracy"], "test_loss": out["test_loss"],
-                                                 "reloaded_val_accuracy": out["val_accuracy"]})
+        test = details["test"]
+        metrics = {"test_accuracy": out["test_accuracy"], "test_loss": out["test_loss"],
+                   "reloaded_val_accuracy": out["val_accuracy"], **{k: out[k] for k in ("test_auc", "val_auc") if k in out}}
+        metrics.update({f"test_accuracy/{key}": acc for key, acc in zip(class_metric_keys(names), test["per_class_accuracy"])
+                        if _number(acc)})
+        runner.tracker.log_metrics(self.run_id, metrics)
+        runner.tracker.log_text(self.run_id, confusion_csv(test["confusion"], names), "confusion_matrix.csv")
+        fig = confusion_figure(test["confusion"], names)
+        try:
+            runner.tracker.log_figure(self.run_id, fig, "confusion_matrix.png")
+        finally:
+            from harness.plots import plt
+
+            plt.close(fig)
         return out
 
 
@@ -129,8 +216,13 @@ def description(cfg, winner: dict | None, baseline: dict | None, chance: float, 
     if winner.get("version"):
         lines.append(f"Registered model: `{winner['model_uri']}` "
                      f"(`python -m harness.predict {cfg.study.name} FOLDER`).")
-    if baseline:
+    if baseline and baseline.get("fitted") is False:
+        lines.append(f"Same architecture from scratch: **under-trained, not a result** (training accuracy "
+                     f"{baseline['train_accuracy']:.4f} < 0.95; [run]({tracker.run_link(baseline['run_id'])})).")
+    elif baseline:
         text = f"Same architecture from scratch: {metric} {baseline['value']:.4f}"
+        if _number(baseline.get("train_accuracy")):
+            text += f" (training accuracy {baseline['train_accuracy']:.4f})"
         if _number(baseline.get("test_accuracy")):
             text += f", test accuracy {baseline['test_accuracy']:.4f}"
         lines.append(text + f" ([run]({tracker.run_link(baseline['run_id'])})).")

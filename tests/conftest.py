@@ -45,7 +45,8 @@ train:
 baseline:
   scratch: true
   epochs: 2
-  patience: null
+  min_steps: 8              # tiny: the floor is for real data
+  patience: null            # learning_rate: auto (a short search)
 """
 
 

@@ -132,3 +132,15 @@ def test_intermediate_features_cut_the_backbone_at_a_block_boundary():
     tm = build_model(spec(None, cut_fraction=0.5))
     assert len(tm.blocks) == 10  # ceil(19 * 0.5)
     assert tm.backbone.layers[-1].name == tm.blocks[-1][-1]
+
+
+@pytest.mark.parametrize("backbone", ["ConvNeXtTiny", "NASNetMobile"])
+def test_intermediate_features_cut_where_a_block_ends_in_a_plain_op_or_a_cell(backbone):
+    # ConvNeXt's blocks end in a residual sum that is an op, not a layer (`get_layer` fails on it);
+    # NASNet's cells each read the two cells before them, so the cut drops a second live tensor.
+    keras.backend.clear_session()
+    tm = build_model(ModelSpec(backbone, 32, 2, None, {}, cut_fraction=0.5))
+    assert tm.backbone.operations[-1].name == tm.blocks[-1][-1]
+    assert sorted(op.name for op in tm.backbone.operations[1:]) == sorted(n for b in tm.blocks for n in b)
+    assert tm.model(np.zeros((1, 32, 32, 3), "float32")).shape == (1, 2)
+    keras.backend.clear_session()

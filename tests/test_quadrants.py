@@ -31,6 +31,11 @@ search:
 train:
   head: {{epochs: 1, batch_size: 16, patience: null}}
   finetune: {{epochs: 1, batch_size: 16, patience: null}}
+baseline:                     # the scratch cells' confirmation: a short converged-style run
+  epochs: 2
+  min_steps: 6
+  learning_rate: 0.002
+  patience: null
 quadrants:
   strategies: {strategies}
   trials_per_cell: 2
