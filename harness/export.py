@@ -605,7 +605,8 @@ def heatmap_figure(cells: pd.DataFrame, title: str = ""):
     test mean rescaled within its row (0 = the row's worst, 1 = its best), so the differences inside a
     quadrant show even when quadrants sit at very different accuracies. Each cell reads 'mean', its
     interval and its difference from the row's best; the decisive winner is outlined solid, the
-    members of an undecided tie dashed. Cells not run are grey. Returns the Figure (caller closes it)."""
+    members of an undecided tie dashed. Cells not run, and under-trained from-scratch cells, are grey.
+    Returns the Figure (caller closes it)."""
     long = comparison_long(cells)
     verdicts = quadrant_verdicts(cells)
     strategies = _strategies(long)
@@ -613,13 +614,17 @@ def heatmap_figure(cells: pd.DataFrame, title: str = ""):
     means = np.full((len(quadrants), len(strategies)), np.nan)
     lows, highs = np.full_like(means, np.nan), np.full_like(means, np.nan)
     marks = np.full(means.shape, "", dtype=object)
+    undertrained = np.zeros(means.shape, dtype=bool)
     decisive = dict(zip(verdicts["quadrant"], verdicts["decisive"]))
     has_runner = {q: isinstance(r, str) for q, r in zip(verdicts["quadrant"], verdicts["runner_up"])}
     for r in long.itertuples(index=False):
         i, j = quadrants.index(r.quadrant), strategies.index(r.strategy)
         means[i, j], lows[i, j], highs[i, j] = r.test_mean, r.ci_low, r.ci_high
+        undertrained[i, j] = r.undertrained > 0
         if r.in_tie_set and has_runner[r.quadrant]:
             marks[i, j] = "winner" if decisive[r.quadrant] else "tie"
+    # An under-trained cell is no result: grey, left out of its row's scale and of "best".
+    means[undertrained] = np.nan
     best = np.array([np.nanmax(row) if np.isfinite(row).any() else np.nan for row in means])
     worst = np.array([np.nanmin(row) if np.isfinite(row).any() else np.nan for row in means])
     span = best - worst
@@ -635,7 +640,8 @@ def heatmap_figure(cells: pd.DataFrame, title: str = ""):
     for i in range(len(quadrants)):
         for j in range(len(strategies)):
             if not np.isfinite(means[i, j]):
-                ax.text(j, i, "not run", ha="center", va="center", fontsize=8, color="#555555")
+                ax.text(j, i, "under-trained" if undertrained[i, j] else "not run", ha="center", va="center",
+                        fontsize=8, color="#555555")
                 continue
             label = _cell_text(means[i, j], lows[i, j], highs[i, j]).replace(" [", "\n[")
             gap = means[i, j] - best[i]

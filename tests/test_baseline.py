@@ -97,3 +97,21 @@ def test_baseline_learning_rate_must_be_auto_or_a_rate(tmp_path):
 
     with pytest.raises(ConfigError, match="baseline.learning_rate"):
         load_config(write_config(tmp_path, open(write_config(tmp_path)).read().replace("min_steps: 8", "min_steps: 8\n  learning_rate: fast")))
+
+
+def test_the_heatmap_greys_an_undertrained_cell_out_of_its_rows_scale():
+    import matplotlib.pyplot as plt
+
+    from harness.export import heatmap_figure
+
+    cells = pd.DataFrame([
+        {"quadrant": "small-similar", "size": "small", "similarity": "similar", "target": "t", "strategy": s,
+         "best_val": m, "test_mean": m, "test_std": 0.01, "n_seeds": 3, "undertrained": u}
+        for s, m, u in (("features", 0.80, 0), ("full", 0.70, 0), ("scratch", 0.95, 1))
+    ])
+    fig = heatmap_figure(cells)
+    scaled = fig.axes[0].images[0].get_array()
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    plt.close(fig)
+    assert scaled.mask[0, 2] and scaled[0, 0] == 1.0 and scaled[0, 1] == 0.0  # features is the row's best
+    assert "under-trained" in texts
