@@ -513,7 +513,8 @@ def _verdict_sentence(v) -> str:
         text = f"{head}: only {v.winner} has a test score ({v.winner_test_mean:.3f}); nothing to compare"
     else:
         test = (f"Welch's t-test over seeds, {v.winner} vs runner-up {v.runner_up}: "
-                + (f"p = {_p(v.p_value)}" if math.isfinite(v.p_value) else "no p-value (fewer than 2 seeds)"))
+                + (f"p = {_p(v.p_value)}" if math.isfinite(v.p_value)
+                   else "no p-value (fewer than 2 seeds, or every seed of both scored the same)"))
         if v.decisive:
             text = (f"{head}: {v.winner} wins ({v.winner_test_mean:.3f} vs {v.runner_up_test_mean:.3f}, "
                     f"margin {v.margin:.3f}); {test}, significant, and every other strategy is significantly worse")

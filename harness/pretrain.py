@@ -39,6 +39,11 @@ def source_key(cfg: SweepConfig, backbone: str) -> str:
         "source": dataclasses.asdict(cfg.source),  # includes the input size the weights were trained at
     }
     blob["source"].pop("cache_dir")
+    # Data keys added after weights were shipped change nothing while unset: leaving them out of
+    # the key keeps finding the shipped file (and every cached one).
+    for late_key in ("class_map",):
+        if blob["source"]["data"].get(late_key) is None:
+            blob["source"]["data"].pop(late_key, None)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
 
 

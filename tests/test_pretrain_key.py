@@ -1,0 +1,15 @@
+"""The shipped source backbone stays findable: its key must not move when config keys are added."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.parametrize("config", ["sweeps/demo.yaml", "sweeps/quadrants-demo.yaml"])
+def test_the_offline_demos_find_the_shipped_source_weights(config):
+    from harness.config import load_config
+    from harness.pretrain import ASSETS, find_source_weights
+    from tests.conftest import ROOT
+
+    found = find_source_weights(load_config(ROOT / config), "MobileNetV2")
+    assert found is not None and found.parent == ASSETS, "the demo would pretrain for minutes instead of using the asset"
