@@ -71,6 +71,8 @@ def learning_rate_search(tm, train_ds, steps_each: int, candidates=LR_CANDIDATES
     """Train the same fresh model a short while at each candidate rate (weights and optimizer
     state reset between candidates, so one traced training step serves them all); returns each
     rate's mean training loss over the second half of its run."""
+    import keras
+
     from harness.model import set_all_trainable
     from harness.phases import compile_for
 
@@ -80,8 +82,11 @@ def learning_rate_search(tm, train_ds, steps_each: int, candidates=LR_CANDIDATES
     losses = {}
     for rate in candidates:
         tm.model.set_weights(initial)
-        for variable in tm.model.optimizer.variables:  # Adam's moments and step count, from zero
+        optimizer = tm.model.optimizer
+        for variable in optimizer.variables:  # Adam's moments and step count, from zero
             variable.assign(np.zeros(variable.shape, variable.dtype))
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):  # mixed precision: a loss scale of 0 is NaN
+            optimizer.dynamic_scale.assign(optimizer.initial_scale)
         tm.model.optimizer.learning_rate.assign(rate)
         half = max(1, steps_each // 2)
         history = tm.model.fit(train_ds, epochs=2, steps_per_epoch=half, verbose=0)
@@ -119,7 +124,7 @@ def train_from_scratch(runner, params: dict, seed: int, run_id: str, on_epoch=la
         learning_rate = pick_learning_rate(losses)
         tracker.log_text(run_id, "learning_rate,train_loss\n" + "".join(f"{r:g},{l:.6g}\n" for r, l in losses.items()),
                          "learning_rate_search.csv")
-        keras.backend.clear_session()
+        release_memory()  # keeps the mixed-precision policy, which clear_session would reset
     keras.utils.set_random_seed(seed)
     tm = build_model(spec, seed=seed)
     plan = scratch_plan(budget.rounds, learning_rate, budget.patience)

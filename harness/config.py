@@ -123,6 +123,13 @@ class TrainConfig:
     class_weight: Literal["none", "balanced"] = _f(
         "none", "none | balanced: each class's loss weighted n_train / (n_classes * its train images), in every "
         "phase, confirmation seed and the scratch baseline")
+    # Bare YAML on/off are read as true/false: both spellings are accepted (see _check_cross).
+    mixed_precision: Any = _f(
+        "auto", "auto | on | off: Keras' mixed_float16 policy in trial processes (float16 compute, float32 weights and "
+        "softmax); auto = on for a GPU of compute capability >= 7.0, off on CPU; on is refused without such a GPU")
+    jit_compile: Any = _f(
+        "auto", "auto | on | off: XLA compilation of the train and test steps (model.compile's jit_compile); auto = on "
+        "for a GPU of compute capability >= 7.0, off on CPU")
 
 
 @dataclass(frozen=True)
@@ -494,6 +501,11 @@ def _check_cross(cfg: SweepConfig, loc: _Locator) -> None:
         _check_quadrants(cfg, loc)
     if cfg.train.head.epochs < 1:
         raise loc.error("train.head.epochs", "phase 1 must train the head for at least one epoch")
+    for key in ("mixed_precision", "jit_compile"):
+        value = getattr(cfg.train, key)
+        # YAML 1.1 reads a bare on/off (also yes/no, true/false) as a boolean: it means on/off here.
+        if not isinstance(value, bool) and value not in ("auto", "on", "off"):
+            raise loc.error(f"train.{key}", f"must be one of auto, on, off; got {value!r}")
 
 
 def _check_data(key: str, data: DataConfig, loc: _Locator) -> None:

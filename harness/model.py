@@ -106,7 +106,9 @@ def build_model(spec: ModelSpec, seed: int = 0) -> TransferModel:
         x = keras.layers.Dropout(spec.dropout, name="head_dropout")(x)
         x = keras.layers.Dense(spec.head_units, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(spec.dropout, name="dropout")(x)
-    outputs = keras.layers.Dense(spec.num_classes, activation="softmax", name="classifier")(x)
+    # float32 under the mixed_float16 policy too (train.mixed_precision): a float16 softmax and its
+    # loss lose small probabilities to underflow.
+    outputs = keras.layers.Dense(spec.num_classes, activation="softmax", name="classifier", dtype="float32")(x)
     model = keras.Model(inputs, outputs, name=f"{spec.backbone}_transfer")
     return TransferModel(model, backbone, blocks, spec)
 

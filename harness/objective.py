@@ -84,6 +84,7 @@ class TrialRunner:
         self.cfg, self.dataset, self.splits, self.tracker = cfg, dataset, splits, tracker
         self.weights = weights
         self._pipelines: dict[tuple, tuple] = {}
+        apply_device_switches(cfg.train)  # before this process builds a model
 
     def pipelines(self, batch_size: int):
         """Train/val tf.data pipelines, built once per batch size and re-used by every trial."""
@@ -177,14 +178,32 @@ class TrialRunner:
             inject_fault(number, record.epoch)
             self.tracker.log_metrics(run_id, record.metrics, step=record.epoch)
             value = record.metrics.get(cfg.study.metric)
-            prune = report({"number": number, "epoch": record.epoch, "phase": record.phase, "metrics": dict(record.metrics),
-                            "total_epochs": total_epochs, "value": value})
+            # The epoch's index within its own phase: the sweep process turns it into the pruner's
+            # step (harness/trials.py pruning_step); `epoch` stays the shared timeline.
+            phase_epoch = record.epoch - next(e.epoch for e in history.epochs if e.phase == record.phase)
+            prune = report({"number": number, "epoch": record.epoch, "phase": record.phase, "phase_epoch": phase_epoch,
+                            "metrics": dict(record.metrics), "total_epochs": total_epochs, "value": value})
             if prune:
                 raise optuna.TrialPruned(f"pruned at epoch {record.epoch} ({cfg.study.metric}={value:.4f})")
 
         run_plan(cfg, tm, plan, self.pipelines, on_epoch, on_phase_start, history=history, class_weight=class_weight)
         log_history(self.tracker, run_id, history)
         return tm
+
+
+def apply_device_switches(train) -> tuple[bool, bool]:
+    """train.mixed_precision and train.jit_compile in this trial process, on the GPU it was given:
+    Keras' global dtype policy (mixed_float16 or float32) and `compile_for`'s jit_compile. Returns
+    (mixed precision, XLA). `release_memory` keeps the policy across Keras' clear_session."""
+    import keras
+
+    from harness.phases import gpu_capabilities, resolve_switch, set_jit_compile
+
+    capabilities = gpu_capabilities()
+    mixed, jit = resolve_switch(train.mixed_precision, capabilities), resolve_switch(train.jit_compile, capabilities)
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    set_jit_compile(jit)
+    return mixed, jit
 
 
 def leads(value: float, leader: float | None, direction: str) -> bool:
@@ -316,7 +335,9 @@ def release_memory() -> None:
     """
     import keras
 
-    keras.backend.clear_session()
+    policy = keras.mixed_precision.global_policy().name
+    keras.backend.clear_session()  # which also resets Keras' global dtype policy to float32
+    keras.mixed_precision.set_global_policy(policy)  # train.mixed_precision holds for the next trial
     gc.collect()
     _malloc_trim()
 

@@ -220,11 +220,59 @@ class _ScratchValidation(keras.callbacks.Callback):
             logs.update({f"val_{k}": v for k, v in evaluate(self.model, self.val_ds).items()})
 
 
-def compile_for(tm: TransferModel, learning_rate: float) -> None:
+# --- device switches: train.mixed_precision and train.jit_compile ----------------------------
+
+TENSOR_CORES = (7, 0)  # compute capability from which float16 runs on Tensor Cores: V100, T4, A100, H100
+
+
+def resolve_switch(setting, gpus_capabilities) -> bool:
+    """On or off, for a switch set to auto | on | off (YAML's bare on/off arrive as True/False).
+
+    `gpus_capabilities` is the compute capability of each GPU the process sees, as TensorFlow
+    reports it ((major, minor); None where unknown). auto is on for a GPU of capability 7.0 or
+    higher and off on CPU or older GPUs.
+
+        >>> resolve_switch("auto", [(8, 0)]), resolve_switch("auto", []), resolve_switch("auto", [(6, 1)])
+        (True, False, False)
+    """
+    if setting in ("on", "off") or isinstance(setting, bool):
+        return setting in ("on", True)
+    if setting != "auto":
+        raise ValueError(f"a switch is auto, on or off; got {setting!r}")
+    return any(cap is not None and tuple(cap) >= TENSOR_CORES for cap in gpus_capabilities)
+
+
+def gpu_capabilities(gpus=None) -> list[tuple[int, int] | None]:
+    """Compute capability of each GPU (default: the GPUs TensorFlow sees in this process)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU") if gpus is None else gpus
+    return [tf.config.experimental.get_device_details(gpu).get("compute_capability") for gpu in gpus]
+
+
+# This process's train.jit_compile, resolved (harness/objective.py `apply_device_switches`), like
+# Keras' global dtype policy; "auto" (never set: the sweep process, tests) leaves it to Keras.
+_jit_compile: bool | str = "auto"
+
+
+def set_jit_compile(on: bool) -> None:
+    global _jit_compile
+    _jit_compile = bool(on)
+
+
+def compile_for(tm: TransferModel, learning_rate: float, jit_compile: bool | None = None) -> None:
+    """Compile for one phase; `jit_compile` None = this process's setting (`set_jit_compile`).
+
+    Under the mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer itself
+    (compile's auto_scale_loss), so float16 gradients do not underflow."""
+    jit = _jit_compile if jit_compile is None else jit_compile
+    if jit is True and not all(layer.supports_jit for layer in _all_layers(tm.model)):
+        jit = False  # random augmentation layers cannot be XLA-compiled; Keras would warn and do the same
     tm.model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        jit_compile=jit,
     )
 
 

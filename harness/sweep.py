@@ -136,6 +136,20 @@ def plan_workers(requested, gpus: list[str]) -> int:
     return requested
 
 
+def check_mixed_precision(cfg) -> None:
+    """`train.mixed_precision: on` needs a GPU of compute capability >= 7.0 (Tensor Cores): elsewhere
+    float16 buys little or no speed and costs precision. Uses the GPUs as seen before this process hid them."""
+    from harness.config import ConfigError
+    from harness.phases import TENSOR_CORES, gpu_capabilities, resolve_switch
+
+    capabilities = gpu_capabilities(_GPUS_BEFORE_HIDING)
+    explicitly_on = resolve_switch(cfg.train.mixed_precision, [])  # with no GPU, auto is off: only on is left
+    if explicitly_on and not resolve_switch("auto", capabilities):
+        found = ", ".join("unknown" if c is None else f"{c[0]}.{c[1]}" for c in capabilities) or "none (CPU only)"
+        raise ConfigError(f"{cfg.path}: train.mixed_precision: on needs a GPU of compute capability >= "
+                          f"{TENSOR_CORES[0]}.{TENSOR_CORES[1]}; GPUs visible: {found}. Use auto (on where it pays) or off")
+
+
 def resolve_weights(cfg, log) -> dict[str, str | None]:
     """Each candidate backbone's weights, checked by building the backbone once (fails fast)."""
     from harness import backbones as bb
@@ -211,6 +225,7 @@ def _run_checked(cfg, engine, workers: int, gpus: list[str], log) -> dict:
     from harness.tracking import redact
 
     # --- preflight: everything that can refuse the sweep, before anything is created ---------
+    check_mixed_precision(cfg)
     if cfg.quadrants is None:
         dataset = load_dataset(cfg.data)
         splits = make_splits(dataset.labels, cfg.data)

@@ -96,6 +96,35 @@ def execute(task, channel: Channel):
     return task.run(_RUNNERS[task.context_key], channel)
 
 
+# --- the pruner's step axis ---------------------------------------------------------------------
+
+
+def pruning_step(phase: str, epoch_in_phase: int, head_epochs: int) -> int:
+    """The Optuna step at which epoch `epoch_in_phase` (0-based, counted from the phase's own
+    start) of `phase` is reported.
+
+    Optuna's median pruner compares a trial's value at step s with the other trials' values at
+    the same step s, so a step must mean the same thing in every trial. The shared epoch
+    timeline does not: phase 1 stops early on its own, so epoch 3 is phase 2 in one trial and
+    still phase 1 in another. Fixed offsets make a step mean "epoch j of phase p": phase 1
+    ("head") epoch i is step i (0 <= i < train.head.epochs), phase 2 ("finetune") epoch j is step
+    `head_epochs + j` however early phase 1 stopped, and a from-scratch trial (one phase,
+    "scratch", in a study of its own) is step i. No step repeats within a trial, which matters:
+    `Trial.report` silently ignores a step it has already seen. MLflow's metric steps stay on
+    the shared epoch timeline; only the pruner's axis has the offsets.
+
+        >>> pruning_step("head", 2, head_epochs=5), pruning_step("finetune", 0, head_epochs=5)
+        (2, 5)
+    """
+    if epoch_in_phase < 0:
+        raise ValueError(f"epoch_in_phase must be >= 0, got {epoch_in_phase}")
+    if phase in ("head", "scratch"):
+        return epoch_in_phase
+    if phase == "finetune":
+        return head_epochs + epoch_in_phase
+    raise ValueError(f"unknown phase {phase!r} (head, finetune or scratch)")
+
+
 # --- what the sweep process keeps ---------------------------------------------------------------
 
 
@@ -384,8 +413,10 @@ class TrialEngine:
         value = payload.get("value")
         if value is None:
             return False
+        # Offset steps (see pruning_step): the pruner compares phase 2 only with phase 2.
+        step = pruning_step(payload["phase"], payload["phase_epoch"], running.job.context.cfg.train.head.epochs)
         try:
-            running.trial.report(value, step=payload["epoch"])
+            running.trial.report(value, step=step)
         except optuna.exceptions.UpdateFinishedTrialError:
             return True  # another sweep process took this trial for dead and queued it again: stop
         return running.trial.should_prune()
