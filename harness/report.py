@@ -136,25 +136,44 @@ def cells_table(tracker: Tracker, cell_runs: list, logme: pd.DataFrame, directio
     return pd.DataFrame(rows)
 
 
-def logme_table(tracker: Tracker, trials: pd.DataFrame) -> pd.DataFrame:
-    """LogME per (target, backbone) beside the best accuracy that backbone reached on that target,
-    with the rank correlation across backbones: would the cheap score have picked the right one?"""
+def logme_table(tracker: Tracker, trials: pd.DataFrame, direction: str = "maximize") -> pd.DataFrame:
+    """LogME per (target, backbone) beside the accuracy that backbone reached on that target (the
+    best search value of its transfer trials; `add_confirmed_accuracy` replaces it with confirmed
+    test accuracy once the cells are known)."""
     rows = [{"target": r.data.tags["target"], "backbone": r.data.tags["backbone"], "logme": r.data.metrics.get("logme")}
             for r in _runs(tracker, "logme")]
     frame = pd.DataFrame(rows, columns=["target", "backbone", "logme"])
     if not len(frame):
         return frame
     transfer = trials[(trials.strategy != "scratch") & trials.state.isin(["COMPLETE", "PRUNED"])] if len(trials) else trials
-    best = transfer.groupby(["target", "param_backbone"])["objective"].max() if len(transfer) else pd.Series(dtype=float)
-    frame["best_val_accuracy"] = [best.get((t, b), np.nan) for t, b in zip(frame.target, frame.backbone)]
-    spearman, picked = {}, {}
+    pick = "max" if direction == "maximize" else "min"  # a val_loss sweep's best trial has the lowest value
+    best = transfer.groupby(["target", "param_backbone"])["objective"].agg(pick) if len(transfer) else pd.Series(dtype=float)
+    frame["best_search_value"] = [best.get((t, b), np.nan) for t, b in zip(frame.target, frame.backbone)]
+    return frame
+
+
+def add_confirmed_accuracy(logme: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
+    """Would the cheap score have picked the right backbone? Beside each LogME score, the best
+    confirmed test accuracy of that backbone's transfer cells on that target (higher is better,
+    whatever the search metric); then Kendall's tau and Spearman's rho between the two, across
+    the backbones of each target and across every (backbone, target) pair."""
+    if not len(logme):
+        return logme
+    frame = logme.copy()
+    transfer = cells[(cells.strategy != "scratch")] if "param_backbone" in cells.columns else cells.iloc[0:0]
+    best = transfer.groupby(["target", "param_backbone"])["test_mean"].max() if len(transfer) else pd.Series(dtype=float)
+    frame["confirmed_test_accuracy"] = [best.get((t, b), np.nan) for t, b in zip(frame.target, frame.backbone)]
+    per_target = {}
     for target, group in frame.groupby("target"):
-        g = group.dropna()
-        if len(g) >= 2:
-            spearman[target] = g["logme"].rank().corr(g["best_val_accuracy"].rank())
-            picked[target] = bool(g.loc[g.logme.idxmax(), "backbone"] == g.loc[g.best_val_accuracy.idxmax(), "backbone"])
-    frame["spearman_across_backbones"] = frame.target.map(spearman)
-    frame["logme_picked_best_backbone"] = frame.target.map(picked)
+        tau, rho = stats.rank_agreement(group.logme, group.confirmed_test_accuracy)
+        scored = group.dropna(subset=["logme", "confirmed_test_accuracy"])
+        picked = (bool(scored.loc[scored.logme.idxmax(), "backbone"] == scored.loc[scored.confirmed_test_accuracy.idxmax(), "backbone"])
+                  if len(scored) >= 2 else None)
+        per_target[target] = (tau, rho, picked)
+    frame["kendall_across_backbones"] = frame.target.map(lambda t: per_target[t][0])
+    frame["spearman_across_backbones"] = frame.target.map(lambda t: per_target[t][1])
+    frame["logme_picked_best_backbone"] = frame.target.map(lambda t: per_target[t][2])
+    frame["kendall_all_pairs"], frame["spearman_all_pairs"] = stats.rank_agreement(frame.logme, frame.confirmed_test_accuracy)
     return frame
 
 
@@ -181,9 +200,10 @@ def build_report(sweep: str, tracker: Tracker, out_dir: str | Path | None = None
         (out / "trials.md").write_text(f"# Trials of sweep {sweep}\n\n{text}\n", encoding="utf-8")
         paths = {"trials": path, "trials_md": out / "trials.md"}
     else:
-        logme = logme_table(tracker, trials)
         direction = parents[0].data.params.get("study.direction", "maximize")
+        logme = logme_table(tracker, trials, direction)
         cells = cells_table(tracker, cell_runs, logme, direction)
+        logme = add_confirmed_accuracy(logme, cells)
         # extra table "trials" -> trials.csv: the same trials_table schema as a plain sweep's.
         paths = write_comparison(cells, out, title=f"Transfer strategies by quadrant: {sweep}",
                                  extra_tables={"trials": trials, "logme": logme},

@@ -108,3 +108,17 @@ def tie_set(samples: Mapping[str, Iterable[float] | None], winner: str, alpha: f
     best = samples[winner]
     return [name for name, values in samples.items()
             if name == winner or not significant(welch_p(best, values), alpha)]
+
+
+def rank_agreement(scores: Iterable[float], outcomes: Iterable[float]) -> tuple[float, float]:
+    """(Kendall's tau, Spearman's rho) between a cheap score and the outcome it should predict:
+    1 when the score ranks every item as the outcome does. NaN with fewer than two pairs, or when
+    either side is constant (no ranking to agree with)."""
+    pairs = [(float(a), float(b)) for a, b in zip(scores, outcomes)
+             if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
+    if len(pairs) < 2:
+        return math.nan, math.nan
+    x, y = (np.array(side) for side in zip(*pairs))
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan
+    return float(_scipy.kendalltau(x, y).statistic), float(_scipy.spearmanr(x, y).statistic)

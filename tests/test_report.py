@@ -199,3 +199,27 @@ def test_report_and_summary_never_write_two_tables_to_one_file_name(tmp_path):
     assert "number" in pd.read_csv(out / summary.OPTUNA_TRIALS_FILE).columns and "number" not in mlflow_table.columns
     md = (out / "trials.md").read_text(encoding="utf-8")
     assert md.startswith("# Trials of sweep tiny") and "| trial" in md and "0.500" in md
+
+
+def test_logme_is_judged_against_confirmed_test_accuracy_per_target_and_across_pairs():
+    logme = pd.DataFrame({"target": ["a", "a", "b", "b"], "backbone": ["M", "R", "M", "R"], "logme": [1.0, 2.0, 0.5, 0.1]})
+    cells = pd.DataFrame({
+        "target": ["a", "a", "a", "b", "b", "b"], "strategy": ["features", "full", "scratch"] * 2,
+        "param_backbone": ["M", "R", "R", "M", "R", "R"], "test_mean": [0.6, 0.8, 0.99, 0.7, 0.9, 0.95]})
+    out = report.add_confirmed_accuracy(logme, cells).set_index(["target", "backbone"])
+    # scratch (no transfer) is never a backbone's score, however high
+    assert out.loc[("a", "R"), "confirmed_test_accuracy"] == 0.8
+    assert out.loc[("a", "M"), "spearman_across_backbones"] == pytest.approx(1.0) and bool(out.loc[("a", "M"), "logme_picked_best_backbone"])
+    assert out.loc[("b", "M"), "kendall_across_backbones"] == pytest.approx(-1.0) and not out.loc[("b", "M"), "logme_picked_best_backbone"]
+    import scipy.stats
+    assert out["kendall_all_pairs"].iloc[0] == pytest.approx(
+        scipy.stats.kendalltau([1.0, 2.0, 0.5, 0.1], [0.6, 0.8, 0.7, 0.9]).statistic)
+
+
+def test_logme_search_values_follow_the_metrics_direction():
+    tracker = FakeTracker(quadrant_runs())
+    trials = report.trials_table(tracker, tracker.search_runs("tags.`harness.role` = 'cell'"))
+    trials.loc[len(trials)] = {**trials.iloc[0].to_dict(), "objective": 0.1}  # a second, lower value
+    best_max = report.logme_table(tracker, trials, "maximize")["best_search_value"].iloc[0]
+    best_min = report.logme_table(tracker, trials, "minimize")["best_search_value"].iloc[0]
+    assert best_max > best_min == 0.1

@@ -75,3 +75,18 @@ def test_tie_set():
     assert stats.tie_set(samples, "full") == ["full", "partial", "scratch"]
     clear = {"full": [0.81, 0.82, 0.80], "features": [0.60, 0.61, 0.62]}
     assert stats.tie_set(clear, "full") == ["full"]
+
+
+def test_rank_agreement_is_kendall_and_spearman_and_nan_without_a_ranking():
+    import scipy.stats
+
+    from harness.stats import rank_agreement
+
+    scores, accuracy = [1.0, 2.0, 3.0, 4.0], [0.5, 0.7, 0.6, 0.9]
+    tau, rho = rank_agreement(scores, accuracy)
+    assert tau == pytest.approx(scipy.stats.kendalltau(scores, accuracy).statistic)
+    assert rho == pytest.approx(scipy.stats.spearmanr(scores, accuracy).statistic)
+    assert rank_agreement([1, 2], [0.2, 0.9]) == pytest.approx((1.0, 1.0))
+    assert all(math.isnan(v) for v in rank_agreement([1.0], [0.5]))  # one pair: no ranking
+    assert all(math.isnan(v) for v in rank_agreement([1, 2, 3], [0.5, 0.5, 0.5]))  # constant outcome
+    assert all(math.isnan(v) for v in rank_agreement([1, float("nan")], [0.5, 0.6]))
