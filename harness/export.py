@@ -104,7 +104,8 @@ _TEXT_COLUMNS = ("cell_run_id", "best_confirm_run_id")
 
 VERDICT_COLUMNS = ["quadrant", "size", "similarity", "target", "winner", "winner_test_mean",
                    "runner_up", "runner_up_test_mean", "margin", "p_value", "significant",
-                   "tie_set", "decisive", "verdict", "textbook", "agrees_with_textbook"]
+                   "tie_set", "decisive", "verdict", "textbook", "agrees_with_textbook",
+                   "cheapest_in_tie", "cheapest_cost_share"]
 # Per-cell columns comparison_long adds: the 95% t-interval, and the cell's place in the verdict.
 CELL_STAT_COLUMNS = ["ci_low", "ci_high"]
 CELL_VERDICT_COLUMNS = ["is_winner", "in_tie_set", "p_vs_winner"]
@@ -247,6 +248,7 @@ def _analyse(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
             "textbook": " or ".join(rule),
             # Judged against the tie set: a rule strategy the data cannot tell from the best agrees.
             "agrees_with_textbook": bool(set(rule) & set(tie)),
+            **_cheapest(ranked, tie, winner),
         })
         for i, row in group.iterrows():
             cell_rows[i] = {"is_winner": winner is not None and i == winner.name,
@@ -256,6 +258,33 @@ def _analyse(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         {"significant": bool, "decisive": bool, "agrees_with_textbook": bool})
     per_cell = pd.DataFrame.from_dict(cell_rows, orient="index", columns=CELL_VERDICT_COLUMNS).reindex(cells.index)
     return verdicts, per_cell.astype({"is_winner": bool, "in_tie_set": bool, "p_vs_winner": float})
+
+
+def _cost_of(row) -> float:
+    """A cell's training cost: images seen per seed, else training seconds per seed."""
+    for column in ("train_images_seen", "train_seconds"):
+        if math.isfinite(row[column]) and row[column] > 0:
+            return float(row[column])
+    return math.nan
+
+
+def _cheapest(ranked: pd.DataFrame, tie: list[str], winner) -> dict:
+    """The cheapest strategy the data cannot tell from the winner, and its cost as a share of the
+    winner's ('features is within the tie at 1/8 of the cost'). NaN share when costs are missing."""
+    if winner is None:
+        return {"cheapest_in_tie": None, "cheapest_cost_share": math.nan}
+    members = ranked[ranked["strategy"].isin(tie)]
+    costs = {row["strategy"]: _cost_of(row) for _, row in members.iterrows()}
+    known = {s: c for s, c in costs.items() if math.isfinite(c)}
+    winner_cost = costs.get(winner["strategy"], math.nan)
+    if not known or not math.isfinite(winner_cost):
+        return {"cheapest_in_tie": winner["strategy"], "cheapest_cost_share": math.nan}
+    cheapest = min(known, key=lambda s: (known[s], _strategy_key(s)))
+    return {"cheapest_in_tie": cheapest, "cheapest_cost_share": known[cheapest] / winner_cost}
+
+
+def _share_text(share: float) -> str:
+    return f"1/{round(1 / share)}" if share <= 0.5 else f"{share:.0%}"
 
 
 def quadrant_verdicts(cells: pd.DataFrame) -> pd.DataFrame:
@@ -522,6 +551,10 @@ def _verdict_sentence(v) -> str:
             text = (f"{head}: no decisive winner; tie between {v.tie_set} (no significant difference from the "
                     f"best, {v.winner} {v.winner_test_mean:.3f}, at p < {_ALPHA_TEXT}); {test}"
                     + (", significant" if v.significant else ", not significant"))
+    if (isinstance(v.cheapest_in_tie, str) and v.cheapest_in_tie != v.winner
+            and math.isfinite(v.cheapest_cost_share) and v.cheapest_cost_share < 1):
+        text += (f"; {v.cheapest_in_tie} is within the tie at {_share_text(v.cheapest_cost_share)} of "
+                 f"{v.winner}'s training cost")
     agreement = "agrees" if v.agrees_with_textbook else "disagrees"
     rule = v.textbook or "no rule for this quadrant"
     return text + f". Textbook: {rule}; the result {agreement}."

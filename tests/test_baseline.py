@@ -52,35 +52,6 @@ def test_an_undertrained_scratch_cell_takes_no_part_in_the_verdict():
     assert "under-trained" in comparison_table(cells).iloc[0]["scratch"]
 
 
-def test_the_sweeps_baseline_reports_its_training_accuracy(tmp_path):
-    """A real run of the recipe on tiny data: the rate search, the steps, the fit check logged."""
-    import dataclasses
-
-    from harness.baseline import train_scratch
-    from harness.config import load_config
-    from harness.data import load_dataset, make_splits
-    from harness.objective import TrialRunner
-    from harness.tracking import Tracker
-    from tests.conftest import write_config
-
-    cfg = load_config(write_config(tmp_path))
-    cfg = dataclasses.replace(cfg, baseline=dataclasses.replace(cfg.baseline, min_steps=12, learning_rate="auto"))
-    dataset = load_dataset(cfg.data)
-    splits = make_splits(dataset.labels, cfg.data)
-    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "baseline", str(tmp_path / "artifacts"))
-    tracker.start_study_run("tiny", {}, "sqlite://")
-    run_id = tracker.start_child("baseline", "baseline", {})
-    params = {"backbone": "MobileNetV2", "unfreeze_fraction": 1.0, "head_units": 0, "head_lr": 0.003,
-              "finetune_lr": 0.0003, "dropout": 0.1, "pooling": "avg", "augment": False}
-    result = train_scratch(TrialRunner(cfg, dataset, splits, tracker, {}), params, run_id)
-    run = tracker.client.get_run(run_id)
-    assert run.data.metrics["train_accuracy"] == pytest.approx(result["train_accuracy"])
-    assert run.data.metrics["scratch/steps"] >= 12
-    assert run.data.tags["harness.undertrained"] == str(not result["fitted"]).lower()
-    assert float(run.data.params["scratch_learning_rate"]) in (1e-4, 3e-4, 1e-3)
-    assert "learning_rate_search.csv" in {a.path for a in tracker.client.list_artifacts(run_id)}
-
-
 def test_fewer_than_two_confirmation_seeds_are_refused_at_load(tmp_path):
     from harness.config import ConfigError, load_config
     from tests.conftest import write_config

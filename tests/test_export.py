@@ -536,3 +536,16 @@ def test_heatmap_png_opens(written):
         assert image.format == "PNG"
         width, height = image.size
     assert 400 <= width <= 3000 and 200 <= height <= 2000 and width > height
+
+
+def test_a_tie_names_its_cheapest_member_and_its_share_of_the_cost():
+    from harness.export import _verdict_sentence
+
+    cells = pd.DataFrame([
+        {"quadrant": "small-similar", "size": "small", "similarity": "similar", "target": "t", "strategy": s,
+         "best_val": m, "test_mean": m, "test_std": 0.03, "n_seeds": 3, "train_images_seen": seen}
+        for s, m, seen in (("features", 0.80, 1000), ("full", 0.81, 8000))
+    ])
+    v = quadrant_verdicts(cells).iloc[0]
+    assert not v["decisive"] and v["cheapest_in_tie"] == "features" and v["cheapest_cost_share"] == 0.125
+    assert "features is within the tie at 1/8 of full's training cost" in _verdict_sentence(v)

@@ -221,3 +221,19 @@ def test_a_trials_config_artifact_re_runs_that_trial(finished_sweep, tmp_path):
     original = client.get_run(trial.user_attrs["mlflow_run_id"]).data.metrics
     again = MlflowClient(f"sqlite:///{rerun_dir}/results/mlflow.db").get_run(rerun.trials[0].user_attrs["mlflow_run_id"]).data.metrics
     assert again["head/best_val_loss"] == pytest.approx(original["head/best_val_loss"], abs=0.05)
+
+
+def test_the_baseline_is_trained_by_the_recipe_and_reports_its_fit(finished_sweep, tmp_path):
+    """The scratch baseline of the real sweep: learning-rate search, step floor, fit check logged."""
+    work, *_ = finished_sweep
+    client, study = _client(work), _study(work)
+    exp = client.get_experiment_by_name("tiny")
+    (baseline,) = [r for r in client.search_runs([exp.experiment_id], max_results=100)
+                   if r.data.tags.get("harness.role") == "baseline"]
+    assert 0 <= baseline.data.metrics["train_accuracy"] <= 1
+    assert baseline.data.metrics["scratch/steps"] >= 8  # baseline.min_steps of the tiny config
+    assert baseline.data.tags["harness.undertrained"] in ("true", "false")
+    assert float(baseline.data.params["scratch_learning_rate"]) in (1e-4, 3e-4, 1e-3)  # baseline.learning_rate: auto
+    assert "learning_rate_search.csv" in {a.path for a in client.list_artifacts(baseline.info.run_id)}
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.tags["harness.baseline_undertrained"] == baseline.data.tags["harness.undertrained"]
