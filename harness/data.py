@@ -105,7 +105,7 @@ def _unreadable(bad: list[str]) -> str:
 
 
 def split_sizes(n: int, cfg: DataConfig) -> tuple[int, int, int]:
-    """(train, val, test) images of a class of `n`, before the per-class caps: make_splits' rounding."""
+    """(train, val, test) images of a class of `n`, before the per-class caps (make_splits uses it)."""
     n_test = max(1, round(n * cfg.test_fraction))
     n_val = max(1, round(n * cfg.val_fraction))
     return n - n_test - n_val, n_val, n_test
@@ -268,9 +268,8 @@ def make_splits(labels: np.ndarray, cfg: DataConfig) -> Splits:
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
-        n_test = max(1, round(len(idx) * cfg.test_fraction))
-        n_val = max(1, round(len(idx) * cfg.val_fraction))
-        if len(idx) - n_test - n_val < 1:
+        n_train, n_val, n_test = split_sizes(len(idx), cfg)
+        if n_train < 1:
             raise DataError(f"data: class {int(c)} has only {len(idx)} image(s), too few for train/val/test splits")
         test.append(idx[:n_test])
         val.append(idx[n_test : n_test + n_val][: cfg.val_per_class])
@@ -280,6 +279,16 @@ def make_splits(labels: np.ndarray, cfg: DataConfig) -> Splits:
 
 
 # --- tf.data ---------------------------------------------------------------------------------
+
+
+def decode_image(raw, size: tuple[int, int]):
+    """An image file's bytes -> uint8 (height, width, 3) at `size`: how every image the models see
+    is decoded, in training (inside tf.data) and in `harness.predict` (eagerly)."""
+    import tensorflow as tf
+
+    img = tf.io.decode_image(raw, channels=3, expand_animations=False)
+    img = tf.image.resize(img, size)
+    return tf.cast(tf.clip_by_value(img, 0, 255), tf.uint8)
 
 
 def tf_dataset(ds: Dataset, indices: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0):
@@ -296,10 +305,7 @@ def tf_dataset(ds: Dataset, indices: np.ndarray, batch_size: int, shuffle: bool,
         size = ds.image_size
 
         def decode(path, label):
-            raw = tf.io.read_file(path)
-            img = tf.io.decode_image(raw, channels=3, expand_animations=False)
-            img = tf.image.resize(img, (size, size))
-            return tf.cast(tf.clip_by_value(img, 0, 255), tf.uint8), label
+            return decode_image(tf.io.read_file(path), (size, size)), label
 
         files = [ds.paths[i] for i in indices]
         pipe = tf.data.Dataset.from_tensor_slices((files, labels)).map(decode, num_parallel_calls=tf.data.AUTOTUNE)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.data import IMAGE_EXTENSIONS
+from harness.data import IMAGE_EXTENSIONS, decode_image
 from harness.tracking import MODEL_URI_TAG, global_tracking_uri
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -87,22 +87,6 @@ def input_size(model, fallback: int | None = None) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _decoder(size: tuple[int, int]):
-    """One file -> uint8 (h, w, 3), the same ops as `harness.data.tf_dataset`'s `decode`.
-
-    Eager, not a tf.function: a graph error's message starts "Graph execution error:" and hides
-    the reason (e.g. "Unknown image file format") that the skipped-file line should show.
-    """
-    import tensorflow as tf
-
-    def decode(raw):
-        img = tf.io.decode_image(raw, channels=3, expand_animations=False)
-        img = tf.image.resize(img, size)
-        return tf.cast(tf.clip_by_value(img, 0, 255), tf.uint8)
-
-    return decode
-
-
 def _reason(exc: Exception) -> str:
     """One line: TensorFlow's own message without its op-location wrapping."""
     text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
@@ -126,7 +110,7 @@ def predict_folder(model, class_names: list[str], folder: str | Path, batch_size
     k = model.output_shape[-1]
     if k is not None and k != len(class_names):
         raise PredictError(f"model outputs {k} classes but {len(class_names)} class names were given")
-    decode = _decoder(input_size(model, image_size))
+    size = input_size(model, image_size)
     names, pixels, skipped, probs = [], [], [], []
 
     def flush():
@@ -139,7 +123,7 @@ def predict_folder(model, class_names: list[str], folder: str | Path, batch_size
         for path in files:
             rel = path.relative_to(folder).as_posix()
             try:
-                pixels.append(decode(path.read_bytes()).numpy())
+                pixels.append(decode_image(path.read_bytes(), size).numpy())
                 names.append(rel)
             except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
                 skipped.append((rel, _reason(exc)))

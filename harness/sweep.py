@@ -296,7 +296,7 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     from harness.baseline import run_scratch_baseline
     from harness.data import dataset_inputs
     from harness.progress import Progress
-    from harness.summary import chance_level, summarize
+    from harness.summary import summarize
     from harness.trials import Context, recover, trial_job
     from harness.winner import deliver_winner, description
 
@@ -304,8 +304,10 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     study.set_user_attr("mlflow_parent_run_id", tracker.parent_run_id)
     study.set_user_attr("mlflow_tracking_uri", tracker.uri)
     recover(study, tracker, exclusive, log)
-    context = Context(cfg.study.name, cfg, dataset, splits, tracker, weights, tuple(dataset_inputs(dataset, cfg.data, splits)))
-    tracker.log_datasets(tracker.parent_run_id, dataset_inputs(dataset, cfg.data, splits, with_test=True))
+    inputs = dataset_inputs(dataset, cfg.data, splits, with_test=True)  # hashed once: every trial run reuses them
+    tracker.log_datasets(tracker.parent_run_id, inputs)
+    trial_inputs = tuple(i for i in inputs if i["context"] != "test")  # no trial reads the test split
+    context = Context(cfg.study.name, cfg, dataset, splits, tracker, weights, trial_inputs)
     n_done = st.finished_count(study)
     if n_done >= cfg.study.n_trials:
         log(f"study {cfg.study.name!r} already has {n_done} finished trial(s) (n_trials={cfg.study.n_trials}): nothing to run")
@@ -335,7 +337,7 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     if baseline:
         tracker.set_tags(tracker.parent_run_id, {"harness.baseline_undertrained": str(baseline.get("fitted") is False).lower()})
     tracker.log_metrics(tracker.parent_run_id, {k: v for k, v in parent_metrics.items() if v is not None})
-    tracker.describe(tracker.parent_run_id, description(cfg, winner, baseline, chance_level(dataset.labels[splits.val]), tracker))
+    tracker.describe(tracker.parent_run_id, description(cfg, winner, baseline, summary["chance"], tracker))
     summary["winner"] = winner
     log(summary["text"] + _test_lines(winner, baseline))
     return summary
