@@ -14,6 +14,7 @@ Training is seeded with op determinism on, so running the command again reproduc
 
     python -m harness.pretrain sweeps/demo.yaml          # fill the cache
     python -m harness.pretrain sweeps/demo.yaml --ship   # (re)make the shipped asset
+    python -m harness.pretrain sweeps/quadrants-demo.yaml --ship --backbone MobileNetV3Small
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", default="sweeps/demo.yaml", help="sweep config with a source: block")
     parser.add_argument("--ship", action="store_true", help="write into harness/assets/ (the shipped copy)")
+    parser.add_argument("--backbone", action="append", metavar="NAME",
+                        help="pretrain only this backbone of the config's search (repeatable; default: all of them)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -127,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     backbones = cfg.search["backbone"].choices or (cfg.search["backbone"].value,)
-    for backbone in backbones:
+    unknown = sorted(set(args.backbone or ()) - set(backbones))
+    if unknown:
+        print(f"error: --backbone {', '.join(unknown)}: not among {args.config}'s search.backbone {list(backbones)}",
+              file=sys.stderr)
+        return 2
+    for backbone in args.backbone or backbones:
         folder = ASSETS if args.ship else Path(cfg.source.cache_dir)
         pretrain(cfg, backbone, folder / weights_filename(cfg, backbone))
     return 0

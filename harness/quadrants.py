@@ -10,7 +10,8 @@ MLflow run tree:  sweep parent run
                     ├─ logme run per (target, backbone)
                     └─ cell run per (target, strategy)
                          ├─ trial runs
-                         └─ confirm run per seed (test_accuracy)
+                         ├─ confirm run per seed (test_accuracy)
+                         └─ backbone_confirm run per (other backbone, seed): LogME's ground truth
 
 Cells run in parallel: each cell's search study and its confirmation study are jobs of the trial
 engine (harness/trials.py), so `--workers N` and every sweep process on a server storage share
@@ -98,6 +99,9 @@ def cell_job(cfg, target, strategy, dataset, splits, storage, tracker, weights, 
     name = cell_name(target, strategy)
     with st.claim_lock(storage, ccfg.study.name):  # sweep processes started together: one cell run
         study = st.open_study(ccfg, storage, reseed=not exclusive)
+        if not study.trials:  # a new cell: every candidate backbone gets a trial before the sampler chooses
+            for backbone in backbones_to_try(ccfg):
+                study.enqueue_trial({"backbone": backbone})
         cell_run = study.user_attrs.get("mlflow_cell_run_id") or _open_cell_run(tracker, cfg, target, strategy, ccfg)
         study.set_user_attr("mlflow_cell_run_id", cell_run)
     recover(study, tracker, exclusive, log, parent_id=cell_run)
@@ -113,23 +117,58 @@ def cell_job(cfg, target, strategy, dataset, splits, storage, tracker, weights, 
             tracker.end_run(cell_run, "FAILED")
             return []
         tracker.log_metrics(cell_run, {"best_val": best.value, "best_trial": best.number})
-        params = {**{n: p.value for n, p in ccfg.search.items() if p.fixed}, **best.params}
-        return [confirm_job(ccfg, params, best.value, storage, tracker, context, cell_run, _cell_tags(target, strategy),
+        fixed = {n: p.value for n, p in ccfg.search.items() if p.fixed}
+        params = {**fixed, **best.params}
+        jobs = [confirm_job(ccfg, params, best.value, storage, tracker, context, cell_run, _cell_tags(target, strategy),
                             log, name, scores)]
+        if cfg.quadrants.logme and strategy != "scratch":
+            # LogME ranks backbones, so each backbone needs a confirmed test score of its own on
+            # this target, not only the cell's winner: its best trial, retrained with the same seeds.
+            for backbone, trial in best_trial_per_backbone(study, ccfg.study.direction).items():
+                if backbone != params.get("backbone"):
+                    jobs.append(confirm_job(ccfg, {**fixed, **trial.params}, trial.value, storage, tracker, context,
+                                            cell_run, _cell_tags(target, strategy), log, name, scores, backbone_check=backbone))
+        return jobs
 
     return trial_job(ccfg, study, context, tracker, parent_run_id=cell_run, extra_tags=_cell_tags(target, strategy),
                      name=name, progress=progress, on_done=searched)
 
 
+def backbones_to_try(ccfg: SweepConfig) -> list[str]:
+    """The backbones a new cell tries first, one trial each: every candidate when the search
+    chooses among several (as many as the cell's budget allows), so no backbone goes untried
+    because the sampler's first draws missed it."""
+    choices = list(ccfg.search["backbone"].choices or ())
+    return choices[:ccfg.study.n_trials] if len(choices) >= 2 else []
+
+
+def best_trial_per_backbone(study, direction: str) -> dict:
+    """backbone -> that backbone's best completed trial in the study."""
+    best = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        backbone = trial.params.get("backbone")
+        if backbone is None:
+            continue
+        held = best.get(backbone)
+        if held is None or (trial.value > held.value if direction == "maximize" else trial.value < held.value):
+            best[backbone] = trial
+    return best
+
+
 def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tracker, context: Context, cell_run: str,
-                tags: dict, log, name: str, scores: dict) -> Job:
+                tags: dict, log, name: str, scores: dict, backbone_check: str | None = None) -> Job:
     """Retrain the cell's best configuration once per seed and test each model once.
 
     The seeds are the trials of a study of their own (`<cell study>.confirm`), so the engine's
     exact budget makes each seed run exactly once, across processes and machines, and a seed
-    whose process died runs again."""
+    whose process died runs again.
+
+    `backbone_check`: instead, retrain the best trial of that (not winning) backbone, for LogME's
+    ground truth; its runs (role `backbone_confirm`) log no model and do not count as the cell's."""
     seeds = ccfg.quadrants.confirm_seeds
-    study = optuna.create_study(study_name=f"{ccfg.study.name}.confirm", storage=storage, direction="maximize",
+    suffix = f"confirm.{backbone_check}" if backbone_check else "confirm"
+    role = "backbone_confirm" if backbone_check else "confirm"
+    study = optuna.create_study(study_name=f"{ccfg.study.name}.{suffix}", storage=storage, direction="maximize",
                                 load_if_exists=True, sampler=optuna.samplers.RandomSampler(seed=0))
 
     def next_seed(study) -> None:
@@ -143,17 +182,23 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
 
     def prepare(trial: optuna.Trial, worker_id: str) -> ConfirmTask:
         seed = trial.suggest_int("seed", 0, seeds - 1)
-        run_id = tracker.start_child(f"confirm seed {seed}", "confirm", {**tags, "harness.seed": seed},
+        label = f"{backbone_check} seed {seed}" if backbone_check else f"seed {seed}"
+        run_id = tracker.start_child(f"confirm {label}", role, {**tags, "harness.seed": seed},
                                      config=ccfg.resolved(params, 0, seed=seed), parent_id=cell_run)
         tracker.log_datasets(run_id, context.inputs)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("worker", worker_id)
         tracker.log_params(run_id, {**params, "seed": seed})
+        if backbone_check:
+            return ConfirmTask(context.key, params, seed, run_id, keep_model=False)
         leader = _best_confirm_run(tracker, cell_run, ccfg.study.metric, ccfg.study.direction)
         return ConfirmTask(context.key, params, seed, run_id, leader.data.metrics["best_val"] if leader else None)
 
     def confirmed() -> list[Job]:
         tests = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if backbone_check:
+            log(f"{name} / {backbone_check}: test {np.mean(tests):.4f} over {len(tests)} seed(s) (LogME's ground truth)")
+            return []
         tracker.log_metrics(cell_run, {"test_mean": float(np.mean(tests)),
                                        "test_std": float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0})
         with st.claim_lock(storage, f"{ccfg.study.name}:register"):
@@ -163,7 +208,7 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
         log(f"{name}: best val {best_value:.4f}; test {np.mean(tests):.4f} over {len(tests)} seed(s)")
         return []
 
-    return Job(f"{name} confirm", study, seeds, context, prepare, before_ask=next_seed, on_done=confirmed,
+    return Job(f"{name} {suffix}", study, seeds, context, prepare, before_ask=next_seed, on_done=confirmed,
                parent_run_id=cell_run)
 
 
@@ -208,10 +253,11 @@ class ConfirmTask:
     seed: int
     run_id: str
     leader: float | None = None  # the best validation score of the cell's confirmed seeds so far
+    keep_model: bool = True  # log the model when it leads (a backbone check never does)
     context: Context | None = None
 
     def run(self, runner, channel) -> tuple[str, float]:
-        return "complete", confirm_seed(runner, self.params, self.seed, self.run_id, self.leader)
+        return "complete", confirm_seed(runner, self.params, self.seed, self.run_id, self.leader, self.keep_model)
 
 
 def _cell_tags(target: TargetConfig, strategy: str) -> dict:
@@ -241,7 +287,8 @@ def evaluate_on_test(tm, dataset: Dataset, splits: Splits, batch_size: int) -> d
     return evaluate(tm.model, tf_dataset(dataset, splits.test, batch_size, shuffle=False))
 
 
-def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | None = None) -> float:
+def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | None = None,
+                 keep_model: bool = True) -> float:
     """Train the configuration with `seed` into the run `run_id`; returns its test accuracy.
 
     The model keeps the best epoch's weights across both phases (the ones its validation score
@@ -282,7 +329,7 @@ def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | N
         test = evaluate_on_test(tm, dataset, splits, ccfg.train.head.batch_size)
         log_history(tracker, run_id, history)
         best_val = history.best(ccfg.study.metric, ccfg.study.direction)
-        if leads(best_val, leader, ccfg.study.direction):
+        if keep_model and leads(best_val, leader, ccfg.study.direction):
             tracker.log_keras_model(run_id, tm.model, dataset.class_names, ccfg.data.image_size,
                                     tags={"harness.study": ccfg.study.name, "harness.seed": seed})
     except BaseException as exc:

@@ -152,17 +152,42 @@ def logme_table(tracker: Tracker, trials: pd.DataFrame, direction: str = "maximi
     return frame
 
 
-def add_confirmed_accuracy(logme: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
-    """Would the cheap score have picked the right backbone? Beside each LogME score, the best
-    confirmed test accuracy of that backbone's transfer cells on that target (higher is better,
-    whatever the search metric); then Kendall's tau and Spearman's rho between the two, across
-    the backbones of each target and across every (backbone, target) pair."""
+def backbone_confirmations(tracker: Tracker) -> pd.DataFrame:
+    """One row per (target, transfer strategy, backbone) that was retrained with seeds and tested:
+    each cell's winner (role `confirm`) and the other backbones' best trials (`backbone_confirm`).
+    Columns: target, strategy, backbone, val_mean (the seeds' mean best_val), test_mean, n_seeds."""
+    rows = []
+    for role in ("confirm", "backbone_confirm"):
+        for run in _runs(tracker, role):
+            m = run.data.metrics
+            if run.info.status != "FINISHED" or "test_accuracy" not in m or run.data.tags.get("strategy") == "scratch":
+                continue
+            rows.append({"target": run.data.tags.get("target"), "strategy": run.data.tags.get("strategy"),
+                         "backbone": run.data.params.get("backbone"), "val": m.get("best_val", np.nan),
+                         "test": m["test_accuracy"]})
+    columns = ["target", "strategy", "backbone", "val_mean", "test_mean", "n_seeds"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    grouped = pd.DataFrame(rows).groupby(["target", "strategy", "backbone"])
+    return grouped.agg(val_mean=("val", "mean"), test_mean=("test", "mean"), n_seeds=("test", "size")).reset_index()[columns]
+
+
+def add_confirmed_accuracy(logme: pd.DataFrame, confirmations: pd.DataFrame, direction: str = "maximize") -> pd.DataFrame:
+    """Would the cheap score have picked the right backbone? Beside each LogME score, the confirmed
+    test accuracy of that backbone on that target: of its transfer strategy with the best
+    validation score (chosen on validation, like every model the harness reports; `direction` is
+    the search metric's), as `confirmed_test_accuracy` and `confirmed_strategy`. Then Kendall's tau
+    and Spearman's rho between LogME and that accuracy, across the backbones of each target and
+    across every (backbone, target) pair."""
     if not len(logme):
         return logme
     frame = logme.copy()
-    transfer = cells[(cells.strategy != "scratch")] if "param_backbone" in cells.columns else cells.iloc[0:0]
-    best = transfer.groupby(["target", "param_backbone"])["test_mean"].max() if len(transfer) else pd.Series(dtype=float)
-    frame["confirmed_test_accuracy"] = [best.get((t, b), np.nan) for t, b in zip(frame.target, frame.backbone)]
+    ranked = confirmations.dropna(subset=["val_mean", "test_mean"]).sort_values(
+        "val_mean", ascending=direction != "maximize", kind="stable")
+    chosen = ranked.groupby(["target", "backbone"]).head(1).set_index(["target", "backbone"])
+    keys = list(zip(frame.target, frame.backbone))
+    frame["confirmed_test_accuracy"] = [chosen.test_mean.get(k, np.nan) for k in keys]
+    frame["confirmed_strategy"] = [chosen.strategy.get(k) for k in keys]
     per_target = {}
     for target, group in frame.groupby("target"):
         tau, rho = stats.rank_agreement(group.logme, group.confirmed_test_accuracy)
@@ -203,7 +228,7 @@ def build_report(sweep: str, tracker: Tracker, out_dir: str | Path | None = None
         direction = parents[0].data.params.get("study.direction", "maximize")
         logme = logme_table(tracker, trials, direction)
         cells = cells_table(tracker, cell_runs, logme, direction)
-        logme = add_confirmed_accuracy(logme, cells)
+        logme = add_confirmed_accuracy(logme, backbone_confirmations(tracker), direction)
         # extra table "trials" -> trials.csv: the same trials_table schema as a plain sweep's.
         paths = write_comparison(cells, out, title=f"Transfer strategies by quadrant: {sweep}",
                                  extra_tables={"trials": trials, "logme": logme},

@@ -119,10 +119,34 @@ def test_strategy_maps_to_the_trainable_layers_of_each_phase(strategy, weights_f
         assert not tm.spec.pretrained
 
 
+# The end-to-end sweep ranks two backbones, each pretrained by the harness on a one-epoch source,
+# so LogME has a ranking to be judged on.
+TWO_SOURCES = """
+source:
+  data: {source: builtin, name: shapes, builtin_size: 12, image_size: 32}
+  epochs: 1
+  batch_size: 32
+model:
+  weights: source
+  backbone_options:
+    MobileNetV2: {alpha: 0.35}
+    MobileNetV3Small: {alpha: 0.75}
+"""
+BACKBONES = ("MobileNetV2", "MobileNetV3Small")
+
+
+def two_backbone_quad(weights_file, strategies) -> str:
+    text = quad(weights_file, strategies)
+    head, rest = text.split("model:", 1)
+    rest = rest.split("search:", 1)[1]
+    return (head + TWO_SOURCES.lstrip("\n") + "search:" + rest).replace(
+        "  backbone: MobileNetV2\n", f"  backbone: {{choices: [{', '.join(BACKBONES)}]}}\n")
+
+
 @pytest.fixture(scope="module")
 def quad_sweep(tmp_path_factory, weights_file):
     work = tmp_path_factory.mktemp("quad")
-    config = write_config(work, quad(weights_file, E2E))
+    config = write_config(work, two_backbone_quad(weights_file, E2E))
     proc = run_cli(str(config), "--workers", "2", cwd=work, timeout=1500)  # cells spread over two processes
     assert proc.returncode == 0, proc.stderr[-4000:]
     return work, proc
@@ -134,14 +158,23 @@ def test_every_cell_gets_its_own_study_with_the_same_budget(quad_sweep):
     storage = f"sqlite:///{work}/results/quad/optuna.db"
     names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
     cells = [f"quad.{t}.{s}" for t in ("shapes-small", "digits-small") for s in ("features", "partial", "scratch")]
-    assert names == sorted(cells + [f"{c}.confirm" for c in cells])  # a search study and a seeds study per cell
+    seed_studies = {f"{c}.confirm" for c in cells}  # a search study and a seeds study per cell
+    # and, in transfer cells, a seeds study for the backbone that did not win (LogME's ground truth)
+    checks = {n for n in names if ".confirm." in n}
+    assert len(checks) == 4 and all(n.rsplit(".", 1)[-1] in BACKBONES and ".scratch." not in n for n in checks)
+    assert names == sorted(cells + list(seed_studies | checks))
     for name in names:
         study = optuna.load_study(study_name=name, storage=storage)
         assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 2 == len(study.trials)
-        if name.endswith(".confirm"):  # each seed ran exactly once
+        if ".confirm" in name:  # each seed ran exactly once
             assert sorted(t.params["seed"] for t in study.trials) == [0, 1]
-    workers = {t.user_attrs["worker"] for name in names for t in optuna.load_study(study_name=name, storage=storage).trials}
-    assert len(workers) == 2, "both trial processes must have run cells"
+        else:  # every candidate backbone got a trial in every cell
+            assert sorted(t.params["backbone"] for t in study.trials) == sorted(BACKBONES)
+    # both trial processes ran cells: some two trials overlapped in time (processes are recycled
+    # after trials_per_process tasks, so worker ids alone do not count the slots)
+    spans = sorted((t.datetime_start, t.datetime_complete) for name in names
+                   for t in optuna.load_study(study_name=name, storage=storage).trials)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "trials never ran side by side"
 
 
 @pytest.mark.xdist_group("quad")  # one worker runs the shared sweep
@@ -158,7 +191,15 @@ def test_confirmation_retrains_each_cell_with_k_seeds_and_reads_test_once(quad_s
         assert sorted(r.data.tags["harness.seed"] for r in confirms) == ["0", "1"]
         assert all(0.0 <= r.data.metrics["test_accuracy"] <= 1.0 for r in confirms)
     # test metrics appear on confirmation runs only
-    assert not [r for r in runs if r.data.tags.get("harness.role") != "confirm" and "test_accuracy" in r.data.metrics]
+    assert not [r for r in runs if r.data.tags.get("harness.role") not in ("confirm", "backbone_confirm")
+                and "test_accuracy" in r.data.metrics]
+    checks = [r for r in runs if r.data.tags.get("harness.role") == "backbone_confirm"]
+    assert len(checks) == 8 and all("test_accuracy" in r.data.metrics and "harness.model_uri" not in r.data.tags for r in checks)
+    for check in checks:  # the backbone that did not win its cell
+        cell = next(c for c in cells if c.info.run_id == check.data.tags["mlflow.parentRunId"])
+        winner = next(r for r in runs if r.data.tags.get("harness.role") == "confirm"
+                      and r.data.tags["mlflow.parentRunId"] == cell.info.run_id)
+        assert check.data.params["backbone"] != winner.data.params["backbone"]
     logme = [r for r in runs if r.data.tags.get("harness.role") == "logme"]
     assert sorted(r.data.tags["target"] for r in logme) == ["digits-small", "shapes-small"]
 
@@ -199,6 +240,9 @@ def test_report_files_parse_back_to_the_mlflow_numbers(quad_sweep):
         assert row.n_seeds == 2
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 12 and set(trials.state) <= {"COMPLETE", "PRUNED"}
+    logme = pd.read_csv(out / "logme.csv")
+    assert len(logme) == 4 and logme.confirmed_test_accuracy.notna().all()  # every backbone confirmed on every target
+    assert set(logme.confirmed_strategy) <= {"features", "partial"} and -1 <= logme.kendall_all_pairs.iloc[0] <= 1
     # the report is also attached to the sweep's parent run
     parent = next(r for r in runs if r.data.tags.get("harness.role") == "study")
     assert "report/comparison.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}

@@ -203,17 +203,22 @@ def test_report_and_summary_never_write_two_tables_to_one_file_name(tmp_path):
 
 def test_logme_is_judged_against_confirmed_test_accuracy_per_target_and_across_pairs():
     logme = pd.DataFrame({"target": ["a", "a", "b", "b"], "backbone": ["M", "R", "M", "R"], "logme": [1.0, 2.0, 0.5, 0.1]})
-    cells = pd.DataFrame({
-        "target": ["a", "a", "a", "b", "b", "b"], "strategy": ["features", "full", "scratch"] * 2,
-        "param_backbone": ["M", "R", "R", "M", "R", "R"], "test_mean": [0.6, 0.8, 0.99, 0.7, 0.9, 0.95]})
-    out = report.add_confirmed_accuracy(logme, cells).set_index(["target", "backbone"])
-    # scratch (no transfer) is never a backbone's score, however high
-    assert out.loc[("a", "R"), "confirmed_test_accuracy"] == 0.8
+    confirmations = pd.DataFrame({
+        "target": ["a", "a", "a", "b", "b", "b"], "strategy": ["features", "full", "features", "features", "full", "full"],
+        "backbone": ["M", "R", "R", "M", "R", "M"], "val_mean": [0.6, 0.9, 0.5, 0.7, 0.9, 0.2],
+        "test_mean": [0.6, 0.8, 0.95, 0.7, 0.9, 0.99], "n_seeds": 3})
+    out = report.add_confirmed_accuracy(logme, confirmations).set_index(["target", "backbone"])
+    # a backbone's score is its strategy with the best validation score, never its best test score
+    assert out.loc[("a", "R"), "confirmed_test_accuracy"] == 0.8 and out.loc[("a", "R"), "confirmed_strategy"] == "full"
+    assert out.loc[("b", "M"), "confirmed_test_accuracy"] == 0.7
     assert out.loc[("a", "M"), "spearman_across_backbones"] == pytest.approx(1.0) and bool(out.loc[("a", "M"), "logme_picked_best_backbone"])
     assert out.loc[("b", "M"), "kendall_across_backbones"] == pytest.approx(-1.0) and not out.loc[("b", "M"), "logme_picked_best_backbone"]
     import scipy.stats
     assert out["kendall_all_pairs"].iloc[0] == pytest.approx(
         scipy.stats.kendalltau([1.0, 2.0, 0.5, 0.1], [0.6, 0.8, 0.7, 0.9]).statistic)
+    # a val_loss sweep chooses the lowest validation value
+    low = report.add_confirmed_accuracy(logme, confirmations, "minimize").set_index(["target", "backbone"])
+    assert low.loc[("a", "R"), "confirmed_strategy"] == "features" and low.loc[("b", "M"), "confirmed_test_accuracy"] == 0.99
 
 
 def test_logme_search_values_follow_the_metrics_direction():
