@@ -130,6 +130,10 @@ class TrainConfig:
     jit_compile: Any = _f(
         "auto", "auto | on | off: XLA compilation of the train and test steps (model.compile's jit_compile); auto = on "
         "for a GPU of compute capability >= 7.0, off on CPU")
+    feature_cache: bool = _f(
+        True, "phase 1 on a frozen pretrained backbone without augmentation trains the head on pooled features "
+        "computed once and shared by every trial (harness/features.py); the result is the same model")
+    feature_cache_dir: str = _f("results/features", "where cached features are kept, keyed by content")
 
 
 @dataclass(frozen=True)
@@ -669,7 +673,23 @@ def parse_config(text: str, filename: str = "<string>") -> SweepConfig:
     search = {name: _param(name, value, loc) for name, value in merged.items()}
     cfg = SweepConfig(search=search, path=filename, **built)
     _check_cross(cfg, loc)
+    if isinstance(raw.get("train"), dict) and raw["train"].get("feature_cache") is True:
+        # The default (true) quietly applies wherever it can; asked for by name, it must be able to.
+        reason = feature_cache_impossible(cfg)
+        if reason:
+            raise loc.error("train.feature_cache", f"true, but {reason}, so no phase ever sees fixed features; "
+                                                    "set it to false or leave it out")
     return cfg
+
+
+def feature_cache_impossible(cfg: SweepConfig) -> str | None:
+    """Why no trial of this config could train its head on cached features (None: some can)."""
+    if cfg.model.weights == "none":
+        return "model.weights is none (every backbone starts from random init)"
+    augment = cfg.search.get("augment")
+    if augment is not None and augment.fixed and augment.value is True:
+        return "search.augment is always true (augmentation changes the backbone's input every epoch)"
+    return None
 
 
 def load_config(path: str | Path) -> SweepConfig:

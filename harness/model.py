@@ -83,6 +83,11 @@ def blocks_to_keep(n_blocks: int, cut_fraction: float) -> int:
     return max(1, min(n_blocks, math.ceil(n_blocks * cut_fraction - 1e-9)))
 
 
+# The head's layers after pooling, input to output (those the spec leaves out are absent):
+# harness.features rebuilds the head from them to train it on cached features.
+HEAD_LAYERS = ("head_dropout", "head_dense", "dropout", "classifier")
+
+
 def build_model(spec: ModelSpec, seed: int = 0) -> TransferModel:
     backbone = bb.construct(spec.backbone, spec.image_size, spec.weights, spec.backbone_options)
     blocks = bb.backbone_blocks(backbone, spec.backbone)

@@ -84,6 +84,7 @@ class TrialRunner:
         self.cfg, self.dataset, self.splits, self.tracker = cfg, dataset, splits, tracker
         self.weights = weights
         self._pipelines: dict[tuple, tuple] = {}
+        self.features = FeatureCache(cfg.train.feature_cache_dir, dataset, splits) if cfg.train.feature_cache else None
         apply_device_switches(cfg.train)  # before this process builds a model
 
     def pipelines(self, batch_size: int):
@@ -186,7 +187,11 @@ class TrialRunner:
             if prune:
                 raise optuna.TrialPruned(f"pruned at epoch {record.epoch} ({cfg.study.metric}={value:.4f})")
 
-        run_plan(cfg, tm, plan, self.pipelines, on_epoch, on_phase_start, history=history, class_weight=class_weight)
+        def on_features(seconds: float):
+            self.tracker.log_metrics(run_id, {"head/feature_seconds": seconds})
+
+        run_plan(cfg, tm, plan, self.pipelines, on_epoch, on_phase_start, history=history, class_weight=class_weight,
+                 features=self.features, seed=cfg.data.seed, on_features=on_features)
         log_history(self.tracker, run_id, history)
         return tm
 
@@ -218,18 +223,33 @@ def leads(value: float, leader: float | None, direction: str) -> bool:
 
 
 def run_plan(cfg: SweepConfig, tm, plan, pipelines, on_epoch=lambda r: None, on_phase_start=lambda p, t, n: None,
-             history: History | None = None, class_weight: dict[int, float] | None = None) -> History:
+             history: History | None = None, class_weight: dict[int, float] | None = None,
+             features=None, seed: int = 0, on_features=lambda seconds: None) -> History:
     """Run a plan whose phases may use different batch sizes; `pipelines(batch)` -> (train, val).
 
+    `features` (harness.features.FeatureCache, when train.feature_cache is on): a head phase on
+    fixed features trains the head on cached pooled features, shuffled with `seed`;
+    `on_features(seconds)` hears how long getting them took (computing, or reading the cache).
     The model ends with the best epoch's weights across all phases: the weights that scored.
     `history` is filled as epochs end, so it holds what ran even when on_epoch raises (pruning)."""
+    from harness.features import cache_applies
+
     batch = {"head": cfg.train.head.batch_size, "finetune": cfg.train.finetune.batch_size}
     merged = history if history is not None else History()
     best = BestWeights(cfg.study.metric, cfg.study.direction)
     for phase in plan:
-        train_ds, val_ds = pipelines(batch.get(phase.name, cfg.train.head.batch_size))
+        size = batch.get(phase.name, cfg.train.head.batch_size)
+        head_inputs = None
+        if features is not None and cache_applies(tm, phase):
+            started = time.perf_counter()
+            head_inputs = features.head_inputs(tm, size, seed)
+            on_features(time.perf_counter() - started)
+            train_ds = val_ds = None  # the images are not read in this phase
+        else:
+            train_ds, val_ds = pipelines(size)
         run_phases(tm, [phase], train_ds, val_ds, on_epoch, on_phase_start, cfg.study.metric, cfg.study.direction,
-                   start_epoch=len(merged.epochs), best=best, history=merged, class_weight=class_weight)
+                   start_epoch=len(merged.epochs), best=best, history=merged, class_weight=class_weight,
+                   head_inputs=head_inputs)
     return merged
 
 

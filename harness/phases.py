@@ -108,9 +108,11 @@ class BestWeights:
 
 
 class _EpochHook(keras.callbacks.Callback):
-    def __init__(self, phase: str, history: History, on_epoch: Callable[[EpochRecord], None], best: BestWeights | None = None):
+    def __init__(self, phase: str, history: History, on_epoch: Callable[[EpochRecord], None], best: BestWeights | None = None,
+                 whole: keras.Model | None = None):
         super().__init__()
         self.phase, self.history, self.on_epoch, self.best = phase, history, on_epoch, best
+        self.whole = whole  # the trial's model, when the one being fitted is only its head (cached features)
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = {k: float(v) for k, v in (logs or {}).items() if k in ("loss", "accuracy", "val_loss", "val_accuracy")}
@@ -121,7 +123,7 @@ class _EpochHook(keras.callbacks.Callback):
         record = EpochRecord(epoch, self.phase, metrics)
         self.history.epochs.append(record)
         if self.best is not None:
-            self.best.observe(self.model, record)
+            self.best.observe(self.whole or self.model, record)
         self.on_epoch(record)
 
 
@@ -260,15 +262,17 @@ def set_jit_compile(on: bool) -> None:
     _jit_compile = bool(on)
 
 
-def compile_for(tm: TransferModel, learning_rate: float, jit_compile: bool | None = None) -> None:
+def compile_for(tm: TransferModel, learning_rate: float, jit_compile: bool | None = None, model: keras.Model | None = None) -> None:
     """Compile for one phase; `jit_compile` None = this process's setting (`set_jit_compile`).
+    `model`: what is fitted, when not the whole `tm.model` (the head on cached features).
 
     Under the mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer itself
     (compile's auto_scale_loss), so float16 gradients do not underflow."""
+    model = model or tm.model
     jit = _jit_compile if jit_compile is None else jit_compile
-    if jit is True and not all(layer.supports_jit for layer in _all_layers(tm.model)):
+    if jit is True and not all(layer.supports_jit for layer in _all_layers(model)):
         jit = False  # random augmentation layers cannot be XLA-compiled; Keras would warn and do the same
-    tm.model.compile(
+    model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
@@ -298,12 +302,15 @@ def run_phases(
     restore_best: bool = True,
     steps_per_epoch: int | None = None,
     class_weight: dict[int, float] | None = None,
+    head_inputs=None,
 ) -> History:
     """Run each phase of `plan` in turn on one epoch timeline; return the full history.
 
     The model ends with the weights of the best epoch of all phases run so far (`best`, shared
     across calls when a plan runs phase by phase). `history`, when given, is filled in place, so
     a caller that stops training by raising (a pruned trial) still has the epochs that ran.
+    `head_inputs` (harness.features.HeadInputs): the head phase fits the head alone on cached
+    features instead of the whole model on images; the two share their head layers.
     """
     history = history if history is not None else History()
     best = best or BestWeights(monitor, direction)
@@ -312,11 +319,13 @@ def run_phases(
         if phase.epochs <= 0:
             continue
         apply_phase_trainability(tm, phase)
-        compile_for(tm, phase.learning_rate)  # recompile: compile() captures `trainable`
+        cached = head_inputs is not None and phase.name == "head" and phase.unfreeze_blocks == 0
+        fitted, train_in, val_in = (head_inputs.model, head_inputs.train, head_inputs.val) if cached else (tm.model, train_ds, val_ds)
+        compile_for(tm, phase.learning_rate, model=fitted)  # recompile: compile() captures `trainable`
         trainable, total = count_params(tm.model)
         on_phase_start(phase, trainable, total)
         trains_bn = phase.unfreeze_blocks < 0
-        callbacks: list[keras.callbacks.Callback] = [_NonFiniteBatch(), _EpochHook(phase.name, history, on_epoch, best)]
+        callbacks: list[keras.callbacks.Callback] = [_NonFiniteBatch(), _EpochHook(phase.name, history, on_epoch, best, tm.model)]
         if trains_bn:
             callbacks.insert(0, _ScratchValidation(train_ds, val_ds))
         if phase.patience:
@@ -328,12 +337,14 @@ def run_phases(
             )
         started = time.perf_counter()
         before = len(history.epochs)
-        tm.model.fit(
-            train_ds, validation_data=None if trains_bn else val_ds, initial_epoch=epoch, epochs=epoch + phase.epochs,
+        fitted.fit(
+            train_in, validation_data=None if trains_bn else val_in, initial_epoch=epoch, epochs=epoch + phase.epochs,
             callbacks=callbacks, verbose=0, shuffle=False,  # tf.data shuffles already
             steps_per_epoch=steps_per_epoch,  # an "epoch" of a repeated pipeline (from-scratch training)
             class_weight=class_weight,  # label -> loss weight (train.class_weight); validation stays unweighted
         )
+        if cached:  # the whole model is what callers evaluate, save and fine-tune next: compiled, as uncached
+            compile_for(tm, phase.learning_rate)
         ran = len(history.epochs) - before
         result = PhaseResult(phase.name, epoch, ran, time.perf_counter() - started, trainable, total)
         phase_epochs = history.epochs[before:]

@@ -320,7 +320,8 @@ def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | N
                         tf_dataset(dataset, splits.val, batch_size, shuffle=False))
 
             history = run_plan(ccfg, tm, plan, pipelines, on_epoch=on_epoch,
-                               class_weight=train_class_weights(ccfg, dataset, splits))
+                               class_weight=train_class_weights(ccfg, dataset, splits), features=runner.features, seed=seed,
+                               on_features=lambda seconds: tracker.log_metrics(run_id, {"head/feature_seconds": seconds}))
             images_seen = sum(p.epochs_run for p in history.phases) * len(splits.train)
         # What the cell's compute was: the report's cost columns (seconds on this process's device:
         # GPU-seconds on a GPU box, where each trial process has one GPU).
@@ -347,14 +348,6 @@ def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | N
 # --- LogME -----------------------------------------------------------------------------------
 
 
-def backbone_features(tm, dataset: Dataset, indices: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Pooled features of the frozen backbone (preprocessing included), as the head would see them."""
-    import keras
-
-    extractor = keras.Model(tm.model.input, tm.model.get_layer("pool").output)
-    return np.concatenate([np.asarray(extractor(x, training=False)) for x, _ in tf_dataset(dataset, indices, batch_size, shuffle=False)])
-
-
 def logme_indices(labels: np.ndarray, train: np.ndarray, max_images: int) -> np.ndarray:
     """Up to `max_images` training indices, the same share from every class."""
     classes = np.unique(labels[train])
@@ -364,6 +357,7 @@ def logme_indices(labels: np.ndarray, train: np.ndarray, max_images: int) -> np.
 
 def log_logme_scores(cfg: SweepConfig, target: TargetConfig, dataset: Dataset, splits: Splits, tracker, weights: dict, log) -> dict:
     """LogME of every candidate backbone on this target, from frozen features, before any training."""
+    from harness.features import pooled_features
     from harness.logme import logme
     from harness.model import ModelSpec, build_model
     from harness.objective import release_memory
@@ -381,7 +375,7 @@ def log_logme_scores(cfg: SweepConfig, target: TargetConfig, dataset: Dataset, s
                          dict(cfg.model.backbone_options.get(backbone, {})))
         tm = build_model(spec)
         idx = logme_indices(dataset.labels, splits.train, cfg.quadrants.logme_max_images)
-        score = logme(backbone_features(tm, dataset, idx), dataset.labels[idx])
+        score = logme(pooled_features(tm, dataset, idx), dataset.labels[idx])
         del tm
         release_memory()
         run_id = tracker.start_child(f"logme {target.name} {backbone}", "logme",

@@ -1,0 +1,120 @@
+"""Cached frozen features: when they apply, that phase 1 on them is phase 1 on images, that the
+cache is keyed by content and shared, and that a config asking for the impossible is refused."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from harness.config import ConfigError, parse_config
+from harness.data import load_dataset, make_splits, tf_dataset
+from harness.features import FeatureCache, cache_applies
+from harness.model import ModelSpec, build_model
+from harness.objective import run_plan
+from harness.phases import Phase, two_phase_plan
+from harness.pretrain import ASSETS
+
+SHIPPED = str(ASSETS / "MobileNetV2-5b2c197669.weights.h5")  # the demo's pretrained source backbone
+CONFIG = """
+study: {name: feat, seed: 0}
+model: {weights: %s, backbone_options: {MobileNetV2: {alpha: 0.35}}}
+data: {source: builtin, name: shapes-source, classes: [circle, square, triangle, star5, cross, hexagon],
+       builtin_size: 40, image_size: 32, seed: 0}
+search: {backbone: MobileNetV2, head_lr: 0.005, dropout: 0.2}
+train:
+  head: {epochs: 3, batch_size: 16, patience: null}
+  finetune: {epochs: 1, batch_size: 16, patience: null}
+""" % SHIPPED
+
+
+@pytest.fixture(scope="module")
+def task():
+    cfg = parse_config(CONFIG, "feat.yaml")
+    dataset = load_dataset(cfg.data)
+    return cfg, dataset, make_splits(dataset.labels, cfg.data)
+
+
+def model(weights=SHIPPED, **spec):
+    keras.utils.set_random_seed(0)
+    return build_model(ModelSpec("MobileNetV2", 32, 6, weights, {"alpha": 0.35}, **spec), seed=0)
+
+
+def head_phase(cfg, epochs=3):
+    return [p for p in two_phase_plan(epochs, 0.005, None, 0, 1e-4, None, 0)]
+
+
+def pipelines_for(dataset, splits, seed=0):
+    return lambda batch: (tf_dataset(dataset, splits.train, batch, shuffle=True, seed=seed),
+                          tf_dataset(dataset, splits.val, batch, shuffle=False))
+
+
+def test_the_cache_applies_to_the_frozen_head_phase_of_a_pretrained_backbone_without_augmentation():
+    head, finetune = Phase("head", 3, 1e-3, 0, None), Phase("finetune", 3, 1e-4, 2, None)
+    assert cache_applies(model(), head)
+    assert not cache_applies(model(), finetune)  # part of the backbone trains
+    assert not cache_applies(model(augment=True), head)  # the backbone's input changes every epoch
+    assert not cache_applies(model(weights=None), head)  # random init: BatchNormalization trains
+
+
+def test_phase1_on_cached_features_scores_as_phase1_on_images(task, tmp_path):
+    """Same seed, same data order: the validation accuracy of every epoch agrees within 0.01, and
+    the model that comes back is the whole Keras model with the trained head in it."""
+    cfg, dataset, splits = task
+    uncached = model()
+    plain = run_plan(cfg, uncached, head_phase(cfg), pipelines_for(dataset, splits), seed=0)
+    cached_model = model()
+    cache = FeatureCache(tmp_path, dataset, splits)
+    took = []
+    cached = run_plan(cfg, cached_model, head_phase(cfg), pipelines_for(dataset, splits), features=cache, seed=0,
+                      on_features=took.append)
+    assert cache.computed == 2 and len(took) == 1  # train and val, once each
+    a = [e.metrics["val_accuracy"] for e in plain.epochs]
+    b = [e.metrics["val_accuracy"] for e in cached.epochs]
+    assert len(a) == len(b) == 3 and np.allclose(a, b, atol=0.01), (a, b)
+    assert max(b) > 0.5  # a real pretrained backbone, a head that learned (6 classes: chance is 0.17)
+    # The whole model scores on images what the head scored on features (best epoch restored).
+    from harness.phases import evaluate
+
+    whole = evaluate(cached_model.model, tf_dataset(dataset, splits.val, 16, shuffle=False))
+    assert whole["accuracy"] == pytest.approx(cached.best("val_accuracy", "maximize"), abs=1e-6)
+    # ... and phase 2 continues from it on images, as ever.
+    more = run_plan(cfg, cached_model, [Phase("finetune", 1, 1e-4, 2, None)], pipelines_for(dataset, splits),
+                    features=cache, seed=0)
+    assert [p.name for p in more.phases] == ["finetune"] and more.phases[0].trainable_params > cached.phases[0].trainable_params
+
+
+def test_cached_features_are_shared_on_disk_and_keyed_by_content(task, tmp_path):
+    cfg, dataset, splits = task
+    first = FeatureCache(tmp_path, dataset, splits)
+    features = first.features(model(), "train")
+    assert first.computed == 1 and len(list(tmp_path.glob("*.npy"))) == 1
+    # Another process (a fresh cache object) reads the same file instead of recomputing.
+    again = FeatureCache(tmp_path, dataset, splits)
+    assert np.array_equal(again.features(model(), "train"), features) and again.computed == 0
+    # Different weights, a different cut, different pooling, a different split: all recomputed.
+    other = model(weights=None)  # the same architecture, other weight values
+    assert not np.array_equal(again.features(other, "train"), features)
+    again.features(model(cut_fraction=0.5), "train")
+    again.features(model(pooling="max"), "train")
+    again.features(model(), "val")
+    assert again.computed == 4 and len(list(tmp_path.glob("*.npy"))) == 5
+    # Other images under the same split name: a new key.
+    reshuffled = make_splits(dataset.labels, parse_config(CONFIG.replace("seed: 0}", "seed: 1}"), "f.yaml").data)
+    moved = FeatureCache(tmp_path, dataset, reshuffled)
+    moved.features(model(), "train")
+    assert moved.computed == 1
+    # A truncated or foreign file is recomputed, not trusted.
+    for path in tmp_path.glob("*.npy"):
+        np.save(path, np.zeros((1, 3), np.float32))
+    assert np.array_equal(FeatureCache(tmp_path, dataset, splits).features(model(), "train"), features)
+
+
+def test_asking_for_the_cache_where_it_can_never_apply_is_refused_with_the_key():
+    with pytest.raises(ConfigError, match=r"train\.feature_cache: true, but model\.weights is none"):
+        parse_config("study: {name: f}\ndata: {source: builtin, name: shapes}\nmodel: {weights: none}\ntrain: {feature_cache: true}\n", "f.yaml")
+    with pytest.raises(ConfigError, match=r"feat\.yaml:\d+:\d+: train\.feature_cache: true, but search\.augment is always true"):
+        parse_config(CONFIG.replace("dropout: 0.2}", "dropout: 0.2, augment: true}") + "  feature_cache: true\n", "feat.yaml")
+    # The default stays quiet where it cannot apply, and off is always fine.
+    assert parse_config("study: {name: f}\ndata: {source: builtin, name: shapes}\nmodel: {weights: none}\n", "f.yaml").train.feature_cache is True
+    assert parse_config("study: {name: f}\ndata: {source: builtin, name: shapes}\nmodel: {weights: none}\ntrain: {feature_cache: false}\n", "f.yaml")
