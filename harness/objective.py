@@ -17,6 +17,7 @@ import optuna
 
 from harness.config import ConfigError, SweepConfig
 from harness.data import Dataset, Splits, tf_dataset
+from harness.features import FeatureCache
 from harness.phases import BestWeights, EpochRecord, History, NonFiniteLoss, Phase, run_phases, scratch_plan, two_phase_plan  # noqa: F401
 from harness.tracking import Tracker
 
