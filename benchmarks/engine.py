@@ -28,6 +28,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -260,7 +261,11 @@ def main() -> None:
     lines += ["", "RSS by trial (MiB):", ""]
     for mode, r in memory.items():
         lines.append(f"- {mode}: " + ", ".join(f"{k}:{v:.0f}" for k, v in sorted(r["rss"].items())))
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    out = Path(args.out)
+    # benchmarks/compute.py's sections (between <!-- compute:NAME --> markers) stay as they are.
+    kept = re.findall(r"<!-- compute:(\w+) -->.*?<!-- /compute:\1 -->", out.read_text(), re.S) if out.exists() else []
+    blocks = re.findall(r"<!-- compute:\w+ -->.*?<!-- /compute:\w+ -->", out.read_text(), re.S) if kept else []
+    out.write_text("\n".join(lines) + "\n" + "".join(f"\n{b}\n" for b in blocks))
     print(textwrap.indent("\n".join(lines), "  "))
     print(f"written to {args.out}")
 

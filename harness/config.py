@@ -90,6 +90,12 @@ class DataConfig:
     test_fraction: float = _f(0.2, "share of each class held out for the final test", min=0.01, max=0.9)
     seed: int = _f(0, "split and subsample seed", min=0)
     builtin_size: int = _f(200, "builtin generated sets: images generated per class", min=10)
+    memory_cache_mib: float = _f(
+        2048, "folder datasets: a split whose decoded images take at most this many MiB is decoded once and kept "
+        "in memory; a larger one streams from disk, so a trial process holds batches, not the dataset", min=0)
+    disk_cache_dir: str | None = _f(
+        None, "folder datasets too large for memory: decode once into a tf.data cache file here (keyed by the "
+        "split's content) instead of decoding every epoch; null = decode every epoch")
 
 
 @dataclass(frozen=True)

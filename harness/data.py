@@ -35,6 +35,8 @@ class Dataset:
     paths: list[str] | None = None  # image files, when read from a folder
     image_size: int = 32
     name: str = ""
+    memory_cache_mib: float = 2048  # data.memory_cache_mib: folder splits up to this size stay decoded in memory
+    disk_cache_dir: str | None = None  # data.disk_cache_dir: where larger splits are cached decoded, if anywhere
 
     @property
     def num_classes(self) -> int:
@@ -200,7 +202,8 @@ def load_dataset(cfg: DataConfig, check_images: bool = True) -> Dataset:
         ds = Dataset(names, labels, images=images, image_size=cfg.image_size, name=cfg.name)
     else:
         names, paths, labels = scan_folder(cfg.path, cfg, check_images)
-        ds = Dataset(names, labels, paths=paths, image_size=cfg.image_size, name=Path(cfg.path).name)
+        ds = Dataset(names, labels, paths=paths, image_size=cfg.image_size, name=Path(cfg.path).name,
+                     memory_cache_mib=cfg.memory_cache_mib, disk_cache_dir=cfg.disk_cache_dir)
     if cfg.classes is not None:
         ds = select_classes(ds, cfg.classes)
     if cfg.class_map is not None:
@@ -221,7 +224,7 @@ def select_classes(ds: Dataset, classes: list[str]) -> Dataset:
         list(classes), labels,
         images=ds.images[keep] if ds.images is not None else None,
         paths=[p for p, k in zip(ds.paths, keep) if k] if ds.paths is not None else None,
-        image_size=ds.image_size, name=ds.name,
+        image_size=ds.image_size, name=ds.name, memory_cache_mib=ds.memory_cache_mib, disk_cache_dir=ds.disk_cache_dir,
     )
 
 
@@ -251,7 +254,7 @@ def apply_class_map(ds: Dataset, class_map: dict[str, list[str]]) -> Dataset:
         targets, labels[keep],
         images=ds.images[keep] if ds.images is not None else None,
         paths=[p for p, k in zip(ds.paths, keep) if k] if ds.paths is not None else None,
-        image_size=ds.image_size, name=ds.name,
+        image_size=ds.image_size, name=ds.name, memory_cache_mib=ds.memory_cache_mib, disk_cache_dir=ds.disk_cache_dir,
     )
 
 
@@ -291,29 +294,65 @@ def decode_image(raw, size: tuple[int, int]):
     return tf.cast(tf.clip_by_value(img, 0, 255), tf.uint8)
 
 
+SHUFFLE_BUFFER = 2048  # images: the bounded shuffle after a disk cache (about 300 MiB at 224 px)
+
+
+def cache_plan(n_images: int, image_size: int, memory_cache_mib: float, disk_cache_dir: str | None) -> str:
+    """Where a folder split's decoded images live between epochs: "memory" when they fit in
+    `memory_cache_mib`, else "disk" (a tf.data cache file) when a folder is given, else "none"
+    (decoded again every epoch). Pure."""
+    decoded_mib = n_images * image_size * image_size * 3 / 2**20
+    if decoded_mib <= memory_cache_mib:
+        return "memory"
+    return "disk" if disk_cache_dir else "none"
+
+
 def tf_dataset(ds: Dataset, indices: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0):
-    """A batched, cached, prefetched tf.data pipeline of (uint8 image, label) pairs.
+    """A batched, prefetched tf.data pipeline of (uint8 image, label) pairs.
 
     Images stay uint8 here: each backbone's own preprocess_input runs inside the model.
+    In-memory datasets (builtin, TFDS) are sliced. A folder split is decoded once and cached in
+    memory when it fits `ds.memory_cache_mib`; otherwise it streams: file names are shuffled
+    (every epoch, with the whole split as the buffer: names are small) before decoding, so memory
+    holds a few batches, never the split. With `ds.disk_cache_dir` the decoded images go to a
+    cache file instead, in one fixed seeded order, then a bounded buffer reshuffles them.
     """
     import tensorflow as tf
 
     labels = ds.labels[indices]
     if ds.images is not None:
-        pipe = tf.data.Dataset.from_tensor_slices((ds.images[indices], labels))
+        pipe = tf.data.Dataset.from_tensor_slices((ds.images[indices], labels)).cache()
+        if shuffle:
+            pipe = pipe.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
+        return pipe.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    size = ds.image_size
+
+    def decode(path, label):
+        return decode_image(tf.io.read_file(path), (size, size)), label
+
+    files = np.asarray([ds.paths[i] for i in indices])
+    plan = cache_plan(len(indices), size, ds.memory_cache_mib, ds.disk_cache_dir)
+    if plan == "memory":
+        pipe = tf.data.Dataset.from_tensor_slices((files, labels)).map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
+        if shuffle:
+            pipe = pipe.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
+    elif plan == "disk":
+        order = np.random.default_rng(seed).permutation(len(indices)) if shuffle else np.arange(len(indices))
+        # One file per process: tf.data refuses a cache file another live iterator is writing
+        # (its lock file), and a process killed mid-write must not block the next one.
+        kind = f"shuffled{seed}" if shuffle else "ordered"
+        cache_file = Path(ds.disk_cache_dir) / f"{split_digest(ds, indices)}-{size}px-{kind}-pid{os.getpid()}"
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        pipe = (tf.data.Dataset.from_tensor_slices((files[order], labels[order]))
+                .map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache(str(cache_file)))
+        if shuffle:
+            pipe = pipe.shuffle(min(len(indices), SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
     else:
-        size = ds.image_size
-
-        def decode(path, label):
-            return decode_image(tf.io.read_file(path), (size, size)), label
-
-        files = [ds.paths[i] for i in indices]
-        pipe = tf.data.Dataset.from_tensor_slices((files, labels)).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-    pipe = pipe.cache()
-    if shuffle:
-        pipe = pipe.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
+        pipe = tf.data.Dataset.from_tensor_slices((files, labels))
+        if shuffle:
+            pipe = pipe.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
+        pipe = pipe.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     return pipe.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
 
 
 # --- what a run trained on ---------------------------------------------------------------------

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from harness.config import DataConfig
-from harness.data import (DataError, load_dataset, make_splits, min_images_per_class, select_classes, splittable,
-                          tf_dataset)
+from harness.data import (DataError, cache_plan, load_dataset, make_splits, min_images_per_class, select_classes,
+                          splittable, tf_dataset)
 from tests.conftest import TINY, run_cli, write_config
 
 LABELS = np.repeat(np.arange(4), 50)
@@ -58,6 +58,42 @@ def test_image_folder_is_read_and_piped_through_tf_data(tmp_path):
     images, labels = next(iter(tf_dataset(ds, splits.train, 32, shuffle=False)))
     assert images.shape[1:] == (16, 16, 3) and images.dtype.name == "uint8"
     assert sorted(set(labels.numpy().tolist())) == [0, 1]
+
+
+def test_a_split_too_large_for_memory_streams_from_disk_or_a_disk_cache():
+    # 1,000 images at 224 px decode to 143.6 MiB
+    assert cache_plan(1000, 224, 2048, None) == "memory"
+    assert cache_plan(1000, 224, 100, None) == "none"
+    assert cache_plan(1000, 224, 100, "/cache") == "disk"
+    assert cache_plan(1000, 224, 0, None) == "none"
+
+
+def _epochs(pipe, n=2):
+    out = []
+    for _ in range(n):
+        pairs = [(int(y), int(x[0, 0, 0])) for xs, ys in pipe for x, y in zip(xs.numpy(), ys.numpy())]
+        out.append(pairs)
+    return out
+
+
+def test_streamed_and_disk_cached_pipelines_yield_every_image_once_per_epoch_reshuffled(tmp_path):
+    """Whatever the cache plan, an epoch is the whole split, each image once, in a new order."""
+    root = tmp_path / "images"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(20):  # each image carries its own grey level, so the pairs identify it
+            Image.fromarray(np.full((8, 8, 3), 6 * i + (120 if c == "dog" else 0), np.uint8)).save(root / c / f"{i}.png")
+    base = DataConfig(source="folder", path=str(root), image_size=8)
+    splits = make_splits(load_dataset(base).labels, DataConfig(val_fraction=0.2, test_fraction=0.2))
+    memory = _epochs(tf_dataset(load_dataset(base), splits.train, 5, shuffle=True, seed=3))
+    for plan in ({"memory_cache_mib": 0}, {"memory_cache_mib": 0, "disk_cache_dir": str(tmp_path / "cache")}):
+        ds = load_dataset(dataclasses.replace(base, **plan))
+        first, second = _epochs(tf_dataset(ds, splits.train, 5, shuffle=True, seed=3))
+        assert sorted(first) == sorted(second) == sorted(memory[0]) and len(first) == len(splits.train)
+        assert first != second  # reshuffled every epoch
+        ordered = _epochs(tf_dataset(ds, splits.val, 5, shuffle=False), 1)[0]
+        assert ordered == _epochs(tf_dataset(load_dataset(base), splits.val, 5, shuffle=False), 1)[0]
+    assert list((tmp_path / "cache").glob("*.index")), "the disk plan writes a tf.data cache file"
 
 
 def test_empty_class_folder_is_named(tmp_path):

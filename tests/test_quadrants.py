@@ -201,7 +201,8 @@ def test_confirmation_retrains_each_cell_with_k_seeds_and_reads_test_once(quad_s
                       and r.data.tags["mlflow.parentRunId"] == cell.info.run_id)
         assert check.data.params["backbone"] != winner.data.params["backbone"]
     logme = [r for r in runs if r.data.tags.get("harness.role") == "logme"]
-    assert sorted(r.data.tags["target"] for r in logme) == ["digits-small", "shapes-small"]
+    assert sorted((r.data.tags["target"], r.data.tags["backbone"]) for r in logme) == [
+        (t, b) for t in ("digits-small", "shapes-small") for b in BACKBONES]
 
 
 @pytest.mark.xdist_group("quad")
@@ -269,7 +270,11 @@ def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weigh
         built.append(np.array(indices))
         return real(ds, indices, *args, **kwargs)
 
+    from harness import features
+
     monkeypatch.setattr(quadrants, "tf_dataset", spy)
+    monkeypatch.setattr(features, "tf_dataset", spy)  # phase 1 reads the train split once, for cached features
+    monkeypatch.chdir(tmp_path)  # a feature cache of its own (results/features), computed here
     tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "spy", str(tmp_path / "a"))
     tracker.start_study_run("spy", {}, "none")
     cell = tracker.start_child("cell", "cell", {})

@@ -1,0 +1,369 @@
+"""What a trial costs, measured: the feature cache, pruning, growth with data, memory on a large folder.
+
+Writes its sections into benchmarks/RESULTS.md (between `<!-- compute:NAME -->` markers, so
+benchmarks/engine.py's sections and any section not re-run stay), with the machine it ran on.
+Every timing comes from a real `python -m harness.sweep` run, read back from its MLflow runs.
+
+  cache     the demo's sweep (sweeps/demo.yaml, no pruning, no baseline) with train.feature_cache
+            off and on: phase 1 seconds per trial from the logged `head/seconds` (plus, cached,
+            `head/feature_seconds`: computing or reading the features). Goal: >= 5x.
+  pruning   the same sweep (cache on) with the demo's median pruner and with none, same seeds:
+            total training seconds (every trial's phase seconds) and the best value of each.
+            Goal: >= 40% saved, best value within 1 point.
+  growth    identical trials (fixed parameters, 3 + 3 epochs) on 250, 1,000 and 4,000 training
+            images: the trial's wall time split into a fixed part (the least-squares intercept:
+            model build, tracing, logging) and a part that grows (the slope), with the fit's R^2.
+  memory    a generated folder of --images images at 224 px (more than fits data.memory_cache_mib):
+            peak resident memory of the trial process over a whole trial that streams it, against
+            the decoded dataset's size; and one epoch of the same split through the in-memory pipeline.
+
+    python benchmarks/compute.py [--sections cache,pruning,growth,memory] [--images 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.engine import machine  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+SECTIONS = ("cache", "pruning", "growth", "memory")
+
+
+# --- running sweeps and reading them back ---------------------------------------------------------
+
+
+def demo_config(**changes) -> dict:
+    """sweeps/demo.yaml as a dict, with `changes` ({"study.n_trials": 5, ...}) applied."""
+    cfg = yaml.safe_load((ROOT / "sweeps" / "demo.yaml").read_text())
+    for dotted, value in changes.items():
+        node = cfg
+        *path, last = dotted.split(".")
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return cfg
+
+
+class PeakRSS(threading.Thread):
+    """Samples the resident memory of a process tree every 0.2 s; keeps each process's peak."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peaks, self.done = pid, {}, threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self.done.is_set():
+            try:
+                for proc in [root, *root.children(recursive=True)]:
+                    try:
+                        rss = proc.memory_info().rss / 2**20
+                        name = " ".join(proc.cmdline()[1:4])
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    key = (proc.pid, name)
+                    self.peaks[key] = max(self.peaks.get(key, 0.0), rss)
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.2)
+
+
+def run_sweep(cfg: dict, label: str, extra_env: dict | None = None) -> dict:
+    """Run `python -m harness.sweep` on `cfg` in a fresh folder; return its wall time, its trial
+    runs' metrics and the peak RSS of each process."""
+    from mlflow.tracking import MlflowClient
+
+    work = Path(tempfile.mkdtemp(prefix=f"compute-{label}-"))
+    config = work / "sweep.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", **(extra_env or {})}
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "harness.sweep", str(config)], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = PeakRSS(proc.pid)
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.done.set()
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{label}: sweep failed ({proc.returncode}):\n{err[-4000:]}")
+    client = MlflowClient(f"sqlite:///{work}/results/mlflow.db")
+    exp = client.get_experiment_by_name(cfg["study"]["name"])
+    runs = client.search_runs([exp.experiment_id], "tags.`harness.role` = 'trial'", max_results=1000)
+    trials = sorted(({"number": int(r.data.tags["optuna.trial_number"]), "state": r.data.tags.get("optuna.state"),
+                      **r.data.metrics} for r in runs), key=lambda t: t["number"])
+    print(f"{label}: {wall:.1f} s, {len(trials)} trials", flush=True)
+    return {"wall": wall, "trials": trials, "peaks": sampler.peaks, "work": work}
+
+
+def training_seconds(trial: dict) -> float:
+    """Everything a trial spent training: both phases, and getting cached features."""
+    return sum(trial.get(k, 0.0) for k in ("head/seconds", "finetune/seconds", "head/feature_seconds"))
+
+
+def phase1_seconds(trial: dict) -> float:
+    return trial.get("head/seconds", 0.0) + trial.get("head/feature_seconds", 0.0)
+
+
+# --- sections --------------------------------------------------------------------------------------
+
+
+def bench_cache(n_trials: int) -> str:
+    base = {"study.n_trials": n_trials, "study.pruner": "none", "baseline.scratch": False}
+    off = run_sweep(demo_config(**base, **{"train.feature_cache": False}), "cache-off")
+    on = run_sweep(demo_config(**base, **{"train.feature_cache": True}), "cache-on")
+    rows = ["| trial | phase 1 s, images | phase 1 s, cached (of which features) | speed-up | val_accuracy, images | cached |",
+            "|---|---|---|---|---|---|"]
+    for a, b in zip(off["trials"], on["trials"]):
+        rows.append(f"| {a['number']} | {phase1_seconds(a):.2f} | {phase1_seconds(b):.2f} ({b.get('head/feature_seconds', 0):.2f}) | "
+                    f"{phase1_seconds(a) / phase1_seconds(b):.1f}x | {a['objective']:.4f} | {b['objective']:.4f} |")
+    total_off = sum(phase1_seconds(t) for t in off["trials"])
+    total_on = sum(phase1_seconds(t) for t in on["trials"])
+    diffs = [abs(a["objective"] - b["objective"]) for a, b in zip(off["trials"], on["trials"])]
+    return "\n".join([
+        f"## Feature cache: phase 1 of the demo's sweep ({n_trials} trials, no pruning, no baseline)",
+        "",
+        f"`python benchmarks/compute.py --sections cache --trials {n_trials}`: sweeps/demo.yaml with "
+        "train.feature_cache false, then true; the same seeds, so the same trials. Phase 1 seconds are the logged "
+        "`head/seconds` (cached: plus `head/feature_seconds`, computing the features in the first trial and reading "
+        "them after).",
+        "",
+        *rows,
+        "",
+        f"- Phase 1, all trials: **{total_off:.1f} s on images, {total_on:.1f} s cached: {total_off / total_on:.1f}x** (goal >= 5x).",
+        f"- Sweep wall time: {off['wall']:.0f} s uncached, {on['wall']:.0f} s cached.",
+        f"- Objective difference per trial, cached vs images: at most {max(diffs):.4f}.",
+    ])
+
+
+def bench_pruning(n_trials: int) -> str:
+    base = {"study.n_trials": n_trials, "baseline.scratch": False}
+    plain = run_sweep(demo_config(**base, **{"study.pruner": "none"}), "prune-none")
+    pruned = run_sweep(demo_config(**base), "prune-median")
+    cfg = demo_config()
+    total = {k: sum(training_seconds(t) for t in r["trials"]) for k, r in (("none", plain), ("median", pruned))}
+    best = {k: max(t["objective"] for t in r["trials"] if "objective" in t) for k, r in (("none", plain), ("median", pruned))}
+    n_pruned = sum(t["state"] == "PRUNED" for t in pruned["trials"])
+    saved = 1 - total["median"] / total["none"]
+    return "\n".join([
+        f"## Pruning: the demo's sweep ({n_trials} trials, feature cache on, no baseline) with and without the median pruner",
+        "",
+        f"`python benchmarks/compute.py --sections pruning --trials {n_trials}`: the same study seed; the median pruner "
+        f"as the demo sets it (warm-up {cfg['study']['pruner_warmup_epochs']} steps, {cfg['study']['pruner_startup_trials']} "
+        "startup trials). Each phase reports at fixed step offsets (phase 2 from step `train.head.epochs`), so phase 2 "
+        "is only ever compared with phase 2. Training seconds are every trial's `head/seconds`, `head/feature_seconds` "
+        "and `finetune/seconds`.",
+        "",
+        "| pruner | trials pruned | training seconds | sweep wall seconds | best val_accuracy |",
+        "|---|---|---|---|---|",
+        f"| none | 0 | {total['none']:.1f} | {plain['wall']:.0f} | {best['none']:.4f} |",
+        f"| median | {n_pruned} | {total['median']:.1f} | {pruned['wall']:.0f} | {best['median']:.4f} |",
+        "",
+        f"- Training time saved: **{100 * saved:.0f}%** (goal >= 40%); best value {best['median'] - best['none']:+.4f} "
+        "(goal: within 0.01).",
+    ])
+
+
+def growth_config(n_train: int) -> dict:
+    per_class = n_train // 6
+    fixed = {"backbone": "MobileNetV2", "unfreeze_fraction": 0.5, "head_units": 0, "head_lr": 0.003,
+             "finetune_lr": 0.0001, "dropout": 0.2, "pooling": "avg", "augment": False}
+    cfg = demo_config(**{"study.n_trials": 3, "study.pruner": "none", "study.name": f"growth{n_train}",
+                         "baseline.scratch": False, "data.train_per_class": per_class,
+                         "data.builtin_size": int(per_class / 0.6) + 2,
+                         "train.head": {"epochs": 3, "batch_size": 32, "patience": None},
+                         "train.finetune": {"epochs": 3, "batch_size": 32, "patience": None}})
+    cfg["search"] = fixed
+    return cfg
+
+
+def bench_growth(sizes=(250, 1000, 4000)) -> str:
+    rows, xs, ys = [], [], []
+    for n in sizes:
+        r = run_sweep(growth_config(n), f"growth-{n}")
+        per_trial = [t["wall_seconds"] for t in r["trials"]]
+        train = [training_seconds(t) for t in r["trials"]]
+        later = per_trial[1:] or per_trial  # the first trial of a process also pays its first tracing
+        xs += [n] * len(later)
+        ys += later
+        rows.append((n, r["wall"], per_trial, train))
+    slope, intercept = np.polyfit(xs, ys, 1)
+    predicted = np.polyval([slope, intercept], xs)
+    r2 = 1 - np.sum((np.asarray(ys) - predicted) ** 2) / np.sum((np.asarray(ys) - np.mean(ys)) ** 2)
+    table = ["| training images | sweep wall s | trial wall s (each) | of which training s (each) | per image, after trial 1 (ms) |",
+             "|---|---|---|---|---|"]
+    for n, wall, per_trial, train in rows:
+        later = per_trial[1:] or per_trial
+        table.append(f"| {n} | {wall:.0f} | {', '.join(f'{v:.1f}' for v in per_trial)} | "
+                     f"{', '.join(f'{v:.1f}' for v in train)} | {1000 * (np.mean(later) - intercept) / n:.2f} |")
+    mean = {n: np.mean(p[1:] or p) for n, _, p, _ in rows}
+    a, b, c = sizes
+    ratio = (mean[c] - mean[b]) / (mean[b] - mean[a])
+    return "\n".join([
+        "## How a trial's cost grows with the data: identical trials (3 + 3 epochs, fixed parameters, feature cache on)",
+        "",
+        "`python benchmarks/compute.py --sections growth`: the demo's backbone and data generator, 3 identical "
+        "trials per size in one sweep (warm trial processes). A trial's wall time is its logged `wall_seconds`.",
+        "",
+        *table,
+        "",
+        f"- Least squares over trials 2 and 3 of each size: trial seconds = **{intercept:.2f} + {1000 * slope:.3f} ms x images** "
+        f"(R^2 = {r2:.4f}). The intercept is the fixed part (model build, graph tracing, logging); the slope is the part "
+        "that grows.",
+        f"- Linear: the growth from {b} to {c} images is {ratio:.2f}x the growth from {a} to {b} "
+        f"(exactly linear: {(c - b) / (b - a):.2f}x).",
+        "- The first trial of each sweep is slower by the process's first tracing: "
+        + ", ".join(f"{n} images +{p[0] - np.mean(p[1:]):.1f} s" for n, _, p, _ in rows if len(p) > 1) + ".",
+    ])
+
+
+def make_folder(root: Path, n_images: int, size: int = 224, classes: int = 10) -> Path:
+    """`n_images` JPEGs of `classes` shape classes at `size` px (coloured shapes on noise)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    done = root / ".complete"
+    if done.exists():
+        return root
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+    for i in range(n_images):
+        c = i % classes
+        img = Image.fromarray(rng.integers(0, 80, (size, size, 3), dtype=np.uint8))
+        draw = ImageDraw.Draw(img)
+        x, y, r = rng.integers(40, size - 40), rng.integers(40, size - 40), rng.integers(15, 40)
+        colour = tuple(int(v) for v in rng.integers(100, 256, 3))
+        box = [x - r, y - r, x + r, y + r]
+        (draw.ellipse if c % 2 else draw.rectangle)(box, fill=colour)
+        draw.text((10, 10 + 15 * (c // 2)), str(c), fill=(255, 255, 255))
+        img.save(root / f"class{c}" / f"{i}.jpg", quality=85)
+    done.touch()
+    return root
+
+
+PIPELINE_PASS = """
+import sys, time, resource
+sys.path.insert(0, {root!r})
+import dataclasses
+from harness.config import DataConfig
+from harness.data import load_dataset, make_splits, tf_dataset
+cfg = DataConfig(source="folder", path={folder!r}, image_size=224, memory_cache_mib={cache_mib})
+ds = load_dataset(cfg, check_images=False)
+splits = make_splits(ds.labels, cfg)
+started = time.perf_counter()
+n = sum(int(x.shape[0]) for x, _ in tf_dataset(ds, splits.train, 64, shuffle=True, seed=0))
+print(n, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def bench_memory(n_images: int) -> str:
+    folder = make_folder(Path(tempfile.gettempdir()) / f"compute-folder-{n_images}", n_images)
+    weights = Path(tempfile.gettempdir()) / "compute-mobilenetv2-224.weights.h5"
+    if not weights.exists():  # a stand-in "pretrained" backbone at 224 px (ImageNet weights need internet)
+        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import keras; "
+                        "from harness.backbones import construct; keras.utils.set_random_seed(0); "
+                        "construct('MobileNetV2', 224, None, {'alpha': 0.35}).save_weights(%r)" % (str(ROOT), str(weights))],
+                       check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    cfg = demo_config(**{"study.name": "memory", "study.n_trials": 1, "study.pruner": "none", "baseline.scratch": False,
+                         "train.head": {"epochs": 1, "batch_size": 64, "patience": None},
+                         "train.finetune": {"epochs": 1, "batch_size": 64, "patience": None}})
+    cfg["data"] = {"source": "folder", "path": str(folder), "image_size": 224, "val_fraction": 0.1, "test_fraction": 0.1,
+                   "seed": 0}
+    cfg["model"] = {"weights": str(weights), "backbone_options": {"MobileNetV2": {"alpha": 0.35}}}
+    cfg.pop("source", None)
+    cfg["search"] = {"backbone": "MobileNetV2", "unfreeze_fraction": 0.1, "head_units": 0, "head_lr": 0.003,
+                     "finetune_lr": 0.0001, "dropout": 0.2, "pooling": "avg", "augment": False}
+    decoded_mib = n_images * 224 * 224 * 3 / 2**20
+    trial = run_sweep(cfg, "memory")
+    workers = {k: v for k, v in trial["peaks"].items() if "multiprocessing" in k[1]}
+    sweep_peak = max(v for k, v in trial["peaks"].items() if "harness.sweep" in k[1])
+    passes = {}
+    for label, cache_mib in (("streamed", 2048), ("in memory", 1e9)):
+        script = PIPELINE_PASS.format(root=str(ROOT), folder=str(folder), cache_mib=cache_mib)
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        if out.returncode != 0:
+            raise SystemExit(out.stderr[-3000:])
+        n, seconds, peak = out.stdout.split()[-3:]
+        passes[label] = (int(n), float(seconds), float(peak))
+        print(f"pipeline {label}: {passes[label]}", flush=True)
+    t = trial["trials"][0]
+    return "\n".join([
+        f"## Memory: a trial on a folder of {n_images:,} images at 224 px",
+        "",
+        f"`python benchmarks/compute.py --sections memory --images {n_images}`: {n_images:,} generated JPEGs "
+        f"(10 classes); decoded at 224 px they take **{decoded_mib:,.0f} MiB**, more than data.memory_cache_mib "
+        "(default 2048), so the split streams from disk. One trial (MobileNetV2 alpha 0.35 at 224 px, phase 1 on "
+        "cached features, phase 2 one epoch with the top 10% of blocks unfrozen, batch 64); resident memory sampled "
+        "every 0.2 s.",
+        "",
+        "| process | peak resident memory (MiB) |",
+        "|---|---|",
+        *[f"| trial process (pid {pid}) | {peak:,.0f} |" for (pid, _), peak in workers.items()],
+        f"| sweep process | {sweep_peak:,.0f} |",
+        "",
+        f"- The trial trained on {int(t.get('head/epochs', 1))} + {int(t.get('finetune/epochs', 1))} epoch(s) of the "
+        f"train split in {t['wall_seconds']:.0f} s (features {t.get('head/feature_seconds', 0):.0f} s, phase 2 "
+        f"{t.get('finetune/seconds', 0):.0f} s); the sweep took {trial['wall']:.0f} s.",
+        "- One epoch of the train split through the image pipeline alone, peak resident memory of the process: "
+        + "; ".join(f"{label} {peak:,.0f} MiB ({n:,} images, {seconds:.0f} s)" for label, (n, seconds, peak) in passes.items())
+        + ".",
+    ])
+
+
+# --- RESULTS.md ------------------------------------------------------------------------------------
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replace (or append) the `<!-- compute:name -->` block of RESULTS.md."""
+    begin, end = f"<!-- compute:{name} -->", f"<!-- /compute:{name} -->"
+    block = f"{begin}\n{text}\n{end}"
+    current = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    updated = pattern.sub(lambda _: block, current) if pattern.search(current) else current.rstrip() + "\n\n" + block + "\n"
+    path.write_text(updated)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--trials", type=int, default=10, help="trials of the cache and pruning sweeps")
+    parser.add_argument("--images", type=int, default=20000, help="images of the memory benchmark's folder")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
+    stamp = f"Measured on {datetime.date.today().isoformat()} on {machine()}."
+    for name in chosen:
+        started = time.perf_counter()
+        text = {"cache": lambda: bench_cache(args.trials), "pruning": lambda: bench_pruning(args.trials),
+                "growth": bench_growth, "memory": lambda: bench_memory(args.images)}[name]()
+        write_section(args.out, name, f"{text}\n\n{stamp} Section time: {time.perf_counter() - started:.0f} s.")
+        print(f"wrote section {name} to {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
