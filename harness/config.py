@@ -93,6 +93,11 @@ class DataConfig:
     memory_cache_mib: float = _f(
         2048, "folder datasets: a split whose decoded images take at most this many MiB is decoded once and kept "
         "in memory; a larger one streams from disk, so a trial process holds batches, not the dataset", min=0)
+    official_splits: bool = _f(
+        True, "tfds: use the dataset's own train / validation / test splits where it has them (a missing one is "
+        "carved from train by the fractions); false = pool every split and cut by the fractions")
+    tfds_dir: str = _f("results/tfds", "tfds: where each dataset's encoded images are written once, so trials "
+                       "stream them from disk like a folder")
     disk_cache_dir: str | None = _f(
         None, "folder datasets too large for memory: decode once into a tf.data cache file here (keyed by the "
         "split's content) instead of decoding every epoch; null = decode every epoch")

@@ -35,6 +35,7 @@ class Dataset:
     paths: list[str] | None = None  # image files, when read from a folder
     image_size: int = 32
     name: str = ""
+    official: np.ndarray | None = None  # TFDS: the official split ("train", "validation", "test") of each example
     memory_cache_mib: float = 2048  # data.memory_cache_mib: folder splits up to this size stay decoded in memory
     disk_cache_dir: str | None = None  # data.disk_cache_dir: where larger splits are cached decoded, if anywhere
 
@@ -164,24 +165,62 @@ def find_corrupt_images(paths: list[str]) -> list[str]:
     return bad
 
 
-def _load_tfds(name: str, size: int):
+OFFICIAL_SPLITS = ("train", "validation", "test")
+
+
+def _image_suffix(raw: bytes) -> str:
+    return ".png" if raw.startswith(b"\x89PNG") else ".gif" if raw.startswith(b"GIF8") else ".bmp" if raw.startswith(b"BM") else ".jpg"
+
+
+def _load_tfds(name: str, export_root: str) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """A TFDS dataset as image files: each official split's encoded images are written once under
+    `export_root` (never decoded or resized on the way), so trials stream them like a folder
+    instead of holding the dataset in memory. Returns (class names, paths, labels, official split
+    of each example)."""
+    import json
+
     try:
         import tensorflow_datasets as tfds
     except ImportError:
         raise DataError("data.source: tfds needs tensorflow-datasets: pip install '.[tfds]'") from None
-    import tensorflow as tf
 
     try:
-        ds, info = tfds.load(name, split="all", as_supervised=True, with_info=True)
+        info = tfds.builder(name).info
     except Exception as exc:  # noqa: BLE001 - unknown name, no network, ...
         raise DataError(f"data.name: cannot load TFDS dataset {name!r}: {exc}") from None
-    ds = ds.map(lambda x, y: (tf.cast(tf.image.resize(_rgb(x), (size, size)), tf.uint8), y))
-    images, labels = [], []
-    for x, y in ds.batch(512).as_numpy_iterator():
-        images.append(x)
-        labels.append(y)
-    names = info.features["label"].names
-    return np.concatenate(images), np.concatenate(labels).astype(np.int64), list(names)
+    image_key, label_key = info.supervised_keys or ("image", "label")
+    root = Path(export_root) / f"{name.replace('/', '_').replace(':', '_')}-{info.version}"
+    index = root / "index.json"
+    if not index.is_file():
+        partial = root.with_name(f"{root.name}.partial{os.getpid()}")
+        entries = []
+        present = [s for s in OFFICIAL_SPLITS if s in info.splits] if info.splits else list(OFFICIAL_SPLITS)
+        for split in present:
+            try:
+                pipe = tfds.load(name, split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+            except Exception as exc:  # noqa: BLE001 - a split this dataset does not have
+                if split == "train":
+                    raise DataError(f"data.name: cannot load TFDS dataset {name!r}: {exc}") from None
+                continue
+            for i, example in enumerate(pipe.as_numpy_iterator()):
+                raw, label = example[image_key], int(example[label_key])
+                path = partial / split / str(label) / f"{i}{_image_suffix(raw)}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(raw)
+                entries.append([str(path.relative_to(partial)), label, split])
+        (partial / "index.json").write_text(json.dumps({"classes": list(info.features[label_key].names), "examples": entries}))
+        try:
+            partial.rename(root)  # atomic: a half-written export is never read
+        except OSError:  # another process finished first: use its copy
+            import shutil
+
+            shutil.rmtree(partial, ignore_errors=True)
+    saved = json.loads(index.read_text())
+    examples = saved["examples"]
+    paths = [str(root / rel) for rel, _, _ in examples]
+    labels = np.asarray([label for _, label, _ in examples], np.int64)
+    official = np.asarray([split for _, _, split in examples])
+    return saved["classes"], paths, labels, official
 
 
 def _rgb(x):
@@ -198,8 +237,10 @@ def load_dataset(cfg: DataConfig, check_images: bool = True) -> Dataset:
         images, labels, names = load_builtin(cfg.name, cfg.image_size, cfg.builtin_size, cfg.seed)
         ds = Dataset(names, labels, images=images, image_size=cfg.image_size, name=cfg.name)
     elif cfg.source == "tfds":
-        images, labels, names = _load_tfds(cfg.name, cfg.image_size)
-        ds = Dataset(names, labels, images=images, image_size=cfg.image_size, name=cfg.name)
+        names, paths, labels, official = _load_tfds(cfg.name, cfg.tfds_dir)
+        ds = Dataset(names, labels, paths=paths, image_size=cfg.image_size, name=cfg.name,
+                     official=official if cfg.official_splits else None,
+                     memory_cache_mib=cfg.memory_cache_mib, disk_cache_dir=cfg.disk_cache_dir)
     else:
         names, paths, labels = scan_folder(cfg.path, cfg, check_images)
         ds = Dataset(names, labels, paths=paths, image_size=cfg.image_size, name=Path(cfg.path).name,
@@ -224,6 +265,7 @@ def select_classes(ds: Dataset, classes: list[str]) -> Dataset:
         list(classes), labels,
         images=ds.images[keep] if ds.images is not None else None,
         paths=[p for p, k in zip(ds.paths, keep) if k] if ds.paths is not None else None,
+        official=ds.official[keep] if ds.official is not None else None,
         image_size=ds.image_size, name=ds.name, memory_cache_mib=ds.memory_cache_mib, disk_cache_dir=ds.disk_cache_dir,
     )
 
@@ -254,6 +296,7 @@ def apply_class_map(ds: Dataset, class_map: dict[str, list[str]]) -> Dataset:
         targets, labels[keep],
         images=ds.images[keep] if ds.images is not None else None,
         paths=[p for p, k in zip(ds.paths, keep) if k] if ds.paths is not None else None,
+        official=ds.official[keep] if ds.official is not None else None,
         image_size=ds.image_size, name=ds.name, memory_cache_mib=ds.memory_cache_mib, disk_cache_dir=ds.disk_cache_dir,
     )
 
@@ -261,23 +304,36 @@ def apply_class_map(ds: Dataset, class_map: dict[str, list[str]]) -> Dataset:
 # --- splits ----------------------------------------------------------------------------------
 
 
-def make_splits(labels: np.ndarray, cfg: DataConfig) -> Splits:
+def make_splits(labels: np.ndarray, cfg: DataConfig, official: np.ndarray | None = None) -> Splits:
     """Deterministic stratified train/val/test indices, then per-class subsampling of train/val.
 
-    Pure: depends only on the labels and the config's fractions, caps and seed.
+    `official` (a TFDS dataset's own split of each example): its test and validation splits are
+    used as they are; a split it lacks is carved from its train split by the config's fractions.
+    Pure: depends only on the labels, the official splits, the config's fractions, caps and seed.
     """
     rng = np.random.default_rng(cfg.seed)
+    has = set(np.unique(official)) if official is not None else set()
     train, val, test = [], [], []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
-        n_train, n_val, n_test = split_sizes(len(idx), cfg)
-        if n_train < 1:
+        if official is None:
+            n_train, n_val, n_test = split_sizes(len(idx), cfg)
+            carved_test, carved_val, rest = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
+        else:
+            pool = idx[official[idx] == "train"]
+            n_test = 0 if "test" in has else max(1, round(len(pool) * cfg.test_fraction))
+            n_val = 0 if "validation" in has else max(1, round(len(pool) * cfg.val_fraction))
+            n_train = len(pool) - n_test - n_val
+            carved_test = idx[official[idx] == "test"] if "test" in has else pool[:n_test]
+            carved_val = idx[official[idx] == "validation"] if "validation" in has else pool[n_test : n_test + n_val]
+            rest = pool[n_test + n_val :]
+        if n_train < 1 or not len(rest):
             raise DataError(f"data: class {int(c)} has only {len(idx)} image(s), too few for train/val/test splits")
-        test.append(idx[:n_test])
-        val.append(idx[n_test : n_test + n_val][: cfg.val_per_class])
+        test.append(carved_test)
+        val.append(carved_val[: cfg.val_per_class])
         # Taking the first N of a fixed permutation makes smaller subsamples nested in larger ones.
-        train.append(idx[n_test + n_val :][: cfg.train_per_class])
+        train.append(rest[: cfg.train_per_class])
     return Splits(*(np.sort(np.concatenate(s)) for s in (train, val, test)))
 
 

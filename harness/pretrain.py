@@ -31,6 +31,9 @@ from harness.config import ConfigError, SweepConfig, load_config
 
 ASSETS = Path(__file__).parent / "assets"
 PRETRAIN_SEED = 1234
+# Data keys that say where images are cached or stored, never which images: not part of the key.
+NOT_WEIGHTS = ("memory_cache_mib", "disk_cache_dir", "tfds_dir")
+LATE_DEFAULTS = {"class_map": None, "official_splits": True}
 
 
 def source_key(cfg: SweepConfig, backbone: str) -> str:
@@ -40,11 +43,14 @@ def source_key(cfg: SweepConfig, backbone: str) -> str:
         "source": dataclasses.asdict(cfg.source),  # includes the input size the weights were trained at
     }
     blob["source"].pop("cache_dir")
-    # Data keys added after weights were shipped change nothing while unset: leaving them out of
-    # the key keeps finding the shipped file (and every cached one).
-    for late_key in ("class_map",):
-        if blob["source"]["data"].get(late_key) is None:
-            blob["source"]["data"].pop(late_key, None)
+    data = blob["source"]["data"]
+    for key in NOT_WEIGHTS:
+        data.pop(key, None)
+    # Data keys added after weights were shipped change nothing at their defaults: leaving them out
+    # of the key keeps finding the shipped file (and every cached one).
+    for key, default in LATE_DEFAULTS.items():
+        if data.get(key, default) == default:
+            data.pop(key, None)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -83,7 +89,7 @@ def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
     tf.config.experimental.enable_op_determinism()
     src = cfg.source
     data = load_dataset(src.data)
-    splits = make_splits(data.labels, src.data)
+    splits = make_splits(data.labels, src.data, data.official)
     spec = ModelSpec(
         backbone=backbone, image_size=src.data.image_size, num_classes=data.num_classes, weights=None,
         backbone_options=dict(cfg.model.backbone_options.get(backbone, {})),

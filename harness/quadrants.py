@@ -45,7 +45,7 @@ def load_targets(cfg: SweepConfig, log) -> list[tuple[TargetConfig, Dataset, Spl
     out = []
     for target in cfg.quadrants.targets:
         dataset = load_dataset(target.data)
-        splits = make_splits(dataset.labels, target.data)
+        splits = make_splits(dataset.labels, target.data, dataset.official)
         log(f"target {target.name} ({target.size}, {target.similarity}): {dataset.name}, {dataset.num_classes} classes, "
             f"train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)}")
         out.append((target, dataset, splits))

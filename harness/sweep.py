@@ -228,7 +228,7 @@ def _run_checked(cfg, engine, workers: int, gpus: list[str], log) -> dict:
     check_mixed_precision(cfg)
     if cfg.quadrants is None:
         dataset = load_dataset(cfg.data)
-        splits = make_splits(dataset.labels, cfg.data)
+        splits = make_splits(dataset.labels, cfg.data, dataset.official)
         log(f"data: {dataset.name}, {dataset.num_classes} classes, "
             f"train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)} images (test held out)")
     else:

@@ -11,5 +11,7 @@ def test_the_offline_demos_find_the_shipped_source_weights(config):
     from harness.pretrain import ASSETS, find_source_weights
     from tests.conftest import ROOT
 
-    found = find_source_weights(load_config(ROOT / config), "MobileNetV2")
-    assert found is not None and found.parent == ASSETS, "the demo would pretrain for minutes instead of using the asset"
+    cfg = load_config(ROOT / config)
+    for backbone in cfg.search["backbone"].choices or (cfg.search["backbone"].value,):
+        found = find_source_weights(cfg, backbone)
+        assert found is not None and found.parent == ASSETS, f"the demo would pretrain {backbone} for minutes instead of using the asset"
