@@ -184,14 +184,19 @@ def _load_tfds(name: str, export_root: str) -> tuple[list[str], list[str], np.nd
     except ImportError:
         raise DataError("data.source: tfds needs tensorflow-datasets: pip install '.[tfds]'") from None
 
+    stem = name.replace("/", "_").replace(":", "_")
     try:
         info = tfds.builder(name).info
     except Exception as exc:  # noqa: BLE001 - unknown name, no network, ...
-        raise DataError(f"data.name: cannot load TFDS dataset {name!r}: {exc}") from None
-    image_key, label_key = info.supervised_keys or ("image", "label")
-    root = Path(export_root) / f"{name.replace('/', '_').replace(':', '_')}-{info.version}"
-    index = root / "index.json"
+        exported = sorted(Path(export_root).glob(f"{stem}-*/index.json"))
+        if not exported:
+            raise DataError(f"data.name: cannot load TFDS dataset {name!r}: {exc}") from None
+        info, index = None, exported[-1]  # offline, but exported before: its files are all a trial needs
+    else:
+        root = Path(export_root) / f"{stem}-{info.version}"
+        index = root / "index.json"
     if not index.is_file():
+        image_key, label_key = info.supervised_keys or ("image", "label")
         partial = root.with_name(f"{root.name}.partial{os.getpid()}")
         entries = []
         present = [s for s in OFFICIAL_SPLITS if s in info.splits] if info.splits else list(OFFICIAL_SPLITS)
@@ -217,7 +222,7 @@ def _load_tfds(name: str, export_root: str) -> tuple[list[str], list[str], np.nd
             shutil.rmtree(partial, ignore_errors=True)
     saved = json.loads(index.read_text())
     examples = saved["examples"]
-    paths = [str(root / rel) for rel, _, _ in examples]
+    paths = [str(index.parent / rel) for rel, _, _ in examples]
     labels = np.asarray([label for _, label, _ in examples], np.int64)
     official = np.asarray([split for _, _, split in examples])
     return saved["classes"], paths, labels, official

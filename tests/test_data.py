@@ -96,6 +96,40 @@ def test_streamed_and_disk_cached_pipelines_yield_every_image_once_per_epoch_res
     assert list((tmp_path / "cache").glob("*.index")), "the disk plan writes a tf.data cache file"
 
 
+def test_tfds_is_exported_once_as_files_and_keeps_its_official_splits(tmp_path):
+    """On TFDS's own mock data (offline): the encoded images are written once and stream like a
+    folder; the official validation and test splits are used as they are."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    cfg = DataConfig(source="tfds", name="beans", image_size=16, tfds_dir=str(tmp_path / "tfds"), val_fraction=0.2,
+                     test_fraction=0.2)
+    with tfds.testing.mock_data(num_examples=30, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds = load_dataset(cfg)
+    assert ds.images is None and len(ds.paths) == 90 and ds.class_names == ["angular_leaf_spot", "bean_rust", "healthy"]
+    assert all(p.startswith(str(tmp_path / "tfds")) for p in ds.paths)
+    splits = make_splits(ds.labels, cfg, ds.official)
+    assert set(ds.official[splits.train]) == {"train"} and len(splits.train) == 30
+    assert set(ds.official[splits.val]) == {"validation"} and set(ds.official[splits.test]) == {"test"}
+    images, _ = next(iter(tf_dataset(ds, splits.train, 8, shuffle=True)))
+    assert images.shape[1:] == (16, 16, 3)
+    # Offline and without the mock, the export is all a later load needs.
+    again = load_dataset(cfg)
+    assert again.paths == ds.paths and np.array_equal(again.official, ds.official)
+    # official_splits: false pools every split and cuts by the fractions.
+    pooled = load_dataset(dataclasses.replace(cfg, official_splits=False))
+    cut = make_splits(pooled.labels, cfg, pooled.official)
+    assert pooled.official is None and len(cut.train) + len(cut.val) + len(cut.test) == 90
+    assert set(ds.official[cut.test]) != {"test"}
+
+
+def test_a_tfds_split_missing_from_the_dataset_is_carved_from_train():
+    labels = np.repeat(np.arange(2), 20)
+    official = np.asarray(["train"] * 15 + ["test"] * 5 + ["train"] * 15 + ["test"] * 5)
+    splits = make_splits(labels, DataConfig(val_fraction=0.2, test_fraction=0.2), official)
+    assert set(official[splits.test]) == {"test"} and len(splits.test) == 10
+    assert set(official[splits.val]) == {"train"} and len(splits.val) == 6  # 20% of each class's 15 train images
+    assert len(splits.train) == 24 and not set(splits.val) & set(splits.train)
+
+
 def test_empty_class_folder_is_named(tmp_path):
     _write_folder(tmp_path)
     (tmp_path / "empty_one").mkdir()
