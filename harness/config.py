@@ -280,6 +280,8 @@ class SweepConfig:
         out["tracking"]["experiment"] = self.tracking.experiment or self.study.name
         out["baseline"]["scratch"] = False
         out["quadrants"] = None
+        if out["model"]["weights"] == "none" or out["search"].get("augment") is True:
+            out["train"]["feature_cache"] = False  # what this trial ran with: it could not use the cache
         return out
 
     def fingerprint(self) -> str:
@@ -290,6 +292,12 @@ class SweepConfig:
                     "recycle_memory_mib", "workers", "heartbeat_seconds"):
             d["study"].pop(key, None)
         d.pop("tracking", None)
+        d["train"].pop("feature_cache_dir", None)
+        datas = [d["data"], *([d["source"]["data"]] if d.get("source") else []),
+                 *([t["data"] for t in d["quadrants"]["targets"]] if d.get("quadrants") else [])]
+        for data in datas:  # where images are kept, never which ones
+            for key in ("memory_cache_mib", "disk_cache_dir", "tfds_dir"):
+                data.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

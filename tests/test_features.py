@@ -118,3 +118,14 @@ def test_asking_for_the_cache_where_it_can_never_apply_is_refused_with_the_key()
     # The default stays quiet where it cannot apply, and off is always fine.
     assert parse_config("study: {name: f}\ndata: {source: builtin, name: shapes}\nmodel: {weights: none}\n", "f.yaml").train.feature_cache is True
     assert parse_config("study: {name: f}\ndata: {source: builtin, name: shapes}\nmodel: {weights: none}\ntrain: {feature_cache: false}\n", "f.yaml")
+
+
+def test_a_trials_resolved_config_says_whether_it_used_the_cache_and_loads_again():
+    import yaml
+
+    cfg = parse_config(CONFIG.replace("dropout: 0.2}", "dropout: 0.2, augment: {choices: [true, false]}}"), "feat.yaml")
+    with_aug = cfg.resolved({"backbone": "MobileNetV2", "augment": True}, 0)
+    without = cfg.resolved({"backbone": "MobileNetV2", "augment": False}, 1)
+    assert with_aug["train"]["feature_cache"] is False and without["train"]["feature_cache"] is True
+    for resolved in (with_aug, without):
+        assert parse_config(yaml.safe_dump(resolved), "r.yaml").train.feature_cache == resolved["train"]["feature_cache"]
