@@ -277,14 +277,9 @@ print(n, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
 """
 
 
-def bench_memory(n_images: int) -> str:
+def memory_trial(n_images: int, weights: Path) -> dict:
+    """One streamed trial on a generated folder of `n_images`; its peak RSS per process."""
     folder = make_folder(Path(tempfile.gettempdir()) / f"compute-folder-{n_images}", n_images)
-    weights = Path(tempfile.gettempdir()) / "compute-mobilenetv2-224.weights.h5"
-    if not weights.exists():  # a stand-in "pretrained" backbone at 224 px (ImageNet weights need internet)
-        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import keras; "
-                        "from harness.backbones import construct; keras.utils.set_random_seed(0); "
-                        "construct('MobileNetV2', 224, None, {'alpha': 0.35}).save_weights(%r)" % (str(ROOT), str(weights))],
-                       check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     cfg = demo_config(**{"study.name": "memory", "study.n_trials": 1, "study.pruner": "none", "baseline.scratch": False,
                          "train.head": {"epochs": 1, "batch_size": 64, "patience": None},
                          "train.finetune": {"epochs": 1, "batch_size": 64, "patience": None}})
@@ -294,13 +289,25 @@ def bench_memory(n_images: int) -> str:
     cfg.pop("source", None)
     cfg["search"] = {"backbone": "MobileNetV2", "unfreeze_fraction": 0.1, "head_units": 0, "head_lr": 0.003,
                      "finetune_lr": 0.0001, "dropout": 0.2, "pooling": "avg", "augment": False}
-    decoded_mib = n_images * 224 * 224 * 3 / 2**20
-    trial = run_sweep(cfg, "memory")
-    workers = {k: v for k, v in trial["peaks"].items() if "multiprocessing" in k[1]}
-    sweep_peak = max(v for k, v in trial["peaks"].items() if "harness.sweep" in k[1])
+    run = run_sweep(cfg, f"memory-{n_images}")
+    run["folder"] = folder
+    run["trial_peak"] = max(v for k, v in run["peaks"].items() if "spawn_main" in k[1])
+    run["sweep_peak"] = max(v for k, v in run["peaks"].items() if "harness.sweep" in k[1])
+    return run
+
+
+def bench_memory(n_images: int) -> str:
+    weights = Path(tempfile.gettempdir()) / "compute-mobilenetv2-224.weights.h5"
+    if not weights.exists():  # a stand-in "pretrained" backbone at 224 px (ImageNet weights need internet)
+        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import keras; "
+                        "from harness.backbones import construct; keras.utils.set_random_seed(0); "
+                        "construct('MobileNetV2', 224, None, {'alpha': 0.35}).save_weights(%r)" % (str(ROOT), str(weights))],
+                       check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    sizes = (max(100, n_images // 10), n_images)
+    runs = {n: memory_trial(n, weights) for n in sizes}
     passes = {}
-    for label, cache_mib in (("streamed", 2048), ("in memory", 1e9)):
-        script = PIPELINE_PASS.format(root=str(ROOT), folder=str(folder), cache_mib=cache_mib)
+    for label, cache_mib in (("streamed", 2048), ("decoded into memory", 1e9)):
+        script = PIPELINE_PASS.format(root=str(ROOT), folder=str(runs[n_images]["folder"]), cache_mib=cache_mib)
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
         if out.returncode != 0:
@@ -308,25 +315,28 @@ def bench_memory(n_images: int) -> str:
         n, seconds, peak = out.stdout.split()[-3:]
         passes[label] = (int(n), float(seconds), float(peak))
         print(f"pipeline {label}: {passes[label]}", flush=True)
-    t = trial["trials"][0]
+    rows = []
+    for n, run in runs.items():
+        t = run["trials"][0]
+        decoded = n * 224 * 224 * 3 / 2**20
+        train_mib = decoded * 0.8  # val_fraction and test_fraction 0.1 each
+        rows.append(f"| {n:,} | {decoded:,.0f} | {'streams' if train_mib > 2048 else 'in memory'} | {run['trial_peak']:,.0f} | "
+                    f"{run['sweep_peak']:,.0f} | {t['wall_seconds']:.0f} (features {t.get('head/feature_seconds', 0):.0f}, "
+                    f"phase 2 {t.get('finetune/seconds', 0):.0f}) |")
     return "\n".join([
-        f"## Memory: a trial on a folder of {n_images:,} images at 224 px",
+        f"## Memory: a trial on folders of {sizes[0]:,} and {n_images:,} images at 224 px",
         "",
-        f"`python benchmarks/compute.py --sections memory --images {n_images}`: {n_images:,} generated JPEGs "
-        f"(10 classes); decoded at 224 px they take **{decoded_mib:,.0f} MiB**, more than data.memory_cache_mib "
-        "(default 2048), so the split streams from disk. One trial (MobileNetV2 alpha 0.35 at 224 px, phase 1 on "
-        "cached features, phase 2 one epoch with the top 10% of blocks unfrozen, batch 64); resident memory sampled "
-        "every 0.2 s.",
+        f"`python benchmarks/compute.py --sections memory --images {n_images}`: generated JPEGs (10 classes). A split "
+        "that decodes to more than data.memory_cache_mib (default 2048 MiB) streams from disk. One trial each "
+        "(MobileNetV2 alpha 0.35 at 224 px, phase 1 on cached features, then one epoch of phase 2 with the top 10% of "
+        "blocks unfrozen, batch 64); resident memory of every process sampled every 0.2 s.",
         "",
-        "| process | peak resident memory (MiB) |",
-        "|---|---|",
-        *[f"| trial process (pid {pid}) | {peak:,.0f} |" for (pid, _), peak in workers.items()],
-        f"| sweep process | {sweep_peak:,.0f} |",
+        "| images | whole folder decoded (MiB) | train split (80%) | trial process peak (MiB) | sweep process peak (MiB) | trial seconds |",
+        "|---|---|---|---|---|---|",
+        *rows,
         "",
-        f"- The trial trained on {int(t.get('head/epochs', 1))} + {int(t.get('finetune/epochs', 1))} epoch(s) of the "
-        f"train split in {t['wall_seconds']:.0f} s (features {t.get('head/feature_seconds', 0):.0f} s, phase 2 "
-        f"{t.get('finetune/seconds', 0):.0f} s); the sweep took {trial['wall']:.0f} s.",
-        "- One epoch of the train split through the image pipeline alone, peak resident memory of the process: "
+        f"- One epoch of the {n_images:,}-image folder's train split through the image pipeline alone (no model), peak "
+        "resident memory of the process: "
         + "; ".join(f"{label} {peak:,.0f} MiB ({n:,} images, {seconds:.0f} s)" for label, (n, seconds, peak) in passes.items())
         + ".",
     ])
