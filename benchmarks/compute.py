@@ -119,7 +119,8 @@ def run_sweep(cfg: dict, label: str, extra_env: dict | None = None) -> dict:
 
 def training_seconds(trial: dict) -> float:
     """Everything a trial spent training: both phases, and getting cached features."""
-    return sum(trial.get(k, 0.0) for k in ("head/seconds", "finetune/seconds", "head/feature_seconds"))
+    return sum(trial.get(k, 0.0) for k in ("head/seconds", "finetune/seconds", "head/feature_seconds",
+                                            "finetune/feature_seconds"))
 
 
 def phase1_seconds(trial: dict) -> float:
@@ -172,8 +173,8 @@ def bench_pruning(n_trials: int) -> str:
         f"`python benchmarks/compute.py --sections pruning --trials {n_trials}`: the same study seed; the median pruner "
         f"as the demo sets it (warm-up {cfg['study']['pruner_warmup_epochs']} steps, {cfg['study']['pruner_startup_trials']} "
         "startup trials). Each phase reports at fixed step offsets (phase 2 from step `train.head.epochs`), so phase 2 "
-        "is only ever compared with phase 2. Training seconds are every trial's `head/seconds`, `head/feature_seconds` "
-        "and `finetune/seconds`.",
+        "is only ever compared with phase 2. Training seconds are every trial's `head/seconds`, `head/feature_seconds`, "
+        "`finetune/seconds` and `finetune/feature_seconds`.",
         "",
         "| pruner | trials pruned | training seconds | sweep wall seconds | best val_accuracy |",
         "|---|---|---|---|---|",

@@ -13,8 +13,13 @@ or download they came from), the backbone and its options, the cut point, the in
 pooling and the split's own digest (its images or files, labels and class names). Change any of
 them and the features are computed anew; nothing stale is ever read.
 
+Phase 2 that unfreezes only the top blocks is the same story one level down: below the freeze
+boundary nothing trains and BatchNormalization runs in inference mode, so the activations at the
+boundary are cached too and phase 2 runs only the top blocks, pooling and head on them
+(`boundary_applies`), as long as they fit data.memory_cache_mib.
+
 Dropout and Dense behave the same on cached features. Augmentation and BatchNormalization in
-training mode do not, so `cache_applies` leaves those phases to the images.
+training mode do not, so `cache_applies` and `boundary_applies` leave those phases to the images.
 
     >>> cache = FeatureCache("results/features", dataset, splits)
     >>> head = cache.head_inputs(tm, batch_size=32, seed=0)   # None when the cache cannot apply
@@ -43,6 +48,20 @@ def cache_applies(tm: TransferModel, phase) -> bool:
     return phase.name == "head" and phase.unfreeze_blocks == 0 and tm.spec.pretrained and not tm.spec.augment
 
 
+def boundary_applies(tm: TransferModel, phase) -> bool:
+    """Whether `phase` trains only the top blocks above a frozen bottom that sees fixed inputs: a
+    fine-tune phase of a pretrained backbone without augmentation that leaves some blocks frozen.
+    The activations at the freeze boundary are then the same every epoch."""
+    return (phase.name == "finetune" and 0 < phase.unfreeze_blocks < len(tm.blocks) and tm.spec.pretrained
+            and not tm.spec.augment)
+
+
+def boundary_layer(tm: TransferModel, unfrozen_blocks: int) -> str:
+    """The backbone operation whose output feeds the first unfrozen block (a block boundary: the
+    only tensor live there, so nothing else crosses it)."""
+    return tm.blocks[len(tm.blocks) - unfrozen_blocks - 1][-1]
+
+
 def weights_digest(backbone) -> str:
     """A hash of the backbone's weight values and shapes: the content the features depend on."""
     h = hashlib.sha256()
@@ -53,12 +72,13 @@ def weights_digest(backbone) -> str:
     return h.hexdigest()[:16]
 
 
-def feature_key(tm: TransferModel, weights: str, split: str) -> str:
-    """The cache key of one split's pooled features under one trial model's frozen backbone."""
+def feature_key(tm: TransferModel, weights: str, split: str, layer: str = "pool") -> str:
+    """The cache key of one split's activations at `layer` ("pool": the pooled features, else a
+    backbone operation at a freeze boundary) under one trial model's frozen backbone."""
     spec = tm.spec
     blob = {"format": FORMAT, "backbone": spec.backbone, "options": spec.backbone_options, "weights": weights,
             "blocks": len(tm.blocks), "cut_fraction": spec.cut_fraction, "image_size": spec.image_size,
-            "pooling": spec.pooling, "split": split}
+            "pooling": spec.pooling if layer == "pool" else None, "layer": layer, "split": split}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -73,6 +93,47 @@ def pooled_features(tm: TransferModel, dataset: Dataset, indices: np.ndarray, ba
     return np.concatenate(batches) if batches else np.zeros((0, width), np.float32)
 
 
+def boundary_extractor(tm: TransferModel, layer: str):
+    """Images -> the backbone's activations at `layer`, preprocessing included, in inference mode."""
+    import keras
+
+    from harness.backbones import output_of
+
+    bottom = keras.Model(tm.backbone.input, output_of(tm.backbone, layer))
+    inputs = keras.Input(tm.model.input.shape[1:], dtype=tm.model.input.dtype)
+    return keras.Model(inputs, bottom(tm.model.get_layer("preprocess")(inputs), training=False))
+
+
+def activations(extractor, dataset: Dataset, indices: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    batches = [np.asarray(extractor(x, training=False), np.float32)
+               for x, _ in tf_dataset(dataset, indices, batch_size, shuffle=False)]
+    return np.concatenate(batches) if batches else np.zeros((0, *extractor.output.shape[1:]), np.float32)
+
+
+def _through_head(tm: TransferModel, x):
+    """`x` (pooled features) through the trial model's own head layers."""
+    for name in HEAD_LAYERS:
+        layer = next((l for l in tm.model.layers if l.name == name), None)
+        if layer is not None:
+            x = layer(x)
+    return x
+
+
+def top_model(tm: TransferModel, layer: str):
+    """A model from the activations at `layer` to class probabilities: the backbone's blocks above
+    `layer`, pooling and head, all the trial model's own layers (in inference mode, as in the whole
+    model)."""
+    import keras
+
+    from harness.backbones import output_of
+
+    boundary = output_of(tm.backbone, layer)
+    top = keras.Model(boundary, tm.backbone.output, name=f"{tm.backbone.name}_top")
+    inputs = keras.Input(boundary.shape[1:], name="boundary_activations")
+    pooled = tm.model.get_layer("pool")(top(inputs, training=False))
+    return keras.Model(inputs, _through_head(tm, pooled), name=f"{tm.model.name}_top")
+
+
 def head_model(tm: TransferModel):
     """A model from pooled features to class probabilities, built from the trial model's own head
     layers: training it trains the trial model's head."""
@@ -80,12 +141,7 @@ def head_model(tm: TransferModel):
 
     pooled = tm.model.get_layer("pool").output
     inputs = keras.Input(pooled.shape[1:], name="pooled_features")
-    x = inputs
-    for name in HEAD_LAYERS:
-        layer = next((l for l in tm.model.layers if l.name == name), None)
-        if layer is not None:
-            x = layer(x)
-    return keras.Model(inputs, x, name=f"{tm.model.name}_head")
+    return keras.Model(inputs, _through_head(tm, inputs), name=f"{tm.model.name}_head")
 
 
 @dataclass
@@ -112,10 +168,11 @@ class FeatureCache:
             self._digests[name] = split_digest(self.dataset, getattr(self.splits, name))
         return self._digests[name]
 
-    def features(self, tm: TransferModel, split: str, weights: str | None = None) -> np.ndarray:
-        """The split's pooled features under `tm`'s backbone, from memory, disk, or computed now."""
+    def features(self, tm: TransferModel, split: str, weights: str | None = None, layer: str = "pool") -> np.ndarray:
+        """The split's activations at `layer` (default: the pooled features) under `tm`'s
+        backbone, from memory, disk, or computed now."""
         weights = weights or weights_digest(tm.backbone)
-        key = feature_key(tm, weights, self._split_digest(split))
+        key = feature_key(tm, weights, self._split_digest(split), layer)
         if key in self._memory:
             return self._memory[key]
         path = self.folder / f"{tm.spec.backbone}-{key}.npy"
@@ -125,7 +182,10 @@ class FeatureCache:
             if found.shape[0] != len(indices):
                 raise ValueError(f"{path}: {found.shape[0]} rows for {len(indices)} images")
         except (OSError, ValueError):
-            found = pooled_features(tm, self.dataset, indices)
+            if layer == "pool":
+                found = pooled_features(tm, self.dataset, indices)
+            else:
+                found = activations(boundary_extractor(tm, layer), self.dataset, indices)
             self.computed += 1
             self.folder.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
@@ -137,18 +197,38 @@ class FeatureCache:
         return found
 
     def head_inputs(self, tm: TransferModel, batch_size: int, seed: int) -> HeadInputs:
-        """The head model and its train/val pipelines on cached features."""
+        """The head model and its train/val pipelines on cached pooled features."""
+        weights = weights_digest(tm.backbone)
+        return self._inputs(head_model(tm), self.features(tm, "train", weights), self.features(tm, "val", weights),
+                            batch_size, seed)
+
+    def boundary_fits(self, tm: TransferModel, unfrozen_blocks: int) -> bool:
+        """Whether the boundary activations of the train and val splits fit data.memory_cache_mib
+        (they are held in memory while phase 2 runs; larger ones leave phase 2 on images)."""
+        from harness.backbones import output_of
+
+        shape = output_of(tm.backbone, boundary_layer(tm, unfrozen_blocks)).shape[1:]
+        mib = (len(self.splits.train) + len(self.splits.val)) * int(np.prod(shape)) * 4 / 2**20
+        return mib <= self.dataset.memory_cache_mib
+
+    def top_inputs(self, tm: TransferModel, unfrozen_blocks: int, batch_size: int, seed: int) -> HeadInputs:
+        """The backbone's top `unfrozen_blocks` with the head, and train/val pipelines of the cached
+        activations at the freeze boundary below them."""
+        weights = weights_digest(tm.backbone)
+        layer = boundary_layer(tm, unfrozen_blocks)
+        return self._inputs(top_model(tm, layer), self.features(tm, "train", weights, layer),
+                            self.features(tm, "val", weights, layer), batch_size, seed)
+
+    def _inputs(self, model, train_x: np.ndarray, val_x: np.ndarray, batch_size: int, seed: int) -> HeadInputs:
         import tensorflow as tf
 
-        weights = weights_digest(tm.backbone)
-        train_x, val_x = self.features(tm, "train", weights), self.features(tm, "val", weights)
         train_y, val_y = self.dataset.labels[self.splits.train], self.dataset.labels[self.splits.val]
         # The same shuffling as the image pipeline (harness.data.tf_dataset): one buffer over the
         # whole split, reshuffled each epoch.
         train = (tf.data.Dataset.from_tensor_slices((train_x, train_y)).cache()
                  .shuffle(len(train_y), seed=seed, reshuffle_each_iteration=True).batch(batch_size).prefetch(2))
         val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(batch_size)
-        return HeadInputs(head_model(tm), train, val)
+        return HeadInputs(model, train, val)
 
     def forget(self) -> None:
         """Drop the in-memory copies (the disk cache stays)."""

@@ -188,8 +188,8 @@ class TrialRunner:
             if prune:
                 raise optuna.TrialPruned(f"pruned at epoch {record.epoch} ({cfg.study.metric}={value:.4f})")
 
-        def on_features(seconds: float):
-            self.tracker.log_metrics(run_id, {"head/feature_seconds": seconds})
+        def on_features(phase: str, seconds: float):
+            self.tracker.log_metrics(run_id, {f"{phase}/feature_seconds": seconds})
 
         run_plan(cfg, tm, plan, self.pipelines, on_epoch, on_phase_start, history=history, class_weight=class_weight,
                  features=self.features, seed=cfg.data.seed, on_features=on_features)
@@ -225,26 +225,32 @@ def leads(value: float, leader: float | None, direction: str) -> bool:
 
 def run_plan(cfg: SweepConfig, tm, plan, pipelines, on_epoch=lambda r: None, on_phase_start=lambda p, t, n: None,
              history: History | None = None, class_weight: dict[int, float] | None = None,
-             features=None, seed: int = 0, on_features=lambda seconds: None) -> History:
+             features=None, seed: int = 0, on_features=lambda phase, seconds: None) -> History:
     """Run a plan whose phases may use different batch sizes; `pipelines(batch)` -> (train, val).
 
     `features` (harness.features.FeatureCache, when train.feature_cache is on): a head phase on
-    fixed features trains the head on cached pooled features, shuffled with `seed`;
-    `on_features(seconds)` hears how long getting them took (computing, or reading the cache).
+    fixed features trains the head on cached pooled features, and a fine-tune phase that leaves
+    the bottom of the backbone frozen trains the top on cached activations at the freeze
+    boundary, both shuffled with `seed`; `on_features(phase, seconds)` hears how long getting them
+    took (computing, or reading the cache).
     The model ends with the best epoch's weights across all phases: the weights that scored.
     `history` is filled as epochs end, so it holds what ran even when on_epoch raises (pruning)."""
-    from harness.features import cache_applies
+    from harness.features import boundary_applies, cache_applies
 
     batch = {"head": cfg.train.head.batch_size, "finetune": cfg.train.finetune.batch_size}
     merged = history if history is not None else History()
     best = BestWeights(cfg.study.metric, cfg.study.direction)
     for phase in plan:
         size = batch.get(phase.name, cfg.train.head.batch_size)
+        started = time.perf_counter()
         head_inputs = None
         if features is not None and cache_applies(tm, phase):
-            started = time.perf_counter()
             head_inputs = features.head_inputs(tm, size, seed)
-            on_features(time.perf_counter() - started)
+        elif (features is not None and boundary_applies(tm, phase)
+              and features.boundary_fits(tm, phase.unfreeze_blocks)):
+            head_inputs = features.top_inputs(tm, phase.unfreeze_blocks, size, seed)
+        if head_inputs is not None:
+            on_features(phase.name, time.perf_counter() - started)
             train_ds = val_ds = None  # the images are not read in this phase
         else:
             train_ds, val_ds = pipelines(size)

@@ -309,8 +309,9 @@ def run_phases(
     The model ends with the weights of the best epoch of all phases run so far (`best`, shared
     across calls when a plan runs phase by phase). `history`, when given, is filled in place, so
     a caller that stops training by raising (a pruned trial) still has the epochs that ran.
-    `head_inputs` (harness.features.HeadInputs): the head phase fits the head alone on cached
-    features instead of the whole model on images; the two share their head layers.
+    `head_inputs` (harness.features.HeadInputs, with a one-phase plan): the phase fits that model
+    (the head, or the backbone's top blocks and the head) on cached activations instead of the
+    whole model on images; they share their layers, so the whole model is what was trained.
     """
     history = history if history is not None else History()
     best = best or BestWeights(monitor, direction)
@@ -319,7 +320,7 @@ def run_phases(
         if phase.epochs <= 0:
             continue
         apply_phase_trainability(tm, phase)
-        cached = head_inputs is not None and phase.name == "head" and phase.unfreeze_blocks == 0
+        cached = head_inputs is not None  # run_plan hands it in for one phase at a time
         fitted, train_in, val_in = (head_inputs.model, head_inputs.train, head_inputs.val) if cached else (tm.model, train_ds, val_ds)
         compile_for(tm, phase.learning_rate, model=fitted)  # recompile: compile() captures `trainable`
         trainable, total = count_params(tm.model)

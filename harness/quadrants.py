@@ -321,7 +321,7 @@ def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | N
 
             history = run_plan(ccfg, tm, plan, pipelines, on_epoch=on_epoch,
                                class_weight=train_class_weights(ccfg, dataset, splits), features=runner.features, seed=seed,
-                               on_features=lambda seconds: tracker.log_metrics(run_id, {"head/feature_seconds": seconds}))
+                               on_features=lambda phase, seconds: tracker.log_metrics(run_id, {f"{phase}/feature_seconds": seconds}))
             images_seen = sum(p.epochs_run for p in history.phases) * len(splits.train)
         # What the cell's compute was: the report's cost columns (seconds on this process's device:
         # GPU-seconds on a GPU box, where each trial process has one GPU).

@@ -67,8 +67,8 @@ def test_phase1_on_cached_features_scores_as_phase1_on_images(task, tmp_path):
     cache = FeatureCache(tmp_path, dataset, splits)
     took = []
     cached = run_plan(cfg, cached_model, head_phase(cfg), pipelines_for(dataset, splits), features=cache, seed=0,
-                      on_features=took.append)
-    assert cache.computed == 2 and len(took) == 1  # train and val, once each
+                      on_features=lambda phase, seconds: took.append(phase))
+    assert cache.computed == 2 and took == ["head"]  # train and val, once each
     a = [e.metrics["val_accuracy"] for e in plain.epochs]
     b = [e.metrics["val_accuracy"] for e in cached.epochs]
     assert len(a) == len(b) == 3 and np.allclose(a, b, atol=0.01), (a, b)
@@ -78,10 +78,46 @@ def test_phase1_on_cached_features_scores_as_phase1_on_images(task, tmp_path):
 
     whole = evaluate(cached_model.model, tf_dataset(dataset, splits.val, 16, shuffle=False))
     assert whole["accuracy"] == pytest.approx(cached.best("val_accuracy", "maximize"), abs=1e-6)
-    # ... and phase 2 continues from it on images, as ever.
+    # ... and phase 2 continues from it, the backbone's top blocks training.
     more = run_plan(cfg, cached_model, [Phase("finetune", 1, 1e-4, 2, None)], pipelines_for(dataset, splits),
                     features=cache, seed=0)
     assert [p.name for p in more.phases] == ["finetune"] and more.phases[0].trainable_params > cached.phases[0].trainable_params
+
+
+def test_phase2_on_cached_boundary_activations_scores_as_phase2_on_images(task, tmp_path):
+    """Phase 2 that unfreezes the top 3 blocks runs them on cached activations at the freeze
+    boundary: every epoch's validation accuracy agrees with phase 2 on images within 0.01, the top
+    blocks' weights really change, the frozen bottom's do not, and the whole model scores on
+    images what phase 2 scored."""
+    from harness.features import boundary_applies
+    from harness.phases import evaluate
+
+    cfg, dataset, splits = task
+    plan = two_phase_plan(2, 0.005, None, 3, 3e-4, None, 3)
+    assert boundary_applies(model(), plan[1]) and not boundary_applies(model(augment=True), plan[1])
+    assert not boundary_applies(model(), Phase("finetune", 3, 1e-4, -1, None))  # everything trains: no boundary
+    on_images = model()
+    plain = run_plan(cfg, on_images, plan, pipelines_for(dataset, splits), seed=0)
+    cached_model = model()
+    before = {w.path: np.array(w) for w in cached_model.backbone.weights}
+    cache = FeatureCache(tmp_path, dataset, splits)
+    took = []
+    cached = run_plan(cfg, cached_model, plan, pipelines_for(dataset, splits), features=cache, seed=0,
+                      on_features=lambda phase, seconds: took.append(phase))
+    assert took == ["head", "finetune"] and cache.computed == 4  # pooled and boundary, train and val
+    a = [e.metrics["val_accuracy"] for e in plain.epochs]
+    b = [e.metrics["val_accuracy"] for e in cached.epochs]
+    assert len(a) == len(b) == 5 and np.allclose(a, b, atol=0.01), (a, b)
+    whole = evaluate(cached_model.model, tf_dataset(dataset, splits.val, 16, shuffle=False))
+    assert whole["accuracy"] == pytest.approx(cached.best("val_accuracy", "maximize"), abs=1e-6)
+    # One more cached phase-2 epoch, kept whatever it scores: only the top blocks' weights move.
+    from harness.phases import run_phases
+
+    run_phases(cached_model, [plan[1]], None, None, head_inputs=cache.top_inputs(cached_model, 3, 16, 0), restore_best=False)
+    top = {n for block in cached_model.blocks[-3:] for n in block}
+    layer_of = {id(w): layer.name for layer in cached_model.backbone.layers for w in layer.weights}
+    changed = {layer_of[id(w)] for w in cached_model.backbone.weights if not np.array_equal(before[w.path], np.array(w))}
+    assert changed and changed <= top, (changed, top)
 
 
 def test_cached_features_are_shared_on_disk_and_keyed_by_content(task, tmp_path):
