@@ -256,7 +256,8 @@ def bench_growth(sizes=(250, 1000, 4000)) -> str:
         "that grows.",
         f"- Linear: the growth from {b} to {c} images is {ratio:.2f}x the growth from {a} to {b} "
         f"(exactly linear: {(c - b) / (b - a):.2f}x).",
-        "- The first trial of each sweep is slower by the process's first tracing: "
+        "- The first trial of each sweep is slower: it computes the cached features the later identical trials read, "
+        "and its process traces its first graphs: "
         + ", ".join(f"{n} images +{p[0] - np.mean(p[1:]):.1f} s" for n, _, p, _ in rows if len(p) > 1) + ".",
     ])
 
