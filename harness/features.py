@@ -86,11 +86,7 @@ def pooled_features(tm: TransferModel, dataset: Dataset, indices: np.ndarray, ba
     """The pooled output of the frozen backbone (preprocessing included), as the head sees it, in float32."""
     import keras
 
-    extractor = keras.Model(tm.model.input, tm.model.get_layer("pool").output)
-    batches = [np.asarray(extractor(x, training=False), np.float32)
-               for x, _ in tf_dataset(dataset, indices, batch_size, shuffle=False)]
-    width = extractor.output.shape[-1]
-    return np.concatenate(batches) if batches else np.zeros((0, width), np.float32)
+    return activations(keras.Model(tm.model.input, tm.model.get_layer("pool").output), dataset, indices, batch_size)
 
 
 def boundary_extractor(tm: TransferModel, layer: str):
@@ -105,9 +101,15 @@ def boundary_extractor(tm: TransferModel, layer: str):
 
 
 def activations(extractor, dataset: Dataset, indices: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    batches = [np.asarray(extractor(x, training=False), np.float32)
-               for x, _ in tf_dataset(dataset, indices, batch_size, shuffle=False)]
-    return np.concatenate(batches) if batches else np.zeros((0, *extractor.output.shape[1:]), np.float32)
+    """`extractor`'s float32 output for the images at `indices`, in order, written batch by batch
+    into one array (no list of batches to concatenate: the peak stays one copy)."""
+    out = np.empty((len(indices), *extractor.output.shape[1:]), np.float32)
+    at = 0
+    for x, _ in tf_dataset(dataset, indices, batch_size, shuffle=False):
+        batch = np.asarray(extractor(x, training=False), np.float32)
+        out[at:at + len(batch)] = batch
+        at += len(batch)
+    return out
 
 
 def _through_head(tm: TransferModel, x):
