@@ -231,7 +231,3 @@ class FeatureCache:
                  .shuffle(len(train_y), seed=seed, reshuffle_each_iteration=True).batch(batch_size).prefetch(2))
         val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(batch_size)
         return HeadInputs(model, train, val)
-
-    def forget(self) -> None:
-        """Drop the in-memory copies (the disk cache stays)."""
-        self._memory.clear()
