@@ -77,7 +77,8 @@ class TrialRunner:
     It is built once per process and study (harness/trials.py), so the data are loaded and the
     tf.data pipelines traced once, not once per trial. The sweep process keeps the Optuna study:
     it sampled `params`, created the MLflow run `run_id`, and takes every pruning decision, which
-    `report(epoch_summary)` asks for after each epoch (True: prune now).
+    `report(epoch_summary)` asks for after each epoch: True (prune now), or a function that waits
+    for that answer (asked now, read once the epoch is logged).
     """
 
     def __init__(self, cfg: SweepConfig, dataset: Dataset, splits: Splits, tracker: Tracker,
@@ -98,7 +99,7 @@ class TrialRunner:
             )
         return self._pipelines[batch_size]
 
-    def run_trial(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool],
+    def run_trial(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool | Callable[[], bool]],
                   leader: float | None = None) -> float:
         """Train one trial; returns its objective value. Raises optuna.TrialPruned, TrialFailed,
         ConfigError (stop the sweep) or KeyboardInterrupt (stop asked for), with the MLflow run
@@ -155,7 +156,7 @@ class TrialRunner:
         self.tracker.end_run(run_id, "FINISHED", optuna_state="COMPLETE")
         return value
 
-    def _train(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool], history: History):
+    def _train(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool | Callable[[], bool]], history: History):
         """Build and train the trial's model (filling `history`); returns it with the best
         epoch's weights."""
         from harness.model import build_model
@@ -178,13 +179,16 @@ class TrialRunner:
 
         def on_epoch(record: EpochRecord):
             inject_fault(number, record.epoch)
-            self.tracker.log_metrics(run_id, record.metrics, step=record.epoch)
             value = record.metrics.get(cfg.study.metric)
             # The epoch's index within its own phase: the sweep process turns it into the pruner's
             # step (harness/trials.py pruning_step); `epoch` stays the shared timeline.
             phase_epoch = record.epoch - next(e.epoch for e in history.epochs if e.phase == record.phase)
-            prune = report({"number": number, "epoch": record.epoch, "phase": record.phase, "phase_epoch": phase_epoch,
-                            "metrics": dict(record.metrics), "total_epochs": total_epochs, "value": value})
+            answer = report({"number": number, "epoch": record.epoch, "phase": record.phase, "phase_epoch": phase_epoch,
+                             "metrics": dict(record.metrics), "total_epochs": total_epochs, "value": value})
+            try:  # the sweep process decides (an Optuna storage write and read) while this one logs
+                self.tracker.log_metrics(run_id, record.metrics, step=record.epoch)
+            finally:  # read the answer even if logging failed: an unread reply would answer the next question
+                prune = answer() if callable(answer) else answer
             if prune:
                 raise optuna.TrialPruned(f"pruned at epoch {record.epoch} ({cfg.study.metric}={value:.4f})")
 

@@ -78,7 +78,7 @@ class TrialTask:
 
     def run(self, runner: TrialRunner, channel: Channel) -> tuple[str, Any]:
         try:
-            return "complete", runner.run_trial(self.number, self.params, self.run_id, lambda e: channel.ask(("epoch", e)),
+            return "complete", runner.run_trial(self.number, self.params, self.run_id, lambda e: channel.ask_later(("epoch", e)),
                                                 self.leader)
         except optuna.TrialPruned as exc:
             return "pruned", str(exc)

@@ -211,10 +211,19 @@ class Channel:
         self._conn = conn
 
     def ask(self, payload):
+        return self.ask_later(payload)()
+
+    def ask_later(self, payload) -> Callable[[], Any]:
+        """Send the question now; the returned function waits for the answer. The child works on
+        (logs, say) while the parent answers. Call it before asking anything else."""
         self._conn.send(("ask", payload))
-        kind, value = self._conn.recv()
-        assert kind == "reply", kind
-        return value
+
+        def answer():
+            kind, value = self._conn.recv()
+            assert kind == "reply", kind
+            return value
+
+        return answer
 
     def note(self, payload) -> None:
         self._conn.send(("note", payload))

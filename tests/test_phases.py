@@ -77,3 +77,40 @@ def test_best_weights_keeps_the_best_epoch_and_restores_it():
     keeper.observe(model, EpochRecord(2, "finetune", {"val_accuracy": float("nan")}))  # never kept
     keeper.restore(model)
     assert keeper.epoch == 0 and all(np.array_equal(a, b) for a, b in zip(model.get_weights(), first))
+
+
+def test_best_weights_copies_only_what_can_change_and_still_restores_every_phase():
+    """An improving epoch copies the trainable variables alone; a later phase that trains more
+    adds their values first, and a variable frozen since the best epoch is left as it is."""
+    import keras
+
+    from harness.phases import BestWeights, EpochRecord
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, name="low"), keras.layers.Dense(1, name="top")])
+    low, top = model.get_layer("low"), model.get_layer("top")
+    shift = lambda layer, by: layer.set_weights([w + by for w in layer.get_weights()])  # noqa: E731
+    keeper = BestWeights("val_accuracy", "maximize")
+
+    low.trainable = False  # phase 1: the top trains
+    keeper.start_phase(model)
+    keeper.observe(model, EpochRecord(0, "head", {"val_accuracy": 0.9}))
+    assert {id(v) for v, _ in keeper.weights.values()} == {id(v) for v in top.trainable_variables}
+    best_low, best_top = [w.copy() for w in low.get_weights()], [w.copy() for w in top.get_weights()]
+    shift(top, 1.0)  # a worse epoch of phase 1
+
+    low.trainable = True  # phase 2 trains both; the copy gains `low` as it is now (unchanged since epoch 0)
+    keeper.start_phase(model)
+    shift(low, 2.0), shift(top, 3.0)
+    keeper.observe(model, EpochRecord(1, "finetune", {"val_accuracy": 0.5}))
+    keeper.restore(model)
+    assert all(np.array_equal(a, b) for a, b in zip(low.get_weights() + top.get_weights(), best_low + best_top))
+
+    # A best epoch in a phase that trains only `low`: `top`, changed in an earlier phase, keeps its value now.
+    top.trainable = False
+    shift(top, 5.0)
+    keeper.start_phase(model)
+    keeper.observe(model, EpochRecord(2, "finetune", {"val_accuracy": 0.95}))
+    top_now, low_best = [w.copy() for w in top.get_weights()], [w.copy() for w in low.get_weights()]
+    shift(low, 1.0)
+    keeper.restore(model)
+    assert all(np.array_equal(a, b) for a, b in zip(low.get_weights() + top.get_weights(), low_best + top_now))
