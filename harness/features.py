@@ -4,7 +4,8 @@ Phase 1 on a frozen, pretrained backbone without augmentation is a classifier on
 every epoch of every trial would run the same backbone forward on the same images. So the
 pooled features (preprocessing, backbone in inference mode, pooling: exactly what the head sees)
 are computed once per content key, saved under `train.feature_cache_dir` and shared by every
-trial and every trial process. The head then trains on them as a small Keras model made of the
+trial and every trial process. A set larger than data.memory_cache_mib is never loaded: it stays
+memory-mapped, and each batch reads its rows, so a trial process holds a batch, not the split. The head then trains on them as a small Keras model made of the
 *same layer objects* as the trial's model, so its trained weights are the whole model's: phase 2,
 confirmation, saving and prediction see one ordinary Keras model.
 
@@ -82,11 +83,19 @@ def feature_key(tm: TransferModel, weights: str, split: str, layer: str = "pool"
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def pooled_features(tm: TransferModel, dataset: Dataset, indices: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """The pooled output of the frozen backbone (preprocessing included), as the head sees it, in float32."""
+def pooled_extractor(tm: TransferModel):
+    """Images -> the pooled output of the frozen backbone (preprocessing included), as the head sees it."""
     import keras
 
-    return activations(keras.Model(tm.model.input, tm.model.get_layer("pool").output), dataset, indices, batch_size)
+    return keras.Model(tm.model.input, tm.model.get_layer("pool").output)
+
+
+def pooled_features(tm: TransferModel, dataset: Dataset, indices: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The pooled features of the images at `indices`, in memory, in float32."""
+    extractor = pooled_extractor(tm)
+    out = np.empty((len(indices), *extractor.output.shape[1:]), np.float32)
+    activations(extractor, dataset, indices, out, batch_size)
+    return out
 
 
 def boundary_extractor(tm: TransferModel, layer: str):
@@ -100,16 +109,15 @@ def boundary_extractor(tm: TransferModel, layer: str):
     return keras.Model(inputs, bottom(tm.model.get_layer("preprocess")(inputs), training=False))
 
 
-def activations(extractor, dataset: Dataset, indices: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """`extractor`'s float32 output for the images at `indices`, in order, written batch by batch
-    into one array (no list of batches to concatenate: the peak stays one copy)."""
-    out = np.empty((len(indices), *extractor.output.shape[1:]), np.float32)
+def activations(extractor, dataset: Dataset, indices: np.ndarray, out: np.ndarray, batch_size: int = 64) -> None:
+    """Write `extractor`'s float32 output for the images at `indices` into `out` (an array in memory,
+    or a memory-mapped file for sets larger than data.memory_cache_mib), in order, batch by batch:
+    no list of batches to concatenate, so the peak stays one copy, or one batch."""
     at = 0
     for x, _ in tf_dataset(dataset, indices, batch_size, shuffle=False):
         batch = np.asarray(extractor(x, training=False), np.float32)
         out[at:at + len(batch)] = batch
         at += len(batch)
-    return out
 
 
 def _through_head(tm: TransferModel, x):
@@ -180,23 +188,37 @@ class FeatureCache:
         path = self.folder / f"{tm.spec.backbone}-{key}.npy"
         indices = getattr(self.splits, split)
         try:
-            found = np.load(path)
+            found = np.load(path, mmap_mode="r")  # the header and a mapping: nothing is read yet
             if found.shape[0] != len(indices):
                 raise ValueError(f"{path}: {found.shape[0]} rows for {len(indices)} images")
         except (OSError, ValueError):
-            if layer == "pool":
-                found = pooled_features(tm, self.dataset, indices)
-            else:
-                found = activations(boundary_extractor(tm, layer), self.dataset, indices)
-            self.computed += 1
-            self.folder.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
-            np.save(partial, found)
-            partial.replace(path)  # atomic: a process that dies mid-write leaves no half file behind
+            found = self._compute(tm, layer, indices, path)
+        if found.nbytes <= self.dataset.memory_cache_mib * 2**20:
+            found = np.array(found)  # fits data.memory_cache_mib: held in memory
+        # else it stays memory-mapped and each batch reads its rows (`feature_pipeline`), so the
+        # process holds a batch, not the split: 1.28 million ResNet50 features are 10 GB.
         self._memory[key] = found
         while len(self._memory) > MEMORY_ENTRIES:  # oldest first: a process serves one backbone at a time
             self._memory.pop(next(iter(self._memory)))
         return found
+
+    def _compute(self, tm: TransferModel, layer: str, indices: np.ndarray, path: Path) -> np.ndarray:
+        """Compute the activations straight into a memory-mapped file, then move it into place."""
+        extractor = pooled_extractor(tm) if layer == "pool" else boundary_extractor(tm, layer)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
+        try:
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
+                                            shape=(len(indices), *extractor.output.shape[1:]))
+            activations(extractor, self.dataset, indices, out)
+            out.flush()
+            del out
+            partial.replace(path)  # atomic: a process that dies mid-write leaves no half file behind
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        self.computed += 1
+        return np.load(path, mmap_mode="r")
 
     def head_inputs(self, tm: TransferModel, batch_size: int, seed: int) -> HeadInputs:
         """The head model and its train/val pipelines on cached pooled features."""
@@ -222,12 +244,36 @@ class FeatureCache:
                             self.features(tm, "val", weights, layer), batch_size, seed)
 
     def _inputs(self, model, train_x: np.ndarray, val_x: np.ndarray, batch_size: int, seed: int) -> HeadInputs:
-        import tensorflow as tf
-
         train_y, val_y = self.dataset.labels[self.splits.train], self.dataset.labels[self.splits.val]
-        # The same shuffling as the image pipeline (harness.data.tf_dataset): one buffer over the
-        # whole split, reshuffled each epoch.
-        train = (tf.data.Dataset.from_tensor_slices((train_x, train_y)).cache()
-                 .shuffle(len(train_y), seed=seed, reshuffle_each_iteration=True).batch(batch_size).prefetch(2))
-        val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(batch_size)
-        return HeadInputs(model, train, val)
+        return HeadInputs(model, feature_pipeline(train_x, train_y, batch_size, shuffle=True, seed=seed),
+                          feature_pipeline(val_x, val_y, batch_size, shuffle=False))
+
+
+def feature_pipeline(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0):
+    """tf.data of (features, label) batches. Shuffled as the image pipeline is (harness.data.tf_dataset):
+    one buffer over the whole split, reshuffled each epoch.
+
+    Features in memory are sliced into the pipeline. Memory-mapped ones (larger than
+    data.memory_cache_mib) stay on disk: the pipeline shuffles row numbers, and each batch reads
+    its rows. A shuffle of n row numbers and a shuffle of n rows with the same seed draw the same
+    order, so both give the same batches."""
+    import tensorflow as tf
+
+    if not isinstance(x, np.memmap):
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
+        if shuffle:
+            ds = ds.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(batch_size).prefetch(2)
+    rows = tf.data.Dataset.range(len(y))
+    if shuffle:
+        rows = rows.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+    y_dtype = tf.as_dtype(y.dtype)
+
+    def read(at):
+        return np.asarray(x[at], np.float32), y[at]
+
+    def fetch(at):
+        features, labels = tf.numpy_function(read, [at], (tf.float32, y_dtype))
+        return tf.ensure_shape(features, (None, *x.shape[1:])), tf.ensure_shape(labels, (None,))
+
+    return rows.batch(batch_size).map(fetch).prefetch(2)

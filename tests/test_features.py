@@ -146,6 +146,33 @@ def test_cached_features_are_shared_on_disk_and_keyed_by_content(task, tmp_path)
     assert np.array_equal(FeatureCache(tmp_path, dataset, splits).features(model(), "train"), features)
 
 
+def test_features_larger_than_memory_cache_mib_stay_on_disk_and_train_the_same(task, tmp_path):
+    """Past data.memory_cache_mib the features are memory-mapped, not loaded: the pipeline reads each
+    batch's rows, in the shuffled order of features held in memory, and phase 1 scores the same."""
+    import dataclasses
+
+    from harness.features import feature_pipeline
+
+    cfg, dataset, splits = task
+    held_cache = FeatureCache(tmp_path, dataset, splits)
+    mapped_cache = FeatureCache(tmp_path, dataclasses.replace(dataset, memory_cache_mib=0), splits)
+    held, mapped = held_cache.features(model(), "train"), mapped_cache.features(model(), "train")
+    assert not isinstance(held, np.memmap) and isinstance(mapped, np.memmap) and mapped_cache.computed == 0
+    assert np.array_equal(held, mapped)
+    labels = dataset.labels[splits.train]
+    in_memory, on_disk = feature_pipeline(held, labels, 16, shuffle=True, seed=3), feature_pipeline(mapped, labels, 16, shuffle=True, seed=3)
+    orders = []
+    for _ in range(2):  # two epochs: reshuffled, the same way in both
+        batches = list(zip(in_memory, on_disk))
+        assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in batches)
+        orders.append(np.concatenate([np.asarray(a[1]) for a, _ in batches]))
+    assert not np.array_equal(*orders)
+    runs = [run_plan(cfg, model(), head_phase(cfg), pipelines_for(dataset, splits), features=cache, seed=0)
+            for cache in (held_cache, mapped_cache)]
+    a, b = ([e.metrics["val_accuracy"] for e in run.epochs] for run in runs)
+    assert np.allclose(a, b, atol=1e-6), (a, b)
+
+
 def test_asking_for_the_cache_where_it_can_never_apply_is_refused_with_the_key():
     with pytest.raises(ConfigError, match=r"train\.feature_cache: true, but model\.weights is none"):
         parse_config("study: {name: f}\ndata: {source: builtin, name: shapes}\nmodel: {weights: none}\ntrain: {feature_cache: true}\n", "f.yaml")
