@@ -16,8 +16,11 @@ Every timing comes from a real `python -m harness.sweep` run, read back from its
   memory    a generated folder of --images images at 224 px (more than fits data.memory_cache_mib):
             peak resident memory of the trial process over a whole trial that streams it, against
             the decoded dataset's size; and one epoch of the same split through the in-memory pipeline.
+  features  one epoch of a head trained on --feature-rows synthetic pooled features (1,280 wide, as
+            MobileNetV2's) held in memory and memory-mapped (larger than data.memory_cache_mib):
+            the process's peak anonymous memory (what cannot be paged out) and file-backed pages.
 
-    python benchmarks/compute.py [--sections cache,pruning,growth,memory] [--images 20000]
+    python benchmarks/compute.py [--sections cache,pruning,growth,memory,features] [--images 20000]
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.engine import machine  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-SECTIONS = ("cache", "pruning", "growth", "memory")
+SECTIONS = ("cache", "pruning", "growth", "memory", "features")
 
 
 # --- running sweeps and reading them back ---------------------------------------------------------
@@ -302,6 +305,74 @@ print(n, time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
 """
 
 
+FEATURE_PASS = """
+import sys, threading, time
+sys.path.insert(0, {root!r})
+import numpy as np
+import keras
+from harness.features import feature_pipeline
+
+peaks = {{"RssAnon": 0, "RssFile": 0}}
+def sample():
+    while True:
+        for line in open("/proc/self/status"):
+            key = line.split(":")[0]
+            if key in peaks:
+                peaks[key] = max(peaks[key], int(line.split()[1]) // 1024)
+        time.sleep(0.05)
+threading.Thread(target=sample, daemon=True).start()
+x = np.load({path!r}, mmap_mode="r")
+if not {mapped}:
+    x = np.array(x)
+y = np.load({labels!r})
+model = keras.Sequential([keras.Input(x.shape[1:]), keras.layers.Dense(10, activation="softmax")])
+model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+started = time.perf_counter()
+model.fit(feature_pipeline(x, y, 256, shuffle=True, seed=0), epochs=1, verbose=0)
+time.sleep(0.2)
+print(time.perf_counter() - started, peaks["RssAnon"], peaks["RssFile"])
+"""
+
+
+def bench_features(rows: int) -> str:
+    """A head epoch on pooled features in memory and memory-mapped: peak anonymous and file memory."""
+    folder = Path(tempfile.mkdtemp(prefix="compute-features-"))
+    path, labels = folder / "features.npy", folder / "labels.npy"
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, 1280))
+    rng = np.random.default_rng(0)
+    for at in range(0, rows, 10_000):
+        out[at:at + 10_000] = rng.random((min(10_000, rows - at), 1280), dtype=np.float32)
+    out.flush()
+    del out
+    np.save(labels, rng.integers(0, 10, rows))
+    mib = rows * 1280 * 4 / 2**20
+    table = ["| features | peak anonymous memory (MiB) | peak file-backed pages (MiB) | epoch seconds |", "|---|---|---|---|"]
+    for label, mapped in (("in memory", False), ("memory-mapped", True)):
+        script = FEATURE_PASS.format(root=str(ROOT), path=str(path), labels=str(labels), mapped=mapped)
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        if run.returncode != 0:
+            raise SystemExit(run.stderr[-3000:])
+        seconds, anon, file_backed = run.stdout.split()[-3:]
+        table.append(f"| {label} | {int(anon):,} | {int(file_backed):,} | {float(seconds):.1f} |")
+        print(f"features {label}: {table[-1]}", flush=True)
+    for leftover in folder.iterdir():
+        leftover.unlink()
+    folder.rmdir()
+    return "\n".join([
+        f"## Memory: a head epoch on {rows:,} cached pooled features ({mib:,.0f} MiB)",
+        "",
+        f"`python benchmarks/compute.py --sections features --feature-rows {rows}`: synthetic pooled features, 1,280 wide "
+        "(MobileNetV2's), batch 256, through `harness.features.feature_pipeline` (it shuffles row numbers; each batch "
+        "reads its rows), in a fresh process: loaded into memory (a set within data.memory_cache_mib) and "
+        "memory-mapped (a larger one). "
+        "Anonymous memory is what the process holds itself; file-backed pages of the mapping are the kernel's page "
+        "cache, dropped under memory pressure and shared by every trial process that maps the same file.",
+        "",
+        *table,
+    ])
+
+
 def memory_trial(n_images: int, weights: Path) -> dict:
     """One streamed trial on a generated folder of `n_images`; its peak RSS per process."""
     folder = make_folder(Path(tempfile.gettempdir()) / f"compute-folder-{n_images}", n_images)
@@ -387,6 +458,7 @@ def main() -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     parser.add_argument("--trials", type=int, default=10, help="trials of the cache and pruning sweeps")
     parser.add_argument("--images", type=int, default=20000, help="images of the memory benchmark's folder")
+    parser.add_argument("--feature-rows", type=int, default=400_000, help="pooled features of the features benchmark")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -397,7 +469,8 @@ def main() -> None:
     for name in chosen:
         started = time.perf_counter()
         text = {"cache": lambda: bench_cache(args.trials), "pruning": lambda: bench_pruning(args.trials),
-                "growth": bench_growth, "memory": lambda: bench_memory(args.images)}[name]()
+                "growth": bench_growth, "memory": lambda: bench_memory(args.images),
+                "features": lambda: bench_features(args.feature_rows)}[name]()
         write_section(args.out, name, f"{text}\n\n{stamp} Section time: {time.perf_counter() - started:.0f} s.")
         print(f"wrote section {name} to {args.out}", flush=True)
 

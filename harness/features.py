@@ -250,20 +250,16 @@ class FeatureCache:
 
 
 def feature_pipeline(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0):
-    """tf.data of (features, label) batches. Shuffled as the image pipeline is (harness.data.tf_dataset):
+    """tf.data of (features, label) batches, shuffled as the image pipeline is (harness.data.tf_dataset):
     one buffer over the whole split, reshuffled each epoch.
 
-    Features in memory are sliced into the pipeline. Memory-mapped ones (larger than
-    data.memory_cache_mib) stay on disk: the pipeline shuffles row numbers, and each batch reads
-    its rows. A shuffle of n row numbers and a shuffle of n rows with the same seed draw the same
-    order, so both give the same batches."""
+    The pipeline shuffles row numbers and each batch reads its rows from `x`, in memory or
+    memory-mapped (larger than data.memory_cache_mib: the rows come from disk or the page cache).
+    Slicing the array itself into tf.data (`from_tensor_slices`) copies it into the graph: measured
+    on 400,000 features (1,953 MiB), an epoch held 6,148 MiB of anonymous memory and took 23 s,
+    against 2,359 MiB and 9.5 s this way, and 395 MiB and 7.2 s memory-mapped."""
     import tensorflow as tf
 
-    if not isinstance(x, np.memmap):
-        ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
-        if shuffle:
-            ds = ds.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
-        return ds.batch(batch_size).prefetch(2)
     rows = tf.data.Dataset.range(len(y))
     if shuffle:
         rows = rows.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)

@@ -148,7 +148,8 @@ def test_cached_features_are_shared_on_disk_and_keyed_by_content(task, tmp_path)
 
 def test_features_larger_than_memory_cache_mib_stay_on_disk_and_train_the_same(task, tmp_path):
     """Past data.memory_cache_mib the features are memory-mapped, not loaded: the pipeline reads each
-    batch's rows, in the shuffled order of features held in memory, and phase 1 scores the same."""
+    batch's rows, in the order of features held in memory (shuffled, and reshuffled each epoch),
+    and phase 1 scores the same."""
     import dataclasses
 
     from harness.features import feature_pipeline
