@@ -4,10 +4,11 @@ Phase 1 on a frozen, pretrained backbone without augmentation is a classifier on
 every epoch of every trial would run the same backbone forward on the same images. So the
 pooled features (preprocessing, backbone in inference mode, pooling: exactly what the head sees)
 are computed once per content key, saved under `train.feature_cache_dir` and shared by every
-trial and every trial process. A set larger than data.memory_cache_mib is never loaded: it stays
-memory-mapped, and each batch reads its rows, so a trial process holds a batch, not the split. The head then trains on them as a small Keras model made of the
+trial and every trial process. The head then trains on them as a small Keras model made of the
 *same layer objects* as the trial's model, so its trained weights are the whole model's: phase 2,
-confirmation, saving and prediction see one ordinary Keras model.
+confirmation, saving and prediction see one ordinary Keras model. A set larger than
+data.memory_cache_mib is never loaded: it stays memory-mapped, and each batch reads its rows, so a
+trial process holds a batch, not the split.
 
 The key is content, never a name: a hash of the backbone's weight values as loaded (whatever file
 or download they came from), the backbone and its options, the cut point, the input size, the
