@@ -63,25 +63,16 @@ def gpu_capabilities_any_backend() -> list[tuple[int, int] | None]:
     return []
 
 
-class EpochTimes:
-    """Seconds of each epoch of a fit (a Keras callback made lazily, so Keras loads after the backend is set)."""
+def epoch_timer():
+    """A Keras callback that keeps the seconds of each epoch of a fit (in `.seconds`)."""
+    import keras
 
-    @staticmethod
-    def make():
-        import keras
-
-        class _Times(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.seconds: list[float] = []
-
-            def on_epoch_begin(self, epoch, logs=None):
-                self._start = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                self.seconds.append(time.perf_counter() - self._start)
-
-        return _Times()
+    starts: list[float] = []
+    timer = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: starts.append(time.perf_counter()),
+        on_epoch_end=lambda epoch, logs: timer.seconds.append(time.perf_counter() - starts[-1]))
+    timer.seconds = []
+    return timer
 
 
 def weights_file(backbone: str, image_size: int, folder: Path) -> str:
@@ -95,7 +86,7 @@ def weights_file(backbone: str, image_size: int, folder: Path) -> str:
     return str(path)
 
 
-def measure(backbone: str, weights: str, mixed: bool, jit: bool, args) -> dict:
+def measure(backbone: str, weights: str, mixed: bool, jit: bool, images: np.ndarray, labels: np.ndarray, args) -> dict:
     """One setting: phase 1 and phase 2 images/s, and the checks."""
     import keras
 
@@ -107,9 +98,7 @@ def measure(backbone: str, weights: str, mixed: bool, jit: bool, args) -> dict:
     spec = ModelSpec(backbone, args.image_size, 10, weights, {}, head_units=128, dropout=0.2)
     tm = build_model(spec, seed=0)
     steps = args.steps if jit else max(2, args.steps // 3)  # op by op is slow: fewer steps, same batch
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (args.batch * steps, args.image_size, args.image_size, 3)).astype("float32")
-    y = rng.integers(0, 10, len(x))
+    x, y = images[:args.batch * steps], labels[:args.batch * steps]
     convs = [layer for layer in tm.backbone.layers if isinstance(layer, keras.layers.Conv2D)]
     row = {
         "backbone": backbone, "mixed_precision": mixed, "jit_compile": jit, "batch": args.batch, "steps": steps,
@@ -119,7 +108,7 @@ def measure(backbone: str, weights: str, mixed: bool, jit: bool, args) -> dict:
     for phase, unfrozen in (("phase1", 0), ("phase2", blocks_to_unfreeze(len(tm.blocks), 0.5))):
         set_backbone_trainable(tm, unfrozen)
         compile_for(tm, 1e-4, jit_compile=jit)
-        times = EpochTimes.make()
+        times = epoch_timer()
         fitted = tm.model.fit(x, y, batch_size=args.batch, epochs=args.epochs, shuffle=False, verbose=0, callbacks=[times])
         timed = times.seconds[1:]  # the first epoch holds tracing and XLA compilation
         row[f"{phase}_first_epoch_s"] = round(times.seconds[0], 2)
@@ -198,6 +187,9 @@ def main() -> None:
     auto = {"capabilities": ", ".join("unknown" if c is None else f"{c[0]}.{c[1]}" for c in capabilities) or "none",
             "mixed_precision": resolve_switch("auto", capabilities), "jit_compile": resolve_switch("auto", capabilities)}
     print(f"backend {keras.backend.backend()}; GPUs' compute capability: {auto['capabilities']}", flush=True)
+    rng = np.random.default_rng(0)  # one set of random images for every setting (the largest a setting uses)
+    images = rng.uniform(0, 255, (args.batch * args.steps, args.image_size, args.image_size, 3)).astype("float32")
+    labels = rng.integers(0, 10, len(images))
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for backbone in [b.strip() for b in args.backbones.split(",") if b.strip()]:
@@ -207,7 +199,7 @@ def main() -> None:
                     print(f"--budget {args.budget:.0f} s spent: {backbone} with mixed precision {mixed}, XLA {jit} skipped", flush=True)
                     continue
                 try:
-                    row = measure(backbone, weights, mixed, jit, args)
+                    row = measure(backbone, weights, mixed, jit, images, labels, args)
                 except Exception as exc:  # one failed setting must not hide the others' numbers
                     row = {"backbone": backbone, "mixed_precision": mixed, "jit_compile": jit, "error": f"{type(exc).__name__}: {exc}"[:200]}
                 rows.append(row)
