@@ -53,6 +53,25 @@ BACKBONES: dict[str, BackboneSpec] = {
 # VGG19 has its own module for preprocess_input (identical to VGG16's); keep it exact.
 BACKBONES["VGG19"] = BackboneSpec("VGG19", "vgg19", 32, r"^(block\d+)_")
 
+# Published ImageNet top-1 accuracy (%) of each constructor's default variant with its ImageNet
+# weights: the keras.applications docs' table of available models, and for MobileNetV3 the table in
+# its docstring (1.0 multiplier, 224 px). Screening ranks backbones by it as a trivial baseline that
+# never looks at the user's data (harness/screening.py); a variant with other options (a MobileNet
+# alpha) has no published figure here.
+IMAGENET_TOP1: dict[str, float] = {
+    "Xception": 79.0, "VGG16": 71.3, "VGG19": 71.3,
+    "ResNet50": 74.9, "ResNet50V2": 76.0, "ResNet101": 76.4, "ResNet101V2": 77.2, "ResNet152": 76.6, "ResNet152V2": 78.0,
+    "InceptionV3": 77.9, "InceptionResNetV2": 80.3,
+    "MobileNet": 70.4, "MobileNetV2": 71.3, "MobileNetV3Small": 68.1, "MobileNetV3Large": 75.6,
+    "DenseNet121": 75.0, "DenseNet169": 76.2, "DenseNet201": 77.3,
+    "NASNetMobile": 74.4, "NASNetLarge": 82.5,
+    "EfficientNetB0": 77.1, "EfficientNetB1": 79.1, "EfficientNetB2": 80.1, "EfficientNetB3": 81.6,
+    "EfficientNetB4": 82.9, "EfficientNetB5": 83.6, "EfficientNetB6": 84.0, "EfficientNetB7": 84.3,
+    "EfficientNetV2B0": 78.7, "EfficientNetV2B1": 79.8, "EfficientNetV2B2": 80.5, "EfficientNetV2B3": 82.0,
+    "EfficientNetV2S": 83.9, "EfficientNetV2M": 85.3, "EfficientNetV2L": 85.7,
+    "ConvNeXtTiny": 81.3, "ConvNeXtSmall": 82.3, "ConvNeXtBase": 85.3,
+}
+
 
 def get_spec(name: str) -> BackboneSpec:
     try:
@@ -66,6 +85,55 @@ def preprocess_fn(name: str):
     import keras
 
     return getattr(keras.applications, get_spec(name).module).preprocess_input
+
+
+# --- preprocessing as plain arithmetic -------------------------------------------------------
+
+# What each module's preprocess_input does to RGB pixels 0..255 (keras/src/applications/
+# imagenet_utils.py): "caffe" flips RGB to BGR and subtracts the ImageNet mean of each BGR channel,
+# "tf" scales to [-1, 1], "torch" scales to [0, 1] then standardises each channel with ImageNet's
+# mean and std; None: the backbone preprocesses inside itself and preprocess_input returns its input.
+PREPROCESS_MODES: dict[str, str | None] = {
+    "vgg16": "caffe", "vgg19": "caffe", "resnet": "caffe",
+    "resnet_v2": "tf", "inception_v3": "tf", "inception_resnet_v2": "tf", "xception": "tf",
+    "mobilenet": "tf", "mobilenet_v2": "tf", "nasnet": "tf",
+    "densenet": "torch",
+    "mobilenet_v3": None, "efficientnet": None, "efficientnet_v2": None, "convnext": None,
+}
+_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+_TORCH_RGB_MEAN, _TORCH_RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PixelTransform:
+    """`preprocess_input` as `flip(x) * scale + offset` per channel, so that a model can carry it in
+    Keras' built-in layers (a channel flip and `Rescaling`) and load where the harness is absent."""
+
+    flip_channels: bool  # RGB -> BGR before scaling (caffe)
+    scale: tuple[float, float, float]  # per output channel
+    offset: tuple[float, float, float]
+
+
+def pixel_transform(name: str) -> PixelTransform:
+    """The backbone's preprocess_input as a PixelTransform (pure: no Keras needed).
+
+        >>> t = pixel_transform("ResNet50")  # caffe: BGR, minus the ImageNet mean
+        >>> t.flip_channels, t.offset
+        (True, (-103.939, -116.779, -123.68))
+    """
+    module = get_spec(name).module
+    if module not in PREPROCESS_MODES:
+        raise KeyError(f"no preprocessing known for keras.applications.{module} (backbone {name!r}): "
+                       f"add it to PREPROCESS_MODES")
+    mode = PREPROCESS_MODES[module]
+    if mode == "caffe":
+        return PixelTransform(True, (1.0, 1.0, 1.0), tuple(-m for m in _CAFFE_BGR_MEAN))
+    if mode == "tf":
+        return PixelTransform(False, (1 / 127.5,) * 3, (-1.0,) * 3)
+    if mode == "torch":  # (x / 255 - mean) / std
+        return PixelTransform(False, tuple(1 / (255 * s) for s in _TORCH_RGB_STD),
+                              tuple(-m / s for m, s in zip(_TORCH_RGB_MEAN, _TORCH_RGB_STD)))
+    return PixelTransform(False, (1.0,) * 3, (0.0,) * 3)
 
 
 def construct(name: str, image_size: int, weights: str | None, options: dict | None = None):

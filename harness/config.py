@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,38 @@ class SweepRefused(Exception):
     """The sweep cannot start or go on (lock held, weights unusable, every trial failing): exit 2."""
 
 
+# --- the name rule -----------------------------------------------------------------------------
+# A study or target name becomes a folder under results/, an Optuna study, an MLflow experiment, a
+# registered model (MLflow refuses '/' and ':', and '@' starts an alias in models:/name@alias) and a
+# quoted value in MLflow filter strings (a quote or backtick ends it). One conservative rule serves all.
+# 100 characters keep a quadrant cell's model name (study.target.strategy) within MLflow's 256.
+NAME_MAX_LENGTH = 100
+NAME_RULE = (f"names are 1 to {NAME_MAX_LENGTH} characters: letters, digits, '.', '_' and '-', starting with a "
+             "letter or digit, with no '..'")
+_NAME_CHARS = re.compile(r"[A-Za-z0-9._-]")
+
+
+def name_problem(name: str) -> str | None:
+    """What is wrong with `name` as a study or target name, or None when it follows the rule. Pure.
+
+        >>> name_problem("flowers-v2")
+        >>> name_problem("team/flowers")
+        "contains '/'"
+    """
+    if not name:
+        return "is empty"
+    bad = sorted({c for c in name if not _NAME_CHARS.fullmatch(c)})
+    if bad:
+        return "contains " + ", ".join(repr(c) for c in bad)
+    if not name[0].isalnum():
+        return f"starts with {name[0]!r}"
+    if ".." in name:
+        return "contains '..'"
+    if len(name) > NAME_MAX_LENGTH:
+        return f"is {len(name)} characters long"
+    return None
+
+
 # --- the schema ------------------------------------------------------------------------------
 # Field metadata: "min"/"max" bound numbers (inclusive), "doc" is the comment users see in --help
 # of the YAML reference in the README.
@@ -46,7 +79,8 @@ def _f(default, doc: str, **bounds):
 
 @dataclass(frozen=True)
 class StudyConfig:
-    name: str = _f("sweep", "Optuna study name; also the MLflow experiment and results/<name>/ folder")
+    name: str = _f("sweep", "Optuna study name; also the MLflow experiment, registered model and results/<name>/ "
+                   "folder (see NAME_RULE)")
     direction: Literal["maximize", "minimize"] = _f("maximize", "maximize | minimize the metric")
     metric: Literal["val_accuracy", "val_loss"] = _f("val_accuracy", "objective: best epoch's value")
     n_trials: int = _f(10, "trials to finish (completed + pruned); re-runs resume up to this", min=1)
@@ -98,9 +132,16 @@ class DataConfig:
         "carved from train by the fractions); false = pool every split and cut by the fractions")
     tfds_dir: str = _f("results/tfds", "tfds: where each dataset's encoded images are written once, so trials "
                        "stream them from disk like a folder")
+    checked_images_dir: str | None = _f(
+        "results/image-checks", "folder datasets: where the preflight remembers which image files (path, size, "
+        "modification time) training's decoder read without error, so a resumed sweep decodes only new or changed "
+        "files; null = decode every file at every start")
     disk_cache_dir: str | None = _f(
-        None, "folder datasets too large for memory: decode once into a tf.data cache file here (keyed by the "
-        "split's content) instead of decoding every epoch; null = decode every epoch")
+        None, "folder datasets too large for memory: decode each split once into a file here (keyed by the "
+        "split's content, shared by every trial process) instead of decoding every epoch; null = decode every epoch")
+    disk_cache_max_gib: float = _f(
+        20, "GiB data.disk_cache_dir may hold: past it, the decoded splits used longest ago are deleted when a new "
+        "one is written (shared by every process using that folder)", min=0)
 
 
 @dataclass(frozen=True)
@@ -145,6 +186,12 @@ class TrainConfig:
         True, "phase 1 on a frozen pretrained backbone without augmentation trains the head on pooled features "
         "computed once and shared by every trial (harness/features.py); the result is the same model")
     feature_cache_dir: str = _f("results/features", "where cached features are kept, keyed by content")
+    feature_cache_max_gib: float = _f(
+        20, "GiB train.feature_cache_dir may hold: past it, the feature sets used longest ago are deleted when a "
+        "new one is written", min=0)
+    gpu_memory_limit_mib: float | None = _f(
+        None, "MiB of GPU memory each trial process may take; null = memory growth (TensorFlow takes what the "
+        "process needs as it needs it, instead of nearly all the GPU at start)", min=64)
 
 
 @dataclass(frozen=True)
@@ -169,7 +216,10 @@ class BaselineConfig:
     learning_rate: Any = _f("auto", "Adam learning rate, or 'auto': a short search picks it (1e-4, 3e-4, 1e-3, "
                             "each for 5% of the steps; the lowest training loss wins)")
     patience: int | None = _f(8, "early-stopping patience in epochs of the training set (at least 3 "
-                              "validations); null = off", min=1)
+                              "validations), counted while neither the validation loss nor the metric improves; "
+                              "never stops before min_steps; null = off", min=1)
+    retries: int = _f(2, "a run that does not fit its training data (accuracy < 0.95 on up to 5,000 images) is trained "
+                      "again at the learning-rate search's next-ranked rate, this many times at most", min=0)
     augment: bool | None = _f(None, "augmentation for the baseline; null = as the best trial")
 
 
@@ -180,7 +230,7 @@ STRATEGIES = ("features", "intermediate", "partial", "full", "scratch")
 class TargetConfig:
     """One target dataset of a quadrant comparison."""
 
-    name: str = _f("target", "short name used in study names and tables")
+    name: str = _f("target", "short name used in study names, model names and tables (see NAME_RULE)")
     size: Literal["small", "large"] = _f("small", "small | large (made by data.train_per_class)")
     similarity: Literal["similar", "dissimilar"] = _f("similar", "similar | dissimilar to the source data")
     data: DataConfig = _f(DataConfig(), "the target dataset (same keys as data)")
@@ -199,6 +249,21 @@ class QuadrantsConfig:
     partial_range: list[float] = _f([0.2, 0.8], "partial: searched share of top blocks unfrozen")
     logme: bool = _f(True, "score every (backbone, target) with LogME before training")
     logme_max_images: int = _f(2000, "training images LogME reads per target", min=10)
+
+
+SCREEN_SCORES = ("logme", "knn", "size")
+
+
+@dataclass(frozen=True)
+class ScreenConfig:
+    """search.screen: every candidate backbone is scored from frozen features of the training split
+    before the search (harness/screening.py); `keep` narrows the search to the best few."""
+
+    keep: int | None = _f(None, "backbones the search keeps: the top K by `by`; null = all (still scored and "
+                          "logged when more than one backbone is searched)", min=1)
+    by: Literal["logme", "knn", "size"] = _f("logme", "logme | knn | size: LogME, k-NN accuracy cross-validated "
+                                             "on the training split, or parameter count (never looks at the data)")
+    max_images: int = _f(2000, "training images each score reads, the same share from every class", min=10)
 
 
 # Search-space parameters: name -> (kind, allowed range or choices, doc).
@@ -260,11 +325,14 @@ class SweepConfig:
     source: SourceConfig | None = None
     quadrants: QuadrantsConfig | None = None
     path: str = "<memory>"  # where the config came from (for messages and artifacts)
+    screen: ScreenConfig | None = None  # search.screen; None = not set: score, keep every backbone
 
     def to_dict(self) -> dict:
         """The resolved config as plain data (the first artifact of every run)."""
         out = {k: _plain(getattr(self, k)) for k in ("study", "data", "model", "train", "tracking", "baseline", "source", "quadrants")}
         out["search"] = {n: _param_plain(p) for n, p in self.search.items()}
+        if self.screen is not None:  # only when set, so a config without it keeps its fingerprint
+            out["search"]["screen"] = _plain(self.screen)
         return out
 
     def resolved(self, params: dict, trial_number: int, seed: int | None = None) -> dict:
@@ -292,11 +360,12 @@ class SweepConfig:
                     "recycle_memory_mib", "workers", "heartbeat_seconds"):
             d["study"].pop(key, None)
         d.pop("tracking", None)
-        d["train"].pop("feature_cache_dir", None)
+        for key in ("feature_cache_dir", "feature_cache_max_gib", "gpu_memory_limit_mib"):
+            d["train"].pop(key, None)
         datas = [d["data"], *([d["source"]["data"]] if d.get("source") else []),
                  *([t["data"] for t in d["quadrants"]["targets"]] if d.get("quadrants") else [])]
         for data in datas:  # where images are kept, never which ones
-            for key in ("memory_cache_mib", "disk_cache_dir", "tfds_dir"):
+            for key in ("memory_cache_mib", "disk_cache_dir", "disk_cache_max_gib", "tfds_dir", "checked_images_dir"):
                 data.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -431,7 +500,7 @@ def _build(cls, raw, path: str, loc: _Locator):
 def _param(name: str, raw, loc: _Locator) -> ParamSpec:
     path = f"search.{name}"
     if name not in PARAMS:
-        raise loc.error(path, f"unknown search parameter; valid: {', '.join(PARAMS)}")
+        raise loc.error(path, f"unknown search parameter; valid: {', '.join(PARAMS)} (and screen: how the backbones are narrowed)")
     kind, allowed, _ = PARAMS[name]
     py = {"str": str, "int": int, "float": float, "bool": bool}[kind]
 
@@ -504,6 +573,8 @@ def _check_cross(cfg: SweepConfig, loc: _Locator) -> None:
             )
         if cfg.source is not None and cfg.model.weights == "source" and cfg.source.data.image_size != cfg.data.image_size:
             raise loc.error("source.data.image_size", "must equal data.image_size (the source backbone is reused as is)")
+    if cfg.screen is not None:
+        _check_screen(cfg, loc)
     for name in cfg.model.backbone_options:
         if name not in BACKBONES:
             raise loc.error(f"model.backbone_options.{name}", f"unknown backbone; valid: {', '.join(sorted(BACKBONES))}")
@@ -529,6 +600,21 @@ def _check_cross(cfg: SweepConfig, loc: _Locator) -> None:
         # YAML 1.1 reads a bare on/off (also yes/no, true/false) as a boolean: it means on/off here.
         if not isinstance(value, bool) and value not in ("auto", "on", "off"):
             raise loc.error(f"train.{key}", f"must be one of auto, on, off; got {value!r}")
+
+
+def _check_screen(cfg: SweepConfig, loc: _Locator) -> None:
+    """search.screen can only narrow what there is, and needs features worth scoring."""
+    if cfg.quadrants is not None:
+        raise loc.error("search.screen", "a quadrant sweep scores its backbones per target with quadrants.logme; "
+                        "leave search.screen out")
+    if cfg.model.weights == "none":
+        raise loc.error("search.screen", "model.weights is none: frozen features of randomly initialised backbones "
+                        "say nothing about how each transfers; leave search.screen out or use pretrained weights")
+    keep = cfg.screen.keep
+    candidates = list(dict.fromkeys(_param_values(cfg.search["backbone"])))
+    if keep is not None and keep > len(candidates):
+        raise loc.error("search.screen.keep", f"keeps {keep} backbones, but search.backbone has only "
+                        f"{len(candidates)} candidate(s) ({', '.join(candidates)})")
 
 
 def _check_data(key: str, data: DataConfig, loc: _Locator) -> None:
@@ -634,8 +720,6 @@ def _check_quadrants(cfg: SweepConfig, loc: _Locator) -> None:
     for i, t in enumerate(q.targets):
         if names.count(t.name) > 1:
             raise loc.error(f"quadrants.targets[{i}].name", f"duplicate target name {t.name!r}")
-        if not t.name.replace("-", "").replace("_", "").isalnum():
-            raise loc.error(f"quadrants.targets[{i}].name", "use letters, digits, - and _ only")
         _check_data(f"quadrants.targets[{i}].data", t.data, loc)
         for name in _param_values(cfg.search["backbone"]):
             if t.data.image_size < BACKBONES[name].min_size:
@@ -666,8 +750,14 @@ def parse_config(text: str, filename: str = "<string>") -> SweepConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{filename}: malformed YAML: {exc}") from None
     loc = _Locator(filename, root)
-    if raw is None:
-        raw = {}
+    if raw is None:  # no text, only comments, or a lone null
+        raise ConfigError(f"{filename}: config file is empty; a sweep needs at least a data: block "
+                          "(sweeps/demo.yaml is a complete example)")
+    duplicates = duplicate_keys(root, filename)
+    if duplicates:
+        listed = "\n".join(f"  - {d}" for d in duplicates)
+        raise ConfigError(f"{filename}: {len(duplicates)} duplicate key(s); YAML would silently keep the last "
+                          f"value of each:\n{listed}")
     if not isinstance(raw, dict):
         raise loc.error("", f"top level must be a mapping; got {type(raw).__name__}")
     sections = {
@@ -682,15 +772,20 @@ def parse_config(text: str, filename: str = "<string>") -> SweepConfig:
     built = {k: _build(cls, raw.get(k), k, loc) for k, cls in sections.items() if k not in optional}
     for k in optional:
         built[k] = _build(sections[k], raw[k], k, loc) if raw.get(k) is not None else None
+    _check_names(built["study"], built["quadrants"], loc)
     search_raw = raw.get("search") or {}
     if not isinstance(search_raw, dict):
         raise loc.error("search", "must be a mapping of parameter -> value or range")
+    # search.screen is no search parameter: how the backbone choices are narrowed before the search.
+    screen_raw = search_raw.get("screen")
+    search_raw = {k: v for k, v in search_raw.items() if k != "screen"}
+    screen = _build(ScreenConfig, screen_raw, "search.screen", loc) if screen_raw is not None else None
     merged = dict(DEFAULT_SEARCH)
     if "unfreeze_blocks" in search_raw:
         merged.pop("unfreeze_fraction")
     merged.update(search_raw)
     search = {name: _param(name, value, loc) for name, value in merged.items()}
-    cfg = SweepConfig(search=search, path=filename, **built)
+    cfg = SweepConfig(search=search, path=filename, screen=screen, **built)
     _check_cross(cfg, loc)
     if isinstance(raw.get("train"), dict) and raw["train"].get("feature_cache") is True:
         # The default (true) quietly applies wherever it can; asked for by name, it must be able to.
@@ -699,6 +794,54 @@ def parse_config(text: str, filename: str = "<string>") -> SweepConfig:
             raise loc.error("train.feature_cache", f"true, but {reason}, so no phase ever sees fixed features; "
                                                     "set it to false or leave it out")
     return cfg
+
+
+def duplicate_keys(root: yaml.Node | None, filename: str) -> list[str]:
+    """Every key that appears twice in one YAML mapping, each naming both lines. Pure.
+
+    PyYAML keeps the last value of a repeated key without a word, so a config with two `study:`
+    blocks would run with half of what its author wrote. Merge keys (`<<: *anchor`) may be
+    overridden by design and are not duplicates."""
+    found, seen_nodes = [], set()
+
+    def walk(node, path):
+        if id(node) in seen_nodes:  # an alias: already walked where its anchor was defined
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple, yaml.Node] = {}
+            for key, value in node.value:
+                if key.tag == "tag:yaml.org,2002:merge":
+                    continue
+                name = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark)
+                dotted = f"{path}.{name}" if path else str(name)
+                ident = (key.tag, name)
+                if ident in first:
+                    was = first[ident].start_mark
+                    found.append(f"{filename}:{key.start_mark.line + 1}:{key.start_mark.column + 1}: {dotted}: "
+                                 f"duplicate key (first set at line {was.line + 1})")
+                else:
+                    first[ident] = key
+                walk(value, dotted)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, value in enumerate(node.value):
+                walk(value, f"{path}[{i}]")
+
+    if root is not None:
+        walk(root, "")
+    return found
+
+
+def _check_names(study: StudyConfig, quadrants: QuadrantsConfig | None, loc: _Locator) -> None:
+    """The study name and every target name follow the name rule; all bad names in one error."""
+    named = [("study.name", study.name)]
+    if quadrants is not None:
+        named += [(f"quadrants.targets[{i}].name", t.name) for i, t in enumerate(quadrants.targets)]
+    problems = [(key, value, name_problem(value)) for key, value in named]
+    lines = [str(loc.error(key, f"{value!r} {problem}")) for key, value, problem in problems if problem]
+    if lines:
+        raise ConfigError("\n".join(lines) + f"\n({NAME_RULE}: a name becomes a folder under results/, an MLflow "
+                          "experiment, a registered model and part of MLflow search filters)")
 
 
 def feature_cache_impossible(cfg: SweepConfig) -> str | None:
@@ -713,6 +856,8 @@ def feature_cache_impossible(cfg: SweepConfig) -> str | None:
 
 def load_config(path: str | Path) -> SweepConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected a YAML file (e.g. sweeps/demo.yaml)")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -723,7 +868,12 @@ def load_config(path: str | Path) -> SweepConfig:
 
 
 def with_overrides(cfg: SweepConfig, **study_overrides) -> SweepConfig:
-    """Command-line flags win over the YAML; None means 'not given'."""
+    """Command-line flags win over the YAML; None means 'not given'. `name` is --study-name."""
+    flag_name = study_overrides.get("name")
+    if flag_name is not None and name_problem(flag_name):
+        raise ConfigError(f"--study-name: {flag_name!r} {name_problem(flag_name)}; {NAME_RULE} (the name becomes a "
+                          "folder under results/, an MLflow experiment, a registered model and part of MLflow "
+                          "search filters)")
     study_kw = {k: v for k, v in study_overrides.items() if v is not None and k in {f.name for f in dataclasses.fields(StudyConfig)}}
     cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, **study_kw))
     if study_overrides.get("tracking_uri"):

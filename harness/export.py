@@ -95,17 +95,18 @@ REQUIRED_COLUMNS = ("quadrant", "size", "similarity", "target", "strategy",
 # (JSON list, one test accuracy per confirmation seed), train_epochs / train_seconds (total over
 # the phases, mean over seeds), train_images_seen (training images fed, mean over seeds), undertrained
 # (1: a from-scratch cell whose models did not fit their training data; it takes no part in the
-# verdict), cell_run_id / best_confirm_run_id (MLflow runs).
+# verdict), cell_run_id / best_confirm_run_id (MLflow runs), training_rule (how its seeds were
+# trained, in words: a winner is called only among cells trained under one rule).
 OPTIONAL_COLUMNS = ("logme", "test_accuracies", "train_epochs", "train_seconds", "train_images_seen", "undertrained",
-                    "cell_run_id", "best_confirm_run_id")
+                    "cell_run_id", "best_confirm_run_id", "training_rule")
 _NUMERIC_COLUMNS = ("best_val", "test_mean", "test_std", "n_seeds", "logme", "train_epochs", "train_seconds",
                     "train_images_seen", "undertrained")
-_TEXT_COLUMNS = ("cell_run_id", "best_confirm_run_id")
+_TEXT_COLUMNS = ("cell_run_id", "best_confirm_run_id", "training_rule")
 
 VERDICT_COLUMNS = ["quadrant", "size", "similarity", "target", "winner", "winner_test_mean",
                    "runner_up", "runner_up_test_mean", "margin", "p_value", "significant",
                    "tie_set", "decisive", "verdict", "textbook", "agrees_with_textbook",
-                   "cheapest_in_tie", "cheapest_cost_share"]
+                   "cheapest_in_tie", "cheapest_cost_share", "training_rules"]
 # Per-cell columns comparison_long adds: the 95% t-interval, and the cell's place in the verdict.
 CELL_STAT_COLUMNS = ["ci_low", "ci_high"]
 CELL_VERDICT_COLUMNS = ["is_winner", "in_tie_set", "p_vs_winner"]
@@ -228,12 +229,17 @@ def _analyse(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         if abs(margin) <= _TIE_TOLERANCE:
             margin = 0.0
         p_value = p_vs_winner[runner.name] if runner is not None else math.nan
-        # Decisive: someone to beat, and every other strategy significantly worse than the winner.
-        decisive = runner is not None and len(tie) == 1
+        # The rules the scored cells were trained under: a strategy that beats another only under a
+        # longer schedule has not been shown better, so mixed rules never give a decisive verdict.
+        rules = sorted({r for r in ranked["training_rule"] if isinstance(r, str)})
+        # Decisive: someone to beat, every other strategy significantly worse, all under one rule.
+        decisive = runner is not None and len(tie) == 1 and len(rules) <= 1
         if winner is None:
             verdict = ""
         elif runner is None:
             verdict = f"{winner['strategy']} (no other strategy has a test score)"
+        elif len(tie) == 1 and not decisive:
+            verdict = f"{winner['strategy']}, not decisive: training rules differ"
         else:
             verdict = winner["strategy"] if decisive else "tie: " + ", ".join(tie)
         verdict_rows.append({
@@ -249,6 +255,7 @@ def _analyse(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
             # Judged against the tie set: a rule strategy the data cannot tell from the best agrees.
             "agrees_with_textbook": bool(set(rule) & set(tie)),
             **_cheapest(ranked, tie, winner),
+            "training_rules": "; ".join(rules) or None,
         })
         for i, row in group.iterrows():
             cell_rows[i] = {"is_winner": winner is not None and i == winner.name,
@@ -299,10 +306,12 @@ def quadrant_verdicts(cells: pd.DataFrame) -> pd.DataFrame:
     broken by STRATEGY_ORDER) and winner_test_mean; runner_up and runner_up_test_mean; margin
     (winner minus runner-up); p_value (Welch, winner vs runner-up; NaN when either has < 2 seeds);
     significant (p_value < stats.ALPHA); tie_set (the winner and every strategy whose test against
-    it is not significant, best first, ', '-joined); decisive (a runner-up exists and the tie set
-    is the winner alone); verdict (the winner's name when decisive, else 'tie: a, b, ...');
-    textbook (the rule's strategies joined by ' or '); agrees_with_textbook (the rule names a
-    strategy in the tie set).
+    it is not significant, best first, ', '-joined); decisive (a runner-up exists, the tie set
+    is the winner alone, and every scored cell has the same training_rule); verdict (the winner's
+    name when decisive, '<winner>, not decisive: training rules differ' when only the rules stand
+    in the way, else 'tie: a, b, ...'); textbook (the rule's strategies joined by ' or ');
+    agrees_with_textbook (the rule names a strategy in the tie set); cheapest_in_tie and
+    cheapest_cost_share; training_rules (the scored cells' training rules, '; '-joined).
     """
     return _analyse(_validated(cells))[0]
 
@@ -544,7 +553,10 @@ def _verdict_sentence(v) -> str:
         test = (f"Welch's t-test over seeds, {v.winner} vs runner-up {v.runner_up}: "
                 + (f"p = {_p(v.p_value)}" if math.isfinite(v.p_value)
                    else "no p-value (fewer than 2 seeds, or every seed of both scored the same)"))
-        if v.decisive:
+        if not v.decisive and v.tie_set == v.winner:
+            text = (f"{head}: {v.winner} scores best ({v.winner_test_mean:.3f} vs {v.runner_up_test_mean:.3f}); {test}, "
+                    f"but the cells were trained under different rules, so no winner is called")
+        elif v.decisive:
             text = (f"{head}: {v.winner} wins ({v.winner_test_mean:.3f} vs {v.runner_up_test_mean:.3f}, "
                     f"margin {v.margin:.3f}); {test}, significant, and every other strategy is significantly worse")
         else:
@@ -557,7 +569,8 @@ def _verdict_sentence(v) -> str:
                  f"{v.winner}'s training cost")
     agreement = "agrees" if v.agrees_with_textbook else "disagrees"
     rule = v.textbook or "no rule for this quadrant"
-    return text + f". Textbook: {rule}; the result {agreement}."
+    trained = f" Trained under: {v.training_rules}." if isinstance(v.training_rules, str) else ""
+    return text + f". Textbook: {rule}; the result {agreement}.{trained}"
 
 
 def _intro(marks_note: str) -> str:

@@ -25,9 +25,28 @@ from harness import backbones as bb
 RANDOM_INIT_BN_MOMENTUM = 0.9  # fits moving statistics within ~50 steps
 
 
+def preprocessing(backbone: str) -> keras.Model:
+    """The backbone's `preprocess_input` as a small model of Keras' own parts, named "preprocess".
+
+    Built-in parts only (a channel flip op and `Rescaling`, see `backbones.pixel_transform`), so a
+    saved model loads in safe mode where the harness is not installed: a serving image, `mlflow
+    models serve`, a colleague's notebook. No weights: a model's weight list is the same as with
+    the layer it replaces. The arithmetic runs in float32 under the mixed_float16 policy too, as
+    `preprocess_input` does; the backbone casts its result.
+    """
+    t = bb.pixel_transform(backbone)
+    pixels = keras.Input((None, None, 3), name="pixels")
+    x = keras.ops.flip(pixels, axis=-1) if t.flip_channels else pixels
+    x = keras.layers.Rescaling(list(t.scale), offset=list(t.offset), dtype="float32", name="scale")(x)
+    return keras.Model(pixels, x, name="preprocess")
+
+
 @keras.saving.register_keras_serializable(package="harness")
 class BackbonePreprocess(keras.layers.Layer):
-    """Runs `keras.applications.<module>.preprocess_input` inside the model (self-contained saves)."""
+    """Runs `keras.applications.<module>.preprocess_input` inside the model.
+
+    Models are no longer built with it (see `preprocessing`); it stays registered so that models
+    saved before still load where the harness is installed."""
 
     def __init__(self, backbone: str, **kwargs):
         super().__init__(**kwargs)
@@ -103,7 +122,7 @@ def build_model(spec: ModelSpec, seed: int = 0) -> TransferModel:
 
     inputs = keras.Input((spec.image_size, spec.image_size, 3), name="image")
     x = augmentation_layers(seed)(inputs) if spec.augment else inputs
-    x = BackbonePreprocess(spec.backbone, name="preprocess")(x)
+    x = preprocessing(spec.backbone)(x)
     x = backbone(x, training=False) if spec.pretrained else backbone(x)
     pool = keras.layers.GlobalAveragePooling2D if spec.pooling == "avg" else keras.layers.GlobalMaxPooling2D
     x = pool(name="pool")(x)

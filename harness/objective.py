@@ -86,7 +86,8 @@ class TrialRunner:
         self.cfg, self.dataset, self.splits, self.tracker = cfg, dataset, splits, tracker
         self.weights = weights
         self._pipelines: dict[tuple, tuple] = {}
-        self.features = FeatureCache(cfg.train.feature_cache_dir, dataset, splits) if cfg.train.feature_cache else None
+        self.features = (FeatureCache(cfg.train.feature_cache_dir, dataset, splits, cfg.train.feature_cache_max_gib)
+                         if cfg.train.feature_cache else None)
         apply_device_switches(cfg.train)  # before this process builds a model
 
     def pipelines(self, batch_size: int):
@@ -161,10 +162,14 @@ class TrialRunner:
         epoch's weights."""
         from harness.model import build_model
 
-        import keras
-
         cfg = self.cfg
-        keras.utils.set_random_seed(cfg.study.seed + number)  # a trial's init is reproducible
+        seed_everything(cfg.study.seed + number)  # a trial's init and data order are its own
+        if self.dataset.images is not None:
+            # A shuffled pipeline's order moves on with every pass over it (and was seeded by
+            # whatever global seed held when it was built), so a pipeline kept from an earlier
+            # trial would make this trial's data order depend on the process's past. In-memory
+            # data cost nothing to slice again; a folder's decoded-image cache is kept instead.
+            self._pipelines.clear()
         weights = self.weights.get(params["backbone"])
         tm = build_model(model_spec(cfg, params, self.dataset.num_classes, weights), seed=cfg.study.seed + number)
         plan = plan_for(cfg, params, len(tm.blocks))
@@ -355,6 +360,21 @@ def resident_mib() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a task draws from, at its start: Python's `random`, NumPy's global
+    generator, TensorFlow's global seed and Keras' (`keras.utils.set_random_seed` does all four and
+    drops Keras' global SeedGenerator).
+
+    A warm trial process has run other tasks before, and they leave these seeds where they were
+    set last. TensorFlow's global seed matters beyond the ops: a tf.data pipeline takes its
+    shuffle seeds from it when it is built, so the same `shuffle(seed=s)` gives another order
+    after another task set another global seed (that made the demo's baseline differ between a
+    warm and a fresh process). So seed first, then build pipelines and models."""
+    import keras
+
+    keras.utils.set_random_seed(int(seed))
 
 
 def release_memory() -> None:

@@ -43,6 +43,7 @@ class Phase:
     learning_rate: float
     unfreeze_blocks: int  # top backbone blocks trainable; -1 = everything incl. BN (from scratch)
     patience: int | None = None
+    min_epochs: int = 0  # epochs (validations) before early stopping may end a from-scratch phase: the step floor
 
 
 @dataclass
@@ -247,6 +248,59 @@ class _ScratchValidation(keras.callbacks.Callback):
             logs.update({f"val_{k}": v for k, v in evaluate(self.model, self.val_ds).items()})
 
 
+SCRATCH_MIN_DELTA = 1e-4  # a change smaller than this is float noise, not progress (loss or accuracy)
+
+
+def _validations_since_best(values: list[float], lower_is_better: bool) -> int:
+    """How many validations ago the best (first reached) value of `values` came, counting only
+    improvements by more than SCRATCH_MIN_DELTA; all of them when none is finite."""
+    best_at, best = None, None
+    for i, value in enumerate(values):
+        if math.isfinite(value) and (best is None or (value < best - SCRATCH_MIN_DELTA if lower_is_better
+                                                      else value > best + SCRATCH_MIN_DELTA)):
+            best_at, best = i, value
+    return len(values) if best_at is None else len(values) - 1 - best_at
+
+
+def scratch_keeps_training(val_losses: list[float], monitored: list[float], direction: str, patience: int | None,
+                           min_epochs: int = 0) -> bool:
+    """Early stopping for a from-scratch phase, after each validation (the lists hold one value per
+    validation so far): False = stop now.
+
+    Never stops before `min_epochs` validations (the step floor). After that it stops only when
+    neither the validation loss nor the monitored metric has improved for `patience` validations:
+    a random-init model's accuracy can sit at chance for a long while as its loss falls, and
+    watching accuracy alone stopped the demo's baseline at a quarter of its floor.
+
+        >>> scratch_keeps_training([1.9, 1.8, 1.7, 1.6], [0.22, 0.2, 0.2, 0.2], "maximize", patience=2)
+        True
+        >>> scratch_keeps_training([1.9, 2.0, 2.1], [0.22, 0.2, 0.2], "maximize", patience=2)
+        False
+    """
+    if patience is None or len(val_losses) < min_epochs:
+        return True
+    stalled = (_validations_since_best(val_losses, lower_is_better=True) >= patience
+               and _validations_since_best(monitored, lower_is_better=direction != "maximize") >= patience)
+    return not stalled
+
+
+class _ScratchStopping(keras.callbacks.Callback):
+    """`scratch_keeps_training` as a callback; the best weights are kept by BestWeights (run_phases)."""
+
+    def __init__(self, monitor: str, direction: str, patience: int | None, min_epochs: int):
+        super().__init__()
+        self.monitor, self.direction, self.patience, self.min_epochs = monitor, direction, patience, min_epochs
+        self.val_losses: list[float] = []
+        self.monitored: list[float] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.val_losses.append(float(logs.get("val_loss", math.nan)))
+        self.monitored.append(float(logs.get(self.monitor, math.nan)))
+        if not scratch_keeps_training(self.val_losses, self.monitored, self.direction, self.patience, self.min_epochs):
+            self.model.stop_training = True
+
+
 # --- device switches: train.mixed_precision and train.jit_compile ----------------------------
 
 TENSOR_CORES = (7, 0)  # compute capability from which float16 runs on Tensor Cores: V100, T4, A100, H100
@@ -354,7 +408,8 @@ def run_phases(
         callbacks: list[keras.callbacks.Callback] = [_NonFiniteBatch(), _EpochHook(phase.name, history, on_epoch, best, tm.model)]
         if trains_bn:
             callbacks.insert(0, _ScratchValidation(train_ds, val_ds))
-        if phase.patience:
+            callbacks.append(_ScratchStopping(monitor, direction, phase.patience, phase.min_epochs))
+        elif phase.patience:
             callbacks.append(
                 keras.callbacks.EarlyStopping(
                     monitor=monitor, mode="max" if direction == "maximize" else "min",
@@ -394,6 +449,7 @@ def two_phase_plan(head_epochs, head_lr, head_patience, finetune_epochs, finetun
     return plan
 
 
-def scratch_plan(epochs: int, learning_rate: float, patience: int | None) -> list[Phase]:
-    """Random init, everything (BatchNormalization too) trained in one phase."""
-    return [Phase("scratch", epochs, learning_rate, -1, patience)]
+def scratch_plan(epochs: int, learning_rate: float, patience: int | None, min_epochs: int = 0) -> list[Phase]:
+    """Random init, everything (BatchNormalization too) trained in one phase; early stopping
+    (`scratch_keeps_training`) never ends it before `min_epochs`."""
+    return [Phase("scratch", epochs, learning_rate, -1, patience, min_epochs)]

@@ -10,9 +10,11 @@ MLflow models carry their class names in the logged model's metadata (`class_nam
 Every image under FOLDER (recursively, sorted) is decoded exactly as training decoded it
 (`harness.data.tf_dataset`): RGB, resized to the model's input size, uint8. Preprocessing is inside
 the model. Writes one CSV row per readable image: `file` (relative to FOLDER), `predicted_class`,
-`confidence`, then `p_<class>` per class. Unreadable files are named on stderr and skipped.
+`confidence`, then `p_<class>` per class. Unreadable files, and images of more pixels than
+`--max-pixels` (read from the file's header, before anything is decoded), are named on stderr and
+skipped.
 
-Exit status: 0 at least one image predicted, 1 none readable, 2 bad MODEL or FOLDER.
+Exit status: 0 at least one image predicted, 1 none readable, 2 bad MODEL, FOLDER or --out.
 
     >>> model = keras.saving.load_model("best.keras")
     >>> df, skipped = predict_folder(model, ["cat", "dog"], "photos/", batch_size=64)
@@ -26,6 +28,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,9 @@ from harness.data import IMAGE_EXTENSIONS, decode_image
 from harness.tracking import MODEL_URI_TAG, global_tracking_uri
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+# Pillow's own decompression-bomb warning threshold (PIL.Image.MAX_IMAGE_PIXELS, 2**30 / 12): such an
+# RGB image decodes to 268 MB, and resizing it to the model's input takes four times that in float32.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 class PredictError(Exception):
@@ -87,6 +93,29 @@ def input_size(model, fallback: int | None = None) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def over_pixel_limit(path: Path, max_pixels: int) -> str | None:
+    """Why the image at `path` is too large to decode, from its header alone; None when it is not.
+
+    None too when Pillow cannot read the header: the decoder then names what is wrong with the file.
+    Pillow itself refuses a header of more than 2 * Image.MAX_IMAGE_PIXELS (about 179 M) pixels, so
+    a limit above that has no effect beyond it.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except Image.DecompressionBombError as exc:
+            return str(exc)
+        except Exception:  # noqa: BLE001 - not a header Pillow reads: left to the decoder
+            return None
+    if width * height > max_pixels:
+        return f"{width}x{height} image, {width * height:,} pixels, is over the limit of {max_pixels:,} (--max-pixels)"
+    return None
+
+
 def _reason(exc: Exception) -> str:
     """One line: TensorFlow's own message without its op-location wrapping."""
     text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
@@ -95,13 +124,14 @@ def _reason(exc: Exception) -> str:
 
 
 def predict_folder(model, class_names: list[str], folder: str | Path, batch_size: int = 64,
-                   image_size: int | None = None, progress: bool = False):
+                   image_size: int | None = None, progress: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Class probabilities for every image under `folder`.
 
     Returns (DataFrame, skipped): one row per readable image, columns `file` (POSIX path relative
     to `folder`), `predicted_class`, `confidence`, `p_<class>`; skipped is [(file, reason)] for
-    files that could not be read or decoded. `image_size` is used only when the model's input has
-    no fixed size. Raises PredictError for a missing or empty folder or mismatched class names.
+    files that could not be read or decoded, or that hold more than `max_pixels` pixels.
+    `image_size` is used only when the model's input has no fixed size. Raises PredictError for a
+    missing or empty folder or mismatched class names.
     """
     from tqdm import tqdm
 
@@ -122,11 +152,15 @@ def predict_folder(model, class_names: list[str], folder: str | Path, batch_size
     with tqdm(total=len(files), unit="img", file=sys.stderr, disable=not (progress and sys.stderr.isatty())) as bar:
         for path in files:
             rel = path.relative_to(folder).as_posix()
-            try:
-                pixels.append(decode_image(path.read_bytes(), size).numpy())
-                names.append(rel)
-            except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
-                skipped.append((rel, _reason(exc)))
+            too_large = over_pixel_limit(path, max_pixels)
+            if too_large:
+                skipped.append((rel, too_large))
+            else:
+                try:
+                    pixels.append(decode_image(path.read_bytes(), size).numpy())
+                    names.append(rel)
+                except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
+                    skipped.append((rel, _reason(exc)))
             if len(pixels) >= batch_size:
                 flush()
             bar.update(1)
@@ -144,6 +178,17 @@ def predict_folder(model, class_names: list[str], folder: str | Path, batch_size
     })
     df = pd.concat([df, pd.DataFrame(p, columns=columns)], axis=1)
     return df, skipped
+
+
+def out_problem(out: str) -> str | None:
+    """Why the CSV cannot be written at `out` (a folder, or under a file), checked before any work; else None."""
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        return f"is a folder; give the CSV file to write, e.g. {(path / 'predictions.csv').as_posix()}"
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{str(parent)!r} is a file, not a folder"
+    return None
 
 
 def write_csv_atomic(df: pd.DataFrame, out: str | Path) -> Path:
@@ -186,7 +231,7 @@ def load_keras_file(path: Path) -> Classifier:
     """A `.keras` file; class names from MLflow's MLmodel (`<model>/data/model.keras` layout) or classes.json."""
     import keras
 
-    import harness.model  # noqa: F401 - registers the harness's own layers (preprocessing inside the model)
+    import harness.model  # noqa: F401 - registers the layer that models saved by earlier versions hold
 
     try:
         model = keras.saving.load_model(path, safe_mode=True)
@@ -242,7 +287,7 @@ def load_mlflow_model(uri: str) -> Classifier:
     import mlflow
     import mlflow.keras
 
-    import harness.model  # noqa: F401 - registers the harness's own layers (preprocessing inside the model)
+    import harness.model  # noqa: F401 - registers the layer that models saved by earlier versions hold
 
     info = mlflow.models.get_model_info(uri)
     meta = info.metadata or {}
@@ -303,9 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="predictions.csv", help="output CSV (default: predictions.csv)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, results/mlflow.db)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"skip images with more pixels than this, read from their header (default {DEFAULT_MAX_PIXELS:,})")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.max_pixels < 1:
+        parser.error("--max-pixels must be at least 1")
+    problem = out_problem(args.out)
+    if problem:  # before the model is loaded and the images are read
+        print(f"error: --out {args.out!r}: {problem}", file=sys.stderr)
+        return 2
 
     from harness.worker import import_tensorflow_quietly
 
@@ -321,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             k = int(clf.model.output_shape[-1])
             names = [f"class_{i}" for i in range(k)]
             print(f"warning: {clf.source} carries no class names; using class_0..class_{k - 1}", file=sys.stderr)
-        df, skipped = predict_folder(clf.model, names, args.folder, args.batch_size, clf.image_size, progress=True)
+        df, skipped = predict_folder(clf.model, names, args.folder, args.batch_size, clf.image_size, progress=True,
+                                     max_pixels=args.max_pixels)
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ from harness.config import ConfigError, SweepConfig, load_config
 ASSETS = Path(__file__).parent / "assets"
 PRETRAIN_SEED = 1234
 # Data keys that say where images are cached or stored, never which images: not part of the key.
-NOT_WEIGHTS = ("memory_cache_mib", "disk_cache_dir", "tfds_dir")
+NOT_WEIGHTS = ("memory_cache_mib", "disk_cache_dir", "disk_cache_max_gib", "tfds_dir", "checked_images_dir")
 LATE_DEFAULTS = {"class_map": None, "official_splits": True}
 
 

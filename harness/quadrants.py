@@ -32,12 +32,37 @@ from optuna.trial import TrialState
 from harness import study as st
 from harness.config import SweepConfig, TargetConfig
 from harness.data import Dataset, Splits, dataset_inputs, load_dataset, make_splits, tf_dataset
+from harness.baseline import print_note
 from harness.progress import Progress
 from harness.strategies import strategy_search
 from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG
-from harness.trials import Context, Job, recover, trial_job
+from harness.trials import Context, Job, recover, recover_orphans, trial_job
 
 CELL_TAG = "harness.cell"
+RULE_TAG = "harness.training_rule"  # how a confirmation seed was trained: cells compare only under one rule
+
+
+def training_rule(ccfg: SweepConfig, strategy: str | None) -> str:
+    """The training rule a confirmation seed of `strategy` follows, in words (pure). Two cells
+    trained under different rules differ in schedule as well as strategy, so the report does not
+    call a winner between them (harness/export.py).
+
+        >>> training_rule(cfg, "full")
+        'two-phase: head 10 epochs (patience 4), fine-tune 10 epochs (patience 4), early stopping on val_accuracy'
+    """
+    metric = ccfg.study.metric
+    if strategy == "scratch":
+        b = ccfg.baseline
+        stop = "no early stopping" if b.patience is None else (
+            f"then early stopping once val_loss and {metric} stall for {b.patience} epochs")
+        return (f"from scratch: at least {b.min_steps} steps and {b.epochs} epochs, {stop}, "
+                f"up to {b.retries} retries at the next learning rate when unfitted")
+    head, ft = ccfg.train.head, ccfg.train.finetune
+
+    def part(name, phase):
+        return f"{name} {phase.epochs} epochs (patience {phase.patience if phase.patience else 'off'})"
+
+    return f"two-phase: {part('head', head)}, {part('fine-tune', ft)}, early stopping on {metric}"
 
 
 def load_targets(cfg: SweepConfig, log) -> list[tuple[TargetConfig, Dataset, Splits]]:
@@ -77,6 +102,8 @@ def run_quadrants(cfg: SweepConfig, targets, storage, tracker, weights: dict, en
     started = time.monotonic()
     scores: dict[str, tuple[float, float]] = {}
     jobs = []
+    if exclusive:  # LogME runs a killed sweep left RUNNING (the lock proves no process owns them)
+        tracker.close_orphans(("logme",))
     for i, (target, dataset, splits) in enumerate(targets):
         if q.logme:
             with st.claim_lock(storage, f"{cfg.study.name}:logme:{target.name}"):
@@ -104,7 +131,7 @@ def cell_job(cfg, target, strategy, dataset, splits, storage, tracker, weights, 
                 study.enqueue_trial({"backbone": backbone})
         cell_run = study.user_attrs.get("mlflow_cell_run_id") or _open_cell_run(tracker, cfg, target, strategy, ccfg)
         study.set_user_attr("mlflow_cell_run_id", cell_run)
-    recover(study, tracker, exclusive, log, parent_id=cell_run)
+    recover(study, tracker, exclusive, log, parent_id=cell_run, owned_roles=("confirm", "backbone_confirm"))
     context = Context(ccfg.study.name, ccfg, dataset, splits, tracker, weights, tuple(dataset_inputs(dataset, ccfg.data, splits)))
     best = st.best_trial(study)
     progress = Progress(ccfg.study.n_trials, st.finished_count(study), ccfg.study.direction, ccfg.study.metric, sys.stderr,
@@ -120,14 +147,15 @@ def cell_job(cfg, target, strategy, dataset, splits, storage, tracker, weights, 
         fixed = {n: p.value for n, p in ccfg.search.items() if p.fixed}
         params = {**fixed, **best.params}
         jobs = [confirm_job(ccfg, params, best.value, storage, tracker, context, cell_run, _cell_tags(target, strategy),
-                            log, name, scores)]
+                            log, name, scores, exclusive=exclusive)]
         if cfg.quadrants.logme and strategy != "scratch":
             # LogME ranks backbones, so each backbone needs a confirmed test score of its own on
             # this target, not only the cell's winner: its best trial, retrained with the same seeds.
             for backbone, trial in best_trial_per_backbone(study, ccfg.study.direction).items():
                 if backbone != params.get("backbone"):
                     jobs.append(confirm_job(ccfg, {**fixed, **trial.params}, trial.value, storage, tracker, context,
-                                            cell_run, _cell_tags(target, strategy), log, name, scores, backbone_check=backbone))
+                                            cell_run, _cell_tags(target, strategy), log, name, scores, backbone_check=backbone,
+                                            exclusive=exclusive))
         return jobs
 
     return trial_job(ccfg, study, context, tracker, parent_run_id=cell_run, extra_tags=_cell_tags(target, strategy),
@@ -156,7 +184,7 @@ def best_trial_per_backbone(study, direction: str) -> dict:
 
 
 def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tracker, context: Context, cell_run: str,
-                tags: dict, log, name: str, scores: dict, backbone_check: str | None = None) -> Job:
+                tags: dict, log, name: str, scores: dict, backbone_check: str | None = None, exclusive: bool = True) -> Job:
     """Retrain the cell's best configuration once per seed and test each model once.
 
     The seeds are the trials of a study of their own (`<cell study>.confirm`), so the engine's
@@ -170,6 +198,11 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
     role = "backbone_confirm" if backbone_check else "confirm"
     study = optuna.create_study(study_name=f"{ccfg.study.name}.{suffix}", storage=storage, direction="maximize",
                                 load_if_exists=True, sampler=optuna.samplers.RandomSampler(seed=0))
+    # A seed a killed sweep left RUNNING would hold its place in the budget for ever: it fails and
+    # runs again (its MLflow run was closed when the cell resumed).
+    recover_orphans(study, exclusive)
+    # Seeds show progress as trials do (a from-scratch seed trains for minutes); the value is the seed's test score.
+    progress = Progress(seeds, st.finished_count(study), "maximize", "test_accuracy", sys.stderr, f"{name} {suffix}")
 
     def next_seed(study) -> None:
         trials = study.get_trials(deepcopy=False)
@@ -183,16 +216,19 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
     def prepare(trial: optuna.Trial, worker_id: str) -> ConfirmTask:
         seed = trial.suggest_int("seed", 0, seeds - 1)
         label = f"{backbone_check} seed {seed}" if backbone_check else f"seed {seed}"
-        run_id = tracker.start_child(f"confirm {label}", role, {**tags, "harness.seed": seed},
+        run_id = tracker.start_child(f"confirm {label}", role,
+                                     {**tags, "harness.seed": seed, RULE_TAG: training_rule(ccfg, params.get("strategy"))},
                                      config=ccfg.resolved(params, 0, seed=seed), parent_id=cell_run)
         tracker.log_datasets(run_id, context.inputs)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("worker", worker_id)
         tracker.log_params(run_id, {**params, "seed": seed})
+        progress.trial_started(trial.number, {"seed": seed})
         if backbone_check:
-            return ConfirmTask(context.key, params, seed, run_id, keep_model=False)
+            return ConfirmTask(context.key, params, seed, run_id, keep_model=False, number=trial.number)
         leader = _best_confirm_run(tracker, cell_run, ccfg.study.metric, ccfg.study.direction)
-        return ConfirmTask(context.key, params, seed, run_id, leader.data.metrics["best_val"] if leader else None)
+        return ConfirmTask(context.key, params, seed, run_id, leader.data.metrics["best_val"] if leader else None,
+                           number=trial.number)
 
     def confirmed() -> list[Job]:
         tests = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
@@ -209,7 +245,7 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
         return []
 
     return Job(f"{name} {suffix}", study, seeds, context, prepare, before_ask=next_seed, on_done=confirmed,
-               parent_run_id=cell_run)
+               parent_run_id=cell_run, progress=progress)
 
 
 def _best_confirm_run(tracker, cell_run: str, metric: str, direction: str):
@@ -254,10 +290,12 @@ class ConfirmTask:
     run_id: str
     leader: float | None = None  # the best validation score of the cell's confirmed seeds so far
     keep_model: bool = True  # log the model when it leads (a backbone check never does)
+    number: int = 0  # its trial in the confirmation study (the number its progress lines show)
     context: Context | None = None
 
     def run(self, runner, channel) -> tuple[str, float]:
-        return "complete", confirm_seed(runner, self.params, self.seed, self.run_id, self.leader, self.keep_model)
+        return "complete", confirm_seed(runner, self.params, self.seed, self.run_id, self.leader, self.keep_model,
+                                        channel.note, self.number)
 
 
 def _cell_tags(target: TargetConfig, strategy: str) -> dict:
@@ -288,16 +326,16 @@ def evaluate_on_test(tm, dataset: Dataset, splits: Splits, batch_size: int) -> d
 
 
 def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | None = None,
-                 keep_model: bool = True) -> float:
+                 keep_model: bool = True, note=print_note, number: int = 0) -> float:
     """Train the configuration with `seed` into the run `run_id`; returns its test accuracy.
 
     The model keeps the best epoch's weights across both phases (the ones its validation score
-    came from), and is logged when it matches or beats the cell's best confirmed seed so far."""
-    import keras
-
+    came from), and is logged when it matches or beats the cell's best confirmed seed so far.
+    Each epoch goes to `note(("epoch", summary))`, as a trial's does, numbered `number`."""
     from harness.baseline import train_from_scratch
     from harness.model import build_model
-    from harness.objective import leads, log_history, model_spec, plan_for, release_memory, run_plan, train_class_weights
+    from harness.objective import (leads, log_history, model_spec, plan_for, release_memory, run_plan, seed_everything,
+                                   train_class_weights)
 
     ccfg, dataset, splits, tracker = runner.cfg, runner.dataset, runner.splits, runner.tracker
     started = time.perf_counter()
@@ -308,25 +346,33 @@ def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | N
         if params.get("strategy") == "scratch":
             # Confirmed as the sweep's baseline is trained: to convergence, not on the search's
             # equal budget (the search's best_val stays the equal-budget figure).
-            tm, history, facts = train_from_scratch(runner, params, seed, run_id, on_epoch)
-            images_seen = facts["steps"] * ccfg.train.head.batch_size
+            tm, history, facts = train_from_scratch(runner, params, seed, run_id, on_epoch, f"seed {seed}", note, number)
+            images_seen = facts["steps_all_attempts"] * ccfg.train.head.batch_size  # retries cost too
+            seconds = facts["seconds_all_attempts"]
         else:
-            keras.utils.set_random_seed(seed)
+            seed_everything(seed)  # before the pipelines: their shuffle seeds come from the global seed
             tm = build_model(model_spec(ccfg, params, dataset.num_classes, runner.weights.get(params["backbone"])), seed=seed)
             plan = plan_for(ccfg, params, len(tm.blocks))
+            total_epochs = sum(p.epochs for p in plan)
+
+            def on_transfer_epoch(record):
+                on_epoch(record)
+                note(("epoch", {"number": number, "epoch": record.epoch, "phase": record.phase,
+                                "metrics": dict(record.metrics), "total_epochs": total_epochs}))
 
             def pipelines(batch_size):
                 return (tf_dataset(dataset, splits.train, batch_size, shuffle=True, seed=seed),
                         tf_dataset(dataset, splits.val, batch_size, shuffle=False))
 
-            history = run_plan(ccfg, tm, plan, pipelines, on_epoch=on_epoch,
+            history = run_plan(ccfg, tm, plan, pipelines, on_epoch=on_transfer_epoch,
                                class_weight=train_class_weights(ccfg, dataset, splits), features=runner.features, seed=seed,
                                on_features=lambda phase, seconds: tracker.log_metrics(run_id, {f"{phase}/feature_seconds": seconds}))
             images_seen = sum(p.epochs_run for p in history.phases) * len(splits.train)
+            seconds = sum(p.seconds for p in history.phases)
         # What the cell's compute was: the report's cost columns (seconds on this process's device:
         # GPU-seconds on a GPU box, where each trial process has one GPU).
         tracker.log_metrics(run_id, {"cost/images_seen": images_seen, "cost/epochs": images_seen / len(splits.train),
-                                     "cost/seconds": sum(p.seconds for p in history.phases)})
+                                     "cost/seconds": seconds})
         test = evaluate_on_test(tm, dataset, splits, ccfg.train.head.batch_size)
         log_history(tracker, run_id, history)
         best_val = history.best(ccfg.study.metric, ccfg.study.direction)

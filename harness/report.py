@@ -3,7 +3,8 @@
 Reads the sweep's runs (never retrains anything) and writes to results/<sweep>/:
 comparison.csv/.md/.tex/.html, heatmap.png, trials.csv (one row per trial, from MLflow) and
 logme.csv, then logs the same files as artifacts of the sweep's parent run under report/.
-A plain (non-quadrant) sweep gets its per-trial table only (trials.csv and trials.md).
+A plain (non-quadrant) sweep gets its per-trial table (trials.csv and trials.md), and in trials.md
+what mattered: the parameter importances the sweep logged on its parent run.
 
 trials.csv has one schema, `trials_table`'s, whoever writes it: the end-of-sweep summary writes
 Optuna's own table to a different file, optuna_trials.csv (harness/summary.py).
@@ -22,7 +23,9 @@ import pandas as pd
 
 from harness import stats
 from harness.export import DEFAULT_UI_URL, markdown_table, write_comparison
-from harness.tracking import PARENT_TAG, ROLE, Tracker, resolve_tracking_uri
+from harness.importance import importance_markdown, importances_from_metrics
+from harness.screening import screening_markdown
+from harness.tracking import PARENT_TAG, ROLE, Tracker, redact, resolve_tracking_uri
 
 RESULTS = "results"
 TRIALS_FILE = "trials.csv"  # trials_table's schema only (see the module docstring)
@@ -130,6 +133,9 @@ def cells_table(tracker: Tracker, cell_runs: list, logme: pd.DataFrame, directio
             "train_seconds": _mean_metric(mine, "cost/seconds", _cost(mine, "seconds")),
             "train_images_seen": _mean_metric(mine, "cost/images_seen", np.nan),
             "undertrained": float(any(c.data.tags.get("harness.undertrained") == "true" for c in mine)) if mine else np.nan,
+            # how its seeds were trained (one rule per cell; several, '; '-joined, would be a config change mid-sweep)
+            "training_rule": "; ".join(sorted({c.data.tags["harness.training_rule"] for c in mine
+                                               if c.data.tags.get("harness.training_rule")})) or None,
             "cell_run_id": cell.info.run_id, "best_confirm_run_id": best.info.run_id if best else None,
             **{f"param_{k}": v for k, v in params.items()},
         })
@@ -209,12 +215,12 @@ def default_ui_url(tracking_uri: str) -> str:
 
 def build_report(sweep: str, tracker: Tracker, out_dir: str | Path | None = None, log=print,
                  ui_url: str | None = None) -> dict[str, Path]:
-    ui_url = ui_url or default_ui_url(tracker.uri)
+    ui_url = redact(ui_url or default_ui_url(tracker.uri))  # every run link in the tables starts with it
     out = Path(out_dir or Path(RESULTS) / sweep)
     out.mkdir(parents=True, exist_ok=True)
     parents = tracker.study_runs(sweep)
     if not parents:
-        raise SystemExit(f"error: no sweep named {sweep!r} in {tracker.uri}")
+        raise SystemExit(f"error: no sweep named {sweep!r} in {redact(tracker.uri)}")
     tracker.parent_run_id = parents[0].info.run_id
     cell_runs = _runs(tracker, "cell")
     trials = trials_table(tracker, cell_runs)
@@ -222,7 +228,11 @@ def build_report(sweep: str, tracker: Tracker, out_dir: str | Path | None = None
         path = out / TRIALS_FILE
         trials.to_csv(path, index=False)
         text = markdown_table(trials, tracker.experiment_id, ui_url) if len(trials.columns) else "(no trials)"
-        (out / "trials.md").write_text(f"# Trials of sweep {sweep}\n\n{text}\n", encoding="utf-8")
+        mattered = importance_markdown(importances_from_metrics(parents[0].data.metrics))
+        screened = screening_markdown(parents[0].data.metrics)  # each score's tau beside the size-only one
+        mattered = "\n".join(part for part in (mattered, screened) if part)
+        (out / "trials.md").write_text(f"# Trials of sweep {sweep}\n\n{text}\n" + (f"\n{mattered}" if mattered else ""),
+                                       encoding="utf-8")
         paths = {"trials": path, "trials_md": out / "trials.md"}
     else:
         direction = parents[0].data.params.get("study.direction", "maximize")
@@ -264,10 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     uri = resolve_tracking_uri(uri)
     if not Tracker.experiment_exists(uri, experiment):
-        print(f"error: no MLflow experiment {experiment!r} at {uri}; run the sweep first", file=sys.stderr)
+        print(f"error: no MLflow experiment {experiment!r} at {redact(uri)}; run the sweep first", file=sys.stderr)
         return 2
     tracker = Tracker(uri, experiment)
-    print(f"report of sweep {name!r} from {uri}:")
+    print(f"report of sweep {name!r} from {redact(uri)}:")
     build_report(name, tracker, args.out, ui_url=args.ui_url)
     return 0
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.importance import summary_lines
+from harness.screening import log_agreement
 from harness.tracking import Tracker, ui_command
 
 OPTUNA_TRIALS_FILE = "optuna_trials.csv"
@@ -59,7 +61,11 @@ def baseline_line(metric: str, baseline: dict) -> str:
     return f"same architecture from scratch: {metric} {baseline['value']:.4f}{fit_text}"
 
 
-def summarize(cfg, study, val_labels: np.ndarray, baseline: dict | None, tracker: Tracker, results_dir: str = "results") -> dict:
+def summarize(cfg, study, val_labels: np.ndarray, baseline: dict | None, tracker: Tracker, results_dir: str = "results",
+              what_mattered: dict | None = None, screening: dict | None = None) -> dict:
+    """`what_mattered`: harness/importance.py `log_what_mattered`'s result, shown as its lines.
+    `screening`: harness/screening.py's record; each score's Kendall tau against the best value
+    each backbone reached is logged and shown beside the size-only ranking's."""
     frame = trials_frame(study)
     out_dir = Path(results_dir) / cfg.study.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,6 +89,8 @@ def summarize(cfg, study, val_labels: np.ndarray, baseline: dict | None, tracker
     if baseline:
         lines.append(baseline_line(cfg.study.metric, baseline))
     lines.append(f"chance (majority class of the val split): {chance:.4f}")
+    lines.extend(summary_lines(what_mattered))
+    lines.extend(log_agreement(screening, study, tracker, cfg.study.direction))
     lines.append(f"per-trial table (Optuna): {path}")
     lines.append(f"per-trial table from MLflow, comparison tables: python -m harness.report {cfg.study.name}")
     lines.append(f"open the MLflow UI: {ui_command(tracker.uri, tracker.experiment_id)}")

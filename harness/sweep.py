@@ -1,7 +1,7 @@
 """`python -m harness.sweep [CONFIG]`: run (or resume) a transfer-learning sweep.
 
 Order of work, so that bad input costs nothing:
-  1. load and validate the config (no TensorFlow yet);
+  1. load and validate the config, then check the Optuna and MLflow stores read-only (no TensorFlow yet);
   2. preflight: load the dataset, check every image, resolve and test every backbone's weights;
   3. only then open the Optuna study and the MLflow parent run, and optimise;
   4. train the from-scratch baseline, print the summary and the command that opens the MLflow UI.
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-trials", type=positive_int, help="finished (completed + pruned) trials to reach; overrides study.n_trials")
     p.add_argument("--timeout", type=positive_float, help="seconds after which no new trial starts; overrides study.timeout")
     p.add_argument("--study-name", help="Optuna study / MLflow experiment name; overrides study.name")
-    p.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user:pw@127.0.0.1/db; overrides study.storage")
+    p.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user@127.0.0.1/db (the password in "
+                   "~/.pgpass or $PGPASSWORD, never here); overrides study.storage")
     p.add_argument("--tracking-uri", help="MLflow tracking URI; overrides tracking.uri and $MLFLOW_TRACKING_URI")
     p.add_argument("--seed", type=int, help="sampler seed; overrides study.seed")
     p.add_argument("--workers", type=workers_arg, help="trial processes in this sweep process: N, or 'auto' (one per "
@@ -88,7 +89,7 @@ def local_study_lock(cfg):
         raise SweepRefused(
             f"study {cfg.study.name!r} is already running in another process on the local storage {url}. "
             "To run several workers on one study, give them a server storage: "
-            "--storage postgresql://USER:PASSWORD@127.0.0.1/DBNAME"
+            "--storage postgresql://USER@HOST/DBNAME (the password in ~/.pgpass or $PGPASSWORD)"
         ) from None
     try:
         handle.write(str(os.getpid()))
@@ -150,6 +151,84 @@ def check_mixed_precision(cfg) -> None:
                           f"{TENSOR_CORES[0]}.{TENSOR_CORES[1]}; GPUs visible: {found}. Use auto (on where it pays) or off")
 
 
+def check_stores(cfg) -> None:
+    """The Optuna storage and the MLflow tracking store, checked read-only before anything is
+    created: each problem (unreachable, corrupt, a schema of the wrong kind or version, a study of
+    the other direction) is a SweepRefused naming the store, not a traceback after the night."""
+    from harness import study as st
+
+    storage = cfg.study.storage or f"sqlite:///{st.default_storage_path(cfg.study.name)}"
+    st.check_storage(storage, cfg.study.name, cfg.study.direction)
+    check_tracking_store(planned_tracking_uri(cfg.tracking.uri))
+
+
+def planned_tracking_uri(configured: str | None) -> str:
+    """The tracking URI harness/tracking.py `resolve_tracking_uri` will use, without creating its folder."""
+    from harness.tracking import DEFAULT_TRACKING_DB
+
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_TRACKING_DB).resolve()}"
+
+
+SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # the database backends MLflow's tracking store takes
+
+
+def check_tracking_store(uri: str) -> None:
+    """Refuse an MLflow tracking store the sweep could not log to: a database that is unreachable,
+    corrupt, or at a schema this MLflow does not run on (MLflow itself would stop with a traceback,
+    or migrate another application's database); a tracking server that does not answer or refuses
+    these credentials. Other stores (Databricks, ...) are left to MLflow."""
+    from harness import study as st
+    from harness.tracking import redact
+
+    where = f"MLflow tracking store {redact(uri)}"
+    if uri.split(":", 1)[0].split("+", 1)[0] in SQL_SCHEMES:
+        state = st.inspect_sql_store(uri, "MLflow tracking store")
+        revision = state and state[1]
+        if not revision:
+            return  # a new store (or an empty database): MLflow creates its schema
+        import mlflow
+        from alembic.script import ScriptDirectory
+        from mlflow.store.db.utils import _get_alembic_config
+
+        script = ScriptDirectory.from_config(_get_alembic_config(db_url=""))
+        head = script.get_current_head()
+        if revision == head:
+            return
+        known = {r.revision for r in script.walk_revisions()}
+        if revision not in known:
+            raise SweepRefused(f"{where}: its schema (alembic revision {revision}) is not one MLflow "
+                               f"{mlflow.__version__} knows: another application's database (an Optuna storage?), "
+                               "or a store a newer MLflow wrote; point --tracking-uri at an MLflow store, or upgrade "
+                               "MLflow here")
+        raise SweepRefused(f"{where}: its schema (revision {revision}) is older than MLflow {mlflow.__version__}'s "
+                           f"({head}); back the store up, then run: mlflow db upgrade {redact(uri)}")
+    if uri.startswith(("http://", "https://")):
+        _check_tracking_server(uri, where)
+
+
+def _check_tracking_server(uri: str, where: str) -> None:
+    """One cheap authenticated read, tried once (MLflow would otherwise retry for minutes)."""
+    from harness import study as st
+
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    before = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - unreachable, refused, not an MLflow server: all stop the sweep
+        raise SweepRefused(f"{where}: no answer an MLflow tracking server would give ({st.short_error(exc, uri)}); "
+                           "is the server running, and are MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                           "set if it asks for them?") from None
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def resolve_weights(cfg, log) -> dict[str, str | None]:
     """Each candidate backbone's weights, checked by building the backbone once (fails fast)."""
     from harness import backbones as bb
@@ -205,8 +284,14 @@ def run(cfg, log=None) -> dict:
     progress_stream = sys.stderr
     from tqdm import tqdm
 
+    from harness.tracking import redact
+
     # tqdm.write prints above a live progress bar instead of through it (a plain print on a pipe).
-    log = log or (lambda text: tqdm.write(text, file=progress_stream))
+    emit = log or (lambda text: tqdm.write(text, file=progress_stream))
+
+    def log(text: str) -> None:
+        emit(redact(text))  # a line may name the storage or the tracking URI, which may hold a password
+
     gpus = visible_gpus()
     workers = plan_workers(cfg.study.workers, gpus)
     from harness.trials import TrialEngine
@@ -270,7 +355,7 @@ def open_stores(cfg):
     servers race for each; the schema race is retried (harness/study.py) and the rest is created
     under the study's claim lock, so each exists once and every process reads the same ones."""
     from harness import study as st
-    from harness.tracking import Tracker, resolve_tracking_uri
+    from harness.tracking import Tracker, redact, resolve_tracking_uri
 
     url = st.storage_url(cfg)
     storage = st.make_storage(url, cfg.study.heartbeat_seconds)
@@ -281,7 +366,7 @@ def open_stores(cfg):
         recorded = tracker.existing_fingerprint(cfg.study.name)
         if recorded and recorded != cfg.fingerprint():
             raise SweepRefused(
-                f"study {cfg.study.name!r} already exists in {tracking_uri} with a different config "
+                f"study {cfg.study.name!r} already exists in {redact(tracking_uri)} with a different config "
                 f"(fingerprint {recorded}, now {cfg.fingerprint()}): resuming would mix results. "
                 f"Run it under a new --study-name, or delete the old study's results first."
             )
@@ -296,18 +381,23 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     from harness.baseline import run_scratch_baseline
     from harness.data import dataset_inputs
     from harness.progress import Progress
+    from harness.importance import log_what_mattered
+    from harness.screening import screen_backbones
     from harness.summary import summarize
+    from harness.tracking import redact
     from harness.trials import Context, recover, trial_job
     from harness.winner import deliver_winner, description
 
     study = st.open_study(cfg, storage, reseed=not exclusive)
     study.set_user_attr("mlflow_parent_run_id", tracker.parent_run_id)
-    study.set_user_attr("mlflow_tracking_uri", tracker.uri)
-    recover(study, tracker, exclusive, log)
+    study.set_user_attr("mlflow_tracking_uri", redact(tracker.uri))
+    recover(study, tracker, exclusive, log, owned_roles=("baseline",))  # a killed baseline's run ends KILLED
     inputs = dataset_inputs(dataset, cfg.data, splits, with_test=True)  # hashed once: every trial run reuses them
     tracker.log_datasets(tracker.parent_run_id, inputs)
     trial_inputs = tuple(i for i in inputs if i["context"] != "test")  # no trial reads the test split
     context = Context(cfg.study.name, cfg, dataset, splits, tracker, weights, trial_inputs)
+    # Score the candidate backbones first; `search.screen.keep` narrows what the trials sample from.
+    trial_cfg, screening = screen_backbones(cfg, study, storage, tracker, lambda task: engine.call(context, task), log)
     n_done = st.finished_count(study)
     if n_done >= cfg.study.n_trials:
         log(f"study {cfg.study.name!r} already has {n_done} finished trial(s) (n_trials={cfg.study.n_trials}): nothing to run")
@@ -316,11 +406,11 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
         best = st.best_trial(study)
         progress = Progress(cfg.study.n_trials, n_done, cfg.study.direction, cfg.study.metric, sys.stderr,
                             best=best.value if best else None)
-        engine.run([trial_job(cfg, study, context, tracker, progress=progress)])
+        engine.run([trial_job(trial_cfg, study, context, tracker, progress=progress)])
     _check_stop()
 
-    def run_task(task):
-        return engine.call(context, task)
+    def run_task(task, progress=None):
+        return engine.call(context, task, progress)
 
     # Sweep processes sharing a server storage finish together: one registers and tests the winner,
     # the others find it done.
@@ -330,7 +420,9 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     baseline = None
     if cfg.baseline.scratch and winner is not None:
         baseline = run_scratch_baseline(cfg, study, dataset.name, tracker, log, run_task)
-    summary = summarize(cfg, study, dataset.labels[splits.val], baseline, tracker)
+    what_mattered = log_what_mattered(study, tracker, Path("results") / cfg.study.name, cfg.study.metric, log)
+    summary = summarize(cfg, study, dataset.labels[splits.val], baseline, tracker, what_mattered=what_mattered,
+                        screening=screening)
     parent_metrics = {"test_accuracy": winner and winner["test_accuracy"],
                       "scratch_test_accuracy": baseline and baseline.get("test_accuracy"),
                       "scratch_train_accuracy": baseline and baseline.get("train_accuracy")}
@@ -358,6 +450,7 @@ def _test_lines(winner: dict | None, baseline: dict | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from harness.config import ConfigError, load_config, with_overrides
+    from harness.tracking import redact
 
     try:
         cfg = load_config(args.config)
@@ -365,8 +458,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg, n_trials=args.n_trials, timeout=args.timeout, name=args.study_name, storage=args.storage,
             seed=args.seed, tracking_uri=args.tracking_uri, workers=args.workers,
         )
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        check_stores(cfg)  # before TensorFlow loads and anything is written
+    except (ConfigError, SweepRefused) as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         import_tensorflow_quietly()
@@ -380,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg)
     except (ConfigError, SweepRefused) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt as exc:
         print(f"\ninterrupted ({exc or 'Ctrl-C'}): finished trials are saved; run the same command to resume", file=sys.stderr)

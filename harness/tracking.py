@@ -14,11 +14,13 @@ Run tree:  experiment <study name>
 from __future__ import annotations
 
 import os
+import re
 import time
 import traceback as tb
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 
 ROLE = "harness.role"
@@ -41,12 +43,13 @@ KEY_PARAMS = ("study.metric", "study.direction", "study.n_trials", "study.sample
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
-    """Flag/config first, then $MLFLOW_TRACKING_URI, then a local SQLite store under results/."""
+    """Flag/config first, then $MLFLOW_TRACKING_URI, then a local SQLite store under results/.
+    A login in an http(s) URI moves to MLflow's environment variables (`login_to_environment`)."""
     if configured:
-        return configured
+        return login_to_environment(configured)
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env
+        return login_to_environment(env)
     path = Path(DEFAULT_TRACKING_DB).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
@@ -79,6 +82,7 @@ def ui_command(uri: str, experiment_id: str | None = None) -> str:
     """How to look at a store in the MLflow UI: the server to start (local stores) and the page to
     open. The UI keeps a GenAI/model-training switch of its own, in the browser; the page's
     `workflowType` parameter opens the experiment on its training runs whatever it was set to."""
+    uri = redact(uri)
     page = f"#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else ""
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}/{page} in a browser"
@@ -104,9 +108,12 @@ class Tracker:
         """`source`: the command that made the runs, shown in the UI's Source column."""
         from mlflow.tracking import MlflowClient
 
-        self.uri = uri
+        self.uri = login_to_environment(uri)
+        # A trial process may have been started before the login reached the environment: it gets
+        # the login with the pickled tracker (through a pipe, never written down).
+        self._login = {k: os.environ[k] for k in LOGIN_VARIABLES if k in os.environ}
         self.source = source
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = self._get_or_create_experiment(experiment, artifact_root)
         self.parent_run_id: str | None = None
 
@@ -136,7 +143,7 @@ class Tracker:
                 if not _lost_creation_race(exc):
                     raise
             time.sleep(0.2 * (attempt + 1))  # the winner's row may not be visible yet
-        raise RuntimeError(f"MLflow experiment {name!r} was reported as existing but cannot be read back from {self.uri}")
+        raise RuntimeError(f"MLflow experiment {name!r} was reported as existing but cannot be read back from {redact(self.uri)}")
 
     # A trial process receives the tracker pickled and opens its own client to the same store.
     def __getstate__(self) -> dict:
@@ -146,6 +153,8 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.__dict__.update(state)
+        for name, value in self._login.items():
+            os.environ.setdefault(name, value)
         self.client = MlflowClient(tracking_uri=self.uri)
 
     @staticmethod
@@ -182,8 +191,8 @@ class Tracker:
         else:
             run = self.client.create_run(
                 self.experiment_id, run_name=f"study {study_name}",
-                tags={ROLE: "study", STUDY_TAG: study_name, "optuna.storage": redact(storage_url),
-                      FINGERPRINT_TAG: fingerprint, **self._source_tags()},
+                tags=_redacted({ROLE: "study", STUDY_TAG: study_name, "optuna.storage": storage_url,
+                                FINGERPRINT_TAG: fingerprint, **self._source_tags()}),
             )
             run_id = run.info.run_id
             oldest = self.study_runs(study_name)[0].info.run_id
@@ -191,7 +200,7 @@ class Tracker:
                 self.client.delete_run(run_id)
                 run_id = oldest
             else:
-                self.client.log_dict(run_id, config, "config.yaml")
+                self.log_config(run_id, config)
                 flat = _flatten({k: v for k, v in config.items() if k != "search"})
                 self.log_params(run_id, {k: flat[k] for k in KEY_PARAMS if flat.get(k) is not None})
         self.parent_run_id = run_id
@@ -216,11 +225,15 @@ class Tracker:
         """A nested run under `parent_id` (default: the study's parent run)."""
         tags = {ROLE: role, PARENT_TAG: parent_id or self.parent_run_id, **self._source_tags(),
                 **{k: str(v) for k, v in tags.items()}}
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=_redacted(tags))
         if config is not None:
             # The resolved config is every run's first artifact: the run describes itself.
-            self.client.log_dict(run.info.run_id, config, "config.yaml")
+            self.log_config(run.info.run_id, config)
         return run.info.run_id
+
+    def log_config(self, run_id: str, config: dict) -> None:
+        """A run's config.yaml, with every URI in it redacted (the storage URL, the tracking URI)."""
+        self.client.log_dict(run_id, redact_config(config), "config.yaml")
 
     def _source_tags(self) -> dict[str, str]:
         return {"mlflow.source.name": self.source, "mlflow.source.type": "LOCAL"} if self.source else {}
@@ -228,7 +241,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
             self.client.log_batch(run_id, params=items[i : i + 100])
 
@@ -241,11 +254,11 @@ class Tracker:
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v))
+        for k, v in _redacted(tags).items():
+            self.client.set_tag(run_id, k, v)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        self.client.log_text(run_id, redact(text), artifact_file)
 
     def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
         self.client.log_figure(run_id, figure, artifact_file)
@@ -266,7 +279,7 @@ class Tracker:
 
     def describe(self, run_id: str, markdown: str) -> None:
         """The run's description, shown at the top of its page in the UI."""
-        self.client.set_tag(run_id, DESCRIPTION_TAG, markdown)
+        self.client.set_tag(run_id, DESCRIPTION_TAG, redact(markdown))
 
     def run_link(self, run_id: str) -> str:
         """A link to a run that works from any page of the MLflow UI (markdown in descriptions)."""
@@ -298,7 +311,7 @@ class Tracker:
                 model, name="model", signature=signature,
                 metadata={"class_names": list(class_names), "image_size": int(image_size)},
                 pip_requirements=[f"keras=={keras.__version__}", "tensorflow"],  # no slow requirement inference
-                tags={k: str(v) for k, v in (tags or {}).items()},
+                tags=_redacted(tags or {}),
             )
         self.client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
         return info.model_uri
@@ -317,8 +330,42 @@ class Tracker:
         model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
         with global_tracking_uri(self.uri):
             version = self.client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id,
-                                                       tags={k: str(v) for k, v in tags.items()}, description=description)
+                                                       tags=_redacted(tags), description=redact(description))
         return version.version
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point `models:/<name>@<alias>` at `version` (an alias names one version: it moves)."""
+        self.client.set_registered_model_alias(name, alias, str(version))
+
+    def delete_logged_model(self, model_uri: str) -> bool:
+        """Delete a logged model (`models:/m-...`) and its files now: MLflow marks it deleted, and
+        its artifacts go at once (what `mlflow gc` would do later), so the disk space comes back.
+        False when there is no such logged model (a `runs:/` URI, or already deleted), or when the
+        artifact store refused to delete the files (then `mlflow gc` can still remove them)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        model_id = model_uri.removeprefix("models:/")
+        if not model_id.startswith("m-"):
+            return False
+        try:
+            model = self.client.get_logged_model(model_id)
+        except MlflowException:
+            return False
+        self.client.delete_logged_model(model_id)
+        try:
+            with global_tracking_uri(self.uri):
+                get_artifact_repository(model.artifact_location).delete_artifacts()
+        except (MlflowException, OSError):  # e.g. a server that does not serve artifacts
+            return False
+        return True
+
+    def has_registered_version(self, run_id: str) -> bool:
+        """Whether any registered model version (of any name) was made from a model of this run."""
+        return bool(self.client.search_model_versions(f"run_id = '{run_id}'", max_results=1))
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self.client.delete_tag(run_id, key)
 
     def log_datasets(self, run_id: str, inputs: list[dict]) -> None:
         """Dataset inputs of a run, as MLflow's Dataset column and run page show them.
@@ -335,7 +382,7 @@ class Tracker:
             return
         entities = []
         for item in inputs:
-            raw = item["source"]
+            raw = redact_config(item["source"])  # a dataset URL may carry a token
             if isinstance(raw, dict):
                 source = CodeDatasetSource(raw)
             elif str(raw).startswith(("http://", "https://")):
@@ -372,6 +419,25 @@ class Tracker:
         for run in runs:
             self.set_tags(run.info.run_id, {"harness.fail_reason": reason})
             self.end_run(run.info.run_id, "FAILED")
+        return [r.info.run_id for r in runs]
+
+    def close_orphans(self, roles: tuple[str, ...], parent_id: str | None = None,
+                      reason: str = "process died before the run ended") -> list[str]:
+        """End KILLED every run of these roles under `parent_id` (default: the sweep's run) still
+        RUNNING; returns their ids. For the runs a sweep owns that are not Optuna trials (baseline,
+        confirmation seeds, LogME): call it only where no live process can own one, i.e. while
+        holding the local storage's lock at the start of a resumed sweep."""
+        if not roles:
+            return []
+        runs = [run for role in roles for run in self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(f"tags.`{PARENT_TAG}` = '{parent_id or self.parent_run_id}' and tags.`{ROLE}` = '{role}' "
+                           f"and attributes.status = 'RUNNING'"),
+            max_results=50_000,
+        )]
+        for run in runs:
+            self.set_tags(run.info.run_id, {"harness.fail_reason": run.data.tags.get("harness.fail_reason") or reason})
+            self.end_run(run.info.run_id, "KILLED", optuna_state="FAIL" if STATE_TAG in run.data.tags else None)
         return [r.info.run_id for r in runs]
 
     def reconcile(self, trial_states: dict[int, str], parent_id: str | None = None) -> list[str]:
@@ -438,6 +504,11 @@ class SystemMetrics:
         self.monitor = None
 
 
+def _redacted(tags: dict[str, Any]) -> dict[str, str]:
+    """Tags as MLflow stores them (strings), redacted."""
+    return {k: redact(str(v)) for k, v in tags.items()}
+
+
 def _lost_creation_race(exc: Exception) -> bool:
     """True for the error a store gives the loser of a race to create the same entity."""
     code = getattr(exc, "error_code", "")
@@ -445,11 +516,67 @@ def _lost_creation_race(exc: Exception) -> bool:
     return code == "RESOURCE_ALREADY_EXISTS" or "already exists" in text or "UNIQUE constraint" in text or "IntegrityError" in text
 
 
-def redact(url: str) -> str:
-    """Storage URLs may carry a password: never log it."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return url
+# --- secrets ---------------------------------------------------------------------------------
+# A URI can carry a password (`postgresql://user:pw@host/db`, `https://user:pw@host`,
+# `...?password=pw`). Everything the harness writes down or prints passes through `redact`.
+
+# A URI inside any text: a scheme, `://`, then up to whitespace or a quote.
+_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]*")
+# `user:password@` right after the scheme. The password runs to the last `@` before the host: a
+# SQLAlchemy URL's password may hold `/`, and requests splits userinfo at the last `@`. A port
+# followed by a path (`host:5000/a@b`) is not a password.
+_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*):(?!\d*[/?#])[^\s]*@(?=[^@/?#]*(?:[/?#]|$))")
+# A query parameter whose name says its value is a secret (sslpassword, api_key, X-Amz-Signature...).
+_SECRET_PARAM = re.compile(r"(?P<name>[?&;][^=&;#]*?(?:pass|pwd|secret|token|key|credential|signature)[^=&;#]*=)[^&;#]*",
+                           re.IGNORECASE)
+MASK = "***"
+
+
+def redact(text: str) -> str:
+    """`text` with the secrets of every URI in it masked: the password of `user:password@` (the
+    user stays), and the value of every password-like query parameter. A URI without secrets, a
+    path and any other text come back unchanged.
+
+    >>> redact("postgresql://harness:s3cret@db:5432/optuna?sslmode=require&password=s3cret")
+    'postgresql://harness:***@db:5432/optuna?sslmode=require&password=***'
+    """
+    if not isinstance(text, str) or "://" not in text:
+        return text
+    return _URI.sub(lambda m: _redact_uri(m.group(0)), text)
+
+
+def _redact_uri(uri: str) -> str:
+    uri = _USERINFO.sub(lambda m: f"{m.group('head')}:{MASK}@", uri, count=1)
+    return _SECRET_PARAM.sub(lambda m: m.group("name") + MASK, uri)
+
+
+def redact_config(value: Any) -> Any:
+    """A copy of a config (nested dicts, lists, strings) with `redact` applied to every string: the
+    storage URL and the tracking URI above all. What a run's config.yaml may hold."""
+    if isinstance(value, dict):
+        return {k: redact_config(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_config(v) for v in value)
+    return redact(value)
+
+
+# The variables MLflow reads a tracking server's login from (mlflow/utils/credentials.py).
+LOGIN_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def login_to_environment(uri: str) -> str:
+    """Move the `user:password@` of an http(s) tracking URI into MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD, where MLflow reads them, and return the URI without them.
+
+    MLflow prints a server's URI as it is (the "View run at" line of every ended run, the URL in
+    a failed request's error), so a password left in it would be printed by MLflow itself."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    parts = urlsplit(uri)
+    if parts.username is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=host))

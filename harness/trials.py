@@ -19,7 +19,8 @@ nothing of what a task does: a task is an object with `run(runner, channel)`, ex
 process against the runner its context loaded there (once per process).
 
 Trial processes (harness/worker.py) are recycled after `study.trials_per_process` tasks or
-`study.recycle_memory_mib` of memory growth; the successor starts while the last task runs.
+`study.recycle_memory_mib` of memory growth; the successor starts while the last task runs. On a
+GPU it initializes its devices only after its predecessor has exited (harness/worker.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from harness.tracking import STATE_TAG, TRIAL_TAG
 from harness.worker import Channel, TrialProcess, describe_exit
 
 POLL_SECONDS = 1.0  # how often the engine looks at the clock and at other machines' trials
+QUIET_SECONDS = 60.0  # a task run by `call` that says nothing for this long gets a "still running" line
 PRESTART_SHARE = 0.75  # start a successor once a process has grown by this share of its memory limit
 
 
@@ -90,10 +92,26 @@ _RUNNERS: dict[str, Any] = {}  # in a trial process: context key -> its loaded r
 
 
 def execute(task, channel: Channel):
-    """The trial process's handler: load the task's context once, then run the task."""
+    """The trial process's handler: load the task's context once, then run the task.
+
+    Every task starts from seeded generators (the study's seed; a task with a seed of its own
+    seeds again with it), so no task inherits the random state its process's last task left."""
+    from harness.objective import seed_everything
+
     if task.context is not None and task.context_key not in _RUNNERS:
         _RUNNERS[task.context_key] = task.context.load()
-    return task.run(_RUNNERS[task.context_key], channel)
+    runner = _RUNNERS[task.context_key]
+    seed_everything(runner.cfg.study.seed)
+    return task.run(runner, channel)
+
+
+def show_note(progress, note, log) -> None:
+    """A trial process's note: ("epoch", summary as trials report it) or ("message", text)."""
+    kind, payload = note
+    if kind == "epoch" and progress is not None:
+        progress.epoch_done(payload)
+    elif kind == "message":
+        progress.message(payload) if progress is not None else log(payload)
 
 
 # --- the pruner's step axis ---------------------------------------------------------------------
@@ -187,6 +205,12 @@ class Slot:
     current: TrialProcess | None = None
     successor: TrialProcess | None = None
 
+    @property
+    def gpu(self) -> bool:
+        """Whether its processes run on a GPU: then a successor waits for its predecessor's exit
+        before it touches the GPU; on CPU it starts at once."""
+        return bool(self.env.get("CUDA_VISIBLE_DEVICES", "").strip())
+
 
 @dataclass
 class Running:
@@ -220,12 +244,14 @@ class TrialEngine:
         """The engine for a config; `use_stores` must follow before `run` or `call`."""
         slots = plan_slots(workers, gpus, usable_cores())
         return cls(slots, None, True, log, cfg.study.trials_per_process, cfg.study.recycle_memory_mib,
-                   cfg.study.max_consecutive_failures, cfg.study.timeout, cfg.study.heartbeat_seconds)
+                   cfg.study.max_consecutive_failures, cfg.study.timeout, cfg.study.heartbeat_seconds,
+                   cfg.train.gpu_memory_limit_mib)
 
     def __init__(self, slots: list[Slot], tracker, exclusive: bool, log, trials_per_process: int = 20,
                  recycle_memory_mib: float = 1024, max_consecutive_failures: int = 5, timeout: float | None = None,
-                 heartbeat_seconds: float = st.HEARTBEAT_SECONDS):
+                 heartbeat_seconds: float = st.HEARTBEAT_SECONDS, gpu_memory_limit_mib: float | None = None):
         self.heartbeat_seconds = heartbeat_seconds
+        self.gpu_memory_limit_mib = gpu_memory_limit_mib  # train.gpu_memory_limit_mib (None: memory growth)
         self.slots, self.tracker, self.exclusive, self.log = slots, tracker, exclusive, log
         self.trials_per_process, self.recycle_memory_mib = trials_per_process, recycle_memory_mib
         self.max_failures, self.timeout = max_consecutive_failures, timeout
@@ -279,9 +305,12 @@ class TrialEngine:
             self._stop_running()
             raise
 
-    def call(self, context: Context, task) -> Any:
+    def call(self, context: Context, task, progress=None) -> Any:
         """Run one task that is not a trial (the scratch baseline) in a trial process and return its
-        result: the training runs where the trials ran (on a GPU box, on a GPU), not in this process."""
+        result: the training runs where the trials ran (on a GPU box, on a GPU), not in this process.
+
+        The task's progress notes (harness/progress.py `Progress`, when given) are shown as trials'
+        are; a task silent for QUIET_SECONDS gets a line saying it still runs."""
         from harness.phases import stop_requested
 
         self._ensure_pool()
@@ -292,19 +321,32 @@ class TrialEngine:
             self.loaded[proc].add(context.key)
         proc.start_task(task)
         asked_to_stop = False
+        started = heard = time.monotonic()
         while True:
             if stop_requested.is_set() and not asked_to_stop:
                 proc.interrupt()
                 asked_to_stop = True
             if not proc.conn.poll(POLL_SECONDS):
+                if time.monotonic() - heard >= QUIET_SECONDS:
+                    self.log(f"{type(task).__name__} still running in the trial process "
+                             f"({time.monotonic() - started:.0f} s)")
+                    heard = time.monotonic()
                 continue
+            heard = time.monotonic()
             message = proc.receive()
             if message is None:
+                reason = describe_exit(proc.process.exitcode)
+                run_id = getattr(task, "run_id", None)
+                if run_id:  # no Python code of the task ran to end its run
+                    self.tracker.set_tags(run_id, {"harness.fail_reason": reason})
+                    self.tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
                 self._replace(proc)
                 raise SweepRefused(f"{describe_exit(proc.process.exitcode)} (while it ran {type(task).__name__})")
             kind = message[0]
             if kind == "ask":
                 proc.send(("reply", False))  # nothing to prune outside a study
+            elif kind == "note":
+                show_note(progress, message[1], self.log)
             elif kind == "done":
                 self._maybe_recycle(proc)
                 return message[1]
@@ -368,7 +410,7 @@ class TrialEngine:
             self.running[proc] = Running(job, trial, task)
             proc.start_task(task)
             if self._last_task_of(proc):
-                slot.successor = slot.successor or self._spawn(slot)  # warm up while this task runs
+                slot.successor = slot.successor or self._spawn(slot, after=proc)  # warm up while this task runs
 
     def _claim(self, pending: list[Job]):
         for job in pending:
@@ -398,6 +440,9 @@ class TrialEngine:
             kind = message[0]
             if kind == "ask":
                 proc.send(("reply", self._answer(proc, message[1])))
+            elif kind == "note":  # progress of a task that asks nothing (a confirmation seed)
+                running = self.running.get(proc)
+                show_note(running and running.job.progress, message[1], self.log)
             elif kind in ("done", "error", "interrupted"):
                 self._task_ended(proc, message)
 
@@ -481,8 +526,10 @@ class TrialEngine:
 
     # -- the pool ----------------------------------------------------------------------------
 
-    def _spawn(self, slot: Slot) -> TrialProcess:
-        return TrialProcess(execute, env=slot.env, threads=slot.threads)
+    def _spawn(self, slot: Slot, after: TrialProcess | None = None) -> TrialProcess:
+        """A trial process for `slot`; on a GPU, one that touches it only once `after` has exited."""
+        return TrialProcess(execute, env=slot.env, threads=slot.threads, gpu_memory_limit_mib=self.gpu_memory_limit_mib,
+                            after=after if slot.gpu else None)
 
     def _slot_of(self, proc: TrialProcess) -> Slot | None:
         return next((s for s in self.slots if proc in (s.current, s.successor)), None)
@@ -502,9 +549,9 @@ class TrialEngine:
         if slot is None:
             return
         if slot.successor is proc:  # a successor died while warming up: start another
-            slot.successor = self._spawn(slot)
+            slot.successor = self._spawn(slot, after=slot.current)
             return
-        slot.current, slot.successor = (slot.successor or self._spawn(slot)), None
+        slot.current, slot.successor = (slot.successor or self._spawn(slot, after=proc)), None
 
     def _stop_running(self) -> None:
         """Ask every busy process to end its trial cleanly, record what they report, then go."""
@@ -546,10 +593,16 @@ class TrialEngine:
 # --- recovery after a crash ----------------------------------------------------------------------
 
 
-def recover(study, tracker, exclusive: bool, log, parent_id: str | None = None) -> None:
-    """Crash recovery: orphaned trials -> FAIL (and retried), orphaned runs -> KILLED."""
+def recover(study, tracker, exclusive: bool, log, parent_id: str | None = None, owned_roles: tuple[str, ...] = ()) -> None:
+    """Crash recovery: orphaned trials -> FAIL (and retried), orphaned runs -> KILLED.
+
+    `owned_roles`: the other runs under `parent_id` the sweep owns (baseline, confirmation seeds,
+    LogME). With the local storage's lock held, one still RUNNING was left by a dead process and
+    ends KILLED; on a server storage another machine may be running it, so it is left alone."""
     recover_orphans(study, exclusive)
     fixed = tracker.reconcile(st.trial_states(study), parent_id=parent_id)
+    if exclusive:
+        fixed += tracker.close_orphans(owned_roles, parent_id=parent_id)
     if fixed:
         log(f"reconciled {len(fixed)} MLflow run(s) left behind by a dead process -> KILLED")
 

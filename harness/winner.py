@@ -8,7 +8,9 @@ winner's model exists however the sweep ends. Afterwards:
    (tagged with the sweep, the trial and its value);
 2. that registered version is loaded in a trial process and scored once on the held-out test
    split: the model reported is the model tested;
-3. the parent run's description names the winner, its value, its test score and links its run.
+3. the parent run's description names the winner, its value, its test score and links its run;
+4. the models of the trials it overtook are deleted (`delete_overtaken_models`): only the
+   winner's, and any model a registered version was made from, stay on disk.
 
     >>> winner = deliver_winner(cfg, study, tracker, run_task, log)
     >>> winner["test_accuracy"], winner["model_uri"]
@@ -27,6 +29,10 @@ from harness import study as st
 from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG, Tracker, global_tracking_uri
 
 WINNER_TAG = "harness.winner"
+MODEL_DELETED_TAG = "harness.model_deleted"  # on a run whose logged model was deleted: why
+# The registry alias of the sweep's winning version: `models:/<study>@champion` follows the winner
+# when a resumed sweep crowns a new one, while `models:/<study>/<version>` stays fixed.
+CHAMPION_ALIAS = "champion"
 
 
 def scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -110,7 +116,7 @@ def load_logged_model(tracking_uri: str, model_uri: str):
     """A model logged by the harness, from its `models:/` URI (a logged model or a registry version)."""
     import mlflow
 
-    import harness.model  # noqa: F401 - registers the harness's own layers for deserialisation
+    import harness.model  # noqa: F401 - registers the layer that models saved by earlier versions hold
 
     with global_tracking_uri(tracking_uri):
         return mlflow.keras.load_model(model_uri)
@@ -182,8 +188,14 @@ def deliver_winner(cfg, study, tracker: Tracker, run_task, log) -> dict | None:
                   "harness.value": f"{best.value:.6g}"},
             description=f"trial {best.number} of sweep {cfg.study.name}: {cfg.study.metric} {best.value:.4f}")
         tracker.set_tags(run_id, {REGISTERED_TAG: version})
-        log(f"registered the winner (trial {best.number}) as model {cfg.study.name!r} version {version}")
+        log(f"registered the winner (trial {best.number}) as model {cfg.study.name!r} version {version}, "
+            f"alias {CHAMPION_ALIAS!r}")
+    # On a resume too: a sweep killed between registering and here left a version without the alias.
+    tracker.set_alias(cfg.study.name, CHAMPION_ALIAS, version)
     winner.update(model_uri=f"models:/{cfg.study.name}/{version}", version=version)
+    deleted = delete_overtaken_models(tracker, study, best.number, run_id)
+    if deleted:
+        log(f"deleted the logged models of {len(deleted)} overtaken trial(s); the winner's and every registered one stay")
     test = run.data.metrics.get("test_accuracy")
     if test is None:
         result = run_task(TestTask(cfg.study.name, winner["model_uri"], run_id))
@@ -194,6 +206,29 @@ def deliver_winner(cfg, study, tracker: Tracker, run_task, log) -> dict | None:
     mark_former_winners(tracker, run.data.tags.get("mlflow.parentRunId"), run_id)
     tracker.set_tags(run_id, {WINNER_TAG: "true", "mlflow.runName": f"trial {best.number} (winner)"})
     return winner
+
+
+def delete_overtaken_models(tracker: Tracker, study, winner_number: int, winner_run: str) -> list[str]:
+    """Delete the logged models of the study's trials other than the winner; returns their runs.
+
+    Every trial that matched the best value known when it started logged its model, so a long
+    sweep leaves many; once the winner is registered only its model is used. A model that some
+    registered version was made from stays (a former winner of a resumed sweep, one registered by
+    hand), and so does the winner's. The run keeps its metrics and says why its model is gone."""
+    deleted = []
+    for trial in study.get_trials(deepcopy=False):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if not run_id or run_id == winner_run:
+            continue
+        tags = tracker.run_tags(run_id)
+        model_uri = tags.get(MODEL_URI_TAG)
+        if not model_uri or tags.get(REGISTERED_TAG) or tracker.has_registered_version(run_id):
+            continue
+        tracker.delete_logged_model(model_uri)
+        tracker.delete_tag(run_id, MODEL_URI_TAG)
+        tracker.set_tags(run_id, {MODEL_DELETED_TAG: f"{model_uri}: overtaken by trial {winner_number}, the registered winner"})
+        deleted.append(run_id)
+    return deleted
 
 
 def mark_former_winners(tracker: Tracker, parent_id: str, winner_run: str) -> None:
@@ -214,8 +249,8 @@ def description(cfg, winner: dict | None, baseline: dict | None, chance: float, 
              f"best {metric} {winner['value']:.4f}"
              + (f", test accuracy {winner['test_accuracy']:.4f}" if _number(winner.get("test_accuracy")) else "") + "."]
     if winner.get("version"):
-        lines.append(f"Registered model: `{winner['model_uri']}` "
-                     f"(`python -m harness.predict {cfg.study.name} FOLDER`).")
+        lines.append(f"Registered model: `{winner['model_uri']}`, alias `{CHAMPION_ALIAS}` "
+                     f"(`python -m harness.predict {cfg.study.name}@{CHAMPION_ALIAS} FOLDER`).")
     if baseline and baseline.get("fitted") is False:
         lines.append(f"Same architecture from scratch: **under-trained, not a result** (training accuracy "
                      f"{baseline['train_accuracy']:.4f} < 0.95; [run]({tracker.run_link(baseline['run_id'])})).")

@@ -13,13 +13,22 @@ the trial engine (harness/trials.py) retires it once it has run `study.trials_pe
 or its memory has grown by `study.recycle_memory_mib` (Celery's max-tasks-per-child and
 max-memory-per-child). Its successor is started while its last task still runs.
 
+On a GPU two processes must not fight over its memory. Each trial process turns on TensorFlow's
+memory growth, or caps itself at train.gpu_memory_limit_mib, before anything touches the GPU
+(`configure_gpu_memory`); and a successor on the GPU of a retiring process (`after=`) imports
+TensorFlow early, but initializes its devices only once the parent has seen its predecessor exit
+(the parent sends "go"). On CPU there is nothing to hand over, and the successor starts at once.
+
 The child is spawned (never forked: TensorFlow's threads do not survive a fork), dies with its
 parent (PR_SET_PDEATHSIG), and talks to it over a duplex pipe:
 
     parent -> child   ("task", task)      run this (the handler given at spawn does the work)
                       ("reply", value)    the answer to the child's last ("ask", ...)
                       None                finish: exit after the current task
-    child  -> parent  ("ready", rss_mib)  imports done: the process is warm
+                      ("go", pid)         (a successor) its predecessor `pid` has exited: use the GPU
+    child  -> parent  ("waiting", pid)    (a successor) imports done; waits for "go" before the GPU
+                      ("ready", rss_mib, devices)  devices initialized: the process is warm;
+                                          `devices` says which GPUs and memory settings it has
                       ("ask", payload)    a question the task needs answered (e.g. prune now?)
                       ("note", payload)   information, no answer expected (progress)
                       ("done", result, rss_mib)
@@ -119,17 +128,26 @@ class TrialProcess:
     `handler(task, channel)` runs in the child for every task; `channel.ask(payload)` sends a
     question back and returns the parent's reply, `channel.note(payload)` just informs.
     `env` is applied to the child's environment before anything is imported there (one GPU per
-    process through CUDA_VISIBLE_DEVICES); `threads` caps TensorFlow's CPU threads (0 = default).
+    process through CUDA_VISIBLE_DEVICES); `threads` caps TensorFlow's CPU threads (0 = default);
+    `gpu_memory_limit_mib` caps each GPU's memory for the process (None: memory growth). `after`:
+    the retiring process on the same GPU; the child initializes no device before it has exited.
+    Tasks may be sent at once: the child keeps them until its devices are ready.
     """
 
     def __init__(self, handler: Callable[[Any, "Channel"], Any], env: dict[str, str] | None = None, threads: int = 0,
-                 name: str = "harness-trials"):
+                 name: str = "harness-trials", gpu_memory_limit_mib: float | None = None,
+                 after: TrialProcess | None = None):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child_end = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_child_main, args=(child_end, os.getpid(), handler, env or {}, threads),
+        self._send_lock = threading.Lock()  # the "go" comes from a thread of its own
+        self.process = ctx.Process(target=_child_main, args=(child_end, os.getpid(), handler, env or {}, threads,
+                                                             gpu_memory_limit_mib, after is not None),
                                    name=name, daemon=False)
         self.process.start()
         child_end.close()  # only the child holds this end: its death then reads as end-of-file here
+        if after is not None:
+            threading.Thread(target=self._go_after, args=(after,), daemon=True).start()
+        self.devices: dict | None = None  # what the child reported with "ready"
         self.pid = self.process.pid
         self.worker_id = f"{socket.gethostname()}:{self.pid}"
         self.tasks_started = 0
@@ -146,12 +164,22 @@ class TrialProcess:
         return self.process.is_alive()
 
     def send(self, message) -> None:
-        self.conn.send(message)
+        with self._send_lock:
+            self.conn.send(message)
 
     def start_task(self, task) -> None:
         self.tasks_started += 1
         self.busy = True
-        self.conn.send(("task", task))
+        self.send(("task", task))
+
+    def _go_after(self, predecessor: TrialProcess) -> None:
+        """Tell the child to initialize its devices once `predecessor` has exited (its GPU memory
+        is then back)."""
+        wait_for_exit(predecessor)
+        try:
+            self.send(("go", predecessor.pid))
+        except (BrokenPipeError, OSError):  # this child is gone too
+            pass
 
     def receive(self):
         """The next message, or None when the child died (its pipe closed)."""
@@ -163,6 +191,7 @@ class TrialProcess:
         if message[0] == "ready":
             self.ready = True
             self.rss = message[1]
+            self.devices = message[2] if len(message) > 2 else None
         elif message[0] in ("done", "error", "interrupted"):
             self.busy = False
             self.rss = message[2]
@@ -178,7 +207,7 @@ class TrialProcess:
     def retire(self) -> None:
         """Let the child finish and exit on its own (it is idle)."""
         try:
-            self.conn.send(None)
+            self.send(None)
         except (BrokenPipeError, OSError):
             pass
         threading.Thread(target=self._reap, daemon=True).start()
@@ -202,6 +231,67 @@ class TrialProcess:
             self.process.kill()
         self.process.join()
         self.conn.close()
+
+
+def wait_for_exit(proc: TrialProcess) -> None:
+    """Block until the child `proc` has exited, without reaping it (its owner joins it).
+
+    Its sentinel closes while the process tears down, possibly before its GPU device files are
+    closed; a zombie has closed every file. So after the sentinel, wait for the zombie state
+    (`waitid` with WNOWAIT leaves the exit status for `join`)."""
+    from multiprocessing.connection import wait
+
+    wait([proc.sentinel])
+    if hasattr(os, "waitid"):
+        try:
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:  # already reaped: long gone
+            pass
+
+
+def gpu_memory_plan(gpus: list[str], limit_mib: float | None) -> dict[str, str]:
+    """What each GPU of a trial process gets (pure): a fixed limit of `limit_mib` MiB, or memory
+    growth (None), instead of TensorFlow's default of mapping nearly all of it at start.
+
+        >>> gpu_memory_plan(["/physical_device:GPU:0"], None), gpu_memory_plan(["/physical_device:GPU:0"], 4096)
+        ({'/physical_device:GPU:0': 'memory growth'}, {'/physical_device:GPU:0': 'limit 4096 MiB'})
+    """
+    setting = "memory growth" if limit_mib is None else f"limit {int(limit_mib)} MiB"
+    return {name: setting for name in gpus}
+
+
+def configure_gpu_memory(limit_mib: float | None, gpus: list | None = None) -> dict[str, str]:
+    """Apply `gpu_memory_plan` to TensorFlow's GPUs (default: all this process sees); returns it.
+    Must run before any GPU operation: TensorFlow refuses to change an initialized device."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU") if gpus is None else gpus
+    for gpu in gpus:
+        if limit_mib is None:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        else:
+            tf.config.set_logical_device_configuration(gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=int(limit_mib))])
+    return gpu_memory_plan([gpu.name for gpu in gpus], limit_mib)
+
+
+def initialize_devices(limit_mib: float | None) -> dict:
+    """Set the GPU memory rule, then initialize TensorFlow's devices (GPU contexts are created
+    here, not in the first trial); returns what the parent is told."""
+    import tensorflow as tf
+
+    applied = configure_gpu_memory(limit_mib)
+    tf.config.list_logical_devices()  # initializes every device, with the settings above
+    return {"gpu_memory": applied}
+
+
+def process_state(pid: int) -> str:
+    """"exited" (gone or a zombie: its memory and files are released) or "running"."""
+    import psutil
+
+    try:
+        return "exited" if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE else "running"
+    except psutil.NoSuchProcess:
+        return "exited"
 
 
 class Channel:
@@ -232,7 +322,8 @@ class Channel:
 # --- the child's side -------------------------------------------------------------------------
 
 
-def _child_main(conn, parent_pid: int, handler, env: dict, threads: int) -> None:
+def _child_main(conn, parent_pid: int, handler, env: dict, threads: int, gpu_memory_limit_mib: float | None = None,
+                gated: bool = False) -> None:
     _die_with_parent(parent_pid)
     os.environ.update(env)  # before TensorFlow is imported: CUDA_VISIBLE_DEVICES is read then
     import_tensorflow_quietly()  # first: other imports would pull TensorFlow in with its banner
@@ -246,11 +337,21 @@ def _child_main(conn, parent_pid: int, handler, env: dict, threads: int) -> None
     _install_stop_handlers()
     quiet_libraries()
     channel = Channel(conn)
-    conn.send(("ready", resident_mib()))
+    early: list = []  # messages that came before "go": tasks wait for the devices
+    predecessor = None
+    if gated:
+        conn.send(("waiting", os.getpid()))
+        predecessor = _wait_for_go(conn, early)
+        if predecessor is None:  # told to finish (or the parent went) before the GPU was free
+            os._exit(0)
+    devices = {"predecessor": predecessor,
+               "predecessor_at_init": process_state(predecessor) if predecessor else None}
+    devices.update(initialize_devices(gpu_memory_limit_mib))
+    conn.send(("ready", resident_mib(), devices))
     code = 0
     while True:
         try:
-            message = conn.recv()
+            message = early.pop(0) if early else conn.recv()
         except (EOFError, OSError):
             break
         if message is None:
@@ -268,6 +369,21 @@ def _child_main(conn, parent_pid: int, handler, env: dict, threads: int) -> None
     sys.stderr.flush()
     # Skip the interpreter's teardown: collecting a large TensorFlow heap can take a minute.
     os._exit(code)
+
+
+def _wait_for_go(conn, early: list) -> int | None:
+    """Read messages until the parent's "go"; keep the tasks sent before it, in order. Returns
+    the predecessor's pid, or None when told to finish first."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return None
+        if message is None:
+            return None
+        if message[0] == "go":
+            return message[1]
+        early.append(message)
 
 
 def _sendable(exc: BaseException) -> BaseException:

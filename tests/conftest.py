@@ -47,12 +47,13 @@ baseline:
   epochs: 2
   min_steps: 8              # tiny: the floor is for real data
   patience: null            # learning_rate: auto (a short search)
+  retries: 0                # tiny: no retry at another rate (tests/test_baseline.py covers them)
 """
 
 
 # Longest first, so that with two xdist workers the long end-to-end groups start at once and the
 # many short tests fill the other worker around them (collection order is dispatch order).
-_LONGEST_FIRST = ("test_workers.py", "test_quadrants.py", "test_sweep.py", "test_reliability.py")
+_LONGEST_FIRST = ("test_workers.py", "test_quadrants.py", "test_sweep.py", "test_reliability.py", "test_secrets.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -145,3 +145,34 @@ def test_pretrained_weights_are_read_once_per_process(tmp_path):
     path.unlink()  # a second read would fail now
     again = bb.construct("MobileNetV2", 32, str(path), {"alpha": 0.35})
     assert all(np.array_equal(a, b) for a, b in zip(first.get_weights(), again.get_weights()))
+
+
+# One backbone per keras.applications module: each module has its own preprocess_input.
+_ONE_PER_MODULE = list({spec.module: name for name, spec in reversed(list(bb.BACKBONES.items()))}.values())
+
+
+@pytest.mark.parametrize("name", _ONE_PER_MODULE)
+def test_preprocessing_in_built_in_layers_matches_preprocess_input(name):
+    """The model carries preprocessing as a channel flip and Rescaling (loads without the harness):
+    on random uint8 images and on the float pixels augmentation makes, it gives what the module's
+    own preprocess_input gives, to float32 rounding (caffe and identity exactly)."""
+    import numpy as np
+
+    from harness.model import preprocessing
+
+    rng = np.random.default_rng(0)
+    for pixels in (rng.integers(0, 256, (4, 9, 7, 3)).astype("uint8"), rng.uniform(0, 255, (2, 5, 5, 3))):
+        expected = bb.preprocess_fn(name)(pixels.astype("float32"))
+        got = np.asarray(preprocessing(name)(pixels))
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+        if bb.PREPROCESS_MODES[bb.get_spec(name).module] in ("caffe", None):
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_every_registered_module_has_a_known_preprocessing():
+    assert {spec.module for spec in bb.BACKBONES.values()} <= set(bb.PREPROCESS_MODES)
+    assert len(_ONE_PER_MODULE) == len({spec.module for spec in bb.BACKBONES.values()})
+    caffe = bb.pixel_transform("VGG16")
+    assert caffe.flip_channels and caffe.offset == (-103.939, -116.779, -123.68)
+    assert not bb.pixel_transform("EfficientNetB0").flip_channels

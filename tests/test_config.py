@@ -91,3 +91,97 @@ def test_cli_refuses_bad_config_without_traceback_or_side_effects(workdir):
 def test_cli_refuses_a_missing_config_file(workdir):
     proc = run_cli("nope.yaml", cwd=workdir, timeout=120)
     assert proc.returncode == 2 and "nope.yaml: config file not found" in proc.stderr
+
+
+# --- the name rule: a name becomes a path, an experiment, a registered model and a filter value ---------------
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("../../escaped", "contains '/'"),
+    ("team/flowers", "contains '/'"),
+    ("it's", "contains \"'\""),
+    ("tick`name", "contains '`'"),
+    ("model:v1", "contains ':'"),
+    ("best@champion", "contains '@'"),
+    ("two words", "contains ' '"),
+    (".hidden", "starts with '.'"),
+    ("a..b", "contains '..'"),
+    ("", "is empty"),
+    ("x" * 101, "is 101 characters long"),
+])
+def test_names_outside_the_rule_are_named_with_the_reason(name, reason):
+    from harness.config import name_problem
+
+    assert name_problem(name) == reason
+
+
+@pytest.mark.parametrize("name", ["demo", "flowers-v2", "tiny.trial-3", "Q_2026.cells", "x" * 100])
+def test_names_inside_the_rule_pass(name):
+    from harness.config import name_problem
+
+    assert name_problem(name) is None
+
+
+def test_a_bad_study_name_in_the_yaml_is_refused_at_load_with_its_line():
+    message = error_of('study:\n  name: "team/flowers"\ndata:\n  name: shapes\n')
+    assert "s.yaml:2:3: study.name: 'team/flowers' contains '/'" in message
+    assert "names are 1 to 100 characters" in message
+
+
+def test_every_bad_target_name_is_reported_in_one_error():
+    text = ("study: {name: q}\nmodel: {weights: none}\nquadrants:\n  strategies: [scratch]\n  targets:\n"
+            "    - {name: \"a'b\", data: {name: shapes}}\n    - {name: ok, data: {name: shapes}}\n"
+            "    - {name: ../up, data: {name: shapes}}\n")
+    message = error_of(text)
+    assert "quadrants.targets[0].name: \"a'b\" contains \"'\"" in message
+    assert "quadrants.targets[2].name: '../up' contains '/'" in message
+    assert "targets[1]" not in message
+
+
+@pytest.mark.parametrize("name, reason", [("../../escaped", "contains '/'"), ("team/flowers", "contains '/'"),
+                                          ("it's", "contains \"'\"")])
+def test_cli_refuses_a_bad_study_name_flag_before_writing_anything(workdir, name, reason):
+    config = write_config(workdir)
+    before = sorted(p.relative_to(workdir.parent) for p in workdir.parent.rglob("*"))
+    proc = run_cli(str(config), "--study-name", name, cwd=workdir, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"--study-name: {name!r} {reason}; names are 1 to 100 characters" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # nothing anywhere in the temporary tree: no results/, no optuna.db or sweep.lock beside it, no MLflow store
+    assert sorted(p.relative_to(workdir.parent) for p in workdir.parent.rglob("*")) == before
+
+
+# --- YAML that parses, but not into what its author meant -----------------------------------------------------
+
+
+def test_duplicate_keys_are_refused_naming_both_lines_and_every_duplicate():
+    text = "study:\n  name: a\n  n_trials: 3\n  name: b\ndata:\n  name: shapes\nstudy:\n  seed: 1\n"
+    message = error_of(text)
+    assert "2 duplicate key(s)" in message
+    assert "s.yaml:4:3: study.name: duplicate key (first set at line 2)" in message
+    assert "s.yaml:7:1: study: duplicate key (first set at line 1)" in message
+
+
+def test_a_merge_key_overridden_on_purpose_is_not_a_duplicate():
+    cfg = parse_config("data: {name: shapes}\n"
+                       "train:\n  head: &h {epochs: 2, batch_size: 8}\n  finetune:\n    <<: *h\n    epochs: 3\n", "s.yaml")
+    assert cfg.train.finetune.epochs == 3 and cfg.train.finetune.batch_size == 8
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "~\n"])
+def test_an_empty_config_gets_its_own_message(text):
+    assert error_of(text) == ("s.yaml: config file is empty; a sweep needs at least a data: block "
+                              "(sweeps/demo.yaml is a complete example)")
+
+
+def test_cli_names_an_empty_config_and_a_directory_given_as_the_config(workdir):
+    (workdir / "empty.yaml").write_text("# nothing yet\n")
+    (workdir / "sweeps").mkdir()
+    empty = run_cli("empty.yaml", cwd=workdir, timeout=120)
+    assert empty.returncode == 2 and "empty.yaml: config file is empty" in empty.stderr
+    folder = run_cli("sweeps", cwd=workdir, timeout=120)
+    assert folder.returncode == 2 and "sweeps: is a directory, expected a YAML file" in folder.stderr
+    dup = write_config(workdir, TINY + "study:\n  seed: 3\n", "dup.yaml")
+    duplicated = run_cli(str(dup), cwd=workdir, timeout=120)
+    assert duplicated.returncode == 2 and "study: duplicate key (first set at line 2)" in duplicated.stderr
+    assert not (workdir / "results").exists()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,13 @@ from harness.data import (DataError, cache_plan, load_dataset, make_splits, min_
 from tests.conftest import TINY, run_cli, write_config
 
 LABELS = np.repeat(np.arange(4), 50)
+
+
+@pytest.fixture(autouse=True)
+def _results_outside_the_repository(tmp_path_factory, monkeypatch):
+    """A folder that passes its image check is remembered under results/ (data.checked_images_dir):
+    run from a folder of its own, never the repository and never a dataset root under test."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 def test_splits_are_deterministic_stratified_and_disjoint():
@@ -93,7 +103,7 @@ def test_streamed_and_disk_cached_pipelines_yield_every_image_once_per_epoch_res
         assert first != second  # reshuffled every epoch
         ordered = _epochs(tf_dataset(ds, splits.val, 5, shuffle=False), 1)[0]
         assert ordered == _epochs(tf_dataset(load_dataset(base), splits.val, 5, shuffle=False), 1)[0]
-    assert list((tmp_path / "cache").glob("*.index")), "the disk plan writes a tf.data cache file"
+    assert len(list((tmp_path / "cache").glob("decoded-*.npy"))) == 2, "the disk plan writes one file per split"
 
 
 def test_tfds_is_exported_once_as_files_and_keeps_its_official_splits(tmp_path):
@@ -198,6 +208,55 @@ def test_a_long_list_of_bad_files_is_capped_but_counted(tmp_path):
     assert sum(f"bad{i:02d}.jpg" in text for i in range(25)) == 20
 
 
+def test_a_format_training_cannot_decode_is_refused_even_when_pil_opens_it(tmp_path):
+    """A TIFF or ICO saved with a .png name: PIL reads it, TensorFlow's decode_image (training's) does not."""
+    _write_folder(tmp_path)
+    pixels = np.full((20, 24, 3), 90, np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "cat" / "scan.png", format="TIFF")
+    Image.fromarray(pixels).save(tmp_path / "dog" / "icon.png", format="ICO")
+    with Image.open(tmp_path / "cat" / "scan.png") as im:
+        assert im.format == "TIFF"  # the old PIL check passed this file
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(source="folder", path=str(tmp_path)))
+    text = str(info.value)
+    assert "2 unreadable or corrupt image file(s): training's decoder (tf.io.decode_image: JPEG, PNG" in text
+    assert f"{tmp_path / 'cat' / 'scan.png'} (a TIFF file)" in text
+    assert f"{tmp_path / 'dog' / 'icon.png'} (an ICO file)" in text
+    assert not Path("results").exists()  # a refused folder is not remembered
+
+
+def test_a_resume_decodes_only_files_that_changed_since_they_passed(tmp_path):
+    images, checks = tmp_path / "images", tmp_path / "checks"
+    _write_folder(images)
+    cfg = DataConfig(source="folder", path=str(images), checked_images_dir=str(checks))
+    load_dataset(cfg)
+    (record,) = checks.glob("*.json")
+    assert len(json.loads(record.read_text())["files"]) == 12 and not list(checks.glob(".*tmp"))
+
+    # Same path, size and modification time: trusted, not decoded again (garbage of the same size passes).
+    victim = images / "cat" / "3.png"
+    stat = victim.stat()
+    victim.write_bytes(b"\0" * stat.st_size)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert len(load_dataset(cfg).paths) == 12
+
+    # A new modification time: decoded again, and refused.
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(DataError, match="1 unreadable or corrupt") as info:
+        load_dataset(cfg)
+    assert str(victim) in str(info.value)
+    # A refused folder leaves the record as it was: the bad file is never remembered as good.
+    saved = json.loads(record.read_text())["files"]
+    assert saved[str(victim)] == [stat.st_size, stat.st_mtime_ns]
+
+
+def test_without_a_checks_folder_every_file_is_decoded_every_time(tmp_path):
+    _write_folder(tmp_path / "images")
+    cfg = DataConfig(source="folder", path=str(tmp_path / "images"), checked_images_dir=None)
+    load_dataset(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
 def test_the_minimum_class_size_follows_the_fractions_and_train_per_class(tmp_path):
     assert min_images_per_class(DataConfig(val_fraction=0.2, test_fraction=0.2)) == 3
     assert min_images_per_class(DataConfig(val_fraction=0.2, test_fraction=0.2, train_per_class=10)) == 16  # 16 - 3 test - 3 val
@@ -252,3 +311,156 @@ def test_the_cli_reports_every_folder_problem_and_creates_nothing(workdir):
         assert problem in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (workdir / "results").exists() and not (workdir / "mlruns").exists()
+
+
+# --- the shared decoded-split cache (harness/diskcache.py) ----------------------------------------
+
+
+def _grey_folder(root, n=12):
+    """Two classes of images that each carry their own grey level."""
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), 6 * i + (120 if c == "dog" else 0), np.uint8)).save(root / c / f"{i}.png")
+
+
+def _decode_in_child(ds, indices, out_queue):
+    from harness.data import decoded_split
+
+    out_queue.put(np.array(decoded_split(ds, indices)))
+
+
+def test_a_decoded_split_is_one_shared_file_whatever_the_process_or_seed(tmp_path):
+    import multiprocessing
+
+    from harness.data import decoded_split
+
+    _grey_folder(tmp_path / "images")
+    cache = tmp_path / "cache"
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path / "images"), image_size=8, memory_cache_mib=0,
+                                 disk_cache_dir=str(cache)))
+    splits = make_splits(ds.labels, DataConfig())
+    expected = np.concatenate([x.numpy() for x, _ in tf_dataset(dataclasses.replace(ds, disk_cache_dir=None),
+                                                                 splits.train, 64, shuffle=False)])
+    # Two processes start on an empty cache at once: both end up with the complete split.
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    racers = [ctx.Process(target=_decode_in_child, args=(ds, splits.train, queue)) for _ in range(2)]
+    for p in racers:
+        p.start()
+    results = [queue.get(timeout=300) for _ in racers]
+    for p in racers:
+        p.join()
+    for result in results:
+        np.testing.assert_array_equal(result, expected)
+    assert [p.name for p in cache.iterdir()] == [f"{p.name}" for p in cache.glob("decoded-*.npy")]  # no temp left
+    assert len(list(cache.iterdir())) == 1
+    # Pipelines of other seeds, in this process too, read that same file.
+    for seed in (0, 1, 2):
+        _epochs(tf_dataset(ds, splits.train, 5, shuffle=True, seed=seed), 1)
+    np.testing.assert_array_equal(decoded_split(ds, splits.train), expected)
+    assert len(list(cache.iterdir())) == 1
+
+
+def test_a_reader_of_a_replaced_entry_still_reads_a_complete_file(tmp_path):
+    """Two writers of one key: the second rename replaces the first file; a process that mapped
+    the first keeps a complete copy, and a new reader gets the second, complete too."""
+    from harness import diskcache
+
+    path = tmp_path / "entry.npy"
+    first, second = tmp_path / "entry.partial-a-1.npy", tmp_path / "entry.partial-b-2.npy"
+    np.save(first, np.arange(1000, dtype=np.int64))
+    np.save(second, np.arange(1000, dtype=np.int64))
+    diskcache.publish(first, path)
+    mapped = np.load(path, mmap_mode="r")
+    diskcache.publish(second, path)
+    assert mapped.sum() == np.load(path, mmap_mode="r").sum() == 499500
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry.npy"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_temporary_files_of_dead_writers_are_removed_and_a_live_writers_kept(tmp_path):
+    import os
+    import time
+
+    from harness import diskcache
+
+    host, dead = diskcache._host(), _dead_pid()
+    names = {
+        "entry.npy": False,  # a finished entry
+        f"a.partial-{host}-{dead}.npy": True,  # its writer was killed
+        f"b.partial-{host}-{os.getpid()}.npy": False,  # its writer (this process) is alive
+        "c.partial-otherhost-1.npy": False,  # another machine's writer: only age tells
+        "d.partial-otherhost-2.npy": True,  # ...and this one has not been written to for days
+        f"e.{dead}.partial.npy": True,  # an earlier version's temporary feature file
+        f"0123-32px-ordered-pid{dead}.index": True,  # an earlier version's per-process tf.data copy
+        f"0123-32px-ordered-pid{dead}.data-00000-of-00001": True,
+    }
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    old = time.time() - diskcache.STALE_SECONDS - 60
+    os.utime(tmp_path / "d.partial-otherhost-2.npy", (old, old))
+    removed = diskcache.remove_stale_partials(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(n for n, stale in names.items() if stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, stale in names.items() if not stale)
+
+
+def test_lru_victims_go_oldest_used_first_until_the_newcomer_fits():
+    from harness.diskcache import lru_victims
+
+    entries = [("a", 4, 3.0), ("b", 4, 1.0), ("c", 4, 2.0)]
+    assert lru_victims(entries, cap_bytes=12) == []
+    assert lru_victims(entries, cap_bytes=12, incoming=4) == ["b"]
+    assert lru_victims(entries, cap_bytes=12, incoming=8) == ["b", "c"]
+    assert lru_victims(entries, cap_bytes=0, incoming=4, keep="b") == ["c", "a"]  # kept even past the cap
+
+
+def test_past_the_cap_the_split_used_longest_ago_is_deleted_and_the_one_just_used_kept(tmp_path):
+    import os
+    import time
+
+    from harness.data import decoded_split, decoded_split_path
+
+    _grey_folder(tmp_path / "images")
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path / "images"), image_size=8, memory_cache_mib=0,
+                                 disk_cache_dir=str(tmp_path / "cache")))
+    splits = make_splits(ds.labels, DataConfig(val_fraction=0.25, test_fraction=0.25))
+    train, val, test = (decoded_split_path(ds, s) for s in (splits.train, splits.val, splits.test))
+    decoded_split(ds, splits.train)
+    decoded_split(ds, splits.val)
+    long_ago = time.time() - 3600
+    for path in (train, val):  # both written an hour ago...
+        os.utime(path, (long_ago, long_ago))
+    os.utime(train, (long_ago - 60, long_ago - 60))  # ...train first
+    decoded_split(ds, splits.train)  # ...but train is used now
+    # A cap that holds two of the three splits (val and test are the same size): writing test
+    # deletes val, used longest ago.
+    capped = dataclasses.replace(ds, disk_cache_max_gib=(train.stat().st_size + val.stat().st_size + 64) / 2**30)
+    decoded_split(capped, splits.test)
+    assert train.exists() and test.exists() and not val.exists()
+    # The evicted split is decoded again when needed.
+    assert decoded_split(capped, splits.val).shape[0] == len(splits.val)
+
+
+def test_cache_caps_are_checked_at_load_with_their_key():
+    from harness.config import ConfigError, parse_config
+
+    base = "study: {name: caps}\nsearch: {backbone: MobileNetV2, head_lr: 0.01}\n"
+    cfg = parse_config(base + "data: {name: shapes}\n", "c.yaml")
+    assert cfg.data.disk_cache_max_gib == 20 and cfg.train.feature_cache_max_gib == 20
+    assert cfg.train.gpu_memory_limit_mib is None  # memory growth
+    for key, text in (("data.disk_cache_max_gib", "data: {name: shapes, disk_cache_max_gib: -1}\n"),
+                      ("train.feature_cache_max_gib", "train: {feature_cache_max_gib: many}\n"),
+                      ("train.gpu_memory_limit_mib", "train: {gpu_memory_limit_mib: 10}\n")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            parse_config(base + ("" if text.startswith("data") else "data: {name: shapes}\n") + text, "c.yaml")
+    limited = parse_config(base + "data: {name: shapes}\ntrain: {gpu_memory_limit_mib: 4096}\n", "c.yaml")
+    assert limited.train.gpu_memory_limit_mib == 4096

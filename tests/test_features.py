@@ -193,3 +193,40 @@ def test_a_trials_resolved_config_says_whether_it_used_the_cache_and_loads_again
     assert with_aug["train"]["feature_cache"] is False and without["train"]["feature_cache"] is True
     for resolved in (with_aug, without):
         assert parse_config(yaml.safe_dump(resolved), "r.yaml").train.feature_cache == resolved["train"]["feature_cache"]
+
+
+def test_the_feature_folder_drops_dead_writers_files_and_keeps_under_its_cap_least_recently_used_first(task, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from harness import diskcache
+
+    _, dataset, splits = task
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / f"MobileNetV2-0123.partial-{diskcache._host()}-{dead.pid}.npy"  # its writer was killed
+    killed.write_bytes(b"half a file")
+    cache = FeatureCache(tmp_path, dataset, splits)
+    assert not killed.exists()  # gone when the next process opens the cache
+    cache.features(model(), "train")
+    cache.features(model(), "val")
+    train, val = (tmp_path / f"MobileNetV2-{k}.npy" for k in (
+        _key(cache, model(), "train"), _key(cache, model(), "val")))
+    long_ago = time.time() - 3600
+    os.utime(train, (long_ago - 60, long_ago - 60))
+    os.utime(val, (long_ago, long_ago))
+    # Train was written first but is used again now (from this process's memory: still touched).
+    cache.features(model(), "train")
+    # A cap that holds the two sets already there, not a third: the one used longest ago (val) goes.
+    capped = FeatureCache(tmp_path, dataset, splits, max_gib=(train.stat().st_size + val.stat().st_size + 64) / 2**30)
+    capped.features(model(cut_fraction=0.5), "val")
+    assert train.exists() and not val.exists() and len(list(tmp_path.glob("*.npy"))) == 2
+    assert capped.features(model(), "val").shape[0] == len(splits.val)  # computed again when needed
+
+
+def _key(cache, tm, split):
+    from harness.features import feature_key, weights_digest
+
+    return feature_key(tm, weights_digest(tm.backbone), cache._split_digest(split))

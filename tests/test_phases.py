@@ -114,3 +114,30 @@ def test_best_weights_copies_only_what_can_change_and_still_restores_every_phase
     shift(low, 1.0)
     keeper.restore(model)
     assert all(np.array_equal(a, b) for a, b in zip(low.get_weights() + top.get_weights(), low_best + top_now))
+
+
+def test_from_scratch_early_stopping_waits_for_the_step_floor_and_a_still_falling_loss():
+    """The demo's baseline once stopped at a quarter of its step floor: its best val_accuracy came at
+    the first validation while the validation loss kept falling."""
+    from harness.phases import scratch_keeps_training
+
+    flat_accuracy = [0.22, 0.20, 0.20, 0.20, 0.20]
+    falling_loss = [1.91, 1.85, 1.78, 1.70, 1.61]
+    assert scratch_keeps_training(falling_loss, flat_accuracy, "maximize", patience=3)  # the loss still falls
+    stalled_loss = [1.91, 1.85, 1.86, 1.87, 1.88]
+    assert not scratch_keeps_training(stalled_loss, flat_accuracy, "maximize", patience=3)  # neither moves: stop
+    assert scratch_keeps_training(stalled_loss, flat_accuracy, "maximize", patience=3, min_epochs=6)  # below the floor
+    assert not scratch_keeps_training(stalled_loss + [1.9], flat_accuracy + [0.2], "maximize", patience=3, min_epochs=6)
+    rising_accuracy = [0.2, 0.3, 0.4, 0.5, 0.6]  # overfitting loss, better accuracy: go on
+    assert scratch_keeps_training([1.5, 1.6, 1.7, 1.8, 1.9], rising_accuracy, "maximize", patience=3)
+    assert scratch_keeps_training([2.0, float("nan")], [0.2, 0.2], "maximize", patience=None)  # no patience: never
+
+
+def test_a_scratch_phase_runs_to_its_floor_even_when_nothing_improves():
+    """A learning rate of ~0 changes nothing: the metric and the loss never improve after the first
+    validation, yet the phase runs min_epochs validations before patience may end it."""
+    from harness.phases import scratch_plan
+
+    train, val = datasets()
+    history = run_phases(tiny_model(), scratch_plan(12, 1e-12, patience=1, min_epochs=5), train, val)
+    assert len(history.epochs) == 5

@@ -195,6 +195,12 @@ def test_confirmation_retrains_each_cell_with_k_seeds_and_reads_test_once(quad_s
                 and "test_accuracy" in r.data.metrics]
     checks = [r for r in runs if r.data.tags.get("harness.role") == "backbone_confirm"]
     assert len(checks) == 8 and all("test_accuracy" in r.data.metrics and "harness.model_uri" not in r.data.tags for r in checks)
+    # every seed says how it was trained, and shows its epochs as a trial does (a scratch seed is never silent)
+    assert {r.data.tags["harness.training_rule"].split(":")[0] for r in runs
+            if r.data.tags.get("harness.role") == "confirm"} == {"two-phase", "from scratch"}
+    lines = quad_sweep[1].stderr.splitlines()
+    assert any(line.startswith("shapes-small.scratch confirm [") and " scratch epoch " in line for line in lines)
+    assert any(line.startswith("digits-small.features confirm [") and " head epoch " in line for line in lines)
     for check in checks:  # the backbone that did not win its cell
         cell = next(c for c in cells if c.info.run_id == check.data.tags["mlflow.parentRunId"])
         winner = next(r for r in runs if r.data.tags.get("harness.role") == "confirm"
@@ -288,3 +294,34 @@ def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weigh
     # each test read comes after that seed's training pipelines
     assert all(any(np.array_equal(built[j], splits.train) for j in range(i)) for i in uses_of_test)
     assert not any(np.intersect1d(idx, splits.test).size for idx in built if not np.array_equal(idx, splits.test))
+
+
+def test_cells_trained_under_different_rules_get_no_decisive_verdict(tmp_path, weights_file):
+    """A converged scratch cell against budget-limited transfer: the report names the rules and does
+    not call the better one the winner; two cells under one rule still get their verdict."""
+    from harness.config import load_config
+    from harness.export import quadrant_verdicts, write_comparison
+    from harness.quadrants import training_rule
+
+    cfg = load_config(write_config(tmp_path, quad(weights_file)))
+    scratch, full, partial = (training_rule(cfg, s) for s in ("scratch", "full", "partial"))
+    assert full == partial != scratch
+    assert "at least 6 steps" in scratch and "head 1 epochs" in full
+
+    def cells(scratch_rule):
+        return pd.DataFrame([
+            {"quadrant": "large-similar", "size": "large", "similarity": "similar", "target": "t", "strategy": s,
+             "best_val": m, "test_mean": m, "test_std": 0.005, "n_seeds": 3, "training_rule": r,
+             "test_accuracies": [m - 0.005, m, m + 0.005]}
+            for s, m, r in (("full", 0.864, full), ("partial", 0.80, partial), ("scratch", 0.944, scratch_rule))])
+
+    mixed = quadrant_verdicts(cells(scratch)).iloc[0]
+    assert mixed["winner"] == "scratch" and mixed["significant"] and not mixed["decisive"]
+    assert mixed["verdict"] == "scratch, not decisive: training rules differ"
+    assert mixed["training_rules"] == "; ".join(sorted({full, scratch}))
+    one_rule = quadrant_verdicts(cells(full)).iloc[0]
+    assert one_rule["decisive"] and one_rule["verdict"] == "scratch"
+    paths = write_comparison(cells(scratch), tmp_path / "out", "rules")
+    text = paths["md"].read_text()
+    assert "trained under different rules, so no winner is called" in text
+    assert f"Trained under: {scratch}; {full}." in text

@@ -150,6 +150,19 @@ def test_ui_url_defaults_to_mlflow_ui_or_the_tracking_server(capsys):
     assert exit_info.value.code == 0 and "--ui-url" in capsys.readouterr().out
 
 
+def test_report_links_and_lines_never_carry_a_password(tmp_path):
+    """A run link starts with the tracking server's address: its login must not come along."""
+    tracker = FakeTracker(quadrant_runs(), uri="https://bob:Pw4711@mlflow.lab")
+    lines = []
+    paths = report.build_report("quad", tracker, tmp_path, log=lines.append)
+    texts = [p.read_text(encoding="utf-8") for p in paths.values() if p.suffix in (".csv", ".md", ".html", ".tex")]
+    assert "https://bob:***@mlflow.lab/#/experiments/" in paths["html"].read_text(encoding="utf-8")
+    assert not [t for t in texts + lines if "Pw4711" in t]
+    with pytest.raises(SystemExit) as refused:
+        report.build_report("quad", FakeTracker([], uri="https://bob:Pw4711@mlflow.lab"), tmp_path)
+    assert "Pw4711" not in str(refused.value) and "bob:***@mlflow.lab" in str(refused.value)
+
+
 def _study_with_trials() -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize")
@@ -199,6 +212,18 @@ def test_report_and_summary_never_write_two_tables_to_one_file_name(tmp_path):
     assert "number" in pd.read_csv(out / summary.OPTUNA_TRIALS_FILE).columns and "number" not in mlflow_table.columns
     md = (out / "trials.md").read_text(encoding="utf-8")
     assert md.startswith("# Trials of sweep tiny") and "| trial" in md and "0.500" in md
+
+
+def test_a_plain_reports_markdown_says_what_mattered_from_the_parent_runs_importances(tmp_path):
+    runs = plain_runs()
+    runs[0].data.metrics.update({"importance/head_lr": 0.25, "importance/finetune_lr": 0.75, "best_val_accuracy": 0.6})
+    report.build_report("tiny", FakeTracker(runs), tmp_path, log=lambda *_: None)
+    md = (tmp_path / "trials.md").read_text(encoding="utf-8")
+    section = md[md.index("## What mattered"):]
+    assert section.index("finetune_lr") < section.index("head_lr") and "0.750" in section and "best_val" not in section
+
+    report.build_report("tiny", FakeTracker(plain_runs()), tmp_path, log=lambda *_: None)  # a sweep that logged none
+    assert "What mattered" not in (tmp_path / "trials.md").read_text(encoding="utf-8")
 
 
 def test_logme_is_judged_against_confirmed_test_accuracy_per_target_and_across_pairs():

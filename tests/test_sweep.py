@@ -185,6 +185,16 @@ def test_the_mlflow_ui_facts(finished_sweep):
     assert "test accuracy" in note
     assert len(parent.data.params) <= 12 and parent.data.params["study.metric"] == "val_accuracy"
     assert "config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # What mattered: the importances as metrics and a table, Optuna's plots as images.
+    assert {"param_importances.csv", "plots"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    plots = {a.path: a.file_size for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {f"plots/{n}.png" for n in ("optimization_history", "slice", "parallel_coordinate", "contour")} <= set(plots)
+    assert all(size > 1000 for size in plots.values())
+    importances = {k: v for k, v in parent.data.metrics.items() if k.startswith("importance/")}
+    assert {"importance/finetune_lr", "importance/head_lr"} <= set(importances)
+    # The tiny sweep's trials may all score alike (chance on 3 classes): then every importance is 0.
+    assert sum(importances.values()) == pytest.approx(1.0) or not any(importances.values())
+    assert "what mattered" in finished_sweep[2].stderr and "3 complete trials" in finished_sweep[2].stderr
     assert {"best_val_accuracy", "test_accuracy", "scratch_test_accuracy"} <= set(parent.data.metrics)
     assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"shapes-train", "shapes-validation", "shapes-test"}
 
@@ -234,6 +244,11 @@ def test_the_baseline_is_trained_by_the_recipe_and_reports_its_fit(finished_swee
     assert baseline.data.metrics["scratch/steps"] >= 8  # baseline.min_steps of the tiny config
     assert baseline.data.tags["harness.undertrained"] in ("true", "false")
     assert float(baseline.data.params["scratch_learning_rate"]) in (1e-4, 3e-4, 1e-3)  # baseline.learning_rate: auto
-    assert "learning_rate_search.csv" in {a.path for a in client.list_artifacts(baseline.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(baseline.info.run_id)}
+    assert {"learning_rate_search.csv", "learning_rate_attempts.csv"} <= artifacts
+    # its validations and its attempt are shown as a trial's epochs are
+    lines = finished_sweep[1].stderr.splitlines()
+    assert any(line.startswith("baseline [") and " scratch epoch " in line for line in lines), lines[-20:]
+    assert any(line.startswith("baseline attempt 1/1: learning rate ") for line in lines)
     parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.data.tags["harness.baseline_undertrained"] == baseline.data.tags["harness.undertrained"]

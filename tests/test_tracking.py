@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+from pathlib import Path
+
 from harness.config import parse_config, with_overrides
-from harness.tracking import Tracker, redact, resolve_tracking_uri
+from harness.tracking import Tracker, login_to_environment, redact, redact_config, resolve_tracking_uri, ui_command
 from tests.conftest import TINY
 
 
@@ -23,8 +27,95 @@ def test_command_line_flags_override_the_yaml():
     assert with_overrides(parse_config(TINY, "t.yaml")).study.n_trials == 2  # None = not given
 
 
-def test_storage_passwords_never_reach_mlflow():
+def test_redact_masks_the_password_of_a_uri_and_keeps_the_user():
     assert redact("postgresql://user:secret@127.0.0.1/db") == "postgresql://user:***@127.0.0.1/db"
+    assert redact("postgresql+psycopg://u:pa/ss@[::1]:5432/db") == "postgresql+psycopg://u:***@[::1]:5432/db"
+    assert redact("https://bob:p%40ss@mlflow.example.com/") == "https://bob:***@mlflow.example.com/"
+    assert redact("https://bob:p@ss@mlflow.example.com/") == "https://bob:***@mlflow.example.com/"  # split at the last @
+    assert redact("mysql://root:@db/x") == "mysql://root:***@db/x"
+
+
+def test_redact_masks_password_like_query_parameters_whatever_their_case():
+    assert redact("postgresql://u@h/db?sslmode=require&password=s3") == "postgresql://u@h/db?sslmode=require&password=***"
+    assert (redact("postgresql://u@h/db?PassWord=a&sslpassword=b&passwd=c&PWD=d&application_name=x")
+            == "postgresql://u@h/db?PassWord=***&sslpassword=***&passwd=***&PWD=***&application_name=x")
+    assert (redact("https://h/x?Token=a&api_key=b&client_secret=c&X-Amz-Signature=d&page=2#top")
+            == "https://h/x?Token=***&api_key=***&client_secret=***&X-Amz-Signature=***&page=2#top")
+
+
+def test_redact_leaves_uris_without_secrets_paths_and_plain_text_unchanged():
+    for text in ("postgresql://harness@127.0.0.1:5432/harness", "http://127.0.0.1:5000", "https://h:8443/a/@me?page=2",
+                 "sqlite:////tmp/a:b@c/optuna.db", "sqlite:///results/mlflow.db", "results/demo/optuna.db",
+                 "file:///tmp/artifacts", "models:/demo/3", "lr password=1 key: 2", ""):
+        assert redact(text) == text
+
+
+def test_redact_masks_every_uri_inside_a_line_of_text():
+    line = "sharing the study through postgresql://u:pw1@db/s, logging to 'https://a:pw2@mlflow/' now"
+    assert redact(line) == "sharing the study through postgresql://u:***@db/s, logging to 'https://a:***@mlflow/' now"
+
+
+def test_the_ui_command_printed_after_a_sweep_names_no_password():
+    assert ui_command("https://bob:pw@mlflow.lab", "3") == ("open https://bob:***@mlflow.lab/#/experiments/3"
+                                                           "?workflowType=machine_learning in a browser")
+    assert ui_command("postgresql://u:pw@db/mlflow").startswith("mlflow ui --backend-store-uri postgresql://u:***@db/mlflow ")
+
+
+def test_redact_config_masks_every_uri_in_a_nested_config_and_copies_it():
+    config = {"study": {"storage": "postgresql://u:pw@db/x", "n_trials": 3},
+              "tracking": {"uri": "https://u:pw@mlflow/", "experiment": None},
+              "quadrants": {"targets": [{"data": {"path": "s3://b/x?token=pw"}}]}, "search": {"lr": [0.1, 0.2]}}
+    safe = redact_config(config)
+    assert safe == {"study": {"storage": "postgresql://u:***@db/x", "n_trials": 3},
+                    "tracking": {"uri": "https://u:***@mlflow/", "experiment": None},
+                    "quadrants": {"targets": [{"data": {"path": "s3://b/x?token=***"}}]}, "search": {"lr": [0.1, 0.2]}}
+    assert config["study"]["storage"] == "postgresql://u:pw@db/x"  # the caller's config is left as it was
+
+
+def test_nothing_a_tracker_writes_holds_a_password(workdir):
+    """Config artifacts, tags, params, descriptions, texts and failures, read back from the store."""
+    secret = "Zq9secretpw"
+    storage = f"postgresql://harness:{secret}@127.0.0.1/db?sslpassword={secret}"
+    config = {"study": {"name": "s", "storage": storage}, "tracking": {"uri": f"https://u:{secret}@mlflow.example"}}
+    t = Tracker(f"sqlite:///{workdir}/m.db", "exp", str(workdir / "a"))
+    parent = t.start_study_run("s", config, storage)
+    child = t.start_child("baseline", "baseline", {"where": storage}, config=config)
+    t.log_params(child, {"storage": storage})
+    t.describe(parent, f"stored in {storage}")
+    t.log_text(child, f"through {storage}", "notes.txt")
+    t.log_failure(child, RuntimeError(f"cannot reach {storage}"))
+    written = []
+    for run_id in (parent, child):
+        run = t.client.get_run(run_id)
+        written += [*run.data.tags.values(), *run.data.params.values()]
+        for artifact in t.client.list_artifacts(run_id):
+            written.append(_artifact_text(t, run_id, artifact.path))
+    assert not [text for text in written if secret in text]
+    assert t.client.get_run(parent).data.tags["optuna.storage"] == "postgresql://harness:***@127.0.0.1/db?sslpassword=***"
+    assert "storage: postgresql://harness:***@127.0.0.1/db?sslpassword=***" in _artifact_text(t, child, "config.yaml")
+
+
+def _artifact_text(tracker, run_id: str, path: str) -> str:
+    from mlflow.artifacts import download_artifacts
+
+    return Path(download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=tracker.uri)).read_text()
+
+
+def test_a_login_in_an_http_tracking_uri_moves_to_mlflows_environment(monkeypatch):
+    monkeypatch.setattr(os, "environ", {})  # a scratch environment: nothing set here outlives the test
+    assert resolve_tracking_uri("https://bob:p%40ss@mlflow.example:8443/x") == "https://mlflow.example:8443/x"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("bob", "p@ss")
+    assert login_to_environment("sqlite:////tmp/a:b@c/m.db") == "sqlite:////tmp/a:b@c/m.db"  # not a login
+
+
+def test_a_pickled_tracker_carries_the_login_to_a_process_started_before_it(workdir, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    data = pickle.dumps(Tracker(f"sqlite:///{workdir}/m.db", "exp", str(workdir / "a")))
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    pickle.loads(data)
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("bob", "pw")
 
 
 def test_parent_run_is_reopened_not_duplicated_and_children_nest(workdir):

@@ -142,3 +142,95 @@ def test_slots_give_each_worker_a_gpu_or_a_share_of_the_cores():
     cpu = plan_slots(2, [], cpu_count=2)
     assert [s.threads for s in cpu] == [1, 1] and all(s.env["CUDA_VISIBLE_DEVICES"] == "" for s in cpu)
     assert plan_slots(1, [], cpu_count=8)[0].threads == 0  # one process: TensorFlow's own default
+
+
+def next_message(proc, kinds, timeout=120):
+    """The next message of one of `kinds` (questions are not expected here)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.conn.poll(1):
+            message = proc.receive()
+            if message is None or message[0] in kinds:
+                return message
+    raise AssertionError(f"no {kinds} message in time")
+
+
+def test_a_successor_initializes_its_devices_only_after_its_predecessor_exited():
+    """The successor imports while its predecessor still runs a task, then waits: the predecessor
+    is let go only once the successor says it is waiting, and the successor, at its device
+    initialization, sees the predecessor exited. A task sent meanwhile runs after that."""
+    first = TrialProcess(handle)
+    try:
+        first.start_task(("ask", 1))
+        assert next_message(first, ("ask",))[1] == 1  # busy: blocked until its question is answered
+        second = TrialProcess(handle, after=first)
+        try:
+            assert next_message(second, ("waiting",))[1] == second.pid  # imports done, GPU untouched
+            second.start_task(("add", (1, 2)))  # sent before the predecessor exits: kept until "go"
+            first.send(("reply", 7))
+            assert next_outcome(first)[:2] == ("done", 70)
+            first.retire()
+            assert next_message(second, ("ready",))[0] == "ready"
+            assert second.devices["predecessor"] == first.pid
+            assert second.devices["predecessor_at_init"] == "exited"
+            assert first.process.exitcode == 0  # it finished normally, not killed
+            assert next_outcome(second)[1]["sum"] == 3
+        finally:
+            second.kill()
+    finally:
+        first.kill()
+
+
+def test_without_a_predecessor_the_process_starts_at_once_and_reports_its_gpu_memory_rule():
+    """On CPU (no predecessor to wait for) the successor is ready while the current process is
+    still busy, as before; the child applied the configured rule to the GPUs it sees (none here)."""
+    busy = TrialProcess(handle)
+    try:
+        busy.start_task(("ask", 1))
+        assert next_message(busy, ("ask",))[0] == "ask"
+        fresh = TrialProcess(handle, gpu_memory_limit_mib=2048)
+        try:
+            assert next_message(fresh, ("ready", "waiting"))[0] == "ready"  # while `busy` still runs
+            assert busy.alive()
+            assert fresh.devices == {"predecessor": None, "predecessor_at_init": None, "gpu_memory": {}}
+        finally:
+            fresh.kill()
+    finally:
+        busy.kill()
+
+
+def test_a_successor_told_to_finish_before_its_predecessor_exits_never_touches_the_gpu():
+    first = TrialProcess(handle)
+    try:
+        first.start_task(("ask", 1))
+        next_message(first, ("ask",))
+        second = TrialProcess(handle, after=first)
+        assert next_message(second, ("waiting",))[0] == "waiting"
+        second.retire()
+        assert next_message(second, ("ready",)) is None  # it exited without a "ready"
+        second.process.join(30)
+        assert second.process.exitcode == 0
+    finally:
+        first.kill()
+
+
+def test_each_gpu_gets_memory_growth_or_the_configured_limit():
+    from harness.worker import configure_gpu_memory, gpu_memory_plan
+
+    gpus = ["/physical_device:GPU:0", "/physical_device:GPU:1"]
+    assert gpu_memory_plan(gpus, None) == dict.fromkeys(gpus, "memory growth")
+    assert gpu_memory_plan(gpus, 4096.0) == dict.fromkeys(gpus, "limit 4096 MiB")
+    assert gpu_memory_plan([], 4096) == {}
+    # The rule goes through TensorFlow itself: a GPU TensorFlow does not know is refused by it.
+    import tensorflow as tf
+
+    with pytest.raises(ValueError, match="Unrecognized device"):
+        configure_gpu_memory(None, [tf.config.PhysicalDevice("/physical_device:GPU:9", "GPU")])
+
+
+def test_only_a_gpu_slot_makes_a_successor_wait():
+    from harness.trials import plan_slots
+
+    assert all(slot.gpu for slot in plan_slots(2, ["0", "1"], cpu_count=16))
+    assert not any(slot.gpu for slot in plan_slots(2, [], cpu_count=2))  # CUDA_VISIBLE_DEVICES=""
+    assert not plan_slots(1, [], cpu_count=2)[0].gpu
