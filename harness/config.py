@@ -205,7 +205,8 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class BaselineConfig:
-    """From-scratch training, for the baseline of a sweep and the `scratch` cells' confirmation.
+    """From-scratch training, for the baseline of a sweep and the `scratch` cells' confirmation; its
+    step floor and early stopping are every strategy's confirmation rule (harness/quadrants.py).
 
     A from-scratch model needs far more updates than a fine-tune (He et al., 2019), so its budget
     is optimizer steps with a floor, not epochs of a small training set."""

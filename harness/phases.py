@@ -44,6 +44,10 @@ class Phase:
     unfreeze_blocks: int  # top backbone blocks trainable; -1 = everything incl. BN (from scratch)
     patience: int | None = None
     min_epochs: int = 0  # epochs (validations) before early stopping may end a from-scratch phase: the step floor
+    # Early stopping as from scratch (`scratch_keeps_training`: min_epochs first, then on val loss
+    # and the metric) for a phase whose BatchNormalization does not train: a confirmation seed's last phase.
+    stall_stopping: bool = False
+    steps_per_epoch: int | None = None  # steps between validations when not one pass over the training set
 
 
 @dataclass
@@ -408,6 +412,7 @@ def run_phases(
         callbacks: list[keras.callbacks.Callback] = [_NonFiniteBatch(), _EpochHook(phase.name, history, on_epoch, best, tm.model)]
         if trains_bn:
             callbacks.insert(0, _ScratchValidation(train_ds, val_ds))
+        if trains_bn or phase.stall_stopping:
             callbacks.append(_ScratchStopping(monitor, direction, phase.patience, phase.min_epochs))
         elif phase.patience:
             callbacks.append(
@@ -416,13 +421,15 @@ def run_phases(
                     patience=phase.patience, restore_best_weights=True,
                 )
             )
+        if phase.steps_per_epoch:  # validations further apart than one pass: the pipeline runs on across passes
+            train_in = train_in.repeat()
         started = time.perf_counter()
         best.start_phase(tm.model)
         before = len(history.epochs)
         fitted.fit(
             train_in, validation_data=None if trains_bn else val_in, initial_epoch=epoch, epochs=epoch + phase.epochs,
             callbacks=callbacks, verbose=0, shuffle=False,  # tf.data shuffles already
-            steps_per_epoch=steps_per_epoch,  # an "epoch" of a repeated pipeline (from-scratch training)
+            steps_per_epoch=phase.steps_per_epoch or steps_per_epoch,  # an "epoch" of a repeated pipeline
             class_weight=class_weight,  # label -> loss weight (train.class_weight); validation stays unweighted
         )
         if cached:  # the whole model is what callers evaluate, save and fine-tune next: compiled, as uncached

@@ -21,6 +21,7 @@ them, and each cell's trials and seeds run exactly once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -30,9 +31,10 @@ import optuna
 from optuna.trial import TrialState
 
 from harness import study as st
-from harness.config import SweepConfig, TargetConfig
+from harness.config import BaselineConfig, SweepConfig, TargetConfig, TrainConfig
 from harness.data import Dataset, Splits, dataset_inputs, load_dataset, make_splits, tf_dataset
-from harness.baseline import print_note
+from harness.baseline import print_note, scratch_budget
+from harness.phases import Phase
 from harness.progress import Progress
 from harness.strategies import strategy_search
 from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG
@@ -42,27 +44,57 @@ CELL_TAG = "harness.cell"
 RULE_TAG = "harness.training_rule"  # how a confirmation seed was trained: cells compare only under one rule
 
 
-def training_rule(ccfg: SweepConfig, strategy: str | None) -> str:
-    """The training rule a confirmation seed of `strategy` follows, in words (pure). Two cells
-    trained under different rules differ in schedule as well as strategy, so the report does not
-    call a winner between them (harness/export.py).
+def training_rule(ccfg: SweepConfig) -> str:
+    """The training rule every confirmation seed follows, whatever its strategy, in words (pure).
+    Cells trained under different rules (records of older sweeps, which trained transfer seeds on
+    the search's epoch budget) differ in schedule as well as strategy, so the report does not call
+    a winner between them (harness/export.py).
 
-        >>> training_rule(cfg, "full")
-        'two-phase: head 10 epochs (patience 4), fine-tune 10 epochs (patience 4), early stopping on val_accuracy'
+        >>> training_rule(cfg)
+        'to convergence: at least 3000 optimizer steps in all and 30 epochs, then early stopping once val_loss and
+        val_accuracy stall for 8 epochs; a transfer model's head phase (10 epochs, patience 4) counts toward them;
+        from scratch, up to 2 retries at the next learning rate when unfitted'
     """
-    metric = ccfg.study.metric
-    if strategy == "scratch":
-        b = ccfg.baseline
-        stop = "no early stopping" if b.patience is None else (
-            f"then early stopping once val_loss and {metric} stall for {b.patience} epochs")
-        return (f"from scratch: at least {b.min_steps} steps and {b.epochs} epochs, {stop}, "
-                f"up to {b.retries} retries at the next learning rate when unfitted")
-    head, ft = ccfg.train.head, ccfg.train.finetune
+    b, head = ccfg.baseline, ccfg.train.head
+    stop = "no early stopping" if b.patience is None else (
+        f"then early stopping once val_loss and {ccfg.study.metric} stall for {b.patience} epochs")
+    return (f"to convergence: at least {b.min_steps} optimizer steps in all and {b.epochs} epochs, {stop}; "
+            f"a transfer model's head phase ({head.epochs} epochs, patience {head.patience or 'off'}) counts toward them; "
+            f"from scratch, up to {b.retries} retries at the next learning rate when unfitted")
 
-    def part(name, phase):
-        return f"{name} {phase.epochs} epochs (patience {phase.patience if phase.patience else 'off'})"
 
-    return f"two-phase: {part('head', head)}, {part('fine-tune', ft)}, early stopping on {metric}"
+def confirmation_plan(plan: list[Phase], train_images: int, train: TrainConfig, baseline: BaselineConfig) -> list[Phase]:
+    """A transfer strategy's search plan, turned into its confirmation plan (pure): the rule
+    scratch seeds train under (`training_rule`), so a verdict compares strategies, not schedules.
+
+    The phases before the last keep their schedule (the head phase trains the new head before
+    anything unfreezes); their planned steps count toward `baseline.min_steps`. The last phase
+    (fine-tune, or the only phase of a frozen-features strategy) covers the rest of the floor and
+    at least the rest of `baseline.epochs`, budgeted as a from-scratch run is (`scratch_budget`:
+    steps between validations, validations, patience in validations), and stops as one does
+    (`scratch_keeps_training`: never before the floor, then once neither the validation loss nor
+    the metric improves)."""
+    phases = [p for p in plan if p.epochs > 0]
+    if not phases:  # every phase configured off: nothing trains in the search either
+        return plan
+    *before, last = phases
+    batch = {"head": train.head.batch_size, "finetune": train.finetune.batch_size}
+    steps_before = sum(p.epochs * math.ceil(train_images / batch[p.name]) for p in before)
+    epochs_left = max(last.epochs, baseline.epochs - sum(p.epochs for p in before))
+    budget = scratch_budget(train_images, batch[last.name], epochs_left, max(0, baseline.min_steps - steps_before),
+                            baseline.patience)
+    one_pass = math.ceil(train_images / batch[last.name])
+    return [*before, dataclasses.replace(
+        last, epochs=budget.rounds, patience=budget.patience, min_epochs=budget.min_rounds, stall_stopping=True,
+        steps_per_epoch=None if budget.steps_per_round == one_pass else budget.steps_per_round)]
+
+
+def images_seen(plan: list[Phase], epochs_run: list[int], train_images: int, train: TrainConfig) -> int:
+    """Training images a plan's phases went through, given how many epochs each ran (pure): an
+    epoch is one pass over the training set, or `steps_per_epoch` batches where the phase sets it."""
+    batch = {"head": train.head.batch_size, "finetune": train.finetune.batch_size}
+    return sum(ran * (p.steps_per_epoch * batch[p.name] if p.steps_per_epoch else train_images)
+               for p, ran in zip([p for p in plan if p.epochs > 0], epochs_run))
 
 
 def load_targets(cfg: SweepConfig, log) -> list[tuple[TargetConfig, Dataset, Splits]]:
@@ -217,7 +249,7 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
         seed = trial.suggest_int("seed", 0, seeds - 1)
         label = f"{backbone_check} seed {seed}" if backbone_check else f"seed {seed}"
         run_id = tracker.start_child(f"confirm {label}", role,
-                                     {**tags, "harness.seed": seed, RULE_TAG: training_rule(ccfg, params.get("strategy"))},
+                                     {**tags, "harness.seed": seed, RULE_TAG: training_rule(ccfg)},
                                      config=ccfg.resolved(params, 0, seed=seed), parent_id=cell_run)
         tracker.log_datasets(run_id, context.inputs)
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -347,12 +379,14 @@ def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | N
             # Confirmed as the sweep's baseline is trained: to convergence, not on the search's
             # equal budget (the search's best_val stays the equal-budget figure).
             tm, history, facts = train_from_scratch(runner, params, seed, run_id, on_epoch, f"seed {seed}", note, number)
-            images_seen = facts["steps_all_attempts"] * ccfg.train.head.batch_size  # retries cost too
+            seen = facts["steps_all_attempts"] * ccfg.train.head.batch_size  # retries cost too
             seconds = facts["seconds_all_attempts"]
         else:
             seed_everything(seed)  # before the pipelines: their shuffle seeds come from the global seed
             tm = build_model(model_spec(ccfg, params, dataset.num_classes, runner.weights.get(params["backbone"])), seed=seed)
-            plan = plan_for(ccfg, params, len(tm.blocks))
+            # Trained to convergence under the scratch seeds' floor and stopping rule, not on the
+            # search's epoch budget (the search's best_val stays the equal-budget figure).
+            plan = confirmation_plan(plan_for(ccfg, params, len(tm.blocks)), len(splits.train), ccfg.train, ccfg.baseline)
             total_epochs = sum(p.epochs for p in plan)
 
             def on_transfer_epoch(record):
@@ -367,11 +401,11 @@ def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | N
             history = run_plan(ccfg, tm, plan, pipelines, on_epoch=on_transfer_epoch,
                                class_weight=train_class_weights(ccfg, dataset, splits), features=runner.features, seed=seed,
                                on_features=lambda phase, seconds: tracker.log_metrics(run_id, {f"{phase}/feature_seconds": seconds}))
-            images_seen = sum(p.epochs_run for p in history.phases) * len(splits.train)
+            seen = images_seen(plan, [p.epochs_run for p in history.phases], len(splits.train), ccfg.train)
             seconds = sum(p.seconds for p in history.phases)
         # What the cell's compute was: the report's cost columns (seconds on this process's device:
         # GPU-seconds on a GPU box, where each trial process has one GPU).
-        tracker.log_metrics(run_id, {"cost/images_seen": images_seen, "cost/epochs": images_seen / len(splits.train),
+        tracker.log_metrics(run_id, {"cost/images_seen": seen, "cost/epochs": seen / len(splits.train),
                                      "cost/seconds": seconds})
         test = evaluate_on_test(tm, dataset, splits, ccfg.train.head.batch_size)
         log_history(tracker, run_id, history)

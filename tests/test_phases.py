@@ -141,3 +141,17 @@ def test_a_scratch_phase_runs_to_its_floor_even_when_nothing_improves():
     train, val = datasets()
     history = run_phases(tiny_model(), scratch_plan(12, 1e-12, patience=1, min_epochs=5), train, val)
     assert len(history.epochs) == 5
+
+
+def test_a_transfer_phase_under_the_scratch_rule_runs_to_its_floor_with_steps_between_validations():
+    """A confirmation seed's last transfer phase stops as a from-scratch one does: never before its
+    floor (a learning rate of ~0 improves nothing), validated every `steps_per_epoch` batches of a
+    pipeline that runs on across passes."""
+    from harness.phases import Phase
+
+    train, val = datasets()  # 3 batches a pass
+    tm = tiny_model()
+    phase = Phase("head", 12, 1e-12, 0, patience=1, min_epochs=5, stall_stopping=True, steps_per_epoch=4)
+    history = run_phases(tm, [phase], train, val)
+    assert len(history.epochs) == 5 and all("val_loss" in e.metrics for e in history.epochs)
+    assert int(tm.model.optimizer.iterations.numpy()) == 5 * 4  # more than a pass (3 batches) between validations

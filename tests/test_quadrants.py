@@ -196,8 +196,18 @@ def test_confirmation_retrains_each_cell_with_k_seeds_and_reads_test_once(quad_s
     checks = [r for r in runs if r.data.tags.get("harness.role") == "backbone_confirm"]
     assert len(checks) == 8 and all("test_accuracy" in r.data.metrics and "harness.model_uri" not in r.data.tags for r in checks)
     # every seed says how it was trained, and shows its epochs as a trial does (a scratch seed is never silent)
-    assert {r.data.tags["harness.training_rule"].split(":")[0] for r in runs
-            if r.data.tags.get("harness.role") == "confirm"} == {"two-phase", "from scratch"}
+    # ... every strategy under one rule, the scratch seeds' step floor: 6 steps in all
+    assert {r.data.tags["harness.training_rule"] for r in runs if r.data.tags.get("harness.role") == "confirm"} == {(
+        "to convergence: at least 6 optimizer steps in all and 2 epochs, no early stopping; a transfer model's head "
+        "phase (1 epochs, patience off) counts toward them; from scratch, up to 2 retries at the next learning rate "
+        "when unfitted")}
+    batches_per_pass = {"shapes-small": 2, "digits-small": 1}  # 18 and 16 training images, batch 16
+    for r in (r for r in runs if r.data.tags.get("harness.role") in ("confirm", "backbone_confirm")):
+        if r.data.tags["strategy"] == "scratch":  # steps of every attempt: a retry at another rate adds its own
+            assert r.data.metrics["cost/images_seen"] / 16 >= 6
+        else:  # the head's steps count toward the floor; the last phase trains the rest (no patience here)
+            steps = r.data.metrics["cost/epochs"] * batches_per_pass[r.data.tags["target"]]
+            assert steps == pytest.approx(6), (r.data.tags["target"], r.data.tags["strategy"])
     lines = quad_sweep[1].stderr.splitlines()
     assert any(line.startswith("shapes-small.scratch confirm [") and " scratch epoch " in line for line in lines)
     assert any(line.startswith("digits-small.features confirm [") and " head epoch " in line for line in lines)
@@ -297,16 +307,19 @@ def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weigh
 
 
 def test_cells_trained_under_different_rules_get_no_decisive_verdict(tmp_path, weights_file):
-    """A converged scratch cell against budget-limited transfer: the report names the rules and does
-    not call the better one the winner; two cells under one rule still get their verdict."""
+    """A converged scratch cell against budget-limited transfer (an older sweep's records): the report
+    names the rules and does not call the better one the winner; cells under one rule get their verdict."""
     from harness.config import load_config
     from harness.export import quadrant_verdicts, write_comparison
     from harness.quadrants import training_rule
 
     cfg = load_config(write_config(tmp_path, quad(weights_file)))
-    scratch, full, partial = (training_rule(cfg, s) for s in ("scratch", "full", "partial"))
-    assert full == partial != scratch
-    assert "at least 6 steps" in scratch and "head 1 epochs" in full
+    rule = training_rule(cfg)  # every strategy's seeds, today
+    assert "at least 6 optimizer steps in all" in rule and "head phase (1 epochs" in rule
+    # an older sweep's records: scratch converged, transfer on the search's epoch budget
+    scratch = rule
+    full = partial = ("two-phase: head 1 epochs (patience off), fine-tune 1 epochs (patience off), "
+                      "early stopping on val_accuracy")
 
     def cells(scratch_rule):
         return pd.DataFrame([
@@ -325,3 +338,33 @@ def test_cells_trained_under_different_rules_get_no_decisive_verdict(tmp_path, w
     text = paths["md"].read_text()
     assert "trained under different rules, so no winner is called" in text
     assert f"Trained under: {scratch}; {full}." in text
+
+
+def test_confirmation_plan_extends_the_last_transfer_phase_to_the_scratch_floor_and_stopping_rule():
+    """Head 10 epochs + fine-tune 10 epochs of 1,000 images (32 steps a pass) against a floor of 3,000
+    steps: the head's 320 steps count, the fine-tune covers the other 2,680 in 40 validations of 67
+    steps, as `scratch_budget` would budget them. The search's plan itself is not changed."""
+    from harness.config import BaselineConfig, PhaseConfig, TrainConfig
+    from harness.phases import two_phase_plan
+    from harness.quadrants import confirmation_plan
+
+    train = TrainConfig(head=PhaseConfig(10, 32, 4), finetune=PhaseConfig(10, 32, 4))
+    baseline = BaselineConfig(epochs=30, min_steps=3000, patience=8)
+    search = two_phase_plan(10, 1e-3, 4, 10, 1e-4, 4, n_unfreeze=3)
+    head, finetune = confirmation_plan(search, 1000, train, baseline)
+    assert head == search[0]  # the head phase as configured
+    assert (finetune.name, finetune.learning_rate, finetune.unfreeze_blocks) == ("finetune", 1e-4, 3)
+    assert (finetune.epochs, finetune.steps_per_epoch, finetune.min_epochs, finetune.patience) == (40, 67, 40, 10)
+    assert finetune.stall_stopping and 10 * 32 + 40 * 67 == 3000
+    assert search[1].epochs == 10 and not search[1].stall_stopping
+
+    # frozen features: the head phase is the only one, so it is the one extended (75 steps a validation)
+    (features,) = confirmation_plan(two_phase_plan(10, 1e-3, 4, 10, 1e-4, 4, n_unfreeze=0), 1000, train, baseline)
+    assert (features.name, features.unfreeze_blocks) == ("head", 0)  # still eligible for the feature cache
+    assert (features.epochs, features.steps_per_epoch, features.min_epochs, features.patience) == (40, 75, 40, 10)
+
+    # a large training set passes the floor in the head phase: the fine-tune runs the rest of
+    # baseline.epochs, validated once a pass, with baseline.patience and no floor of its own
+    _, large = confirmation_plan(search, 50_000, TrainConfig(head=PhaseConfig(10, 100, 4), finetune=PhaseConfig(10, 100, 4)),
+                                 baseline)
+    assert (large.epochs, large.steps_per_epoch, large.min_epochs, large.patience) == (20, None, 0, 8)
