@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import textwrap
@@ -91,3 +92,47 @@ def run_cli(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None
         [sys.executable, "-m", "harness.sweep", *args], cwd=cwd, env=full_env,
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_mlflow(folder: Path, *extra_args: str, env: dict | None = None):
+    """A real `mlflow server` on 127.0.0.1 over `folder` (SQLite store, local artifacts): its URI
+    once /health answers; stopped on leaving the `with` block."""
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", *extra_args, "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # The server's background job runner (GenAI evaluation jobs) starts nine more processes that
+        # the harness never uses: on a 2-core box they only slow the test down.
+        env={**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"the MLflow tracking server ({' '.join(extra_args) or 'plain'}) did not start")
+            time.sleep(1)
+    try:
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -13,9 +13,6 @@ from __future__ import annotations
 import base64
 import os
 import secrets
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -25,8 +22,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, run_cli, write_config
-from tests.test_workers import _free_port, postgres_url  # noqa: F401 - a fixture, used by name
+from tests.conftest import TINY, run_cli, serve_mlflow, write_config
+from tests.test_workers import postgres_url  # noqa: F401 - a fixture, used by name
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("secrets")]  # module fixtures: one xdist worker
 
@@ -57,31 +54,11 @@ def auth_server(tmp_path_factory):
     config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{folder}/basic_auth.db\n"
                       f"admin_username = {ADMIN}\n"
                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(config),
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config),
            "MLFLOW_AUTH_ADMIN_PASSWORD": password,  # read once, when the admin user is created
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),  # the auth app's CSRF protection
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job runner on a 2-core box
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("the MLflow tracking server (basic-auth) did not start")
-            time.sleep(1)
-    yield uri, password, folder
-    proc.terminate()
-    proc.wait(timeout=30)
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}  # the auth app's CSRF protection
+    with serve_mlflow(folder, "--app-name", "basic-auth", env=env) as uri:
+        yield uri, password, folder
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +111,19 @@ def test_no_password_is_printed_written_logged_or_stored(secret_sweep, auth_serv
         assert not _database_rows_holding(secret_sweep["storage"], secret), f"the {kind} password is in the study's database"
 
 
-def test_the_storage_url_is_recorded_with_its_password_masked(secret_sweep, auth_server, monkeypatch):
-    """Not vacuous: the URL with the password did reach the records, masked."""
+@pytest.fixture
+def admin_view(secret_sweep, auth_server, monkeypatch):
+    """An MLflow client logged in as the server's admin (through the environment), and the sweep's experiment."""
     uri, password, _ = auth_server
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(secret_sweep["name"])
+    return client, client.get_experiment_by_name(secret_sweep["name"])
+
+
+def test_the_storage_url_is_recorded_with_its_password_masked(secret_sweep, admin_view):
+    """Not vacuous: the URL with the password did reach the records, masked."""
+    client, exp = admin_view
     parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("harness.role") == "study")
     assert parent.data.tags["optuna.storage"].startswith("postgresql://harness:***@127.0.0.1")
     config = Path(client.download_artifacts(parent.info.run_id, "config.yaml")).read_text()
@@ -148,12 +131,8 @@ def test_the_storage_url_is_recorded_with_its_password_masked(secret_sweep, auth
     assert "sharing the study through postgresql://harness:***@127.0.0.1" in secret_sweep["result"].stderr
 
 
-def test_the_sweep_logs_to_the_authenticated_server_with_the_login_from_the_environment(secret_sweep, auth_server, monkeypatch):
-    uri, password, _ = auth_server
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(secret_sweep["name"])
+def test_the_sweep_logs_to_the_authenticated_server_with_the_login_from_the_environment(admin_view):
+    client, exp = admin_view
     runs = client.search_runs([exp.experiment_id])
     roles = sorted(r.data.tags.get("harness.role") for r in runs)
     assert roles == ["study", "trial"]

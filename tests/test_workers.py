@@ -7,18 +7,16 @@ HARNESS_TEST_POSTGRES. The MLflow server is started here, on 127.0.0.1.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, TINY, write_config
+from tests.conftest import ROOT, TINY, serve_mlflow, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("servers")]  # module fixtures: one xdist worker
 
@@ -43,39 +41,11 @@ def postgres_url():
     admin.dispose()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        # The server's background job runner (GenAI evaluation jobs) starts nine more processes that
-        # the harness never uses: on a 2-core box they only slow the test down.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("the MLflow tracking server did not start")
-            time.sleep(1)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serve_mlflow(folder) as uri:
+        yield uri
 
 
 def fresh_database(url: str) -> str:
