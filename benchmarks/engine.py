@@ -106,9 +106,16 @@ def trial_params(n: int) -> list[dict]:
     import random
 
     rng = random.Random(0)
-    return [{"unfreeze_fraction": round(rng.uniform(0.0, 1.0), 3), "head_units": rng.choice([0, 64]),
-             "head_lr": round(10 ** rng.uniform(-3, -2), 5), "finetune_lr": round(10 ** rng.uniform(-5, -3), 7),
-             "dropout": round(rng.uniform(0.0, 0.4), 3)} for _ in range(n)]
+    return [
+        {
+            "unfreeze_fraction": round(rng.uniform(0.0, 1.0), 3),
+            "head_units": rng.choice([0, 64]),
+            "head_lr": round(10 ** rng.uniform(-3, -2), 5),
+            "finetune_lr": round(10 ** rng.uniform(-5, -3), 7),
+            "dropout": round(rng.uniform(0.0, 0.4), 3),
+        }
+        for _ in range(n)
+    ]
 
 
 def source_weights() -> str:
@@ -122,8 +129,9 @@ def run_plain(work: Path, config: Path, trials: list[dict], weights: str) -> flo
     script = work / "plain.py"
     script.write_text(PLAIN_LOOP.format(root=str(ROOT), config=str(config), trials=trials, weights=weights))
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, str(script)], cwd=work, capture_output=True, text=True,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=work, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    )
     if out.returncode != 0:
         raise SystemExit(f"plain loop failed:\n{out.stderr[-3000:]}")
     return time.perf_counter() - started
@@ -141,8 +149,13 @@ def run_sweep(work: Path, config: Path, trials: list[dict], workers: int, code: 
         study.enqueue_trial(params)
     started = time.perf_counter()
     flags = ["--workers", str(workers)] if workers != 1 else []
-    out = subprocess.run([sys.executable, "-m", "harness.sweep", str(config), *flags], cwd=work, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(code), "TF_CPP_MIN_LOG_LEVEL": "3"})
+    out = subprocess.run(
+        [sys.executable, "-m", "harness.sweep", str(config), *flags],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(code), "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     wall = time.perf_counter() - started
     if out.returncode != 0:
         raise SystemExit(f"sweep failed:\n{out.stderr[-3000:]}")
@@ -175,8 +188,10 @@ def machine() -> str:
             gpus = "; ".join(listed.stdout.strip().splitlines())
     except (OSError, subprocess.TimeoutExpired):
         pass
-    return (f"{platform.node()}: {os.cpu_count()} CPU cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-            f"{gpus}; Python {platform.python_version()}, {platform.system()} {platform.release()}")
+    return (
+        f"{platform.node()}: {os.cpu_count()} CPU cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+        f"{gpus}; Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
 
 
 def main() -> None:
@@ -184,8 +199,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--memory-trials", type=int, default=30)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    parser.add_argument("--before", type=Path, help="a checkout of the harness before warm processes (a child "
-                        "process per trial, started when the previous one ended), run the same way as 'before'")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of the harness before warm processes (a child "
+        "process per trial, started when the previous one ended), run the same way as 'before'",
+    )
     args = parser.parse_args()
     weights = source_weights()
     trials = trial_params(args.trials)
@@ -228,7 +247,8 @@ def main() -> None:
         lines.append(f"| {mode} | {seconds[mode]:.1f} | {seconds[mode] / seconds['plain']:.2f} | {fixed} |")
     lines += [
         "",
-        f"- Harness (warm, --workers 1) vs a plain in-process Keras loop: ratio **{seconds['warm'] / seconds['plain']:.2f}** (goal <= 1.10).",
+        "- Harness (warm, --workers 1) vs a plain in-process Keras loop: "
+        f"ratio **{seconds['warm'] / seconds['plain']:.2f}** (goal <= 1.10).",
         f"- `--workers 2` vs `--workers 1` throughput: **{seconds['warm'] / seconds['warm x2']:.2f}x** (goal >= 1.5x).",
         "- Fixed cost per trial, (sweep - plain) / trials: "
         + (f"before this engine {(seconds['before'] - seconds['plain']) / n:.1f} s, " if args.before else "")
@@ -251,13 +271,18 @@ def main() -> None:
         third = max(1, last // 3)
         first_peak = max(v for k, v in rss.items() if k <= third)
         last_peak = max(v for k, v in rss.items() if k > last - third)
-        lines.append(f"| {mode} | {rss[3]:.0f} | {rss[last]:.0f} | {100 * (rss[last] / rss[3] - 1):+.1f}% | "
-                     f"{first_peak:.0f} | {last_peak:.0f} | {100 * (last_peak / first_peak - 1):+.1f}% | "
-                     f"{r['peak_tree']:.0f} | {r['seconds_per_trial']:.1f} |")
-    lines += ["", "A warm process grows by Keras' per-fit leak until study.recycle_memory_mib (default 1024) and "
-              "is then replaced, so its memory is a saw-tooth with a fixed ceiling: compare the highest value of "
-              "the first and the last third of the sweep for the trend, not two single trials, which may sit at "
-              "different points of the saw-tooth."]
+        lines.append(
+            f"| {mode} | {rss[3]:.0f} | {rss[last]:.0f} | {100 * (rss[last] / rss[3] - 1):+.1f}% | "
+            f"{first_peak:.0f} | {last_peak:.0f} | {100 * (last_peak / first_peak - 1):+.1f}% | "
+            f"{r['peak_tree']:.0f} | {r['seconds_per_trial']:.1f} |"
+        )
+    lines += [
+        "",
+        "A warm process grows by Keras' per-fit leak until study.recycle_memory_mib (default 1024) and "
+        "is then replaced, so its memory is a saw-tooth with a fixed ceiling: compare the highest value of "
+        "the first and the last third of the sweep for the trend, not two single trials, which may sit at "
+        "different points of the saw-tooth.",
+    ]
     lines += ["", "RSS by trial (MiB):", ""]
     for mode, r in memory.items():
         lines.append(f"- {mode}: " + ", ".join(f"{k}:{v:.0f}" for k, v in sorted(r["rss"].items())))

@@ -12,7 +12,7 @@ and compiling), and checks, per setting, what the switches must do:
   - the model is compiled with the jit_compile asked for;
   - training stays finite (the loss of every epoch).
 
-It also reports what `auto` resolves to on this machine's GPUs (`harness.phases.resolve_switch`).
+It also reports what `auto` resolves to on this machine's GPUs (`harness.runtime.resolve_switch`).
 It runs on whatever Keras backend is set: TensorFlow, which the harness needs, on a GPU box the
 harness runs on; JAX (`KERAS_BACKEND=jax`) where only the model code can run. Under JAX, XLA off
 means Keras runs the train step op by op, not through `jax.jit`.
@@ -48,7 +48,7 @@ def gpu_capabilities_any_backend() -> list[tuple[int, int] | None]:
     import keras
 
     if keras.backend.backend() == "tensorflow":
-        from harness.phases import gpu_capabilities
+        from harness.runtime import gpu_capabilities
 
         return gpu_capabilities()
     if keras.backend.backend() == "jax":
@@ -70,7 +70,8 @@ def epoch_timer():
     starts: list[float] = []
     timer = keras.callbacks.LambdaCallback(
         on_epoch_begin=lambda epoch, logs: starts.append(time.perf_counter()),
-        on_epoch_end=lambda epoch, logs: timer.seconds.append(time.perf_counter() - starts[-1]))
+        on_epoch_end=lambda epoch, logs: timer.seconds.append(time.perf_counter() - starts[-1]),
+    )
     timer.seconds = []
     return timer
 
@@ -98,10 +99,14 @@ def measure(backbone: str, weights: str, mixed: bool, jit: bool, images: np.ndar
     spec = ModelSpec(backbone, args.image_size, 10, weights, {}, head_units=128, dropout=0.2)
     tm = build_model(spec, seed=0)
     steps = args.steps if jit else max(2, args.steps // 3)  # op by op is slow: fewer steps, same batch
-    x, y = images[:args.batch * steps], labels[:args.batch * steps]
+    x, y = images[: args.batch * steps], labels[: args.batch * steps]
     convs = [layer for layer in tm.backbone.layers if isinstance(layer, keras.layers.Conv2D)]
     row = {
-        "backbone": backbone, "mixed_precision": mixed, "jit_compile": jit, "batch": args.batch, "steps": steps,
+        "backbone": backbone,
+        "mixed_precision": mixed,
+        "jit_compile": jit,
+        "batch": args.batch,
+        "steps": steps,
         "conv_compute_dtype": convs[0].dtype_policy.compute_dtype,
         "output_dtype": str(tm.model.outputs[0].dtype),
     }
@@ -122,9 +127,13 @@ def measure(backbone: str, weights: str, mixed: bool, jit: bool, images: np.ndar
 
 def checks_pass(row: dict) -> bool:
     want = "float16" if row["mixed_precision"] else "float32"
-    return (row["conv_compute_dtype"] == want and "float32" in row["output_dtype"] and row["prediction_dtype"] == "float32"
-            and all(row[f"{p}_losses_finite"] for p in ("phase1", "phase2"))
-            and all(row[f"{p}_compiled_jit"] == row["jit_compile"] for p in ("phase1", "phase2")))
+    return (
+        row["conv_compute_dtype"] == want
+        and "float32" in row["output_dtype"]
+        and row["prediction_dtype"] == "float32"
+        and all(row[f"{p}_losses_finite"] for p in ("phase1", "phase2"))
+        and all(row[f"{p}_compiled_jit"] == row["jit_compile"] for p in ("phase1", "phase2"))
+    )
 
 
 def render(rows: list[dict], auto: dict, backend: str, seconds: float, args) -> str:
@@ -137,32 +146,50 @@ def render(rows: list[dict], auto: dict, backend: str, seconds: float, args) -> 
         "and phase 2 (top half of the blocks unfrozen), compiled by `compile_for` as a trial is. Images per second after a "
         f"warm-up epoch (the first epoch, which holds tracing and compiling, is shown apart). Keras backend: **{backend}**.",
         "",
-        *(["Under JAX, XLA off means Keras runs the train step op by op (no `jax.jit`), far slower than TensorFlow's graph "
-           "mode without XLA: compare mixed precision on the XLA rows.", ""] if backend == "jax" else []),
-        f"`auto` on this machine's GPUs (compute capability {auto['capabilities']}): mixed precision {on[auto['mixed_precision']]}, "
-        f"XLA {on[auto['jit_compile']]}.",
+        *(
+            [
+                "Under JAX, XLA off means Keras runs the train step op by op (no `jax.jit`), far slower than TensorFlow's graph "
+                "mode without XLA: compare mixed precision on the XLA rows.",
+                "",
+            ]
+            if backend == "jax"
+            else []
+        ),
+        f"`auto` on this machine's GPUs (compute capability {auto['capabilities']}): "
+        f"mixed precision {on[auto['mixed_precision']]}, XLA {on[auto['jit_compile']]}.",
         "",
-        "| backbone | mixed precision | XLA | phase 1 img/s | phase 2 img/s | first epoch s (1 / 2) | conv computes in | output | checks |",
+        "| backbone | mixed precision | XLA | phase 1 img/s | phase 2 img/s | first epoch s (1 / 2) | conv computes in "
+        "| output | checks |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['backbone']} | {on[row['mixed_precision']]} | {on[row['jit_compile']]} | failed: {row['error']} | | | | | |")
+            lines.append(
+                f"| {row['backbone']} | {on[row['mixed_precision']]} | {on[row['jit_compile']]} "
+                f"| failed: {row['error']} | | | | | |"
+            )
             continue
         lines.append(
-            f"| {row['backbone']} | {on[row['mixed_precision']]} | {on[row['jit_compile']]} | {row['phase1_images_per_s']:,.0f} | "
-            f"{row['phase2_images_per_s']:,.0f} | {row['phase1_first_epoch_s']} / {row['phase2_first_epoch_s']} | "
-            f"{row['conv_compute_dtype']} | {row['prediction_dtype']} | {'pass' if checks_pass(row) else 'FAIL'} |"
+            f"| {row['backbone']} | {on[row['mixed_precision']]} | {on[row['jit_compile']]} "
+            f"| {row['phase1_images_per_s']:,.0f} | {row['phase2_images_per_s']:,.0f} "
+            f"| {row['phase1_first_epoch_s']} / {row['phase2_first_epoch_s']} | {row['conv_compute_dtype']} "
+            f"| {row['prediction_dtype']} | {'pass' if checks_pass(row) else 'FAIL'} |"
         )
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
         by = {(r["mixed_precision"], r["jit_compile"]): r for r in rows if r["backbone"] == backbone and "error" not in r}
         if (False, False) in by and (True, True) in by:
             base, fast = by[(False, False)], by[(True, True)]
             lines.append("")
-            lines.append(f"- {backbone}: both switches on against both off: phase 1 "
-                         f"{fast['phase1_images_per_s'] / base['phase1_images_per_s']:.1f}x, phase 2 "
-                         f"{fast['phase2_images_per_s'] / base['phase2_images_per_s']:.1f}x.")
-    lines += ["", f"Measured on {datetime.date.today().isoformat()} on {machine()}; Keras backend {backend}. Section time: {seconds:.0f} s."]
+            lines.append(
+                f"- {backbone}: both switches on against both off: phase 1 "
+                f"{fast['phase1_images_per_s'] / base['phase1_images_per_s']:.1f}x, phase 2 "
+                f"{fast['phase2_images_per_s'] / base['phase2_images_per_s']:.1f}x."
+            )
+    lines += [
+        "",
+        f"Measured on {datetime.date.today().isoformat()} on {machine()}; Keras backend {backend}. "
+        f"Section time: {seconds:.0f} s.",
+    ]
     return "\n".join(lines)
 
 
@@ -180,12 +207,15 @@ def main() -> None:
 
     import keras
 
-    from harness.phases import resolve_switch
+    from harness.runtime import resolve_switch
 
     started = time.perf_counter()
     capabilities = gpu_capabilities_any_backend()
-    auto = {"capabilities": ", ".join("unknown" if c is None else f"{c[0]}.{c[1]}" for c in capabilities) or "none",
-            "mixed_precision": resolve_switch("auto", capabilities), "jit_compile": resolve_switch("auto", capabilities)}
+    auto = {
+        "capabilities": ", ".join("unknown" if c is None else f"{c[0]}.{c[1]}" for c in capabilities) or "none",
+        "mixed_precision": resolve_switch("auto", capabilities),
+        "jit_compile": resolve_switch("auto", capabilities),
+    }
     print(f"backend {keras.backend.backend()}; GPUs' compute capability: {auto['capabilities']}", flush=True)
     rng = np.random.default_rng(0)  # one set of random images for every setting (the largest a setting uses)
     images = rng.uniform(0, 255, (args.batch * args.steps, args.image_size, args.image_size, 3)).astype("float32")
@@ -196,12 +226,20 @@ def main() -> None:
             weights = weights_file(backbone, args.image_size, Path(tmp))
             for mixed, jit in SETTINGS:
                 if args.budget and time.perf_counter() - started > args.budget:
-                    print(f"--budget {args.budget:.0f} s spent: {backbone} with mixed precision {mixed}, XLA {jit} skipped", flush=True)
+                    print(
+                        f"--budget {args.budget:.0f} s spent: {backbone} with mixed precision {mixed}, XLA {jit} skipped",
+                        flush=True,
+                    )
                     continue
                 try:
                     row = measure(backbone, weights, mixed, jit, images, labels, args)
                 except Exception as exc:  # one failed setting must not hide the others' numbers
-                    row = {"backbone": backbone, "mixed_precision": mixed, "jit_compile": jit, "error": f"{type(exc).__name__}: {exc}"[:200]}
+                    row = {
+                        "backbone": backbone,
+                        "mixed_precision": mixed,
+                        "jit_compile": jit,
+                        "error": f"{type(exc).__name__}: {exc}"[:200],
+                    }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.json:

@@ -50,8 +50,10 @@ def main() -> None:
         rss.append(psutil.Process().memory_info().rss / 2**20)
         print(f"round {i + 1}: RSS {rss[-1]:.0f} MiB", flush=True)
     per_round = (rss[-1] - rss[0]) / max(1, len(rss) - 1)
-    print(f"{'build only' if args.no_fit else 'build + fit'}: {per_round:+.0f} MiB per round after the first "
-          f"({rss[0]:.0f} -> {rss[-1]:.0f} MiB over {len(rss)} rounds)")
+    print(
+        f"{'build only' if args.no_fit else 'build + fit'}: {per_round:+.0f} MiB per round after the first "
+        f"({rss[0]:.0f} -> {rss[-1]:.0f} MiB over {len(rss)} rounds)"
+    )
 
 
 if __name__ == "__main__":

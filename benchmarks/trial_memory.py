@@ -54,24 +54,30 @@ def run_mode(mode: str, n_trials: int) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
     text = TINY.replace("n_trials: 2", f"n_trials: {n_trials}\n  trials_per_process: {MODES[mode]}").replace(
-        "scratch: true", "scratch: false")
+        "scratch: true", "scratch: false"
+    )
     config = write_config(work, text)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     started = time.perf_counter()
-    popen = subprocess.Popen([sys.executable, "-m", "harness.sweep", str(config)], cwd=work, env=env,
-                             stdout=subprocess.DEVNULL, stderr=open(work / "sweep.log", "w"))
-    proc, peak = psutil.Process(popen.pid), 0.0
-    while popen.poll() is None:
-        peak = max(peak, tree_rss_mib(proc))
-        time.sleep(0.5)
+    with open(work / "sweep.log", "w") as log:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "harness.sweep", str(config)], cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=log
+        )
+        proc, peak = psutil.Process(popen.pid), 0.0
+        while popen.poll() is None:
+            peak = max(peak, tree_rss_mib(proc))
+            time.sleep(0.5)
     wall = time.perf_counter() - started
     if popen.returncode != 0:
         raise SystemExit(f"{mode}: sweep exited {popen.returncode}; see {work / 'sweep.log'}")
     client = MlflowClient(tracking_uri=f"sqlite:///{work}/results/mlflow.db")
     exp = client.get_experiment_by_name("tiny")
     runs = client.search_runs([exp.experiment_id], "tags.`harness.role` = 'trial'", max_results=1000)
-    rss = {int(r.data.tags["optuna.trial_number"]) + 1: r.data.metrics["system/rss_mib"]
-           for r in runs if "system/rss_mib" in r.data.metrics}
+    rss = {
+        int(r.data.tags["optuna.trial_number"]) + 1: r.data.metrics["system/rss_mib"]
+        for r in runs
+        if "system/rss_mib" in r.data.metrics
+    }
     return {"rss": rss, "peak_tree": peak, "seconds_per_trial": wall / n_trials}
 
 
@@ -83,9 +89,12 @@ def main() -> None:
     for mode in args.modes:
         r = run_mode(mode, args.trials)
         rss, last = r["rss"], max(r["rss"])
-        print(f"{mode:>10}: RSS of the trial's process after trial 3 = {rss[3]:.0f} MiB, after trial {last} = "
-              f"{rss[last]:.0f} MiB ({100 * (rss[last] / rss[3] - 1):+.1f}%); peak of the process tree "
-              f"{r['peak_tree']:.0f} MiB; {r['seconds_per_trial']:.1f} s/trial wall (whole sweep / trials)", flush=True)
+        print(
+            f"{mode:>10}: RSS of the trial's process after trial 3 = {rss[3]:.0f} MiB, after trial {last} = "
+            f"{rss[last]:.0f} MiB ({100 * (rss[last] / rss[3] - 1):+.1f}%); peak of the process tree "
+            f"{r['peak_tree']:.0f} MiB; {r['seconds_per_trial']:.1f} s/trial wall (whole sweep / trials)",
+            flush=True,
+        )
         print(f"{mode:>10}: RSS by trial (MiB): " + ", ".join(f"{k}:{v:.0f}" for k, v in sorted(rss.items())), flush=True)
 
 

@@ -11,6 +11,7 @@ importing TensorFlow. Everything that needs Keras imports it lazily inside the f
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -40,13 +41,23 @@ BACKBONES: dict[str, BackboneSpec] = {
     **_spec(["DenseNet121", "DenseNet169", "DenseNet201"], "densenet", 32, r"^(conv\d_block\d+|pool\d)_"),
     # NASNet names every layer of a cell after the cell (`normal_bn_1_7`, `adjust_conv_1_reduce_4`,
     # `separable_conv_1_reduction_left1_stem_2`); auto-named ReLUs (`activation_12`) must not match.
-    **_spec(["NASNetMobile", "NASNetLarge"], "nasnet", 32,
-            r"^(?:normal|reduction|adjust|separable)_.*?_((?:stem_|reduce_)?\d+)$"),
+    **_spec(
+        ["NASNetMobile", "NASNetLarge"], "nasnet", 32, r"^(?:normal|reduction|adjust|separable)_.*?_((?:stem_|reduce_)?\d+)$"
+    ),
     **_spec([f"EfficientNetB{i}" for i in range(8)], "efficientnet", 32, r"^(block\d[a-z])_"),
     **_spec(
-        ["EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetV2B2", "EfficientNetV2B3",
-         "EfficientNetV2S", "EfficientNetV2M", "EfficientNetV2L"],
-        "efficientnet_v2", 32, r"^(block\d+[a-z])_",
+        [
+            "EfficientNetV2B0",
+            "EfficientNetV2B1",
+            "EfficientNetV2B2",
+            "EfficientNetV2B3",
+            "EfficientNetV2S",
+            "EfficientNetV2M",
+            "EfficientNetV2L",
+        ],
+        "efficientnet_v2",
+        32,
+        r"^(block\d+[a-z])_",
     ),
     **_spec(["ConvNeXtTiny", "ConvNeXtSmall", "ConvNeXtBase"], "convnext", 32, None),
 }
@@ -59,17 +70,44 @@ BACKBONES["VGG19"] = BackboneSpec("VGG19", "vgg19", 32, r"^(block\d+)_")
 # never looks at the user's data (harness/screening.py); a variant with other options (a MobileNet
 # alpha) has no published figure here.
 IMAGENET_TOP1: dict[str, float] = {
-    "Xception": 79.0, "VGG16": 71.3, "VGG19": 71.3,
-    "ResNet50": 74.9, "ResNet50V2": 76.0, "ResNet101": 76.4, "ResNet101V2": 77.2, "ResNet152": 76.6, "ResNet152V2": 78.0,
-    "InceptionV3": 77.9, "InceptionResNetV2": 80.3,
-    "MobileNet": 70.4, "MobileNetV2": 71.3, "MobileNetV3Small": 68.1, "MobileNetV3Large": 75.6,
-    "DenseNet121": 75.0, "DenseNet169": 76.2, "DenseNet201": 77.3,
-    "NASNetMobile": 74.4, "NASNetLarge": 82.5,
-    "EfficientNetB0": 77.1, "EfficientNetB1": 79.1, "EfficientNetB2": 80.1, "EfficientNetB3": 81.6,
-    "EfficientNetB4": 82.9, "EfficientNetB5": 83.6, "EfficientNetB6": 84.0, "EfficientNetB7": 84.3,
-    "EfficientNetV2B0": 78.7, "EfficientNetV2B1": 79.8, "EfficientNetV2B2": 80.5, "EfficientNetV2B3": 82.0,
-    "EfficientNetV2S": 83.9, "EfficientNetV2M": 85.3, "EfficientNetV2L": 85.7,
-    "ConvNeXtTiny": 81.3, "ConvNeXtSmall": 82.3, "ConvNeXtBase": 85.3,
+    "Xception": 79.0,
+    "VGG16": 71.3,
+    "VGG19": 71.3,
+    "ResNet50": 74.9,
+    "ResNet50V2": 76.0,
+    "ResNet101": 76.4,
+    "ResNet101V2": 77.2,
+    "ResNet152": 76.6,
+    "ResNet152V2": 78.0,
+    "InceptionV3": 77.9,
+    "InceptionResNetV2": 80.3,
+    "MobileNet": 70.4,
+    "MobileNetV2": 71.3,
+    "MobileNetV3Small": 68.1,
+    "MobileNetV3Large": 75.6,
+    "DenseNet121": 75.0,
+    "DenseNet169": 76.2,
+    "DenseNet201": 77.3,
+    "NASNetMobile": 74.4,
+    "NASNetLarge": 82.5,
+    "EfficientNetB0": 77.1,
+    "EfficientNetB1": 79.1,
+    "EfficientNetB2": 80.1,
+    "EfficientNetB3": 81.6,
+    "EfficientNetB4": 82.9,
+    "EfficientNetB5": 83.6,
+    "EfficientNetB6": 84.0,
+    "EfficientNetB7": 84.3,
+    "EfficientNetV2B0": 78.7,
+    "EfficientNetV2B1": 79.8,
+    "EfficientNetV2B2": 80.5,
+    "EfficientNetV2B3": 82.0,
+    "EfficientNetV2S": 83.9,
+    "EfficientNetV2M": 85.3,
+    "EfficientNetV2L": 85.7,
+    "ConvNeXtTiny": 81.3,
+    "ConvNeXtSmall": 82.3,
+    "ConvNeXtBase": 85.3,
 }
 
 
@@ -94,11 +132,21 @@ def preprocess_fn(name: str):
 # "tf" scales to [-1, 1], "torch" scales to [0, 1] then standardises each channel with ImageNet's
 # mean and std; None: the backbone preprocesses inside itself and preprocess_input returns its input.
 PREPROCESS_MODES: dict[str, str | None] = {
-    "vgg16": "caffe", "vgg19": "caffe", "resnet": "caffe",
-    "resnet_v2": "tf", "inception_v3": "tf", "inception_resnet_v2": "tf", "xception": "tf",
-    "mobilenet": "tf", "mobilenet_v2": "tf", "nasnet": "tf",
+    "vgg16": "caffe",
+    "vgg19": "caffe",
+    "resnet": "caffe",
+    "resnet_v2": "tf",
+    "inception_v3": "tf",
+    "inception_resnet_v2": "tf",
+    "xception": "tf",
+    "mobilenet": "tf",
+    "mobilenet_v2": "tf",
+    "nasnet": "tf",
     "densenet": "torch",
-    "mobilenet_v3": None, "efficientnet": None, "efficientnet_v2": None, "convnext": None,
+    "mobilenet_v3": None,
+    "efficientnet": None,
+    "efficientnet_v2": None,
+    "convnext": None,
 }
 _CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 _TORCH_RGB_MEAN, _TORCH_RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -114,25 +162,30 @@ class PixelTransform:
     offset: tuple[float, float, float]
 
 
+def _per_channel(values: Iterable[float]) -> tuple[float, float, float]:
+    """Three per-channel values as the fixed-length tuple PixelTransform holds."""
+    first, second, third = values
+    return first, second, third
+
+
 def pixel_transform(name: str) -> PixelTransform:
     """The backbone's preprocess_input as a PixelTransform (pure: no Keras needed).
 
-        >>> t = pixel_transform("ResNet50")  # caffe: BGR, minus the ImageNet mean
-        >>> t.flip_channels, t.offset
-        (True, (-103.939, -116.779, -123.68))
+    >>> t = pixel_transform("ResNet50")  # caffe: BGR, minus the ImageNet mean
+    >>> t.flip_channels, t.offset
+    (True, (-103.939, -116.779, -123.68))
     """
     module = get_spec(name).module
     if module not in PREPROCESS_MODES:
-        raise KeyError(f"no preprocessing known for keras.applications.{module} (backbone {name!r}): "
-                       f"add it to PREPROCESS_MODES")
+        raise KeyError(f"no preprocessing known for keras.applications.{module} (backbone {name!r}): add it to PREPROCESS_MODES")
     mode = PREPROCESS_MODES[module]
     if mode == "caffe":
-        return PixelTransform(True, (1.0, 1.0, 1.0), tuple(-m for m in _CAFFE_BGR_MEAN))
+        return PixelTransform(True, (1.0, 1.0, 1.0), _per_channel(-m for m in _CAFFE_BGR_MEAN))
     if mode == "tf":
         return PixelTransform(False, (1 / 127.5,) * 3, (-1.0,) * 3)
     if mode == "torch":  # (x / 255 - mean) / std
-        return PixelTransform(False, tuple(1 / (255 * s) for s in _TORCH_RGB_STD),
-                              tuple(-m / s for m, s in zip(_TORCH_RGB_MEAN, _TORCH_RGB_STD)))
+        scale = _per_channel(1 / (255 * s) for s in _TORCH_RGB_STD)
+        return PixelTransform(False, scale, _per_channel(-m / s for m, s in zip(_TORCH_RGB_MEAN, _TORCH_RGB_STD)))
     return PixelTransform(False, (1.0,) * 3, (0.0,) * 3)
 
 
@@ -229,13 +282,13 @@ def split_cells(piece: list[str], keys: dict[str, str], reads: dict[str, list[st
             if src in readers:
                 readers[src].append(n)
     # Cells in the order of their outputs; an unnamed layer takes its earliest reader's cell.
-    cell_end = {}
+    cell_end: dict[str, int] = {}
     for n in piece:
         if n in keys:
             cell_end[keys[n]] = position[n]
     if len(cell_end) < 2:
         return [piece]
-    order = {k: i for i, k in enumerate(sorted(cell_end, key=cell_end.get))}
+    order = {k: i for i, k in enumerate(sorted(cell_end, key=lambda k: cell_end[k]))}
     cell: dict[str, int] = {}
     for n in reversed(piece):  # readers come later in topological order: already assigned
         if n in keys:
@@ -253,7 +306,10 @@ def split_cells(piece: list[str], keys: dict[str, str], reads: dict[str, list[st
 
 
 def group_blocks(
-    layer_names: list[str], cuts: list[int], pattern: str | None, reads: dict[str, list[str]] | None = None,
+    layer_names: list[str],
+    cuts: list[int],
+    pattern: str | None,
+    reads: dict[str, list[str]] | None = None,
 ) -> list[list[str]]:
     """Split layers into blocks at clean cuts, then merge the pieces that form one block.
 

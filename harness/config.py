@@ -40,17 +40,19 @@ class SweepRefused(Exception):
 # quoted value in MLflow filter strings (a quote or backtick ends it). One conservative rule serves all.
 # 100 characters keep a quadrant cell's model name (study.target.strategy) within MLflow's 256.
 NAME_MAX_LENGTH = 100
-NAME_RULE = (f"names are 1 to {NAME_MAX_LENGTH} characters: letters, digits, '.', '_' and '-', starting with a "
-             "letter or digit, with no '..'")
+NAME_RULE = (
+    f"names are 1 to {NAME_MAX_LENGTH} characters: letters, digits, '.', '_' and '-', starting with a "
+    "letter or digit, with no '..'"
+)
 _NAME_CHARS = re.compile(r"[A-Za-z0-9._-]")
 
 
 def name_problem(name: str) -> str | None:
     """What is wrong with `name` as a study or target name, or None when it follows the rule. Pure.
 
-        >>> name_problem("flowers-v2")
-        >>> name_problem("team/flowers")
-        "contains '/'"
+    >>> name_problem("flowers-v2")
+    >>> name_problem("team/flowers")
+    "contains '/'"
     """
     if not name:
         return "is empty"
@@ -79,8 +81,9 @@ def _f(default, doc: str, **bounds):
 
 @dataclass(frozen=True)
 class StudyConfig:
-    name: str = _f("sweep", "Optuna study name; also the MLflow experiment, registered model and results/<name>/ "
-                   "folder (see NAME_RULE)")
+    name: str = _f(
+        "sweep", "Optuna study name; also the MLflow experiment, registered model and results/<name>/ folder (see NAME_RULE)"
+    )
     direction: Literal["maximize", "minimize"] = _f("maximize", "maximize | minimize the metric")
     metric: Literal["val_accuracy", "val_loss"] = _f("val_accuracy", "objective: best epoch's value")
     n_trials: int = _f(10, "trials to finish (completed + pruned); re-runs resume up to this", min=1)
@@ -93,14 +96,18 @@ class StudyConfig:
     storage: str | None = _f(None, "Optuna storage URL; null = sqlite:///results/<name>/optuna.db")
     max_consecutive_failures: int = _f(5, "failed trials in a row that stop the sweep (something fails every trial)", min=1)
     trials_per_process: int = _f(
-        20, "trials a warm trial process runs before a fresh one replaces it (Keras leaks a little per fit)", min=1)
+        20, "trials a warm trial process runs before a fresh one replaces it (Keras leaks a little per fit)", min=1
+    )
     recycle_memory_mib: float = _f(
-        1024, "MiB a trial process's resident memory may grow past its size after its first trial before it is "
-        "replaced", min=64)
-    heartbeat_seconds: int = _f(30, "server storages: how often a running trial proves it is alive; one silent for "
-                                "3 beats is failed and its parameters run again", min=1)
-    workers: Any = _f(1, "trial processes this sweep process runs at once: a count, or 'auto' = one per visible GPU "
-                      "(1 on CPU)")
+        1024, "MiB a trial process's resident memory may grow past its size after its first trial before it is replaced", min=64
+    )
+    heartbeat_seconds: int = _f(
+        30,
+        "server storages: how often a running trial proves it is alive; one silent for "
+        "3 beats is failed and its parameters run again",
+        min=1,
+    )
+    workers: Any = _f(1, "trial processes this sweep process runs at once: a count, or 'auto' = one per visible GPU (1 on CPU)")
 
 
 # data.class_map's reserved key: the classes listed under it are left out of the target.
@@ -116,8 +123,10 @@ class DataConfig:
     classes: list[str] | None = _f(None, "keep only these class names (a target with fewer labels)")
     # Typed loosely so that load-time validation can list every problem of the map at once.
     class_map: dict[str, Any] | None = _f(
-        None, "merge classes into target labels: {target: [class, ...]}; the labels are the target names sorted; "
-        f"every class goes to exactly one target or under {DROP_KEY} (left out); not with classes")
+        None,
+        "merge classes into target labels: {target: [class, ...]}; the labels are the target names sorted; "
+        f"every class goes to exactly one target or under {DROP_KEY} (left out); not with classes",
+    )
     train_per_class: int | None = _f(None, "subsample the train split to N images per class", min=1)
     val_per_class: int | None = _f(None, "subsample the val split to N images per class", min=1)
     val_fraction: float = _f(0.2, "share of each class held out for validation", min=0.01, max=0.9)
@@ -125,23 +134,37 @@ class DataConfig:
     seed: int = _f(0, "split and subsample seed", min=0)
     builtin_size: int = _f(200, "builtin generated sets: images generated per class", min=10)
     memory_cache_mib: float = _f(
-        2048, "folder datasets: a split whose decoded images take at most this many MiB is decoded once and kept "
-        "in memory; a larger one streams from disk, so a trial process holds batches, not the dataset", min=0)
+        2048,
+        "folder datasets: a split whose decoded images take at most this many MiB is decoded once and kept "
+        "in memory; a larger one streams from disk, so a trial process holds batches, not the dataset",
+        min=0,
+    )
     official_splits: bool = _f(
-        True, "tfds: use the dataset's own train / validation / test splits where it has them (a missing one is "
-        "carved from train by the fractions); false = pool every split and cut by the fractions")
-    tfds_dir: str = _f("results/tfds", "tfds: where each dataset's encoded images are written once, so trials "
-                       "stream them from disk like a folder")
+        True,
+        "tfds: use the dataset's own train / validation / test splits where it has them (a missing one is "
+        "carved from train by the fractions); false = pool every split and cut by the fractions",
+    )
+    tfds_dir: str = _f(
+        "results/tfds",
+        "tfds: where each dataset's encoded images are written once, so trials stream them from disk like a folder",
+    )
     checked_images_dir: str | None = _f(
-        "results/image-checks", "folder datasets: where the preflight remembers which image files (path, size, "
+        "results/image-checks",
+        "folder datasets: where the preflight remembers which image files (path, size, "
         "modification time) training's decoder read without error, so a resumed sweep decodes only new or changed "
-        "files; null = decode every file at every start")
+        "files; null = decode every file at every start",
+    )
     disk_cache_dir: str | None = _f(
-        None, "folder datasets too large for memory: decode each split once into a file here (keyed by the "
-        "split's content, shared by every trial process) instead of decoding every epoch; null = decode every epoch")
+        None,
+        "folder datasets too large for memory: decode each split once into a file here (keyed by the "
+        "split's content, shared by every trial process) instead of decoding every epoch; null = decode every epoch",
+    )
     disk_cache_max_gib: float = _f(
-        20, "GiB data.disk_cache_dir may hold: past it, the decoded splits used longest ago are deleted when a new "
-        "one is written (shared by every process using that folder)", min=0)
+        20,
+        "GiB data.disk_cache_dir may hold: past it, the decoded splits used longest ago are deleted when a new "
+        "one is written (shared by every process using that folder)",
+        min=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -173,25 +196,38 @@ class TrainConfig:
     head: PhaseConfig = _f(PhaseConfig(), "phase 1: frozen backbone, new head")
     finetune: PhaseConfig = _f(PhaseConfig(), "phase 2: top of the backbone unfrozen, low LR")
     class_weight: Literal["none", "balanced"] = _f(
-        "none", "none | balanced: each class's loss weighted n_train / (n_classes * its train images), in every "
-        "phase, confirmation seed and the scratch baseline")
+        "none",
+        "none | balanced: each class's loss weighted n_train / (n_classes * its train images), in every "
+        "phase, confirmation seed and the scratch baseline",
+    )
     # Bare YAML on/off are read as true/false: both spellings are accepted (see _check_cross).
     mixed_precision: Any = _f(
-        "auto", "auto | on | off: Keras' mixed_float16 policy in trial processes (float16 compute, float32 weights and "
-        "softmax); auto = on for a GPU of compute capability >= 7.0, off on CPU; on is refused without such a GPU")
+        "auto",
+        "auto | on | off: Keras' mixed_float16 policy in trial processes (float16 compute, float32 weights and "
+        "softmax); auto = on for a GPU of compute capability >= 7.0, off on CPU; on is refused without such a GPU",
+    )
     jit_compile: Any = _f(
-        "auto", "auto | on | off: XLA compilation of the train and test steps (model.compile's jit_compile); auto = on "
-        "for a GPU of compute capability >= 7.0, off on CPU")
+        "auto",
+        "auto | on | off: XLA compilation of the train and test steps (model.compile's jit_compile); auto = on "
+        "for a GPU of compute capability >= 7.0, off on CPU",
+    )
     feature_cache: bool = _f(
-        True, "phase 1 on a frozen pretrained backbone without augmentation trains the head on pooled features "
-        "computed once and shared by every trial (harness/features.py); the result is the same model")
+        True,
+        "phase 1 on a frozen pretrained backbone without augmentation trains the head on pooled features "
+        "computed once and shared by every trial (harness/features.py); the result is the same model",
+    )
     feature_cache_dir: str = _f("results/features", "where cached features are kept, keyed by content")
     feature_cache_max_gib: float = _f(
-        20, "GiB train.feature_cache_dir may hold: past it, the feature sets used longest ago are deleted when a "
-        "new one is written", min=0)
+        20,
+        "GiB train.feature_cache_dir may hold: past it, the feature sets used longest ago are deleted when a new one is written",
+        min=0,
+    )
     gpu_memory_limit_mib: float | None = _f(
-        None, "MiB of GPU memory each trial process may take; null = memory growth (TensorFlow takes what the "
-        "process needs as it needs it, instead of nearly all the GPU at start)", min=64)
+        None,
+        "MiB of GPU memory each trial process may take; null = memory growth (TensorFlow takes what the "
+        "process needs as it needs it, instead of nearly all the GPU at start)",
+        min=64,
+    )
 
 
 @dataclass(frozen=True)
@@ -199,8 +235,9 @@ class TrackingConfig:
     uri: str | None = _f(None, "MLflow tracking URI; null = $MLFLOW_TRACKING_URI or sqlite:///results/mlflow.db")
     experiment: str | None = _f(None, "MLflow experiment name; null = the study name")
     artifact_root: str = _f("results/mlartifacts", "artifact location of new experiments on a local store")
-    system_metrics_seconds: float = _f(10, "how often each trial run samples CPU, memory and GPU use (MLflow system "
-                                       "metrics); 0 = off", min=0)
+    system_metrics_seconds: float = _f(
+        10, "how often each trial run samples CPU, memory and GPU use (MLflow system metrics); 0 = off", min=0
+    )
 
 
 @dataclass(frozen=True)
@@ -214,13 +251,24 @@ class BaselineConfig:
     scratch: bool = _f(True, "after the search, train the best trial's architecture from random init")
     epochs: int = _f(30, "from-scratch epochs of the training set, unless min_steps asks for more", min=1)
     min_steps: int = _f(3000, "optimizer steps at least, however small the training set", min=1)
-    learning_rate: Any = _f("auto", "Adam learning rate, or 'auto': a short search picks it (1e-4, 3e-4, 1e-3, "
-                            "each for 5% of the steps; the lowest training loss wins)")
-    patience: int | None = _f(8, "early-stopping patience in epochs of the training set (at least 3 "
-                              "validations), counted while neither the validation loss nor the metric improves; "
-                              "never stops before min_steps; null = off", min=1)
-    retries: int = _f(2, "a run that does not fit its training data (accuracy < 0.95 on up to 5,000 images) is trained "
-                      "again at the learning-rate search's next-ranked rate, this many times at most", min=0)
+    learning_rate: Any = _f(
+        "auto",
+        "Adam learning rate, or 'auto': a short search picks it (1e-4, 3e-4, 1e-3, "
+        "each for 5% of the steps; the lowest training loss wins)",
+    )
+    patience: int | None = _f(
+        8,
+        "early-stopping patience in epochs of the training set (at least 3 "
+        "validations), counted while neither the validation loss nor the metric improves; "
+        "never stops before min_steps; null = off",
+        min=1,
+    )
+    retries: int = _f(
+        2,
+        "a run that does not fit its training data (accuracy < 0.95 on up to 5,000 images) is trained "
+        "again at the learning-rate search's next-ranked rate, this many times at most",
+        min=0,
+    )
     augment: bool | None = _f(None, "augmentation for the baseline; null = as the best trial")
 
 
@@ -244,8 +292,12 @@ class QuadrantsConfig:
     targets: list[TargetConfig] = _f([], "target datasets, each with its quadrant")
     strategies: list[str] = _f(list(STRATEGIES), "features | intermediate | partial | full | scratch")
     trials_per_cell: int = _f(4, "trials of every (target, strategy) study: equal budgets", min=1)
-    confirm_seeds: int = _f(3, "seeds the best configuration of each cell is retrained with; at least 2, since "
-                            "the report's Welch t-test compares cells over their seeds", min=2)
+    confirm_seeds: int = _f(
+        3,
+        "seeds the best configuration of each cell is retrained with; at least 2, since "
+        "the report's Welch t-test compares cells over their seeds",
+        min=2,
+    )
     cut_range: list[float] = _f([0.3, 0.8], "intermediate: searched share of backbone blocks kept")
     partial_range: list[float] = _f([0.2, 0.8], "partial: searched share of top blocks unfrozen")
     logme: bool = _f(True, "score every (backbone, target) with LogME before training")
@@ -260,10 +312,17 @@ class ScreenConfig:
     """search.screen: every candidate backbone is scored from frozen features of the training split
     before the search (harness/screening.py); `keep` narrows the search to the best few."""
 
-    keep: int | None = _f(None, "backbones the search keeps: the top K by `by`; null = all (still scored and "
-                          "logged when more than one backbone is searched)", min=1)
-    by: Literal["logme", "knn", "size"] = _f("logme", "logme | knn | size: LogME, k-NN accuracy cross-validated "
-                                             "on the training split, or parameter count (never looks at the data)")
+    keep: int | None = _f(
+        None,
+        "backbones the search keeps: the top K by `by`; null = all (still scored and "
+        "logged when more than one backbone is searched)",
+        min=1,
+    )
+    by: Literal["logme", "knn", "size"] = _f(
+        "logme",
+        "logme | knn | size: LogME, k-NN accuracy cross-validated "
+        "on the training split, or parameter count (never looks at the data)",
+    )
     max_images: int = _f(2000, "training images each score reads, the same share from every class", min=10)
 
 
@@ -281,8 +340,12 @@ PARAMS: dict[str, tuple[str, Any, str]] = {
     "dropout": ("float", (0.0, 0.95), "dropout before the classifier"),
     "pooling": ("str", ["avg", "max"], "global pooling of the feature map"),
     "augment": ("bool", [True, False], "random flip/rotation/zoom layers inside the model"),
-    "strategy": ("str", list(STRATEGIES), "how the backbone is used (quadrants pin one per cell); default: the "
-                 "two-phase routine as the other parameters describe it"),
+    "strategy": (
+        "str",
+        list(STRATEGIES),
+        "how the backbone is used (quadrants pin one per cell); default: the "
+        "two-phase routine as the other parameters describe it",
+    ),
 }
 DEFAULT_SEARCH: dict[str, Any] = {
     "backbone": "MobileNetV2",
@@ -330,7 +393,10 @@ class SweepConfig:
 
     def to_dict(self) -> dict:
         """The resolved config as plain data (the first artifact of every run)."""
-        out = {k: _plain(getattr(self, k)) for k in ("study", "data", "model", "train", "tracking", "baseline", "source", "quadrants")}
+        out = {
+            k: _plain(getattr(self, k))
+            for k in ("study", "data", "model", "train", "tracking", "baseline", "source", "quadrants")
+        }
         out["search"] = {n: _param_plain(p) for n, p in self.search.items()}
         if self.screen is not None:  # only when set, so a config without it keeps its fingerprint
             out["search"]["screen"] = _plain(self.screen)
@@ -344,12 +410,19 @@ class SweepConfig:
         in the same MLflow experiment; no pruning, no baseline, one trial."""
         out = self.to_dict()
         out["search"] = {name: value for name, value in params.items() if name in PARAMS}
-        out["study"].update(name=f"{self.study.name}.trial-{trial_number}", n_trials=1, timeout=None, storage=None,
-                            pruner="none", workers=1, seed=self.study.seed + trial_number if seed is None else seed)
+        out["study"].update(
+            name=f"{self.study.name}.trial-{trial_number}",
+            n_trials=1,
+            timeout=None,
+            storage=None,
+            pruner="none",
+            workers=1,
+            seed=self.study.seed + trial_number if seed is None else seed,
+        )
         out["tracking"]["experiment"] = self.tracking.experiment or self.study.name
         out["baseline"]["scratch"] = False
         out["quadrants"] = None
-        if out["model"]["weights"] == "none" or out["search"].get("augment") is True:
+        if not features_are_fixed(out["model"]["weights"] != "none", out["search"].get("augment") is True):
             out["train"]["feature_cache"] = False  # what this trial ran with: it could not use the cache
         return out
 
@@ -357,14 +430,25 @@ class SweepConfig:
         """Hash of everything that decides what a trial computes (not budgets or where things go),
         so resuming with a changed config is caught instead of mixing results."""
         d = self.to_dict()
-        for key in ("n_trials", "timeout", "storage", "max_consecutive_failures", "trials_per_process",
-                    "recycle_memory_mib", "workers", "heartbeat_seconds"):
+        for key in (
+            "n_trials",
+            "timeout",
+            "storage",
+            "max_consecutive_failures",
+            "trials_per_process",
+            "recycle_memory_mib",
+            "workers",
+            "heartbeat_seconds",
+        ):
             d["study"].pop(key, None)
         d.pop("tracking", None)
         for key in ("feature_cache_dir", "feature_cache_max_gib", "gpu_memory_limit_mib"):
             d["train"].pop(key, None)
-        datas = [d["data"], *([d["source"]["data"]] if d.get("source") else []),
-                 *([t["data"] for t in d["quadrants"]["targets"]] if d.get("quadrants") else [])]
+        datas = [
+            d["data"],
+            *([d["source"]["data"]] if d.get("source") else []),
+            *([t["data"] for t in d["quadrants"]["targets"]] if d.get("quadrants") else []),
+        ]
         for data in datas:  # where images are kept, never which ones
             for key in ("memory_cache_mib", "disk_cache_dir", "disk_cache_max_gib", "tfds_dir", "checked_images_dir"):
                 data.pop(key, None)
@@ -501,7 +585,9 @@ def _build(cls, raw, path: str, loc: _Locator):
 def _param(name: str, raw, loc: _Locator) -> ParamSpec:
     path = f"search.{name}"
     if name not in PARAMS:
-        raise loc.error(path, f"unknown search parameter; valid: {', '.join(PARAMS)} (and screen: how the backbones are narrowed)")
+        raise loc.error(
+            path, f"unknown search parameter; valid: {', '.join(PARAMS)} (and screen: how the backbones are narrowed)"
+        )
     kind, allowed, _ = PARAMS[name]
     py = {"str": str, "int": int, "float": float, "bool": bool}[kind]
 
@@ -542,6 +628,12 @@ def _param(name: str, raw, loc: _Locator) -> ParamSpec:
             raise loc.error(path, "log and step cannot be combined (Optuna refuses it)")
         return ParamSpec(name, kind, low=low, high=high, log=log, step=step)
     raise loc.error(path, "must be a fixed value, {choices: [...]}, or {low: .., high: .., log?: .., step?: ..}")
+
+
+def backbone_candidates(search: dict[str, ParamSpec]) -> list[str]:
+    """The backbones a search block can choose, each once, in its order: the one list that weights
+    checks, screening, LogME and each cell's first trials go through."""
+    return [str(name) for name in dict.fromkeys(_param_values(search["backbone"]))]
 
 
 def _param_values(p: ParamSpec) -> list:
@@ -606,16 +698,23 @@ def _check_cross(cfg: SweepConfig, loc: _Locator) -> None:
 def _check_screen(cfg: SweepConfig, loc: _Locator) -> None:
     """search.screen can only narrow what there is, and needs features worth scoring."""
     if cfg.quadrants is not None:
-        raise loc.error("search.screen", "a quadrant sweep scores its backbones per target with quadrants.logme; "
-                        "leave search.screen out")
+        raise loc.error(
+            "search.screen", "a quadrant sweep scores its backbones per target with quadrants.logme; leave search.screen out"
+        )
     if cfg.model.weights == "none":
-        raise loc.error("search.screen", "model.weights is none: frozen features of randomly initialised backbones "
-                        "say nothing about how each transfers; leave search.screen out or use pretrained weights")
+        raise loc.error(
+            "search.screen",
+            "model.weights is none: frozen features of randomly initialised backbones "
+            "say nothing about how each transfers; leave search.screen out or use pretrained weights",
+        )
+    assert cfg.screen is not None  # called for a screened sweep only
     keep = cfg.screen.keep
-    candidates = list(dict.fromkeys(_param_values(cfg.search["backbone"])))
+    candidates = backbone_candidates(cfg.search)
     if keep is not None and keep > len(candidates):
-        raise loc.error("search.screen.keep", f"keeps {keep} backbones, but search.backbone has only "
-                        f"{len(candidates)} candidate(s) ({', '.join(candidates)})")
+        raise loc.error(
+            "search.screen.keep",
+            f"keeps {keep} backbones, but search.backbone has only {len(candidates)} candidate(s) ({', '.join(candidates)})",
+        )
 
 
 def _check_data(key: str, data: DataConfig, loc: _Locator) -> None:
@@ -637,8 +736,11 @@ def _check_data(key: str, data: DataConfig, loc: _Locator) -> None:
         raise loc.error(f"{key}.classes", "a classification task needs at least two classes")
     if data.class_map is not None:
         if data.classes is not None:
-            raise loc.error(f"{key}.class_map", f"set either {key}.classes or {key}.class_map, not both (to keep only "
-                            f"some classes, list the others under {DROP_KEY})")
+            raise loc.error(
+                f"{key}.class_map",
+                f"set either {key}.classes or {key}.class_map, not both (to keep only "
+                f"some classes, list the others under {DROP_KEY})",
+            )
         problems = class_map_problems(data.class_map, _known_classes(data), f"{key}.class_map")
         if problems:
             raise loc.error(f"{key}.class_map", f"{len(problems)} problem(s): " + "; ".join(problems))
@@ -678,20 +780,24 @@ def class_map_problems(class_map: dict, known: list[str] | None, key: str = "dat
                 problems.append(f"{where}[{i}]: class names are strings; got {type(name).__name__} {name!r} (quote it)")
             elif name in group_of:
                 first = group_of[name]
-                problems.append(f"{where}: class {name!r} listed twice" if first == group
-                                else f"{where}: class {name!r} is already in {key}.{first}")
+                problems.append(
+                    f"{where}: class {name!r} listed twice"
+                    if first == group
+                    else f"{where}: class {name!r} is already in {key}.{first}"
+                )
             else:
                 group_of[name] = group
                 if known is not None and name not in known:
                     unknown.append(name)
-        if unknown:
-            problems.append(f"{where}: unknown class(es) {', '.join(map(repr, unknown))}; the dataset has "
-                            f"{_listed(known)}")
+        if unknown and known is not None:  # only a known class list finds unknown ones
+            problems.append(f"{where}: unknown class(es) {', '.join(map(repr, unknown))}; the dataset has {_listed(known)}")
     if known is not None:
         unmapped = [c for c in known if c not in group_of]
         if unmapped:
-            problems.append(f"{key}: class(es) {_listed(unmapped)} are in no target label; map them, or list them "
-                            f"under {DROP_KEY} to leave them out")
+            problems.append(
+                f"{key}: class(es) {_listed(unmapped)} are in no target label; map them, or list them "
+                f"under {DROP_KEY} to leave them out"
+            )
     return problems
 
 
@@ -702,19 +808,21 @@ def _listed(names: list[str]) -> str:
 
 def _known_classes(data: DataConfig) -> list[str] | None:
     """A dataset's class names where they are cheap to know without loading it; None for TFDS."""
-    if data.source == "builtin":
+    if data.source == "builtin" and data.name is not None:
         from harness.datasets_builtin import SOURCE_CLASSES, TARGET_CLASSES
 
         # scikit-learn's digits are labelled 0-9 (datasets_builtin.make_digits names them str(d)).
-        return {"shapes-source": list(SOURCE_CLASSES), "shapes": list(TARGET_CLASSES),
-                "digits": [str(d) for d in range(10)]}.get(data.name)
-    if data.source == "folder":  # the sub-folder names, as harness/data.py scan_folder reads them
+        return {"shapes-source": list(SOURCE_CLASSES), "shapes": list(TARGET_CLASSES), "digits": [str(d) for d in range(10)]}.get(
+            data.name
+        )
+    if data.source == "folder" and data.path is not None:  # the sub-folder names, as harness/data.py scan_folder reads them
         return sorted(p.name for p in Path(data.path).iterdir() if p.is_dir() and not p.name.startswith("."))
     return None
 
 
 def _check_quadrants(cfg: SweepConfig, loc: _Locator) -> None:
     q = cfg.quadrants
+    assert q is not None  # called for a quadrant sweep only
     if not q.targets:
         raise loc.error("quadrants.targets", "list at least one target dataset")
     names = [t.name for t in q.targets]
@@ -724,10 +832,15 @@ def _check_quadrants(cfg: SweepConfig, loc: _Locator) -> None:
         _check_data(f"quadrants.targets[{i}].data", t.data, loc)
         for name in _param_values(cfg.search["backbone"]):
             if t.data.image_size < BACKBONES[name].min_size:
-                raise loc.error(f"quadrants.targets[{i}].data.image_size",
-                                f"{t.data.image_size} px is below {name}'s minimum input size of {BACKBONES[name].min_size} px")
+                raise loc.error(
+                    f"quadrants.targets[{i}].data.image_size",
+                    f"{t.data.image_size} px is below {name}'s minimum input size of {BACKBONES[name].min_size} px",
+                )
         if cfg.model.weights == "source" and cfg.source is not None and t.data.image_size != cfg.source.data.image_size:
-            raise loc.error(f"quadrants.targets[{i}].data.image_size", "must equal source.data.image_size (the source backbone is reused as is)")
+            raise loc.error(
+                f"quadrants.targets[{i}].data.image_size",
+                "must equal source.data.image_size (the source backbone is reused as is)",
+            )
     for i, s in enumerate(q.strategies):
         if s not in STRATEGIES:
             raise loc.error(f"quadrants.strategies[{i}]", f"unknown strategy {s!r}; valid: {', '.join(STRATEGIES)}")
@@ -752,18 +865,25 @@ def parse_config(text: str, filename: str = "<string>") -> SweepConfig:
         raise ConfigError(f"{filename}: malformed YAML: {exc}") from None
     loc = _Locator(filename, root)
     if raw is None:  # no text, only comments, or a lone null
-        raise ConfigError(f"{filename}: config file is empty; a sweep needs at least a data: block "
-                          "(sweeps/demo.yaml is a complete example)")
+        raise ConfigError(
+            f"{filename}: config file is empty; a sweep needs at least a data: block (sweeps/demo.yaml is a complete example)"
+        )
     duplicates = duplicate_keys(root, filename)
     if duplicates:
         listed = "\n".join(f"  - {d}" for d in duplicates)
-        raise ConfigError(f"{filename}: {len(duplicates)} duplicate key(s); YAML would silently keep the last "
-                          f"value of each:\n{listed}")
+        raise ConfigError(
+            f"{filename}: {len(duplicates)} duplicate key(s); YAML would silently keep the last value of each:\n{listed}"
+        )
     if not isinstance(raw, dict):
         raise loc.error("", f"top level must be a mapping; got {type(raw).__name__}")
     sections = {
-        "study": StudyConfig, "data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-        "tracking": TrackingConfig, "baseline": BaselineConfig, "source": SourceConfig,
+        "study": StudyConfig,
+        "data": DataConfig,
+        "model": ModelConfig,
+        "train": TrainConfig,
+        "tracking": TrackingConfig,
+        "baseline": BaselineConfig,
+        "source": SourceConfig,
         "quadrants": QuadrantsConfig,
     }
     for key in raw:
@@ -792,8 +912,10 @@ def parse_config(text: str, filename: str = "<string>") -> SweepConfig:
         # The default (true) quietly applies wherever it can; asked for by name, it must be able to.
         reason = feature_cache_impossible(cfg)
         if reason:
-            raise loc.error("train.feature_cache", f"true, but {reason}, so no phase ever sees fixed features; "
-                                                    "set it to false or leave it out")
+            raise loc.error(
+                "train.feature_cache",
+                f"true, but {reason}, so no phase ever sees fixed features; set it to false or leave it out",
+            )
     return cfg
 
 
@@ -819,8 +941,10 @@ def duplicate_keys(root: yaml.Node | None, filename: str) -> list[str]:
                 ident = (key.tag, name)
                 if ident in first:
                     was = first[ident].start_mark
-                    found.append(f"{filename}:{key.start_mark.line + 1}:{key.start_mark.column + 1}: {dotted}: "
-                                 f"duplicate key (first set at line {was.line + 1})")
+                    found.append(
+                        f"{filename}:{key.start_mark.line + 1}:{key.start_mark.column + 1}: {dotted}: "
+                        f"duplicate key (first set at line {was.line + 1})"
+                    )
                 else:
                     first[ident] = key
                 walk(value, dotted)
@@ -841,16 +965,27 @@ def _check_names(study: StudyConfig, quadrants: QuadrantsConfig | None, loc: _Lo
     problems = [(key, value, name_problem(value)) for key, value in named]
     lines = [str(loc.error(key, f"{value!r} {problem}")) for key, value, problem in problems if problem]
     if lines:
-        raise ConfigError("\n".join(lines) + f"\n({NAME_RULE}: a name becomes a folder under results/, an MLflow "
-                          "experiment, a registered model and part of MLflow search filters)")
+        raise ConfigError(
+            "\n".join(lines) + f"\n({NAME_RULE}: a name becomes a folder under results/, an MLflow "
+            "experiment, a registered model and part of MLflow search filters)"
+        )
+
+
+def features_are_fixed(pretrained: bool, augment: bool) -> bool:
+    """The feature cache's one rule: a frozen backbone's outputs are the same every epoch, so they
+    can be computed once, only when its weights are pretrained (its BatchNormalization then runs in
+    inference mode) and no augmentation changes the images. harness/features.py adds which phases
+    see a frozen backbone; `feature_cache_impossible` and `SweepConfig.resolved` apply it to a
+    sweep and to one trial."""
+    return pretrained and not augment
 
 
 def feature_cache_impossible(cfg: SweepConfig) -> str | None:
     """Why no trial of this config could train its head on cached features (None: some can)."""
-    if cfg.model.weights == "none":
+    if not features_are_fixed(pretrained=cfg.model.weights != "none", augment=False):
         return "model.weights is none (every backbone starts from random init)"
     augment = cfg.search.get("augment")
-    if augment is not None and augment.fixed and augment.value is True:
+    if augment is not None and augment.fixed and not features_are_fixed(pretrained=True, augment=bool(augment.value)):
         return "search.augment is always true (augmentation changes the backbone's input every epoch)"
     return None
 
@@ -872,10 +1007,14 @@ def with_overrides(cfg: SweepConfig, **study_overrides) -> SweepConfig:
     """Command-line flags win over the YAML; None means 'not given'. `name` is --study-name."""
     flag_name = study_overrides.get("name")
     if flag_name is not None and name_problem(flag_name):
-        raise ConfigError(f"--study-name: {flag_name!r} {name_problem(flag_name)}; {NAME_RULE} (the name becomes a "
-                          "folder under results/, an MLflow experiment, a registered model and part of MLflow "
-                          "search filters)")
-    study_kw = {k: v for k, v in study_overrides.items() if v is not None and k in {f.name for f in dataclasses.fields(StudyConfig)}}
+        raise ConfigError(
+            f"--study-name: {flag_name!r} {name_problem(flag_name)}; {NAME_RULE} (the name becomes a "
+            "folder under results/, an MLflow experiment, a registered model and part of MLflow "
+            "search filters)"
+        )
+    study_kw = {
+        k: v for k, v in study_overrides.items() if v is not None and k in {f.name for f in dataclasses.fields(StudyConfig)}
+    }
     cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, **study_kw))
     if study_overrides.get("tracking_uri"):
         cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=study_overrides["tracking_uri"]))

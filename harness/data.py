@@ -56,8 +56,9 @@ class Splits:
 # --- sources ---------------------------------------------------------------------------------
 
 
-def scan_folder(root: str | Path, cfg: DataConfig | None = None,
-                check_images: bool = False) -> tuple[list[str], list[str], np.ndarray]:
+def scan_folder(
+    root: str | Path, cfg: DataConfig | None = None, check_images: bool = False
+) -> tuple[list[str], list[str], np.ndarray]:
     """(class names, file paths, labels) of a folder with one sub-folder per class.
 
     Every problem is collected first and one DataError lists them all, so a bad folder costs one
@@ -114,15 +115,28 @@ SHOWN_FILES = 20  # unreadable files listed by name; the count is always the tot
 def _unreadable(bad: list[str]) -> str:
     shown = "\n      ".join(f"{p}{_what_it_is(p)}" for p in bad[:SHOWN_FILES])
     more = f"\n      ... and {len(bad) - SHOWN_FILES} more" if len(bad) > SHOWN_FILES else ""
-    return (f"{len(bad)} unreadable or corrupt image file(s): training's decoder ({DECODER_FORMATS}) cannot read them; "
-            f"delete, convert or replace them:\n      {shown}{more}")
+    return (
+        f"{len(bad)} unreadable or corrupt image file(s): training's decoder ({DECODER_FORMATS}) cannot read them; "
+        f"delete, convert or replace them:\n      {shown}{more}"
+    )
 
 
 DECODER_FORMATS = "tf.io.decode_image: JPEG, PNG, GIF, BMP, WebP"
 # Leading bytes of formats PIL opens but training's decoder refuses, to say what a misnamed file really is.
-_FOREIGN_FORMATS = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"),
-                    (b"P1", "PBM"), (b"P2", "PGM"), (b"P3", "PPM"), (b"P4", "PBM"), (b"P5", "PGM"), (b"P6", "PPM"),
-                    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"))
+_FOREIGN_FORMATS = (
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "PSD"),
+    (b"P1", "PBM"),
+    (b"P2", "PGM"),
+    (b"P3", "PPM"),
+    (b"P4", "PBM"),
+    (b"P5", "PGM"),
+    (b"P6", "PPM"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+)
 
 
 def _what_it_is(path: str) -> str:
@@ -171,8 +185,10 @@ def _too_few(d: Path, n: int, cfg: DataConfig) -> str:
         return f"class folder {d} has {n} usable image(s), too few to split with {rule}: {needed}"
     # Rounding can make one size fail between sizes that work (e.g. both fractions near 0.45).
     train, val, test = split_sizes(n, cfg)
-    return (f"class folder {d} has {n} usable image(s); {rule} round that to {val} val + {test} test, "
-            f"leaving {train} for train where {need} are needed ({min_images_per_class(cfg, n)} images would split)")
+    return (
+        f"class folder {d} has {n} usable image(s); {rule} round that to {val} val + {test} test, "
+        f"leaving {train} for train where {need} are needed ({min_images_per_class(cfg, n)} images would split)"
+    )
 
 
 def _is_empty(path: str) -> bool:
@@ -195,7 +211,7 @@ def find_corrupt_images(paths: list[str], image_size: int = 32, checks: ImageChe
     bad += undecodable_images(todo, image_size)
     if checks is not None:
         rejected = set(bad)
-        checks.keep({p: stamp for p, stamp in stamps.items() if p not in rejected})
+        checks.keep({p: stamp for p, stamp in stamps.items() if stamp is not None and p not in rejected})
     return bad
 
 
@@ -211,9 +227,11 @@ def undecodable_images(paths: list[str], image_size: int = 32) -> list[str]:
         # A value of the pixels, not the (static) shape: tf.data's optimizer would prune a decode nothing reads.
         return path, tf.reduce_max(image)
 
-    pipe = (tf.data.Dataset.from_tensor_slices(np.asarray(paths)).map(decodes, num_parallel_calls=tf.data.AUTOTUNE,
-                                                                      deterministic=False)
-            .ignore_errors())
+    pipe = (
+        tf.data.Dataset.from_tensor_slices(np.asarray(paths))
+        .map(decodes, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+        .ignore_errors()
+    )
     read = {path.decode() for path, _ in pipe.as_numpy_iterator()}
     return [p for p in paths if p not in read]
 
@@ -279,8 +297,12 @@ class ImageChecks:
 OFFICIAL_SPLITS = ("train", "validation", "test")
 
 
+_MAGIC_SUFFIXES = ((b"\x89PNG", ".png"), (b"GIF8", ".gif"), (b"BM", ".bmp"))  # file signature -> suffix
+
+
 def _image_suffix(raw: bytes) -> str:
-    return ".png" if raw.startswith(b"\x89PNG") else ".gif" if raw.startswith(b"GIF8") else ".bmp" if raw.startswith(b"BM") else ".jpg"
+    """The file suffix of encoded image bytes, by their signature (JPEG when none matches)."""
+    return next((suffix for magic, suffix in _MAGIC_SUFFIXES if raw.startswith(magic)), ".jpg")
 
 
 def _load_tfds(name: str, export_root: str) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
@@ -350,19 +372,36 @@ def load_dataset(cfg: DataConfig, check_images: bool = True) -> Dataset:
     if cfg.source == "builtin":
         from harness.datasets_builtin import load_builtin
 
+        assert cfg.name is not None  # a builtin or TFDS source is named (checked by harness/config.py)
         images, labels, names = load_builtin(cfg.name, cfg.image_size, cfg.builtin_size, cfg.seed)
         ds = Dataset(names, labels, images=images, image_size=cfg.image_size, name=cfg.name)
     elif cfg.source == "tfds":
+        assert cfg.name is not None
         names, paths, labels, official = _load_tfds(cfg.name, cfg.tfds_dir)
-        ds = Dataset(names, labels, paths=paths, image_size=cfg.image_size, name=cfg.name,
-                     official=official if cfg.official_splits else None,
-                     memory_cache_mib=cfg.memory_cache_mib, disk_cache_dir=cfg.disk_cache_dir,
-                     disk_cache_max_gib=cfg.disk_cache_max_gib)
+        ds = Dataset(
+            names,
+            labels,
+            paths=paths,
+            image_size=cfg.image_size,
+            name=cfg.name,
+            official=official if cfg.official_splits else None,
+            memory_cache_mib=cfg.memory_cache_mib,
+            disk_cache_dir=cfg.disk_cache_dir,
+            disk_cache_max_gib=cfg.disk_cache_max_gib,
+        )
     else:
+        assert cfg.path is not None  # a folder source has a path (checked by harness/config.py)
         names, paths, labels = scan_folder(cfg.path, cfg, check_images)
-        ds = Dataset(names, labels, paths=paths, image_size=cfg.image_size, name=Path(cfg.path).name,
-                     memory_cache_mib=cfg.memory_cache_mib, disk_cache_dir=cfg.disk_cache_dir,
-                     disk_cache_max_gib=cfg.disk_cache_max_gib)
+        ds = Dataset(
+            names,
+            labels,
+            paths=paths,
+            image_size=cfg.image_size,
+            name=Path(cfg.path).name,
+            memory_cache_mib=cfg.memory_cache_mib,
+            disk_cache_dir=cfg.disk_cache_dir,
+            disk_cache_max_gib=cfg.disk_cache_max_gib,
+        )
     if cfg.classes is not None:
         ds = select_classes(ds, cfg.classes)
     if cfg.class_map is not None:
@@ -380,11 +419,15 @@ def select_classes(ds: Dataset, classes: list[str]) -> Dataset:
     remap = {o: n for n, o in enumerate(old)}
     labels = np.asarray([remap[v] for v in ds.labels[keep]], np.int64)
     return Dataset(
-        list(classes), labels,
+        list(classes),
+        labels,
         images=ds.images[keep] if ds.images is not None else None,
         paths=[p for p, k in zip(ds.paths, keep) if k] if ds.paths is not None else None,
         official=ds.official[keep] if ds.official is not None else None,
-        image_size=ds.image_size, name=ds.name, memory_cache_mib=ds.memory_cache_mib, disk_cache_dir=ds.disk_cache_dir,
+        image_size=ds.image_size,
+        name=ds.name,
+        memory_cache_mib=ds.memory_cache_mib,
+        disk_cache_dir=ds.disk_cache_dir,
         disk_cache_max_gib=ds.disk_cache_max_gib,
     )
 
@@ -412,11 +455,15 @@ def apply_class_map(ds: Dataset, class_map: dict[str, list[str]]) -> Dataset:
     labels = new_label[ds.labels]
     keep = labels >= 0
     return Dataset(
-        targets, labels[keep],
+        targets,
+        labels[keep],
         images=ds.images[keep] if ds.images is not None else None,
         paths=[p for p, k in zip(ds.paths, keep) if k] if ds.paths is not None else None,
         official=ds.official[keep] if ds.official is not None else None,
-        image_size=ds.image_size, name=ds.name, memory_cache_mib=ds.memory_cache_mib, disk_cache_dir=ds.disk_cache_dir,
+        image_size=ds.image_size,
+        name=ds.name,
+        memory_cache_mib=ds.memory_cache_mib,
+        disk_cache_dir=ds.disk_cache_dir,
         disk_cache_max_gib=ds.disk_cache_max_gib,
     )
 
@@ -507,7 +554,7 @@ def tf_dataset(ds: Dataset, indices: np.ndarray, batch_size: int, shuffle: bool,
     def decode(path, label):
         return decode_image(tf.io.read_file(path), (size, size)), label
 
-    files = np.asarray([ds.paths[i] for i in indices])
+    files = split_files(ds, indices)
     plan = cache_plan(len(indices), size, ds.memory_cache_mib, ds.disk_cache_dir)
     if plan == "memory":
         pipe = tf.data.Dataset.from_tensor_slices((files, labels)).map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
@@ -545,8 +592,15 @@ def rows_pipeline(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, 
     return rows.batch(batch_size).map(fetch).prefetch(2)
 
 
+def split_files(ds: Dataset, indices: np.ndarray) -> np.ndarray:
+    """The image files of one split, in `indices` order, of a dataset read from files."""
+    assert ds.paths is not None, f"{ds.name} is held in memory: it has no files"
+    return np.asarray([ds.paths[i] for i in indices])
+
+
 def decoded_split_path(ds: Dataset, indices: np.ndarray) -> Path:
     """The shared file of one split's decoded images: named by its content and the input size."""
+    assert ds.disk_cache_dir is not None  # used only with data.disk_cache_dir set
     return Path(ds.disk_cache_dir) / f"decoded-{split_digest(ds, indices)}-{ds.image_size}px-v{DECODED_FORMAT}.npy"
 
 
@@ -575,15 +629,17 @@ def decoded_split(ds: Dataset, indices: np.ndarray, batch_size: int = 64) -> np.
     diskcache.evict(folder, diskcache.gib(ds.disk_cache_max_gib), incoming=int(np.prod(shape)), keep=path)
     partial = diskcache.partial_path(path)
     size = (ds.image_size, ds.image_size)
-    files = np.asarray([ds.paths[i] for i in indices])
+    files = split_files(ds, indices)
     try:
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
         at = 0
-        pipe = (tf.data.Dataset.from_tensor_slices(files)
-                .map(lambda f: decode_image(tf.io.read_file(f), size), num_parallel_calls=tf.data.AUTOTUNE)
-                .batch(batch_size))
+        pipe = (
+            tf.data.Dataset.from_tensor_slices(files)
+            .map(lambda f: decode_image(tf.io.read_file(f), size), num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(batch_size)
+        )
         for batch in pipe:
-            out[at:at + len(batch)] = batch.numpy()
+            out[at : at + len(batch)] = batch.numpy()
             at += len(batch)
         out.flush()
         del out
@@ -607,21 +663,35 @@ def split_digest(ds: Dataset, indices: np.ndarray) -> str:
     if ds.images is not None:
         h.update(np.ascontiguousarray(ds.images[indices]).tobytes())
     else:
-        for i in indices:
-            stat = Path(ds.paths[i]).stat()
-            h.update(f"{ds.paths[i]}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        for path in split_files(ds, indices):
+            stat = Path(path).stat()
+            h.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
     return h.hexdigest()[:16]
 
 
 def dataset_inputs(ds: Dataset, cfg: DataConfig, splits: Splits, with_test: bool = False) -> list[dict]:
     """The dataset inputs of a run (harness/tracking.py `log_datasets`): one per split it used."""
+    source: str | dict[str, str]
     if cfg.source == "folder":
+        assert cfg.path is not None
         source = str(Path(cfg.path).resolve())
     elif cfg.source == "tfds":
         source = f"https://www.tensorflow.org/datasets/catalog/{cfg.name}"
     else:
-        source = {"generator": "harness.datasets_builtin", "name": str(cfg.name), "seed": str(cfg.seed),
-                  "images_per_class": str(cfg.builtin_size)}
+        source = {
+            "generator": "harness.datasets_builtin",
+            "name": str(cfg.name),
+            "seed": str(cfg.seed),
+            "images_per_class": str(cfg.builtin_size),
+        }
     parts = [("train", splits.train), ("validation", splits.val)] + ([("test", splits.test)] if with_test else [])
-    return [{"name": f"{ds.name}-{context}", "source": source, "digest": split_digest(ds, idx), "context": context,
-             "images": len(idx)} for context, idx in parts]
+    return [
+        {
+            "name": f"{ds.name}-{context}",
+            "source": source,
+            "digest": split_digest(ds, idx),
+            "context": context,
+            "images": len(idx),
+        }
+        for context, idx in parts
+    ]

@@ -62,7 +62,9 @@ SHAPES = {
     "t_shape": lambda u, v: ((abs(u) < 0.25) & (abs(v + 0.15) < 0.85)) | ((abs(v - 0.7) < 0.25) & (abs(u) < 0.9)),
     "star4": _star(4, 0.35),
     "tri_ring": lambda u, v: _polygon(3)(u, v) & ~_polygon(3)(u * 1.9, v * 1.9),
-    "three_dots": lambda u, v: (np.hypot(u, v - 0.6) < 0.33) | (np.hypot(u - 0.55, v + 0.35) < 0.33) | (np.hypot(u + 0.55, v + 0.35) < 0.33),
+    "three_dots": lambda u, v: (
+        (np.hypot(u, v - 0.6) < 0.33) | (np.hypot(u - 0.55, v + 0.35) < 0.33) | (np.hypot(u + 0.55, v + 0.35) < 0.33)
+    ),
     "arc": lambda u, v: (np.hypot(u, v) < 1) & (np.hypot(u, v) > 0.65) & (v > -0.1),
 }
 SOURCE_CLASSES = list(SHAPES)[:16]
@@ -111,7 +113,7 @@ def make_digits(size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     # Bilinear upscaling through PIL keeps strokes smooth instead of blocky.
     from PIL import Image
 
-    up = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR)) for g in grey])
+    up = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.Resampling.BILINEAR)) for g in grey])
     rgb = np.repeat(np.clip(up, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
     return rgb, bunch.target.astype(np.int64), [str(d) for d in bunch.target_names]
 

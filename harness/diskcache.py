@@ -89,6 +89,7 @@ def partial_is_stale(name: str, age_seconds: float, host: str | None = None) -> 
         return True
     if found:
         return found["host"] == host and not pid_alive(int(found["pid"]))
+    assert legacy is not None  # one of the two matched (checked above)
     return not pid_alive(int(legacy["pid"]))  # written by this machine before hosts were named
 
 
@@ -107,8 +108,7 @@ def remove_stale_partials(folder: Path) -> list[Path]:
     return removed
 
 
-def lru_victims(entries: list[tuple[str, int, float]], cap_bytes: float, incoming: int = 0,
-                keep: str | None = None) -> list[str]:
+def lru_victims(entries: list[tuple[str, int, float]], cap_bytes: float, incoming: int = 0, keep: str | None = None) -> list[str]:
     """Which entries to delete so that they plus `incoming` bytes fit `cap_bytes`: the least
     recently used first, never `keep`. `entries` are (name, bytes, last used). Pure.
 

@@ -1,24 +1,18 @@
-"""Export the strategy-by-quadrant comparison: per-quadrant verdicts, tables and a heatmap.
+"""Render the strategy-by-quadrant comparison: CSV, Markdown, LaTeX, a PNG heatmap and one HTML page.
 
-The sweep compares transfer-learning strategies (``features``, ``intermediate``, ``partial``,
-``full``, ``scratch``) in four quadrants (target size small|large x similarity to the pretraining
-data similar|dissimilar). Each (quadrant, strategy) cell was searched, its best configuration was
-retrained with several seeds and tested once. This module turns those cells into:
+harness/verdicts.py analyses the cells once (`verdicts.analyse`: winners, Welch's tests, tie sets,
+why a verdict is not decisive); this module only formats that analysis:
 
-* ``quadrant_verdicts``: per quadrant the best test mean, Welch's t-test of it against the
-  runner-up over the confirmation seeds, the tie set (every strategy the test cannot tell apart
-  from the best) and whether that tie set contains what the textbook rule recommends;
-* ``comparison_long`` / ``comparison_table``: the machine-readable long form and the human wide form;
-* ``write_comparison``: CSV, Markdown, LaTeX, a PNG heatmap and one offline HTML page.
-
-A winner is called only when it is significantly better (p < ``stats.ALPHA``) than *every* other
-strategy of its quadrant; otherwise the verdict names the tie. Statistics live in harness/stats.py.
+* ``comparison_table``: the human wide form (one row per quadrant, one text column per strategy);
+* ``heatmap_figure``: quadrant x strategy, colour scaled per quadrant row;
+* ``markdown_table``: any other table (trials, LogME, ...) formatted as in the report;
+* ``write_comparison``: analyses once and writes every file from that one analysis.
 
 Everything here is pure pandas + scipy + matplotlib (Agg backend): no TensorFlow, MLflow or Optuna,
 so a report can be rebuilt from a CSV on any laptop.
 
     >>> import pandas as pd
-    >>> from harness.export import quadrant_verdicts, write_comparison
+    >>> from harness.export import write_comparison
     >>> cell = {"quadrant": "small-similar", "size": "small", "similarity": "similar", "target": "flowers"}
     >>> cells = pd.DataFrame([
     ...     {**cell, "strategy": "features", "best_val": 0.83, "test_mean": 0.81, "test_std": 0.01, "n_seeds": 3,
@@ -26,16 +20,14 @@ so a report can be rebuilt from a CSV on any laptop.
     ...     {**cell, "strategy": "full", "best_val": 0.80, "test_mean": 0.71, "test_std": 0.01, "n_seeds": 3,
     ...      "test_accuracies": [0.70, 0.71, 0.72]},
     ... ])
-    >>> v = quadrant_verdicts(cells).iloc[0]
-    >>> v.winner, v.verdict, bool(v.significant), bool(v.decisive), bool(v.agrees_with_textbook)
-    ('features', 'features', True, True, True)
     >>> paths = write_comparison(cells, "results/comparison", title="Transfer strategies", experiment_id="1")
     >>> sorted(paths)
     ['csv', 'heatmap', 'html', 'md', 'tex']
 
 Rendered outputs (Markdown, LaTeX, HTML, heatmap) round accuracies to 3 decimals and p-values to
-3 significant digits, and leave blank the parameters a strategy does not use; the CSV files keep
-full precision and every value, so that ``pd.read_csv`` gives back exactly the numbers passed in.
+3 significant digits, and leave blank the parameters a strategy does not use (harness/strategies.py
+says which); the CSV files keep full precision and every value, so that ``pd.read_csv`` gives back
+exactly the numbers passed in.
 """
 
 from __future__ import annotations
@@ -43,7 +35,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -58,64 +49,10 @@ import pandas as pd  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from harness import stats  # noqa: E402
-
-# --- the rules and the fixed orders -------------------------------------------------------------
-
-# (size, similarity) -> the strategies the textbook rule recommends for that quadrant.
-TEXTBOOK: dict[tuple[str, str], tuple[str, ...]] = {
-    ("small", "similar"): ("features",),
-    ("small", "dissimilar"): ("intermediate", "partial"),
-    ("large", "similar"): ("full",),
-    ("large", "dissimilar"): ("full", "scratch"),
-}
-
-# Roughly "how much of the network is trained", cheapest first. Used for column order and to break
-# exact ties: when two strategies score the same, the one that trains less is the sensible pick.
-STRATEGY_ORDER = ["features", "intermediate", "partial", "full", "scratch"]
-
-# Search parameters a strategy does not use (harness/strategies.py pins them to placeholder values
-# so the sampler ignores them): rendered tables leave them blank instead of showing the placeholder.
-# No phase 2 means no fine-tune LR and nothing unfrozen; only `intermediate` cuts the backbone.
-NOT_APPLICABLE: dict[str, frozenset[str]] = {
-    "features": frozenset({"finetune_lr", "unfreeze_fraction", "unfreeze_blocks", "cut_fraction"}),
-    "intermediate": frozenset({"finetune_lr", "unfreeze_fraction", "unfreeze_blocks"}),
-    "partial": frozenset({"cut_fraction"}),
-    "full": frozenset({"cut_fraction"}),
-    "scratch": frozenset({"finetune_lr", "unfreeze_fraction", "unfreeze_blocks", "cut_fraction"}),
-}
-
-# Rows are shown small before large, similar before dissimilar (the order the rules are stated in).
-_SIZE_ORDER = ["small", "large"]
-_SIMILARITY_ORDER = ["similar", "dissimilar"]
-
-REQUIRED_COLUMNS = ("quadrant", "size", "similarity", "target", "strategy",
-                    "best_val", "test_mean", "test_std", "n_seeds")
-# Optional per-cell columns. comparison.csv always has them (blank where the caller had none), so
-# the file has one schema: logme (score of the cell's backbone on the target), test_accuracies
-# (JSON list, one test accuracy per confirmation seed), train_epochs / train_seconds (total over
-# the phases, mean over seeds), train_images_seen (training images fed, mean over seeds), undertrained
-# (1: a from-scratch cell whose models did not fit their training data; it takes no part in the
-# verdict), cell_run_id / best_confirm_run_id (MLflow runs), training_rule (how its seeds were
-# trained, in words: a winner is called only among cells trained under one rule).
-OPTIONAL_COLUMNS = ("logme", "test_accuracies", "train_epochs", "train_seconds", "train_images_seen", "undertrained",
-                    "cell_run_id", "best_confirm_run_id", "training_rule")
-_NUMERIC_COLUMNS = ("best_val", "test_mean", "test_std", "n_seeds", "logme", "train_epochs", "train_seconds",
-                    "train_images_seen", "undertrained")
-_TEXT_COLUMNS = ("cell_run_id", "best_confirm_run_id", "training_rule")
-
-VERDICT_COLUMNS = ["quadrant", "size", "similarity", "target", "winner", "winner_test_mean",
-                   "runner_up", "runner_up_test_mean", "margin", "p_value", "significant",
-                   "tie_set", "decisive", "verdict", "textbook", "agrees_with_textbook",
-                   "cheapest_in_tie", "cheapest_cost_share", "training_rules"]
-# Per-cell columns comparison_long adds: the 95% t-interval, and the cell's place in the verdict.
-CELL_STAT_COLUMNS = ["ci_low", "ci_high"]
-CELL_VERDICT_COLUMNS = ["is_winner", "in_tie_set", "p_vs_winner"]
+from harness.strategies import uses  # noqa: E402
+from harness.verdicts import ALONE, DECISIVE, NO_SCORE, RULES_DIFFER, TIE_TOLERANCE, Comparison, analyse  # noqa: E402
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
-
-# Test means closer than this are equal: averages of the same accuracies can differ in the last bit
-# (0.1 + 0.2 != 0.3), and such a "margin" must not decide who is ranked first.
-_TIE_TOLERANCE = 1e-9
 
 # Names of the files write_comparison always writes, and the keys of the dict it returns; an extra
 # table with one of these names would overwrite one of them or shadow its key.
@@ -129,221 +66,8 @@ def run_url(run_id, experiment_id, ui_url: str = DEFAULT_UI_URL) -> str | None:
     return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-# --- input checks and orderings -----------------------------------------------------------------
-
-def _seeds(value) -> tuple[float, ...] | None:
-    """test_accuracies as a tuple of floats: from a list/array, a JSON string (the CSV), or None."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, str):
-        if not value.strip():
-            return None
-        value = json.loads(value)
-    return tuple(float(v) for v in value)
-
-
-def _validated(cells: pd.DataFrame) -> pd.DataFrame:
-    """A checked copy of `cells`: required columns present, numbers numeric, one row per cell,
-    every optional column present, test_accuracies parsed to tuples."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in cells.columns]
-    if missing:
-        raise ValueError(f"cells is missing column(s) {missing}; it needs {list(REQUIRED_COLUMNS)}")
-    cells = cells.reset_index(drop=True).copy()
-    for column in ("quadrant", "size", "similarity", "target", "strategy"):
-        cells[column] = cells[column].astype(str)
-    for column in _NUMERIC_COLUMNS:
-        if column in cells.columns:
-            # errors="raise": a typo like "0,81" must fail loudly, not silently become a blank cell.
-            cells[column] = pd.to_numeric(cells[column], errors="raise").astype(float)
-        else:
-            cells[column] = math.nan
-    for column in _TEXT_COLUMNS:
-        cells[column] = [v if isinstance(v, str) and v else None
-                         for v in (cells[column] if column in cells.columns else [None] * len(cells))]
-    seeds = cells["test_accuracies"] if "test_accuracies" in cells.columns else [None] * len(cells)
-    cells["test_accuracies"] = pd.Series([_seeds(v) for v in seeds], index=cells.index, dtype=object)
-    duplicated = cells.duplicated(["quadrant", "strategy"], keep=False)
-    if duplicated.any():
-        pairs = sorted(set(zip(cells.loc[duplicated, "quadrant"], cells.loc[duplicated, "strategy"])))
-        raise ValueError(f"cells has more than one row for (quadrant, strategy) {pairs}")
-    return cells
-
-
-def _strategy_key(name: str) -> tuple[int, str]:
-    """Sort key: STRATEGY_ORDER first, any other strategy after them alphabetically."""
-    return (STRATEGY_ORDER.index(name) if name in STRATEGY_ORDER else len(STRATEGY_ORDER), name)
-
-
-def _strategies(cells: pd.DataFrame) -> list[str]:
-    """The strategies that appear anywhere in `cells`, in display order."""
-    return sorted(cells["strategy"].unique(), key=_strategy_key)
-
-
-def _rule(size: str, similarity: str) -> tuple[str, ...]:
-    return TEXTBOOK.get((size.strip().lower(), similarity.strip().lower()), ())
-
-
-def _quadrant_groups(cells: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """(quadrant, its rows) in display order: small before large, similar before dissimilar."""
-    def key(item):
-        name, group = item
-        size = str(group["size"].iloc[0]).lower()
-        similarity = str(group["similarity"].iloc[0]).lower()
-        return (_SIZE_ORDER.index(size) if size in _SIZE_ORDER else len(_SIZE_ORDER),
-                _SIMILARITY_ORDER.index(similarity) if similarity in _SIMILARITY_ORDER else len(_SIMILARITY_ORDER),
-                name)
-    return sorted(cells.groupby("quadrant", sort=False), key=key)
-
-
-# --- verdicts and tables ------------------------------------------------------------------------
-
-def _p_between(a: pd.Series, b: pd.Series) -> float:
-    """Welch's p between two cells: from their seeds when both have them, else from mean, std, n
-    (the same number; a table that kept only the summary still gets its test)."""
-    if a["test_accuracies"] is not None and b["test_accuracies"] is not None:
-        return stats.welch_p(a["test_accuracies"], b["test_accuracies"])
-    return stats.welch_p_from_stats(a["test_mean"], a["test_std"], a["n_seeds"],
-                                    b["test_mean"], b["test_std"], b["n_seeds"])
-
-
-def _analyse(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(one verdict row per quadrant, one row per cell of `cells` with CELL_VERDICT_COLUMNS)."""
-    verdict_rows, cell_rows = [], {}
-    for quadrant, group in _quadrant_groups(cells):
-        first = group.iloc[0]
-        rule = _rule(first["size"], first["similarity"])
-        # An under-trained from-scratch cell is no result: it cannot win, tie or lose.
-        scored = group.dropna(subset=["test_mean"])
-        scored = scored[~(scored["undertrained"] > 0)].copy()
-        # Rounding the sort key makes float-noise ties fall through to the STRATEGY_ORDER tie-break.
-        scored["_score"] = scored["test_mean"].round(9)
-        scored["_order"] = [_strategy_key(s) for s in scored["strategy"]]
-        ranked = scored.sort_values(["_score", "_order"], ascending=[False, True])
-        winner = ranked.iloc[0] if len(ranked) >= 1 else None
-        runner = ranked.iloc[1] if len(ranked) >= 2 else None
-
-        p_vs_winner = {i: math.nan if i == winner.name else _p_between(winner, row) for i, row in ranked.iterrows()}
-        tie = [row["strategy"] for i, row in ranked.iterrows()
-               if i == winner.name or not stats.significant(p_vs_winner[i])]
-        margin = float(winner["test_mean"] - runner["test_mean"]) if runner is not None else math.nan
-        if abs(margin) <= _TIE_TOLERANCE:
-            margin = 0.0
-        p_value = p_vs_winner[runner.name] if runner is not None else math.nan
-        # The rules the scored cells were trained under: a strategy that beats another only under a
-        # longer schedule has not been shown better, so mixed rules never give a decisive verdict.
-        rules = sorted({r for r in ranked["training_rule"] if isinstance(r, str)})
-        # Decisive: someone to beat, every other strategy significantly worse, all under one rule.
-        decisive = runner is not None and len(tie) == 1 and len(rules) <= 1
-        if winner is None:
-            verdict = ""
-        elif runner is None:
-            verdict = f"{winner['strategy']} (no other strategy has a test score)"
-        elif len(tie) == 1 and not decisive:
-            verdict = f"{winner['strategy']}, not decisive: training rules differ"
-        else:
-            verdict = winner["strategy"] if decisive else "tie: " + ", ".join(tie)
-        verdict_rows.append({
-            "quadrant": quadrant, "size": first["size"], "similarity": first["similarity"],
-            "target": first["target"],
-            "winner": winner["strategy"] if winner is not None else None,
-            "winner_test_mean": float(winner["test_mean"]) if winner is not None else math.nan,
-            "runner_up": runner["strategy"] if runner is not None else None,
-            "runner_up_test_mean": float(runner["test_mean"]) if runner is not None else math.nan,
-            "margin": margin, "p_value": p_value, "significant": stats.significant(p_value),
-            "tie_set": ", ".join(tie), "decisive": decisive, "verdict": verdict,
-            "textbook": " or ".join(rule),
-            # Judged against the tie set: a rule strategy the data cannot tell from the best agrees.
-            "agrees_with_textbook": bool(set(rule) & set(tie)),
-            **_cheapest(ranked, tie, winner),
-            "training_rules": "; ".join(rules) or None,
-        })
-        for i, row in group.iterrows():
-            cell_rows[i] = {"is_winner": winner is not None and i == winner.name,
-                            "in_tie_set": row["strategy"] in tie and i in p_vs_winner,
-                            "p_vs_winner": p_vs_winner.get(i, math.nan)}
-    verdicts = pd.DataFrame(verdict_rows, columns=VERDICT_COLUMNS).astype(
-        {"significant": bool, "decisive": bool, "agrees_with_textbook": bool})
-    per_cell = pd.DataFrame.from_dict(cell_rows, orient="index", columns=CELL_VERDICT_COLUMNS).reindex(cells.index)
-    return verdicts, per_cell.astype({"is_winner": bool, "in_tie_set": bool, "p_vs_winner": float})
-
-
-def _cost_of(row) -> float:
-    """A cell's training cost: images seen per seed, else training seconds per seed."""
-    for column in ("train_images_seen", "train_seconds"):
-        if math.isfinite(row[column]) and row[column] > 0:
-            return float(row[column])
-    return math.nan
-
-
-def _cheapest(ranked: pd.DataFrame, tie: list[str], winner) -> dict:
-    """The cheapest strategy the data cannot tell from the winner, and its cost as a share of the
-    winner's ('features is within the tie at 1/8 of the cost'). NaN share when costs are missing."""
-    if winner is None:
-        return {"cheapest_in_tie": None, "cheapest_cost_share": math.nan}
-    members = ranked[ranked["strategy"].isin(tie)]
-    costs = {row["strategy"]: _cost_of(row) for _, row in members.iterrows()}
-    known = {s: c for s, c in costs.items() if math.isfinite(c)}
-    winner_cost = costs.get(winner["strategy"], math.nan)
-    if not known or not math.isfinite(winner_cost):
-        return {"cheapest_in_tie": winner["strategy"], "cheapest_cost_share": math.nan}
-    cheapest = min(known, key=lambda s: (known[s], _strategy_key(s)))
-    return {"cheapest_in_tie": cheapest, "cheapest_cost_share": known[cheapest] / winner_cost}
-
-
 def _share_text(share: float) -> str:
     return f"1/{round(1 / share)}" if share <= 0.5 else f"{share:.0%}"
-
-
-def quadrant_verdicts(cells: pd.DataFrame) -> pd.DataFrame:
-    """One row per quadrant: the best test mean, Welch's test against the runner-up, the tie set.
-
-    `cells` has one row per (quadrant, strategy) with columns quadrant, size, similarity, target,
-    strategy, best_val, test_mean, test_std, n_seeds and optionally OPTIONAL_COLUMNS. Welch's test
-    runs on test_accuracies (one per seed) where both cells have them, else on mean/std/n_seeds.
-    Cells without a test score (not run, or NaN) take no part.
-
-    Columns returned: quadrant, size, similarity, target; winner (highest test mean, exact ties
-    broken by STRATEGY_ORDER) and winner_test_mean; runner_up and runner_up_test_mean; margin
-    (winner minus runner-up); p_value (Welch, winner vs runner-up; NaN when either has < 2 seeds);
-    significant (p_value < stats.ALPHA); tie_set (the winner and every strategy whose test against
-    it is not significant, best first, ', '-joined); decisive (a runner-up exists, the tie set
-    is the winner alone, and every scored cell has the same training_rule); verdict (the winner's
-    name when decisive, '<winner>, not decisive: training rules differ' when only the rules stand
-    in the way, else 'tie: a, b, ...'); textbook (the rule's strategies joined by ' or ');
-    agrees_with_textbook (the rule names a strategy in the tie set); cheapest_in_tie and
-    cheapest_cost_share; training_rules (the scored cells' training rules, '; '-joined).
-    """
-    return _analyse(_validated(cells))[0]
-
-
-def _json_seeds(seeds: tuple[float, ...] | None) -> str | None:
-    return None if seeds is None else json.dumps(list(seeds))
-
-
-def comparison_long(cells: pd.DataFrame) -> pd.DataFrame:
-    """The machine-readable long form, exactly what comparison.csv holds: every input cell (its
-    columns, numbers unrounded, test_accuracies as a JSON list), ci_low/ci_high (95% t-interval
-    over seeds), every OPTIONAL_COLUMNS (blank where missing), is_winner / in_tie_set /
-    p_vs_winner, and its quadrant's verdict columns."""
-    cells = _validated(cells)
-    verdicts, per_cell = _analyse(cells)
-    long = cells.copy()
-    intervals = [stats.t_interval(m, s, n) for m, s, n in zip(long["test_mean"], long["test_std"], long["n_seeds"])]
-    long["ci_low"] = [low for low, _ in intervals]
-    long["ci_high"] = [high for _, high in intervals]
-    long["test_accuracies"] = [_json_seeds(s) for s in long["test_accuracies"]]
-    long = long.join(per_cell).merge(verdicts.drop(columns=["size", "similarity", "target"]), on="quadrant", how="left")
-
-    # Known cell columns first, then whatever else the caller passed (e.g. param_backbone), then verdicts.
-    known = [*REQUIRED_COLUMNS, *CELL_STAT_COLUMNS, *OPTIONAL_COLUMNS]
-    other = [c for c in cells.columns if c not in known]
-    verdict_columns = [c for c in VERDICT_COLUMNS if c not in ("quadrant", "size", "similarity", "target")]
-    long = long[known + other + CELL_VERDICT_COLUMNS + verdict_columns]
-
-    quadrant_rank = {q: i for i, (q, _) in enumerate(_quadrant_groups(cells))}
-    order = sorted(range(len(long)), key=lambda i: (quadrant_rank[long["quadrant"].iloc[i]],
-                                                    _strategy_key(long["strategy"].iloc[i])))
-    return long.iloc[order].reset_index(drop=True)
 
 
 # --- text formatting shared by the renderers ----------------------------------------------------
@@ -399,7 +123,7 @@ def _header(column: str) -> str:
 
 def _not_applicable(strategy, column: str) -> bool:
     """Whether `column` (a parameter, 'param_'-prefixed or bare) means nothing for `strategy`."""
-    return str(column).removeprefix("param_") in NOT_APPLICABLE.get(str(strategy), ())
+    return not uses(str(strategy), str(column).removeprefix("param_"))
 
 
 @dataclass
@@ -431,13 +155,15 @@ def comparison_table(cells: pd.DataFrame) -> pd.DataFrame:
     mean alone with one seed; blank when not run). Only strategies that appear somewhere in `cells`
     get a column. Then verdict (the winner, or 'tie: a, b'), runner_up, margin, p_value,
     significant, tie_set, decisive, textbook, agrees_with_textbook, unformatted. For the
-    machine-readable long form use `comparison_long`."""
-    long = comparison_long(cells)
-    verdicts = quadrant_verdicts(cells)
-    strategies = _strategies(long)
-    by_cell = {(r.quadrant, r.strategy): r for r in long.itertuples(index=False)}
+    machine-readable long form use `verdicts.comparison_long`."""
+    return _wide(analyse(cells))
+
+
+def _wide(comparison: Comparison) -> pd.DataFrame:
+    strategies = comparison.strategies
+    by_cell = {(r.quadrant, r.strategy): r for r in comparison.cells.itertuples(index=False)}
     rows = []
-    for v in verdicts.itertuples(index=False):
+    for v in comparison.verdicts.itertuples(index=False):
         row = {"quadrant": v.quadrant, "target": v.target}
         for strategy in strategies:
             cell = by_cell.get((v.quadrant, strategy))
@@ -451,37 +177,30 @@ def comparison_table(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def _wide_display(cells: pd.DataFrame, experiment_id, ui_url: str) -> _Table:
-    """The wide table as shown: each strategy's cell links to its cell run; the decisive winner is
-    marked 'winner', the members of an undecided tie 'tie'."""
-    long = comparison_long(cells)
-    wide = comparison_table(cells)
-    verdicts = quadrant_verdicts(cells).set_index("quadrant")
-    strategies = _strategies(long)
-    by_cell = {(r.quadrant, r.strategy): r for r in long.itertuples(index=False)}
+def _wide_display(comparison: Comparison, experiment_id, ui_url: str) -> _Table:
+    """The wide table as shown: each strategy's cell links to its cell run and carries its highlight
+    (the decisive winner 'winner', the members of an undecided tie 'tie')."""
+    wide = _wide(comparison)
+    strategies = comparison.strategies
     formats = {"margin": _acc, "p_value": _p}
     texts = pd.DataFrame({
         "Quadrant": wide["quadrant"], "Target": wide["target"], **{s: wide[s] for s in strategies},
         **{header: [formats.get(column, _value_text)(x) for x in wide[column]] for column, header in _WIDE_HEADERS.items()},
     })
     table = _Table.of(texts)
-    for i, quadrant in enumerate(wide["quadrant"]):
-        v = verdicts.loc[quadrant]
-        for strategy in strategies:
-            cell = by_cell.get((quadrant, strategy))
-            if cell is None:
-                continue
-            table.links.iat[i, texts.columns.get_loc(strategy)] = run_url(cell.cell_run_id, experiment_id, ui_url)
-            if cell.in_tie_set and isinstance(v.runner_up, str):
-                table.marks.iat[i, texts.columns.get_loc(strategy)] = "winner" if v.decisive else "tie"
+    row_of = {quadrant: i for i, quadrant in enumerate(wide["quadrant"])}
+    for cell, highlight in zip(comparison.cells.itertuples(index=False), comparison.highlight):
+        i, j = row_of[cell.quadrant], texts.columns.get_loc(cell.strategy)
+        table.links.iat[i, j] = run_url(cell.cell_run_id, experiment_id, ui_url)
+        table.marks.iat[i, j] = highlight
     return table
 
 
-def _detail_display(cells: pd.DataFrame, experiment_id, ui_url: str) -> _Table:
+def _detail_display(comparison: Comparison, experiment_id, ui_url: str) -> _Table:
     """One row per cell: mean, std, interval, seeds, p against the winner, cost, the confirmed
     configuration (blank where the strategy does not use a parameter) and links to its runs.
     Optional columns that are blank for every cell are left out."""
-    long = comparison_long(cells)
+    long = comparison.cells
     params = [c for c in long.columns if c.startswith("param_")]
     columns = {
         "Quadrant": long["quadrant"], "Strategy": long["strategy"],
@@ -543,28 +262,28 @@ def _extra_display(table: pd.DataFrame, experiment_id=None, ui_url: str = DEFAUL
 
 
 def _verdict_sentence(v) -> str:
-    """One plain-language line per quadrant (Markdown/HTML verdict lists)."""
+    """One plain-language line per quadrant (Markdown/HTML verdict lists); `v` is a row of
+    `Comparison.quadrants`."""
     head = f"{v.quadrant} (target {v.target})"
-    if not isinstance(v.winner, str):
+    if v.outcome == NO_SCORE:
         return f"{head}: no strategy has a test score."
-    if not isinstance(v.runner_up, str):
+    if v.outcome == ALONE:
         text = f"{head}: only {v.winner} has a test score ({v.winner_test_mean:.3f}); nothing to compare"
     else:
         test = (f"Welch's t-test over seeds, {v.winner} vs runner-up {v.runner_up}: "
                 + (f"p = {_p(v.p_value)}" if math.isfinite(v.p_value)
                    else "no p-value (fewer than 2 seeds, or every seed of both scored the same)"))
-        if not v.decisive and v.tie_set == v.winner:
+        if v.outcome == RULES_DIFFER:
             text = (f"{head}: {v.winner} scores best ({v.winner_test_mean:.3f} vs {v.runner_up_test_mean:.3f}); {test}, "
                     f"but the cells were trained under different rules, so no winner is called")
-        elif v.decisive:
+        elif v.outcome == DECISIVE:
             text = (f"{head}: {v.winner} wins ({v.winner_test_mean:.3f} vs {v.runner_up_test_mean:.3f}, "
                     f"margin {v.margin:.3f}); {test}, significant, and every other strategy is significantly worse")
         else:
             text = (f"{head}: no decisive winner; tie between {v.tie_set} (no significant difference from the "
                     f"best, {v.winner} {v.winner_test_mean:.3f}, at p < {_ALPHA_TEXT}); {test}"
                     + (", significant" if v.significant else ", not significant"))
-    if (isinstance(v.cheapest_in_tie, str) and v.cheapest_in_tie != v.winner
-            and math.isfinite(v.cheapest_cost_share) and v.cheapest_cost_share < 1):
+    if v.cheaper_in_tie:
         text += (f"; {v.cheapest_in_tie} is within the tie at {_share_text(v.cheapest_cost_share)} of "
                  f"{v.winner}'s training cost")
     agreement = "agrees" if v.agrees_with_textbook else "disagrees"
@@ -605,20 +324,19 @@ def markdown_table(frame: pd.DataFrame, experiment_id=None, ui_url: str = DEFAUL
     return _markdown_table(_extra_display(frame, experiment_id, ui_url))
 
 
-def _markdown(cells, title, extra, experiment_id, ui_url) -> str:
-    verdicts = quadrant_verdicts(cells)
+def _markdown(comparison: Comparison, title, extra, experiment_id, ui_url) -> str:
     note = "**Bold**: the decisive winner; _italic_: the strategies of an undecided tie."
     if experiment_id not in (None, ""):
         note += " Cells link to their MLflow runs."
     parts = [
         f"# {title}", "",
         _intro(note), "",
-        _markdown_table(_wide_display(cells, experiment_id, ui_url)), "",
+        _markdown_table(_wide_display(comparison, experiment_id, ui_url)), "",
         "## Verdicts", "",
-        *[f"- {_verdict_sentence(v)}" for v in verdicts.itertuples(index=False)], "",
+        *[f"- {_verdict_sentence(v)}" for v in comparison.quadrants.itertuples(index=False)], "",
         "## Per-cell detail", "",
         "Parameters are the confirmed configuration; a blank parameter is not used by that strategy.", "",
-        _markdown_table(_detail_display(cells, experiment_id, ui_url)), "",
+        _markdown_table(_detail_display(comparison, experiment_id, ui_url)), "",
     ]
     for name, table in extra.items():
         parts += [f"## {name}", "", _markdown_table(_extra_display(table, experiment_id, ui_url)), ""]
@@ -627,9 +345,9 @@ def _markdown(cells, title, extra, experiment_id, ui_url) -> str:
 
 # --- LaTeX (pandas' Styler.to_latex) ------------------------------------------------------------
 
-def _latex(cells: pd.DataFrame, title: str) -> str:
+def _latex(comparison: Comparison, title: str) -> str:
     """A booktabs `tabular` of the wide table to \\input into a paper (needs \\usepackage{booktabs})."""
-    table = _wide_display(cells, None, DEFAULT_UI_URL)
+    table = _wide_display(comparison, None, DEFAULT_UI_URL)
     commands = {"winner": "textbf:--rwrap;", "tie": "textit:--rwrap;", "": ""}
     styler = (table.texts.style.hide(axis="index")
               .format(escape="latex").format_index(escape="latex", axis=1)
@@ -654,22 +372,22 @@ def heatmap_figure(cells: pd.DataFrame, title: str = ""):
     interval and its difference from the row's best; the decisive winner is outlined solid, the
     members of an undecided tie dashed. Cells not run, and under-trained from-scratch cells, are grey.
     Returns the Figure (caller closes it)."""
-    long = comparison_long(cells)
-    verdicts = quadrant_verdicts(cells)
-    strategies = _strategies(long)
+    return _heatmap(analyse(cells), title)
+
+
+def _heatmap(comparison: Comparison, title: str):
+    verdicts = comparison.verdicts
+    strategies = list(comparison.strategies)
     quadrants = list(verdicts["quadrant"])
     means = np.full((len(quadrants), len(strategies)), np.nan)
     lows, highs = np.full_like(means, np.nan), np.full_like(means, np.nan)
     marks = np.full(means.shape, "", dtype=object)
     undertrained = np.zeros(means.shape, dtype=bool)
-    decisive = dict(zip(verdicts["quadrant"], verdicts["decisive"]))
-    has_runner = {q: isinstance(r, str) for q, r in zip(verdicts["quadrant"], verdicts["runner_up"])}
-    for r in long.itertuples(index=False):
+    for r, highlight in zip(comparison.cells.itertuples(index=False), comparison.highlight):
         i, j = quadrants.index(r.quadrant), strategies.index(r.strategy)
         means[i, j], lows[i, j], highs[i, j] = r.test_mean, r.ci_low, r.ci_high
         undertrained[i, j] = r.undertrained > 0
-        if r.in_tie_set and has_runner[r.quadrant]:
-            marks[i, j] = "winner" if decisive[r.quadrant] else "tie"
+        marks[i, j] = highlight
     # An under-trained cell is no result: grey, left out of its row's scale and of "best".
     means[undertrained] = np.nan
     best = np.array([np.nanmax(row) if np.isfinite(row).any() else np.nan for row in means])
@@ -692,7 +410,7 @@ def heatmap_figure(cells: pd.DataFrame, title: str = ""):
                 continue
             label = _cell_text(means[i, j], lows[i, j], highs[i, j]).replace(" [", "\n[")
             gap = means[i, j] - best[i]
-            label += "\nbest" if gap > -_TIE_TOLERANCE else f"\n{gap:+.3f}".replace("-", "−")
+            label += "\nbest" if gap > -TIE_TOLERANCE else f"\n{gap:+.3f}".replace("-", "−")
             # Dark text on light colours and vice versa, so every label stays readable.
             r, g, b, _ = cmap(image.norm(scaled[i, j]))
             ax.text(j, i, label, ha="center", va="center", fontsize=7,
@@ -747,10 +465,9 @@ def _html_table(table: _Table, uuid: str) -> str:
     return styler.to_html()
 
 
-def _html(cells, title, png, extra, experiment_id, ui_url) -> str:
-    verdicts = quadrant_verdicts(cells)
+def _html(comparison: Comparison, title, png, extra, experiment_id, ui_url) -> str:
     image = base64.b64encode(png).decode("ascii")
-    sentences = "\n".join(f"<li>{html.escape(_verdict_sentence(v))}</li>" for v in verdicts.itertuples(index=False))
+    sentences = "\n".join(f"<li>{html.escape(_verdict_sentence(v))}</li>" for v in comparison.quadrants.itertuples(index=False))
     links = " Cells link to their MLflow runs." if experiment_id not in (None, "") else ""
     sections = [
         "<!DOCTYPE html>",
@@ -760,7 +477,7 @@ def _html(cells, title, png, extra, experiment_id, ui_url) -> str:
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{html.escape(_intro('Highlighted bold: the decisive winner; italic: the strategies of an undecided tie.'))}"
         f"{links}</p>",
-        _html_table(_wide_display(cells, experiment_id, ui_url), "comparison"),
+        _html_table(_wide_display(comparison, experiment_id, ui_url), "comparison"),
         "<h2>Verdicts</h2>",
         f"<ul>\n{sentences}\n</ul>",
         "<h2>Heatmap</h2>",
@@ -768,7 +485,7 @@ def _html(cells, title, png, extra, experiment_id, ui_url) -> str:
         f'src="data:image/png;base64,{image}">',
         "<h2>Per-cell detail</h2>",
         "<p>Parameters are the confirmed configuration; a blank parameter is not used by that strategy.</p>",
-        _html_table(_detail_display(cells, experiment_id, ui_url), "detail"),
+        _html_table(_detail_display(comparison, experiment_id, ui_url), "detail"),
     ]
     for name, table in extra.items():
         sections += [f"<h2>{html.escape(name)}</h2>", _html_table(_extra_display(table, experiment_id, ui_url), name)]
@@ -792,7 +509,7 @@ def write_comparison(cells: pd.DataFrame, out_dir, title: str,
                      experiment_id: str | None = None, ui_url: str = DEFAULT_UI_URL) -> dict[str, Path]:
     """Write the comparison into `out_dir` (created if needed) and return {kind: path}:
 
-    csv      comparison.csv, the long form (see `comparison_long`), full precision;
+    csv      comparison.csv, the long form (see `verdicts.comparison_long`), full precision;
     md       comparison.md, the wide table, verdict sentences, per-cell detail;
     tex      comparison.tex, the wide table as a booktabs tabular;
     heatmap  heatmap.png, quadrant x strategy, colour scaled per quadrant row;
@@ -801,24 +518,24 @@ def write_comparison(cells: pd.DataFrame, out_dir, title: str,
     With `experiment_id`, Markdown and HTML cells link to their MLflow runs at
     `{ui_url}/#/experiments/{experiment_id}/runs/{run_id}`. Each entry of `extra_tables` adds
     <name>.csv (returned under key <name>, written as given) and a section in the Markdown and HTML
-    pages. Everything is checked before the first file is written.
+    pages. Everything is checked, and the comparison analysed once, before the first file is written.
     """
     extra = dict(extra_tables or {})
     _check_extra_names(extra)
-    cells = _validated(cells)
-    if cells.empty:
+    comparison = analyse(cells)
+    if comparison.cells.empty:
         raise ValueError("cells is empty: there is nothing to compare")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     paths = {"csv": out / "comparison.csv", "md": out / "comparison.md", "tex": out / "comparison.tex",
              "heatmap": out / "heatmap.png", "html": out / "comparison.html"}
-    comparison_long(cells).to_csv(paths["csv"], index=False)
-    png = _png_bytes(heatmap_figure(cells, title))
+    comparison.cells.to_csv(paths["csv"], index=False)
+    png = _png_bytes(_heatmap(comparison, title))
     paths["heatmap"].write_bytes(png)
-    paths["md"].write_text(_markdown(cells, title, extra, experiment_id, ui_url), encoding="utf-8")
-    paths["tex"].write_text(_latex(cells, title), encoding="utf-8")
-    paths["html"].write_text(_html(cells, title, png, extra, experiment_id, ui_url), encoding="utf-8")
+    paths["md"].write_text(_markdown(comparison, title, extra, experiment_id, ui_url), encoding="utf-8")
+    paths["tex"].write_text(_latex(comparison, title), encoding="utf-8")
+    paths["html"].write_text(_html(comparison, title, png, extra, experiment_id, ui_url), encoding="utf-8")
     for name, table in extra.items():
         paths[name] = out / f"{name}.csv"
         _extra_frame(table).to_csv(paths[name], index=False)

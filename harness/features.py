@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import diskcache
+from harness.config import features_are_fixed
 from harness.data import Dataset, Splits, rows_pipeline, split_digest, tf_dataset
 from harness.model import HEAD_LAYERS, TransferModel
 
@@ -52,15 +53,15 @@ FORMAT = 1  # bump when what is stored changes, so old files are never read as n
 def cache_applies(tm: TransferModel, phase) -> bool:
     """Whether `phase` sees fixed features: the head phase (nothing of the backbone trains) of a
     pretrained backbone, whose BatchNormalization runs in inference mode, without augmentation."""
-    return phase.name == "head" and phase.unfreeze_blocks == 0 and tm.spec.pretrained and not tm.spec.augment
+    return phase.name == "head" and phase.unfreeze_blocks == 0 and features_are_fixed(tm.spec.pretrained, tm.spec.augment)
 
 
 def boundary_applies(tm: TransferModel, phase) -> bool:
     """Whether `phase` trains only the top blocks above a frozen bottom that sees fixed inputs: a
     fine-tune phase of a pretrained backbone without augmentation that leaves some blocks frozen.
     The activations at the freeze boundary are then the same every epoch."""
-    return (phase.name == "finetune" and 0 < phase.unfreeze_blocks < len(tm.blocks) and tm.spec.pretrained
-            and not tm.spec.augment)
+    return (phase.name == "finetune" and 0 < phase.unfreeze_blocks < len(tm.blocks)
+            and features_are_fixed(tm.spec.pretrained, tm.spec.augment))
 
 
 def boundary_layer(tm: TransferModel, unfrozen_blocks: int) -> str:
@@ -83,9 +84,18 @@ def feature_key(tm: TransferModel, weights: str, split: str, layer: str = "pool"
     """The cache key of one split's activations at `layer` ("pool": the pooled features, else a
     backbone operation at a freeze boundary) under one trial model's frozen backbone."""
     spec = tm.spec
-    blob = {"format": FORMAT, "backbone": spec.backbone, "options": spec.backbone_options, "weights": weights,
-            "blocks": len(tm.blocks), "cut_fraction": spec.cut_fraction, "image_size": spec.image_size,
-            "pooling": spec.pooling if layer == "pool" else None, "layer": layer, "split": split}
+    blob = {
+        "format": FORMAT,
+        "backbone": spec.backbone,
+        "options": spec.backbone_options,
+        "weights": weights,
+        "blocks": len(tm.blocks),
+        "cut_fraction": spec.cut_fraction,
+        "image_size": spec.image_size,
+        "pooling": spec.pooling if layer == "pool" else None,
+        "layer": layer,
+        "split": split,
+    }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -122,7 +132,7 @@ def activations(extractor, dataset: Dataset, indices: np.ndarray, out: np.ndarra
     at = 0
     for x, _ in tf_dataset(dataset, indices, batch_size, shuffle=False):
         batch = np.asarray(extractor(x, training=False), np.float32)
-        out[at:at + len(batch)] = batch
+        out[at : at + len(batch)] = batch
         at += len(batch)
 
 
@@ -235,8 +245,9 @@ class FeatureCache:
     def head_inputs(self, tm: TransferModel, batch_size: int, seed: int) -> HeadInputs:
         """The head model and its train/val pipelines on cached pooled features."""
         weights = weights_digest(tm.backbone)
-        return self._inputs(head_model(tm), self.features(tm, "train", weights), self.features(tm, "val", weights),
-                            batch_size, seed)
+        return self._inputs(
+            head_model(tm), self.features(tm, "train", weights), self.features(tm, "val", weights), batch_size, seed
+        )
 
     def boundary_fits(self, tm: TransferModel, unfrozen_blocks: int) -> bool:
         """Whether the boundary activations of the train and val splits fit data.memory_cache_mib
@@ -252,13 +263,21 @@ class FeatureCache:
         activations at the freeze boundary below them."""
         weights = weights_digest(tm.backbone)
         layer = boundary_layer(tm, unfrozen_blocks)
-        return self._inputs(top_model(tm, layer), self.features(tm, "train", weights, layer),
-                            self.features(tm, "val", weights, layer), batch_size, seed)
+        return self._inputs(
+            top_model(tm, layer),
+            self.features(tm, "train", weights, layer),
+            self.features(tm, "val", weights, layer),
+            batch_size,
+            seed,
+        )
 
     def _inputs(self, model, train_x: np.ndarray, val_x: np.ndarray, batch_size: int, seed: int) -> HeadInputs:
         train_y, val_y = self.dataset.labels[self.splits.train], self.dataset.labels[self.splits.val]
-        return HeadInputs(model, feature_pipeline(train_x, train_y, batch_size, shuffle=True, seed=seed),
-                          feature_pipeline(val_x, val_y, batch_size, shuffle=False))
+        return HeadInputs(
+            model,
+            feature_pipeline(train_x, train_y, batch_size, shuffle=True, seed=seed),
+            feature_pipeline(val_x, val_y, batch_size, shuffle=False),
+        )
 
 
 def feature_pipeline(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -106,11 +107,16 @@ def importance_markdown(importances: dict[str, float]) -> str:
     if not importances:
         return ""
     table = importance_frame(importances).to_markdown(index=False, floatfmt=".3f")
-    verdict = ("(sums to 1)" if any(importances.values()) else
-               "(all 0: every complete trial scored the same, so no parameter moved the score)")
-    return (f"## What mattered\n\nfANOVA importance of each searched parameter for the score, over the study's "
-            f"complete trials {verdict}. Optuna's plots of the study are the sweep run's artifacts under "
-            f"{PLOTS_DIR}/.\n\n{table}\n")
+    verdict = (
+        "(sums to 1)"
+        if any(importances.values())
+        else "(all 0: every complete trial scored the same, so no parameter moved the score)"
+    )
+    return (
+        f"## What mattered\n\nfANOVA importance of each searched parameter for the score, over the study's "
+        f"complete trials {verdict}. Optuna's plots of the study are the sweep run's artifacts under "
+        f"{PLOTS_DIR}/.\n\n{table}\n"
+    )
 
 
 def importance_text(importances: dict[str, float]) -> str:
@@ -142,15 +148,28 @@ def plot_plan(study: optuna.Study, importances: dict[str, float]) -> dict[str, t
         "optimization_history": ("no complete trial" if not trials else None, None),
         "slice": (few or ("no searched parameter varied" if not varied else None), varied),
         "parallel_coordinate": (few or ("no searched parameter varied" if not varied else None), varied),
-        "contour": (few or (f"needs 2 searched parameters that varied, found {len(varied)}" if len(varied) < 2 else None),
-                    ranked[:2]),
-        "param_importances": ("no importances" if not importances else
-                              "every complete trial scored the same" if not any(importances.values()) else None, None),
+        "contour": (
+            few or (f"needs 2 searched parameters that varied, found {len(varied)}" if len(varied) < 2 else None),
+            ranked[:2],
+        ),
+        "param_importances": (
+            "no importances"
+            if not importances
+            else "every complete trial scored the same"
+            if not any(importances.values())
+            else None,
+            None,
+        ),
     }
 
 
-def plot_study(study: optuna.Study, out_dir: str | Path, importances: dict[str, float] | None = None,
-               metric: str = "Objective Value", log=None) -> list[Path]:
+def plot_study(
+    study: optuna.Study,
+    out_dir: str | Path,
+    importances: dict[str, float] | None = None,
+    metric: str = "Objective Value",
+    log=None,
+) -> list[Path]:
     """Optuna's standard plots of the study as PNGs in `out_dir`: optimization history, slice,
     parallel coordinate, the contour of the two most important parameters, and the importances.
     The plots that cannot be drawn (too few trials or parameters) are skipped with one line to
@@ -168,7 +187,8 @@ def plot_study(study: optuna.Study, out_dir: str | Path, importances: dict[str, 
         "contour": lambda params: ovm.plot_contour(study, params=params, target_name=metric),
         "param_importances": lambda params: _importance_bars(importances, metric),
     }
-    written, skipped = [], {}
+    written: list[Path] = []
+    skipped: dict[str, list[str]] = {}  # reason -> the plots it skipped
     with matplotlib.rc_context():  # Optuna's plots switch the style to ggplot: put it back after
         _draw_all(draw, plot_plan(study, importances), out, written, skipped, log)
     if skipped:  # one line for all of them
@@ -217,7 +237,7 @@ def log_what_mattered(study: optuna.Study, tracker, out_dir: str | Path, metric:
     metrics importance/<param>, param_importances.csv, plots/<name>.png. Never raises (except on
     an interrupt): a failure is logged and the sweep's results stand.
     Returns {"importances": {...}, "plots": [Path, ...], "skipped": reason or None, "n_trials": N}."""
-    result = {"importances": {}, "plots": [], "skipped": None, "n_trials": 0}
+    result: dict[str, Any] = {"importances": {}, "plots": [], "skipped": None, "n_trials": 0}
     out = Path(out_dir)
     try:
         result["n_trials"] = len(complete_trials(study))
@@ -250,8 +270,12 @@ def summary_lines(result: dict | None) -> list[str]:
     if result["importances"] and not any(result["importances"].values()):
         lines = [f"what mattered: no parameter moved the score (all {result['n_trials']} complete trials scored the same)"]
     elif result["importances"]:
-        lines = [(f"what mattered (fANOVA over {result['n_trials']} complete trials, sums to 1): "
-                  f"{importance_text(result['importances'])}")]
+        lines = [
+            (
+                f"what mattered (fANOVA over {result['n_trials']} complete trials, sums to 1): "
+                f"{importance_text(result['importances'])}"
+            )
+        ]
     else:
         lines = [f"what mattered: not computed ({result['skipped']})"]
     if result["plots"]:

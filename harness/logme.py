@@ -98,8 +98,7 @@ def _evidence(F, s, V, t, y, alpha, beta) -> float:
     m = _mean(s, V, t, alpha, beta)
     res = y - F @ m
     logdet_A = np.log(alpha + beta * s).sum() + (D - s.size) * np.log(alpha)  # zero eigenvalues
-    ev = 0.5 * (D * np.log(alpha) + N * np.log(beta) - logdet_A - beta * (res @ res)
-                - alpha * (m @ m) - N * np.log(2 * np.pi))
+    ev = 0.5 * (D * np.log(alpha) + N * np.log(beta) - logdet_A - beta * (res @ res) - alpha * (m @ m) - N * np.log(2 * np.pi))
     return float(ev / N)
 
 

@@ -1,4 +1,7 @@
-"""One trial's lifecycle: sample -> build -> phase 1 -> phase 2 -> result, pruned, or failed.
+"""One trial: build -> phase 1 -> phase 2 -> the best epoch's weights, or pruned, or failed.
+
+The per-process runner (`TrialRunner`) holds a study's data, pipelines and feature cache in a
+trial process; harness/tasks.py runs trials with it and owns their MLflow runs' lifecycle.
 
 Error taxonomy (as in keras-tuner): `TrialFailed` means "this trial failed, record it and go on"
 (NaN loss, out of memory, an exception inside Keras); a `ConfigError`/`DataError` means "the
@@ -7,18 +10,16 @@ sweep cannot run" and propagates to stop the sweep at once.
 
 from __future__ import annotations
 
-import gc
-import os
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import optuna
 
-from harness.config import ConfigError, SweepConfig
+from harness import runtime
+from harness.config import SweepConfig
 from harness.data import Dataset, Splits, tf_dataset
 from harness.features import FeatureCache
-from harness.phases import BestWeights, EpochRecord, History, NonFiniteLoss, Phase, run_phases, scratch_plan, two_phase_plan  # noqa: F401
+from harness.phases import BestWeights, EpochRecord, History, NonFiniteLoss, Phase, run_phases, scratch_plan, two_phase_plan
 from harness.tracking import Tracker
 
 
@@ -28,18 +29,11 @@ class TrialFailed(Exception):
 
 # Exceptions that end one trial but not the sweep. Everything else (ConfigError, KeyboardInterrupt,
 # bugs in the harness itself) stops the sweep.
-def _trial_level_errors() -> tuple[type[BaseException], ...]:
+def trial_level_errors() -> tuple[type[BaseException], ...]:
     import tensorflow as tf
 
     return (NonFiniteLoss, MemoryError, tf.errors.ResourceExhaustedError, tf.errors.InvalidArgumentError,
             tf.errors.InternalError, tf.errors.UnknownError, ValueError, RuntimeError)
-
-
-@dataclass
-class TrialResult:
-    value: float
-    history: History
-    params: dict[str, Any]
 
 
 def model_spec(cfg: SweepConfig, params: dict, num_classes: int, weights: str | None, pretrained: bool = True):
@@ -72,9 +66,9 @@ def plan_for(cfg: SweepConfig, params: dict, n_blocks: int) -> list[Phase]:
 
 
 class TrialRunner:
-    """Runs trials of one study inside a trial process; the sweep process asked Optuna for them.
+    """One study's data, pipelines and feature cache in a trial process, and its trials' training.
 
-    It is built once per process and study (harness/trials.py), so the data are loaded and the
+    It is built once per process and study (harness/tasks.py `execute`), so the data are loaded and the
     tf.data pipelines traced once, not once per trial. The sweep process keeps the Optuna study:
     it sampled `params`, created the MLflow run `run_id`, and takes every pruning decision, which
     `report(epoch_summary)` asks for after each epoch: True (prune now), or a function that waits
@@ -88,7 +82,7 @@ class TrialRunner:
         self._pipelines: dict[tuple, tuple] = {}
         self.features = (FeatureCache(cfg.train.feature_cache_dir, dataset, splits, cfg.train.feature_cache_max_gib)
                          if cfg.train.feature_cache else None)
-        apply_device_switches(cfg.train)  # before this process builds a model
+        runtime.apply_device_switches(cfg.train)  # before this process builds a model
 
     def pipelines(self, batch_size: int):
         """Train/val tf.data pipelines, built once per batch size and re-used by every trial."""
@@ -100,70 +94,13 @@ class TrialRunner:
             )
         return self._pipelines[batch_size]
 
-    def run_trial(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool | Callable[[], bool]],
-                  leader: float | None = None) -> float:
-        """Train one trial; returns its objective value. Raises optuna.TrialPruned, TrialFailed,
-        ConfigError (stop the sweep) or KeyboardInterrupt (stop asked for), with the MLflow run
-        already ended to match.
-
-        `leader` is the study's best value when the trial was handed out (None: no trial has
-        finished yet). A trial that matches or beats it logs its trained model to its run, so the
-        winner's model exists however the sweep ends, while most trials store none."""
-        from harness.phases import stop_requested
-
-        if stop_requested.is_set():
-            self.tracker.end_run(run_id, "KILLED", optuna_state="FAIL")
-            raise KeyboardInterrupt("stop requested")
-        cfg = self.cfg
-        started = time.perf_counter()
-        history = History()
-        system = self.tracker.system_metrics(run_id, cfg.tracking.system_metrics_seconds)
-        try:
-            tm = self._train(number, params, run_id, report, history)
-            if stop_requested.is_set():  # asked to stop while the trial was finishing: it runs again on resume
-                raise KeyboardInterrupt("stop requested")
-            value = history.best(cfg.study.metric, cfg.study.direction)
-            self.tracker.log_metrics(run_id, {"objective": value, f"best_{cfg.study.metric}": value,
-                                              "wall_seconds": time.perf_counter() - started,
-                                              "system/rss_mib": resident_mib()})
-            if leads(value, leader, cfg.study.direction):
-                self.tracker.log_keras_model(run_id, tm.model, self.dataset.class_names, cfg.data.image_size,
-                                             tags={"harness.study": cfg.study.name, "harness.trial": number})
-        except optuna.TrialPruned as exc:
-            # A pruned trial did its job: it ends FINISHED, says why, and keeps its curve.
-            log_history(self.tracker, run_id, history)
-            self.tracker.set_tags(run_id, {"harness.pruned_reason": str(exc)})
-            self.tracker.end_run(run_id, "FINISHED", optuna_state="PRUNED")
-            raise
-        except ConfigError:
-            self.tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
-            raise
-        except _trial_level_errors() as exc:
-            reason = f"{type(exc).__name__}: {str(exc)[:500]}"
-            self.tracker.log_failure(run_id, exc)
-            self.tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
-            raise TrialFailed(reason) from exc
-        except BaseException as exc:
-            # Ctrl-C/SIGTERM or a harness bug: record it, then stop the sweep. An interrupted
-            # trial did nothing wrong: the sweep process queues its configuration again.
-            interrupted = isinstance(exc, KeyboardInterrupt)
-            self.tracker.log_failure(run_id, exc)
-            self.tracker.end_run(run_id, "KILLED" if interrupted else "FAILED", optuna_state="FAIL")
-            raise
-        finally:
-            system.finish()
-            tm = None
-            release_memory()
-        self.tracker.end_run(run_id, "FINISHED", optuna_state="COMPLETE")
-        return value
-
-    def _train(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool | Callable[[], bool]], history: History):
+    def train(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool | Callable[[], bool]], history: History):
         """Build and train the trial's model (filling `history`); returns it with the best
-        epoch's weights."""
+        epoch's weights. The run's lifecycle is harness/tasks.py `run_trial`."""
         from harness.model import build_model
 
         cfg = self.cfg
-        seed_everything(cfg.study.seed + number)  # a trial's init and data order are its own
+        runtime.seed_everything(cfg.study.seed + number)  # a trial's init and data order are its own
         if self.dataset.images is not None:
             # A shuffled pipeline's order moves on with every pass over it (and was seeded by
             # whatever global seed held when it was built), so a pipeline kept from an earlier
@@ -183,7 +120,7 @@ class TrialRunner:
             self.tracker.log_metrics(run_id, {f"{phase.name}/trainable_params": trainable, f"{phase.name}/total_params": total})
 
         def on_epoch(record: EpochRecord):
-            inject_fault(number, record.epoch)
+            runtime.inject_fault(number, record.epoch)
             value = record.metrics.get(cfg.study.metric)
             # The epoch's index within its own phase: the sweep process turns it into the pruner's
             # step (harness/trials.py pruning_step); `epoch` stays the shared timeline.
@@ -204,32 +141,6 @@ class TrialRunner:
                  features=self.features, seed=cfg.data.seed, on_features=on_features)
         log_history(self.tracker, run_id, history)
         return tm
-
-
-def apply_device_switches(train) -> tuple[bool, bool]:
-    """train.mixed_precision and train.jit_compile in this trial process, on the GPU it was given:
-    Keras' global dtype policy (mixed_float16 or float32) and `compile_for`'s jit_compile. Returns
-    (mixed precision, XLA). `release_memory` keeps the policy across Keras' clear_session."""
-    import keras
-
-    from harness.phases import gpu_capabilities, resolve_switch, set_jit_compile
-
-    capabilities = gpu_capabilities()
-    mixed, jit = resolve_switch(train.mixed_precision, capabilities), resolve_switch(train.jit_compile, capabilities)
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
-    set_jit_compile(jit)
-    return mixed, jit
-
-
-def leads(value: float, leader: float | None, direction: str) -> bool:
-    """Whether a finished trial's value matches or beats the best known when it started."""
-    import math
-
-    if not math.isfinite(value):
-        return False
-    if leader is None or not math.isfinite(leader):
-        return True
-    return value >= leader if direction == "maximize" else value <= leader
 
 
 def run_plan(cfg: SweepConfig, tm, plan, pipelines, on_epoch=lambda r: None, on_phase_start=lambda p, t, n: None,
@@ -327,77 +238,3 @@ def history_csv(history: History) -> str:
     return pd.DataFrame(rows).to_csv(index=False)
 
 
-FAULT_ENV = "HARNESS_INJECT_FAULT"
-
-
-def inject_fault(trial_number: int, epoch: int) -> None:
-    """Testing switch, at the end of the first epoch of trial N (unset, always outside tests, it
-    does nothing):
-
-      HARNESS_INJECT_FAULT=oom:N   raise TensorFlow's out-of-memory error, as a GPU allocation
-                                   failure surfaces;
-      HARNESS_INJECT_FAULT=kill:N  SIGKILL the trial's own process, as the kernel's out-of-memory
-                                   killer ends a process that exhausted the host's memory.
-    """
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec or epoch != 0:
-        return
-    kind, _, number = spec.partition(":")
-    if number != str(trial_number):
-        return
-    if kind == "oom":
-        import tensorflow as tf
-
-        raise tf.errors.ResourceExhaustedError(None, None, f"simulated out of memory in trial {trial_number} ({FAULT_ENV})")
-    if kind == "kill":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def resident_mib() -> float:
-    """Resident memory of this process now (after the trial's clean-up): the figure that must stay flat."""
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every generator a task draws from, at its start: Python's `random`, NumPy's global
-    generator, TensorFlow's global seed and Keras' (`keras.utils.set_random_seed` does all four and
-    drops Keras' global SeedGenerator).
-
-    A warm trial process has run other tasks before, and they leave these seeds where they were
-    set last. TensorFlow's global seed matters beyond the ops: a tf.data pipeline takes its
-    shuffle seeds from it when it is built, so the same `shuffle(seed=s)` gives another order
-    after another task set another global seed (that made the demo's baseline differ between a
-    warm and a fresh process). So seed first, then build pipelines and models."""
-    import keras
-
-    keras.utils.set_random_seed(int(seed))
-
-
-def release_memory() -> None:
-    """Drop Keras' graph state after a trial or a confirmation run.
-
-    Clearing the session frees what TensorFlow lets go of, and glibc keeps freed heap pages
-    mapped unless malloc_trim hands them back. It does not stop `model.fit`'s own leak (see
-    harness/worker.py): that is why trials run in warm child processes that are recycled.
-    """
-    import keras
-
-    policy = keras.mixed_precision.global_policy().name
-    keras.backend.clear_session()  # which also resets Keras' global dtype policy to float32
-    keras.mixed_precision.set_global_policy(policy)  # train.mixed_precision holds for the next trial
-    gc.collect()
-    _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass

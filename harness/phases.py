@@ -14,7 +14,6 @@ lets the caller log, report or raise (a raised exception stops training at once)
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,14 +21,9 @@ from typing import Callable
 import keras
 import numpy as np
 
+from harness import runtime
+from harness.direction import best_of, better
 from harness.model import TransferModel, count_params, set_all_trainable, set_backbone_trainable
-
-
-# Set by the SIGTERM/SIGINT handler. In a trial process (harness/worker.py) the handler only sets it
-# and training raises KeyboardInterrupt at the next batch, a point where the trial's clean-up can
-# run. In the sweep process the handler also raises at once, but Python drops an exception raised
-# while a finalizer runs ("Exception ignored in ..."), so every batch re-checks the flag.
-stop_requested = threading.Event()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -77,7 +71,7 @@ class History:
         values = [e.metrics[metric] for e in self.epochs if metric in e.metrics]
         if not values:
             return math.nan
-        return max(values) if direction == "maximize" else min(values)
+        return best_of(values, direction)
 
     def phase_start(self, name: str) -> int | None:
         return next((p.start_epoch for p in self.phases if p.name == name), None)
@@ -105,9 +99,7 @@ class BestWeights:
         self.weights: dict[int, tuple] | None = None  # id(variable) -> (variable, its value at the best epoch)
 
     def improves(self, value: float) -> bool:
-        if self.value is None:
-            return True
-        return value > self.value if self.direction == "maximize" else value < self.value
+        return better(value, self.value, self.direction)
 
     @staticmethod
     def _changing(model: keras.Model) -> list:
@@ -161,15 +153,13 @@ class _NonFiniteBatch(keras.callbacks.Callback):
     """Stop within the batch a loss turns NaN/inf (or a stop is requested), not at the epoch's end."""
 
     def on_train_batch_end(self, batch, logs=None):
-        if stop_requested.is_set():
-            raise KeyboardInterrupt("stop requested")
+        runtime.check_stop()
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise NonFiniteLoss(f"batch {batch}: loss is {float(loss)}")
 
     def on_test_batch_end(self, batch, logs=None):
-        if stop_requested.is_set():
-            raise KeyboardInterrupt("stop requested")
+        runtime.check_stop()
 
 
 class BatchNormReestimator:
@@ -212,11 +202,6 @@ class BatchNormReestimator:
             for (mean, var), layer in zip(sums, self.bns):
                 layer.moving_mean.assign(mean / n)
                 layer.moving_variance.assign(var / n)
-
-
-def reestimate_bn_statistics(model: keras.Model, train_ds, max_batches: int = 20) -> None:
-    """One-off re-estimation (see BatchNormReestimator)."""
-    BatchNormReestimator(model, max_batches)(train_ds)
 
 
 def _all_layers(model):
@@ -305,54 +290,17 @@ class _ScratchStopping(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-# --- device switches: train.mixed_precision and train.jit_compile ----------------------------
-
-TENSOR_CORES = (7, 0)  # compute capability from which float16 runs on Tensor Cores: V100, T4, A100, H100
-
-
-def resolve_switch(setting, gpus_capabilities) -> bool:
-    """On or off, for a switch set to auto | on | off (YAML's bare on/off arrive as True/False).
-
-    `gpus_capabilities` is the compute capability of each GPU the process sees, as TensorFlow
-    reports it ((major, minor); None where unknown). auto is on for a GPU of capability 7.0 or
-    higher and off on CPU or older GPUs.
-
-        >>> resolve_switch("auto", [(8, 0)]), resolve_switch("auto", []), resolve_switch("auto", [(6, 1)])
-        (True, False, False)
-    """
-    if setting in ("on", "off") or isinstance(setting, bool):
-        return setting in ("on", True)
-    if setting != "auto":
-        raise ValueError(f"a switch is auto, on or off; got {setting!r}")
-    return any(cap is not None and tuple(cap) >= TENSOR_CORES for cap in gpus_capabilities)
-
-
-def gpu_capabilities(gpus=None) -> list[tuple[int, int] | None]:
-    """Compute capability of each GPU (default: the GPUs TensorFlow sees in this process)."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU") if gpus is None else gpus
-    return [tf.config.experimental.get_device_details(gpu).get("compute_capability") for gpu in gpus]
-
-
-# This process's train.jit_compile, resolved (harness/objective.py `apply_device_switches`), like
-# Keras' global dtype policy; "auto" (never set: the sweep process, tests) leaves it to Keras.
-_jit_compile: bool | str = "auto"
-
-
-def set_jit_compile(on: bool) -> None:
-    global _jit_compile
-    _jit_compile = bool(on)
+# --- compiling -------------------------------------------------------------------------------
 
 
 def compile_for(tm: TransferModel, learning_rate: float, jit_compile: bool | None = None, model: keras.Model | None = None) -> None:
-    """Compile for one phase; `jit_compile` None = this process's setting (`set_jit_compile`).
+    """Compile for one phase; `jit_compile` None = this process's setting (harness/runtime.py).
     `model`: what is fitted, when not the whole `tm.model` (the head on cached features).
 
     Under the mixed_float16 policy Keras wraps the optimizer in a LossScaleOptimizer itself
     (compile's auto_scale_loss), so float16 gradients do not underflow."""
     model = model or tm.model
-    jit = _jit_compile if jit_compile is None else jit_compile
+    jit = runtime.jit_compile_setting() if jit_compile is None else jit_compile
     if jit is True and not all(layer.supports_jit for layer in _all_layers(model)):
         jit = False  # random augmentation layers cannot be XLA-compiled; Keras would warn and do the same
     model.compile(

@@ -36,7 +36,8 @@ import numpy as np
 import pandas as pd
 
 from harness.data import IMAGE_EXTENSIONS, decode_image
-from harness.tracking import MODEL_URI_TAG, global_tracking_uri
+from harness.tracking import (TrackingError, global_tracking_uri, load_keras_model, logged_model_metadata,
+                              plain_tracking_errors, run_model_uri)
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 # Pillow's own decompression-bomb warning threshold (PIL.Image.MAX_IMAGE_PIXELS, 2**30 / 12): such an
@@ -254,26 +255,6 @@ def load_keras_file(path: Path) -> Classifier:
     return Classifier(model, names, int(size) if size else None, f"file {path}")
 
 
-def _run_model_uri(client, run_id: str) -> str:
-    """The model logged in run `run_id`: logged-model search, then the harness tag, then runs:/<id>/model."""
-    from mlflow.entities import LoggedModelStatus
-    from mlflow.exceptions import MlflowException
-
-    run = client.get_run(run_id)  # MlflowException when there is no such run
-    tag = run.data.tags.get(MODEL_URI_TAG)
-    try:
-        found = list(client.search_logged_models(
-            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"))
-    except MlflowException:
-        found = []  # a store without logged-model search: use the tag or the run's artifact path
-    found = [m for m in found if m.status != LoggedModelStatus.FAILED]
-    if len(found) > 1:  # several models from one run: the one the harness tagged, else "model", else newest
-        found.sort(key=lambda m: (m.model_uri == tag, m.name == "model", m.creation_timestamp or 0), reverse=True)
-    if found:
-        return found[0].model_uri
-    return tag or f"runs:/{run_id}/model"
-
-
 def _registered_uri(spec: str) -> str:
     if spec.startswith("models:/"):
         return spec
@@ -284,14 +265,10 @@ def _registered_uri(spec: str) -> str:
 
 def load_mlflow_model(uri: str) -> Classifier:
     """A model from the tracking/registry store (the global tracking URI must be set)."""
-    import mlflow
-    import mlflow.keras
-
     import harness.model  # noqa: F401 - registers the layer that models saved by earlier versions hold
 
-    info = mlflow.models.get_model_info(uri)
-    meta = info.metadata or {}
-    model = mlflow.keras.load_model(uri)
+    meta = logged_model_metadata(uri)
+    model = load_keras_model(uri)
     size = meta.get("image_size")
     return Classifier(model, _class_names(meta.get("class_names")), int(size) if size else None, uri)
 
@@ -318,22 +295,20 @@ def resolve_model(spec: str, tracking_uri: str | None) -> Classifier:
     if missing:
         raise PredictError(f"model {spec!r} not found: not a .keras file, and there is no MLflow store at {missing}")
 
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     is_run = RUN_ID.fullmatch(spec) is not None
     tried = []
     with global_tracking_uri(uri):
         if is_run:
             try:
-                model_uri = _run_model_uri(MlflowClient(uri), spec)
-                return load_mlflow_model(model_uri)
-            except (MlflowException, OSError) as exc:
+                with plain_tracking_errors():
+                    return load_mlflow_model(run_model_uri(uri, spec))
+            except (TrackingError, OSError) as exc:
                 tried.append(f"run id ({_reason(exc)})")
         model_uri = _registered_uri(spec)
         try:
-            return load_mlflow_model(model_uri)
-        except (MlflowException, OSError) as exc:
+            with plain_tracking_errors():
+                return load_mlflow_model(model_uri)
+        except (TrackingError, OSError) as exc:
             tried.append(f"registered model {model_uri} ({_reason(exc)})")
     raise PredictError(f"model {spec!r} not found at {uri}: tried " + "; ".join(tried))
 
@@ -360,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out {args.out!r}: {problem}", file=sys.stderr)
         return 2
 
-    from harness.worker import import_tensorflow_quietly
+    from harness.runtime import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     import logging

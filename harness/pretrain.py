@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.config import ConfigError, SweepConfig, load_config
+from harness.config import ConfigError, SourceConfig, SweepConfig, backbone_candidates, load_config
 
 ASSETS = Path(__file__).parent / "assets"
 PRETRAIN_SEED = 1234
@@ -36,14 +36,17 @@ NOT_WEIGHTS = ("memory_cache_mib", "disk_cache_dir", "disk_cache_max_gib", "tfds
 LATE_DEFAULTS = {"class_map": None, "official_splits": True}
 
 
+def _source(cfg: SweepConfig) -> SourceConfig:
+    """The config's source block: everything here serves a sweep that has one (model.weights: source)."""
+    assert cfg.source is not None, "the config has no source: block"
+    return cfg.source
+
+
 def source_key(cfg: SweepConfig, backbone: str) -> str:
-    blob = {
-        "backbone": backbone,
-        "options": cfg.model.backbone_options.get(backbone, {}),
-        "source": dataclasses.asdict(cfg.source),  # includes the input size the weights were trained at
-    }
-    blob["source"].pop("cache_dir")
-    data = blob["source"]["data"]
+    source = dataclasses.asdict(_source(cfg))  # includes the input size the weights were trained at
+    source.pop("cache_dir")
+    blob = {"backbone": backbone, "options": cfg.model.backbone_options.get(backbone, {}), "source": source}
+    data = source["data"]
     for key in NOT_WEIGHTS:
         data.pop(key, None)
     # Data keys added after weights were shipped change nothing at their defaults: leaving them out
@@ -60,7 +63,7 @@ def weights_filename(cfg: SweepConfig, backbone: str) -> str:
 
 def find_source_weights(cfg: SweepConfig, backbone: str) -> Path | None:
     name = weights_filename(cfg, backbone)
-    for folder in (ASSETS, Path(cfg.source.cache_dir)):
+    for folder in (ASSETS, Path(_source(cfg).cache_dir)):
         if (folder / name).is_file():
             return folder / name
     return None
@@ -70,8 +73,9 @@ def ensure_source_weights(cfg: SweepConfig, backbone: str, log=print) -> Path:
     found = find_source_weights(cfg, backbone)
     if found:
         return found
-    out = Path(cfg.source.cache_dir) / weights_filename(cfg, backbone)
-    log(f"pretraining the source backbone {backbone} on {cfg.source.data.name} (once; cached at {out})")
+    src = _source(cfg)
+    out = Path(src.cache_dir) / weights_filename(cfg, backbone)
+    log(f"pretraining the source backbone {backbone} on {src.data.name} (once; cached at {out})")
     pretrain(cfg, backbone, out, log=log)
     return out
 
@@ -87,11 +91,14 @@ def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
 
     keras.utils.set_random_seed(PRETRAIN_SEED)
     tf.config.experimental.enable_op_determinism()
-    src = cfg.source
+    src = _source(cfg)
     data = load_dataset(src.data)
     splits = make_splits(data.labels, src.data, data.official)
     spec = ModelSpec(
-        backbone=backbone, image_size=src.data.image_size, num_classes=data.num_classes, weights=None,
+        backbone=backbone,
+        image_size=src.data.image_size,
+        num_classes=data.num_classes,
+        weights=None,
         backbone_options=dict(cfg.model.backbone_options.get(backbone, {})),
     )
     tm = build_model(spec, seed=PRETRAIN_SEED)
@@ -100,19 +107,23 @@ def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
     started = time.perf_counter()
 
     def on_epoch(r):
-        log(f"  source epoch {r.epoch + 1}/{src.epochs}: loss {r.metrics['loss']:.3f} "
-            f"val_accuracy {r.metrics.get('val_accuracy', float('nan')):.3f}")
+        log(
+            f"  source epoch {r.epoch + 1}/{src.epochs}: loss {r.metrics['loss']:.3f} "
+            f"val_accuracy {r.metrics.get('val_accuracy', float('nan')):.3f}"
+        )
 
     # The source keeps its last epoch, as the shipped weights were made: `--ship` must reproduce them.
-    history = run_phases(tm, scratch_plan(src.epochs, src.learning_rate, None), train, val, on_epoch=on_epoch,
-                         restore_best=False)
+    history = run_phases(tm, scratch_plan(src.epochs, src.learning_rate, None), train, val, on_epoch=on_epoch, restore_best=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name.replace(".weights.h5", ".partial.weights.h5"))
     tm.backbone.save_weights(tmp)
     tmp.replace(out)  # atomic: a crash never leaves a half-written cache entry behind
     report = {
-        "backbone": backbone, "source": src.data.name, "classes": data.num_classes,
-        "train_images": int(len(splits.train)), "epochs": src.epochs,
+        "backbone": backbone,
+        "source": src.data.name,
+        "classes": data.num_classes,
+        "train_images": int(len(splits.train)),
+        "epochs": src.epochs,
         "final_val_accuracy": history.epochs[-1].metrics.get("val_accuracy"),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -125,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", default="sweeps/demo.yaml", help="sweep config with a source: block")
     parser.add_argument("--ship", action="store_true", help="write into harness/assets/ (the shipped copy)")
-    parser.add_argument("--backbone", action="append", metavar="NAME",
-                        help="pretrain only this backbone of the config's search (repeatable; default: all of them)")
+    parser.add_argument(
+        "--backbone",
+        action="append",
+        metavar="NAME",
+        help="pretrain only this backbone of the config's search (repeatable; default: all of them)",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -135,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    backbones = cfg.search["backbone"].choices or (cfg.search["backbone"].value,)
+    backbones = backbone_candidates(cfg.search)
     unknown = sorted(set(args.backbone or ()) - set(backbones))
     if unknown:
-        print(f"error: --backbone {', '.join(unknown)}: not among {args.config}'s search.backbone {list(backbones)}",
-              file=sys.stderr)
+        print(
+            f"error: --backbone {', '.join(unknown)}: not among {args.config}'s search.backbone {list(backbones)}",
+            file=sys.stderr,
+        )
         return 2
     for backbone in args.backbone or backbones:
         folder = ASSETS if args.ship else Path(cfg.source.cache_dir)

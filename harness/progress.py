@@ -26,8 +26,18 @@ class _Bar(tqdm):
 
 
 class Progress:
-    def __init__(self, n_trials: int, already_done: int, direction: str, metric: str, stream=None, prefix: str = "",
-                 best: float | None = None, started: float | None = None, ncols: int | None = None):
+    def __init__(
+        self,
+        n_trials: int,
+        already_done: int,
+        direction: str,
+        metric: str,
+        stream=None,
+        prefix: str = "",
+        best: float | None = None,
+        started: float | None = None,
+        ncols: int | None = None,
+    ):
         """`started`: a time.monotonic() reading, so a trial process shows the sweep's elapsed time.
         `ncols`: the bar's width on a terminal; None follows the terminal (or $COLUMNS)."""
         self.n_trials, self.done = n_trials, already_done
@@ -48,9 +58,15 @@ class Progress:
     def _bar(self) -> _Bar:
         if self.bar is None:
             self.bar = _Bar(
-                total=self.n_trials, initial=self.done, file=self.stream, desc=self.prefix.strip() or None,
-                unit="trial", ncols=self._columns(), leave=True,
-                mininterval=0, miniters=1,  # updates come per epoch, seconds apart: draw each one
+                total=self.n_trials,
+                initial=self.done,
+                file=self.stream,
+                desc=self.prefix.strip() or None,
+                unit="trial",
+                ncols=self._columns(),
+                leave=True,
+                mininterval=0,
+                miniters=1,  # updates come per epoch, seconds apart: draw each one
                 # tqdm's default less the rate: the width goes to the bar and the postfix.
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
             )
@@ -76,8 +92,7 @@ class Progress:
 
     def _postfix(self) -> None:
         best = "-" if self.best is None else f"{self.best:.4f}"
-        parts = [f"trial {self.trial}" if self.trial is not None else "", f"{self.phase} {self.epoch}".strip(),
-                 f"best {best}"]
+        parts = [f"trial {self.trial}" if self.trial is not None else "", f"{self.phase} {self.epoch}".strip(), f"best {best}"]
         bar = self._bar()
         bar.ncols = self._columns()
         bar.set_postfix_str(", ".join(p for p in parts if p), refresh=False)
@@ -99,7 +114,8 @@ class Progress:
     def _head(self) -> str:
         best = "-" if self.best is None else f"{self.best:.4f}"
         elapsed = time.monotonic() - self.started
-        return f"{self.prefix}[{self.done}/{self.n_trials} done, {max(0, self.n_trials - self.done)} left, best {self.metric} {best}, {elapsed:.0f}s]"
+        left = max(0, self.n_trials - self.done)
+        return f"{self.prefix}[{self.done}/{self.n_trials} done, {left} left, best {self.metric} {best}, {elapsed:.0f}s]"
 
     # -- what the trial engine calls -----------------------------------------------------------
 
@@ -111,11 +127,6 @@ class Progress:
             self._postfix()
         else:
             self._line(f"{self._head()} trial {number} starts: {shown}")
-
-    def phase_started(self, phase: str) -> None:
-        self.phase, self.epoch = phase, ""
-        if self.tty:
-            self._postfix()
 
     def epoch_done(self, epoch: dict) -> None:
         """`epoch`: number, epoch, phase, metrics, total_epochs (as a trial process reports it)."""
@@ -130,8 +141,9 @@ class Progress:
                 f" loss {m.get('loss', float('nan')):.3f} val_acc {m.get('val_accuracy', float('nan')):.3f}"
             )
 
-    def trial_finished(self, number: int, state: str, value: float | None, best: float | None, counted: bool,
-                       reason: str | None = None) -> None:
+    def trial_finished(
+        self, number: int, state: str, value: float | None, best: float | None, counted: bool, reason: str | None = None
+    ) -> None:
         if counted:
             self.done += 1
         self.best = best

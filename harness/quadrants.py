@@ -21,80 +21,25 @@ them, and each cell's trials and seeds run exactly once.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from harness import study as st
-from harness.config import BaselineConfig, SweepConfig, TargetConfig, TrainConfig
-from harness.data import Dataset, Splits, dataset_inputs, load_dataset, make_splits, tf_dataset
-from harness.baseline import print_note, scratch_budget
-from harness.phases import Phase
+from harness.config import SweepConfig, TargetConfig, backbone_candidates
+from harness.direction import best_of, better
+from harness.data import Dataset, Splits, dataset_inputs, load_dataset, make_splits
 from harness.progress import Progress
+from harness.scratch import RULE_TAG, training_rule
 from harness.strategies import strategy_search
-from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG
-from harness.trials import Context, Job, recover, recover_orphans, trial_job
+from harness.tasks import ConfirmTask, Context
+from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG, RunRecord
+from harness.trials import Job, recover_after_crash, trial_job
 
 CELL_TAG = "harness.cell"
-RULE_TAG = "harness.training_rule"  # how a confirmation seed was trained: cells compare only under one rule
-
-
-def training_rule(ccfg: SweepConfig) -> str:
-    """The training rule every confirmation seed follows, whatever its strategy, in words (pure).
-    Cells trained under different rules (records of older sweeps, which trained transfer seeds on
-    the search's epoch budget) differ in schedule as well as strategy, so the report does not call
-    a winner between them (harness/export.py).
-
-        >>> training_rule(cfg)
-        'to convergence: at least 3000 optimizer steps in all and 30 epochs, then early stopping once val_loss and
-        val_accuracy stall for 8 epochs; a transfer model's head phase (10 epochs, patience 4) counts toward them;
-        from scratch, up to 2 retries at the next learning rate when unfitted'
-    """
-    b, head = ccfg.baseline, ccfg.train.head
-    stop = "no early stopping" if b.patience is None else (
-        f"then early stopping once val_loss and {ccfg.study.metric} stall for {b.patience} epochs")
-    return (f"to convergence: at least {b.min_steps} optimizer steps in all and {b.epochs} epochs, {stop}; "
-            f"a transfer model's head phase ({head.epochs} epochs, patience {head.patience or 'off'}) counts toward them; "
-            f"from scratch, up to {b.retries} retries at the next learning rate when unfitted")
-
-
-def confirmation_plan(plan: list[Phase], train_images: int, train: TrainConfig, baseline: BaselineConfig) -> list[Phase]:
-    """A transfer strategy's search plan, turned into its confirmation plan (pure): the rule
-    scratch seeds train under (`training_rule`), so a verdict compares strategies, not schedules.
-
-    The phases before the last keep their schedule (the head phase trains the new head before
-    anything unfreezes); their planned steps count toward `baseline.min_steps`. The last phase
-    (fine-tune, or the only phase of a frozen-features strategy) covers the rest of the floor and
-    at least the rest of `baseline.epochs`, budgeted as a from-scratch run is (`scratch_budget`:
-    steps between validations, validations, patience in validations), and stops as one does
-    (`scratch_keeps_training`: never before the floor, then once neither the validation loss nor
-    the metric improves)."""
-    phases = [p for p in plan if p.epochs > 0]
-    if not phases:  # every phase configured off: nothing trains in the search either
-        return plan
-    *before, last = phases
-    batch = {"head": train.head.batch_size, "finetune": train.finetune.batch_size}
-    steps_before = sum(p.epochs * math.ceil(train_images / batch[p.name]) for p in before)
-    epochs_left = max(last.epochs, baseline.epochs - sum(p.epochs for p in before))
-    budget = scratch_budget(train_images, batch[last.name], epochs_left, max(0, baseline.min_steps - steps_before),
-                            baseline.patience)
-    one_pass = math.ceil(train_images / batch[last.name])
-    return [*before, dataclasses.replace(
-        last, epochs=budget.rounds, patience=budget.patience, min_epochs=budget.min_rounds, stall_stopping=True,
-        steps_per_epoch=None if budget.steps_per_round == one_pass else budget.steps_per_round)]
-
-
-def images_seen(plan: list[Phase], epochs_run: list[int], train_images: int, train: TrainConfig) -> int:
-    """Training images a plan's phases went through, given how many epochs each ran (pure): an
-    epoch is one pass over the training set, or `steps_per_epoch` batches where the phase sets it."""
-    batch = {"head": train.head.batch_size, "finetune": train.finetune.batch_size}
-    return sum(ran * (p.steps_per_epoch * batch[p.name] if p.steps_per_epoch else train_images)
-               for p, ran in zip([p for p in plan if p.epochs > 0], epochs_run))
 
 
 def load_targets(cfg: SweepConfig, log) -> list[tuple[TargetConfig, Dataset, Splits]]:
@@ -135,7 +80,7 @@ def run_quadrants(cfg: SweepConfig, targets, storage, tracker, weights: dict, en
     scores: dict[str, tuple[float, float]] = {}
     jobs = []
     if exclusive:  # LogME runs a killed sweep left RUNNING (the lock proves no process owns them)
-        tracker.close_orphans(("logme",))
+        tracker.end_orphaned_runs(("logme",))
     for i, (target, dataset, splits) in enumerate(targets):
         if q.logme:
             with st.claim_lock(storage, f"{cfg.study.name}:logme:{target.name}"):
@@ -163,7 +108,7 @@ def cell_job(cfg, target, strategy, dataset, splits, storage, tracker, weights, 
                 study.enqueue_trial({"backbone": backbone})
         cell_run = study.user_attrs.get("mlflow_cell_run_id") or _open_cell_run(tracker, cfg, target, strategy, ccfg)
         study.set_user_attr("mlflow_cell_run_id", cell_run)
-    recover(study, tracker, exclusive, log, parent_id=cell_run, owned_roles=("confirm", "backbone_confirm"))
+    recover_after_crash(study, tracker, exclusive, log, parent_id=cell_run, owned_roles=("confirm", "backbone_confirm"))
     context = Context(ccfg.study.name, ccfg, dataset, splits, tracker, weights, tuple(dataset_inputs(dataset, ccfg.data, splits)))
     best = st.best_trial(study)
     progress = Progress(ccfg.study.n_trials, st.finished_count(study), ccfg.study.direction, ccfg.study.metric, sys.stderr,
@@ -198,7 +143,7 @@ def backbones_to_try(ccfg: SweepConfig) -> list[str]:
     """The backbones a new cell tries first, one trial each: every candidate when the search
     chooses among several (as many as the cell's budget allows), so no backbone goes untried
     because the sampler's first draws missed it."""
-    choices = list(ccfg.search["backbone"].choices or ())
+    choices = backbone_candidates(ccfg.search)
     return choices[:ccfg.study.n_trials] if len(choices) >= 2 else []
 
 
@@ -210,7 +155,7 @@ def best_trial_per_backbone(study, direction: str) -> dict:
         if backbone is None:
             continue
         held = best.get(backbone)
-        if held is None or (trial.value > held.value if direction == "maximize" else trial.value < held.value):
+        if held is None or better(trial.value, held.value, direction):
             best[backbone] = trial
     return best
 
@@ -232,7 +177,7 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
                                 load_if_exists=True, sampler=optuna.samplers.RandomSampler(seed=0))
     # A seed a killed sweep left RUNNING would hold its place in the budget for ever: it fails and
     # runs again (its MLflow run was closed when the cell resumed).
-    recover_orphans(study, exclusive)
+    st.fail_orphaned_trials(study, exclusive)
     # Seeds show progress as trials do (a from-scratch seed trains for minutes); the value is the seed's test score.
     progress = Progress(seeds, st.finished_count(study), "maximize", "test_accuracy", sys.stderr, f"{name} {suffix}")
 
@@ -259,7 +204,7 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
         if backbone_check:
             return ConfirmTask(context.key, params, seed, run_id, keep_model=False, number=trial.number)
         leader = _best_confirm_run(tracker, cell_run, ccfg.study.metric, ccfg.study.direction)
-        return ConfirmTask(context.key, params, seed, run_id, leader.data.metrics["best_val"] if leader else None,
+        return ConfirmTask(context.key, params, seed, run_id, leader.metrics["best_val"] if leader else None,
                            number=trial.number)
 
     def confirmed() -> list[Job]:
@@ -280,15 +225,13 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
                parent_run_id=cell_run, progress=progress)
 
 
-def _best_confirm_run(tracker, cell_run: str, metric: str, direction: str):
+def _best_confirm_run(tracker, cell_run: str, metric: str, direction: str) -> RunRecord | None:
     """The cell's finished confirmation run with the best validation score that logged its model."""
-    runs = tracker.search_runs(f"tags.`mlflow.parentRunId` = '{cell_run}' and tags.`harness.role` = 'confirm' "
-                               f"and attributes.status = 'FINISHED'")
-    runs = [r for r in runs if MODEL_URI_TAG in r.data.tags and "best_val" in r.data.metrics]
+    runs = tracker.find_runs(role="confirm", parent=cell_run, status="FINISHED")
+    runs = [r for r in runs if MODEL_URI_TAG in r.tags and "best_val" in r.metrics]
     if not runs:
         return None
-    pick = max if direction == "maximize" else min
-    return pick(runs, key=lambda r: r.data.metrics["best_val"])
+    return best_of(runs, direction, key=lambda r: r.metrics["best_val"])
 
 
 def register_cell_model(tracker, ccfg: SweepConfig, cell_run: str, tags: dict, log) -> None:
@@ -297,11 +240,11 @@ def register_cell_model(tracker, ccfg: SweepConfig, cell_run: str, tags: dict, l
     best = _best_confirm_run(tracker, cell_run, ccfg.study.metric, ccfg.study.direction)
     if best is None or tracker.run_tags(cell_run).get(REGISTERED_TAG):
         return
-    seed = best.data.tags.get("harness.seed")
+    seed = best.tags.get("harness.seed")
     version = tracker.register_model(
-        best.data.tags[MODEL_URI_TAG], ccfg.study.name, best.info.run_id,
-        tags={**tags, "harness.seed": seed, "best_val": f"{best.data.metrics['best_val']:.6g}",
-              "test_accuracy": f"{best.data.metrics.get('test_accuracy', float('nan')):.6g}"},
+        best.tags[MODEL_URI_TAG], ccfg.study.name, best.run_id,
+        tags={**tags, "harness.seed": seed, "best_val": f"{best.metrics['best_val']:.6g}",
+              "test_accuracy": f"{best.metrics.get('test_accuracy', float('nan')):.6g}"},
         description=f"best confirmed model of cell {ccfg.study.name} (seed {seed}, chosen on validation)")
     tracker.set_tags(cell_run, {REGISTERED_TAG: version, "harness.registered_model": f"models:/{ccfg.study.name}/{version}"})
     log(f"{ccfg.study.name}: registered the best confirmed model (seed {seed}) as version {version}")
@@ -310,24 +253,6 @@ def register_cell_model(tracker, ccfg: SweepConfig, cell_run: str, tags: dict, l
 def _seed_of(trial) -> int | None:
     """A confirmation trial's seed: its parameter, or the one queued for it before it sampled."""
     return trial.params.get("seed", trial.system_attrs.get("fixed_params", {}).get("seed"))
-
-
-@dataclass(frozen=True)
-class ConfirmTask:
-    """Retrain a cell's best configuration with one seed in a trial process; test it once."""
-
-    context_key: str
-    params: dict
-    seed: int
-    run_id: str
-    leader: float | None = None  # the best validation score of the cell's confirmed seeds so far
-    keep_model: bool = True  # log the model when it leads (a backbone check never does)
-    number: int = 0  # its trial in the confirmation study (the number its progress lines show)
-    context: Context | None = None
-
-    def run(self, runner, channel) -> tuple[str, float]:
-        return "complete", confirm_seed(runner, self.params, self.seed, self.run_id, self.leader, self.keep_model,
-                                        channel.note, self.number)
 
 
 def _cell_tags(target: TargetConfig, strategy: str) -> dict:
@@ -339,90 +264,12 @@ def _open_cell_run(tracker, cfg, target, strategy, ccfg) -> str:
     """The cell's run, reopened when the sweep resumes."""
     existing = tracker.find_child("cell", {CELL_TAG: cell_name(target, strategy)})
     if existing is not None:
-        tracker.reopen_run(existing.info.run_id)
-        return existing.info.run_id
+        tracker.reopen_run(existing.run_id)
+        return existing.run_id
     run_id = tracker.start_child(f"cell {cell_name(target, strategy)}", "cell", _cell_tags(target, strategy), config=ccfg.to_dict())
     tracker.log_params(run_id, {"trials_per_cell": cfg.quadrants.trials_per_cell, "confirm_seeds": cfg.quadrants.confirm_seeds,
                                 "dataset": target.data.name or target.data.path, "train_per_class": target.data.train_per_class})
     return run_id
-
-
-# --- confirmation ----------------------------------------------------------------------------
-
-
-def evaluate_on_test(tm, dataset: Dataset, splits: Splits, batch_size: int) -> dict[str, float]:
-    """The one place the test split is read: once per confirmation seed, after all training."""
-    from harness.phases import evaluate
-
-    return evaluate(tm.model, tf_dataset(dataset, splits.test, batch_size, shuffle=False))
-
-
-def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | None = None,
-                 keep_model: bool = True, note=print_note, number: int = 0) -> float:
-    """Train the configuration with `seed` into the run `run_id`; returns its test accuracy.
-
-    The model keeps the best epoch's weights across both phases (the ones its validation score
-    came from), and is logged when it matches or beats the cell's best confirmed seed so far.
-    Each epoch goes to `note(("epoch", summary))`, as a trial's does, numbered `number`."""
-    from harness.baseline import train_from_scratch
-    from harness.model import build_model
-    from harness.objective import (leads, log_history, model_spec, plan_for, release_memory, run_plan, seed_everything,
-                                   train_class_weights)
-
-    ccfg, dataset, splits, tracker = runner.cfg, runner.dataset, runner.splits, runner.tracker
-    started = time.perf_counter()
-    def on_epoch(record):
-        tracker.log_metrics(run_id, record.metrics, step=record.epoch)
-
-    try:
-        if params.get("strategy") == "scratch":
-            # Confirmed as the sweep's baseline is trained: to convergence, not on the search's
-            # equal budget (the search's best_val stays the equal-budget figure).
-            tm, history, facts = train_from_scratch(runner, params, seed, run_id, on_epoch, f"seed {seed}", note, number)
-            seen = facts["steps_all_attempts"] * ccfg.train.head.batch_size  # retries cost too
-            seconds = facts["seconds_all_attempts"]
-        else:
-            seed_everything(seed)  # before the pipelines: their shuffle seeds come from the global seed
-            tm = build_model(model_spec(ccfg, params, dataset.num_classes, runner.weights.get(params["backbone"])), seed=seed)
-            # Trained to convergence under the scratch seeds' floor and stopping rule, not on the
-            # search's epoch budget (the search's best_val stays the equal-budget figure).
-            plan = confirmation_plan(plan_for(ccfg, params, len(tm.blocks)), len(splits.train), ccfg.train, ccfg.baseline)
-            total_epochs = sum(p.epochs for p in plan)
-
-            def on_transfer_epoch(record):
-                on_epoch(record)
-                note(("epoch", {"number": number, "epoch": record.epoch, "phase": record.phase,
-                                "metrics": dict(record.metrics), "total_epochs": total_epochs}))
-
-            def pipelines(batch_size):
-                return (tf_dataset(dataset, splits.train, batch_size, shuffle=True, seed=seed),
-                        tf_dataset(dataset, splits.val, batch_size, shuffle=False))
-
-            history = run_plan(ccfg, tm, plan, pipelines, on_epoch=on_transfer_epoch,
-                               class_weight=train_class_weights(ccfg, dataset, splits), features=runner.features, seed=seed,
-                               on_features=lambda phase, seconds: tracker.log_metrics(run_id, {f"{phase}/feature_seconds": seconds}))
-            seen = images_seen(plan, [p.epochs_run for p in history.phases], len(splits.train), ccfg.train)
-            seconds = sum(p.seconds for p in history.phases)
-        # What the cell's compute was: the report's cost columns (seconds on this process's device:
-        # GPU-seconds on a GPU box, where each trial process has one GPU).
-        tracker.log_metrics(run_id, {"cost/images_seen": seen, "cost/epochs": seen / len(splits.train),
-                                     "cost/seconds": seconds})
-        test = evaluate_on_test(tm, dataset, splits, ccfg.train.head.batch_size)
-        log_history(tracker, run_id, history)
-        best_val = history.best(ccfg.study.metric, ccfg.study.direction)
-        if keep_model and leads(best_val, leader, ccfg.study.direction):
-            tracker.log_keras_model(run_id, tm.model, dataset.class_names, ccfg.data.image_size,
-                                    tags={"harness.study": ccfg.study.name, "harness.seed": seed})
-    except BaseException as exc:
-        tracker.log_failure(run_id, exc)
-        tracker.end_run(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
-        raise
-    finally:
-        release_memory()
-    tracker.log_metrics(run_id, {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "best_val": best_val,
-                                 f"best_{ccfg.study.metric}": best_val, "wall_seconds": time.perf_counter() - started})
-    tracker.end_run(run_id, "FINISHED")
-    return test["accuracy"]
 
 
 # --- LogME -----------------------------------------------------------------------------------
@@ -437,27 +284,20 @@ def logme_indices(labels: np.ndarray, train: np.ndarray, max_images: int) -> np.
 
 def log_logme_scores(cfg: SweepConfig, target: TargetConfig, dataset: Dataset, splits: Splits, tracker, weights: dict, log) -> dict:
     """LogME of every candidate backbone on this target, from frozen features, before any training."""
-    from harness.features import pooled_features
-    from harness.logme import logme
-    from harness.model import ModelSpec, build_model
-    from harness.objective import release_memory
+    from harness.transferability import logme_of_backbone
 
     scores = {}
-    names = cfg.search["backbone"].choices or (cfg.search["backbone"].value,)
+    names = backbone_candidates(cfg.search)
     for backbone in names:
         tags = {"target": target.name, "backbone": backbone}
         done = tracker.find_child("logme", tags)
-        if done is not None and "logme" in done.data.metrics:
-            scores[backbone] = done.data.metrics["logme"]
+        if done is not None and "logme" in done.metrics:
+            scores[backbone] = done.metrics["logme"]
             continue
         started = time.perf_counter()
-        spec = ModelSpec(backbone, target.data.image_size, dataset.num_classes, weights.get(backbone),
-                         dict(cfg.model.backbone_options.get(backbone, {})))
-        tm = build_model(spec)
         idx = logme_indices(dataset.labels, splits.train, cfg.quadrants.logme_max_images)
-        score = logme(pooled_features(tm, dataset, idx), dataset.labels[idx])
-        del tm
-        release_memory()
+        score = logme_of_backbone(backbone, target.data.image_size, cfg.model.backbone_options.get(backbone, {}),
+                                  weights.get(backbone), dataset, idx)
         run_id = tracker.start_child(f"logme {target.name} {backbone}", "logme",
                                      {**tags, "size": target.size, "similarity": target.similarity})
         tracker.log_metrics(run_id, {"logme": score, "images": len(idx), "wall_seconds": time.perf_counter() - started})

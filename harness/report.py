@@ -25,7 +25,7 @@ from harness import stats
 from harness.export import DEFAULT_UI_URL, markdown_table, write_comparison
 from harness.importance import importance_markdown, importances_from_metrics
 from harness.screening import screening_markdown
-from harness.tracking import PARENT_TAG, ROLE, Tracker, redact, resolve_tracking_uri
+from harness.tracking import RunRecord, Tracker, redact, resolve_tracking_uri
 
 RESULTS = "results"
 TRIALS_FILE = "trials.csv"  # trials_table's schema only (see the module docstring)
@@ -33,13 +33,13 @@ TRIALS_FILE = "trials.csv"  # trials_table's schema only (see the module docstri
 PHASES = ("head", "finetune", "scratch")
 
 
-def _runs(tracker: Tracker, role: str) -> list:
-    return tracker.search_runs(f"tags.`{ROLE}` = '{role}'")
+def _runs(tracker: Tracker, role: str) -> list[RunRecord]:
+    return tracker.find_runs(role=role)
 
 
-def _seconds(run) -> float | None:
-    if run.info.end_time and run.info.start_time:
-        return round((run.info.end_time - run.info.start_time) / 1000, 1)
+def _seconds(run: RunRecord) -> float | None:
+    if run.end_time and run.start_time:
+        return round((run.end_time - run.start_time) / 1000, 1)
     return None
 
 
@@ -53,57 +53,57 @@ def _param_value(text: str):
     return text
 
 
-def trials_table(tracker: Tracker, cell_runs: list) -> pd.DataFrame:
+def trials_table(tracker: Tracker, cell_runs: list[RunRecord]) -> pd.DataFrame:
     """One row per trial: cell, number, state, params, per-phase val metrics, duration, run id."""
-    cells = {r.info.run_id: r.data.tags for r in cell_runs}
+    cells = {r.run_id: r.tags for r in cell_runs}
     rows = []
     for run in _runs(tracker, "trial"):
-        tags = cells.get(run.data.tags.get(PARENT_TAG), run.data.tags)
-        m = run.data.metrics
+        tags = cells.get(run.parent_id, run.tags)
+        m = run.metrics
         rows.append({
-            "target": tags.get("target", run.data.tags.get("dataset")), "strategy": tags.get("strategy", ""),
-            "trial": int(run.data.tags.get("optuna.trial_number", -1)), "state": run.data.tags.get("optuna.state"),
+            "target": tags.get("target", run.tags.get("dataset")), "strategy": tags.get("strategy", ""),
+            "trial": int(run.tags.get("optuna.trial_number", -1)), "state": run.tags.get("optuna.state"),
             "objective": m.get("objective"), "head_best_val_accuracy": m.get("head/best_val_accuracy"),
             "finetune_best_val_accuracy": m.get("finetune/best_val_accuracy"),
             "scratch_best_val_accuracy": m.get("scratch/best_val_accuracy"),
-            **{f"param_{k}": _param_value(v) for k, v in sorted(run.data.params.items()) if k not in ("strategy",)},
-            "duration_s": _seconds(run), "status": run.info.status, "mlflow_run_id": run.info.run_id,
+            **{f"param_{k}": _param_value(v) for k, v in sorted(run.params.items()) if k not in ("strategy",)},
+            "duration_s": _seconds(run), "status": run.status, "mlflow_run_id": run.run_id,
         })
     frame = pd.DataFrame(rows)
     return frame.sort_values(["target", "strategy", "trial"]).reset_index(drop=True) if len(frame) else frame
 
 
-def _cost(runs: list, what: str) -> float:
+def _cost(runs: list[RunRecord], what: str) -> float:
     """Mean over `runs` of the run's total `<phase>/<what>` over PHASES; NaN when no run logged any."""
-    totals = [sum(r.data.metrics[f"{p}/{what}"] for p in PHASES if f"{p}/{what}" in r.data.metrics)
-              for r in runs if any(f"{p}/{what}" in r.data.metrics for p in PHASES)]
+    totals = [sum(r.metrics[f"{p}/{what}"] for p in PHASES if f"{p}/{what}" in r.metrics)
+              for r in runs if any(f"{p}/{what}" in r.metrics for p in PHASES)]
     return float(np.mean(totals)) if totals else np.nan
 
 
-def _mean_metric(runs: list, key: str, fallback: float) -> float:
+def _mean_metric(runs: list[RunRecord], key: str, fallback: float) -> float:
     """Mean of a metric over the runs that logged it; `fallback` when none did (older runs)."""
-    values = [r.data.metrics[key] for r in runs if key in r.data.metrics]
+    values = [r.metrics[key] for r in runs if key in r.metrics]
     return float(np.mean(values)) if values else fallback
 
 
-def _seed(run) -> int:
+def _seed(run: RunRecord) -> int:
     try:
-        return int(run.data.tags.get("harness.seed", ""))
+        return int(run.tags.get("harness.seed", ""))
     except ValueError:
         return 1 << 30  # an untagged seed sorts last
 
 
-def _best_seed_run(runs: list, direction: str):
+def _best_seed_run(runs: list[RunRecord], direction: str) -> RunRecord | None:
     """The seed run with the best validation score (best_val), first seed on ties: chosen on
     validation like the model the sweep registers, never on the test score. None without one."""
-    scored = [r for r in runs if "best_val" in r.data.metrics]
+    scored = [r for r in runs if "best_val" in r.metrics]
     if not scored:
         return None
     sign = -1.0 if direction == "minimize" else 1.0
-    return max(scored, key=lambda r: sign * r.data.metrics["best_val"])
+    return max(scored, key=lambda r: sign * r.metrics["best_val"])
 
 
-def cells_table(tracker: Tracker, cell_runs: list, logme: pd.DataFrame, direction: str = "maximize") -> pd.DataFrame:
+def cells_table(tracker: Tracker, cell_runs: list[RunRecord], logme: pd.DataFrame, direction: str = "maximize") -> pd.DataFrame:
     """One row per (quadrant, strategy) cell, in harness.export's input schema: the search's best
     val; the finished confirmation seeds' test accuracies (test_accuracies, in seed order) with
     their mean, std and count; the mean training cost per seed (train_epochs, train_seconds: blank
@@ -113,30 +113,30 @@ def cells_table(tracker: Tracker, cell_runs: list, logme: pd.DataFrame, directio
     confirms = _runs(tracker, "confirm")
     rows = []
     for cell in cell_runs:
-        tags = cell.data.tags
-        mine = sorted((c for c in confirms if c.data.tags.get(PARENT_TAG) == cell.info.run_id
-                       and c.info.status == "FINISHED" and "test_accuracy" in c.data.metrics), key=_seed)
-        tests = [c.data.metrics["test_accuracy"] for c in mine]
+        tags = cell.tags
+        mine = sorted((c for c in confirms if c.parent_id == cell.run_id
+                       and c.status == "FINISHED" and "test_accuracy" in c.metrics), key=_seed)
+        tests = [c.metrics["test_accuracy"] for c in mine]
         summary = stats.describe(tests)
         best = _best_seed_run(mine, direction)
-        logged = mine[0].data.params if mine else {}  # every seed trains the same configuration
+        logged = mine[0].params if mine else {}  # every seed trains the same configuration
         params = {k: _param_value(v) for k, v in sorted(logged.items()) if k not in ("seed", "strategy")}
         backbone = params.get("backbone")
         score = logme.loc[(logme.target == tags["target"]) & (logme.backbone == backbone), "logme"] if len(logme) else []
         rows.append({
             "quadrant": tags["quadrant"], "size": tags["size"], "similarity": tags["similarity"], "target": tags["target"],
-            "strategy": tags["strategy"], "best_val": cell.data.metrics.get("best_val", np.nan),
+            "strategy": tags["strategy"], "best_val": cell.metrics.get("best_val", np.nan),
             "test_mean": summary.mean, "test_std": summary.std, "n_seeds": summary.n,
             "logme": float(score.iloc[0]) if len(score) else np.nan,
             "test_accuracies": tests,
             "train_epochs": _mean_metric(mine, "cost/epochs", _cost(mine, "epochs")),
             "train_seconds": _mean_metric(mine, "cost/seconds", _cost(mine, "seconds")),
             "train_images_seen": _mean_metric(mine, "cost/images_seen", np.nan),
-            "undertrained": float(any(c.data.tags.get("harness.undertrained") == "true" for c in mine)) if mine else np.nan,
+            "undertrained": float(any(c.tags.get("harness.undertrained") == "true" for c in mine)) if mine else np.nan,
             # how its seeds were trained (one rule per cell; several, '; '-joined, would be a config change mid-sweep)
-            "training_rule": "; ".join(sorted({c.data.tags["harness.training_rule"] for c in mine
-                                               if c.data.tags.get("harness.training_rule")})) or None,
-            "cell_run_id": cell.info.run_id, "best_confirm_run_id": best.info.run_id if best else None,
+            "training_rule": "; ".join(sorted({c.tags["harness.training_rule"] for c in mine
+                                               if c.tags.get("harness.training_rule")})) or None,
+            "cell_run_id": cell.run_id, "best_confirm_run_id": best.run_id if best else None,
             **{f"param_{k}": v for k, v in params.items()},
         })
     return pd.DataFrame(rows)
@@ -146,7 +146,7 @@ def logme_table(tracker: Tracker, trials: pd.DataFrame, direction: str = "maximi
     """LogME per (target, backbone) beside the accuracy that backbone reached on that target (the
     best search value of its transfer trials; `add_confirmed_accuracy` replaces it with confirmed
     test accuracy once the cells are known)."""
-    rows = [{"target": r.data.tags["target"], "backbone": r.data.tags["backbone"], "logme": r.data.metrics.get("logme")}
+    rows = [{"target": r.tags["target"], "backbone": r.tags["backbone"], "logme": r.metrics.get("logme")}
             for r in _runs(tracker, "logme")]
     frame = pd.DataFrame(rows, columns=["target", "backbone", "logme"])
     if not len(frame):
@@ -165,11 +165,11 @@ def backbone_confirmations(tracker: Tracker) -> pd.DataFrame:
     rows = []
     for role in ("confirm", "backbone_confirm"):
         for run in _runs(tracker, role):
-            m = run.data.metrics
-            if run.info.status != "FINISHED" or "test_accuracy" not in m or run.data.tags.get("strategy") == "scratch":
+            m = run.metrics
+            if run.status != "FINISHED" or "test_accuracy" not in m or run.tags.get("strategy") == "scratch":
                 continue
-            rows.append({"target": run.data.tags.get("target"), "strategy": run.data.tags.get("strategy"),
-                         "backbone": run.data.params.get("backbone"), "val": m.get("best_val", np.nan),
+            rows.append({"target": run.tags.get("target"), "strategy": run.tags.get("strategy"),
+                         "backbone": run.params.get("backbone"), "val": m.get("best_val", np.nan),
                          "test": m["test_accuracy"]})
     columns = ["target", "strategy", "backbone", "val_mean", "test_mean", "n_seeds"]
     if not rows:
@@ -221,21 +221,21 @@ def build_report(sweep: str, tracker: Tracker, out_dir: str | Path | None = None
     parents = tracker.study_runs(sweep)
     if not parents:
         raise SystemExit(f"error: no sweep named {sweep!r} in {redact(tracker.uri)}")
-    tracker.parent_run_id = parents[0].info.run_id
+    tracker.parent_run_id = parents[0].run_id
     cell_runs = _runs(tracker, "cell")
     trials = trials_table(tracker, cell_runs)
     if not cell_runs:
         path = out / TRIALS_FILE
         trials.to_csv(path, index=False)
         text = markdown_table(trials, tracker.experiment_id, ui_url) if len(trials.columns) else "(no trials)"
-        mattered = importance_markdown(importances_from_metrics(parents[0].data.metrics))
-        screened = screening_markdown(parents[0].data.metrics)  # each score's tau beside the size-only one
+        mattered = importance_markdown(importances_from_metrics(parents[0].metrics))
+        screened = screening_markdown(parents[0].metrics)  # each score's tau beside the size-only one
         mattered = "\n".join(part for part in (mattered, screened) if part)
         (out / "trials.md").write_text(f"# Trials of sweep {sweep}\n\n{text}\n" + (f"\n{mattered}" if mattered else ""),
                                        encoding="utf-8")
         paths = {"trials": path, "trials_md": out / "trials.md"}
     else:
-        direction = parents[0].data.params.get("study.direction", "maximize")
+        direction = parents[0].params.get("study.direction", "maximize")
         logme = logme_table(tracker, trials, direction)
         cells = cells_table(tracker, cell_runs, logme, direction)
         logme = add_confirmed_accuracy(logme, backbone_confirmations(tracker), direction)

@@ -15,7 +15,8 @@ The size-only ranking matters because on the common benchmark it ranked backbone
 each score's tau against the best value each backbone reached is shown beside the size ranking's,
 with a plain verdict of which ranked better on this data.
 
-The features come from the trials' own feature cache entry (harness/features.py, the same key phase
+The scores are computed in a trial process (harness/transferability.py, harness/tasks.py
+`ScreeningTask`). The features come from the trials' own feature cache entry (harness/features.py, the same key phase
 1 computes), so the trials of a kept backbone read them instead of computing them again.
 `search.screen.keep` narrows the backbone choices to the top K before the sampler starts; the
 scores and the kept list are recorded once as a study user attribute, and a resumed sweep reuses
@@ -31,79 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
-from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
 
 from harness import stats
-from harness.backbones import IMAGENET_TOP1
+from harness.direction import better, sign
 
 SCREENING_ATTR = "screening"  # the study user attribute: scores, ranking rule and kept backbones
-KNN_NEIGHBOURS = 5
-KNN_FOLDS = 5
-# Score name -> how it is shown. `size` and `imagenet_top1` never look at the data.
 SCORE_NAMES = {"logme": "LogME", "knn": "k-NN", "size": "size-only", "imagenet_top1": "ImageNet top-1"}
 DATA_SCORES = ("logme", "knn")
 CSV_COLUMNS = ("rank", "backbone", "logme", "knn", "params", "imagenet_top1", "images", "seconds", "kept")
-
-
-# --- scores (pure) ------------------------------------------------------------------------------
-
-
-def l2_normalise(features: np.ndarray) -> np.ndarray:
-    """Each row scaled to unit length (a zero row stays zero): k-NN then compares directions."""
-    x = np.asarray(features, np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
-
-
-def knn_accuracy(features: np.ndarray, labels: np.ndarray, neighbours: int = KNN_NEIGHBOURS, folds: int = KNN_FOLDS,
-                 seed: int = 0) -> float:
-    """Mean accuracy of a k-NN classifier on L2-normalised features, stratified-k-fold cross-validated
-    within the given (training) images. Fewer folds and neighbours when the smallest class has few
-    images; NaN when a class has a single image (no fold could hold it out and still train on it)."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.neighbors import KNeighborsClassifier
-
-    y = np.asarray(labels)
-    smallest = int(np.bincount(np.unique(y, return_inverse=True)[1]).min())
-    n_splits = min(folds, smallest)
-    if n_splits < 2:
-        return math.nan
-    # No more neighbours than the smallest class keeps in a training fold: past that, its images
-    # could never hold a majority of the vote, however well the features separate it.
-    k = max(1, min(neighbours, smallest - math.ceil(smallest / n_splits)))
-    cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    return float(cross_val_score(KNeighborsClassifier(n_neighbors=k), l2_normalise(features), y, cv=cv).mean())
-
-
-def balanced_positions(labels: np.ndarray, max_images: int) -> np.ndarray:
-    """Positions of up to `max_images` images, the same share from every class (the first of each)."""
-    y = np.asarray(labels)
-    classes = np.unique(y)
-    per_class = max(1, max_images // len(classes))
-    return np.sort(np.concatenate([np.flatnonzero(y == c)[:per_class] for c in classes]))
-
-
-def feature_scores(features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """LogME and k-NN accuracy of one backbone's features of the training images."""
-    from harness.logme import logme
-
-    try:
-        evidence = logme(features, labels)
-    except ValueError:  # degenerate features (all zero, not finite): no evidence to rank by
-        evidence = math.nan
-    return {"logme": evidence, "knn": knn_accuracy(features, labels)}
-
-
-def published_top1(backbone: str, weights: str | None, options: dict | None) -> float | None:
-    """The backbone's published ImageNet top-1 (%), where it applies: ImageNet weights of the
-    constructor's default variant (other options, such as a MobileNet alpha, are another model)."""
-    if weights != "imagenet" or options:
-        return None
-    return IMAGENET_TOP1.get(backbone)
 
 
 # --- ranking and narrowing (pure) ---------------------------------------------------------------
@@ -118,6 +54,7 @@ def score_of(row: dict, by: str) -> float:
 def rank(rows: dict[str, dict], by: str) -> list[str]:
     """Backbones best first by `by` (higher is better for every score); a missing or NaN score
     ranks last, and ties keep the candidates' order."""
+
     def key(item):
         i, name = item
         value = score_of(rows[name], by)
@@ -142,12 +79,6 @@ def narrowed_search(search: dict, kept: list[str]) -> dict:
     return {**search, "backbone": backbone}
 
 
-def candidates_of(cfg) -> list[str]:
-    """The backbones a config searches over, each once, in its order."""
-    spec = cfg.search["backbone"]
-    return list(dict.fromkeys(spec.choices or (spec.value,)))
-
-
 # --- agreement with the study (pure) ------------------------------------------------------------
 
 
@@ -159,7 +90,7 @@ def best_per_backbone(trials, direction: str) -> dict[str, float]:
             continue
         name, value = t.params["backbone"], float(t.value)
         held = best.get(name)
-        if held is None or (value > held if direction == "maximize" else value < held):
+        if better(value, held, direction):
             best[name] = value
     return best
 
@@ -169,7 +100,7 @@ def agreement(rows: dict[str, dict], best: dict[str, float], direction: str) -> 
     the backbones as the study found them). Only backbones with a completed trial count; NaN with
     fewer than two of them or a score that does not vary."""
     names = [n for n in rows if n in best]
-    outcome = [best[n] if direction == "maximize" else -best[n] for n in names]  # higher = better
+    outcome = [sign(direction) * best[n] for n in names]  # higher = better
     scores = ["logme", "knn", "size"] + (["imagenet_top1"] if any(rows[n].get("imagenet_top1") is not None for n in rows) else [])
     return {s: stats.rank_agreement([score_of(rows[n], s) for n in names], outcome)[0] for s in scores}
 
@@ -177,8 +108,8 @@ def agreement(rows: dict[str, dict], best: dict[str, float], direction: str) -> 
 def verdict(score: str, tau: float, size_tau: float) -> str:
     """One plain sentence: did `score` rank the backbones better than size alone, on this data?
 
-        >>> verdict("logme", 0.33, 0.67)
-        'LogME tau 0.33 vs size-only 0.67: size-only ranked better on this data'
+    >>> verdict("logme", 0.33, 0.67)
+    'LogME tau 0.33 vs size-only 0.67: size-only ranked better on this data'
     """
     name = SCORE_NAMES[score]
     head = f"{name} tau {_tau(tau)} vs size-only {_tau(size_tau)}"
@@ -203,11 +134,15 @@ def agreement_lines(screening: dict | None, trials, direction: str) -> tuple[lis
     best = best_per_backbone(trials, direction)
     done = [n for n in rows if n in best]
     if len(done) < 2:
-        return [f"screening vs the study: {len(done)} backbone(s) completed trials, so Kendall's tau cannot be "
-                f"computed (it needs at least 2)"], {}
+        return [
+            f"screening vs the study: {len(done)} backbone(s) completed trials, so Kendall's tau cannot be "
+            f"computed (it needs at least 2)"
+        ], {}
     taus = agreement(rows, best, direction)
-    lines = [f"screening vs the study ({len(done)} backbones with completed trials; Kendall's tau against the best "
-             f"value each reached):"]
+    lines = [
+        f"screening vs the study ({len(done)} backbones with completed trials; Kendall's tau against the best "
+        f"value each reached):"
+    ]
     lines += [f"  {verdict(s, taus[s], taus['size'])}" for s in DATA_SCORES]
     if "imagenet_top1" in taus:
         lines.append(f"  {verdict('imagenet_top1', taus['imagenet_top1'], taus['size'])}")
@@ -231,8 +166,10 @@ def screening_markdown(metrics: dict[str, float]) -> str:
     if "size" not in taus:
         return ""
     lines = [f"- {verdict(s, taus[s], taus['size'])}" for s in (*DATA_SCORES, "imagenet_top1") if s in taus]
-    return ("## Screening vs the study\n\nKendall's tau of each score against the best value each backbone "
-            "reached (table: the parent run's screening.csv).\n\n" + "\n".join(lines) + "\n")
+    return (
+        "## Screening vs the study\n\nKendall's tau of each score against the best value each backbone "
+        "reached (table: the parent run's screening.csv).\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 # --- tables (pure) ------------------------------------------------------------------------------
@@ -241,8 +178,10 @@ def screening_markdown(metrics: dict[str, float]) -> str:
 def table_rows(screening: dict) -> list[dict]:
     """One row per backbone, in the order of the ranking screening used."""
     rows, kept = screening["scores"], set(screening["kept"])
-    return [{"rank": i + 1, "backbone": name, **{c: rows[name].get(c) for c in CSV_COLUMNS[2:-1]}, "kept": name in kept}
-            for i, name in enumerate(screening["ranking"])]
+    return [
+        {"rank": i + 1, "backbone": name, **{c: rows[name].get(c) for c in CSV_COLUMNS[2:-1]}, "kept": name in kept}
+        for i, name in enumerate(screening["ranking"])
+    ]
 
 
 def screening_csv(screening: dict) -> str:
@@ -265,9 +204,12 @@ def screening_text(screening: dict) -> str:
     if frame["imagenet_top1"].isna().all():
         frame = frame.drop(columns=["imagenet_top1"])
     table = frame.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-")
-    n_images = next(iter(screening["scores"].values()), {}).get("images")
-    return (f"screening: {len(screening['scores'])} backbones scored on frozen features of {n_images} training images, "
-            f"ranked by {screening['by']}; the search keeps {len(screening['kept'])}\n{table}")
+    scores = list(screening["scores"].values())
+    n_images = scores[0].get("images") if scores else None
+    return (
+        f"screening: {len(screening['scores'])} backbones scored on frozen features of {n_images} training images, "
+        f"ranked by {screening['by']}; the search keeps {len(screening['kept'])}\n{table}"
+    )
 
 
 def parent_metrics(screening: dict) -> dict[str, float]:
@@ -282,80 +224,6 @@ def parent_metrics(screening: dict) -> dict[str, float]:
     return out
 
 
-# --- in a trial process -------------------------------------------------------------------------
-
-
-def screening_params(cfg, backbone: str) -> dict:
-    """Trial parameters whose frozen pooled features are what phase 1 of a trial of `backbone` reads
-    (so the feature cache entry is the trials' own): fixed values as configured, the searched
-    pooling's first choice ("avg" when offered), the whole backbone unless its cut is fixed."""
-    search = cfg.search
-
-    def fixed_or(name, default):
-        p = search.get(name)
-        return p.value if p is not None and p.fixed else default
-
-    pooling = search.get("pooling")
-    if pooling is not None and not pooling.fixed:
-        pooling_value = "avg" if "avg" in (pooling.choices or ()) else (pooling.choices or ("avg",))[0]
-    else:
-        pooling_value = fixed_or("pooling", "avg")
-    return {"backbone": backbone, "head_units": 0, "dropout": 0.0, "pooling": pooling_value, "augment": False,
-            "cut_fraction": fixed_or("cut_fraction", 1.0)}
-
-
-def score_backbones(runner, backbones: list[str], max_images: int, note=lambda payload: None) -> dict[str, dict]:
-    """Every backbone's scores from frozen features of the training split (inside a trial process).
-
-    With the feature cache on, the whole split's features are read from (or written to) the entry
-    the trials' phase 1 uses; the scores read a class-balanced subsample of at most `max_images`."""
-    from harness.config import feature_cache_impossible
-    from harness.features import pooled_features
-    from harness.model import build_model
-    from harness.objective import model_spec, release_memory
-
-    cfg, dataset, splits = runner.cfg, runner.dataset, runner.splits
-    # The trials' cache entry, where trials can read it; elsewhere only the subsample is computed.
-    cache = runner.features if feature_cache_impossible(cfg) is None else None
-    train_labels = dataset.labels[splits.train]
-    positions = balanced_positions(train_labels, max_images)
-    out = {}
-    for backbone in backbones:
-        started = time.perf_counter()
-        weights = runner.weights.get(backbone)
-        tm = build_model(model_spec(cfg, screening_params(cfg, backbone), dataset.num_classes, weights), seed=cfg.study.seed)
-        try:
-            if cache is not None:
-                features = np.asarray(cache.features(tm, "train")[positions])
-            else:
-                features = pooled_features(tm, dataset, splits.train[positions])
-            row = feature_scores(features, train_labels[positions])
-            row.update(params=int(tm.backbone.count_params()), images=len(positions),
-                       imagenet_top1=published_top1(backbone, weights, cfg.model.backbone_options.get(backbone)))
-        finally:
-            tm = None
-            release_memory()
-        row["seconds"] = round(time.perf_counter() - started, 2)
-        out[backbone] = row
-        note(("message", f"screening {backbone}: LogME {row['logme']:.4f}, k-NN {row['knn']:.4f}, "
-                         f"{row['params']:,} parameters ({row['seconds']:.1f} s)"))
-    return out
-
-
-@dataclass(frozen=True)
-class ScreeningTask:
-    """Scoring the candidate backbones, as a task for a trial process (where the trials' feature
-    cache and TensorFlow live)."""
-
-    context_key: str
-    backbones: tuple
-    max_images: int
-    context: Any = None
-
-    def run(self, runner, channel) -> dict[str, dict]:
-        return score_backbones(runner, list(self.backbones), self.max_images, channel.note)
-
-
 # --- in the sweep process -----------------------------------------------------------------------
 
 
@@ -366,9 +234,10 @@ def screen_backbones(cfg, study, storage, tracker, run_task, log):
     `run_task(task)` runs a task in a trial process (harness/trials.py TrialEngine.call). Nothing is
     screened with one candidate, or without pretrained weights (random features rank nothing)."""
     from harness import study as st
-    from harness.config import ScreenConfig
+    from harness.config import ScreenConfig, backbone_candidates
+    from harness.tasks import ScreeningTask
 
-    candidates = candidates_of(cfg)
+    candidates = backbone_candidates(cfg.search)
     if len(candidates) < 2:
         return cfg, None
     if cfg.model.weights == "none":

@@ -22,6 +22,7 @@ def suggest_one(trial: optuna.Trial, p: ParamSpec) -> Any:
         return p.value
     if p.choices is not None:
         return trial.suggest_categorical(p.name, list(p.choices))
+    assert p.low is not None and p.high is not None  # neither fixed nor choices: a range (harness/config.py)
     if p.kind == "int":
         return trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
     return trial.suggest_float(p.name, float(p.low), float(p.high), step=p.step, log=p.log)
@@ -30,4 +31,3 @@ def suggest_one(trial: optuna.Trial, p: ParamSpec) -> Any:
 def suggest(trial: optuna.Trial, search: dict[str, ParamSpec]) -> dict[str, Any]:
     """Every parameter's value for this trial, sampled or fixed, in config order."""
     return {name: suggest_one(trial, p) for name, p in search.items()}
-

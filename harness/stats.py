@@ -90,8 +90,7 @@ def welch_p_from_stats(mean_a: float, std_a: float, n_a: int, mean_b: float, std
         return 0.0 if mean_a != mean_b else math.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(_scipy.ttest_ind_from_stats(mean_a, std_a, int(n_a), mean_b, std_b, int(n_b),
-                                                 equal_var=False).pvalue)
+        return float(_scipy.ttest_ind_from_stats(mean_a, std_a, int(n_a), mean_b, std_b, int(n_b), equal_var=False).pvalue)
 
 
 def significant(p: float, alpha: float = ALPHA) -> bool:
@@ -106,16 +105,18 @@ def tie_set(samples: Mapping[str, Iterable[float] | None], winner: str, alpha: f
     A verdict is decisive only when this has one member: every other strategy is significantly
     worse than the winner."""
     best = samples[winner]
-    return [name for name, values in samples.items()
-            if name == winner or not significant(welch_p(best, values), alpha)]
+    return [name for name, values in samples.items() if name == winner or not significant(welch_p(best, values), alpha)]
 
 
 def rank_agreement(scores: Iterable[float], outcomes: Iterable[float]) -> tuple[float, float]:
     """(Kendall's tau, Spearman's rho) between a cheap score and the outcome it should predict:
     1 when the score ranks every item as the outcome does. NaN with fewer than two pairs, or when
     either side is constant (no ranking to agree with)."""
-    pairs = [(float(a), float(b)) for a, b in zip(scores, outcomes)
-             if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
+    pairs = [
+        (float(a), float(b))
+        for a, b in zip(scores, outcomes)
+        if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))
+    ]
     if len(pairs) < 2:
         return math.nan, math.nan
     x, y = (np.array(side) for side in zip(*pairs))

@@ -30,31 +30,49 @@ def _range(name: str, low: float, high: float) -> ParamSpec:
     return ParamSpec(name, "float", low=low, high=high)
 
 
+# The one statement of which strategy uses which parameter: the search parameters each strategy
+# does not use. strategy_search pins them, so the sampler spends its budget on the ones that matter,
+# and reports leave them blank instead of showing the placeholder. No phase 2 means no fine-tune LR
+# and nothing unfrozen (scratch trains everything in its one phase, at head_lr); only `intermediate`
+# cuts the backbone.
+UNUSED_PARAMETERS: dict[str, frozenset[str]] = {
+    "features": frozenset({"finetune_lr", "unfreeze_fraction", "unfreeze_blocks", "cut_fraction"}),
+    "intermediate": frozenset({"finetune_lr", "unfreeze_fraction", "unfreeze_blocks"}),
+    "partial": frozenset({"cut_fraction"}),
+    "full": frozenset({"cut_fraction"}),
+    "scratch": frozenset({"finetune_lr", "unfreeze_fraction", "unfreeze_blocks", "cut_fraction"}),
+}
+
+# The share of the kept blocks a strategy unfreezes (None: searched in quadrants.partial_range).
+# scratch's 1.0 is not a choice but what its single phase means: every layer trains, BN too, at
+# head_lr (the head LR range is the scratch LR range).
+_UNFROZEN: dict[str, float | None] = {"features": 0.0, "intermediate": 0.0, "partial": None, "full": 1.0, "scratch": 1.0}
+
+
+def uses(strategy: str, parameter: str) -> bool:
+    """Whether `strategy` uses the search parameter `parameter`; every parameter counts as used by a
+    strategy this module does not know."""
+    return parameter not in UNUSED_PARAMETERS.get(strategy, ())
+
+
 def strategy_search(strategy: str, search: dict[str, ParamSpec], q: QuadrantsConfig) -> dict[str, ParamSpec]:
     """The cell's search space: the sweep's search block with the strategy's parameters pinned.
 
-    Parameters a strategy does not use are pinned too, so the sampler spends its budget on the
-    ones that matter (the fine-tune LR means nothing without a phase 2).
+    Parameters a strategy does not use (UNUSED_PARAMETERS) are pinned too, so the sampler spends
+    its budget on the ones that matter (the fine-tune LR means nothing without a phase 2).
     """
     out = {k: v for k, v in search.items() if k not in ("unfreeze_blocks", "unfreeze_fraction", "cut_fraction")}
     finetune_lr = search["finetune_lr"]
-    no_phase2 = _fixed("finetune_lr", "float", finetune_lr.value if finetune_lr.fixed else finetune_lr.low)
-    if strategy == "features":
-        out.update(unfreeze_fraction=_fixed("unfreeze_fraction", "float", 0.0), cut_fraction=_fixed("cut_fraction", "float", 1.0), finetune_lr=no_phase2)
-    elif strategy == "intermediate":
-        out.update(unfreeze_fraction=_fixed("unfreeze_fraction", "float", 0.0), cut_fraction=_range("cut_fraction", *q.cut_range), finetune_lr=no_phase2)
-    elif strategy == "partial":
-        out.update(unfreeze_fraction=_range("unfreeze_fraction", *q.partial_range), cut_fraction=_fixed("cut_fraction", "float", 1.0))
-    elif strategy == "full":
-        out.update(unfreeze_fraction=_fixed("unfreeze_fraction", "float", 1.0), cut_fraction=_fixed("cut_fraction", "float", 1.0))
-    elif strategy == "scratch":
-        # One phase at head_lr: the head LR range is the scratch LR range.
-        out.update(unfreeze_fraction=_fixed("unfreeze_fraction", "float", 1.0), cut_fraction=_fixed("cut_fraction", "float", 1.0), finetune_lr=no_phase2)
-    else:
+    if strategy not in UNUSED_PARAMETERS:
         raise ValueError(f"unknown strategy {strategy!r}")
+    if not uses(strategy, "finetune_lr"):
+        out["finetune_lr"] = _fixed("finetune_lr", "float", finetune_lr.value if finetune_lr.fixed else finetune_lr.low)
+    unfrozen = _UNFROZEN[strategy]
+    out["unfreeze_fraction"] = (_range("unfreeze_fraction", *q.partial_range) if unfrozen is None
+                                else _fixed("unfreeze_fraction", "float", unfrozen))
+    out["cut_fraction"] = (_range("cut_fraction", *q.cut_range) if uses(strategy, "cut_fraction")
+                           else _fixed("cut_fraction", "float", 1.0))
     out["strategy"] = _fixed("strategy", "str", strategy)
     return out
 
 
-def is_pretrained(strategy: str) -> bool:
-    return strategy != "scratch"

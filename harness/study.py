@@ -311,37 +311,33 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         return None
 
 
-def fail_trials_of_dead_worker(study: optuna.Study, worker: str, reason: str, exclusive: bool) -> list[int]:
-    """FAIL the trials a dead trial process left RUNNING, with `reason`; not retried, since the
-    trial itself most likely killed its process (out of memory). Returns their numbers.
+# --- trials left behind by a dead process, and Optuna's storage internals -------------------------
 
-    `worker` is the trial's "worker" user attribute (host:pid). With the local storage this
-    process holds the study's lock, so any RUNNING trial is the dead child's, even one it created
-    but had not yet labelled."""
-    failed = []
+
+def fail_orphaned_trials(study: optuna.Study, exclusive: bool) -> None:
+    """Fail the trials a dead process left RUNNING, and queue their parameters for a retry (at
+    most MAX_RETRIES times).
+
+    With the local storage this process holds the study's lock, so every RUNNING trial is an
+    orphan and fails at once. With a server storage other machines may be alive: only trials
+    whose heartbeat went silent fail (Optuna's heartbeat and grace period)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    if not exclusive:
+        optuna.storages.fail_stale_trials(study)
+        return
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if exclusive or t.user_attrs.get("worker") == worker:
-            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
-            if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                failed.append(t.number)
-    return failed
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died while the trial ran")
+        if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+            retry(study, study._storage.get_trial(t._trial_id))
 
 
-def fail_stale_trials(study: optuna.Study) -> None:
-    """Mark trials whose heartbeat stopped as FAIL now (and queue their retries)."""
-    optuna.storages.fail_stale_trials(study)
+def storage_of(study: optuna.Study):
+    """The storage a study object reads and writes (Optuna keeps it private)."""
+    return study._storage
 
 
-class StopAfterFailures:
-    """Stop the study after `limit` failed trials in a row: something is wrong with every trial."""
-
-    def __init__(self, limit: int = 5, streak: int = 0):
-        self.limit = limit
-        self.streak = streak  # failures in a row carried over from earlier trial processes
-        self.tripped = False
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.streak = self.streak + 1 if trial.state == TrialState.FAIL else 0
-        if self.streak >= self.limit:
-            self.tripped = True
-            study.stop()
+def record_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Prove that `trial` is alive now (server storages: a trial without beats goes stale)."""
+    study._storage.record_heartbeat(trial._trial_id)

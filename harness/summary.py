@@ -8,6 +8,7 @@ The table is written to results/<study>/optuna_trials.csv (OPTUNA_TRIALS_FILE): 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -55,14 +56,24 @@ def baseline_line(metric: str, baseline: dict) -> str:
     fit = baseline.get("train_accuracy")
     fit_text = f", training accuracy {fit:.4f}" if fit is not None else ""
     if baseline.get("fitted") is False:
-        return (f"same architecture from scratch: UNDER-TRAINED, not a result (training accuracy {fit:.4f} < 0.95 on "
-                f"its own training images; {metric} {baseline['value']:.4f}): raise baseline.min_steps or set "
-                f"baseline.learning_rate")
+        return (
+            f"same architecture from scratch: UNDER-TRAINED, not a result (training accuracy {fit:.4f} < 0.95 on "
+            f"its own training images; {metric} {baseline['value']:.4f}): raise baseline.min_steps or set "
+            f"baseline.learning_rate"
+        )
     return f"same architecture from scratch: {metric} {baseline['value']:.4f}{fit_text}"
 
 
-def summarize(cfg, study, val_labels: np.ndarray, baseline: dict | None, tracker: Tracker, results_dir: str = "results",
-              what_mattered: dict | None = None, screening: dict | None = None) -> dict:
+def summarize(
+    cfg,
+    study,
+    val_labels: np.ndarray,
+    baseline: dict | None,
+    tracker: Tracker,
+    results_dir: str = "results",
+    what_mattered: dict | None = None,
+    screening: dict | None = None,
+) -> dict:
     """`what_mattered`: harness/importance.py `log_what_mattered`'s result, shown as its lines.
     `screening`: harness/screening.py's record; each score's Kendall tau against the best value
     each backbone reached is logged and shown beside the size-only ranking's."""
@@ -71,19 +82,31 @@ def summarize(cfg, study, val_labels: np.ndarray, baseline: dict | None, tracker
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / OPTUNA_TRIALS_FILE
     frame.to_csv(path, index=False)
-    tracker.log_file(tracker.parent_run_id, path)
+    parent = cast(str, tracker.parent_run_id)  # open while the sweep is summarized (a test's stand-in may hold None)
+    tracker.log_file(parent, path)
 
     best = study.best_trial if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else None
     chance = chance_level(val_labels)
-    numbers = {"best_value": best.value if best else None, "chance": chance,
-               "scratch_value": baseline["value"] if baseline else None}
+    numbers = {
+        "best_value": best.value if best else None,
+        "chance": chance,
+        "scratch_value": baseline["value"] if baseline else None,
+    }
     # Named after the metric, so the runs table sorts parents and trials by the same column.
-    logged = {f"best_{cfg.study.metric}": numbers["best_value"], "chance": chance,
-              f"scratch_{cfg.study.metric}": numbers["scratch_value"]}
-    tracker.log_metrics(tracker.parent_run_id, {k: v for k, v in logged.items() if v is not None})
+    logged = {
+        f"best_{cfg.study.metric}": numbers["best_value"],
+        "chance": chance,
+        f"scratch_{cfg.study.metric}": numbers["scratch_value"],
+    }
+    tracker.log_metrics(parent, {k: v for k, v in logged.items() if v is not None})
 
     shown = _shown(frame, ascending=cfg.study.direction == "minimize")
-    lines = ["", f"study {cfg.study.name}: {len(frame)} trial(s)", shown.head(10).to_string(index=False, float_format=lambda v: f"{v:.4g}"), ""]
+    lines = [
+        "",
+        f"study {cfg.study.name}: {len(frame)} trial(s)",
+        shown.head(10).to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+        "",
+    ]
     if best:
         lines.append(f"best trial {best.number}: {cfg.study.metric} {best.value:.4f}")
     if baseline:

@@ -17,8 +17,8 @@ import signal
 import sys
 from pathlib import Path
 
+from harness import runtime
 from harness.config import SweepRefused
-from harness.worker import import_tensorflow_quietly
 
 DEFAULT_CONFIG = "sweeps/demo.yaml"
 EXIT_CONFIG = 2  # bad input: nothing was created
@@ -100,33 +100,6 @@ def local_study_lock(cfg):
         handle.close()
 
 
-def _request_stop(signum, frame):
-    """Only set the flag: the engine notices it within a second, asks the trial processes to end
-    their trials cleanly and then raises KeyboardInterrupt. Raising here could land inside a
-    database transaction of Optuna or MLflow and leave a half-written record behind."""
-    from harness.phases import stop_requested
-
-    stop_requested.set()
-
-
-def _check_stop() -> None:
-    from harness.phases import stop_requested
-
-    if stop_requested.is_set():
-        raise KeyboardInterrupt("stop requested")
-
-
-def visible_gpus() -> list[str]:
-    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them for a child process."""
-    import tensorflow as tf
-
-    found = _GPUS_BEFORE_HIDING if _GPUS_BEFORE_HIDING is not None else tf.config.list_physical_devices("GPU")
-    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    if listed and len(listed) >= len(found):
-        return listed[: len(found)]
-    return [str(i) for i in range(len(found))]
-
-
 def plan_workers(requested, gpus: list[str]) -> int:
     """`--workers`: a count, or 'auto' (one per visible GPU, else 1). Refuses more GPUs than exist."""
     if requested == "auto":
@@ -141,9 +114,9 @@ def check_mixed_precision(cfg) -> None:
     """`train.mixed_precision: on` needs a GPU of compute capability >= 7.0 (Tensor Cores): elsewhere
     float16 buys little or no speed and costs precision. Uses the GPUs as seen before this process hid them."""
     from harness.config import ConfigError
-    from harness.phases import TENSOR_CORES, gpu_capabilities, resolve_switch
+    from harness.runtime import TENSOR_CORES, gpu_capabilities, physical_gpus, resolve_switch
 
-    capabilities = gpu_capabilities(_GPUS_BEFORE_HIDING)
+    capabilities = gpu_capabilities(physical_gpus())
     explicitly_on = resolve_switch(cfg.train.mixed_precision, [])  # with no GPU, auto is off: only on is left
     if explicitly_on and not resolve_switch("auto", capabilities):
         found = ", ".join("unknown" if c is None else f"{c[0]}.{c[1]}" for c in capabilities) or "none (CPU only)"
@@ -178,7 +151,7 @@ def check_tracking_store(uri: str) -> None:
     or migrate another application's database); a tracking server that does not answer or refuses
     these credentials. Other stores (Databricks, ...) are left to MLflow."""
     from harness import study as st
-    from harness.tracking import redact
+    from harness.tracking import redact, schema_problem, tracking_server_error
 
     where = f"MLflow tracking store {redact(uri)}"
     if uri.split(":", 1)[0].split("+", 1)[0] in SQL_SCHEMES:
@@ -186,54 +159,24 @@ def check_tracking_store(uri: str) -> None:
         revision = state and state[1]
         if not revision:
             return  # a new store (or an empty database): MLflow creates its schema
-        import mlflow
-        from alembic.script import ScriptDirectory
-        from mlflow.store.db.utils import _get_alembic_config
-
-        script = ScriptDirectory.from_config(_get_alembic_config(db_url=""))
-        head = script.get_current_head()
-        if revision == head:
-            return
-        known = {r.revision for r in script.walk_revisions()}
-        if revision not in known:
-            raise SweepRefused(f"{where}: its schema (alembic revision {revision}) is not one MLflow "
-                               f"{mlflow.__version__} knows: another application's database (an Optuna storage?), "
-                               "or a store a newer MLflow wrote; point --tracking-uri at an MLflow store, or upgrade "
-                               "MLflow here")
-        raise SweepRefused(f"{where}: its schema (revision {revision}) is older than MLflow {mlflow.__version__}'s "
-                           f"({head}); back the store up, then run: mlflow db upgrade {redact(uri)}")
+        problem = schema_problem(uri, revision)
+        if problem:
+            raise SweepRefused(f"{where}: {problem}")
+        return
     if uri.startswith(("http://", "https://")):
-        _check_tracking_server(uri, where)
-
-
-def _check_tracking_server(uri: str, where: str) -> None:
-    """One cheap authenticated read, tried once (MLflow would otherwise retry for minutes)."""
-    from harness import study as st
-
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-    before = {k: os.environ.get(k) for k in quick}
-    os.environ.update(quick)
-    try:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as exc:  # noqa: BLE001 - unreachable, refused, not an MLflow server: all stop the sweep
-        raise SweepRefused(f"{where}: no answer an MLflow tracking server would give ({st.short_error(exc, uri)}); "
-                           "is the server running, and are MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
-                           "set if it asks for them?") from None
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        error = tracking_server_error(uri)
+        if error is not None:  # unreachable, refused, not an MLflow server: all stop the sweep
+            raise SweepRefused(f"{where}: no answer an MLflow tracking server would give ({st.short_error(error, uri)}); "
+                               "is the server running, and are MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                               "set if it asks for them?")
 
 
 def resolve_weights(cfg, log) -> dict[str, str | None]:
     """Each candidate backbone's weights, checked by building the backbone once (fails fast)."""
     from harness import backbones as bb
+    from harness.config import backbone_candidates
 
-    names = cfg.search["backbone"].choices or (cfg.search["backbone"].value,)
+    names = backbone_candidates(cfg.search)
     size = cfg.quadrants.targets[0].data.image_size if cfg.quadrants else cfg.data.image_size
     resolved: dict[str, str | None] = {}
     for name in names:
@@ -278,9 +221,7 @@ def check_freeze_depth(cfg, name: str, n_blocks: int) -> None:
 
 def run(cfg, log=None) -> dict:
     """Run the sweep a validated config describes; returns the summary (also printed)."""
-    from harness.worker import quiet_libraries
-
-    quiet_libraries()
+    runtime.quiet_libraries()
     progress_stream = sys.stderr
     from tqdm import tqdm
 
@@ -292,7 +233,7 @@ def run(cfg, log=None) -> dict:
     def log(text: str) -> None:
         emit(redact(text))  # a line may name the storage or the tracking URI, which may hold a password
 
-    gpus = visible_gpus()
+    gpus = runtime.visible_gpus()
     workers = plan_workers(cfg.study.workers, gpus)
     from harness.trials import TrialEngine
 
@@ -329,7 +270,7 @@ def _run_checked(cfg, engine, workers: int, gpus: list[str], log) -> dict:
             + ("" if exclusive else f", sharing the study through {redact(url)}"))
         engine.use_stores(tracker, exclusive)
         status = "FINISHED"
-        old_handlers = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        old_handlers = runtime.install_stop_handlers()
         try:
             if cfg.quadrants is not None:
                 from harness.quadrants import run_quadrants
@@ -385,13 +326,14 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     from harness.screening import screen_backbones
     from harness.summary import summarize
     from harness.tracking import redact
-    from harness.trials import Context, recover, trial_job
+    from harness.tasks import Context
+    from harness.trials import recover_after_crash, trial_job
     from harness.winner import deliver_winner, description
 
     study = st.open_study(cfg, storage, reseed=not exclusive)
     study.set_user_attr("mlflow_parent_run_id", tracker.parent_run_id)
     study.set_user_attr("mlflow_tracking_uri", redact(tracker.uri))
-    recover(study, tracker, exclusive, log, owned_roles=("baseline",))  # a killed baseline's run ends KILLED
+    recover_after_crash(study, tracker, exclusive, log, owned_roles=("baseline",))  # a killed baseline's run ends KILLED
     inputs = dataset_inputs(dataset, cfg.data, splits, with_test=True)  # hashed once: every trial run reuses them
     tracker.log_datasets(tracker.parent_run_id, inputs)
     trial_inputs = tuple(i for i in inputs if i["context"] != "test")  # no trial reads the test split
@@ -407,7 +349,7 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
         progress = Progress(cfg.study.n_trials, n_done, cfg.study.direction, cfg.study.metric, sys.stderr,
                             best=best.value if best else None)
         engine.run([trial_job(trial_cfg, study, context, tracker, progress=progress)])
-    _check_stop()
+    runtime.check_stop()
 
     def run_task(task, progress=None):
         return engine.call(context, task, progress)
@@ -416,7 +358,7 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     # the others find it done.
     with st.claim_lock(storage, f"{cfg.study.name}:winner"):
         winner = deliver_winner(cfg, study, tracker, run_task, log)
-    _check_stop()
+    runtime.check_stop()
     baseline = None
     if cfg.baseline.scratch and winner is not None:
         baseline = run_scratch_baseline(cfg, study, dataset.name, tracker, log, run_task)
@@ -463,14 +405,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        import_tensorflow_quietly()
+        runtime.import_tensorflow_quietly()
     except ModuleNotFoundError as exc:
         if exc.name != "tensorflow":
             raise
         print('error: TensorFlow is not installed. It is an extra, chosen per machine: pip install -e ".[cpu]" '
               'on a CPU-only box, pip install -e ".[gpu]" on an NVIDIA GPU box (see the README)', file=sys.stderr)
         return EXIT_CONFIG
-    hide_gpus_from_this_process()
+    runtime.hide_gpus_from_this_process()
     try:
         run(cfg)
     except (ConfigError, SweepRefused) as exc:
@@ -480,21 +422,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted ({exc or 'Ctrl-C'}): finished trials are saved; run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
-
-
-def hide_gpus_from_this_process() -> None:
-    """The sweep process never trains: it only builds backbones to check them. Left to itself,
-    TensorFlow would reserve most of every GPU's memory here, and the trial processes would then
-    run out. Each trial process gets its own GPU (harness/trials.py)."""
-    import tensorflow as tf
-
-    global _GPUS_BEFORE_HIDING
-    _GPUS_BEFORE_HIDING = tf.config.list_physical_devices("GPU")
-    if _GPUS_BEFORE_HIDING:
-        tf.config.set_visible_devices([], "GPU")
-
-
-_GPUS_BEFORE_HIDING: list | None = None
 
 
 def cli() -> None:

@@ -17,7 +17,8 @@ import os
 import re
 import time
 import traceback as tb
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -42,6 +43,52 @@ KEY_PARAMS = ("study.metric", "study.direction", "study.n_trials", "study.sample
               "data.name", "data.path", "data.image_size", "model.weights")
 
 
+# Orders for `Tracker.find_runs`: newest run first, or oldest first (ties broken by run id).
+NEWEST_FIRST = ("attributes.start_time DESC",)
+OLDEST_FIRST = ("attributes.start_time ASC", "attributes.run_id ASC")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One tracked run as plain values: all that the modules outside this one read of a run."""
+
+    run_id: str
+    experiment_id: str
+    status: str  # RUNNING, FINISHED, FAILED or KILLED
+    start_time: int | None  # milliseconds since the epoch
+    end_time: int | None  # None while the run has not ended
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)  # always strings, as MLflow keeps them
+    metrics: dict[str, float] = field(default_factory=dict)  # each metric's latest value
+
+    @property
+    def parent_id(self) -> str | None:
+        """The run this one is nested under (MLflow's nesting tag), None for a top-level run."""
+        return self.tags.get(PARENT_TAG)
+
+
+def _record(run) -> RunRecord:
+    info, data = run.info, run.data
+    return RunRecord(run_id=info.run_id, experiment_id=info.experiment_id, status=info.status,
+                     start_time=info.start_time, end_time=info.end_time,
+                     tags=dict(data.tags), params=dict(data.params), metrics=dict(data.metrics))
+
+
+def run_filter(role: str | None = None, parent: str | None = None, status: str | None = None,
+               tags: dict[str, Any] | None = None) -> str:
+    """The MLflow filter string selecting runs by role, parent run, status and tag values; a
+    criterion left None is not a condition. Pure.
+
+    >>> run_filter(role="confirm", parent="abc", status="FINISHED")
+    "tags.`harness.role` = 'confirm' and tags.`mlflow.parentRunId` = 'abc' and attributes.status = 'FINISHED'"
+    """
+    conditions = [f"tags.`{ROLE}` = '{role}'"] if role is not None else []
+    conditions += [f"tags.`{PARENT_TAG}` = '{parent}'"] if parent is not None else []
+    conditions += [f"tags.`{k}` = '{v}'" for k, v in (tags or {}).items()]
+    conditions += [f"attributes.status = '{status}'"] if status is not None else []
+    return " and ".join(conditions)
+
+
 def resolve_tracking_uri(configured: str | None) -> str:
     """Flag/config first, then $MLFLOW_TRACKING_URI, then a local SQLite store under results/.
     A login in an http(s) URI moves to MLflow's environment variables (`login_to_environment`)."""
@@ -53,6 +100,16 @@ def resolve_tracking_uri(configured: str | None) -> str:
     path = Path(DEFAULT_TRACKING_DB).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def quiet_mlflow_logger() -> None:
+    """MLflow's own log lines at WARNING and above only. MLflow configures its logger when it is
+    first imported, which would undo a level set before: so it is imported here first."""
+    import logging
+
+    import mlflow  # noqa: F401
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 @contextmanager
@@ -163,10 +220,19 @@ class Tracker:
 
         return MlflowClient(tracking_uri=uri).get_experiment_by_name(name) is not None
 
-    def search_runs(self, filter_string: str, max_results: int = 50_000, order_by: list[str] | None = None) -> list:
-        """Runs of this experiment that match an MLflow filter string."""
-        return self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=max_results,
-                                       order_by=order_by)
+    def find_runs(self, role: str | None = None, parent: str | None = None, status: str | None = None,
+                  tags: dict[str, Any] | None = None, order_by: tuple[str, ...] | None = None,
+                  max_results: int = 50_000) -> list[RunRecord]:
+        """Runs of this experiment with this role, under this parent run, in this status and with
+        these tag values (a criterion left None selects everything), as plain records.
+        `order_by`: NEWEST_FIRST or OLDEST_FIRST; None is the store's own order (newest first)."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=run_filter(role, parent, status, tags),
+                                       max_results=max_results, order_by=list(order_by) if order_by else None)
+        return [_record(run) for run in runs]
+
+    def get_run_record(self, run_id: str) -> RunRecord:
+        """One run by id, as a plain record (MLflow's error when there is no such run)."""
+        return _record(self.client.get_run(run_id))
 
     def reopen_run(self, run_id: str) -> None:
         """A resumed sweep works in a run again: RUNNING until it ends."""
@@ -176,7 +242,7 @@ class Tracker:
 
     def existing_fingerprint(self, study_name: str) -> str | None:
         runs = self.study_runs(study_name)
-        return runs[0].data.tags.get(FINGERPRINT_TAG) if runs else None
+        return runs[0].tags.get(FINGERPRINT_TAG) if runs else None
 
     def start_study_run(self, study_name: str, config: dict, storage_url: str, fingerprint: str = "") -> str:
         """Create the study's parent run, or reopen it when the study is resumed.
@@ -186,7 +252,7 @@ class Tracker:
         """
         existing = self.study_runs(study_name)
         if existing:
-            run_id = existing[0].info.run_id
+            run_id = existing[0].run_id
             self.reopen_run(run_id)
         else:
             run = self.client.create_run(
@@ -195,7 +261,7 @@ class Tracker:
                                 FINGERPRINT_TAG: fingerprint, **self._source_tags()}),
             )
             run_id = run.info.run_id
-            oldest = self.study_runs(study_name)[0].info.run_id
+            oldest = self.study_runs(study_name)[0].run_id
             if oldest != run_id:  # another worker won the race
                 self.client.delete_run(run_id)
                 run_id = oldest
@@ -206,13 +272,9 @@ class Tracker:
         self.parent_run_id = run_id
         return run_id
 
-    def study_runs(self, study_name: str) -> list:
-        return self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{ROLE}` = 'study' and tags.`{STUDY_TAG}` = '{study_name}'",
-            order_by=["attributes.start_time ASC", "attributes.run_id ASC"],
-            max_results=10,
-        )
+    def study_runs(self, study_name: str) -> list[RunRecord]:
+        """The parent runs of the study `study_name`, oldest first (one, unless workers raced)."""
+        return self.find_runs(role="study", tags={STUDY_TAG: study_name}, order_by=OLDEST_FIRST, max_results=10)
 
     def end_study_run(self, status: str = "FINISHED") -> None:
         if self.parent_run_id:
@@ -401,27 +463,13 @@ class Tracker:
 
     # --- crash recovery --------------------------------------------------------------------
 
-    def find_child(self, role: str, tags: dict[str, Any], parent_id: str | None = None):
+    def find_child(self, role: str, tags: dict[str, Any], parent_id: str | None = None) -> RunRecord | None:
         """The newest nested run with this role and these tags, or None (used to resume)."""
-        conditions = [f"tags.`{ROLE}` = '{role}'", f"tags.`{PARENT_TAG}` = '{parent_id or self.parent_run_id}'"]
-        conditions += [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-        runs = self.client.search_runs([self.experiment_id], filter_string=" and ".join(conditions),
-                                       order_by=["attributes.start_time DESC"], max_results=1)
+        runs = self.find_runs(role=role, parent=parent_id or self.parent_run_id, tags=tags, order_by=NEWEST_FIRST,
+                              max_results=1)
         return runs[0] if runs else None
 
-    def fail_running_children(self, parent_id: str, role: str, reason: str) -> list[str]:
-        """End `role` runs under `parent_id` still RUNNING because their process died: FAILED."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{ROLE}` = '{role}' and attributes.status = 'RUNNING'",
-            max_results=50_000,
-        )
-        for run in runs:
-            self.set_tags(run.info.run_id, {"harness.fail_reason": reason})
-            self.end_run(run.info.run_id, "FAILED")
-        return [r.info.run_id for r in runs]
-
-    def close_orphans(self, roles: tuple[str, ...], parent_id: str | None = None,
+    def end_orphaned_runs(self, roles: tuple[str, ...], parent_id: str | None = None,
                       reason: str = "process died before the run ended") -> list[str]:
         """End KILLED every run of these roles under `parent_id` (default: the sweep's run) still
         RUNNING; returns their ids. For the runs a sweep owns that are not Optuna trials (baseline,
@@ -429,18 +477,14 @@ class Tracker:
         holding the local storage's lock at the start of a resumed sweep."""
         if not roles:
             return []
-        runs = [run for role in roles for run in self.client.search_runs(
-            [self.experiment_id],
-            filter_string=(f"tags.`{PARENT_TAG}` = '{parent_id or self.parent_run_id}' and tags.`{ROLE}` = '{role}' "
-                           f"and attributes.status = 'RUNNING'"),
-            max_results=50_000,
-        )]
+        runs = [run for role in roles
+                for run in self.find_runs(role=role, parent=parent_id or self.parent_run_id, status="RUNNING")]
         for run in runs:
-            self.set_tags(run.info.run_id, {"harness.fail_reason": run.data.tags.get("harness.fail_reason") or reason})
-            self.end_run(run.info.run_id, "KILLED", optuna_state="FAIL" if STATE_TAG in run.data.tags else None)
-        return [r.info.run_id for r in runs]
+            self.set_tags(run.run_id, {"harness.fail_reason": run.tags.get("harness.fail_reason") or reason})
+            self.end_run(run.run_id, "KILLED", optuna_state="FAIL" if STATE_TAG in run.tags else None)
+        return [r.run_id for r in runs]
 
-    def reconcile(self, trial_states: dict[int, str], parent_id: str | None = None) -> list[str]:
+    def end_orphaned_trial_runs(self, trial_states: dict[int, str], parent_id: str | None = None) -> list[str]:
         """Make trial runs agree with their Optuna trials after a crash; returns the run ids fixed.
 
         `trial_states` maps trial numbers to Optuna state names. A run left RUNNING (or ended as
@@ -450,29 +494,24 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         fixed = []
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id or self.parent_run_id}' and tags.`{ROLE}` = 'trial'",
-            max_results=50_000,
-        )
-        for run in runs:
-            number = run.data.tags.get(TRIAL_TAG, "")
+        for run in self.find_runs(role="trial", parent=parent_id or self.parent_run_id):
+            number = run.tags.get(TRIAL_TAG, "")
             state = trial_states.get(int(number)) if number.isdigit() else None
             if state == "RUNNING":
                 continue  # a live worker owns it
-            if state in ("COMPLETE", "PRUNED") and run.info.status != "RUNNING":
+            if state in ("COMPLETE", "PRUNED") and run.status != "RUNNING":
                 continue
-            if state == "FAIL" and run.info.status in ("FAILED", "KILLED") and run.data.tags.get(STATE_TAG) == "FAIL":
+            if state == "FAIL" and run.status in ("FAILED", "KILLED") and run.tags.get(STATE_TAG) == "FAIL":
                 continue
             try:
-                self.end_run(run.info.run_id, "KILLED", optuna_state=state or "FAIL")
-                self.set_tags(run.info.run_id, {"harness.fail_reason": run.data.tags.get("harness.fail_reason")
-                                                or "process died before the trial ended"})
+                self.end_run(run.run_id, "KILLED", optuna_state=state or "FAIL")
+                self.set_tags(run.run_id, {"harness.fail_reason": run.tags.get("harness.fail_reason")
+                                           or "process died before the trial ended"})
             except MlflowException:
                 # Several sweep processes reconcile the same orphan at once, and a store may refuse
                 # the second writer of a tag (a unique-constraint error): the other one fixed it.
                 continue
-            fixed.append(run.info.run_id)
+            fixed.append(run.run_id)
         return fixed
 
 
@@ -502,6 +541,116 @@ class SystemMetrics:
         except Exception:  # noqa: BLE001 - a missed sample must never fail a trial
             pass
         self.monitor = None
+
+
+# --- store checks: read-only, before a sweep logs anything ------------------------------------------
+
+
+def schema_problem(uri: str, revision: str) -> str | None:
+    """Why this MLflow cannot log to the SQL tracking store at `uri` whose schema is at alembic
+    `revision` (another application's database, a newer MLflow's store, or an older schema to
+    upgrade first); None when the schema is this MLflow's own. Read from MLflow's migration scripts."""
+    import mlflow
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    script = ScriptDirectory.from_config(_get_alembic_config(db_url=""))
+    head = script.get_current_head()
+    if revision == head:
+        return None
+    known = {r.revision for r in script.walk_revisions()}
+    if revision not in known:
+        return (f"its schema (alembic revision {revision}) is not one MLflow {mlflow.__version__} knows: another "
+                "application's database (an Optuna storage?), or a store a newer MLflow wrote; point --tracking-uri "
+                "at an MLflow store, or upgrade MLflow here")
+    return (f"its schema (revision {revision}) is older than MLflow {mlflow.__version__}'s ({head}); back the store up, "
+            f"then run: mlflow db upgrade {redact(uri)}")
+
+
+def tracking_server_error(uri: str) -> Exception | None:
+    """The error of one cheap authenticated read from the tracking server at `uri`, tried once
+    (MLflow would otherwise retry for minutes); None when the server answered."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    before = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - unreachable, refused, not an MLflow server: the caller says which
+        return exc
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return None
+
+
+# --- logged models, read back --------------------------------------------------------------------
+
+
+class TrackingError(Exception):
+    """A tracking store's refusal (no such run, no such model, a store that cannot be read) as
+    `plain_tracking_errors` passes it on: `message` is the store's own words."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+@contextmanager
+def plain_tracking_errors():
+    """Within the block, MLflow's own exceptions come out as `TrackingError` with the same message,
+    so that a caller can catch a store's refusal without knowing MLflow's exception types."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise TrackingError(getattr(exc, "message", None) or str(exc) or type(exc).__name__) from exc
+
+
+def load_keras_model(model_uri: str, tracking_uri: str | None = None):
+    """The Keras model logged at `model_uri` (`models:/...`, `runs:/...`: a logged model or a
+    registry version), read through `tracking_uri` (default: the global tracking URI).
+    A model saved with a custom layer needs that layer's module imported first."""
+    import mlflow.keras
+
+    with global_tracking_uri(tracking_uri) if tracking_uri else nullcontext():
+        return mlflow.keras.load_model(model_uri)
+
+
+def logged_model_metadata(model_uri: str) -> dict:
+    """The metadata a logged model was saved with (class names, image size), {} when none; the
+    global tracking URI must point at its store."""
+    import mlflow.models
+
+    return mlflow.models.get_model_info(model_uri).metadata or {}
+
+
+def run_model_uri(tracking_uri: str, run_id: str) -> str:
+    """The model logged in run `run_id`: logged-model search, then the harness tag, then runs:/<id>/model.
+    MLflow's error when there is no such run."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    tag = run.data.tags.get(MODEL_URI_TAG)
+    try:
+        found = list(client.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"))
+    except MlflowException:
+        found = []  # a store without logged-model search: use the tag or the run's artifact path
+    found = [m for m in found if m.status != LoggedModelStatus.FAILED]
+    if len(found) > 1:  # several models from one run: the one the harness tagged, else "model", else newest
+        found.sort(key=lambda m: (m.model_uri == tag, m.name == "model", m.creation_timestamp or 0), reverse=True)
+    if found:
+        return found[0].model_uri
+    return tag or f"runs:/{run_id}/model"
 
 
 def _redacted(tags: dict[str, Any]) -> dict[str, str]:

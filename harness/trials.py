@@ -36,12 +36,13 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from harness import space
+from harness import runtime, space
 from harness import study as st
 from harness.config import SweepRefused
-from harness.objective import TrialFailed, TrialRunner
+from harness.objective import TrialFailed
+from harness.tasks import Context, TrialTask, execute
 from harness.tracking import STATE_TAG, TRIAL_TAG
-from harness.worker import Channel, TrialProcess, describe_exit
+from harness.worker import TrialProcess, describe_exit
 
 POLL_SECONDS = 1.0  # how often the engine looks at the clock and at other machines' trials
 QUIET_SECONDS = 60.0  # a task run by `call` that says nothing for this long gets a "still running" line
@@ -49,60 +50,6 @@ PRESTART_SHARE = 0.75  # start a successor once a process has grown by this shar
 
 
 # --- what a trial process runs ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Context:
-    """Everything a trial process needs to run one study's tasks; loaded there once."""
-
-    key: str
-    cfg: Any
-    dataset: Any
-    splits: Any
-    tracker: Any
-    weights: dict
-    inputs: tuple = ()  # the dataset inputs each run records (harness/data.py `dataset_inputs`)
-
-    def load(self) -> TrialRunner:
-        return TrialRunner(self.cfg, self.dataset, self.splits, self.tracker, self.weights)
-
-
-@dataclass(frozen=True)
-class TrialTask:
-    """Train trial `number` of a study with `params` into the MLflow run `run_id`."""
-
-    context_key: str
-    number: int
-    params: dict
-    run_id: str
-    leader: float | None = None  # the study's best value when handed out: a trial that beats it logs its model
-    context: Context | None = None  # attached the first time a process sees this study
-
-    def run(self, runner: TrialRunner, channel: Channel) -> tuple[str, Any]:
-        try:
-            return "complete", runner.run_trial(self.number, self.params, self.run_id, lambda e: channel.ask_later(("epoch", e)),
-                                                self.leader)
-        except optuna.TrialPruned as exc:
-            return "pruned", str(exc)
-        except TrialFailed as exc:
-            return "failed", str(exc)
-
-
-_RUNNERS: dict[str, Any] = {}  # in a trial process: context key -> its loaded runner
-
-
-def execute(task, channel: Channel):
-    """The trial process's handler: load the task's context once, then run the task.
-
-    Every task starts from seeded generators (the study's seed; a task with a seed of its own
-    seeds again with it), so no task inherits the random state its process's last task left."""
-    from harness.objective import seed_everything
-
-    if task.context is not None and task.context_key not in _RUNNERS:
-        _RUNNERS[task.context_key] = task.context.load()
-    runner = _RUNNERS[task.context_key]
-    seed_everything(runner.cfg.study.seed)
-    return task.run(runner, channel)
 
 
 def show_note(progress, note, log) -> None:
@@ -276,7 +223,6 @@ class TrialEngine:
     def run(self, jobs: list[Job]) -> None:
         """Fill every job's study; raises SweepRefused when trials keep failing, KeyboardInterrupt
         when a stop was asked for (after ending the running trials cleanly)."""
-        from harness.phases import stop_requested
 
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         pending = list(jobs)
@@ -284,7 +230,7 @@ class TrialEngine:
             self._ensure_pool()
             timed_out = False
             while True:
-                if stop_requested.is_set():
+                if runtime.stop_requested.is_set():
                     raise KeyboardInterrupt("stop requested")
                 if deadline is not None and time.monotonic() >= deadline and not timed_out:
                     timed_out = True
@@ -297,7 +243,7 @@ class TrialEngine:
                     break
                 self._wait_and_handle()
             for job in jobs:  # runs of trials that died on another machine end KILLED too
-                self.tracker.reconcile(st.trial_states(job.study), parent_id=job.parent_run_id)
+                self.tracker.end_orphaned_trial_runs(st.trial_states(job.study), parent_id=job.parent_run_id)
             if self.streak >= self.max_failures:
                 raise SweepRefused(f"{self.max_failures} trials failed in a row; see the fail_reason of the last trials "
                                    f"(optuna user attrs / MLflow tag harness.fail_reason)")
@@ -311,7 +257,6 @@ class TrialEngine:
 
         The task's progress notes (harness/progress.py `Progress`, when given) are shown as trials'
         are; a task silent for QUIET_SECONDS gets a line saying it still runs."""
-        from harness.phases import stop_requested
 
         self._ensure_pool()
         slot = self.slots[0]
@@ -323,7 +268,7 @@ class TrialEngine:
         asked_to_stop = False
         started = heard = time.monotonic()
         while True:
-            if stop_requested.is_set() and not asked_to_stop:
+            if runtime.stop_requested.is_set() and not asked_to_stop:
                 proc.interrupt()
                 asked_to_stop = True
             if not proc.conn.poll(POLL_SECONDS):
@@ -374,7 +319,7 @@ class TrialEngine:
             return all(st.budget_left(j.study, j.budget) <= 0 for j in pending) and not any(
                 self._running_elsewhere(j) for j in pending)
         for job in pending:
-            st.fail_stale_trials(job.study)  # a machine that died: its trials fail and are queued again
+            st.fail_orphaned_trials(job.study, exclusive=False)  # a machine that died: its trials fail and are queued again
         return False  # on a server storage, wait for the other machines' trials (they end or go stale)
 
     @staticmethod
@@ -415,15 +360,15 @@ class TrialEngine:
     def _claim(self, pending: list[Job]):
         for job in pending:
             if not self.exclusive:
-                st.fail_stale_trials(job.study)  # a machine that died: its trials fail and are queued again
-            with st.claim_lock(job.study._storage, job.study.study_name):
+                st.fail_orphaned_trials(job.study, exclusive=False)  # a machine that died: its trials fail and are queued again
+            with st.claim_lock(st.storage_of(job.study), job.study.study_name):
                 if st.budget_left(job.study, job.budget) <= 0:
                     continue
                 if job.before_ask is not None:
                     job.before_ask(job.study)
                 trial = job.study.ask()
                 if not self.exclusive:  # beat at once: a trial with no beat at all never goes stale
-                    job.study._storage.record_heartbeat(trial._trial_id)
+                    st.record_heartbeat(job.study, trial)
                 return job, trial
         return None
 
@@ -585,7 +530,7 @@ class TrialEngine:
         while not self._stop.wait(self.heartbeat_seconds):
             for running in list(self.running.values()):
                 try:
-                    running.job.study._storage.record_heartbeat(running.trial._trial_id)
+                    st.record_heartbeat(running.job.study, running.trial)
                 except Exception:  # noqa: BLE001 - a missed beat is retried at the next one
                     pass
 
@@ -593,35 +538,17 @@ class TrialEngine:
 # --- recovery after a crash ----------------------------------------------------------------------
 
 
-def recover(study, tracker, exclusive: bool, log, parent_id: str | None = None, owned_roles: tuple[str, ...] = ()) -> None:
+def recover_after_crash(study, tracker, exclusive: bool, log, parent_id: str | None = None, owned_roles: tuple[str, ...] = ()) -> None:
     """Crash recovery: orphaned trials -> FAIL (and retried), orphaned runs -> KILLED.
 
     `owned_roles`: the other runs under `parent_id` the sweep owns (baseline, confirmation seeds,
     LogME). With the local storage's lock held, one still RUNNING was left by a dead process and
     ends KILLED; on a server storage another machine may be running it, so it is left alone."""
-    recover_orphans(study, exclusive)
-    fixed = tracker.reconcile(st.trial_states(study), parent_id=parent_id)
+    st.fail_orphaned_trials(study, exclusive)
+    fixed = tracker.end_orphaned_trial_runs(st.trial_states(study), parent_id=parent_id)
     if exclusive:
-        fixed += tracker.close_orphans(owned_roles, parent_id=parent_id)
+        fixed += tracker.end_orphaned_runs(owned_roles, parent_id=parent_id)
     if fixed:
         log(f"reconciled {len(fixed)} MLflow run(s) left behind by a dead process -> KILLED")
 
-
-def recover_orphans(study, exclusive: bool) -> None:
-    """Fail trials a dead process left RUNNING, and queue their parameters for a retry.
-
-    With the local storage this process holds the study's lock, so every RUNNING trial is an
-    orphan and is failed at once. With a server storage other workers may be alive: only trials
-    whose heartbeat went silent are failed (Optuna's heartbeat and grace period).
-    """
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    if not exclusive:
-        st.fail_stale_trials(study)
-        return
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=st.MAX_RETRIES)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "process died while the trial ran")
-        if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-            retry(study, study._storage.get_trial(t._trial_id))
 

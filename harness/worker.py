@@ -15,7 +15,7 @@ max-memory-per-child). Its successor is started while its last task still runs.
 
 On a GPU two processes must not fight over its memory. Each trial process turns on TensorFlow's
 memory growth, or caps itself at train.gpu_memory_limit_mib, before anything touches the GPU
-(`configure_gpu_memory`); and a successor on the GPU of a retiring process (`after=`) imports
+(harness/runtime.py `configure_gpu_memory`); and a successor on the GPU of a retiring process (`after=`) imports
 TensorFlow early, but initializes its devices only once the parent has seen its predecessor exit
 (the parent sends "go"). On CPU there is nothing to hand over, and the successor starts at once.
 
@@ -51,15 +51,9 @@ import time
 import traceback
 from typing import Any, Callable
 
+from harness import runtime
+
 STOP_GRACE_SECONDS = 120  # how long a child may take to end its task after SIGTERM
-
-
-class ProcessDied(Exception):
-    """The child ended without reporting: killed by a signal (often out of memory) or crashed hard."""
-
-    def __init__(self, pid: int, exitcode: int | None):
-        self.pid, self.exitcode = pid, exitcode
-        super().__init__(describe_exit(exitcode))
 
 
 class ChildError(Exception):
@@ -73,53 +67,6 @@ def describe_exit(exitcode: int | None) -> str:
                 "less memory (smaller batch or input size) or the machine more") if -exitcode == signal.SIGKILL else ""
         return f"trial process killed by {name}{hint}"
     return f"trial process exited with code {exitcode} without reporting a result"
-
-
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up banner (oneDNN, CPU features, absl) silenced.
-
-    Those lines are printed straight to file descriptor 2 before absl's logging is set up, so
-    TF_CPP_MIN_LOG_LEVEL cannot hide them; an overnight log should start with the sweep's own
-    lines. Python-level errors still surface: the descriptor is restored before they propagate.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def quiet_libraries() -> None:
-    import logging
-    import warnings
-
-    import mlflow  # noqa: F401 - imported first: it configures its logger on import
-    import optuna
-
-    # Heartbeat and stale-trial retry are marked experimental by Optuna; they are used on purpose.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message=".*shuffle=True.*")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    # Optuna would print a traceback per failed trial; the progress line and MLflow carry the reason.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    if "tensorflow" in sys.modules:
-        # A warm process traces one graph per trial; TensorFlow's "retracing" warning says so
-        # every trial and means nothing here.
-        sys.modules["tensorflow"].get_logger().setLevel(logging.ERROR)
-
-
-def resident_mib(pid: int | None = None) -> float:
-    import psutil
-
-    return psutil.Process(pid).memory_info().rss / 2**20
 
 
 class TrialProcess:
@@ -249,41 +196,6 @@ def wait_for_exit(proc: TrialProcess) -> None:
             pass
 
 
-def gpu_memory_plan(gpus: list[str], limit_mib: float | None) -> dict[str, str]:
-    """What each GPU of a trial process gets (pure): a fixed limit of `limit_mib` MiB, or memory
-    growth (None), instead of TensorFlow's default of mapping nearly all of it at start.
-
-        >>> gpu_memory_plan(["/physical_device:GPU:0"], None), gpu_memory_plan(["/physical_device:GPU:0"], 4096)
-        ({'/physical_device:GPU:0': 'memory growth'}, {'/physical_device:GPU:0': 'limit 4096 MiB'})
-    """
-    setting = "memory growth" if limit_mib is None else f"limit {int(limit_mib)} MiB"
-    return {name: setting for name in gpus}
-
-
-def configure_gpu_memory(limit_mib: float | None, gpus: list | None = None) -> dict[str, str]:
-    """Apply `gpu_memory_plan` to TensorFlow's GPUs (default: all this process sees); returns it.
-    Must run before any GPU operation: TensorFlow refuses to change an initialized device."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU") if gpus is None else gpus
-    for gpu in gpus:
-        if limit_mib is None:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        else:
-            tf.config.set_logical_device_configuration(gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=int(limit_mib))])
-    return gpu_memory_plan([gpu.name for gpu in gpus], limit_mib)
-
-
-def initialize_devices(limit_mib: float | None) -> dict:
-    """Set the GPU memory rule, then initialize TensorFlow's devices (GPU contexts are created
-    here, not in the first trial); returns what the parent is told."""
-    import tensorflow as tf
-
-    applied = configure_gpu_memory(limit_mib)
-    tf.config.list_logical_devices()  # initializes every device, with the settings above
-    return {"gpu_memory": applied}
-
-
 def process_state(pid: int) -> str:
     """"exited" (gone or a zombie: its memory and files are released) or "running"."""
     import psutil
@@ -326,7 +238,7 @@ def _child_main(conn, parent_pid: int, handler, env: dict, threads: int, gpu_mem
                 gated: bool = False) -> None:
     _die_with_parent(parent_pid)
     os.environ.update(env)  # before TensorFlow is imported: CUDA_VISIBLE_DEVICES is read then
-    import_tensorflow_quietly()  # first: other imports would pull TensorFlow in with its banner
+    runtime.import_tensorflow_quietly()  # first: other imports would pull TensorFlow in with its banner
     if threads:
         import tensorflow as tf
 
@@ -334,8 +246,8 @@ def _child_main(conn, parent_pid: int, handler, env: dict, threads: int, gpu_mem
         # every process starting a thread per core and all of them thrashing.
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
-    _install_stop_handlers()
-    quiet_libraries()
+    runtime.install_stop_handlers()  # training stops at its next batch; a new task does not start
+    runtime.quiet_libraries()
     channel = Channel(conn)
     early: list = []  # messages that came before "go": tasks wait for the devices
     predecessor = None
@@ -346,8 +258,8 @@ def _child_main(conn, parent_pid: int, handler, env: dict, threads: int, gpu_mem
             os._exit(0)
     devices = {"predecessor": predecessor,
                "predecessor_at_init": process_state(predecessor) if predecessor else None}
-    devices.update(initialize_devices(gpu_memory_limit_mib))
-    conn.send(("ready", resident_mib(), devices))
+    devices.update(runtime.initialize_devices(gpu_memory_limit_mib))
+    conn.send(("ready", runtime.resident_mib(), devices))
     code = 0
     while True:
         try:
@@ -359,12 +271,12 @@ def _child_main(conn, parent_pid: int, handler, env: dict, threads: int, gpu_mem
         _, task = message
         try:
             result = handler(task, channel)
-            conn.send(("done", result, resident_mib()))
+            conn.send(("done", result, runtime.resident_mib()))
         except KeyboardInterrupt as exc:
-            conn.send(("interrupted", str(exc) or "interrupted", resident_mib()))
+            conn.send(("interrupted", str(exc) or "interrupted", runtime.resident_mib()))
             break  # a stop was asked for: no further task
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
-            conn.send(("error", _sendable(exc), resident_mib()))
+            conn.send(("error", _sendable(exc), runtime.resident_mib()))
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip the interpreter's teardown: collecting a large TensorFlow heap can take a minute.
@@ -396,20 +308,6 @@ def _sendable(exc: BaseException) -> BaseException:
         return exc
     except Exception:  # noqa: BLE001 - e.g. TensorFlow errors with extra constructor arguments
         return ChildError("".join(traceback.format_exception(exc)))
-
-
-def _install_stop_handlers() -> None:
-    """SIGTERM/SIGINT only set the stop flag: training raises KeyboardInterrupt at its next batch
-    (harness/phases.py) and a new trial does not start (harness/objective.py). Raising from the
-    handler itself could land inside a database transaction of MLflow, and the clean-up that
-    marks the run KILLED would then fail with it."""
-    from harness.phases import stop_requested
-
-    def handler(signum, frame):
-        stop_requested.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from harness.tasks import run_trial
+
 
 def test_a_small_training_set_gets_the_step_floor_not_a_few_epochs():
-    from harness.baseline import scratch_budget
+    from harness.scratch import scratch_budget
 
     budget = scratch_budget(train_images=120, batch_size=32, epochs=60, min_steps=2000, patience=20)
     assert budget.steps == 2000  # 60 epochs of 4 steps would be 240
@@ -20,7 +22,7 @@ def test_a_small_training_set_gets_the_step_floor_not_a_few_epochs():
 
 
 def test_a_large_training_set_keeps_its_epochs():
-    from harness.baseline import scratch_budget
+    from harness.scratch import scratch_budget
 
     budget = scratch_budget(train_images=50_000, batch_size=100, epochs=30, min_steps=2000, patience=5)
     assert budget.steps_per_round == 500 and budget.rounds == 30 and budget.steps == 15_000
@@ -28,7 +30,7 @@ def test_a_large_training_set_keeps_its_epochs():
 
 
 def test_the_search_picks_the_rate_with_the_lowest_training_loss_and_never_a_diverged_one():
-    from harness.baseline import pick_learning_rate
+    from harness.scratch import pick_learning_rate
 
     assert pick_learning_rate({3e-4: 1.2, 1e-3: 0.7, 3e-3: 0.9}) == 1e-3
     assert pick_learning_rate({3e-4: 1.2, 1e-3: float("nan"), 3e-3: float("inf")}) == 3e-4
@@ -36,24 +38,11 @@ def test_the_search_picks_the_rate_with_the_lowest_training_loss_and_never_a_div
 
 
 def test_the_fit_check_flags_a_model_that_did_not_fit_a_small_set():
-    from harness.baseline import fit_verdict
+    from harness.scratch import fit_verdict
 
     assert not fit_verdict(0.38, 120)  # the old demo baseline: not a result
     assert fit_verdict(0.96, 120)
     assert fit_verdict(0.60, 20_000)  # large sets need not be fitted to count
-
-
-def test_an_undertrained_scratch_cell_takes_no_part_in_the_verdict():
-    from harness.export import comparison_table, quadrant_verdicts
-
-    cells = pd.DataFrame([
-        {"quadrant": "small-similar", "size": "small", "similarity": "similar", "target": "t", "strategy": s,
-         "best_val": m, "test_mean": m, "test_std": 0.01, "n_seeds": 3, "undertrained": u}
-        for s, m, u in (("features", 0.80, 0), ("full", 0.70, 0), ("scratch", 0.95, 1))
-    ])
-    verdict = quadrant_verdicts(cells).iloc[0]
-    assert verdict["winner"] == "features" and verdict["runner_up"] == "full"
-    assert "under-trained" in comparison_table(cells).iloc[0]["scratch"]
 
 
 def test_fewer_than_two_confirmation_seeds_are_refused_at_load(tmp_path):
@@ -74,26 +63,8 @@ def test_baseline_learning_rate_must_be_auto_or_a_rate(tmp_path):
         load_config(write_config(tmp_path, open(write_config(tmp_path)).read().replace("min_steps: 8", "min_steps: 8\n  learning_rate: fast")))
 
 
-def test_the_heatmap_greys_an_undertrained_cell_out_of_its_rows_scale():
-    import matplotlib.pyplot as plt
-
-    from harness.export import heatmap_figure
-
-    cells = pd.DataFrame([
-        {"quadrant": "small-similar", "size": "small", "similarity": "similar", "target": "t", "strategy": s,
-         "best_val": m, "test_mean": m, "test_std": 0.01, "n_seeds": 3, "undertrained": u}
-        for s, m, u in (("features", 0.80, 0), ("full", 0.70, 0), ("scratch", 0.95, 1))
-    ])
-    fig = heatmap_figure(cells)
-    scaled = fig.axes[0].images[0].get_array()
-    texts = [t.get_text() for t in fig.axes[0].texts]
-    plt.close(fig)
-    assert scaled.mask[0, 2] and scaled[0, 0] == 1.0 and scaled[0, 1] == 0.0  # features is the row's best
-    assert "under-trained" in texts
-
-
 def test_the_step_floor_is_counted_in_validations_early_stopping_may_not_cut():
-    from harness.baseline import scratch_budget
+    from harness.scratch import scratch_budget
 
     budget = scratch_budget(train_images=120, batch_size=32, epochs=60, min_steps=4000, patience=20)
     assert budget.min_rounds * budget.steps_per_round >= 4000 and budget.min_rounds == budget.rounds
@@ -102,7 +73,7 @@ def test_the_step_floor_is_counted_in_validations_early_stopping_may_not_cut():
 
 
 def test_retries_follow_the_searchs_ranking_and_the_closest_attempt_is_kept():
-    from harness.baseline import Attempt, attempt_to_keep, attempts_csv, learning_rate_order
+    from harness.scratch import Attempt, attempt_to_keep, attempts_csv, learning_rate_order
 
     assert learning_rate_order({1e-4: 1.7, 3e-4: 0.9, 1e-3: 1.2, 3e-3: float("nan")}) == [3e-4, 1e-3, 1e-4, 3e-3]
     failed = Attempt(3e-4, 4000, 0.158, 0.22, fitted=False)
@@ -137,7 +108,7 @@ def test_a_resumed_sweep_closes_the_baseline_and_seed_runs_a_killed_sweep_left_r
     import optuna
 
     from harness.tracking import Tracker
-    from harness.trials import recover
+    from harness.trials import recover_after_crash
 
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "resume", str(tmp_path / "artifacts"))
     tracker.start_study_run("resume", {}, "sqlite://")
@@ -149,17 +120,17 @@ def test_a_resumed_sweep_closes_the_baseline_and_seed_runs_a_killed_sweep_left_r
     seed_run = tracker.start_child("confirm seed 0", "confirm", {"harness.seed": 0}, parent_id=cell)
     study = optuna.create_study()
 
-    recover(study, tracker, exclusive=False, log=print, owned_roles=("baseline",))
+    recover_after_crash(study, tracker, exclusive=False, log=print, owned_roles=("baseline",))
     assert tracker.client.get_run(killed).info.status == "RUNNING"  # maybe alive elsewhere: untouched
     logged = []
-    recover(study, tracker, exclusive=True, log=logged.append, owned_roles=("baseline",))
+    recover_after_crash(study, tracker, exclusive=True, log=logged.append, owned_roles=("baseline",))
     run = tracker.client.get_run(killed)
     assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
     assert run.data.tags["harness.fail_reason"] == "process died before the run ended"
     assert tracker.client.get_run(done).info.status == "FINISHED"
     assert logged and "1 MLflow run(s)" in logged[0]
     assert tracker.client.get_run(seed_run).info.status == "RUNNING"  # another parent: its cell's recovery
-    recover(study, tracker, exclusive=True, log=print, parent_id=cell, owned_roles=("confirm", "backbone_confirm"))
+    recover_after_crash(study, tracker, exclusive=True, log=print, parent_id=cell, owned_roles=("confirm", "backbone_confirm"))
     assert tracker.client.get_run(seed_run).info.status == "KILLED"
 
 
@@ -184,12 +155,12 @@ def _runner(folder):
 def scratch_history(folder, warm_up: bool = False) -> dict:
     """The tiny config's baseline trained in this process (after a trial, when `warm_up`): what it
     logged, as JSON-able lists."""
-    from harness.baseline import train_from_scratch
+    from harness.scratch import train_from_scratch
 
     runner = _runner(Path(folder))
     if warm_up:  # another task first, as a warm trial process has run: its own seed, its own model
         trial = runner.tracker.start_child("trial 1", "trial", {"optuna.trial_number": 1})
-        runner.run_trial(1, SCRATCH_PARAMS, trial, report=lambda epoch: False)
+        run_trial(runner, 1, SCRATCH_PARAMS, trial, report=lambda epoch: False)
     run_id = runner.tracker.start_child("baseline", "baseline", {})
     _, history, facts = train_from_scratch(runner, SCRATCH_PARAMS, runner.cfg.study.seed, run_id)
     search = runner.tracker.client.download_artifacts(run_id, "learning_rate_search.csv", str(folder))
@@ -238,7 +209,7 @@ def _scratch_config(folder, baseline: str):
 def test_a_baseline_that_does_not_fit_is_trained_again_at_the_next_ranked_rate(tmp_path, monkeypatch, capsys):
     """The search's worst rate is forced first (a rate far too low to learn anything in the budget):
     the run does not fit its training images, so it is trained again at the search's best rate."""
-    from harness import baseline
+    from harness import scratch
 
     _scratch_config(tmp_path, """
 baseline:
@@ -248,12 +219,12 @@ baseline:
   retries: 1
 """)
     monkeypatch.setattr(baseline, "LR_CANDIDATES", (1e-9, 1e-3))
-    ranked = baseline.learning_rate_order
+    ranked = scratch.learning_rate_order
     monkeypatch.setattr(baseline, "learning_rate_order", lambda losses: ranked(losses)[::-1])  # worst first
     runner = _runner(tmp_path)
     run_id = runner.tracker.start_child("baseline", "baseline", {})
     params = {**SCRATCH_PARAMS, "augment": False}
-    _, _, facts = baseline.train_from_scratch(runner, params, 0, run_id, label="baseline")
+    _, _, facts = scratch.train_from_scratch(runner, params, 0, run_id, label="baseline")
 
     attempts = pd.read_csv(runner.tracker.client.download_artifacts(run_id, "learning_rate_attempts.csv", str(tmp_path)))
     assert attempts["learning_rate"].tolist() == [1e-9, 1e-3]
@@ -276,7 +247,7 @@ def test_the_demos_baseline_fits_its_data_even_when_the_worst_rate_is_tried_firs
     2 cores; here 1e-4 went first and reached 0.42, then 1e-3 reached 0.98.)"""
     import dataclasses
 
-    from harness import baseline
+    from harness import scratch
     from harness.config import load_config
     from harness.data import load_dataset, make_splits
     from harness.objective import TrialRunner
@@ -285,7 +256,7 @@ def test_the_demos_baseline_fits_its_data_even_when_the_worst_rate_is_tried_firs
 
     cfg = load_config(ROOT / "sweeps" / "demo.yaml")
     cfg = dataclasses.replace(cfg, baseline=dataclasses.replace(cfg.baseline, retries=1))  # at most two attempts
-    ranked = baseline.learning_rate_order
+    ranked = scratch.learning_rate_order
     monkeypatch.setattr(baseline, "learning_rate_order", lambda losses: ranked(losses)[-1:] + ranked(losses)[:-1])
     dataset = load_dataset(cfg.data)
     splits = make_splits(dataset.labels, cfg.data, dataset.official)
@@ -295,7 +266,7 @@ def test_the_demos_baseline_fits_its_data_even_when_the_worst_rate_is_tried_firs
     params = {"backbone": "MobileNetV2", "head_units": 64, "dropout": 0.2, "pooling": "avg",
               "augment": cfg.baseline.augment}  # a demo trial's architecture; the baseline trains it with augmentation
     run_id = tracker.start_child("scratch baseline", "baseline", {})
-    _, _, facts = baseline.train_from_scratch(runner, params, cfg.study.seed, run_id, label="baseline")
+    _, _, facts = scratch.train_from_scratch(runner, params, cfg.study.seed, run_id, label="baseline")
 
     search = pd.read_csv(tracker.client.download_artifacts(run_id, "learning_rate_search.csv", str(workdir)))
     attempts = pd.read_csv(tracker.client.download_artifacts(run_id, "learning_rate_attempts.csv", str(workdir)))

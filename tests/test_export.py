@@ -1,101 +1,26 @@
-"""harness.export: the verdicts' values (Welch over seeds, tie sets), and every written file read back."""
+"""harness.export: every written file read back; each format shows the analysis of harness.verdicts unchanged."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import math
 import re
 from html.parser import HTMLParser
+from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from scipy import stats as scipy_stats
 
-from harness.export import (
-    CELL_STAT_COLUMNS,
-    CELL_VERDICT_COLUMNS,
-    OPTIONAL_COLUMNS,
-    REQUIRED_COLUMNS,
-    STRATEGY_ORDER,
-    TEXTBOOK,
-    VERDICT_COLUMNS,
-    comparison_long,
-    comparison_table,
-    heatmap_figure,
-    quadrant_verdicts,
-    run_url,
-    write_comparison,
-)
-
-NAN = math.nan
-
-# (quadrant, size, similarity, target) -> {strategy: (best_val, test accuracy per seed, logme)}
-# Designed so that each quadrant exercises a different verdict:
-#   small-similar     features beats everyone significantly         -> decisive, agrees
-#   small-dissimilar  full, partial, intermediate within noise      -> tie of three; full is not the
-#                     rule's, but the rule's partial/intermediate are in the tie -> agrees
-#   large-similar     partial and scratch tie; the rule's full is significantly worse -> tie, disagrees
-#   large-dissimilar  one seed each: no test possible               -> tie of all five, agrees
-DESIGN = {
-    ("small-similar", "small", "similar", "cifar_10"): {
-        "features": (0.8249, [0.81, 0.82, 0.83], 1.25),
-        "intermediate": (0.8011, [0.70, 0.71, 0.72], 1.10),
-        "partial": (0.79, [0.66, 0.68, 0.70], NAN),
-        "full": (0.78, [0.60, 0.62, 0.64], NAN),
-        "scratch": (0.45, [0.30, 0.35, 0.40], NAN),
-    },
-    ("small-dissimilar", "small", "dissimilar", "med%scan&x"): {
-        "features": (0.56, [0.55, 0.56, 0.54], 0.5),
-        "intermediate": (0.67, [0.68, 0.70, 0.66], 0.7),
-        "partial": (0.71, [0.69, 0.71, 0.67], NAN),
-        "full": (0.72, [0.70, 0.74, 0.66], NAN),
-        "scratch": (0.53, [0.50, 0.52, 0.48], NAN),
-    },
-    ("large-similar", "large", "similar", "places_365"): {
-        "features": (0.81, [0.80, 0.81, 0.79], NAN),
-        "intermediate": (0.79, [0.78, 0.79, 0.77], NAN),
-        "partial": (0.96, [0.95, 0.96, 0.94], NAN),
-        "full": (0.92, [0.90, 0.91, 0.89], NAN),
-        "scratch": (0.95, [0.94, 0.97, 0.91], NAN),
-    },
-    ("large-dissimilar", "large", "dissimilar", "x_ray"): {
-        "features": (0.61, [0.60], NAN),
-        "intermediate": (0.71, [0.70], NAN),
-        "partial": (0.86, [0.85], NAN),
-        "full": (0.88, [0.87], NAN),
-        "scratch": (0.89, [0.88], NAN),
-    },
-}
-
-
-def make_cells(with_seeds: bool = True) -> pd.DataFrame:
-    rows = []
-    for (quadrant, size, similarity, target), by_strategy in DESIGN.items():
-        for strategy, (best_val, seeds, logme) in by_strategy.items():
-            row = {"quadrant": quadrant, "size": size, "similarity": similarity, "target": target,
-                   "strategy": strategy, "best_val": best_val, "test_mean": float(np.mean(seeds)),
-                   "test_std": float(np.std(seeds, ddof=1)) if len(seeds) > 1 else NAN,
-                   "n_seeds": len(seeds), "logme": logme}
-            if with_seeds:
-                row["test_accuracies"] = seeds
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def seeds_of(quadrant: str, strategy: str) -> list[float]:
-    return next(v for k, v in DESIGN.items() if k[0] == quadrant)[strategy][1]
-
-
-def set_seeds(cells: pd.DataFrame, quadrant: str, strategy: str, seeds: list[float]) -> None:
-    """Replace one cell's seeds, and its mean and std with them."""
-    i = cells.index[(cells.quadrant == quadrant) & (cells.strategy == strategy)][0]
-    cells.at[i, "test_accuracies"] = seeds
-    cells.loc[i, ["test_mean", "test_std"]] = [float(np.mean(seeds)), float(np.std(seeds, ddof=1))]
+from harness import export
+from harness.config import ParamSpec
+from harness.export import comparison_table, heatmap_figure, run_url, write_comparison
+from harness.strategies import UNUSED_PARAMETERS, strategy_search
+from harness.verdicts import STRATEGY_ORDER, analyse, quadrant_verdicts
+from tests.test_verdicts import NAN, make_cells, one_quadrant
 
 
 @pytest.fixture
@@ -103,99 +28,18 @@ def cells() -> pd.DataFrame:
     return make_cells()
 
 
-def verdict(verdicts: pd.DataFrame, quadrant: str) -> pd.Series:
-    rows = verdicts[verdicts["quadrant"] == quadrant]
-    assert len(rows) == 1
-    return rows.iloc[0]
+# --- what every renderer is handed --------------------------------------------------------------
 
+def test_write_comparison_analyses_once(cells, tmp_path, monkeypatch):
+    calls = []
 
-# --- verdicts -----------------------------------------------------------------------------------
+    def counted(frame):
+        calls.append(len(frame))
+        return analyse(frame)
 
-def test_textbook_rules():
-    assert TEXTBOOK[("small", "similar")] == ("features",)
-    assert set(TEXTBOOK[("small", "dissimilar")]) == {"intermediate", "partial"}
-    assert TEXTBOOK[("large", "similar")] == ("full",)
-    assert set(TEXTBOOK[("large", "dissimilar")]) == {"full", "scratch"}
-    assert STRATEGY_ORDER == ["features", "intermediate", "partial", "full", "scratch"]
-
-
-def test_p_value_is_welch_over_seeds_winner_vs_runner_up(cells):
-    v = quadrant_verdicts(cells)
-    assert list(v.columns) == VERDICT_COLUMNS
-    for quadrant, winner, runner in [("small-similar", "features", "intermediate"),
-                                     ("small-dissimilar", "full", "partial"),
-                                     ("large-similar", "partial", "scratch")]:
-        row = verdict(v, quadrant)
-        assert (row.winner, row.runner_up) == (winner, runner)
-        expected = scipy_stats.ttest_ind(seeds_of(quadrant, winner), seeds_of(quadrant, runner), equal_var=False).pvalue
-        assert row.p_value == pytest.approx(expected, rel=1e-12)
-        assert bool(row.significant) == (expected < 0.05)
-    # A known number, worked by hand: t = 0.11 / sqrt(2 * 0.01**2 / 3) = 13.472, df = 4, p = 2 * P(T_4 > t).
-    assert verdict(v, "small-similar").p_value == pytest.approx(1.7564e-4, rel=1e-4)
-    # One seed each: no test, so nothing is significant.
-    ld = verdict(v, "large-dissimilar")
-    assert math.isnan(ld.p_value) and not ld.significant
-    assert v["significant"].dtype == bool and v["decisive"].dtype == bool and v["agrees_with_textbook"].dtype == bool
-
-
-def test_clear_gap_is_decisive(cells):
-    ss = verdict(quadrant_verdicts(cells), "small-similar")
-    assert ss.decisive and ss.significant
-    assert ss.verdict == "features" and ss.tie_set == "features"
-    assert ss.margin == pytest.approx(0.11) and ss.textbook == "features" and ss.agrees_with_textbook
-
-
-def test_near_tie_is_not_decisive_and_names_every_tied_strategy(cells):
-    sd = verdict(quadrant_verdicts(cells), "small-dissimilar")
-    assert not sd.decisive and not sd.significant
-    assert sd.tie_set == "full, partial, intermediate"  # best first; features and scratch are significantly worse
-    assert sd.verdict == "tie: full, partial, intermediate"
-    # The best mean (full) is not what the rule recommends, but the rule's strategies are in the tie.
-    assert sd.textbook == "intermediate or partial" and sd.agrees_with_textbook
-
-
-def test_agreement_is_judged_against_the_tie_set(cells):
-    ls = verdict(quadrant_verdicts(cells), "large-similar")
-    assert ls.tie_set == "partial, scratch" and not ls.decisive
-    assert ls.textbook == "full" and not ls.agrees_with_textbook  # full is significantly worse than partial
-    ld = verdict(quadrant_verdicts(cells), "large-dissimilar")
-    assert ld.tie_set == "scratch, full, partial, intermediate, features" and ld.agrees_with_textbook
-
-
-def test_runner_up_significant_but_a_noisy_third_ties(cells):
-    # partial: a mean below the runner-up's, but so noisy that Welch cannot separate it from the winner.
-    set_seeds(cells, "small-similar", "partial", [0.45, 0.95, 0.70])
-    ss = verdict(quadrant_verdicts(cells), "small-similar")
-    assert ss.runner_up == "intermediate" and ss.significant  # winner vs runner-up: significant
-    assert not ss.decisive and ss.verdict == "tie: features, partial"  # but not vs every other strategy
-
-
-def test_summary_numbers_give_the_same_test_as_the_seeds():
-    with_seeds, without = quadrant_verdicts(make_cells(True)), quadrant_verdicts(make_cells(False))
-    np.testing.assert_allclose(with_seeds["p_value"], without["p_value"], rtol=1e-9)
-    assert list(with_seeds["tie_set"]) == list(without["tie_set"])
-    assert list(with_seeds["decisive"]) == list(without["decisive"])
-
-
-def test_exact_tie_is_ranked_by_strategy_order_and_never_decisive(cells):
-    for strategy in ("features", "intermediate"):
-        set_seeds(cells, "small-similar", strategy, [0.81, 0.82, 0.83])
-    ss = verdict(quadrant_verdicts(cells), "small-similar")
-    assert (ss.winner, ss.runner_up, ss.margin) == ("features", "intermediate", 0.0)
-    assert ss.p_value == pytest.approx(1.0) and not ss.decisive and ss.tie_set == "features, intermediate"
-
-
-def test_constant_seeds(cells):
-    # Identical accuracies on every seed: different constants are separated (p = 0), equal ones tie.
-    # Binary fractions, so the std is exactly 0 and scipy sees the degenerate case.
-    set_seeds(cells, "large-similar", "partial", [0.96875] * 3)
-    set_seeds(cells, "large-similar", "scratch", [0.9375] * 3)
-    ls = verdict(quadrant_verdicts(cells), "large-similar")
-    assert ls.p_value == 0.0 and ls.decisive and ls.verdict == "partial"
-    assert ls.p_value == verdict(quadrant_verdicts(cells.drop(columns=["test_accuracies"])), "large-similar").p_value
-    set_seeds(cells, "large-similar", "scratch", [0.96875] * 3)
-    ls = verdict(quadrant_verdicts(cells), "large-similar")
-    assert math.isnan(ls.p_value) and ls.tie_set == "partial, scratch"
+    monkeypatch.setattr(export, "analyse", counted)
+    write_comparison(cells, tmp_path, "once", extra_tables={"budget": pd.DataFrame({"a": [1]})})
+    assert calls == [len(cells)]
 
 
 def test_missing_cells_do_not_crash(cells, tmp_path):
@@ -204,19 +48,6 @@ def test_missing_cells_do_not_crash(cells, tmp_path):
     cells = cells[~((cells.quadrant == "large-dissimilar") & (cells.strategy != "scratch"))].copy()
     full = cells.index[(cells.quadrant == "small-dissimilar") & (cells.strategy == "full")][0]
     cells.at[full, "test_mean"], cells.at[full, "test_accuracies"] = NAN, None
-    v = quadrant_verdicts(cells)
-
-    ss = verdict(v, "small-similar")
-    assert (ss.winner, ss.runner_up, ss.verdict) == ("intermediate", "partial", "tie: intermediate, partial")
-    assert not ss.agrees_with_textbook
-
-    sd = verdict(v, "small-dissimilar")  # full's NaN score is out of the ranking
-    assert (sd.winner, sd.runner_up) == ("partial", "intermediate") and sd.agrees_with_textbook
-
-    ld = verdict(v, "large-dissimilar")
-    assert ld.winner == "scratch" and pd.isna(ld.runner_up) and pd.isna(ld.runner_up_test_mean)
-    assert math.isnan(ld.margin) and math.isnan(ld.p_value) and not ld.decisive and ld.agrees_with_textbook
-    assert ld.verdict == "scratch (no other strategy has a test score)"
 
     wide = comparison_table(cells).set_index("quadrant")
     assert wide.loc["small-similar", "features"] == ""
@@ -229,54 +60,19 @@ def test_missing_cells_do_not_crash(cells, tmp_path):
     assert len(pd.read_csv(paths["csv"])) == len(cells)
 
 
-def test_quadrant_with_no_scores_and_no_rule():
-    cells = pd.DataFrame([
-        {"quadrant": "odd", "size": "medium", "similarity": "similar", "target": "t", "strategy": "full",
-         "best_val": NAN, "test_mean": NAN, "test_std": NAN, "n_seeds": 0},
-    ])
-    row = quadrant_verdicts(cells).iloc[0]
-    assert pd.isna(row.winner) and row.textbook == "" and not row.agrees_with_textbook
-    assert not row.significant and not row.decisive and row.verdict == "" and row.tie_set == ""
-
-
-def test_bad_input_is_refused(cells, tmp_path):
+def test_bad_input_is_refused_before_anything_is_written(cells, tmp_path):
     with pytest.raises(ValueError, match="test_std"):
-        quadrant_verdicts(cells.drop(columns=["test_std"]))
-    with pytest.raises(ValueError, match="more than one row"):
-        quadrant_verdicts(pd.concat([cells, cells.iloc[[0]]]))
+        write_comparison(cells.drop(columns=["test_std"]), tmp_path / "c", "t")
     with pytest.raises(ValueError, match="reserved"):
         write_comparison(cells, tmp_path / "a", "t", extra_tables={"comparison": cells})
     with pytest.raises(ValueError, match="letters"):
         write_comparison(cells, tmp_path / "b", "t", extra_tables={"../escape": cells})
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # checked before writing
+    with pytest.raises(ValueError, match="empty"):
+        write_comparison(cells.iloc[:0], tmp_path / "d", "t")
+    assert not any((tmp_path / name).exists() for name in "abcd")  # checked before writing
 
 
 # --- tables and files ---------------------------------------------------------------------------
-
-def test_long_form_schema_and_intervals(cells):
-    cells["param_backbone"] = "MobileNetV2"
-    long = comparison_long(cells)
-    verdict_columns = [c for c in VERDICT_COLUMNS if c not in ("quadrant", "size", "similarity", "target")]
-    assert list(long.columns) == [*REQUIRED_COLUMNS, *CELL_STAT_COLUMNS, *OPTIONAL_COLUMNS, "param_backbone",
-                                  *CELL_VERDICT_COLUMNS, *verdict_columns]
-    assert len(long) == 20 and long["is_winner"].sum() == 4
-    assert long.groupby("quadrant")["in_tie_set"].sum().to_dict() == {
-        "small-similar": 1, "small-dissimilar": 3, "large-similar": 2, "large-dissimilar": 5}
-
-    row = long[(long.quadrant == "small-similar") & (long.strategy == "features")].iloc[0]
-    low, high = scipy_stats.t.interval(0.95, 2, loc=0.82, scale=scipy_stats.sem([0.81, 0.82, 0.83]))
-    assert (row.ci_low, row.ci_high) == (pytest.approx(low), pytest.approx(high))
-    assert json.loads(row.test_accuracies) == [0.81, 0.82, 0.83]
-    one_seed = long[long.quadrant == "large-dissimilar"]
-    assert one_seed["ci_low"].isna().all() and one_seed["ci_high"].isna().all()  # n < 2: NaN
-    # Every quadrant row carries the quadrant's p-value; each cell its own p against the winner.
-    partial = long[(long.quadrant == "small-similar") & (long.strategy == "partial")].iloc[0]
-    assert partial.p_vs_winner == pytest.approx(scipy_stats.ttest_ind(
-        [0.81, 0.82, 0.83], [0.66, 0.68, 0.70], equal_var=False).pvalue)
-    assert long.groupby("quadrant")["p_value"].nunique(dropna=False).eq(1).all()
-    # Cost columns are there even when no cell had them, blank.
-    assert long["train_epochs"].isna().all() and long["train_seconds"].isna().all()
-
 
 def test_run_url():
     assert run_url("abc", "4") == "http://127.0.0.1:5000/#/experiments/4/runs/abc"
@@ -538,14 +334,72 @@ def test_heatmap_png_opens(written):
     assert 400 <= width <= 3000 and 200 <= height <= 2000 and width > height
 
 
-def test_a_tie_names_its_cheapest_member_and_its_share_of_the_cost():
-    from harness.export import _verdict_sentence
+def sentence(cells: pd.DataFrame) -> str:
+    return export._verdict_sentence(next(analyse(cells).quadrants.itertuples(index=False)))
 
-    cells = pd.DataFrame([
-        {"quadrant": "small-similar", "size": "small", "similarity": "similar", "target": "t", "strategy": s,
-         "best_val": m, "test_mean": m, "test_std": 0.03, "n_seeds": 3, "train_images_seen": seen}
-        for s, m, seen in (("features", 0.80, 1000), ("full", 0.81, 8000))
-    ])
-    v = quadrant_verdicts(cells).iloc[0]
-    assert not v["decisive"] and v["cheapest_in_tie"] == "features" and v["cheapest_cost_share"] == 0.125
-    assert "features is within the tie at 1/8 of full's training cost" in _verdict_sentence(v)
+
+def test_each_kind_of_verdict_gets_its_own_sentence():
+    decisive = sentence(one_quadrant([("features", 0.80, {}), ("full", 0.70, {})]))
+    assert decisive.startswith("small-similar (target t): features wins (0.800 vs 0.700, margin 0.100)")
+    assert "significant, and every other strategy is significantly worse" in decisive
+    assert decisive.endswith("Textbook: features; the result agrees.")
+    tie = sentence(one_quadrant([("features", 0.80, {}), ("full", 0.805, {})]))
+    assert "no decisive winner; tie between full, features" in tie and tie.endswith("the result agrees.")
+    rules = sentence(one_quadrant([("features", 0.80, {"training_rule": "a"}), ("full", 0.70, {"training_rule": "b"})]))
+    assert "features scores best (0.800 vs 0.700)" in rules and "trained under different rules, so no winner is called" in rules
+    assert rules.endswith("Trained under: a; b.")
+    alone = sentence(one_quadrant([("full", 0.80, {})], "large", "similar"))
+    assert alone.startswith("large-similar (target t): only full has a test score (0.800); nothing to compare")
+    assert sentence(one_quadrant([("full", NAN, {})], "medium")) == "medium-similar (target t): no strategy has a test score."
+    one_seed = sentence(one_quadrant([("features", 0.80, {"n_seeds": 1}), ("full", 0.805, {"n_seeds": 1})]))
+    assert "no p-value (fewer than 2 seeds" in one_seed
+    assert one_seed.endswith(", not significant. Textbook: features; the result agrees.")
+
+
+def test_a_tie_names_its_cheapest_member_and_its_share_of_the_cost():
+    cells = one_quadrant([("features", 0.80, {"train_images_seen": 1000}), ("partial", 0.805, {"train_images_seen": 6000}),
+                          ("full", 0.81, {"train_images_seen": 8000})])
+    cells["test_std"] = 0.03
+    assert "features is within the tie at 1/8 of full's training cost" in sentence(cells)
+    cells.loc[cells.strategy == "features", "train_images_seen"] = 6000
+    assert "features is within the tie at 75% of full's training cost" in sentence(cells)
+    assert "within the tie" not in sentence(cells.drop(columns=["train_images_seen"]))  # no cost, no claim
+
+
+# --- parameters a strategy does not use ---------------------------------------------------------
+
+def test_a_report_leaves_blank_exactly_the_parameters_the_search_pins():
+    """One statement of applicability: what strategy_search does not search, the detail table leaves blank."""
+    search = {"head_lr": ParamSpec("head_lr", "float", low=1e-4, high=1e-2),
+              "finetune_lr": ParamSpec("finetune_lr", "float", low=1e-5, high=1e-3)}
+    quadrants = SimpleNamespace(cut_range=(0.3, 0.7), partial_range=(0.2, 0.8))
+    params = ("head_lr", "finetune_lr", "unfreeze_fraction", "cut_fraction")
+    cells = one_quadrant([(s, 0.8 - 0.01 * i, {f"param_{p}": 0.5 for p in params}) for i, s in enumerate(STRATEGY_ORDER)])
+    detail = export._detail_display(analyse(cells), None, export.DEFAULT_UI_URL).texts
+    for strategy, row in zip(STRATEGY_ORDER, detail.itertuples(index=False)):
+        pinned = {p for p, spec in strategy_search(strategy, search, quadrants).items() if spec.fixed}
+        shown = dict(zip(detail.columns, row))
+        blank = {p for p in params if shown[p.replace("_", " ")] == ""}
+        assert blank == UNUSED_PARAMETERS[strategy] & set(params), strategy
+        # A parameter a strategy does not use is never searched (full pins unfreeze_fraction at 1: it uses all).
+        assert blank <= pinned, strategy
+
+
+# --- under-trained cells ------------------------------------------------------------------------
+
+def test_an_undertrained_cell_is_shown_as_such():
+    cells = one_quadrant([("features", 0.80, {"undertrained": 0}), ("full", 0.70, {"undertrained": 0}),
+                          ("scratch", 0.95, {"undertrained": 1})])
+    assert comparison_table(cells).iloc[0]["scratch"] == "0.950 [0.925, 0.975] (under-trained)"
+    assert comparison_table(cells).iloc[0]["features"] == "0.800 [0.775, 0.825]"
+
+
+def test_the_heatmap_greys_an_undertrained_cell_out_of_its_rows_scale():
+    cells = one_quadrant([("features", 0.80, {"undertrained": 0}), ("full", 0.70, {"undertrained": 0}),
+                          ("scratch", 0.95, {"undertrained": 1})])
+    fig = heatmap_figure(cells)
+    scaled = fig.axes[0].images[0].get_array()
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    plt.close(fig)
+    assert scaled.mask[0, 2] and scaled[0, 0] == 1.0 and scaled[0, 1] == 0.0  # features is the row's best
+    assert "under-trained" in texts

@@ -5,6 +5,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
+from harness.tasks import run_trial
+
 from tests.conftest import write_config
 
 
@@ -32,7 +34,7 @@ def test_a_pruned_trial_ends_finished_with_its_reason_history_and_curve(runner, 
 
     run_id = runner.tracker.start_child("trial 0", "trial", {"optuna.trial_number": 0})
     with pytest.raises(optuna.TrialPruned):
-        runner.run_trial(0, PARAMS, run_id, report=lambda epoch: epoch["epoch"] >= 2)  # pruned in phase 2
+        run_trial(runner, 0, PARAMS, run_id, report=lambda epoch: epoch["epoch"] >= 2)  # pruned in phase 2
     client = runner.tracker.client
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["optuna.state"] == "PRUNED"
@@ -45,27 +47,19 @@ def test_a_pruned_trial_ends_finished_with_its_reason_history_and_curve(runner, 
 
 def test_a_trial_logs_its_model_only_when_it_leads(runner):
     from harness.tracking import MODEL_URI_TAG
-    from harness.winner import load_logged_model
+    from harness.tracking import load_keras_model
 
     client = runner.tracker.client
     first = runner.tracker.start_child("trial 0", "trial", {"optuna.trial_number": 0})
-    value = runner.run_trial(0, PARAMS, first, report=lambda epoch: False, leader=None)
+    value = run_trial(runner, 0, PARAMS, first, report=lambda epoch: False, leader=None)
     run = client.get_run(first)
     assert run.data.metrics["best_val_accuracy"] == pytest.approx(value)
-    model = load_logged_model(runner.tracker.uri, run.data.tags[MODEL_URI_TAG])
+    model = load_keras_model(run.data.tags[MODEL_URI_TAG], runner.tracker.uri)
     assert model.output_shape == (None, runner.dataset.num_classes)
 
     behind = runner.tracker.start_child("trial 1", "trial", {"optuna.trial_number": 1})
-    runner.run_trial(1, PARAMS, behind, report=lambda epoch: False, leader=1.01)  # nobody beats 1.01
+    run_trial(runner, 1, PARAMS, behind, report=lambda epoch: False, leader=1.01)  # nobody beats 1.01
     assert MODEL_URI_TAG not in client.get_run(behind).data.tags
-
-
-def test_leads_follows_the_direction():
-    from harness.objective import leads
-
-    assert leads(0.5, None, "maximize") and leads(0.5, 0.5, "maximize") and not leads(0.4, 0.5, "maximize")
-    assert leads(0.4, 0.5, "minimize") and not leads(0.6, 0.5, "minimize")
-    assert not leads(float("nan"), None, "maximize")
 
 
 def test_once_the_winner_is_registered_the_models_of_overtaken_trials_are_deleted(tmp_path):
@@ -78,7 +72,8 @@ def test_once_the_winner_is_registered_the_models_of_overtaken_trials_are_delete
 
     from harness.config import parse_config
     from harness.tracking import MODEL_URI_TAG, Tracker
-    from harness.winner import MODEL_DELETED_TAG, deliver_winner, load_logged_model
+    from harness.tracking import load_keras_model
+    from harness.winner import MODEL_DELETED_TAG, deliver_winner
 
     cfg = parse_config("study: {name: caps}\ndata: {name: shapes}\nsearch: {backbone: MobileNetV2, head_lr: 0.01}\n",
                        "c.yaml")
@@ -113,8 +108,8 @@ def test_once_the_winner_is_registered_the_models_of_overtaken_trials_are_delete
             tracker.client.get_logged_model(uris[number].removeprefix("models:/"))
     for number in (0, 4):  # registered, by hand or as the winner: kept and loadable
         assert any(dirs[number].rglob("*.keras")) and MODEL_URI_TAG in tracker.run_tags(runs[number])
-    assert load_logged_model(tracker.uri, "models:/caps/1").output_shape == (None, 2)
-    assert load_logged_model(tracker.uri, uris[0]).output_shape == (None, 2)
+    assert load_keras_model("models:/caps/1", tracker.uri).output_shape == (None, 2)
+    assert load_keras_model(uris[0], tracker.uri).output_shape == (None, 2)
     assert any("overtaken" in m for m in messages)
     # A resumed sweep delivers the same winner again: nothing more to delete, nothing breaks.
     assert str(deliver_winner(cfg, study, tracker, run_task=None, log=messages.append)["version"]) == "1"

@@ -10,16 +10,17 @@ import keras
 import numpy as np
 import pytest
 
-from harness import phases
+from harness import runtime
 from harness.config import ConfigError, TrainConfig, parse_config
 from harness.model import ModelSpec, TransferModel, build_model
-from harness.phases import compile_for, resolve_switch, set_jit_compile
+from harness.phases import compile_for
+from harness.runtime import resolve_switch, set_jit_compile
 
 
 @pytest.fixture(autouse=True)
 def float32_afterwards(monkeypatch):
     """Each test may switch this process to mixed_float16 or XLA; the next test starts without."""
-    monkeypatch.setattr(phases, "_jit_compile", "auto")
+    monkeypatch.setattr(runtime, "_jit_compile", "auto")
     yield
     keras.mixed_precision.set_global_policy("float32")
     keras.backend.clear_session()
@@ -82,14 +83,14 @@ def test_mixed_precision_on_is_refused_without_a_capable_gpu(monkeypatch):
     from harness import sweep
 
     cfg = parse_config(f"{DATA}train: {{mixed_precision: on}}\n", "sweep.yaml")
-    monkeypatch.setattr(sweep, "_GPUS_BEFORE_HIDING", [])  # the sweep process's GPUs before hiding: none
+    monkeypatch.setattr(runtime, "_GPUS_BEFORE_HIDING", [])  # the sweep process's GPUs before hiding: none
     with pytest.raises(ConfigError, match=r"sweep.yaml: train\.mixed_precision: on needs a GPU of compute "
                                           r"capability >= 7\.0; GPUs visible: none \(CPU only\)"):
         sweep.check_mixed_precision(cfg)
-    monkeypatch.setattr(phases, "gpu_capabilities", lambda gpus=None: [(6, 1)])
+    monkeypatch.setattr(runtime, "gpu_capabilities", lambda gpus=None: [(6, 1)])
     with pytest.raises(ConfigError, match=r"GPUs visible: 6\.1\. Use auto"):
         sweep.check_mixed_precision(cfg)
-    monkeypatch.setattr(phases, "gpu_capabilities", lambda gpus=None: [(6, 1), (8, 0)])
+    monkeypatch.setattr(runtime, "gpu_capabilities", lambda gpus=None: [(6, 1), (8, 0)])
     sweep.check_mixed_precision(cfg)  # a capable GPU: accepted
 
 
@@ -97,7 +98,7 @@ def test_mixed_precision_on_is_refused_without_a_capable_gpu(monkeypatch):
 def test_auto_and_off_pass_the_preflight_on_cpu(monkeypatch, setting):
     from harness import sweep
 
-    monkeypatch.setattr(sweep, "_GPUS_BEFORE_HIDING", [])
+    monkeypatch.setattr(runtime, "_GPUS_BEFORE_HIDING", [])
     sweep.check_mixed_precision(parse_config(f"{DATA}train: {{mixed_precision: {setting}, jit_compile: on}}\n"))
 
 
@@ -188,19 +189,19 @@ def test_xla_trains_two_steps(policy):
 
 
 def test_apply_device_switches_on_cpu():
-    from harness.objective import apply_device_switches
+    from harness.runtime import apply_device_switches
 
     assert apply_device_switches(TrainConfig()) == (False, False)  # auto on CPU: both off
     assert keras.mixed_precision.global_policy().name == "float32"
-    assert phases._jit_compile is False  # off is passed to compile explicitly, not Keras' "auto"
+    assert runtime._jit_compile is False  # off is passed to compile explicitly, not Keras' "auto"
     assert apply_device_switches(TrainConfig(mixed_precision="on", jit_compile=True)) == (True, True)
     assert keras.mixed_precision.global_policy().name == "mixed_float16"
-    assert phases._jit_compile is True
+    assert runtime._jit_compile is True
 
 
 def test_the_policy_survives_the_clean_up_between_trials():
     """Keras' clear_session resets the global dtype policy; the next trial must still be mixed."""
-    from harness.objective import release_memory
+    from harness.runtime import release_memory
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     release_memory()

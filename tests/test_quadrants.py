@@ -272,7 +272,8 @@ def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weigh
     from harness import quadrants
     from harness.data import load_dataset, make_splits
     from harness.tracking import Tracker
-    from harness.trials import Context
+    from harness import tasks
+    from harness.tasks import Context
 
     cfg = parse_config(quad(weights_file, "[features]"), "q.yaml")
     target = cfg.quadrants.targets[1]
@@ -280,7 +281,7 @@ def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weigh
     dataset = load_dataset(target.data)
     splits = make_splits(dataset.labels, target.data)
     built = []
-    real = quadrants.tf_dataset
+    real = tasks.tf_dataset
 
     def spy(ds, indices, *args, **kwargs):
         built.append(np.array(indices))
@@ -288,7 +289,7 @@ def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weigh
 
     from harness import features
 
-    monkeypatch.setattr(quadrants, "tf_dataset", spy)
+    monkeypatch.setattr(tasks, "tf_dataset", spy)
     monkeypatch.setattr(features, "tf_dataset", spy)  # phase 1 reads the train split once, for cached features
     monkeypatch.chdir(tmp_path)  # a feature cache of its own (results/features), computed here
     tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "spy", str(tmp_path / "a"))
@@ -296,7 +297,7 @@ def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weigh
     cell = tracker.start_child("cell", "cell", {})
     params = {**{n: p.value for n, p in ccfg.search.items() if p.fixed}, "head_lr": 0.003}
     runner = Context("spy", ccfg, dataset, splits, tracker, {"MobileNetV2": str(weights_file)}).load()
-    tests = [quadrants.confirm_seed(runner, params, seed, tracker.start_child(f"confirm {seed}", "confirm", {}, parent_id=cell))
+    tests = [tasks.confirm_seed(runner, params, seed, tracker.start_child(f"confirm {seed}", "confirm", {}, parent_id=cell))
              for seed in range(2)]
     assert len(tests) == 2
     uses_of_test = [i for i, idx in enumerate(built) if np.array_equal(idx, splits.test)]
@@ -310,8 +311,9 @@ def test_cells_trained_under_different_rules_get_no_decisive_verdict(tmp_path, w
     """A converged scratch cell against budget-limited transfer (an older sweep's records): the report
     names the rules and does not call the better one the winner; cells under one rule get their verdict."""
     from harness.config import load_config
-    from harness.export import quadrant_verdicts, write_comparison
-    from harness.quadrants import training_rule
+    from harness.export import write_comparison
+    from harness.verdicts import quadrant_verdicts
+    from harness.scratch import training_rule
 
     cfg = load_config(write_config(tmp_path, quad(weights_file)))
     rule = training_rule(cfg)  # every strategy's seeds, today
@@ -346,7 +348,7 @@ def test_confirmation_plan_extends_the_last_transfer_phase_to_the_scratch_floor_
     steps, as `scratch_budget` would budget them. The search's plan itself is not changed."""
     from harness.config import BaselineConfig, PhaseConfig, TrainConfig
     from harness.phases import two_phase_plan
-    from harness.quadrants import confirmation_plan
+    from harness.scratch import confirmation_plan
 
     train = TrainConfig(head=PhaseConfig(10, 32, 4), finetune=PhaseConfig(10, 32, 4))
     baseline = BaselineConfig(epochs=30, min_steps=3000, patience=8)

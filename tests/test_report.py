@@ -1,12 +1,11 @@
 """harness.report and harness.summary on hand-made MLflow runs and a tiny Optuna study (no training).
 
-The fake tracker answers the few calls the report makes (search_runs by role, study_runs,
-log_file) from a list of run records shaped like MLflow's."""
+The fake tracker answers the few calls the report makes (find_runs by role, study_runs,
+log_file) from a list of the tracker's plain run records."""
 
 from __future__ import annotations
 
 import json
-import re
 from html.parser import HTMLParser
 from types import SimpleNamespace
 
@@ -16,28 +15,26 @@ import pandas as pd
 import pytest
 
 from harness import report, summary
-from harness.tracking import PARENT_TAG, ROLE
+from harness.tracking import PARENT_TAG, ROLE, RunRecord
 
 EXPERIMENT = "12"
 
 
 def run(run_id: str, role: str, parent: str | None = None, tags=None, metrics=None, params=None, status="FINISHED"):
-    return SimpleNamespace(
-        info=SimpleNamespace(run_id=run_id, status=status, start_time=1_000, end_time=13_500),
-        data=SimpleNamespace(tags={ROLE: role, **({PARENT_TAG: parent} if parent else {}), **(tags or {})},
-                             metrics=dict(metrics or {}), params=dict(params or {})))
+    return RunRecord(run_id=run_id, experiment_id=EXPERIMENT, status=status, start_time=1_000, end_time=13_500,
+                     tags={ROLE: role, **({PARENT_TAG: parent} if parent else {}), **(tags or {})},
+                     metrics=dict(metrics or {}), params=dict(params or {}))
 
 
 class FakeTracker:
     def __init__(self, runs, uri="sqlite:///nowhere.db"):
         self.runs, self.uri, self.experiment_id, self.parent_run_id, self.logged = runs, uri, EXPERIMENT, None, []
 
-    def search_runs(self, filter_string, **_):
-        role = re.search(r"= '(\w+)'", filter_string).group(1)
-        return [r for r in self.runs if r.data.tags[ROLE] == role]
+    def find_runs(self, role, **_):
+        return [r for r in self.runs if r.tags[ROLE] == role]
 
     def study_runs(self, sweep):
-        return [r for r in self.runs if r.data.tags[ROLE] == "study"]
+        return [r for r in self.runs if r.tags[ROLE] == "study"]
 
     def log_file(self, run_id, path, artifact_path=None):
         self.logged.append((run_id, str(path), artifact_path))
@@ -82,7 +79,7 @@ def plain_runs() -> list:
 
 def test_cells_table_carries_seeds_runs_cost_and_the_confirmed_config():
     tracker = FakeTracker(quadrant_runs())
-    cells_runs = tracker.search_runs("tags.`harness.role` = 'cell'")
+    cells_runs = tracker.find_runs(role="cell")
     logme = report.logme_table(tracker, report.trials_table(tracker, cells_runs))
     cells = report.cells_table(tracker, cells_runs, logme).set_index("strategy")
 
@@ -207,7 +204,7 @@ def test_report_and_summary_never_write_two_tables_to_one_file_name(tmp_path):
     assert list(mlflow_table["trial"]) == [0, 1] and list(mlflow_table["mlflow_run_id"]) == ["t0", "t1"]
     assert list(mlflow_table["objective"]) == pytest.approx([0.5, 0.6])
     # The quadrant report's trials.csv has the same schema as the plain one's: trials_table's.
-    quad = report.trials_table(FakeTracker(quadrant_runs()), FakeTracker(quadrant_runs()).search_runs("= 'cell'"))
+    quad = report.trials_table(FakeTracker(quadrant_runs()), FakeTracker(quadrant_runs()).find_runs(role="cell"))
     assert list(quad.columns) == list(mlflow_table.columns)
     assert "number" in pd.read_csv(out / summary.OPTUNA_TRIALS_FILE).columns and "number" not in mlflow_table.columns
     md = (out / "trials.md").read_text(encoding="utf-8")
@@ -216,7 +213,7 @@ def test_report_and_summary_never_write_two_tables_to_one_file_name(tmp_path):
 
 def test_a_plain_reports_markdown_says_what_mattered_from_the_parent_runs_importances(tmp_path):
     runs = plain_runs()
-    runs[0].data.metrics.update({"importance/head_lr": 0.25, "importance/finetune_lr": 0.75, "best_val_accuracy": 0.6})
+    runs[0].metrics.update({"importance/head_lr": 0.25, "importance/finetune_lr": 0.75, "best_val_accuracy": 0.6})
     report.build_report("tiny", FakeTracker(runs), tmp_path, log=lambda *_: None)
     md = (tmp_path / "trials.md").read_text(encoding="utf-8")
     section = md[md.index("## What mattered"):]
@@ -248,7 +245,7 @@ def test_logme_is_judged_against_confirmed_test_accuracy_per_target_and_across_p
 
 def test_logme_search_values_follow_the_metrics_direction():
     tracker = FakeTracker(quadrant_runs())
-    trials = report.trials_table(tracker, tracker.search_runs("tags.`harness.role` = 'cell'"))
+    trials = report.trials_table(tracker, tracker.find_runs(role="cell"))
     trials.loc[len(trials)] = {**trials.iloc[0].to_dict(), "objective": 0.1}  # a second, lower value
     best_max = report.logme_table(tracker, trials, "maximize")["best_search_value"].iloc[0]
     best_min = report.logme_table(tracker, trials, "minimize")["best_search_value"].iloc[0]

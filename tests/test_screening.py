@@ -13,6 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from harness import screening as sc
+from harness.config import backbone_candidates
+from harness import transferability as tr
 from harness.config import ConfigError, parse_config
 from tests.conftest import run_cli, write_config
 
@@ -29,31 +31,31 @@ def _two_backbones(n_per_class: int = 30, classes: int = 3, seed: int = 0):
 
 def test_knn_on_separable_features_is_near_perfect_and_on_noise_near_chance():
     labels, separable, noise = _two_backbones()
-    assert sc.knn_accuracy(separable, labels) > 0.95
-    assert sc.knn_accuracy(noise, labels) < 0.6  # chance is 1/3
+    assert tr.knn_accuracy(separable, labels) > 0.95
+    assert tr.knn_accuracy(noise, labels) < 0.6  # chance is 1/3
 
 
 def test_the_separable_backbone_ranks_first_by_knn_and_by_logme():
     labels, separable, noise = _two_backbones()
-    rows = {"noise": sc.feature_scores(noise, labels), "separable": sc.feature_scores(separable, labels)}
+    rows = {"noise": tr.feature_scores(noise, labels), "separable": tr.feature_scores(separable, labels)}
     assert sc.rank(rows, "knn") == ["separable", "noise"]
     assert sc.rank(rows, "logme") == ["separable", "noise"]
 
 
 def test_knn_uses_fewer_folds_for_small_classes_and_gives_up_on_a_single_image():
     labels, separable, _ = _two_backbones(n_per_class=2)
-    assert sc.knn_accuracy(separable, labels) > 0.9  # 2 folds, 1 neighbour
-    assert math.isnan(sc.knn_accuracy(separable[:5], np.array([0, 0, 1, 1, 2])))
+    assert tr.knn_accuracy(separable, labels) > 0.9  # 2 folds, 1 neighbour
+    assert math.isnan(tr.knn_accuracy(separable[:5], np.array([0, 0, 1, 1, 2])))
 
 
 def test_l2_normalise_gives_unit_rows_and_keeps_a_zero_row():
-    out = sc.l2_normalise(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    out = tr.l2_normalise(np.array([[3.0, 4.0], [0.0, 0.0]]))
     assert np.allclose(out, [[0.6, 0.8], [0.0, 0.0]])
 
 
 def test_balanced_positions_take_the_same_share_of_every_class():
     labels = np.array([0] * 10 + [1] * 3 + [2] * 10)
-    pos = sc.balanced_positions(labels, 12)
+    pos = tr.balanced_positions(labels, 12)
     assert np.bincount(labels[pos]).tolist() == [4, 3, 4]
 
 
@@ -133,9 +135,9 @@ def test_the_report_section_is_made_from_the_taus_logged_on_the_parent_run():
 
 
 def test_published_top1_only_for_imagenet_weights_of_the_default_variant():
-    assert sc.published_top1("ResNet50", "imagenet", {}) == 74.9
-    assert sc.published_top1("MobileNetV2", "imagenet", {"alpha": 0.35}) is None
-    assert sc.published_top1("ResNet50", "/w/source.weights.h5", {}) is None
+    assert tr.published_top1("ResNet50", "imagenet", {}) == 74.9
+    assert tr.published_top1("MobileNetV2", "imagenet", {"alpha": 0.35}) is None
+    assert tr.published_top1("ResNet50", "/w/source.weights.h5", {}) is None
     from harness.backbones import BACKBONES, IMAGENET_TOP1
 
     assert set(IMAGENET_TOP1) <= set(BACKBONES) and all(50 < v < 90 for v in IMAGENET_TOP1.values())
@@ -197,12 +199,12 @@ def test_screen_is_kept_in_the_config_record_and_only_a_set_one_changes_the_fing
     assert kept.to_dict()["search"]["screen"] == {"keep": 1, "by": "knn", "max_images": 2000}
     assert kept.fingerprint() != absent.fingerprint()
     assert "screen" not in kept.resolved({"backbone": "MobileNetV2"}, 0)["search"]  # a trial's own config
-    assert sc.candidates_of(kept) == ["MobileNetV2", "MobileNetV3Small"]
+    assert backbone_candidates(kept.search) == ["MobileNetV2", "MobileNetV3Small"]
 
 
 def test_screening_params_match_what_phase_one_reads():
     cfg = parse_config(_config("absent", extra="  pooling: {choices: [max, avg]}\n"), "s.yaml")
-    params = sc.screening_params(cfg, "MobileNetV2")
+    params = tr.screening_params(cfg, "MobileNetV2")
     assert params["pooling"] == "avg" and params["cut_fraction"] == 1.0 and params["augment"] is False
 
 

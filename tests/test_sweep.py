@@ -145,7 +145,8 @@ def test_the_winner_is_registered_and_its_model_scores_its_logged_value(finished
 
     from harness.config import load_config
     from harness.data import load_dataset, make_splits, tf_dataset
-    from harness.winner import load_logged_model, scores
+    from harness.evaluation import scores
+    from harness.tracking import load_keras_model
 
     work, first, second = finished_sweep
     client, study = _client(work), _study(work)
@@ -159,7 +160,7 @@ def test_the_winner_is_registered_and_its_model_scores_its_logged_value(finished
     cfg = load_config(work / "sweep.yaml")
     dataset = load_dataset(cfg.data)
     splits = make_splits(dataset.labels, cfg.data)
-    model = load_logged_model(f"sqlite:///{work}/results/mlflow.db", f"models:/tiny/{latest.version}")
+    model = load_keras_model(f"models:/tiny/{latest.version}", f"sqlite:///{work}/results/mlflow.db")
     probabilities = model.predict(tf_dataset(dataset, splits.val, 16, shuffle=False), verbose=0)
     assert scores(probabilities, dataset.labels[splits.val])["accuracy"] == pytest.approx(best.value, abs=0.01)
     assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)

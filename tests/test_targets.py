@@ -12,7 +12,7 @@ import pytest
 from harness.config import ConfigError, DataConfig, parse_config
 from harness.data import DataError, Dataset, apply_class_map, load_dataset, make_splits
 from harness.objective import class_weights, train_class_weights
-from harness.winner import class_metric_keys, classification_metrics, confusion_csv
+from harness.evaluation import class_metric_keys, classification_metrics, confusion_csv
 
 # builtin `shapes`: pentagon, t_shape, star4, tri_ring, three_dots, arc (harness/datasets_builtin.py)
 BASE = """
@@ -299,7 +299,7 @@ def test_the_winners_test_logs_auc_per_class_accuracy_and_the_confusion_matrix(t
 
     from harness.model import ModelSpec, build_model
     from harness.tracking import Tracker
-    from harness.winner import TestTask
+    from harness.tasks import TestTask
 
     cfg = parse_config(BASE + "  class_map: {round: [arc, three_dots], pointy: [star4, pentagon], "
                               "_drop: [t_shape, tri_ring]}\n", "s.yaml")

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from pathlib import Path
 
+import pytest
+
 from harness.config import parse_config, with_overrides
-from harness.tracking import Tracker, login_to_environment, redact, redact_config, resolve_tracking_uri, ui_command
+from harness.tracking import (NEWEST_FIRST, OLDEST_FIRST, ROLE, TRIAL_TAG, RunRecord, Tracker, TrackingError,
+                              login_to_environment, plain_tracking_errors, redact, redact_config, resolve_tracking_uri,
+                              run_filter, ui_command)
 from tests.conftest import TINY
 
 
@@ -132,14 +137,74 @@ def test_parent_run_is_reopened_not_duplicated_and_children_nest(workdir):
     assert [a.path for a in again.client.list_artifacts(child)] == ["config.yaml"]
 
 
-def test_reconcile_kills_orphans_and_leaves_live_and_finished_runs(workdir):
+def test_end_orphaned_trial_runs_kills_orphans_and_leaves_live_and_finished_runs(workdir):
     t = Tracker(f"sqlite:///{workdir}/m.db", "exp", str(workdir / "a"))
     t.start_study_run("s", {}, "x")
     runs = {n: t.start_child(f"trial {n}", "trial", {"optuna.trial_number": n}) for n in range(4)}
     t.end_run(runs[0], "FINISHED", "COMPLETE")
     t.end_run(runs[3], "FINISHED", "COMPLETE")  # logged as finished, but Optuna never heard (died in between)
-    fixed = t.reconcile({0: "COMPLETE", 1: "RUNNING", 2: "FAIL", 3: "FAIL"})
+    fixed = t.end_orphaned_trial_runs({0: "COMPLETE", 1: "RUNNING", 2: "FAIL", 3: "FAIL"})
     assert sorted(fixed) == sorted([runs[2], runs[3]])
     status = {n: t.client.get_run(r).info.status for n, r in runs.items()}
     assert status == {0: "FINISHED", 1: "RUNNING", 2: "KILLED", 3: "KILLED"}
     assert t.client.get_run(runs[3]).data.tags["optuna.state"] == "FAIL"
+
+
+def test_run_filter_names_each_criterion_given_and_nothing_else():
+    assert run_filter() == ""
+    assert run_filter(role="trial") == "tags.`harness.role` = 'trial'"
+    assert run_filter(role="confirm", parent="p1", status="FINISHED", tags={"harness.seed": 2}) == (
+        "tags.`harness.role` = 'confirm' and tags.`mlflow.parentRunId` = 'p1' and tags.`harness.seed` = '2' "
+        "and attributes.status = 'FINISHED'")
+
+
+def test_find_runs_selects_by_role_parent_status_and_tags_and_returns_plain_records(workdir):
+    t = Tracker(f"sqlite:///{workdir}/m.db", "exp", str(workdir / "a"))
+    parent = t.start_study_run("s", {"study": {"direction": "minimize"}}, "x")
+    made = []
+
+    def child(name, role, tags, parent_id=None):
+        time.sleep(0.01)  # distinct start times: the orders below are then the creation order
+        made.append(t.start_child(name, role, tags, parent_id=parent_id))
+        return made[-1]
+
+    trial0, trial1 = child("trial 0", "trial", {TRIAL_TAG: 0}), child("trial 1", "trial", {TRIAL_TAG: 1})
+    cell = child("cell", "cell", {"target": "flowers", "strategy": "full"})
+    seeds = [child(f"seed {s}", "confirm", {"harness.seed": s}, parent_id=cell) for s in range(2)]
+    t.log_metrics(trial0, {"objective": 0.75})
+    t.log_params(trial0, {"head_lr": 0.003, "backbone": "b1"})
+    t.end_run(trial0, "FINISHED", "COMPLETE")
+    t.end_run(seeds[1], "FINISHED")
+
+    trials = t.find_runs(role="trial", order_by=OLDEST_FIRST)
+    assert [r.run_id for r in trials] == [trial0, trial1]
+    first = trials[0]
+    assert isinstance(first, RunRecord) and first.experiment_id == t.experiment_id
+    assert (first.status, first.metrics, first.params) == ("FINISHED", {"objective": 0.75}, {"head_lr": "0.003", "backbone": "b1"})
+    assert first.tags[ROLE] == "trial" and first.tags[TRIAL_TAG] == "0" and first.parent_id == parent
+    assert first.start_time <= first.end_time and trials[1].end_time is None and trials[1].status == "RUNNING"
+    assert all(type(x) is dict for x in (first.tags, first.params, first.metrics))  # plain values, not MLflow's
+
+    assert [r.run_id for r in t.find_runs(role="trial", order_by=NEWEST_FIRST)] == [trial1, trial0]
+    assert [r.run_id for r in t.find_runs(role="trial", status="RUNNING")] == [trial1]
+    assert [r.run_id for r in t.find_runs(parent=cell, order_by=OLDEST_FIRST)] == seeds
+    assert [r.run_id for r in t.find_runs(role="confirm", parent=cell, status="FINISHED")] == [seeds[1]]
+    assert [r.run_id for r in t.find_runs(tags={"harness.seed": 0})] == [seeds[0]]
+    assert [r.run_id for r in t.find_runs(role="cell", tags={"target": "flowers", "strategy": "full"})] == [cell]
+    assert t.find_runs(role="cell", tags={"target": "flowers", "strategy": "features"}) == []
+    assert t.find_runs(role="confirm", parent=parent) == []  # the seeds nest under their cell, not the study
+    assert len(t.find_runs(parent=parent)) == 3 and len(t.find_runs()) == 6  # the study's run has no parent
+    assert len(t.find_runs(role="trial", max_results=1)) == 1
+
+    assert t.get_run_record(trial0) == first
+    (study,) = t.study_runs("s")
+    assert study.run_id == parent and study.parent_id is None and study.params["study.direction"] == "minimize"
+    assert t.study_runs("other") == []
+
+
+def test_a_store_refusal_comes_out_as_a_plain_error_with_the_stores_words(workdir):
+    t = Tracker(f"sqlite:///{workdir}/m.db", "exp", str(workdir / "a"))
+    with pytest.raises(TrackingError) as refused, plain_tracking_errors():
+        t.get_run_record("0" * 32)
+    assert "0" * 32 in refused.value.message and str(refused.value) == refused.value.message
+    assert type(refused.value.__cause__).__name__ == "MlflowException"

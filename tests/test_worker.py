@@ -25,7 +25,7 @@ def handle(task, channel):
     if kind == "die":
         os.kill(os.getpid(), arg)
     if kind == "work_until_stopped":
-        from harness.phases import stop_requested
+        from harness.runtime import stop_requested
 
         while not stop_requested.is_set():
             time.sleep(0.05)
@@ -215,7 +215,7 @@ def test_a_successor_told_to_finish_before_its_predecessor_exits_never_touches_t
 
 
 def test_each_gpu_gets_memory_growth_or_the_configured_limit():
-    from harness.worker import configure_gpu_memory, gpu_memory_plan
+    from harness.runtime import configure_gpu_memory, gpu_memory_plan
 
     gpus = ["/physical_device:GPU:0", "/physical_device:GPU:1"]
     assert gpu_memory_plan(gpus, None) == dict.fromkeys(gpus, "memory growth")

@@ -1,0 +1,324 @@
+"""From-scratch training done properly, and the one training rule confirmations share.
+
+Every comparison flatters transfer unless the from-scratch model is trained with care (He et al.,
+2019: it needs a longer schedule, and then catches up on large data):
+
+- all layers train, BatchNormalization included (lowered momentum, and statistics re-estimated
+  on training batches before every validation, so inference-mode scores are fair);
+- the budget is optimizer steps with a floor (`baseline.min_steps`), not epochs of a small set;
+- the learning rate comes from a short search (the same model trained briefly at each of a few
+  rates; the lowest training loss wins) unless one is set;
+- early stopping never ends the run before the step floor, and after it waits until neither the
+  validation loss nor the study metric improves (accuracy can sit at chance while the loss
+  falls); the best validation's weights (study metric) are kept;
+- its accuracy on its own training images is measured: a model below 0.95 there (on up to 5,000
+  images) did not fit its data. It is trained again at the search's next-ranked learning rate
+  (`baseline.retries` times at most), and only then flagged as under-trained and not reported
+  as a result.
+
+Used in trial processes by the sweep's baseline and by the `scratch` cells' confirmation seeds
+(harness/tasks.py); the confirmation seeds of transfer strategies train under the same step floor
+and stopping rule (`confirmation_plan`), so confirmed cells compare under one rule.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from harness.config import BaselineConfig, SweepConfig, TrainConfig
+from harness.runtime import release_memory, seed_everything
+
+if TYPE_CHECKING:  # the sweep side reads this module's policies and tags without loading Keras
+    from harness.phases import Phase
+
+FIT_FLOOR = 0.95  # training accuracy a from-scratch model must reach to count as trained
+
+FIT_CHECK_MAX_IMAGES = 5000  # beyond this a model may fairly stop short of fitting every image
+
+UNDERTRAINED_TAG = "harness.undertrained"
+
+MAX_VALIDATIONS = 40  # a long from-scratch run is validated at most this often (each costs a BN re-estimate)
+
+
+@dataclass(frozen=True)
+class ScratchBudget:
+    steps: int  # optimizer steps in all
+    steps_per_round: int  # steps between validations (an "epoch" of the run's history)
+    rounds: int
+    patience: int | None  # in rounds
+    min_rounds: int  # rounds before early stopping may end the run: the step floor, in rounds
+
+
+def scratch_budget(train_images: int, batch_size: int, epochs: int, min_steps: int, patience: int | None) -> ScratchBudget:
+    """Steps = epochs of the training set, at least `min_steps`; validated every epoch, or less
+    often when that would mean more than MAX_VALIDATIONS validations. Patience keeps its meaning
+    in epochs, and is at least 3 validations. Early stopping may not end the run before
+    `min_steps` (min_rounds validations)."""
+    per_epoch = max(1, math.ceil(train_images / batch_size))
+    steps = max(epochs * per_epoch, min_steps)
+    per_round = max(per_epoch, math.ceil(steps / MAX_VALIDATIONS))
+    rounds = math.ceil(steps / per_round)
+    # A from-scratch model's validation score often sits at chance for a while before it moves:
+    # patience is never less than a quarter of the run.
+    rounds_patience = None if patience is None else max(3, math.ceil(patience * per_epoch / per_round), rounds // 4)
+    return ScratchBudget(rounds * per_round, per_round, rounds, rounds_patience, math.ceil(min_steps / per_round))
+
+LR_CANDIDATES = (1e-4, 3e-4, 1e-3)  # Adam rates a from-scratch CNN trains well with; higher ones killed
+# the demo's MobileNetV2 (every ReLU dead, the loss stuck at ln(classes)) after looking best for 100 steps
+
+
+def learning_rate_order(losses: dict[float, float]) -> list[float]:
+    """The learning-rate search's ranking, best first: the rate whose short run ended with the
+    lowest training loss first (ties: the smaller rate); diverged runs (inf or NaN) last, smallest
+    first. The first is the rate trained with; the next ones are the retries."""
+    finite = sorted((rate for rate, loss in losses.items() if math.isfinite(loss)), key=lambda rate: (losses[rate], rate))
+    return finite + sorted(rate for rate, loss in losses.items() if not math.isfinite(loss))
+
+
+def pick_learning_rate(losses: dict[float, float]) -> float:
+    """The search's answer (a diverged run never wins unless every run diverged: then the smallest rate)."""
+    return learning_rate_order(losses)[0]
+
+
+def learning_rate_search(tm, train_ds, steps_each: int, candidates=LR_CANDIDATES) -> dict[float, float]:
+    """Train the same fresh model a short while at each candidate rate (weights and optimizer
+    state reset between candidates, so one traced training step serves them all); returns each
+    rate's mean training loss over the second half of its run."""
+    import keras
+
+    from harness.model import set_all_trainable
+    from harness.phases import compile_for
+
+    set_all_trainable(tm)
+    compile_for(tm, candidates[0])
+    initial = tm.model.get_weights()
+    losses = {}
+    for rate in candidates:
+        tm.model.set_weights(initial)
+        optimizer = tm.model.optimizer
+        for variable in optimizer.variables:  # Adam's moments and step count, from zero
+            variable.assign(np.zeros(variable.shape, variable.dtype))
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):  # mixed precision: a loss scale of 0 is NaN
+            optimizer.dynamic_scale.assign(optimizer.initial_scale)
+        tm.model.optimizer.learning_rate.assign(rate)
+        half = max(1, steps_each // 2)
+        history = tm.model.fit(train_ds, epochs=2, steps_per_epoch=half, verbose=0)
+        loss = float(history.history["loss"][-1])
+        losses[rate] = loss if math.isfinite(loss) else math.inf
+    return losses
+
+
+def fit_verdict(train_accuracy: float, train_images: int) -> bool:
+    """True when a from-scratch model fitted its training data well enough to be a result."""
+    return train_accuracy >= FIT_FLOOR or train_images > FIT_CHECK_MAX_IMAGES
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One from-scratch training at one learning rate."""
+
+    learning_rate: float
+    steps: int  # optimizer steps run
+    train_accuracy: float  # on up to the whole training split, inference mode; NaN when it diverged
+    value: float  # best validation value of the study metric
+    fitted: bool
+    diverged: bool = False
+    seconds: float = 0.0  # training time (phases), for the cost columns
+
+
+def attempt_to_keep(attempts: list[Attempt]) -> int:
+    """The attempt whose model is the result: the first that fitted its training data, else the
+    one that came closest (highest training accuracy; a diverged one only if all diverged)."""
+    for i, attempt in enumerate(attempts):
+        if attempt.fitted:
+            return i
+    scores = [a.train_accuracy if math.isfinite(a.train_accuracy) else -math.inf for a in attempts]
+    return scores.index(max(scores))
+
+
+def attempts_csv(attempts: list[Attempt], metric: str) -> str:
+    rows = "".join(f"{i + 1},{a.learning_rate:g},{a.steps},{a.train_accuracy:.6g},{a.value:.6g},{str(a.fitted).lower()},"
+                   f"{str(a.diverged).lower()}\n" for i, a in enumerate(attempts))
+    return f"attempt,learning_rate,steps,train_accuracy,best_{metric},fitted,diverged\n" + rows
+
+
+def print_note(note) -> None:
+    """Where a run's notes go when it has no trial engine to show them: its messages, to stderr."""
+    kind, payload = note
+    if kind == "message":
+        print(payload, file=sys.stderr, flush=True)
+
+
+def train_from_scratch(runner, params: dict, seed: int, run_id: str, on_epoch=lambda r: None, label: str = "scratch",
+                       note=print_note, number: int = 0):
+    """All layers from random init, to convergence; logs into `run_id`. Returns (model, history,
+    facts): the model holds its best validation's weights; facts has learning_rate, steps,
+    train_accuracy, fitted, attempts, steps_all_attempts and seconds_all_attempts.
+
+    A run that does not fit its training data (`fit_verdict`) is trained again from the same
+    init at the search's next-ranked learning rate, up to `baseline.retries` times (a rate set
+    in the config is the only one tried). Every attempt is logged (learning_rate_attempts.csv,
+    the attempt/* metrics) and announced, one line each headed by `label`, through
+    `note(("message", text))`; each validation goes to `note(("epoch", summary))` as a trial's
+    does (harness/trials.py `show_note`), numbered `number`."""
+    from harness.data import tf_dataset
+    from harness.model import build_model
+    from harness.objective import model_spec, train_class_weights
+    from harness.phases import History, NonFiniteLoss, evaluate, run_phases, scratch_plan
+
+    cfg, dataset, splits, tracker = runner.cfg, runner.dataset, runner.splits, runner.tracker
+    metric, direction = cfg.study.metric, cfg.study.direction
+    batch = cfg.train.head.batch_size
+    budget = scratch_budget(len(splits.train), batch, cfg.baseline.epochs, cfg.baseline.min_steps, cfg.baseline.patience)
+    val = tf_dataset(dataset, splits.val, batch, shuffle=False)
+    spec = model_spec(cfg, params, dataset.num_classes, None, pretrained=False)
+
+    def seeded_start():
+        """A fresh model and training pipeline, the same for the search and every attempt. Seeded
+        first: tf.data takes a pipeline's shuffle seeds from TensorFlow's global seed when it is
+        built. And fresh: a shuffled pipeline's order moves on with every pass over it."""
+        seed_everything(seed)
+        return build_model(spec, seed=seed), tf_dataset(dataset, splits.train, batch, shuffle=True, seed=seed).repeat()
+
+    if cfg.baseline.learning_rate == "auto":
+        steps_each = max(20, budget.steps // 20)
+        note(("message", f"{label} learning-rate search: {len(LR_CANDIDATES)} rates, {steps_each} steps each"))
+        losses = learning_rate_search(*seeded_start(), steps_each, LR_CANDIDATES)
+        rates = learning_rate_order(losses)
+        found = ", ".join(f"{r:g} {losses[r]:.4g}" for r in losses)
+        order = ", ".join(f"{r:g}" for r in rates[:1 + cfg.baseline.retries])
+        note(("message", f"{label} learning-rate search: training loss {found}; tried in the order {order}"))
+        tracker.log_text(run_id, "learning_rate,train_loss\n" + "".join(f"{r:g},{l:.6g}\n" for r, l in losses.items()),
+                         "learning_rate_search.csv")
+        release_memory()  # keeps the mixed-precision policy, which clear_session would reset
+    else:
+        rates = [float(cfg.baseline.learning_rate)]
+    rates = rates[:1 + cfg.baseline.retries]
+    class_weight = train_class_weights(cfg, dataset, splits)
+    attempts: list[Attempt] = []
+    kept = None  # (index, weights, history) of the best unfitted attempt, while another is tried
+    start_epoch = 0  # attempts follow each other on the run's one epoch axis
+    for i, rate in enumerate(rates):
+        tm, train = seeded_start()  # so a retry trains as if its rate had been ranked first
+        history = History()
+        diverged = False
+        phase = "scratch" if i == 0 else f"scratch attempt {i + 1}"
+
+        def on_validation(record, first=start_epoch, phase=phase):
+            on_epoch(record)
+            note(("epoch", {"number": number, "epoch": record.epoch - first, "phase": phase,
+                            "metrics": dict(record.metrics), "total_epochs": budget.rounds}))
+
+        try:
+            run_phases(tm, scratch_plan(budget.rounds, rate, budget.patience, budget.min_rounds), train, val,
+                       on_epoch=on_validation, monitor=metric, direction=direction, start_epoch=start_epoch, history=history,
+                       steps_per_epoch=budget.steps_per_round, class_weight=class_weight)
+        except NonFiniteLoss:
+            diverged = True
+        ran = len(history.epochs)
+        start_epoch += ran
+        train_accuracy = math.nan if diverged else evaluate(tm.model, tf_dataset(dataset, splits.train, batch,
+                                                                                 shuffle=False))["accuracy"]
+        attempt = Attempt(rate, ran * budget.steps_per_round, train_accuracy, history.best(metric, direction),
+                          not diverged and fit_verdict(train_accuracy, len(splits.train)), diverged,
+                          sum(p.seconds for p in history.phases))
+        attempts.append(attempt)
+        outcome = "fitted" if attempt.fitted else ("diverged" if diverged else f"did not fit (below {FIT_FLOOR})")
+        more = not attempt.fitted and i + 1 < len(rates)
+        retry = f"; retrying at {rates[i + 1]:g}" if more else ""
+        line = (f"{label} attempt {i + 1}/{len(rates)}: learning rate {rate:g}, {attempt.steps} steps, "
+                f"train accuracy {train_accuracy:.3f}, best {metric} {attempt.value:.3f}: {outcome}{retry}")
+        note(("message", line))
+        tracker.log_metrics(run_id, {"attempt/learning_rate": rate, "attempt/steps": attempt.steps,
+                                     "attempt/train_accuracy": train_accuracy, f"attempt/best_{metric}": attempt.value},
+                            step=i)
+        if not more:
+            break
+        if attempt_to_keep(attempts) == i:
+            kept = (i, tm.model.get_weights(), history)
+        tm = None
+        release_memory()
+    chosen = attempt_to_keep(attempts)
+    if attempts[chosen].diverged:
+        raise NonFiniteLoss(f"from-scratch training diverged at every learning rate tried ({', '.join(f'{r:g}' for r in rates)})")
+    if chosen != len(attempts) - 1:  # an earlier attempt came closer: its weights go into the same architecture
+        _, weights, history = kept
+        tm.model.set_weights(weights)
+    final = attempts[chosen]
+    tracker.log_text(run_id, attempts_csv(attempts, metric), "learning_rate_attempts.csv")
+    tracker.log_params(run_id, {"scratch_learning_rate": f"{final.learning_rate:.4g}", "scratch_step_budget": budget.steps,
+                                "scratch_steps_per_validation": budget.steps_per_round,
+                                "scratch_min_steps": budget.min_rounds * budget.steps_per_round,
+                                "scratch_learning_rate_attempts": ", ".join(f"{a.learning_rate:g}" for a in attempts)})
+    tracker.log_metrics(run_id, {"train_accuracy": final.train_accuracy, "scratch/steps": final.steps,
+                                 "scratch/images_seen": final.steps * batch, "scratch/attempts": len(attempts),
+                                 "scratch/steps_all_attempts": sum(a.steps for a in attempts)})
+    tracker.set_tags(run_id, {UNDERTRAINED_TAG: str(not final.fitted).lower()})
+    return tm, history, {"learning_rate": final.learning_rate, "steps": final.steps, "train_accuracy": final.train_accuracy,
+                         "fitted": final.fitted, "attempts": attempts,
+                         # the compute of every attempt, for cost columns (a retry is part of the recipe's price)
+                         "steps_all_attempts": sum(a.steps for a in attempts),
+                         "seconds_all_attempts": sum(a.seconds for a in attempts)}
+
+
+# --- the training rule of confirmation seeds --------------------------------------------------
+
+RULE_TAG = "harness.training_rule"  # how a confirmation seed was trained: cells compare only under one rule
+
+
+def training_rule(ccfg: SweepConfig) -> str:
+    """The training rule every confirmation seed follows, whatever its strategy, in words (pure).
+    Cells trained under different rules (records of older sweeps, which trained transfer seeds on
+    the search's epoch budget) differ in schedule as well as strategy, so the report does not call
+    a winner between them (harness/verdicts.py).
+
+        >>> training_rule(cfg)
+        'to convergence: at least 3000 optimizer steps in all and 30 epochs, then early stopping once val_loss and
+        val_accuracy stall for 8 epochs; a transfer model's head phase (10 epochs, patience 4) counts toward them;
+        from scratch, up to 2 retries at the next learning rate when unfitted'
+    """
+    b, head = ccfg.baseline, ccfg.train.head
+    stop = "no early stopping" if b.patience is None else (
+        f"then early stopping once val_loss and {ccfg.study.metric} stall for {b.patience} epochs")
+    return (f"to convergence: at least {b.min_steps} optimizer steps in all and {b.epochs} epochs, {stop}; "
+            f"a transfer model's head phase ({head.epochs} epochs, patience {head.patience or 'off'}) counts toward them; "
+            f"from scratch, up to {b.retries} retries at the next learning rate when unfitted")
+
+
+def confirmation_plan(plan: list[Phase], train_images: int, train: TrainConfig, baseline: BaselineConfig) -> list[Phase]:
+    """A transfer strategy's search plan, turned into its confirmation plan (pure): the rule
+    scratch seeds train under (`training_rule`), so a verdict compares strategies, not schedules.
+
+    The phases before the last keep their schedule (the head phase trains the new head before
+    anything unfreezes); their planned steps count toward `baseline.min_steps`. The last phase
+    (fine-tune, or the only phase of a frozen-features strategy) covers the rest of the floor and
+    at least the rest of `baseline.epochs`, budgeted as a from-scratch run is (`scratch_budget`:
+    steps between validations, validations, patience in validations), and stops as one does
+    (`scratch_keeps_training`: never before the floor, then once neither the validation loss nor
+    the metric improves)."""
+    phases = [p for p in plan if p.epochs > 0]
+    if not phases:  # every phase configured off: nothing trains in the search either
+        return plan
+    *before, last = phases
+    batch = {"head": train.head.batch_size, "finetune": train.finetune.batch_size}
+    steps_before = sum(p.epochs * math.ceil(train_images / batch[p.name]) for p in before)
+    epochs_left = max(last.epochs, baseline.epochs - sum(p.epochs for p in before))
+    budget = scratch_budget(train_images, batch[last.name], epochs_left, max(0, baseline.min_steps - steps_before),
+                            baseline.patience)
+    one_pass = math.ceil(train_images / batch[last.name])
+    return [*before, replace(
+        last, epochs=budget.rounds, patience=budget.patience, min_epochs=budget.min_rounds, stall_stopping=True,
+        steps_per_epoch=None if budget.steps_per_round == one_pass else budget.steps_per_round)]
+
+
+def images_seen(plan: list[Phase], epochs_run: list[int], train_images: int, train: TrainConfig) -> int:
+    """Training images a plan's phases went through, given how many epochs each ran (pure): an
+    epoch is one pass over the training set, or `steps_per_epoch` batches where the phase sets it."""
+    batch = {"head": train.head.batch_size, "finetune": train.finetune.batch_size}
+    return sum(ran * (p.steps_per_epoch * batch[p.name] if p.steps_per_epoch else train_images)
+               for p, ran in zip([p for p in plan if p.epochs > 0], epochs_run))
