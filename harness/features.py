@@ -60,8 +60,11 @@ def boundary_applies(tm: TransferModel, phase) -> bool:
     """Whether `phase` trains only the top blocks above a frozen bottom that sees fixed inputs: a
     fine-tune phase of a pretrained backbone without augmentation that leaves some blocks frozen.
     The activations at the freeze boundary are then the same every epoch."""
-    return (phase.name == "finetune" and 0 < phase.unfreeze_blocks < len(tm.blocks)
-            and features_are_fixed(tm.spec.pretrained, tm.spec.augment))
+    return (
+        phase.name == "finetune"
+        and 0 < phase.unfreeze_blocks < len(tm.blocks)
+        and features_are_fixed(tm.spec.pretrained, tm.spec.augment)
+    )
 
 
 def boundary_layer(tm: TransferModel, unfrozen_blocks: int) -> str:
