@@ -40,6 +40,7 @@ search:
   head_lr: {low: 0.001, high: 0.01, log: true}
   finetune_lr: {low: 0.0001, high: 0.001, log: true}
   dropout: 0.1
+  cut_fraction: 0.2         # tiny: the first 4 of MobileNetV2's 19 blocks, so each model traces in seconds
 train:
   head: {epochs: 2, batch_size: 16, patience: null}
   finetune: {epochs: 2, batch_size: 16, patience: null}

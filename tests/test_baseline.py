@@ -135,7 +135,8 @@ def test_a_resumed_sweep_closes_the_baseline_and_seed_runs_a_killed_sweep_left_r
 
 
 SCRATCH_PARAMS = {"backbone": "MobileNetV2", "unfreeze_fraction": 0.5, "head_units": 8, "head_lr": 0.003,
-                  "finetune_lr": 0.0003, "dropout": 0.1, "pooling": "avg", "augment": True}
+                  "finetune_lr": 0.0003, "dropout": 0.1, "pooling": "avg", "augment": True,
+                  "cut_fraction": 0.2}  # the tiny config's 4-block backbone (tests/conftest.py TINY)
 
 
 def _runner(folder):
