@@ -19,8 +19,9 @@ BASELINE_FOR_TAG = "harness.baseline_for"  # on a baseline run: the number of th
 
 def find_baseline_run(tracker: Tracker, trial_number: int) -> RunRecord | None:
     """The sweep's finished baseline run of trial `trial_number`, or None (a resumed sweep re-uses it)."""
-    runs = tracker.find_runs(role="baseline", parent=tracker.parent_run_id, status="FINISHED",
-                             tags={BASELINE_FOR_TAG: trial_number}, max_results=1)
+    runs = tracker.find_runs(
+        role="baseline", parent=tracker.parent_run_id, status="FINISHED", tags={BASELINE_FOR_TAG: trial_number}, max_results=1
+    )
     return runs[0] if runs else None
 
 
@@ -38,20 +39,35 @@ def run_scratch_baseline(cfg, study, dataset_name: str, tracker: Tracker, log, r
         value = existing.metrics.get("objective")
         log(f"from-scratch baseline for trial {best.number} already trained: {cfg.study.metric} {value:.4f}")
         train_accuracy = existing.metrics.get("train_accuracy")
-        return {"trial": best.number, "value": value, "run_id": existing.run_id,
-                "test_accuracy": existing.metrics.get("test_accuracy"), "train_accuracy": train_accuracy,
-                "fitted": existing.tags.get(UNDERTRAINED_TAG) != "true"}
+        return {
+            "trial": best.number,
+            "value": value,
+            "run_id": existing.run_id,
+            "test_accuracy": existing.metrics.get("test_accuracy"),
+            "train_accuracy": train_accuracy,
+            "fitted": existing.tags.get(UNDERTRAINED_TAG) != "true",
+        }
 
-    log(f"training the from-scratch baseline (trial {best.number}'s architecture, random init, at least "
-        f"{cfg.baseline.min_steps} steps, learning rate {cfg.baseline.learning_rate})")
+    log(
+        f"training the from-scratch baseline (trial {best.number}'s architecture, random init, at least "
+        f"{cfg.baseline.min_steps} steps, learning rate {cfg.baseline.learning_rate})"
+    )
     run_id = tracker.start_child(
-        f"scratch baseline of trial {best.number}", "baseline",
-        {BASELINE_FOR_TAG: best.number, "backbone": params["backbone"], "dataset": dataset_name,
-         "strategy": "scratch", STATE_TAG: "RUNNING"},
+        f"scratch baseline of trial {best.number}",
+        "baseline",
+        {
+            BASELINE_FOR_TAG: best.number,
+            "backbone": params["backbone"],
+            "dataset": dataset_name,
+            "strategy": "scratch",
+            STATE_TAG: "RUNNING",
+        },
         config=cfg.to_dict(),
     )
-    tracker.log_params(run_id, {**params, "weights": "none", "baseline_min_steps": cfg.baseline.min_steps,
-                                "baseline_epochs": cfg.baseline.epochs})
+    tracker.log_params(
+        run_id,
+        {**params, "weights": "none", "baseline_min_steps": cfg.baseline.min_steps, "baseline_epochs": cfg.baseline.epochs},
+    )
     from harness.progress import Progress
 
     # Its validations are shown as a trial's epochs are: a long from-scratch run is never silent.
@@ -61,5 +77,3 @@ def run_scratch_baseline(cfg, study, dataset_name: str, tracker: Tracker, log, r
     finally:
         progress.close()
     return {"trial": best.number, "run_id": run_id, **result}
-
-

@@ -1,15 +1,16 @@
-""""Better" in a study metric's direction (maximize or minimize), in one place (pure).
+"""'Better' in a study metric's direction (maximize or minimize), in one place (pure).
 
-    >>> better(0.8, 0.7, "maximize"), better(0.3, 0.4, "minimize"), better(0.5, None, "maximize")
-    (True, True, True)
-    >>> best_of([0.2, 0.9, 0.5], "minimize")
-    0.2
+>>> better(0.8, 0.7, "maximize"), better(0.3, 0.4, "minimize"), better(0.5, None, "maximize")
+(True, True, True)
+>>> best_of([0.2, 0.9, 0.5], "minimize")
+0.2
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 T = TypeVar("T")
 

@@ -14,8 +14,10 @@ def scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Accuracy and mean cross-entropy of class probabilities against integer labels."""
     probabilities = np.asarray(probabilities, np.float64)
     picked = probabilities[np.arange(len(labels)), labels]
-    return {"accuracy": float(np.mean(probabilities.argmax(axis=1) == labels)),
-            "loss": float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))}
+    return {
+        "accuracy": float(np.mean(probabilities.argmax(axis=1) == labels)),
+        "loss": float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0)))),
+    }
 
 
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
@@ -76,8 +78,15 @@ def confusion_figure(confusion: np.ndarray, class_names: list[str]):
     ax.imshow(confusion, cmap="Blues")
     top = confusion.max() if confusion.size else 0
     for (row, col), count in np.ndenumerate(confusion):
-        ax.text(col, row, str(count), ha="center", va="center", fontsize=8 if k > 10 else 10,
-                color="white" if count > top / 2 else "black")
+        ax.text(
+            col,
+            row,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=8 if k > 10 else 10,
+            color="white" if count > top / 2 else "black",
+        )
     ax.set_xticks(range(k), class_names, rotation=45, ha="right")
     ax.set_yticks(range(k), class_names)
     ax.set_xlabel("predicted")

@@ -72,6 +72,7 @@ def _share_text(share: float) -> str:
 
 # --- text formatting shared by the renderers ----------------------------------------------------
 
+
 def _acc(value: float) -> str:
     return f"{value:.3f}" if value is not None and math.isfinite(value) else ""
 
@@ -144,8 +145,15 @@ class _Table:
 # --- the tables a reader sees -------------------------------------------------------------------
 
 _ALPHA_TEXT = f"{stats.ALPHA:g}"
-_WIDE_HEADERS = {"verdict": "Winner", "runner_up": "Runner-up", "margin": "Margin", "p_value": "p (Welch)",
-                 "significant": "Significant", "textbook": "Textbook rule", "agrees_with_textbook": "Agrees with rule"}
+_WIDE_HEADERS = {
+    "verdict": "Winner",
+    "runner_up": "Runner-up",
+    "margin": "Margin",
+    "p_value": "p (Welch)",
+    "significant": "Significant",
+    "textbook": "Textbook rule",
+    "agrees_with_textbook": "Agrees with rule",
+}
 
 
 def comparison_table(cells: pd.DataFrame) -> pd.DataFrame:
@@ -167,13 +175,42 @@ def _wide(comparison: Comparison) -> pd.DataFrame:
         row = {"quadrant": v.quadrant, "target": v.target}
         for strategy in strategies:
             cell = by_cell.get((v.quadrant, strategy))
-            row[strategy] = "" if cell is None else _cell_text(cell.test_mean, cell.ci_low, cell.ci_high) + (
-                " (under-trained)" if cell.undertrained > 0 else "")
-        row.update({c: getattr(v, c) for c in ("verdict", "runner_up", "margin", "p_value", "significant",
-                                                "tie_set", "decisive", "textbook", "agrees_with_textbook")})
+            row[strategy] = (
+                ""
+                if cell is None
+                else _cell_text(cell.test_mean, cell.ci_low, cell.ci_high) + (" (under-trained)" if cell.undertrained > 0 else "")
+            )
+        row.update(
+            {
+                c: getattr(v, c)
+                for c in (
+                    "verdict",
+                    "runner_up",
+                    "margin",
+                    "p_value",
+                    "significant",
+                    "tie_set",
+                    "decisive",
+                    "textbook",
+                    "agrees_with_textbook",
+                )
+            }
+        )
         rows.append(row)
-    columns = ["quadrant", "target", *strategies, "verdict", "runner_up", "margin", "p_value", "significant",
-               "tie_set", "decisive", "textbook", "agrees_with_textbook"]
+    columns = [
+        "quadrant",
+        "target",
+        *strategies,
+        "verdict",
+        "runner_up",
+        "margin",
+        "p_value",
+        "significant",
+        "tie_set",
+        "decisive",
+        "textbook",
+        "agrees_with_textbook",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -183,10 +220,14 @@ def _wide_display(comparison: Comparison, experiment_id, ui_url: str) -> _Table:
     wide = _wide(comparison)
     strategies = comparison.strategies
     formats = {"margin": _acc, "p_value": _p}
-    texts = pd.DataFrame({
-        "Quadrant": wide["quadrant"], "Target": wide["target"], **{s: wide[s] for s in strategies},
-        **{header: [formats.get(column, _value_text)(x) for x in wide[column]] for column, header in _WIDE_HEADERS.items()},
-    })
+    texts = pd.DataFrame(
+        {
+            "Quadrant": wide["quadrant"],
+            "Target": wide["target"],
+            **{s: wide[s] for s in strategies},
+            **{header: [formats.get(column, _value_text)(x) for x in wide[column]] for column, header in _WIDE_HEADERS.items()},
+        }
+    )
     table = _Table.of(texts)
     row_of = {quadrant: i for i, quadrant in enumerate(wide["quadrant"])}
     for cell, highlight in zip(comparison.cells.itertuples(index=False), comparison.highlight):
@@ -203,27 +244,41 @@ def _detail_display(comparison: Comparison, experiment_id, ui_url: str) -> _Tabl
     long = comparison.cells
     params = [c for c in long.columns if c.startswith("param_")]
     columns = {
-        "Quadrant": long["quadrant"], "Strategy": long["strategy"],
-        "Test mean": [_acc(x) for x in long["test_mean"]], "Std": [_acc(x) for x in long["test_std"]],
+        "Quadrant": long["quadrant"],
+        "Strategy": long["strategy"],
+        "Test mean": [_acc(x) for x in long["test_mean"]],
+        "Std": [_acc(x) for x in long["test_std"]],
         "95% CI": [f"[{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) else "" for lo, hi in zip(long["ci_low"], long["ci_high"])],
         "Seeds": [_value_text(x, "n_seeds") for x in long["n_seeds"]],
         "p vs winner": [_p(x) for x in long["p_vs_winner"]],
-        "Tied with winner": [_value_text(bool(t)) if not w and math.isfinite(m) else ""
-                             for t, w, m in zip(long["in_tie_set"], long["is_winner"], long["test_mean"])],
+        "Tied with winner": [
+            _value_text(bool(t)) if not w and math.isfinite(m) else ""
+            for t, w, m in zip(long["in_tie_set"], long["is_winner"], long["test_mean"])
+        ],
         "Best val (search)": [_acc(x) for x in long["best_val"]],
         "LogME": [_acc(x) for x in long["logme"]],
         "Epochs per seed": [_value_text(x) for x in long["train_epochs"]],
         "Train seconds per seed": [_value_text(x) for x in long["train_seconds"]],
         "Images seen per seed": [_value_text(x, "n_seeds") for x in long["train_images_seen"]],
         "Under-trained": ["yes" if u > 0 else "" for u in long["undertrained"]],
-        **{_header(p): ["" if _not_applicable(s, p) else _value_text(x, p) for s, x in zip(long["strategy"], long[p])]
-           for p in params},
+        **{
+            _header(p): ["" if _not_applicable(s, p) else _value_text(x, p) for s, x in zip(long["strategy"], long[p])]
+            for p in params
+        },
         "Cell run": [r[:8] if isinstance(r, str) else "" for r in long["cell_run_id"]],
         "Best seed run": [r[:8] if isinstance(r, str) else "" for r in long["best_confirm_run_id"]],
     }
     texts = pd.DataFrame(columns)
-    optional = {"LogME", "Epochs per seed", "Train seconds per seed", "Images seen per seed", "Under-trained", "Cell run",
-                "Best seed run", *map(_header, params)}
+    optional = {
+        "LogME",
+        "Epochs per seed",
+        "Train seconds per seed",
+        "Images seen per seed",
+        "Under-trained",
+        "Cell run",
+        "Best seed run",
+        *map(_header, params),
+    }
     texts = texts[[c for c in texts.columns if c not in optional or (texts[c] != "").any()]]
     table = _Table.of(texts)
     for name, column in (("Cell run", "cell_run_id"), ("Best seed run", "best_confirm_run_id")):
@@ -234,8 +289,9 @@ def _detail_display(comparison: Comparison, experiment_id, ui_url: str) -> _Tabl
 
 def _extra_frame(table: pd.DataFrame) -> pd.DataFrame:
     """An extra table as written: a meaningful index (named, or not 0..n-1) becomes columns."""
-    is_default_index = isinstance(table.index, pd.RangeIndex) and table.index.name is None \
-        and table.index.start == 0 and table.index.step == 1
+    is_default_index = (
+        isinstance(table.index, pd.RangeIndex) and table.index.name is None and table.index.start == 0 and table.index.step == 1
+    )
     frame = table if is_default_index else table.reset_index()
     frame = frame.copy()
     frame.columns = [str(c) for c in frame.columns]
@@ -247,10 +303,13 @@ def _extra_display(table: pd.DataFrame, experiment_id=None, ui_url: str = DEFAUL
     the row's strategy does not use left blank, an mlflow_run_id linked to its run."""
     frame = _extra_frame(table).reset_index(drop=True)
     strategies = frame["strategy"] if "strategy" in frame.columns else pd.Series([""] * len(frame))
-    texts = pd.DataFrame({
-        column: ["" if _not_applicable(s, column) else _value_text(x, column) for s, x in zip(strategies, frame[column])]
-        for column in frame.columns
-    }, index=frame.index)
+    texts = pd.DataFrame(
+        {
+            column: ["" if _not_applicable(s, column) else _value_text(x, column) for s, x in zip(strategies, frame[column])]
+            for column in frame.columns
+        },
+        index=frame.index,
+    )
     result = _Table.of(texts)
     if "mlflow_run_id" in frame.columns:
         result.links["mlflow_run_id"] = [run_url(r, experiment_id, ui_url) for r in frame["mlflow_run_id"]]
@@ -270,22 +329,29 @@ def _verdict_sentence(v) -> str:
     if v.outcome == ALONE:
         text = f"{head}: only {v.winner} has a test score ({v.winner_test_mean:.3f}); nothing to compare"
     else:
-        test = (f"Welch's t-test over seeds, {v.winner} vs runner-up {v.runner_up}: "
-                + (f"p = {_p(v.p_value)}" if math.isfinite(v.p_value)
-                   else "no p-value (fewer than 2 seeds, or every seed of both scored the same)"))
+        test = f"Welch's t-test over seeds, {v.winner} vs runner-up {v.runner_up}: " + (
+            f"p = {_p(v.p_value)}"
+            if math.isfinite(v.p_value)
+            else "no p-value (fewer than 2 seeds, or every seed of both scored the same)"
+        )
         if v.outcome == RULES_DIFFER:
-            text = (f"{head}: {v.winner} scores best ({v.winner_test_mean:.3f} vs {v.runner_up_test_mean:.3f}); {test}, "
-                    f"but the cells were trained under different rules, so no winner is called")
+            text = (
+                f"{head}: {v.winner} scores best ({v.winner_test_mean:.3f} vs {v.runner_up_test_mean:.3f}); {test}, "
+                f"but the cells were trained under different rules, so no winner is called"
+            )
         elif v.outcome == DECISIVE:
-            text = (f"{head}: {v.winner} wins ({v.winner_test_mean:.3f} vs {v.runner_up_test_mean:.3f}, "
-                    f"margin {v.margin:.3f}); {test}, significant, and every other strategy is significantly worse")
+            text = (
+                f"{head}: {v.winner} wins ({v.winner_test_mean:.3f} vs {v.runner_up_test_mean:.3f}, "
+                f"margin {v.margin:.3f}); {test}, significant, and every other strategy is significantly worse"
+            )
         else:
-            text = (f"{head}: no decisive winner; tie between {v.tie_set} (no significant difference from the "
-                    f"best, {v.winner} {v.winner_test_mean:.3f}, at p < {_ALPHA_TEXT}); {test}"
-                    + (", significant" if v.significant else ", not significant"))
+            text = (
+                f"{head}: no decisive winner; tie between {v.tie_set} (no significant difference from the "
+                f"best, {v.winner} {v.winner_test_mean:.3f}, at p < {_ALPHA_TEXT}); {test}"
+                + (", significant" if v.significant else ", not significant")
+            )
     if v.cheaper_in_tie:
-        text += (f"; {v.cheapest_in_tie} is within the tie at {_share_text(v.cheapest_cost_share)} of "
-                 f"{v.winner}'s training cost")
+        text += f"; {v.cheapest_in_tie} is within the tie at {_share_text(v.cheapest_cost_share)} of {v.winner}'s training cost"
     agreement = "agrees" if v.agrees_with_textbook else "disagrees"
     rule = v.textbook or "no rule for this quadrant"
     trained = f" Trained under: {v.training_rules}." if isinstance(v.training_rules, str) else ""
@@ -293,14 +359,17 @@ def _verdict_sentence(v) -> str:
 
 
 def _intro(marks_note: str) -> str:
-    return (f"Test accuracy per quadrant and strategy: mean over confirmation seeds with its 95% t-interval "
-            f"[low, high]; a blank cell was not run. p (Welch) is Welch's t-test over the seeds' test accuracies, "
-            f"winner (best mean) vs runner-up. A winner is named only when it is significantly better "
-            f"(p < {_ALPHA_TEXT}) than every other strategy of its quadrant; otherwise the Winner column names the "
-            f"tie: every strategy the test cannot tell apart from the best. {marks_note}")
+    return (
+        f"Test accuracy per quadrant and strategy: mean over confirmation seeds with its 95% t-interval "
+        f"[low, high]; a blank cell was not run. p (Welch) is Welch's t-test over the seeds' test accuracies, "
+        f"winner (best mean) vs runner-up. A winner is named only when it is significantly better "
+        f"(p < {_ALPHA_TEXT}) than every other strategy of its quadrant; otherwise the Winner column names the "
+        f"tie: every strategy the test cannot tell apart from the best. {marks_note}"
+    )
 
 
 # --- Markdown (pandas' to_markdown, i.e. tabulate) ----------------------------------------------
+
 
 def _md_cell(text: str, link: str | None, mark: str) -> str:
     text = text.replace("|", "\\|").replace("\n", " ")  # a '|' would split the cell
@@ -312,8 +381,9 @@ def _md_cell(text: str, link: str | None, mark: str) -> str:
 
 
 def _markdown_table(table: _Table) -> str:
-    shown = pd.DataFrame({c: [_md_cell(t, lk, m) for t, lk, m in zip(table.texts[c], table.links[c], table.marks[c])]
-                          for c in table.texts.columns})
+    shown = pd.DataFrame(
+        {c: [_md_cell(t, lk, m) for t, lk, m in zip(table.texts[c], table.links[c], table.marks[c])] for c in table.texts.columns}
+    )
     shown.columns = [c.replace("|", "\\|") for c in shown.columns]
     # disable_numparse: tabulate would otherwise reformat '0.010' as '0.01'.
     return shown.to_markdown(index=False, disable_numparse=True)
@@ -329,14 +399,22 @@ def _markdown(comparison: Comparison, title, extra, experiment_id, ui_url) -> st
     if experiment_id not in (None, ""):
         note += " Cells link to their MLflow runs."
     parts = [
-        f"# {title}", "",
-        _intro(note), "",
-        _markdown_table(_wide_display(comparison, experiment_id, ui_url)), "",
-        "## Verdicts", "",
-        *[f"- {_verdict_sentence(v)}" for v in comparison.quadrants.itertuples(index=False)], "",
-        "## Per-cell detail", "",
-        "Parameters are the confirmed configuration; a blank parameter is not used by that strategy.", "",
-        _markdown_table(_detail_display(comparison, experiment_id, ui_url)), "",
+        f"# {title}",
+        "",
+        _intro(note),
+        "",
+        _markdown_table(_wide_display(comparison, experiment_id, ui_url)),
+        "",
+        "## Verdicts",
+        "",
+        *[f"- {_verdict_sentence(v)}" for v in comparison.quadrants.itertuples(index=False)],
+        "",
+        "## Per-cell detail",
+        "",
+        "Parameters are the confirmed configuration; a blank parameter is not used by that strategy.",
+        "",
+        _markdown_table(_detail_display(comparison, experiment_id, ui_url)),
+        "",
     ]
     for name, table in extra.items():
         parts += [f"## {name}", "", _markdown_table(_extra_display(table, experiment_id, ui_url)), ""]
@@ -345,13 +423,17 @@ def _markdown(comparison: Comparison, title, extra, experiment_id, ui_url) -> st
 
 # --- LaTeX (pandas' Styler.to_latex) ------------------------------------------------------------
 
+
 def _latex(comparison: Comparison, title: str) -> str:
     """A booktabs `tabular` of the wide table to \\input into a paper (needs \\usepackage{booktabs})."""
     table = _wide_display(comparison, None, DEFAULT_UI_URL)
     commands = {"winner": "textbf:--rwrap;", "tie": "textit:--rwrap;", "": ""}
-    styler = (table.texts.style.hide(axis="index")
-              .format(escape="latex").format_index(escape="latex", axis=1)
-              .apply(lambda _: table.marks.map(commands.get), axis=None))
+    styler = (
+        table.texts.style.hide(axis="index")
+        .format(escape="latex")
+        .format_index(escape="latex", axis=1)
+        .apply(lambda _: table.marks.map(commands.get), axis=None)
+    )
     n_strategies = len(table.texts.columns) - 2 - len(_WIDE_HEADERS)
     body = styler.to_latex(hrules=True, column_format="ll" + "c" * n_strategies + "llrrllc")
     header = [
@@ -364,6 +446,7 @@ def _latex(comparison: Comparison, title: str) -> str:
 
 
 # --- heatmap ------------------------------------------------------------------------------------
+
 
 def heatmap_figure(cells: pd.DataFrame, title: str = ""):
     """Quadrant x strategy heatmap with one colour scale per quadrant row: colour is the cell's
@@ -405,28 +488,51 @@ def _heatmap(comparison: Comparison, title: str):
     for i in range(len(quadrants)):
         for j in range(len(strategies)):
             if not np.isfinite(means[i, j]):
-                ax.text(j, i, "under-trained" if undertrained[i, j] else "not run", ha="center", va="center",
-                        fontsize=8, color="#555555")
+                ax.text(
+                    j,
+                    i,
+                    "under-trained" if undertrained[i, j] else "not run",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="#555555",
+                )
                 continue
             label = _cell_text(means[i, j], lows[i, j], highs[i, j]).replace(" [", "\n[")
             gap = means[i, j] - best[i]
             label += "\nbest" if gap > -TIE_TOLERANCE else f"\n{gap:+.3f}".replace("-", "−")
             # Dark text on light colours and vice versa, so every label stays readable.
             r, g, b, _ = cmap(image.norm(scaled[i, j]))
-            ax.text(j, i, label, ha="center", va="center", fontsize=7,
-                    color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+            ax.text(
+                j,
+                i,
+                label,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white",
+            )
             if marks[i, j]:
                 # Inset, so the outlines of neighbouring tied cells stay apart.
-                ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="#d62728",
-                                       linewidth=3 if marks[i, j] == "winner" else 2,
-                                       linestyle="-" if marks[i, j] == "winner" else "--"))
+                ax.add_patch(
+                    Rectangle(
+                        (j - 0.46, i - 0.46),
+                        0.92,
+                        0.92,
+                        fill=False,
+                        edgecolor="#d62728",
+                        linewidth=3 if marks[i, j] == "winner" else 2,
+                        linestyle="-" if marks[i, j] == "winner" else "--",
+                    )
+                )
 
     ax.set_xticks(range(len(strategies)), strategies)
     ax.set_yticks(range(len(quadrants)), [f"{q}\n({t})" for q, t in zip(quadrants, verdicts["target"])])
     ax.tick_params(length=0)
     fig.colorbar(image, ax=ax, label="test mean within its quadrant (0 = worst, 1 = best)")
-    ax.set_title((title + "\n" if title else "")
-                 + f"solid outline: significant winner; dashed: tie (Welch p ≥ {_ALPHA_TEXT})", fontsize=9)
+    ax.set_title(
+        (title + "\n" if title else "") + f"solid outline: significant winner; dashed: tie (Welch p ≥ {_ALPHA_TEXT})", fontsize=9
+    )
     fig.tight_layout()
     return fig
 
@@ -454,14 +560,22 @@ img { max-width: 100%; }
 
 
 def _html_table(table: _Table, uuid: str) -> str:
-    shown = pd.DataFrame({
-        c: [f'<a href="{html.escape(lk)}">{html.escape(t)}</a>' if t and isinstance(lk, str) else html.escape(t)
-            for t, lk in zip(table.texts[c], table.links[c])]
-        for c in table.texts.columns
-    })
+    shown = pd.DataFrame(
+        {
+            c: [
+                f'<a href="{html.escape(lk)}">{html.escape(t)}</a>' if t and isinstance(lk, str) else html.escape(t)
+                for t, lk in zip(table.texts[c], table.links[c])
+            ]
+            for c in table.texts.columns
+        }
+    )
     # Cells are escaped above (links must stay markup); headers are escaped by the Styler.
-    styler = (shown.style.hide(axis="index").set_uuid(uuid).format_index(escape="html", axis=1)
-              .set_td_classes(table.marks.set_axis(shown.columns, axis=1)))
+    styler = (
+        shown.style.hide(axis="index")
+        .set_uuid(uuid)
+        .format_index(escape="html", axis=1)
+        .set_td_classes(table.marks.set_axis(shown.columns, axis=1))
+    )
     return styler.to_html()
 
 
@@ -495,6 +609,7 @@ def _html(comparison: Comparison, title, png, extra, experiment_id, ui_url) -> s
 
 # --- writing everything -------------------------------------------------------------------------
 
+
 def _check_extra_names(extra: dict[str, pd.DataFrame]) -> None:
     for name in extra:
         # The name becomes a file name: keep it to one plain path component.
@@ -504,9 +619,14 @@ def _check_extra_names(extra: dict[str, pd.DataFrame]) -> None:
             raise ValueError(f"extra table name {name!r} is reserved; reserved: {sorted(_RESERVED_NAMES)}")
 
 
-def write_comparison(cells: pd.DataFrame, out_dir, title: str,
-                     extra_tables: dict[str, pd.DataFrame] | None = None,
-                     experiment_id: str | None = None, ui_url: str = DEFAULT_UI_URL) -> dict[str, Path]:
+def write_comparison(
+    cells: pd.DataFrame,
+    out_dir,
+    title: str,
+    extra_tables: dict[str, pd.DataFrame] | None = None,
+    experiment_id: str | None = None,
+    ui_url: str = DEFAULT_UI_URL,
+) -> dict[str, Path]:
     """Write the comparison into `out_dir` (created if needed) and return {kind: path}:
 
     csv      comparison.csv, the long form (see `verdicts.comparison_long`), full precision;
@@ -528,8 +648,13 @@ def write_comparison(cells: pd.DataFrame, out_dir, title: str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    paths = {"csv": out / "comparison.csv", "md": out / "comparison.md", "tex": out / "comparison.tex",
-             "heatmap": out / "heatmap.png", "html": out / "comparison.html"}
+    paths = {
+        "csv": out / "comparison.csv",
+        "md": out / "comparison.md",
+        "tex": out / "comparison.tex",
+        "heatmap": out / "heatmap.png",
+        "html": out / "comparison.html",
+    }
     comparison.cells.to_csv(paths["csv"], index=False)
     png = _png_bytes(_heatmap(comparison, title))
     paths["heatmap"].write_bytes(png)

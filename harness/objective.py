@@ -11,7 +11,7 @@ sweep cannot run" and propagates to stop the sweep at once.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import optuna
 
@@ -32,8 +32,16 @@ class TrialFailed(Exception):
 def trial_level_errors() -> tuple[type[BaseException], ...]:
     import tensorflow as tf
 
-    return (NonFiniteLoss, MemoryError, tf.errors.ResourceExhaustedError, tf.errors.InvalidArgumentError,
-            tf.errors.InternalError, tf.errors.UnknownError, ValueError, RuntimeError)
+    return (
+        NonFiniteLoss,
+        MemoryError,
+        tf.errors.ResourceExhaustedError,
+        tf.errors.InvalidArgumentError,
+        tf.errors.InternalError,
+        tf.errors.UnknownError,
+        ValueError,
+        RuntimeError,
+    )
 
 
 def model_spec(cfg: SweepConfig, params: dict, num_classes: int, weights: str | None, pretrained: bool = True):
@@ -60,9 +68,13 @@ def plan_for(cfg: SweepConfig, params: dict, n_blocks: int) -> list[Phase]:
     head, ft = cfg.train.head, cfg.train.finetune
     if params.get("strategy") == "scratch":
         # Same epoch budget as the two-phase strategies, all of it with everything training.
-        return scratch_plan(head.epochs + ft.epochs, params["head_lr"], max(filter(None, (head.patience, ft.patience)), default=None))
+        return scratch_plan(
+            head.epochs + ft.epochs, params["head_lr"], max(filter(None, (head.patience, ft.patience)), default=None)
+        )
     n_unfreeze = blocks_to_unfreeze(n_blocks, params.get("unfreeze_fraction"), params.get("unfreeze_blocks"))
-    return two_phase_plan(head.epochs, params["head_lr"], head.patience, ft.epochs, params["finetune_lr"], ft.patience, n_unfreeze)
+    return two_phase_plan(
+        head.epochs, params["head_lr"], head.patience, ft.epochs, params["finetune_lr"], ft.patience, n_unfreeze
+    )
 
 
 class TrialRunner:
@@ -75,13 +87,15 @@ class TrialRunner:
     for that answer (asked now, read once the epoch is logged).
     """
 
-    def __init__(self, cfg: SweepConfig, dataset: Dataset, splits: Splits, tracker: Tracker,
-                 weights: dict[str, str | None]):
+    def __init__(self, cfg: SweepConfig, dataset: Dataset, splits: Splits, tracker: Tracker, weights: dict[str, str | None]):
         self.cfg, self.dataset, self.splits, self.tracker = cfg, dataset, splits, tracker
         self.weights = weights
-        self._pipelines: dict[tuple, tuple] = {}
-        self.features = (FeatureCache(cfg.train.feature_cache_dir, dataset, splits, cfg.train.feature_cache_max_gib)
-                         if cfg.train.feature_cache else None)
+        self._pipelines: dict[int, tuple] = {}  # batch size -> (train, val)
+        self.features = (
+            FeatureCache(cfg.train.feature_cache_dir, dataset, splits, cfg.train.feature_cache_max_gib)
+            if cfg.train.feature_cache
+            else None
+        )
         runtime.apply_device_switches(cfg.train)  # before this process builds a model
 
     def pipelines(self, batch_size: int):
@@ -94,7 +108,9 @@ class TrialRunner:
             )
         return self._pipelines[batch_size]
 
-    def train(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool | Callable[[], bool]], history: History):
+    def train(
+        self, number: int, params: dict, run_id: str, report: Callable[[dict], bool | Callable[[], bool]], history: History
+    ):
         """Build and train the trial's model (filling `history`); returns it with the best
         epoch's weights. The run's lifecycle is harness/tasks.py `run_trial`."""
         from harness.model import build_model
@@ -125,8 +141,17 @@ class TrialRunner:
             # The epoch's index within its own phase: the sweep process turns it into the pruner's
             # step (harness/trials.py pruning_step); `epoch` stays the shared timeline.
             phase_epoch = record.epoch - next(e.epoch for e in history.epochs if e.phase == record.phase)
-            answer = report({"number": number, "epoch": record.epoch, "phase": record.phase, "phase_epoch": phase_epoch,
-                             "metrics": dict(record.metrics), "total_epochs": total_epochs, "value": value})
+            answer = report(
+                {
+                    "number": number,
+                    "epoch": record.epoch,
+                    "phase": record.phase,
+                    "phase_epoch": phase_epoch,
+                    "metrics": dict(record.metrics),
+                    "total_epochs": total_epochs,
+                    "value": value,
+                }
+            )
             try:  # the sweep process decides (an Optuna storage write and read) while this one logs
                 self.tracker.log_metrics(run_id, record.metrics, step=record.epoch)
             finally:  # read the answer even if logging failed: an unread reply would answer the next question
@@ -137,15 +162,36 @@ class TrialRunner:
         def on_features(phase: str, seconds: float):
             self.tracker.log_metrics(run_id, {f"{phase}/feature_seconds": seconds})
 
-        run_plan(cfg, tm, plan, self.pipelines, on_epoch, on_phase_start, history=history, class_weight=class_weight,
-                 features=self.features, seed=cfg.data.seed, on_features=on_features)
+        run_plan(
+            cfg,
+            tm,
+            plan,
+            self.pipelines,
+            on_epoch,
+            on_phase_start,
+            history=history,
+            class_weight=class_weight,
+            features=self.features,
+            seed=cfg.data.seed,
+            on_features=on_features,
+        )
         log_history(self.tracker, run_id, history)
         return tm
 
 
-def run_plan(cfg: SweepConfig, tm, plan, pipelines, on_epoch=lambda r: None, on_phase_start=lambda p, t, n: None,
-             history: History | None = None, class_weight: dict[int, float] | None = None,
-             features=None, seed: int = 0, on_features=lambda phase, seconds: None) -> History:
+def run_plan(
+    cfg: SweepConfig,
+    tm,
+    plan,
+    pipelines,
+    on_epoch=lambda r: None,
+    on_phase_start=lambda p, t, n: None,
+    history: History | None = None,
+    class_weight: dict[int, float] | None = None,
+    features=None,
+    seed: int = 0,
+    on_features=lambda phase, seconds: None,
+) -> History:
     """Run a plan whose phases may use different batch sizes; `pipelines(batch)` -> (train, val).
 
     `features` (harness.features.FeatureCache, when train.feature_cache is on): a head phase on
@@ -166,17 +212,28 @@ def run_plan(cfg: SweepConfig, tm, plan, pipelines, on_epoch=lambda r: None, on_
         head_inputs = None
         if features is not None and cache_applies(tm, phase):
             head_inputs = features.head_inputs(tm, size, seed)
-        elif (features is not None and boundary_applies(tm, phase)
-              and features.boundary_fits(tm, phase.unfreeze_blocks)):
+        elif features is not None and boundary_applies(tm, phase) and features.boundary_fits(tm, phase.unfreeze_blocks):
             head_inputs = features.top_inputs(tm, phase.unfreeze_blocks, size, seed)
         if head_inputs is not None:
             on_features(phase.name, time.perf_counter() - started)
             train_ds = val_ds = None  # the images are not read in this phase
         else:
             train_ds, val_ds = pipelines(size)
-        run_phases(tm, [phase], train_ds, val_ds, on_epoch, on_phase_start, cfg.study.metric, cfg.study.direction,
-                   start_epoch=len(merged.epochs), best=best, history=merged, class_weight=class_weight,
-                   head_inputs=head_inputs)
+        run_phases(
+            tm,
+            [phase],
+            train_ds,
+            val_ds,
+            on_epoch,
+            on_phase_start,
+            cfg.study.metric,
+            cfg.study.direction,
+            start_epoch=len(merged.epochs),
+            best=best,
+            history=merged,
+            class_weight=class_weight,
+            head_inputs=head_inputs,
+        )
     return merged
 
 
@@ -236,5 +293,3 @@ def history_csv(history: History) -> str:
 
     rows = [{"epoch": e.epoch, "phase": e.phase, **e.metrics} for e in history.epochs]
     return pd.DataFrame(rows).to_csv(index=False)
-
-

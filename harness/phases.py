@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import keras
 import numpy as np
@@ -105,8 +105,12 @@ class BestWeights:
     def _changing(model: keras.Model) -> list:
         """The variables training can change now: the trainable ones, and the moving statistics of
         trainable BatchNormalization layers (a frozen or pretrained one runs in inference mode)."""
-        moving = [v for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-                  for v in layer.non_trainable_variables]
+        moving = [
+            v
+            for layer in _all_layers(model)
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+            for v in layer.non_trainable_variables
+        ]
         return [*model.trainable_variables, *moving]
 
     def start_phase(self, model: keras.Model) -> None:
@@ -130,8 +134,14 @@ class BestWeights:
 
 
 class _EpochHook(keras.callbacks.Callback):
-    def __init__(self, phase: str, history: History, on_epoch: Callable[[EpochRecord], None], best: BestWeights | None = None,
-                 whole: keras.Model | None = None):
+    def __init__(
+        self,
+        phase: str,
+        history: History,
+        on_epoch: Callable[[EpochRecord], None],
+        best: BestWeights | None = None,
+        whole: keras.Model | None = None,
+    ):
         super().__init__()
         self.phase, self.history, self.on_epoch, self.best = phase, history, on_epoch, best
         self.whole = whole  # the trial's model, when the one being fitted is only its head (cached features)
@@ -245,14 +255,16 @@ def _validations_since_best(values: list[float], lower_is_better: bool) -> int:
     improvements by more than SCRATCH_MIN_DELTA; all of them when none is finite."""
     best_at, best = None, None
     for i, value in enumerate(values):
-        if math.isfinite(value) and (best is None or (value < best - SCRATCH_MIN_DELTA if lower_is_better
-                                                      else value > best + SCRATCH_MIN_DELTA)):
+        if math.isfinite(value) and (
+            best is None or (value < best - SCRATCH_MIN_DELTA if lower_is_better else value > best + SCRATCH_MIN_DELTA)
+        ):
             best_at, best = i, value
     return len(values) if best_at is None else len(values) - 1 - best_at
 
 
-def scratch_keeps_training(val_losses: list[float], monitored: list[float], direction: str, patience: int | None,
-                           min_epochs: int = 0) -> bool:
+def scratch_keeps_training(
+    val_losses: list[float], monitored: list[float], direction: str, patience: int | None, min_epochs: int = 0
+) -> bool:
     """Early stopping for a from-scratch phase, after each validation (the lists hold one value per
     validation so far): False = stop now.
 
@@ -268,8 +280,10 @@ def scratch_keeps_training(val_losses: list[float], monitored: list[float], dire
     """
     if patience is None or len(val_losses) < min_epochs:
         return True
-    stalled = (_validations_since_best(val_losses, lower_is_better=True) >= patience
-               and _validations_since_best(monitored, lower_is_better=direction != "maximize") >= patience)
+    stalled = (
+        _validations_since_best(val_losses, lower_is_better=True) >= patience
+        and _validations_since_best(monitored, lower_is_better=direction != "maximize") >= patience
+    )
     return not stalled
 
 
@@ -293,7 +307,9 @@ class _ScratchStopping(keras.callbacks.Callback):
 # --- compiling -------------------------------------------------------------------------------
 
 
-def compile_for(tm: TransferModel, learning_rate: float, jit_compile: bool | None = None, model: keras.Model | None = None) -> None:
+def compile_for(
+    tm: TransferModel, learning_rate: float, jit_compile: bool | None = None, model: keras.Model | None = None
+) -> None:
     """Compile for one phase; `jit_compile` None = this process's setting (harness/runtime.py).
     `model`: what is fitted, when not the whole `tm.model` (the head on cached features).
 
@@ -352,7 +368,9 @@ def run_phases(
             continue
         apply_phase_trainability(tm, phase)
         cached = head_inputs is not None  # run_plan hands it in for one phase at a time
-        fitted, train_in, val_in = (head_inputs.model, head_inputs.train, head_inputs.val) if cached else (tm.model, train_ds, val_ds)
+        fitted, train_in, val_in = (
+            (head_inputs.model, head_inputs.train, head_inputs.val) if cached else (tm.model, train_ds, val_ds)
+        )
         compile_for(tm, phase.learning_rate, model=fitted)  # recompile: compile() captures `trainable`
         trainable, total = count_params(tm.model)
         on_phase_start(phase, trainable, total)
@@ -365,8 +383,10 @@ def run_phases(
         elif phase.patience:
             callbacks.append(
                 keras.callbacks.EarlyStopping(
-                    monitor=monitor, mode="max" if direction == "maximize" else "min",
-                    patience=phase.patience, restore_best_weights=True,
+                    monitor=monitor,
+                    mode="max" if direction == "maximize" else "min",
+                    patience=phase.patience,
+                    restore_best_weights=True,
                 )
             )
         if phase.steps_per_epoch:  # validations further apart than one pass: the pipeline runs on across passes
@@ -375,8 +395,13 @@ def run_phases(
         best.start_phase(tm.model)
         before = len(history.epochs)
         fitted.fit(
-            train_in, validation_data=None if trains_bn else val_in, initial_epoch=epoch, epochs=epoch + phase.epochs,
-            callbacks=callbacks, verbose=0, shuffle=False,  # tf.data shuffles already
+            train_in,
+            validation_data=None if trains_bn else val_in,
+            initial_epoch=epoch,
+            epochs=epoch + phase.epochs,
+            callbacks=callbacks,
+            verbose=0,
+            shuffle=False,  # tf.data shuffles already
             steps_per_epoch=phase.steps_per_epoch or steps_per_epoch,  # an "epoch" of a repeated pipeline
             class_weight=class_weight,  # label -> loss weight (train.class_weight); validation stays unweighted
         )
@@ -396,7 +421,9 @@ def run_phases(
     return history
 
 
-def two_phase_plan(head_epochs, head_lr, head_patience, finetune_epochs, finetune_lr, finetune_patience, n_unfreeze) -> list[Phase]:
+def two_phase_plan(
+    head_epochs, head_lr, head_patience, finetune_epochs, finetune_lr, finetune_patience, n_unfreeze
+) -> list[Phase]:
     """The classic routine. No unfrozen blocks means phase 2 would only repeat phase 1: skip it."""
     plan = [Phase("head", head_epochs, head_lr, 0, head_patience)]
     if n_unfreeze > 0 and finetune_epochs > 0:

@@ -31,13 +31,23 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from harness.data import IMAGE_EXTENSIONS, decode_image
-from harness.tracking import (TrackingError, global_tracking_uri, load_keras_model, logged_model_metadata,
-                              plain_tracking_errors, run_model_uri)
+from harness.tracking import (
+    TrackingError,
+    global_tracking_uri,
+    load_keras_model,
+    logged_model_metadata,
+    plain_tracking_errors,
+    run_model_uri,
+)
+
+if TYPE_CHECKING:  # for annotations only: Keras loads with the model, not with this module
+    import keras
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 # Pillow's own decompression-bomb warning threshold (PIL.Image.MAX_IMAGE_PIXELS, 2**30 / 12): such an
@@ -51,7 +61,7 @@ class PredictError(Exception):
 
 @dataclass
 class Classifier:
-    model: object  # a keras.Model taking (batch, h, w, 3) pixels 0..255
+    model: keras.Model  # taking (batch, h, w, 3) pixels 0..255
     class_names: list[str] | None  # None: the source did not say
     image_size: int | None  # metadata image_size, the fallback when the model's input is unsized
     source: str  # what was loaded, for the log line
@@ -124,8 +134,15 @@ def _reason(exc: Exception) -> str:
     return text.splitlines()[0]
 
 
-def predict_folder(model, class_names: list[str], folder: str | Path, batch_size: int = 64,
-                   image_size: int | None = None, progress: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS):
+def predict_folder(
+    model,
+    class_names: list[str],
+    folder: str | Path,
+    batch_size: int = 64,
+    image_size: int | None = None,
+    progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+):
     """Class probabilities for every image under `folder`.
 
     Returns (DataFrame, skipped): one row per readable image, columns `file` (POSIX path relative
@@ -142,7 +159,10 @@ def predict_folder(model, class_names: list[str], folder: str | Path, batch_size
     if k is not None and k != len(class_names):
         raise PredictError(f"model outputs {k} classes but {len(class_names)} class names were given")
     size = input_size(model, image_size)
-    names, pixels, skipped, probs = [], [], [], []
+    names: list[str] = []
+    pixels: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    probs: list[np.ndarray] = []
 
     def flush():
         if pixels:
@@ -172,11 +192,13 @@ def predict_folder(model, class_names: list[str], folder: str | Path, batch_size
     if p.shape[1] != len(class_names):
         raise PredictError(f"model outputs {p.shape[1]} classes but {len(class_names)} class names were given")
     best = p.argmax(axis=1) if len(p) else np.zeros(0, dtype=int)
-    df = pd.DataFrame({
-        "file": names,
-        "predicted_class": [class_names[i] for i in best],
-        "confidence": p[np.arange(len(p)), best],
-    })
+    df = pd.DataFrame(
+        {
+            "file": names,
+            "predicted_class": [class_names[i] for i in best],
+            "confidence": p[np.arange(len(p)), best],
+        }
+    )
     df = pd.concat([df, pd.DataFrame(p, columns=columns)], axis=1)
     return df, skipped
 
@@ -276,7 +298,7 @@ def load_mlflow_model(uri: str) -> Classifier:
 def _sqlite_missing(uri: str) -> str | None:
     """The file of a sqlite:/// store that does not exist (MLflow would create an empty one), else None."""
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):].split("?")[0])
+        path = Path(uri[len("sqlite:///") :].split("?")[0])
         if not path.exists():
             return str(path)
     return None
@@ -323,8 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="predictions.csv", help="output CSV (default: predictions.csv)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, results/mlflow.db)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help=f"skip images with more pixels than this, read from their header (default {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"skip images with more pixels than this, read from their header (default {DEFAULT_MAX_PIXELS:,})",
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
@@ -349,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             k = int(clf.model.output_shape[-1])
             names = [f"class_{i}" for i in range(k)]
             print(f"warning: {clf.source} carries no class names; using class_0..class_{k - 1}", file=sys.stderr)
-        df, skipped = predict_folder(clf.model, names, args.folder, args.batch_size, clf.image_size, progress=True,
-                                     max_pixels=args.max_pixels)
+        df, skipped = predict_folder(
+            clf.model, names, args.folder, args.batch_size, clf.image_size, progress=True, max_pixels=args.max_pixels
+        )
     except PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from typing import cast
 
 import numpy as np
 import optuna
@@ -30,8 +31,8 @@ from optuna.trial import TrialState
 
 from harness import study as st
 from harness.config import SweepConfig, TargetConfig, backbone_candidates
-from harness.direction import best_of, better
 from harness.data import Dataset, Splits, dataset_inputs, load_dataset, make_splits
+from harness.direction import best_of, better
 from harness.progress import Progress
 from harness.scratch import RULE_TAG, training_rule
 from harness.strategies import strategy_search
@@ -44,12 +45,15 @@ CELL_TAG = "harness.cell"
 
 def load_targets(cfg: SweepConfig, log) -> list[tuple[TargetConfig, Dataset, Splits]]:
     """Load and split every target up front, so a bad dataset stops the sweep before it starts."""
+    assert cfg.quadrants is not None  # this module runs only quadrant sweeps (sweep.py checks)
     out = []
     for target in cfg.quadrants.targets:
         dataset = load_dataset(target.data)
         splits = make_splits(dataset.labels, target.data, dataset.official)
-        log(f"target {target.name} ({target.size}, {target.similarity}): {dataset.name}, {dataset.num_classes} classes, "
-            f"train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)}")
+        log(
+            f"target {target.name} ({target.size}, {target.similarity}): {dataset.name}, {dataset.num_classes} classes, "
+            f"train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)}"
+        )
         out.append((target, dataset, splits))
     return out
 
@@ -60,6 +64,7 @@ def cell_name(target: TargetConfig, strategy: str) -> str:
 
 def cell_config(cfg: SweepConfig, target: TargetConfig, strategy: str) -> SweepConfig:
     """The config of one cell's study: the target's data, the strategy's search space, equal budget."""
+    assert cfg.quadrants is not None  # this module runs only quadrant sweeps (sweep.py checks)
     study = dataclasses.replace(
         cfg.study,
         name=f"{cfg.study.name}.{cell_name(target, strategy)}",
@@ -73,9 +78,12 @@ def run_quadrants(cfg: SweepConfig, targets, storage, tracker, weights: dict, en
     """Every cell's search, then its confirmation seeds, spread over the engine's trial processes
     (and over every sweep process sharing a server storage); then the report."""
     q = cfg.quadrants
+    assert q is not None  # this module runs only quadrant sweeps (sweep.py checks)
     n_cells = len(targets) * len(q.strategies)
-    log(f"quadrant sweep {cfg.study.name}: {len(targets)} target(s) x {len(q.strategies)} strategies = {n_cells} cells, "
-        f"{q.trials_per_cell} trial(s) each, then {q.confirm_seeds} confirmation seed(s)")
+    log(
+        f"quadrant sweep {cfg.study.name}: {len(targets)} target(s) x {len(q.strategies)} strategies = {n_cells} cells, "
+        f"{q.trials_per_cell} trial(s) each, then {q.confirm_seeds} confirmation seed(s)"
+    )
     started = time.monotonic()
     scores: dict[str, tuple[float, float]] = {}
     jobs = []
@@ -87,8 +95,11 @@ def run_quadrants(cfg: SweepConfig, targets, storage, tracker, weights: dict, en
                 log_logme_scores(cfg, target, dataset, splits, tracker, weights, log)
         for j, strategy in enumerate(q.strategies):
             prefix = f"cell {i * len(q.strategies) + j + 1}/{n_cells} {cell_name(target, strategy)}"
-            jobs.append(cell_job(cfg, target, strategy, dataset, splits, storage, tracker, weights, exclusive, log,
-                                 started, prefix, scores))
+            jobs.append(
+                cell_job(
+                    cfg, target, strategy, dataset, splits, storage, tracker, weights, exclusive, log, started, prefix, scores
+                )
+            )
     engine.run(jobs)
     from harness.report import build_report
 
@@ -111,8 +122,16 @@ def cell_job(cfg, target, strategy, dataset, splits, storage, tracker, weights, 
     recover_after_crash(study, tracker, exclusive, log, parent_id=cell_run, owned_roles=("confirm", "backbone_confirm"))
     context = Context(ccfg.study.name, ccfg, dataset, splits, tracker, weights, tuple(dataset_inputs(dataset, ccfg.data, splits)))
     best = st.best_trial(study)
-    progress = Progress(ccfg.study.n_trials, st.finished_count(study), ccfg.study.direction, ccfg.study.metric, sys.stderr,
-                        prefix, best=best.value if best else None, started=started)
+    progress = Progress(
+        ccfg.study.n_trials,
+        st.finished_count(study),
+        ccfg.study.direction,
+        ccfg.study.metric,
+        sys.stderr,
+        prefix,
+        best=best.value if best else None,
+        started=started,
+    )
 
     def searched() -> list[Job]:
         best = st.best_trial(study)
@@ -120,23 +139,62 @@ def cell_job(cfg, target, strategy, dataset, splits, storage, tracker, weights, 
             log(f"{name}: no completed trial; nothing to confirm")
             tracker.end_run(cell_run, "FAILED")
             return []
+        assert best.value is not None  # the best trial is a COMPLETE one: it has a value
         tracker.log_metrics(cell_run, {"best_val": best.value, "best_trial": best.number})
         fixed = {n: p.value for n, p in ccfg.search.items() if p.fixed}
         params = {**fixed, **best.params}
-        jobs = [confirm_job(ccfg, params, best.value, storage, tracker, context, cell_run, _cell_tags(target, strategy),
-                            log, name, scores, exclusive=exclusive)]
+        jobs = [
+            confirm_job(
+                ccfg,
+                params,
+                best.value,
+                storage,
+                tracker,
+                context,
+                cell_run,
+                _cell_tags(target, strategy),
+                log,
+                name,
+                scores,
+                exclusive=exclusive,
+            )
+        ]
+        assert cfg.quadrants is not None  # the cell of a quadrant sweep
         if cfg.quadrants.logme and strategy != "scratch":
             # LogME ranks backbones, so each backbone needs a confirmed test score of its own on
             # this target, not only the cell's winner: its best trial, retrained with the same seeds.
             for backbone, trial in best_trial_per_backbone(study, ccfg.study.direction).items():
                 if backbone != params.get("backbone"):
-                    jobs.append(confirm_job(ccfg, {**fixed, **trial.params}, trial.value, storage, tracker, context,
-                                            cell_run, _cell_tags(target, strategy), log, name, scores, backbone_check=backbone,
-                                            exclusive=exclusive))
+                    jobs.append(
+                        confirm_job(
+                            ccfg,
+                            {**fixed, **trial.params},
+                            trial.value,
+                            storage,
+                            tracker,
+                            context,
+                            cell_run,
+                            _cell_tags(target, strategy),
+                            log,
+                            name,
+                            scores,
+                            backbone_check=backbone,
+                            exclusive=exclusive,
+                        )
+                    )
         return jobs
 
-    return trial_job(ccfg, study, context, tracker, parent_run_id=cell_run, extra_tags=_cell_tags(target, strategy),
-                     name=name, progress=progress, on_done=searched)
+    return trial_job(
+        ccfg,
+        study,
+        context,
+        tracker,
+        parent_run_id=cell_run,
+        extra_tags=_cell_tags(target, strategy),
+        name=name,
+        progress=progress,
+        on_done=searched,
+    )
 
 
 def backbones_to_try(ccfg: SweepConfig) -> list[str]:
@@ -144,12 +202,12 @@ def backbones_to_try(ccfg: SweepConfig) -> list[str]:
     chooses among several (as many as the cell's budget allows), so no backbone goes untried
     because the sampler's first draws missed it."""
     choices = backbone_candidates(ccfg.search)
-    return choices[:ccfg.study.n_trials] if len(choices) >= 2 else []
+    return choices[: ccfg.study.n_trials] if len(choices) >= 2 else []
 
 
 def best_trial_per_backbone(study, direction: str) -> dict:
     """backbone -> that backbone's best completed trial in the study."""
-    best = {}
+    best: dict[str, optuna.trial.FrozenTrial] = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         backbone = trial.params.get("backbone")
         if backbone is None:
@@ -160,8 +218,21 @@ def best_trial_per_backbone(study, direction: str) -> dict:
     return best
 
 
-def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tracker, context: Context, cell_run: str,
-                tags: dict, log, name: str, scores: dict, backbone_check: str | None = None, exclusive: bool = True) -> Job:
+def confirm_job(
+    ccfg: SweepConfig,
+    params: dict,
+    best_value: float,
+    storage,
+    tracker,
+    context: Context,
+    cell_run: str,
+    tags: dict,
+    log,
+    name: str,
+    scores: dict,
+    backbone_check: str | None = None,
+    exclusive: bool = True,
+) -> Job:
     """Retrain the cell's best configuration once per seed and test each model once.
 
     The seeds are the trials of a study of their own (`<cell study>.confirm`), so the engine's
@@ -170,11 +241,17 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
 
     `backbone_check`: instead, retrain the best trial of that (not winning) backbone, for LogME's
     ground truth; its runs (role `backbone_confirm`) log no model and do not count as the cell's."""
+    assert ccfg.quadrants is not None  # a cell's config keeps the sweep's quadrants section
     seeds = ccfg.quadrants.confirm_seeds
     suffix = f"confirm.{backbone_check}" if backbone_check else "confirm"
     role = "backbone_confirm" if backbone_check else "confirm"
-    study = optuna.create_study(study_name=f"{ccfg.study.name}.{suffix}", storage=storage, direction="maximize",
-                                load_if_exists=True, sampler=optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(
+        study_name=f"{ccfg.study.name}.{suffix}",
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
     # A seed a killed sweep left RUNNING would hold its place in the budget for ever: it fails and
     # runs again (its MLflow run was closed when the cell resumed).
     st.fail_orphaned_trials(study, exclusive)
@@ -193,9 +270,13 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
     def prepare(trial: optuna.Trial, worker_id: str) -> ConfirmTask:
         seed = trial.suggest_int("seed", 0, seeds - 1)
         label = f"{backbone_check} seed {seed}" if backbone_check else f"seed {seed}"
-        run_id = tracker.start_child(f"confirm {label}", role,
-                                     {**tags, "harness.seed": seed, RULE_TAG: training_rule(ccfg)},
-                                     config=ccfg.resolved(params, 0, seed=seed), parent_id=cell_run)
+        run_id = tracker.start_child(
+            f"confirm {label}",
+            role,
+            {**tags, "harness.seed": seed, RULE_TAG: training_rule(ccfg)},
+            config=ccfg.resolved(params, 0, seed=seed),
+            parent_id=cell_run,
+        )
         tracker.log_datasets(run_id, context.inputs)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("worker", worker_id)
@@ -204,16 +285,17 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
         if backbone_check:
             return ConfirmTask(context.key, params, seed, run_id, keep_model=False, number=trial.number)
         leader = _best_confirm_run(tracker, cell_run, ccfg.study.metric, ccfg.study.direction)
-        return ConfirmTask(context.key, params, seed, run_id, leader.metrics["best_val"] if leader else None,
-                           number=trial.number)
+        return ConfirmTask(context.key, params, seed, run_id, leader.metrics["best_val"] if leader else None, number=trial.number)
 
     def confirmed() -> list[Job]:
-        tests = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        # A COMPLETE trial of a single-objective study always has a value.
+        tests = [cast(float, t.value) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         if backbone_check:
             log(f"{name} / {backbone_check}: test {np.mean(tests):.4f} over {len(tests)} seed(s) (LogME's ground truth)")
             return []
-        tracker.log_metrics(cell_run, {"test_mean": float(np.mean(tests)),
-                                       "test_std": float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0})
+        tracker.log_metrics(
+            cell_run, {"test_mean": float(np.mean(tests)), "test_std": float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0}
+        )
         with st.claim_lock(storage, f"{ccfg.study.name}:register"):
             register_cell_model(tracker, ccfg, cell_run, tags, log)
         tracker.end_run(cell_run, "FINISHED")
@@ -221,8 +303,17 @@ def confirm_job(ccfg: SweepConfig, params: dict, best_value: float, storage, tra
         log(f"{name}: best val {best_value:.4f}; test {np.mean(tests):.4f} over {len(tests)} seed(s)")
         return []
 
-    return Job(f"{name} {suffix}", study, seeds, context, prepare, before_ask=next_seed, on_done=confirmed,
-               parent_run_id=cell_run, progress=progress)
+    return Job(
+        f"{name} {suffix}",
+        study,
+        seeds,
+        context,
+        prepare,
+        before_ask=next_seed,
+        on_done=confirmed,
+        parent_run_id=cell_run,
+        progress=progress,
+    )
 
 
 def _best_confirm_run(tracker, cell_run: str, metric: str, direction: str) -> RunRecord | None:
@@ -242,10 +333,17 @@ def register_cell_model(tracker, ccfg: SweepConfig, cell_run: str, tags: dict, l
         return
     seed = best.tags.get("harness.seed")
     version = tracker.register_model(
-        best.tags[MODEL_URI_TAG], ccfg.study.name, best.run_id,
-        tags={**tags, "harness.seed": seed, "best_val": f"{best.metrics['best_val']:.6g}",
-              "test_accuracy": f"{best.metrics.get('test_accuracy', float('nan')):.6g}"},
-        description=f"best confirmed model of cell {ccfg.study.name} (seed {seed}, chosen on validation)")
+        best.tags[MODEL_URI_TAG],
+        ccfg.study.name,
+        best.run_id,
+        tags={
+            **tags,
+            "harness.seed": seed,
+            "best_val": f"{best.metrics['best_val']:.6g}",
+            "test_accuracy": f"{best.metrics.get('test_accuracy', float('nan')):.6g}",
+        },
+        description=f"best confirmed model of cell {ccfg.study.name} (seed {seed}, chosen on validation)",
+    )
     tracker.set_tags(cell_run, {REGISTERED_TAG: version, "harness.registered_model": f"models:/{ccfg.study.name}/{version}"})
     log(f"{ccfg.study.name}: registered the best confirmed model (seed {seed}) as version {version}")
 
@@ -256,8 +354,14 @@ def _seed_of(trial) -> int | None:
 
 
 def _cell_tags(target: TargetConfig, strategy: str) -> dict:
-    return {"target": target.name, "size": target.size, "similarity": target.similarity,
-            "quadrant": f"{target.size}-{target.similarity}", "strategy": strategy, CELL_TAG: cell_name(target, strategy)}
+    return {
+        "target": target.name,
+        "size": target.size,
+        "similarity": target.similarity,
+        "quadrant": f"{target.size}-{target.similarity}",
+        "strategy": strategy,
+        CELL_TAG: cell_name(target, strategy),
+    }
 
 
 def _open_cell_run(tracker, cfg, target, strategy, ccfg) -> str:
@@ -266,9 +370,18 @@ def _open_cell_run(tracker, cfg, target, strategy, ccfg) -> str:
     if existing is not None:
         tracker.reopen_run(existing.run_id)
         return existing.run_id
-    run_id = tracker.start_child(f"cell {cell_name(target, strategy)}", "cell", _cell_tags(target, strategy), config=ccfg.to_dict())
-    tracker.log_params(run_id, {"trials_per_cell": cfg.quadrants.trials_per_cell, "confirm_seeds": cfg.quadrants.confirm_seeds,
-                                "dataset": target.data.name or target.data.path, "train_per_class": target.data.train_per_class})
+    run_id = tracker.start_child(
+        f"cell {cell_name(target, strategy)}", "cell", _cell_tags(target, strategy), config=ccfg.to_dict()
+    )
+    tracker.log_params(
+        run_id,
+        {
+            "trials_per_cell": cfg.quadrants.trials_per_cell,
+            "confirm_seeds": cfg.quadrants.confirm_seeds,
+            "dataset": target.data.name or target.data.path,
+            "train_per_class": target.data.train_per_class,
+        },
+    )
     return run_id
 
 
@@ -282,8 +395,11 @@ def logme_indices(labels: np.ndarray, train: np.ndarray, max_images: int) -> np.
     return np.sort(np.concatenate([train[labels[train] == c][:per_class] for c in classes]))
 
 
-def log_logme_scores(cfg: SweepConfig, target: TargetConfig, dataset: Dataset, splits: Splits, tracker, weights: dict, log) -> dict:
+def log_logme_scores(
+    cfg: SweepConfig, target: TargetConfig, dataset: Dataset, splits: Splits, tracker, weights: dict, log
+) -> dict:
     """LogME of every candidate backbone on this target, from frozen features, before any training."""
+    assert cfg.quadrants is not None  # this module runs only quadrant sweeps (sweep.py checks)
     from harness.transferability import logme_of_backbone
 
     scores = {}
@@ -296,10 +412,12 @@ def log_logme_scores(cfg: SweepConfig, target: TargetConfig, dataset: Dataset, s
             continue
         started = time.perf_counter()
         idx = logme_indices(dataset.labels, splits.train, cfg.quadrants.logme_max_images)
-        score = logme_of_backbone(backbone, target.data.image_size, cfg.model.backbone_options.get(backbone, {}),
-                                  weights.get(backbone), dataset, idx)
-        run_id = tracker.start_child(f"logme {target.name} {backbone}", "logme",
-                                     {**tags, "size": target.size, "similarity": target.similarity})
+        score = logme_of_backbone(
+            backbone, target.data.image_size, cfg.model.backbone_options.get(backbone, {}), weights.get(backbone), dataset, idx
+        )
+        run_id = tracker.start_child(
+            f"logme {target.name} {backbone}", "logme", {**tags, "size": target.size, "similarity": target.similarity}
+        )
         tracker.log_metrics(run_id, {"logme": score, "images": len(idx), "wall_seconds": time.perf_counter() - started})
         tracker.end_run(run_id, "FINISHED")
         scores[backbone] = score

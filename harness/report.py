@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -55,28 +56,39 @@ def _param_value(text: str):
 
 def trials_table(tracker: Tracker, cell_runs: list[RunRecord]) -> pd.DataFrame:
     """One row per trial: cell, number, state, params, per-phase val metrics, duration, run id."""
-    cells = {r.run_id: r.tags for r in cell_runs}
+    # Looked up by parent id, which is None for a top-level run (that finds no cell).
+    cells: dict[str | None, dict[str, str]] = {r.run_id: r.tags for r in cell_runs}
     rows = []
     for run in _runs(tracker, "trial"):
         tags = cells.get(run.parent_id, run.tags)
         m = run.metrics
-        rows.append({
-            "target": tags.get("target", run.tags.get("dataset")), "strategy": tags.get("strategy", ""),
-            "trial": int(run.tags.get("optuna.trial_number", -1)), "state": run.tags.get("optuna.state"),
-            "objective": m.get("objective"), "head_best_val_accuracy": m.get("head/best_val_accuracy"),
-            "finetune_best_val_accuracy": m.get("finetune/best_val_accuracy"),
-            "scratch_best_val_accuracy": m.get("scratch/best_val_accuracy"),
-            **{f"param_{k}": _param_value(v) for k, v in sorted(run.params.items()) if k not in ("strategy",)},
-            "duration_s": _seconds(run), "status": run.status, "mlflow_run_id": run.run_id,
-        })
+        rows.append(
+            {
+                "target": tags.get("target", run.tags.get("dataset")),
+                "strategy": tags.get("strategy", ""),
+                "trial": int(run.tags.get("optuna.trial_number", -1)),
+                "state": run.tags.get("optuna.state"),
+                "objective": m.get("objective"),
+                "head_best_val_accuracy": m.get("head/best_val_accuracy"),
+                "finetune_best_val_accuracy": m.get("finetune/best_val_accuracy"),
+                "scratch_best_val_accuracy": m.get("scratch/best_val_accuracy"),
+                **{f"param_{k}": _param_value(v) for k, v in sorted(run.params.items()) if k not in ("strategy",)},
+                "duration_s": _seconds(run),
+                "status": run.status,
+                "mlflow_run_id": run.run_id,
+            }
+        )
     frame = pd.DataFrame(rows)
     return frame.sort_values(["target", "strategy", "trial"]).reset_index(drop=True) if len(frame) else frame
 
 
 def _cost(runs: list[RunRecord], what: str) -> float:
     """Mean over `runs` of the run's total `<phase>/<what>` over PHASES; NaN when no run logged any."""
-    totals = [sum(r.metrics[f"{p}/{what}"] for p in PHASES if f"{p}/{what}" in r.metrics)
-              for r in runs if any(f"{p}/{what}" in r.metrics for p in PHASES)]
+    totals = [
+        sum(r.metrics[f"{p}/{what}"] for p in PHASES if f"{p}/{what}" in r.metrics)
+        for r in runs
+        if any(f"{p}/{what}" in r.metrics for p in PHASES)
+    ]
     return float(np.mean(totals)) if totals else np.nan
 
 
@@ -114,31 +126,45 @@ def cells_table(tracker: Tracker, cell_runs: list[RunRecord], logme: pd.DataFram
     rows = []
     for cell in cell_runs:
         tags = cell.tags
-        mine = sorted((c for c in confirms if c.parent_id == cell.run_id
-                       and c.status == "FINISHED" and "test_accuracy" in c.metrics), key=_seed)
+        mine = sorted(
+            (c for c in confirms if c.parent_id == cell.run_id and c.status == "FINISHED" and "test_accuracy" in c.metrics),
+            key=_seed,
+        )
         tests = [c.metrics["test_accuracy"] for c in mine]
         summary = stats.describe(tests)
         best = _best_seed_run(mine, direction)
         logged = mine[0].params if mine else {}  # every seed trains the same configuration
         params = {k: _param_value(v) for k, v in sorted(logged.items()) if k not in ("seed", "strategy")}
         backbone = params.get("backbone")
-        score = logme.loc[(logme.target == tags["target"]) & (logme.backbone == backbone), "logme"] if len(logme) else []
-        rows.append({
-            "quadrant": tags["quadrant"], "size": tags["size"], "similarity": tags["similarity"], "target": tags["target"],
-            "strategy": tags["strategy"], "best_val": cell.metrics.get("best_val", np.nan),
-            "test_mean": summary.mean, "test_std": summary.std, "n_seeds": summary.n,
-            "logme": float(score.iloc[0]) if len(score) else np.nan,
-            "test_accuracies": tests,
-            "train_epochs": _mean_metric(mine, "cost/epochs", _cost(mine, "epochs")),
-            "train_seconds": _mean_metric(mine, "cost/seconds", _cost(mine, "seconds")),
-            "train_images_seen": _mean_metric(mine, "cost/images_seen", np.nan),
-            "undertrained": float(any(c.tags.get("harness.undertrained") == "true" for c in mine)) if mine else np.nan,
-            # how its seeds were trained (one rule per cell; several, '; '-joined, would be a config change mid-sweep)
-            "training_rule": "; ".join(sorted({c.tags["harness.training_rule"] for c in mine
-                                               if c.tags.get("harness.training_rule")})) or None,
-            "cell_run_id": cell.run_id, "best_confirm_run_id": best.run_id if best else None,
-            **{f"param_{k}": v for k, v in params.items()},
-        })
+        # The cell's backbone's LogME scores (a Series), or [] when no LogME run was logged.
+        score: Any = logme.loc[(logme.target == tags["target"]) & (logme.backbone == backbone), "logme"] if len(logme) else []
+        rows.append(
+            {
+                "quadrant": tags["quadrant"],
+                "size": tags["size"],
+                "similarity": tags["similarity"],
+                "target": tags["target"],
+                "strategy": tags["strategy"],
+                "best_val": cell.metrics.get("best_val", np.nan),
+                "test_mean": summary.mean,
+                "test_std": summary.std,
+                "n_seeds": summary.n,
+                "logme": float(score.iloc[0]) if len(score) else np.nan,
+                "test_accuracies": tests,
+                "train_epochs": _mean_metric(mine, "cost/epochs", _cost(mine, "epochs")),
+                "train_seconds": _mean_metric(mine, "cost/seconds", _cost(mine, "seconds")),
+                "train_images_seen": _mean_metric(mine, "cost/images_seen", np.nan),
+                "undertrained": float(any(c.tags.get("harness.undertrained") == "true" for c in mine)) if mine else np.nan,
+                # how its seeds were trained (one rule per cell; several, '; '-joined, would be a config change mid-sweep)
+                "training_rule": "; ".join(
+                    sorted({c.tags["harness.training_rule"] for c in mine if c.tags.get("harness.training_rule")})
+                )
+                or None,
+                "cell_run_id": cell.run_id,
+                "best_confirm_run_id": best.run_id if best else None,
+                **{f"param_{k}": v for k, v in params.items()},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -146,8 +172,10 @@ def logme_table(tracker: Tracker, trials: pd.DataFrame, direction: str = "maximi
     """LogME per (target, backbone) beside the accuracy that backbone reached on that target (the
     best search value of its transfer trials; `add_confirmed_accuracy` replaces it with confirmed
     test accuracy once the cells are known)."""
-    rows = [{"target": r.tags["target"], "backbone": r.tags["backbone"], "logme": r.metrics.get("logme")}
-            for r in _runs(tracker, "logme")]
+    rows = [
+        {"target": r.tags["target"], "backbone": r.tags["backbone"], "logme": r.metrics.get("logme")}
+        for r in _runs(tracker, "logme")
+    ]
     frame = pd.DataFrame(rows, columns=["target", "backbone", "logme"])
     if not len(frame):
         return frame
@@ -168,9 +196,15 @@ def backbone_confirmations(tracker: Tracker) -> pd.DataFrame:
             m = run.metrics
             if run.status != "FINISHED" or "test_accuracy" not in m or run.tags.get("strategy") == "scratch":
                 continue
-            rows.append({"target": run.tags.get("target"), "strategy": run.tags.get("strategy"),
-                         "backbone": run.params.get("backbone"), "val": m.get("best_val", np.nan),
-                         "test": m["test_accuracy"]})
+            rows.append(
+                {
+                    "target": run.tags.get("target"),
+                    "strategy": run.tags.get("strategy"),
+                    "backbone": run.params.get("backbone"),
+                    "val": m.get("best_val", np.nan),
+                    "test": m["test_accuracy"],
+                }
+            )
     columns = ["target", "strategy", "backbone", "val_mean", "test_mean", "n_seeds"]
     if not rows:
         return pd.DataFrame(columns=columns)
@@ -189,7 +223,8 @@ def add_confirmed_accuracy(logme: pd.DataFrame, confirmations: pd.DataFrame, dir
         return logme
     frame = logme.copy()
     ranked = confirmations.dropna(subset=["val_mean", "test_mean"]).sort_values(
-        "val_mean", ascending=direction != "maximize", kind="stable")
+        "val_mean", ascending=direction != "maximize", kind="stable"
+    )
     chosen = ranked.groupby(["target", "backbone"]).head(1).set_index(["target", "backbone"])
     keys = list(zip(frame.target, frame.backbone))
     frame["confirmed_test_accuracy"] = [chosen.test_mean.get(k, np.nan) for k in keys]
@@ -198,8 +233,11 @@ def add_confirmed_accuracy(logme: pd.DataFrame, confirmations: pd.DataFrame, dir
     for target, group in frame.groupby("target"):
         tau, rho = stats.rank_agreement(group.logme, group.confirmed_test_accuracy)
         scored = group.dropna(subset=["logme", "confirmed_test_accuracy"])
-        picked = (bool(scored.loc[scored.logme.idxmax(), "backbone"] == scored.loc[scored.confirmed_test_accuracy.idxmax(), "backbone"])
-                  if len(scored) >= 2 else None)
+        picked = (
+            bool(scored.loc[scored.logme.idxmax(), "backbone"] == scored.loc[scored.confirmed_test_accuracy.idxmax(), "backbone"])
+            if len(scored) >= 2
+            else None
+        )
         per_target[target] = (tau, rho, picked)
     frame["kendall_across_backbones"] = frame.target.map(lambda t: per_target[t][0])
     frame["spearman_across_backbones"] = frame.target.map(lambda t: per_target[t][1])
@@ -213,8 +251,9 @@ def default_ui_url(tracking_uri: str) -> str:
     return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
 
 
-def build_report(sweep: str, tracker: Tracker, out_dir: str | Path | None = None, log=print,
-                 ui_url: str | None = None) -> dict[str, Path]:
+def build_report(
+    sweep: str, tracker: Tracker, out_dir: str | Path | None = None, log=print, ui_url: str | None = None
+) -> dict[str, Path]:
     ui_url = redact(ui_url or default_ui_url(tracker.uri))  # every run link in the tables starts with it
     out = Path(out_dir or Path(RESULTS) / sweep)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,8 +270,9 @@ def build_report(sweep: str, tracker: Tracker, out_dir: str | Path | None = None
         mattered = importance_markdown(importances_from_metrics(parents[0].metrics))
         screened = screening_markdown(parents[0].metrics)  # each score's tau beside the size-only one
         mattered = "\n".join(part for part in (mattered, screened) if part)
-        (out / "trials.md").write_text(f"# Trials of sweep {sweep}\n\n{text}\n" + (f"\n{mattered}" if mattered else ""),
-                                       encoding="utf-8")
+        (out / "trials.md").write_text(
+            f"# Trials of sweep {sweep}\n\n{text}\n" + (f"\n{mattered}" if mattered else ""), encoding="utf-8"
+        )
         paths = {"trials": path, "trials_md": out / "trials.md"}
     else:
         direction = parents[0].params.get("study.direction", "maximize")
@@ -240,9 +280,14 @@ def build_report(sweep: str, tracker: Tracker, out_dir: str | Path | None = None
         cells = cells_table(tracker, cell_runs, logme, direction)
         logme = add_confirmed_accuracy(logme, backbone_confirmations(tracker), direction)
         # extra table "trials" -> trials.csv: the same trials_table schema as a plain sweep's.
-        paths = write_comparison(cells, out, title=f"Transfer strategies by quadrant: {sweep}",
-                                 extra_tables={"trials": trials, "logme": logme},
-                                 experiment_id=tracker.experiment_id, ui_url=ui_url)
+        paths = write_comparison(
+            cells,
+            out,
+            title=f"Transfer strategies by quadrant: {sweep}",
+            extra_tables={"trials": trials, "logme": logme},
+            experiment_id=tracker.experiment_id,
+            ui_url=ui_url,
+        )
     for path in paths.values():
         tracker.log_file(tracker.parent_run_id, path, "report")
     for kind, path in sorted(paths.items()):
@@ -255,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", nargs="?", default="demo", help="sweep (study) name, or the sweep's YAML config")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: config, $MLFLOW_TRACKING_URI, results/mlflow.db)")
     parser.add_argument("--out", help="output folder (default results/<sweep>/)")
-    parser.add_argument("--ui-url", help=f"MLflow UI address the run links point to (default: the tracking server "
-                                         f"if the tracking URI is http(s), else {DEFAULT_UI_URL})")
+    parser.add_argument(
+        "--ui-url",
+        help=f"MLflow UI address the run links point to (default: the tracking server "
+        f"if the tracking URI is http(s), else {DEFAULT_UI_URL})",
+    )
     args = parser.parse_args(argv)
     uri, name, experiment = args.tracking_uri, args.sweep, args.sweep
     if args.sweep.endswith((".yaml", ".yml")):

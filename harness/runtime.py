@@ -265,6 +265,7 @@ def quiet_libraries() -> None:
         # every trial and means nothing here.
         sys.modules["tensorflow"].get_logger().setLevel(logging.ERROR)
 
+
 FAULT_ENV = "HARNESS_INJECT_FAULT"
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -67,6 +67,7 @@ def scratch_budget(train_images: int, batch_size: int, epochs: int, min_steps: i
     # patience is never less than a quarter of the run.
     rounds_patience = None if patience is None else max(3, math.ceil(patience * per_epoch / per_round), rounds // 4)
     return ScratchBudget(rounds * per_round, per_round, rounds, rounds_patience, math.ceil(min_steps / per_round))
+
 
 LR_CANDIDATES = (1e-4, 3e-4, 1e-3)  # Adam rates a from-scratch CNN trains well with; higher ones killed
 # the demo's MobileNetV2 (every ReLU dead, the loss stuck at ln(classes)) after looking best for 100 steps
@@ -142,8 +143,11 @@ def attempt_to_keep(attempts: list[Attempt]) -> int:
 
 
 def attempts_csv(attempts: list[Attempt], metric: str) -> str:
-    rows = "".join(f"{i + 1},{a.learning_rate:g},{a.steps},{a.train_accuracy:.6g},{a.value:.6g},{str(a.fitted).lower()},"
-                   f"{str(a.diverged).lower()}\n" for i, a in enumerate(attempts))
+    rows = "".join(
+        f"{i + 1},{a.learning_rate:g},{a.steps},{a.train_accuracy:.6g},{a.value:.6g},{str(a.fitted).lower()},"
+        f"{str(a.diverged).lower()}\n"
+        for i, a in enumerate(attempts)
+    )
     return f"attempt,learning_rate,steps,train_accuracy,best_{metric},fitted,diverged\n" + rows
 
 
@@ -154,8 +158,16 @@ def print_note(note) -> None:
         print(payload, file=sys.stderr, flush=True)
 
 
-def train_from_scratch(runner, params: dict, seed: int, run_id: str, on_epoch=lambda r: None, label: str = "scratch",
-                       note=print_note, number: int = 0):
+def train_from_scratch(
+    runner,
+    params: dict,
+    seed: int,
+    run_id: str,
+    on_epoch=lambda r: None,
+    label: str = "scratch",
+    note=print_note,
+    number: int = 0,
+):
     """All layers from random init, to convergence; logs into `run_id`. Returns (model, history,
     facts): the model holds its best validation's weights; facts has learning_rate, steps,
     train_accuracy, fitted, attempts, steps_all_attempts and seconds_all_attempts.
@@ -178,7 +190,7 @@ def train_from_scratch(runner, params: dict, seed: int, run_id: str, on_epoch=la
     val = tf_dataset(dataset, splits.val, batch, shuffle=False)
     spec = model_spec(cfg, params, dataset.num_classes, None, pretrained=False)
 
-    def seeded_start():
+    def seeded_start() -> tuple[Any, Any]:  # (TransferModel, tf.data pipeline)
         """A fresh model and training pipeline, the same for the search and every attempt. Seeded
         first: tf.data takes a pipeline's shuffle seeds from TensorFlow's global seed when it is
         built. And fresh: a shuffled pipeline's order moves on with every pass over it."""
@@ -191,17 +203,20 @@ def train_from_scratch(runner, params: dict, seed: int, run_id: str, on_epoch=la
         losses = learning_rate_search(*seeded_start(), steps_each, LR_CANDIDATES)
         rates = learning_rate_order(losses)
         found = ", ".join(f"{r:g} {losses[r]:.4g}" for r in losses)
-        order = ", ".join(f"{r:g}" for r in rates[:1 + cfg.baseline.retries])
+        order = ", ".join(f"{r:g}" for r in rates[: 1 + cfg.baseline.retries])
         note(("message", f"{label} learning-rate search: training loss {found}; tried in the order {order}"))
-        tracker.log_text(run_id, "learning_rate,train_loss\n" + "".join(f"{r:g},{l:.6g}\n" for r, l in losses.items()),
-                         "learning_rate_search.csv")
+        tracker.log_text(
+            run_id,
+            "learning_rate,train_loss\n" + "".join(f"{r:g},{l:.6g}\n" for r, l in losses.items()),
+            "learning_rate_search.csv",
+        )
         release_memory()  # keeps the mixed-precision policy, which clear_session would reset
     else:
         rates = [float(cfg.baseline.learning_rate)]
-    rates = rates[:1 + cfg.baseline.retries]
+    rates = rates[: 1 + cfg.baseline.retries]
     class_weight = train_class_weights(cfg, dataset, splits)
     attempts: list[Attempt] = []
-    kept = None  # (index, weights, history) of the best unfitted attempt, while another is tried
+    kept: tuple[int, Any, Any] | None = None  # (index, weights, history) of the best unfitted attempt, while another is tried
     start_epoch = 0  # attempts follow each other on the run's one epoch axis
     for i, rate in enumerate(rates):
         tm, train = seeded_start()  # so a retry trains as if its rate had been ranked first
@@ -211,32 +226,68 @@ def train_from_scratch(runner, params: dict, seed: int, run_id: str, on_epoch=la
 
         def on_validation(record, first=start_epoch, phase=phase):
             on_epoch(record)
-            note(("epoch", {"number": number, "epoch": record.epoch - first, "phase": phase,
-                            "metrics": dict(record.metrics), "total_epochs": budget.rounds}))
+            note(
+                (
+                    "epoch",
+                    {
+                        "number": number,
+                        "epoch": record.epoch - first,
+                        "phase": phase,
+                        "metrics": dict(record.metrics),
+                        "total_epochs": budget.rounds,
+                    },
+                )
+            )
 
         try:
-            run_phases(tm, scratch_plan(budget.rounds, rate, budget.patience, budget.min_rounds), train, val,
-                       on_epoch=on_validation, monitor=metric, direction=direction, start_epoch=start_epoch, history=history,
-                       steps_per_epoch=budget.steps_per_round, class_weight=class_weight)
+            run_phases(
+                tm,
+                scratch_plan(budget.rounds, rate, budget.patience, budget.min_rounds),
+                train,
+                val,
+                on_epoch=on_validation,
+                monitor=metric,
+                direction=direction,
+                start_epoch=start_epoch,
+                history=history,
+                steps_per_epoch=budget.steps_per_round,
+                class_weight=class_weight,
+            )
         except NonFiniteLoss:
             diverged = True
         ran = len(history.epochs)
         start_epoch += ran
-        train_accuracy = math.nan if diverged else evaluate(tm.model, tf_dataset(dataset, splits.train, batch,
-                                                                                 shuffle=False))["accuracy"]
-        attempt = Attempt(rate, ran * budget.steps_per_round, train_accuracy, history.best(metric, direction),
-                          not diverged and fit_verdict(train_accuracy, len(splits.train)), diverged,
-                          sum(p.seconds for p in history.phases))
+        train_accuracy = (
+            math.nan if diverged else evaluate(tm.model, tf_dataset(dataset, splits.train, batch, shuffle=False))["accuracy"]
+        )
+        attempt = Attempt(
+            rate,
+            ran * budget.steps_per_round,
+            train_accuracy,
+            history.best(metric, direction),
+            not diverged and fit_verdict(train_accuracy, len(splits.train)),
+            diverged,
+            sum(p.seconds for p in history.phases),
+        )
         attempts.append(attempt)
         outcome = "fitted" if attempt.fitted else ("diverged" if diverged else f"did not fit (below {FIT_FLOOR})")
         more = not attempt.fitted and i + 1 < len(rates)
         retry = f"; retrying at {rates[i + 1]:g}" if more else ""
-        line = (f"{label} attempt {i + 1}/{len(rates)}: learning rate {rate:g}, {attempt.steps} steps, "
-                f"train accuracy {train_accuracy:.3f}, best {metric} {attempt.value:.3f}: {outcome}{retry}")
+        line = (
+            f"{label} attempt {i + 1}/{len(rates)}: learning rate {rate:g}, {attempt.steps} steps, "
+            f"train accuracy {train_accuracy:.3f}, best {metric} {attempt.value:.3f}: {outcome}{retry}"
+        )
         note(("message", line))
-        tracker.log_metrics(run_id, {"attempt/learning_rate": rate, "attempt/steps": attempt.steps,
-                                     "attempt/train_accuracy": train_accuracy, f"attempt/best_{metric}": attempt.value},
-                            step=i)
+        tracker.log_metrics(
+            run_id,
+            {
+                "attempt/learning_rate": rate,
+                "attempt/steps": attempt.steps,
+                "attempt/train_accuracy": train_accuracy,
+                f"attempt/best_{metric}": attempt.value,
+            },
+            step=i,
+        )
         if not more:
             break
         if attempt_to_keep(attempts) == i:
@@ -247,23 +298,47 @@ def train_from_scratch(runner, params: dict, seed: int, run_id: str, on_epoch=la
     if attempts[chosen].diverged:
         raise NonFiniteLoss(f"from-scratch training diverged at every learning rate tried ({', '.join(f'{r:g}' for r in rates)})")
     if chosen != len(attempts) - 1:  # an earlier attempt came closer: its weights go into the same architecture
+        # Set: no attempt fitted (a fitted one ends the loop as the last), so the chosen one led when it ran.
+        assert kept is not None
         _, weights, history = kept
         tm.model.set_weights(weights)
     final = attempts[chosen]
     tracker.log_text(run_id, attempts_csv(attempts, metric), "learning_rate_attempts.csv")
-    tracker.log_params(run_id, {"scratch_learning_rate": f"{final.learning_rate:.4g}", "scratch_step_budget": budget.steps,
-                                "scratch_steps_per_validation": budget.steps_per_round,
-                                "scratch_min_steps": budget.min_rounds * budget.steps_per_round,
-                                "scratch_learning_rate_attempts": ", ".join(f"{a.learning_rate:g}" for a in attempts)})
-    tracker.log_metrics(run_id, {"train_accuracy": final.train_accuracy, "scratch/steps": final.steps,
-                                 "scratch/images_seen": final.steps * batch, "scratch/attempts": len(attempts),
-                                 "scratch/steps_all_attempts": sum(a.steps for a in attempts)})
+    tracker.log_params(
+        run_id,
+        {
+            "scratch_learning_rate": f"{final.learning_rate:.4g}",
+            "scratch_step_budget": budget.steps,
+            "scratch_steps_per_validation": budget.steps_per_round,
+            "scratch_min_steps": budget.min_rounds * budget.steps_per_round,
+            "scratch_learning_rate_attempts": ", ".join(f"{a.learning_rate:g}" for a in attempts),
+        },
+    )
+    tracker.log_metrics(
+        run_id,
+        {
+            "train_accuracy": final.train_accuracy,
+            "scratch/steps": final.steps,
+            "scratch/images_seen": final.steps * batch,
+            "scratch/attempts": len(attempts),
+            "scratch/steps_all_attempts": sum(a.steps for a in attempts),
+        },
+    )
     tracker.set_tags(run_id, {UNDERTRAINED_TAG: str(not final.fitted).lower()})
-    return tm, history, {"learning_rate": final.learning_rate, "steps": final.steps, "train_accuracy": final.train_accuracy,
-                         "fitted": final.fitted, "attempts": attempts,
-                         # the compute of every attempt, for cost columns (a retry is part of the recipe's price)
-                         "steps_all_attempts": sum(a.steps for a in attempts),
-                         "seconds_all_attempts": sum(a.seconds for a in attempts)}
+    return (
+        tm,
+        history,
+        {
+            "learning_rate": final.learning_rate,
+            "steps": final.steps,
+            "train_accuracy": final.train_accuracy,
+            "fitted": final.fitted,
+            "attempts": attempts,
+            # the compute of every attempt, for cost columns (a retry is part of the recipe's price)
+            "steps_all_attempts": sum(a.steps for a in attempts),
+            "seconds_all_attempts": sum(a.seconds for a in attempts),
+        },
+    )
 
 
 # --- the training rule of confirmation seeds --------------------------------------------------
@@ -283,11 +358,16 @@ def training_rule(ccfg: SweepConfig) -> str:
         from scratch, up to 2 retries at the next learning rate when unfitted'
     """
     b, head = ccfg.baseline, ccfg.train.head
-    stop = "no early stopping" if b.patience is None else (
-        f"then early stopping once val_loss and {ccfg.study.metric} stall for {b.patience} epochs")
-    return (f"to convergence: at least {b.min_steps} optimizer steps in all and {b.epochs} epochs, {stop}; "
-            f"a transfer model's head phase ({head.epochs} epochs, patience {head.patience or 'off'}) counts toward them; "
-            f"from scratch, up to {b.retries} retries at the next learning rate when unfitted")
+    stop = (
+        "no early stopping"
+        if b.patience is None
+        else (f"then early stopping once val_loss and {ccfg.study.metric} stall for {b.patience} epochs")
+    )
+    return (
+        f"to convergence: at least {b.min_steps} optimizer steps in all and {b.epochs} epochs, {stop}; "
+        f"a transfer model's head phase ({head.epochs} epochs, patience {head.patience or 'off'}) counts toward them; "
+        f"from scratch, up to {b.retries} retries at the next learning rate when unfitted"
+    )
 
 
 def confirmation_plan(plan: list[Phase], train_images: int, train: TrainConfig, baseline: BaselineConfig) -> list[Phase]:
@@ -308,17 +388,28 @@ def confirmation_plan(plan: list[Phase], train_images: int, train: TrainConfig, 
     batch = {"head": train.head.batch_size, "finetune": train.finetune.batch_size}
     steps_before = sum(p.epochs * math.ceil(train_images / batch[p.name]) for p in before)
     epochs_left = max(last.epochs, baseline.epochs - sum(p.epochs for p in before))
-    budget = scratch_budget(train_images, batch[last.name], epochs_left, max(0, baseline.min_steps - steps_before),
-                            baseline.patience)
+    budget = scratch_budget(
+        train_images, batch[last.name], epochs_left, max(0, baseline.min_steps - steps_before), baseline.patience
+    )
     one_pass = math.ceil(train_images / batch[last.name])
-    return [*before, replace(
-        last, epochs=budget.rounds, patience=budget.patience, min_epochs=budget.min_rounds, stall_stopping=True,
-        steps_per_epoch=None if budget.steps_per_round == one_pass else budget.steps_per_round)]
+    return [
+        *before,
+        replace(
+            last,
+            epochs=budget.rounds,
+            patience=budget.patience,
+            min_epochs=budget.min_rounds,
+            stall_stopping=True,
+            steps_per_epoch=None if budget.steps_per_round == one_pass else budget.steps_per_round,
+        ),
+    ]
 
 
 def images_seen(plan: list[Phase], epochs_run: list[int], train_images: int, train: TrainConfig) -> int:
     """Training images a plan's phases went through, given how many epochs each ran (pure): an
     epoch is one pass over the training set, or `steps_per_epoch` batches where the phase sets it."""
     batch = {"head": train.head.batch_size, "finetune": train.finetune.batch_size}
-    return sum(ran * (p.steps_per_epoch * batch[p.name] if p.steps_per_epoch else train_images)
-               for p, ran in zip([p for p in plan if p.epochs > 0], epochs_run))
+    return sum(
+        ran * (p.steps_per_epoch * batch[p.name] if p.steps_per_epoch else train_images)
+        for p, ran in zip([p for p in plan if p.epochs > 0], epochs_run)
+    )

@@ -68,11 +68,11 @@ def strategy_search(strategy: str, search: dict[str, ParamSpec], q: QuadrantsCon
     if not uses(strategy, "finetune_lr"):
         out["finetune_lr"] = _fixed("finetune_lr", "float", finetune_lr.value if finetune_lr.fixed else finetune_lr.low)
     unfrozen = _UNFROZEN[strategy]
-    out["unfreeze_fraction"] = (_range("unfreeze_fraction", *q.partial_range) if unfrozen is None
-                                else _fixed("unfreeze_fraction", "float", unfrozen))
-    out["cut_fraction"] = (_range("cut_fraction", *q.cut_range) if uses(strategy, "cut_fraction")
-                           else _fixed("cut_fraction", "float", 1.0))
+    out["unfreeze_fraction"] = (
+        _range("unfreeze_fraction", *q.partial_range) if unfrozen is None else _fixed("unfreeze_fraction", "float", unfrozen)
+    )
+    out["cut_fraction"] = (
+        _range("cut_fraction", *q.cut_range) if uses(strategy, "cut_fraction") else _fixed("cut_fraction", "float", 1.0)
+    )
     out["strategy"] = _fixed("strategy", "str", strategy)
     return out
-
-

@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from harness.config import SweepConfig, SweepRefused
+
+if TYPE_CHECKING:
+    from optuna.storages._heartbeat import BaseHeartbeat
 
 HEARTBEAT_SECONDS = 30  # how often a running trial proves it is alive (study.heartbeat_seconds)
 GRACE_BEATS = 3  # missed beats after which a RUNNING trial counts as dead
@@ -41,12 +45,8 @@ def storage_url(cfg: SweepConfig) -> str:
 
 
 def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS) -> RDBStorage:
-    engine_kwargs = {}
-    if url.startswith("sqlite"):
-        # Wait for a competing writer instead of failing with 'database is locked'.
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
+    # SQLite: wait for a competing writer instead of failing with 'database is locked'.
+    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     import random
     import time
 
@@ -67,6 +67,7 @@ def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS) -> RDBStorage:
             if attempt == 4:
                 raise
             time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable: the last attempt returns or re-raises")
 
 
 def make_sampler(cfg: SweepConfig, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -77,8 +78,7 @@ def make_sampler(cfg: SweepConfig, seed_offset: int = 0) -> optuna.samplers.Base
         return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar: trials still running elsewhere count as bad guesses, so parallel workers do not
     # all sample the same promising region (Optuna's advice for distributed TPE).
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, cfg.study.n_trials // 3)),
-                                      constant_liar=True)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, cfg.study.n_trials // 3)), constant_liar=True)
 
 
 def total_epochs(cfg: SweepConfig) -> int:
@@ -113,8 +113,9 @@ def open_study(cfg: SweepConfig, storage=None, reseed: bool = False) -> optuna.S
     if reseed:
         study.sampler = make_sampler(cfg, seed_offset=len(study.trials))
     if study.direction.name.lower() != cfg.study.direction:  # the preflight (check_storage) catches it sooner
-        raise SweepRefused(direction_mismatch(cfg.study.name, storage_url(cfg), study.direction.name.lower(),
-                                              cfg.study.direction))
+        raise SweepRefused(
+            direction_mismatch(cfg.study.name, storage_url(cfg), study.direction.name.lower(), cfg.study.direction)
+        )
     return study
 
 
@@ -124,9 +125,11 @@ def open_study(cfg: SweepConfig, storage=None, reseed: bool = False) -> optuna.S
 def direction_mismatch(study_name: str, url: str, found: str, wanted: str) -> str:
     from harness.tracking import redact
 
-    return (f"Optuna storage {redact(url)}: study {study_name!r} exists with direction {found}, but the config says "
-            f"{wanted}; a study's direction cannot change: run under a new --study-name, or set study.direction: "
-            f"{found}")
+    return (
+        f"Optuna storage {redact(url)}: study {study_name!r} exists with direction {found}, but the config says "
+        f"{wanted}; a study's direction cannot change: run under a new --study-name, or set study.direction: "
+        f"{found}"
+    )
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -200,11 +203,15 @@ def _sqlite_integrity(path: Path, where: str) -> None:
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
-        raise SweepRefused(f"{where}: {path} is not a readable SQLite database ({exc}); move it aside and "
-                           "start afresh, or restore it from a backup") from None
+        raise SweepRefused(
+            f"{where}: {path} is not a readable SQLite database ({exc}); move it aside and "
+            "start afresh, or restore it from a backup"
+        ) from None
     if result != ["ok"]:
-        raise SweepRefused(f"{where}: {path} is damaged (SQLite integrity check: {'; '.join(result[:3])}); "
-                           "restore it from a backup, or move it aside and start afresh")
+        raise SweepRefused(
+            f"{where}: {path} is damaged (SQLite integrity check: {'; '.join(result[:3])}); "
+            "restore it from a backup, or move it aside and start afresh"
+        )
 
 
 def short_error(exc, url: str, limit: int = 300) -> str:
@@ -237,11 +244,12 @@ def check_storage(url: str, study_name: str, direction: str) -> None:
     if state is None:
         return
     tables, revision = state
-    if not OPTUNA_TABLES <= tables:
+    if not tables >= OPTUNA_TABLES:
         if revision is not None:  # another schema managed by alembic (MLflow's, say): Optuna's stamp would clash
             foreign = ", ".join(sorted(tables - {"alembic_version"})[:6])
-            raise SweepRefused(f"{where}: holds another application's tables ({foreign}), not Optuna's; give the "
-                               "study a database of its own")
+            raise SweepRefused(
+                f"{where}: holds another application's tables ({foreign}), not Optuna's; give the study a database of its own"
+            )
         return  # empty, or another sweep process is creating Optuna's tables right now
     if revision is None:
         return  # Optuna stamps its schema right after creating the tables: a process is doing so now
@@ -340,4 +348,5 @@ def storage_of(study: optuna.Study):
 
 def record_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
     """Prove that `trial` is alive now (server storages: a trial without beats goes stale)."""
-    study._storage.record_heartbeat(trial._trial_id)
+    # Every study here is opened on an RDB storage (make_storage), which also implements Optuna's heartbeat.
+    cast("BaseHeartbeat", study._storage).record_heartbeat(trial._trial_id)

@@ -54,15 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run or resume an Optuna sweep of two-phase transfer learning, tracked in MLflow.",
     )
     p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"sweep YAML (default: {DEFAULT_CONFIG}, the offline demo)")
-    p.add_argument("--n-trials", type=positive_int, help="finished (completed + pruned) trials to reach; overrides study.n_trials")
+    p.add_argument(
+        "--n-trials", type=positive_int, help="finished (completed + pruned) trials to reach; overrides study.n_trials"
+    )
     p.add_argument("--timeout", type=positive_float, help="seconds after which no new trial starts; overrides study.timeout")
     p.add_argument("--study-name", help="Optuna study / MLflow experiment name; overrides study.name")
-    p.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user@127.0.0.1/db (the password in "
-                   "~/.pgpass or $PGPASSWORD, never here); overrides study.storage")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL, e.g. postgresql://user@127.0.0.1/db (the password in "
+        "~/.pgpass or $PGPASSWORD, never here); overrides study.storage",
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI; overrides tracking.uri and $MLFLOW_TRACKING_URI")
     p.add_argument("--seed", type=int, help="sampler seed; overrides study.seed")
-    p.add_argument("--workers", type=workers_arg, help="trial processes in this sweep process: N, or 'auto' (one per "
-                   "visible GPU, 1 on CPU); overrides study.workers")
+    p.add_argument(
+        "--workers",
+        type=workers_arg,
+        help="trial processes in this sweep process: N, or 'auto' (one per visible GPU, 1 on CPU); overrides study.workers",
+    )
     return p
 
 
@@ -81,7 +89,8 @@ def local_study_lock(cfg):
 
     url = default_storage_url(cfg.study.name)
     lock_path = Path(url.removeprefix("sqlite:///")).with_name("sweep.lock")
-    handle = open(lock_path, "w")
+    # Held open, and locked, for as long as the sweep runs (across the yield); closed below on every path.
+    handle = open(lock_path, "w")  # noqa: SIM115
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -105,8 +114,10 @@ def plan_workers(requested, gpus: list[str]) -> int:
     if requested == "auto":
         return max(1, len(gpus))
     if gpus and requested > len(gpus):
-        raise SweepRefused(f"study.workers: {requested} workers asked for, but only {len(gpus)} GPU(s) are visible "
-                           f"({', '.join(gpus)}); use --workers auto or at most {len(gpus)}")
+        raise SweepRefused(
+            f"study.workers: {requested} workers asked for, but only {len(gpus)} GPU(s) are visible "
+            f"({', '.join(gpus)}); use --workers auto or at most {len(gpus)}"
+        )
     return requested
 
 
@@ -120,8 +131,10 @@ def check_mixed_precision(cfg) -> None:
     explicitly_on = resolve_switch(cfg.train.mixed_precision, [])  # with no GPU, auto is off: only on is left
     if explicitly_on and not resolve_switch("auto", capabilities):
         found = ", ".join("unknown" if c is None else f"{c[0]}.{c[1]}" for c in capabilities) or "none (CPU only)"
-        raise ConfigError(f"{cfg.path}: train.mixed_precision: on needs a GPU of compute capability >= "
-                          f"{TENSOR_CORES[0]}.{TENSOR_CORES[1]}; GPUs visible: {found}. Use auto (on where it pays) or off")
+        raise ConfigError(
+            f"{cfg.path}: train.mixed_precision: on needs a GPU of compute capability >= "
+            f"{TENSOR_CORES[0]}.{TENSOR_CORES[1]}; GPUs visible: {found}. Use auto (on where it pays) or off"
+        )
 
 
 def check_stores(cfg) -> None:
@@ -166,9 +179,11 @@ def check_tracking_store(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
         error = tracking_server_error(uri)
         if error is not None:  # unreachable, refused, not an MLflow server: all stop the sweep
-            raise SweepRefused(f"{where}: no answer an MLflow tracking server would give ({st.short_error(error, uri)}); "
-                               "is the server running, and are MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
-                               "set if it asks for them?")
+            raise SweepRefused(
+                f"{where}: no answer an MLflow tracking server would give ({st.short_error(error, uri)}); "
+                "is the server running, and are MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                "set if it asks for them?"
+            )
 
 
 def resolve_weights(cfg, log) -> dict[str, str | None]:
@@ -196,7 +211,11 @@ def resolve_weights(cfg, log) -> dict[str, str | None]:
                 problem = f"weights file {weights} does not fit {name} with options {cfg.model.backbone_options.get(name, {})}"
             else:
                 problem = f"cannot build {name} with weights {weights!r}"
-            hint = " (ImageNet weights need internet the first time; offline use weights: source or a file)" if weights == "imagenet" else ""
+            hint = (
+                " (ImageNet weights need internet the first time; offline use weights: source or a file)"
+                if weights == "imagenet"
+                else ""
+            )
             raise SweepRefused(f"model.weights: {problem}: {type(exc).__name__}: {str(exc)[:300]}{hint}") from None
         check_freeze_depth(cfg, name, len(bb.backbone_blocks(backbone, name)))
         resolved[name] = weights
@@ -230,17 +249,17 @@ def run(cfg, log=None) -> dict:
     # tqdm.write prints above a live progress bar instead of through it (a plain print on a pipe).
     emit = log or (lambda text: tqdm.write(text, file=progress_stream))
 
-    def log(text: str) -> None:
+    def log_redacted(text: str) -> None:
         emit(redact(text))  # a line may name the storage or the tracking URI, which may hold a password
 
     gpus = runtime.visible_gpus()
     workers = plan_workers(cfg.study.workers, gpus)
     from harness.trials import TrialEngine
 
-    engine = TrialEngine.for_config(cfg, log, workers, gpus)
+    engine = TrialEngine.for_config(cfg, log_redacted, workers, gpus)
     try:
         engine.warm_up()  # the trial processes import TensorFlow while the preflight runs
-        return _run_checked(cfg, engine, workers, gpus, log)
+        return _run_checked(cfg, engine, workers, gpus, log_redacted)
     finally:
         engine.close()
 
@@ -255,8 +274,10 @@ def _run_checked(cfg, engine, workers: int, gpus: list[str], log) -> dict:
     if cfg.quadrants is None:
         dataset = load_dataset(cfg.data)
         splits = make_splits(dataset.labels, cfg.data, dataset.official)
-        log(f"data: {dataset.name}, {dataset.num_classes} classes, "
-            f"train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)} images (test held out)")
+        log(
+            f"data: {dataset.name}, {dataset.num_classes} classes, "
+            f"train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)} images (test held out)"
+        )
     else:
         from harness.quadrants import load_targets
 
@@ -266,8 +287,11 @@ def _run_checked(cfg, engine, workers: int, gpus: list[str], log) -> dict:
     with local_study_lock(cfg) as exclusive:
         url = st.storage_url(cfg)
         storage, tracker = open_stores(cfg)
-        log(f"{workers} trial process(es)" + (f" on GPU(s) {', '.join(gpus)}" if gpus else " on CPU")
-            + ("" if exclusive else f", sharing the study through {redact(url)}"))
+        log(
+            f"{workers} trial process(es)"
+            + (f" on GPU(s) {', '.join(gpus)}" if gpus else " on CPU")
+            + ("" if exclusive else f", sharing the study through {redact(url)}")
+        )
         engine.use_stores(tracker, exclusive)
         status = "FINISHED"
         old_handlers = runtime.install_stop_handlers()
@@ -302,8 +326,12 @@ def open_stores(cfg):
     storage = st.make_storage(url, cfg.study.heartbeat_seconds)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     with st.claim_lock(storage, f"{cfg.study.name}:setup"):
-        tracker = Tracker(tracking_uri, cfg.tracking.experiment or cfg.study.name, cfg.tracking.artifact_root,
-                          source=f"python -m harness.sweep {cfg.path}")
+        tracker = Tracker(
+            tracking_uri,
+            cfg.tracking.experiment or cfg.study.name,
+            cfg.tracking.artifact_root,
+            source=f"python -m harness.sweep {cfg.path}",
+        )
         recorded = tracker.existing_fingerprint(cfg.study.name)
         if recorded and recorded != cfg.fingerprint():
             raise SweepRefused(
@@ -321,12 +349,12 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     from harness import study as st
     from harness.baseline import run_scratch_baseline
     from harness.data import dataset_inputs
-    from harness.progress import Progress
     from harness.importance import log_what_mattered
+    from harness.progress import Progress
     from harness.screening import screen_backbones
     from harness.summary import summarize
-    from harness.tracking import redact
     from harness.tasks import Context
+    from harness.tracking import redact
     from harness.trials import recover_after_crash, trial_job
     from harness.winner import deliver_winner, description
 
@@ -346,8 +374,9 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     else:
         log(f"study {cfg.study.name!r}: {n_done} finished, running up to {cfg.study.n_trials}")
         best = st.best_trial(study)
-        progress = Progress(cfg.study.n_trials, n_done, cfg.study.direction, cfg.study.metric, sys.stderr,
-                            best=best.value if best else None)
+        progress = Progress(
+            cfg.study.n_trials, n_done, cfg.study.direction, cfg.study.metric, sys.stderr, best=best.value if best else None
+        )
         engine.run([trial_job(trial_cfg, study, context, tracker, progress=progress)])
     runtime.check_stop()
 
@@ -363,11 +392,14 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     if cfg.baseline.scratch and winner is not None:
         baseline = run_scratch_baseline(cfg, study, dataset.name, tracker, log, run_task)
     what_mattered = log_what_mattered(study, tracker, Path("results") / cfg.study.name, cfg.study.metric, log)
-    summary = summarize(cfg, study, dataset.labels[splits.val], baseline, tracker, what_mattered=what_mattered,
-                        screening=screening)
-    parent_metrics = {"test_accuracy": winner and winner["test_accuracy"],
-                      "scratch_test_accuracy": baseline and baseline.get("test_accuracy"),
-                      "scratch_train_accuracy": baseline and baseline.get("train_accuracy")}
+    summary = summarize(
+        cfg, study, dataset.labels[splits.val], baseline, tracker, what_mattered=what_mattered, screening=screening
+    )
+    parent_metrics = {
+        "test_accuracy": winner and winner["test_accuracy"],
+        "scratch_test_accuracy": baseline and baseline.get("test_accuracy"),
+        "scratch_train_accuracy": baseline and baseline.get("train_accuracy"),
+    }
     if baseline:
         tracker.set_tags(tracker.parent_run_id, {"harness.baseline_undertrained": str(baseline.get("fitted") is False).lower()})
     tracker.log_metrics(tracker.parent_run_id, {k: v for k, v in parent_metrics.items() if v is not None})
@@ -385,7 +417,8 @@ def _test_lines(winner: dict | None, baseline: dict | None) -> str:
     if baseline and baseline.get("test_accuracy") is not None and baseline.get("fitted") is not False:
         lines.append(f"from-scratch baseline on the held-out test split: accuracy {baseline['test_accuracy']:.4f}")
     if winner and winner.get("model_uri"):
-        lines.append(f"winning model: {winner['model_uri']}  (predict: python -m harness.predict {winner['model_uri'].split('/')[1]} FOLDER)")
+        registered = winner["model_uri"].split("/")[1]
+        lines.append(f"winning model: {winner['model_uri']}  (predict: python -m harness.predict {registered} FOLDER)")
     return "\n" + "\n".join(lines) if lines else ""
 
 
@@ -397,8 +430,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         cfg = with_overrides(
-            cfg, n_trials=args.n_trials, timeout=args.timeout, name=args.study_name, storage=args.storage,
-            seed=args.seed, tracking_uri=args.tracking_uri, workers=args.workers,
+            cfg,
+            n_trials=args.n_trials,
+            timeout=args.timeout,
+            name=args.study_name,
+            storage=args.storage,
+            seed=args.seed,
+            tracking_uri=args.tracking_uri,
+            workers=args.workers,
         )
         check_stores(cfg)  # before TensorFlow loads and anything is written
     except (ConfigError, SweepRefused) as exc:
@@ -409,8 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if exc.name != "tensorflow":
             raise
-        print('error: TensorFlow is not installed. It is an extra, chosen per machine: pip install -e ".[cpu]" '
-              'on a CPU-only box, pip install -e ".[gpu]" on an NVIDIA GPU box (see the README)', file=sys.stderr)
+        print(
+            'error: TensorFlow is not installed. It is an extra, chosen per machine: pip install -e ".[cpu]" '
+            'on a CPU-only box, pip install -e ".[gpu]" on an NVIDIA GPU box (see the README)',
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     runtime.hide_gpus_from_this_process()
     try:

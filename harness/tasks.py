@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from harness import runtime
 from harness.data import tf_dataset
-from harness.evaluation import class_metric_keys, classification_metrics, confusion_csv, confusion_figure, is_number, scores
 from harness.direction import at_least_as_good
+from harness.evaluation import class_metric_keys, classification_metrics, confusion_csv, confusion_figure, is_number, scores
 from harness.objective import TrialFailed, TrialRunner, log_history, trial_level_errors
 from harness.scratch import confirmation_plan, images_seen, print_note, train_from_scratch
 from harness.transferability import score_backbones
@@ -93,8 +94,9 @@ def tracked_run(tracker, run_id: str, optuna_states: bool = False, system_metric
         raise
     except BaseException as exc:
         tracker.log_failure(run_id, exc)
-        tracker.end_run(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED",
-                        optuna_state="FAIL" if optuna_states else None)
+        tracker.end_run(
+            run_id, "FAILED" if isinstance(exc, Exception) else "KILLED", optuna_state="FAIL" if optuna_states else None
+        )
         raise
     finally:
         if system is not None:
@@ -133,16 +135,23 @@ class TrialTask:
 
     def run(self, runner: TrialRunner, channel: Channel) -> tuple[str, Any]:
         try:
-            return "complete", run_trial(runner, self.number, self.params, self.run_id,
-                                         lambda e: channel.ask_later(("epoch", e)), self.leader)
+            return "complete", run_trial(
+                runner, self.number, self.params, self.run_id, lambda e: channel.ask_later(("epoch", e)), self.leader
+            )
         except optuna.TrialPruned as exc:
             return "pruned", str(exc)
         except TrialFailed as exc:
             return "failed", str(exc)
 
 
-def run_trial(runner: TrialRunner, number: int, params: dict, run_id: str,
-              report: Callable[[dict], bool | Callable[[], bool]], leader: float | None = None) -> float:
+def run_trial(
+    runner: TrialRunner,
+    number: int,
+    params: dict,
+    run_id: str,
+    report: Callable[[dict], bool | Callable[[], bool]],
+    leader: float | None = None,
+) -> float:
     """Train one trial; returns its objective value. Raises optuna.TrialPruned, TrialFailed,
     ConfigError (stop the sweep) or KeyboardInterrupt (stop asked for), with the MLflow run
     already ended to match.
@@ -167,12 +176,23 @@ def run_trial(runner: TrialRunner, number: int, params: dict, run_id: str,
                 raise
             runtime.check_stop()  # asked to stop while the trial was finishing: it runs again on resume
             value = history.best(cfg.study.metric, cfg.study.direction)
-            tracker.log_metrics(run_id, {"objective": value, f"best_{cfg.study.metric}": value,
-                                         "wall_seconds": time.perf_counter() - started,
-                                         "system/rss_mib": runtime.resident_mib()})
+            tracker.log_metrics(
+                run_id,
+                {
+                    "objective": value,
+                    f"best_{cfg.study.metric}": value,
+                    "wall_seconds": time.perf_counter() - started,
+                    "system/rss_mib": runtime.resident_mib(),
+                },
+            )
             if at_least_as_good(value, leader, cfg.study.direction):  # it leads: its model may win
-                tracker.log_keras_model(run_id, tm.model, runner.dataset.class_names, cfg.data.image_size,
-                                        tags={"harness.study": cfg.study.name, "harness.trial": number})
+                tracker.log_keras_model(
+                    run_id,
+                    tm.model,
+                    runner.dataset.class_names,
+                    cfg.data.image_size,
+                    tags={"harness.study": cfg.study.name, "harness.trial": number},
+                )
             tm = None
     except trial_level_errors() as exc:
         raise TrialFailed(f"{type(exc).__name__}: {str(exc)[:500]}") from exc
@@ -196,12 +216,21 @@ class ConfirmTask:
     context: Context | None = None
 
     def run(self, runner, channel) -> tuple[str, float]:
-        return "complete", confirm_seed(runner, self.params, self.seed, self.run_id, self.leader, self.keep_model,
-                                        channel.note, self.number)
+        return "complete", confirm_seed(
+            runner, self.params, self.seed, self.run_id, self.leader, self.keep_model, channel.note, self.number
+        )
 
 
-def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | None = None,
-                 keep_model: bool = True, note=print_note, number: int = 0) -> float:
+def confirm_seed(
+    runner,
+    params: dict,
+    seed: int,
+    run_id: str,
+    leader: float | None = None,
+    keep_model: bool = True,
+    note=print_note,
+    number: int = 0,
+) -> float:
     """Train the configuration with `seed` into the run `run_id`; returns its test accuracy.
 
     The model keeps the best epoch's weights across both phases (the ones its validation score
@@ -233,31 +262,63 @@ def confirm_seed(runner, params: dict, seed: int, run_id: str, leader: float | N
 
             def on_transfer_epoch(record):
                 on_epoch(record)
-                note(("epoch", {"number": number, "epoch": record.epoch, "phase": record.phase,
-                                "metrics": dict(record.metrics), "total_epochs": total_epochs}))
+                note(
+                    (
+                        "epoch",
+                        {
+                            "number": number,
+                            "epoch": record.epoch,
+                            "phase": record.phase,
+                            "metrics": dict(record.metrics),
+                            "total_epochs": total_epochs,
+                        },
+                    )
+                )
 
             def pipelines(batch_size):
-                return (tf_dataset(dataset, splits.train, batch_size, shuffle=True, seed=seed),
-                        tf_dataset(dataset, splits.val, batch_size, shuffle=False))
+                return (
+                    tf_dataset(dataset, splits.train, batch_size, shuffle=True, seed=seed),
+                    tf_dataset(dataset, splits.val, batch_size, shuffle=False),
+                )
 
-            history = run_plan(ccfg, tm, plan, pipelines, on_epoch=on_transfer_epoch,
-                               class_weight=train_class_weights(ccfg, dataset, splits), features=runner.features, seed=seed,
-                               on_features=lambda phase, seconds: tracker.log_metrics(run_id, {f"{phase}/feature_seconds": seconds}))
+            history = run_plan(
+                ccfg,
+                tm,
+                plan,
+                pipelines,
+                on_epoch=on_transfer_epoch,
+                class_weight=train_class_weights(ccfg, dataset, splits),
+                features=runner.features,
+                seed=seed,
+                on_features=lambda phase, seconds: tracker.log_metrics(run_id, {f"{phase}/feature_seconds": seconds}),
+            )
             seen = images_seen(plan, [p.epochs_run for p in history.phases], len(splits.train), ccfg.train)
             seconds = sum(p.seconds for p in history.phases)
         # What the cell's compute was: the report's cost columns (seconds on this process's device:
         # GPU-seconds on a GPU box, where each trial process has one GPU).
-        tracker.log_metrics(run_id, {"cost/images_seen": seen, "cost/epochs": seen / len(splits.train),
-                                     "cost/seconds": seconds})
+        tracker.log_metrics(run_id, {"cost/images_seen": seen, "cost/epochs": seen / len(splits.train), "cost/seconds": seconds})
         test = evaluate_on_test(tm.model, runner)
         log_history(tracker, run_id, history)
         best_val = history.best(ccfg.study.metric, ccfg.study.direction)
         if keep_model and at_least_as_good(best_val, leader, ccfg.study.direction):
-            tracker.log_keras_model(run_id, tm.model, dataset.class_names, ccfg.data.image_size,
-                                    tags={"harness.study": ccfg.study.name, "harness.seed": seed})
+            tracker.log_keras_model(
+                run_id,
+                tm.model,
+                dataset.class_names,
+                ccfg.data.image_size,
+                tags={"harness.study": ccfg.study.name, "harness.seed": seed},
+            )
         tm = None
-        tracker.log_metrics(run_id, {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "best_val": best_val,
-                                     f"best_{ccfg.study.metric}": best_val, "wall_seconds": time.perf_counter() - started})
+        tracker.log_metrics(
+            run_id,
+            {
+                "test_accuracy": test["accuracy"],
+                "test_loss": test["loss"],
+                "best_val": best_val,
+                f"best_{ccfg.study.metric}": best_val,
+                "wall_seconds": time.perf_counter() - started,
+            },
+        )
     return test["accuracy"]
 
 
@@ -295,10 +356,24 @@ def train_baseline(runner, params: dict, run_id: str, note=print_note, number: i
         test = evaluate_on_test(tm.model, runner)
         tm = None
         value = history.best(cfg.study.metric, cfg.study.direction)
-        tracker.log_metrics(run_id, {"objective": value, f"best_{cfg.study.metric}": value, "test_accuracy": test["accuracy"],
-                                     "test_loss": test["loss"], "wall_seconds": time.perf_counter() - started})
-    return {"value": value, "test_accuracy": test["accuracy"], "train_accuracy": facts["train_accuracy"],
-            "fitted": facts["fitted"], "learning_rate": facts["learning_rate"], "steps": facts["steps"]}
+        tracker.log_metrics(
+            run_id,
+            {
+                "objective": value,
+                f"best_{cfg.study.metric}": value,
+                "test_accuracy": test["accuracy"],
+                "test_loss": test["loss"],
+                "wall_seconds": time.perf_counter() - started,
+            },
+        )
+    return {
+        "value": value,
+        "test_accuracy": test["accuracy"],
+        "train_accuracy": facts["train_accuracy"],
+        "fitted": facts["fitted"],
+        "learning_rate": facts["learning_rate"],
+        "steps": facts["steps"],
+    }
 
 
 # --- the winner's test --------------------------------------------------------------------------
@@ -328,7 +403,8 @@ def test_logged_model(runner, model_uri: str, run_id: str) -> dict[str, float]:
     tracker = runner.tracker
     model = load_keras_model(model_uri, tracker.uri)
     names = runner.dataset.class_names
-    out, details = {}, {}
+    out: dict[str, float] = {}
+    details: dict[str, dict] = {}
     for split, indices in (("val", runner.splits.val), ("test", runner.splits.test)):
         probabilities, labels = model.predict(split_pipeline(runner, indices), verbose=0), runner.dataset.labels[indices]
         result = scores(probabilities, labels)
@@ -338,10 +414,15 @@ def test_logged_model(runner, model_uri: str, run_id: str) -> dict[str, float]:
             out[f"{split}_auc"] = details[split]["auc"]
     # The test split is read here once, for a model chosen on validation alone.
     test = details["test"]
-    metrics = {"test_accuracy": out["test_accuracy"], "test_loss": out["test_loss"],
-               "reloaded_val_accuracy": out["val_accuracy"], **{k: out[k] for k in ("test_auc", "val_auc") if k in out}}
-    metrics.update({f"test_accuracy/{key}": acc for key, acc in zip(class_metric_keys(names), test["per_class_accuracy"])
-                    if is_number(acc)})
+    metrics: dict[str, float] = {
+        "test_accuracy": out["test_accuracy"],
+        "test_loss": out["test_loss"],
+        "reloaded_val_accuracy": out["val_accuracy"],
+        **{k: out[k] for k in ("test_auc", "val_auc") if k in out},
+    }
+    metrics.update(
+        {f"test_accuracy/{key}": acc for key, acc in zip(class_metric_keys(names), test["per_class_accuracy"]) if is_number(acc)}
+    )
     tracker.log_metrics(run_id, metrics)
     tracker.log_text(run_id, confusion_csv(test["confusion"], names), "confusion_matrix.csv")
     fig = confusion_figure(test["confusion"], names)

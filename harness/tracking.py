@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-
 ROLE = "harness.role"
 STUDY_TAG = "harness.study"
 TRIAL_TAG = "optuna.trial_number"
@@ -39,8 +38,18 @@ DESCRIPTION_TAG = "mlflow.note.content"  # the run description the UI shows (mar
 # yet is guessed to be GenAI and opens on an empty traces page.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # The parent run's params: what a reader scans the runs table by. The whole config is its config.yaml.
-KEY_PARAMS = ("study.metric", "study.direction", "study.n_trials", "study.sampler", "study.pruner", "data.source",
-              "data.name", "data.path", "data.image_size", "model.weights")
+KEY_PARAMS = (
+    "study.metric",
+    "study.direction",
+    "study.n_trials",
+    "study.sampler",
+    "study.pruner",
+    "data.source",
+    "data.name",
+    "data.path",
+    "data.image_size",
+    "model.weights",
+)
 
 
 # Orders for `Tracker.find_runs`: newest run first, or oldest first (ties broken by run id).
@@ -69,13 +78,21 @@ class RunRecord:
 
 def _record(run) -> RunRecord:
     info, data = run.info, run.data
-    return RunRecord(run_id=info.run_id, experiment_id=info.experiment_id, status=info.status,
-                     start_time=info.start_time, end_time=info.end_time,
-                     tags=dict(data.tags), params=dict(data.params), metrics=dict(data.metrics))
+    return RunRecord(
+        run_id=info.run_id,
+        experiment_id=info.experiment_id,
+        status=info.status,
+        start_time=info.start_time,
+        end_time=info.end_time,
+        tags=dict(data.tags),
+        params=dict(data.params),
+        metrics=dict(data.metrics),
+    )
 
 
-def run_filter(role: str | None = None, parent: str | None = None, status: str | None = None,
-               tags: dict[str, Any] | None = None) -> str:
+def run_filter(
+    role: str | None = None, parent: str | None = None, status: str | None = None, tags: dict[str, Any] | None = None
+) -> str:
     """The MLflow filter string selecting runs by role, parent run, status and tag values; a
     criterion left None is not a condition. Pure.
 
@@ -128,7 +145,8 @@ def global_tracking_uri(uri: str):
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before if was_set else None)
+        # mlflow accepts None (it unsets the URI and $MLFLOW_TRACKING_URI) but types only str | Path.
+        mlflow.set_tracking_uri(before if was_set else None)  # type: ignore[arg-type]
         if env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
@@ -220,14 +238,24 @@ class Tracker:
 
         return MlflowClient(tracking_uri=uri).get_experiment_by_name(name) is not None
 
-    def find_runs(self, role: str | None = None, parent: str | None = None, status: str | None = None,
-                  tags: dict[str, Any] | None = None, order_by: tuple[str, ...] | None = None,
-                  max_results: int = 50_000) -> list[RunRecord]:
+    def find_runs(
+        self,
+        role: str | None = None,
+        parent: str | None = None,
+        status: str | None = None,
+        tags: dict[str, Any] | None = None,
+        order_by: tuple[str, ...] | None = None,
+        max_results: int = 50_000,
+    ) -> list[RunRecord]:
         """Runs of this experiment with this role, under this parent run, in this status and with
         these tag values (a criterion left None selects everything), as plain records.
         `order_by`: NEWEST_FIRST or OLDEST_FIRST; None is the store's own order (newest first)."""
-        runs = self.client.search_runs([self.experiment_id], filter_string=run_filter(role, parent, status, tags),
-                                       max_results=max_results, order_by=list(order_by) if order_by else None)
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=run_filter(role, parent, status, tags),
+            max_results=max_results,
+            order_by=list(order_by) if order_by else None,
+        )
         return [_record(run) for run in runs]
 
     def get_run_record(self, run_id: str) -> RunRecord:
@@ -256,9 +284,17 @@ class Tracker:
             self.reopen_run(run_id)
         else:
             run = self.client.create_run(
-                self.experiment_id, run_name=f"study {study_name}",
-                tags=_redacted({ROLE: "study", STUDY_TAG: study_name, "optuna.storage": storage_url,
-                                FINGERPRINT_TAG: fingerprint, **self._source_tags()}),
+                self.experiment_id,
+                run_name=f"study {study_name}",
+                tags=_redacted(
+                    {
+                        ROLE: "study",
+                        STUDY_TAG: study_name,
+                        "optuna.storage": storage_url,
+                        FINGERPRINT_TAG: fingerprint,
+                        **self._source_tags(),
+                    }
+                ),
             )
             run_id = run.info.run_id
             oldest = self.study_runs(study_name)[0].run_id
@@ -282,11 +318,16 @@ class Tracker:
 
     # --- child runs ------------------------------------------------------------------------
 
-    def start_child(self, name: str, role: str, tags: dict[str, Any], config: dict | None = None,
-                    parent_id: str | None = None) -> str:
+    def start_child(
+        self, name: str, role: str, tags: dict[str, Any], config: dict | None = None, parent_id: str | None = None
+    ) -> str:
         """A nested run under `parent_id` (default: the study's parent run)."""
-        tags = {ROLE: role, PARENT_TAG: parent_id or self.parent_run_id, **self._source_tags(),
-                **{k: str(v) for k, v in tags.items()}}
+        tags = {
+            ROLE: role,
+            PARENT_TAG: parent_id or self.parent_run_id,
+            **self._source_tags(),
+            **{k: str(v) for k, v in tags.items()},
+        }
         run = self.client.create_run(self.experiment_id, run_name=name, tags=_redacted(tags))
         if config is not None:
             # The resolved config is every run's first artifact: the run describes itself.
@@ -352,8 +393,9 @@ class Tracker:
 
     # --- models and datasets ---------------------------------------------------------------
 
-    def log_keras_model(self, run_id: str, model, class_names: list[str], image_size: int,
-                        tags: dict[str, Any] | None = None) -> str:
+    def log_keras_model(
+        self, run_id: str, model, class_names: list[str], image_size: int, tags: dict[str, Any] | None = None
+    ) -> str:
         """Log a trained Keras model to its run (MLflow's Keras flavour, a `.keras` file inside);
         returns its `models:/` URI, also kept on the run as the tag harness.model_uri.
 
@@ -370,7 +412,9 @@ class Tracker:
         # this is called once the trial has succeeded, just before its run ends anyway.
         with global_tracking_uri(self.uri), mlflow.start_run(run_id=run_id):
             info = mlflow.keras.log_model(
-                model, name="model", signature=signature,
+                model,
+                name="model",
+                signature=signature,
                 metadata={"class_names": list(class_names), "image_size": int(image_size)},
                 pip_requirements=[f"keras=={keras.__version__}", "tensorflow"],  # no slow requirement inference
                 tags=_redacted(tags or {}),
@@ -391,8 +435,9 @@ class Tracker:
         # model up through the global URI.
         model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
         with global_tracking_uri(self.uri):
-            version = self.client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id,
-                                                       tags=_redacted(tags), description=redact(description))
+            version = self.client.create_model_version(
+                name, model_uri, run_id=run_id, model_id=model_id, tags=_redacted(tags), description=redact(description)
+            )
         return version.version
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
@@ -435,6 +480,7 @@ class Tracker:
         Each input: name, source (a path, URL or {tags} for generated data), digest (content
         hash), context (train, validation or test) and images (the split's size)."""
         from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.dataset_source import DatasetSource
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.http_dataset_source import HTTPDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
@@ -445,18 +491,24 @@ class Tracker:
         entities = []
         for item in inputs:
             raw = redact_config(item["source"])  # a dataset URL may carry a token
+            source: DatasetSource
             if isinstance(raw, dict):
                 source = CodeDatasetSource(raw)
             elif str(raw).startswith(("http://", "https://")):
                 source = HTTPDatasetSource(raw)
             else:
                 source = resolve_dataset_source(str(raw))
-            dataset = MetaDataset(source, name=item["name"], digest=item["digest"])
-            entities.append(DatasetInput(dataset._to_mlflow_entity(), tags=[
-                InputTag("mlflow.data.context", item["context"]), InputTag("images", str(item["images"]))]))
+            # `profile` is abstract only on paper: mlflow's Dataset base is no ABC, and MetaDataset is its metadata-only dataset.
+            dataset = MetaDataset(source, name=item["name"], digest=item["digest"])  # type: ignore[abstract]
+            entities.append(
+                DatasetInput(
+                    dataset._to_mlflow_entity(),
+                    tags=[InputTag("mlflow.data.context", item["context"]), InputTag("images", str(item["images"]))],
+                )
+            )
         self.client.log_inputs(run_id, datasets=entities)
 
-    def system_metrics(self, run_id: str, sampling_seconds: float) -> "SystemMetrics":
+    def system_metrics(self, run_id: str, sampling_seconds: float) -> SystemMetrics:
         """MLflow's system metrics (CPU, memory, disk, network; GPU when nvidia-ml-py sees one)
         of a run, sampled until `.finish()`."""
         return SystemMetrics(self.uri, run_id, sampling_seconds)
@@ -465,20 +517,21 @@ class Tracker:
 
     def find_child(self, role: str, tags: dict[str, Any], parent_id: str | None = None) -> RunRecord | None:
         """The newest nested run with this role and these tags, or None (used to resume)."""
-        runs = self.find_runs(role=role, parent=parent_id or self.parent_run_id, tags=tags, order_by=NEWEST_FIRST,
-                              max_results=1)
+        runs = self.find_runs(role=role, parent=parent_id or self.parent_run_id, tags=tags, order_by=NEWEST_FIRST, max_results=1)
         return runs[0] if runs else None
 
-    def end_orphaned_runs(self, roles: tuple[str, ...], parent_id: str | None = None,
-                      reason: str = "process died before the run ended") -> list[str]:
+    def end_orphaned_runs(
+        self, roles: tuple[str, ...], parent_id: str | None = None, reason: str = "process died before the run ended"
+    ) -> list[str]:
         """End KILLED every run of these roles under `parent_id` (default: the sweep's run) still
         RUNNING; returns their ids. For the runs a sweep owns that are not Optuna trials (baseline,
         confirmation seeds, LogME): call it only where no live process can own one, i.e. while
         holding the local storage's lock at the start of a resumed sweep."""
         if not roles:
             return []
-        runs = [run for role in roles
-                for run in self.find_runs(role=role, parent=parent_id or self.parent_run_id, status="RUNNING")]
+        runs = [
+            run for role in roles for run in self.find_runs(role=role, parent=parent_id or self.parent_run_id, status="RUNNING")
+        ]
         for run in runs:
             self.set_tags(run.run_id, {"harness.fail_reason": run.tags.get("harness.fail_reason") or reason})
             self.end_run(run.run_id, "KILLED", optuna_state="FAIL" if STATE_TAG in run.tags else None)
@@ -505,8 +558,10 @@ class Tracker:
                 continue
             try:
                 self.end_run(run.run_id, "KILLED", optuna_state=state or "FAIL")
-                self.set_tags(run.run_id, {"harness.fail_reason": run.tags.get("harness.fail_reason")
-                                           or "process died before the trial ended"})
+                self.set_tags(
+                    run.run_id,
+                    {"harness.fail_reason": run.tags.get("harness.fail_reason") or "process died before the trial ended"},
+                )
             except MlflowException:
                 # Several sweep processes reconcile the same orphan at once, and a store may refuse
                 # the second writer of a tag (a unique-constraint error): the other one fixed it.
@@ -560,11 +615,15 @@ def schema_problem(uri: str, revision: str) -> str | None:
         return None
     known = {r.revision for r in script.walk_revisions()}
     if revision not in known:
-        return (f"its schema (alembic revision {revision}) is not one MLflow {mlflow.__version__} knows: another "
-                "application's database (an Optuna storage?), or a store a newer MLflow wrote; point --tracking-uri "
-                "at an MLflow store, or upgrade MLflow here")
-    return (f"its schema (revision {revision}) is older than MLflow {mlflow.__version__}'s ({head}); back the store up, "
-            f"then run: mlflow db upgrade {redact(uri)}")
+        return (
+            f"its schema (alembic revision {revision}) is not one MLflow {mlflow.__version__} knows: another "
+            "application's database (an Optuna storage?), or a store a newer MLflow wrote; point --tracking-uri "
+            "at an MLflow store, or upgrade MLflow here"
+        )
+    return (
+        f"its schema (revision {revision}) is older than MLflow {mlflow.__version__}'s ({head}); back the store up, "
+        f"then run: mlflow db upgrade {redact(uri)}"
+    )
 
 
 def tracking_server_error(uri: str) -> Exception | None:
@@ -641,8 +700,9 @@ def run_model_uri(tracking_uri: str, run_id: str) -> str:
     run = client.get_run(run_id)
     tag = run.data.tags.get(MODEL_URI_TAG)
     try:
-        found = list(client.search_logged_models(
-            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"))
+        found = list(
+            client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+        )
     except MlflowException:
         found = []  # a store without logged-model search: use the tag or the run's artifact path
     found = [m for m in found if m.status != LoggedModelStatus.FAILED]
@@ -662,7 +722,9 @@ def _lost_creation_race(exc: Exception) -> bool:
     """True for the error a store gives the loser of a race to create the same entity."""
     code = getattr(exc, "error_code", "")
     text = str(exc)
-    return code == "RESOURCE_ALREADY_EXISTS" or "already exists" in text or "UNIQUE constraint" in text or "IntegrityError" in text
+    return (
+        code == "RESOURCE_ALREADY_EXISTS" or "already exists" in text or "UNIQUE constraint" in text or "IntegrityError" in text
+    )
 
 
 # --- secrets ---------------------------------------------------------------------------------
@@ -676,8 +738,9 @@ _URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]*")
 # followed by a path (`host:5000/a@b`) is not a password.
 _USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*):(?!\d*[/?#])[^\s]*@(?=[^@/?#]*(?:[/?#]|$))")
 # A query parameter whose name says its value is a secret (sslpassword, api_key, X-Amz-Signature...).
-_SECRET_PARAM = re.compile(r"(?P<name>[?&;][^=&;#]*?(?:pass|pwd|secret|token|key|credential|signature)[^=&;#]*=)[^&;#]*",
-                           re.IGNORECASE)
+_SECRET_PARAM = re.compile(
+    r"(?P<name>[?&;][^=&;#]*?(?:pass|pwd|secret|token|key|credential|signature)[^=&;#]*=)[^&;#]*", re.IGNORECASE
+)
 MASK = "***"
 
 

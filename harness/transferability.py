@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import numpy as np
 
@@ -30,8 +31,9 @@ def l2_normalise(features: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1.0)
 
 
-def knn_accuracy(features: np.ndarray, labels: np.ndarray, neighbours: int = KNN_NEIGHBOURS, folds: int = KNN_FOLDS,
-                 seed: int = 0) -> float:
+def knn_accuracy(
+    features: np.ndarray, labels: np.ndarray, neighbours: int = KNN_NEIGHBOURS, folds: int = KNN_FOLDS, seed: int = 0
+) -> float:
     """Mean accuracy of a k-NN classifier on L2-normalised features, stratified-k-fold cross-validated
     within the given (training) images. Fewer folds and neighbours when the smallest class has few
     images; NaN when a class has a single image (no fold could hold it out and still train on it)."""
@@ -92,8 +94,14 @@ def screening_params(cfg, backbone: str) -> dict:
         pooling_value = "avg" if "avg" in (pooling.choices or ()) else (pooling.choices or ("avg",))[0]
     else:
         pooling_value = fixed_or("pooling", "avg")
-    return {"backbone": backbone, "head_units": 0, "dropout": 0.0, "pooling": pooling_value, "augment": False,
-            "cut_fraction": fixed_or("cut_fraction", 1.0)}
+    return {
+        "backbone": backbone,
+        "head_units": 0,
+        "dropout": 0.0,
+        "pooling": pooling_value,
+        "augment": False,
+        "cut_fraction": fixed_or("cut_fraction", 1.0),
+    }
 
 
 def score_backbones(runner, backbones: list[str], max_images: int, note=lambda payload: None) -> dict[str, dict]:
@@ -103,7 +111,7 @@ def score_backbones(runner, backbones: list[str], max_images: int, note=lambda p
     the trials' phase 1 uses; the scores read a class-balanced subsample of at most `max_images`."""
     from harness.config import feature_cache_impossible
     from harness.features import pooled_features
-    from harness.model import build_model
+    from harness.model import TransferModel, build_model
     from harness.objective import model_spec
     from harness.runtime import release_memory
 
@@ -113,6 +121,7 @@ def score_backbones(runner, backbones: list[str], max_images: int, note=lambda p
     train_labels = dataset.labels[splits.train]
     positions = balanced_positions(train_labels, max_images)
     out = {}
+    tm: TransferModel | None  # each backbone's model, dropped before the next is built
     for backbone in backbones:
         started = time.perf_counter()
         weights = runner.weights.get(backbone)
@@ -122,16 +131,24 @@ def score_backbones(runner, backbones: list[str], max_images: int, note=lambda p
                 features = np.asarray(cache.features(tm, "train")[positions])
             else:
                 features = pooled_features(tm, dataset, splits.train[positions])
-            row = feature_scores(features, train_labels[positions])
-            row.update(params=int(tm.backbone.count_params()), images=len(positions),
-                       imagenet_top1=published_top1(backbone, weights, cfg.model.backbone_options.get(backbone)))
+            row: dict[str, Any] = feature_scores(features, train_labels[positions])  # then facts of the backbone
+            row.update(
+                params=int(tm.backbone.count_params()),
+                images=len(positions),
+                imagenet_top1=published_top1(backbone, weights, cfg.model.backbone_options.get(backbone)),
+            )
         finally:
             tm = None
             release_memory()
         row["seconds"] = round(time.perf_counter() - started, 2)
         out[backbone] = row
-        note(("message", f"screening {backbone}: LogME {row['logme']:.4f}, k-NN {row['knn']:.4f}, "
-                         f"{row['params']:,} parameters ({row['seconds']:.1f} s)"))
+        note(
+            (
+                "message",
+                f"screening {backbone}: LogME {row['logme']:.4f}, k-NN {row['knn']:.4f}, "
+                f"{row['params']:,} parameters ({row['seconds']:.1f} s)",
+            )
+        )
     return out
 
 

@@ -30,8 +30,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -39,7 +40,6 @@ from optuna.trial import TrialState
 from harness import runtime, space
 from harness import study as st
 from harness.config import SweepRefused
-from harness.objective import TrialFailed
 from harness.tasks import Context, TrialTask, execute
 from harness.tracking import STATE_TAG, TRIAL_TAG
 from harness.worker import TrialProcess, describe_exit
@@ -108,7 +108,7 @@ class Job:
     context: Context
     prepare: Callable[[optuna.Trial, str], Any]
     before_ask: Callable[[optuna.Study], None] | None = None
-    on_done: Callable[[], list["Job"]] = lambda: []
+    on_done: Callable[[], list[Job]] = lambda: []
     progress: Any = None
     parent_run_id: str | None = None  # MLflow parent of its runs (None: the sweep's parent run)
 
@@ -116,18 +116,35 @@ class Job:
         return st.finished_count(self.study)
 
 
-def trial_job(cfg, study, context: Context, tracker, parent_run_id: str | None = None, extra_tags: dict | None = None,
-              name: str = "", progress=None, on_done: Callable[[], list[Job]] = lambda: []) -> Job:
+def trial_job(
+    cfg,
+    study,
+    context: Context,
+    tracker,
+    parent_run_id: str | None = None,
+    extra_tags: dict | None = None,
+    name: str = "",
+    progress=None,
+    on_done: Callable[[], list[Job]] = lambda: [],
+) -> Job:
     """The job of a search study: sample parameters, open the trial's MLflow run, train."""
     sweep_process = f"{socket.gethostname()}:{os.getpid()}"
 
     def prepare(trial: optuna.Trial, worker_id: str) -> TrialTask:
         params = space.suggest(trial, cfg.search)
         run_id = tracker.start_child(
-            f"trial {trial.number}", "trial",
-            {TRIAL_TAG: trial.number, "backbone": params["backbone"], "dataset": context.dataset.name,
-             STATE_TAG: "RUNNING", "optuna.study": cfg.study.name, **(extra_tags or {})},
-            config=cfg.resolved(params, trial.number), parent_id=parent_run_id,
+            f"trial {trial.number}",
+            "trial",
+            {
+                TRIAL_TAG: trial.number,
+                "backbone": params["backbone"],
+                "dataset": context.dataset.name,
+                STATE_TAG: "RUNNING",
+                "optuna.study": cfg.study.name,
+                **(extra_tags or {}),
+            },
+            config=cfg.resolved(params, trial.number),
+            parent_id=parent_run_id,
         )
         tracker.log_datasets(run_id, context.inputs)
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -139,8 +156,16 @@ def trial_job(cfg, study, context: Context, tracker, parent_run_id: str | None =
         leader = st.best_trial(study)
         return TrialTask(context.key, trial.number, params, run_id, leader.value if leader else None)
 
-    return Job(name or cfg.study.name, study, cfg.study.n_trials, context, prepare, on_done=on_done, progress=progress,
-               parent_run_id=parent_run_id)
+    return Job(
+        name or cfg.study.name,
+        study,
+        cfg.study.n_trials,
+        context,
+        prepare,
+        on_done=on_done,
+        progress=progress,
+        parent_run_id=parent_run_id,
+    )
 
 
 @dataclass
@@ -187,16 +212,35 @@ class TrialEngine:
     """Runs jobs on a pool of warm trial processes until every job's study is full."""
 
     @classmethod
-    def for_config(cls, cfg, log, workers: int, gpus: list[str]) -> "TrialEngine":
+    def for_config(cls, cfg, log, workers: int, gpus: list[str]) -> TrialEngine:
         """The engine for a config; `use_stores` must follow before `run` or `call`."""
         slots = plan_slots(workers, gpus, usable_cores())
-        return cls(slots, None, True, log, cfg.study.trials_per_process, cfg.study.recycle_memory_mib,
-                   cfg.study.max_consecutive_failures, cfg.study.timeout, cfg.study.heartbeat_seconds,
-                   cfg.train.gpu_memory_limit_mib)
+        return cls(
+            slots,
+            None,
+            True,
+            log,
+            cfg.study.trials_per_process,
+            cfg.study.recycle_memory_mib,
+            cfg.study.max_consecutive_failures,
+            cfg.study.timeout,
+            cfg.study.heartbeat_seconds,
+            cfg.train.gpu_memory_limit_mib,
+        )
 
-    def __init__(self, slots: list[Slot], tracker, exclusive: bool, log, trials_per_process: int = 20,
-                 recycle_memory_mib: float = 1024, max_consecutive_failures: int = 5, timeout: float | None = None,
-                 heartbeat_seconds: float = st.HEARTBEAT_SECONDS, gpu_memory_limit_mib: float | None = None):
+    def __init__(
+        self,
+        slots: list[Slot],
+        tracker,
+        exclusive: bool,
+        log,
+        trials_per_process: int = 20,
+        recycle_memory_mib: float = 1024,
+        max_consecutive_failures: int = 5,
+        timeout: float | None = None,
+        heartbeat_seconds: float = st.HEARTBEAT_SECONDS,
+        gpu_memory_limit_mib: float | None = None,
+    ):
         self.heartbeat_seconds = heartbeat_seconds
         self.gpu_memory_limit_mib = gpu_memory_limit_mib  # train.gpu_memory_limit_mib (None: memory growth)
         self.slots, self.tracker, self.exclusive, self.log = slots, tracker, exclusive, log
@@ -245,8 +289,10 @@ class TrialEngine:
             for job in jobs:  # runs of trials that died on another machine end KILLED too
                 self.tracker.end_orphaned_trial_runs(st.trial_states(job.study), parent_id=job.parent_run_id)
             if self.streak >= self.max_failures:
-                raise SweepRefused(f"{self.max_failures} trials failed in a row; see the fail_reason of the last trials "
-                                   f"(optuna user attrs / MLflow tag harness.fail_reason)")
+                raise SweepRefused(
+                    f"{self.max_failures} trials failed in a row; see the fail_reason of the last trials "
+                    f"(optuna user attrs / MLflow tag harness.fail_reason)"
+                )
         except KeyboardInterrupt:
             self._stop_running()
             raise
@@ -261,6 +307,7 @@ class TrialEngine:
         self._ensure_pool()
         slot = self.slots[0]
         proc = slot.current
+        assert proc is not None  # _ensure_pool gave every slot a process
         if context.key not in self.loaded.setdefault(proc, set()):
             task = dataclasses.replace(task, context=context)
             self.loaded[proc].add(context.key)
@@ -273,8 +320,7 @@ class TrialEngine:
                 asked_to_stop = True
             if not proc.conn.poll(POLL_SECONDS):
                 if time.monotonic() - heard >= QUIET_SECONDS:
-                    self.log(f"{type(task).__name__} still running in the trial process "
-                             f"({time.monotonic() - started:.0f} s)")
+                    self.log(f"{type(task).__name__} still running in the trial process ({time.monotonic() - started:.0f} s)")
                     heard = time.monotonic()
                 continue
             heard = time.monotonic()
@@ -317,7 +363,8 @@ class TrialEngine:
         """True when no job can start a trial and no other process runs one of theirs."""
         if self.exclusive:
             return all(st.budget_left(j.study, j.budget) <= 0 for j in pending) and not any(
-                self._running_elsewhere(j) for j in pending)
+                self._running_elsewhere(j) for j in pending
+            )
         for job in pending:
             st.fail_orphaned_trials(job.study, exclusive=False)  # a machine that died: its trials fail and are queued again
         return False  # on a server storage, wait for the other machines' trials (they end or go stale)
@@ -377,7 +424,7 @@ class TrialEngine:
 
         procs = {p.conn: p for s in self.slots for p in (s.current, s.successor) if p is not None}
         for conn in wait(list(procs), timeout=POLL_SECONDS):
-            proc = procs[conn]
+            proc = procs[conn]  # type: ignore[index]  # wait() returns the connections it was given; typeshed widens them
             message = proc.receive()
             if message is None:
                 self._process_died(proc)
@@ -446,8 +493,14 @@ class TrialEngine:
         self.streak = self.streak + 1 if state == TrialState.FAIL else 0
         if job.progress:
             best = st.best_trial(job.study)
-            job.progress.trial_finished(trial.number, state.name, value, best.value if best else None,
-                                        counted=state in st.FINISHED_STATES, reason=reason if state == TrialState.FAIL else None)
+            job.progress.trial_finished(
+                trial.number,
+                state.name,
+                value,
+                best.value if best else None,
+                counted=state in st.FINISHED_STATES,
+                reason=reason if state == TrialState.FAIL else None,
+            )
 
     def _process_died(self, proc: TrialProcess) -> None:
         """A trial process vanished (the OS killed it, most likely for memory): its trial fails alone,
@@ -458,8 +511,9 @@ class TrialEngine:
             run_id = running.trial.user_attrs.get("mlflow_run_id") or getattr(running.task, "run_id", None)
             if run_id:
                 self.tracker.set_tags(run_id, {"harness.fail_reason": reason})
-                self.tracker.log_text(run_id, f"No Python traceback: {reason} (exit code {proc.process.exitcode}).\n",
-                                      "traceback.txt")
+                self.tracker.log_text(
+                    run_id, f"No Python traceback: {reason} (exit code {proc.process.exitcode}).\n", "traceback.txt"
+                )
                 self.tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
             self._record(running.job, running.trial, TrialState.FAIL, None, reason)
         if self._stopping:
@@ -473,15 +527,21 @@ class TrialEngine:
 
     def _spawn(self, slot: Slot, after: TrialProcess | None = None) -> TrialProcess:
         """A trial process for `slot`; on a GPU, one that touches it only once `after` has exited."""
-        return TrialProcess(execute, env=slot.env, threads=slot.threads, gpu_memory_limit_mib=self.gpu_memory_limit_mib,
-                            after=after if slot.gpu else None)
+        return TrialProcess(
+            execute,
+            env=slot.env,
+            threads=slot.threads,
+            gpu_memory_limit_mib=self.gpu_memory_limit_mib,
+            after=after if slot.gpu else None,
+        )
 
     def _slot_of(self, proc: TrialProcess) -> Slot | None:
         return next((s for s in self.slots if proc in (s.current, s.successor)), None)
 
     def _last_task_of(self, proc: TrialProcess) -> bool:
-        return (proc.tasks_started >= self.trials_per_process
-                or proc.memory_growth_mib() >= PRESTART_SHARE * self.recycle_memory_mib)
+        return (
+            proc.tasks_started >= self.trials_per_process or proc.memory_growth_mib() >= PRESTART_SHARE * self.recycle_memory_mib
+        )
 
     def _maybe_recycle(self, proc: TrialProcess) -> None:
         if proc.tasks_started >= self.trials_per_process or proc.memory_growth_mib() >= self.recycle_memory_mib:
@@ -538,7 +598,9 @@ class TrialEngine:
 # --- recovery after a crash ----------------------------------------------------------------------
 
 
-def recover_after_crash(study, tracker, exclusive: bool, log, parent_id: str | None = None, owned_roles: tuple[str, ...] = ()) -> None:
+def recover_after_crash(
+    study, tracker, exclusive: bool, log, parent_id: str | None = None, owned_roles: tuple[str, ...] = ()
+) -> None:
     """Crash recovery: orphaned trials -> FAIL (and retried), orphaned runs -> KILLED.
 
     `owned_roles`: the other runs under `parent_id` the sweep owns (baseline, confirmation seeds,
@@ -550,5 +612,3 @@ def recover_after_crash(study, tracker, exclusive: bool, log, parent_id: str | N
         fixed += tracker.end_orphaned_runs(owned_roles, parent_id=parent_id)
     if fixed:
         log(f"reconciled {len(fixed)} MLflow run(s) left behind by a dead process -> KILLED")
-
-

@@ -57,8 +57,7 @@ STRATEGY_ORDER = ["features", "intermediate", "partial", "full", "scratch"]
 _SIZE_ORDER = ["small", "large"]
 _SIMILARITY_ORDER = ["similar", "dissimilar"]
 
-REQUIRED_COLUMNS = ("quadrant", "size", "similarity", "target", "strategy",
-                    "best_val", "test_mean", "test_std", "n_seeds")
+REQUIRED_COLUMNS = ("quadrant", "size", "similarity", "target", "strategy", "best_val", "test_mean", "test_std", "n_seeds")
 # Optional per-cell columns. comparison.csv always has them (blank where the caller had none), so
 # the file has one schema: logme (score of the cell's backbone on the target), test_accuracies
 # (JSON list, one test accuracy per confirmation seed), train_epochs / train_seconds (total over
@@ -66,16 +65,51 @@ REQUIRED_COLUMNS = ("quadrant", "size", "similarity", "target", "strategy",
 # (1: a from-scratch cell whose models did not fit their training data; it takes no part in the
 # verdict), cell_run_id / best_confirm_run_id (MLflow runs), training_rule (how its seeds were
 # trained, in words: a winner is called only among cells trained under one rule).
-OPTIONAL_COLUMNS = ("logme", "test_accuracies", "train_epochs", "train_seconds", "train_images_seen", "undertrained",
-                    "cell_run_id", "best_confirm_run_id", "training_rule")
-_NUMERIC_COLUMNS = ("best_val", "test_mean", "test_std", "n_seeds", "logme", "train_epochs", "train_seconds",
-                    "train_images_seen", "undertrained")
+OPTIONAL_COLUMNS = (
+    "logme",
+    "test_accuracies",
+    "train_epochs",
+    "train_seconds",
+    "train_images_seen",
+    "undertrained",
+    "cell_run_id",
+    "best_confirm_run_id",
+    "training_rule",
+)
+_NUMERIC_COLUMNS = (
+    "best_val",
+    "test_mean",
+    "test_std",
+    "n_seeds",
+    "logme",
+    "train_epochs",
+    "train_seconds",
+    "train_images_seen",
+    "undertrained",
+)
 _TEXT_COLUMNS = ("cell_run_id", "best_confirm_run_id", "training_rule")
 
-VERDICT_COLUMNS = ["quadrant", "size", "similarity", "target", "winner", "winner_test_mean",
-                   "runner_up", "runner_up_test_mean", "margin", "p_value", "significant",
-                   "tie_set", "decisive", "verdict", "textbook", "agrees_with_textbook",
-                   "cheapest_in_tie", "cheapest_cost_share", "training_rules"]
+VERDICT_COLUMNS = [
+    "quadrant",
+    "size",
+    "similarity",
+    "target",
+    "winner",
+    "winner_test_mean",
+    "runner_up",
+    "runner_up_test_mean",
+    "margin",
+    "p_value",
+    "significant",
+    "tie_set",
+    "decisive",
+    "verdict",
+    "textbook",
+    "agrees_with_textbook",
+    "cheapest_in_tie",
+    "cheapest_cost_share",
+    "training_rules",
+]
 # Per-cell columns the long form adds: the 95% t-interval, and the cell's place in the verdict.
 CELL_STAT_COLUMNS = ["ci_low", "ci_high"]
 CELL_VERDICT_COLUMNS = ["is_winner", "in_tie_set", "p_vs_winner"]
@@ -123,6 +157,7 @@ class Comparison:
 
 # --- input checks and orderings -----------------------------------------------------------------
 
+
 def _seeds(value) -> tuple[float, ...] | None:
     """test_accuracies as a tuple of floats: from a list/array, a JSON string (the CSV), or None."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -150,8 +185,9 @@ def validated(cells: pd.DataFrame) -> pd.DataFrame:
         else:
             cells[column] = math.nan
     for column in _TEXT_COLUMNS:
-        cells[column] = [v if isinstance(v, str) and v else None
-                         for v in (cells[column] if column in cells.columns else [None] * len(cells))]
+        cells[column] = [
+            v if isinstance(v, str) and v else None for v in (cells[column] if column in cells.columns else [None] * len(cells))
+        ]
     seeds = cells["test_accuracies"] if "test_accuracies" in cells.columns else [None] * len(cells)
     cells["test_accuracies"] = pd.Series([_seeds(v) for v in seeds], index=cells.index, dtype=object)
     duplicated = cells.duplicated(["quadrant", "strategy"], keep=False)
@@ -172,25 +208,29 @@ def _rule(size: str, similarity: str) -> tuple[str, ...]:
 
 def _quadrant_groups(cells: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """(quadrant, its rows) in display order: small before large, similar before dissimilar."""
+
     def key(item):
         name, group = item
         size = str(group["size"].iloc[0]).lower()
         similarity = str(group["similarity"].iloc[0]).lower()
-        return (_SIZE_ORDER.index(size) if size in _SIZE_ORDER else len(_SIZE_ORDER),
-                _SIMILARITY_ORDER.index(similarity) if similarity in _SIMILARITY_ORDER else len(_SIMILARITY_ORDER),
-                name)
+        return (
+            _SIZE_ORDER.index(size) if size in _SIZE_ORDER else len(_SIZE_ORDER),
+            _SIMILARITY_ORDER.index(similarity) if similarity in _SIMILARITY_ORDER else len(_SIMILARITY_ORDER),
+            name,
+        )
+
     return sorted(cells.groupby("quadrant", sort=False), key=key)
 
 
 # --- verdicts -----------------------------------------------------------------------------------
+
 
 def _p_between(a: pd.Series, b: pd.Series) -> float:
     """Welch's p between two cells: from their seeds when both have them, else from mean, std, n
     (the same number; a table that kept only the summary still gets its test)."""
     if a["test_accuracies"] is not None and b["test_accuracies"] is not None:
         return stats.welch_p(a["test_accuracies"], b["test_accuracies"])
-    return stats.welch_p_from_stats(a["test_mean"], a["test_std"], a["n_seeds"],
-                                    b["test_mean"], b["test_std"], b["n_seeds"])
+    return stats.welch_p_from_stats(a["test_mean"], a["test_std"], a["n_seeds"], b["test_mean"], b["test_std"], b["n_seeds"])
 
 
 def _cost_of(row) -> float:
@@ -254,11 +294,12 @@ def _judge(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         ranked = scored.sort_values(["_score", "_order"], ascending=[False, True])
         winner = ranked.iloc[0] if len(ranked) >= 1 else None
         runner = ranked.iloc[1] if len(ranked) >= 2 else None
+        winner_index = winner.name if winner is not None else None  # without a winner, `ranked` has no rows to compare
 
-        p_vs_winner = {i: math.nan if i == winner.name else _p_between(winner, row) for i, row in ranked.iterrows()}
-        tie = [row["strategy"] for i, row in ranked.iterrows()
-               if i == winner.name or not stats.significant(p_vs_winner[i])]
-        margin = float(winner["test_mean"] - runner["test_mean"]) if runner is not None else math.nan
+        p_vs_winner = {i: math.nan if i == winner_index else _p_between(winner, row) for i, row in ranked.iterrows()}
+        tie = [row["strategy"] for i, row in ranked.iterrows() if i == winner_index or not stats.significant(p_vs_winner[i])]
+        # A runner-up implies a winner (the two best of `ranked`).
+        margin = float(winner["test_mean"] - runner["test_mean"]) if winner is not None and runner is not None else math.nan
         if abs(margin) <= TIE_TOLERANCE:
             margin = 0.0
         p_value = p_vs_winner[runner.name] if runner is not None else math.nan
@@ -269,33 +310,50 @@ def _judge(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         decisive = runner is not None and len(tie) == 1 and len(rules) <= 1
         outcome = _outcome(winner, runner, tie, decisive)
         cheapest = _cheapest(ranked, tie, winner)
-        verdict_rows.append({
-            "quadrant": quadrant, "size": first["size"], "similarity": first["similarity"],
-            "target": first["target"],
-            "winner": winner["strategy"] if winner is not None else None,
-            "winner_test_mean": float(winner["test_mean"]) if winner is not None else math.nan,
-            "runner_up": runner["strategy"] if runner is not None else None,
-            "runner_up_test_mean": float(runner["test_mean"]) if runner is not None else math.nan,
-            "margin": margin, "p_value": p_value, "significant": stats.significant(p_value),
-            "tie_set": ", ".join(tie), "decisive": decisive, "verdict": _verdict_text(outcome, tie),
-            "textbook": " or ".join(rule),
-            # Judged against the tie set: a rule strategy the data cannot tell from the best agrees.
-            "agrees_with_textbook": bool(set(rule) & set(tie)),
-            **cheapest,
-            "training_rules": "; ".join(rules) or None,
-            "outcome": outcome,
-            "cheaper_in_tie": (isinstance(cheapest["cheapest_in_tie"], str) and winner is not None
-                               and cheapest["cheapest_in_tie"] != winner["strategy"]
-                               and math.isfinite(cheapest["cheapest_cost_share"]) and cheapest["cheapest_cost_share"] < 1),
-        })
+        verdict_rows.append(
+            {
+                "quadrant": quadrant,
+                "size": first["size"],
+                "similarity": first["similarity"],
+                "target": first["target"],
+                "winner": winner["strategy"] if winner is not None else None,
+                "winner_test_mean": float(winner["test_mean"]) if winner is not None else math.nan,
+                "runner_up": runner["strategy"] if runner is not None else None,
+                "runner_up_test_mean": float(runner["test_mean"]) if runner is not None else math.nan,
+                "margin": margin,
+                "p_value": p_value,
+                "significant": stats.significant(p_value),
+                "tie_set": ", ".join(tie),
+                "decisive": decisive,
+                "verdict": _verdict_text(outcome, tie),
+                "textbook": " or ".join(rule),
+                # Judged against the tie set: a rule strategy the data cannot tell from the best agrees.
+                "agrees_with_textbook": bool(set(rule) & set(tie)),
+                **cheapest,
+                "training_rules": "; ".join(rules) or None,
+                "outcome": outcome,
+                "cheaper_in_tie": (
+                    isinstance(cheapest["cheapest_in_tie"], str)
+                    and winner is not None
+                    and cheapest["cheapest_in_tie"] != winner["strategy"]
+                    and math.isfinite(cheapest["cheapest_cost_share"])
+                    and cheapest["cheapest_cost_share"] < 1
+                ),
+            }
+        )
         for i, row in group.iterrows():
             in_tie_set = row["strategy"] in tie and i in p_vs_winner
             # Emphasis only where there was a comparison: the decisive winner, or every member of an undecided tie.
             highlight = "" if not (in_tie_set and runner is not None) else WINNER if decisive else TIED
-            cell_rows[i] = {"is_winner": winner is not None and i == winner.name, "in_tie_set": in_tie_set,
-                            "p_vs_winner": p_vs_winner.get(i, math.nan), "highlight": highlight}
+            cell_rows[i] = {
+                "is_winner": winner is not None and i == winner.name,
+                "in_tie_set": in_tie_set,
+                "p_vs_winner": p_vs_winner.get(i, math.nan),
+                "highlight": highlight,
+            }
     quadrants = pd.DataFrame(verdict_rows, columns=[*VERDICT_COLUMNS, "outcome", "cheaper_in_tie"]).astype(
-        {"significant": bool, "decisive": bool, "agrees_with_textbook": bool, "cheaper_in_tie": bool})
+        {"significant": bool, "decisive": bool, "agrees_with_textbook": bool, "cheaper_in_tie": bool}
+    )
     per_cell = pd.DataFrame.from_dict(cell_rows, orient="index", columns=[*CELL_VERDICT_COLUMNS, "highlight"])
     per_cell = per_cell.reindex(cells.index)
     return quadrants, per_cell.astype({"is_winner": bool, "in_tie_set": bool, "p_vs_winner": float})
@@ -331,8 +389,9 @@ def analyse(cells: pd.DataFrame) -> Comparison:
     long = long[known + other + CELL_VERDICT_COLUMNS + verdict_columns]
 
     quadrant_rank = {q: i for i, q in enumerate(quadrants["quadrant"])}
-    order = sorted(range(len(long)), key=lambda i: (quadrant_rank[long["quadrant"].iloc[i]],
-                                                    strategy_key(long["strategy"].iloc[i])))
+    order = sorted(
+        range(len(long)), key=lambda i: (quadrant_rank[long["quadrant"].iloc[i]], strategy_key(long["strategy"].iloc[i]))
+    )
     long = long.iloc[order].reset_index(drop=True)
     highlight = per_cell["highlight"].iloc[order].reset_index(drop=True)
     strategies = tuple(sorted(long["strategy"].unique(), key=strategy_key))

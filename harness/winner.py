@@ -18,6 +18,8 @@ winner's model exists however the sweep ends. Afterwards:
 
 from __future__ import annotations
 
+from typing import Any
+
 from harness import study as st
 from harness.evaluation import is_number
 from harness.tasks import TestTask
@@ -39,24 +41,41 @@ def deliver_winner(cfg, study, tracker: Tracker, run_task, log) -> dict | None:
     if best is None:
         return None
     run_id = best.user_attrs.get("mlflow_run_id")
-    winner = {"trial": best.number, "value": best.value, "run_id": run_id, "model_uri": None, "version": None,
-              "test_accuracy": None}
+    assert run_id is not None  # a trial's run is opened before it trains (harness/trials.py `trial_job`)
+    winner: dict[str, Any] = {
+        "trial": best.number,
+        "value": best.value,
+        "run_id": run_id,
+        "model_uri": None,
+        "version": None,
+        "test_accuracy": None,
+    }
     run = tracker.get_run_record(run_id)
     logged = run.tags.get(MODEL_URI_TAG)
     if not logged:
-        log(f"best trial {best.number} has no logged model (it ran before models were logged, or its process died "
-            f"while logging): nothing to register")
+        log(
+            f"best trial {best.number} has no logged model (it ran before models were logged, or its process died "
+            f"while logging): nothing to register"
+        )
         return winner
     version = run.tags.get(REGISTERED_TAG)
     if version is None:
         version = tracker.register_model(
-            logged, cfg.study.name, run_id,
-            tags={"harness.sweep": cfg.study.name, "harness.trial": best.number, "harness.metric": cfg.study.metric,
-                  "harness.value": f"{best.value:.6g}"},
-            description=f"trial {best.number} of sweep {cfg.study.name}: {cfg.study.metric} {best.value:.4f}")
+            logged,
+            cfg.study.name,
+            run_id,
+            tags={
+                "harness.sweep": cfg.study.name,
+                "harness.trial": best.number,
+                "harness.metric": cfg.study.metric,
+                "harness.value": f"{best.value:.6g}",
+            },
+            description=f"trial {best.number} of sweep {cfg.study.name}: {cfg.study.metric} {best.value:.4f}",
+        )
         tracker.set_tags(run_id, {REGISTERED_TAG: version})
-        log(f"registered the winner (trial {best.number}) as model {cfg.study.name!r} version {version}, "
-            f"alias {CHAMPION_ALIAS!r}")
+        log(
+            f"registered the winner (trial {best.number}) as model {cfg.study.name!r} version {version}, alias {CHAMPION_ALIAS!r}"
+        )
     # On a resume too: a sweep killed between registering and here left a version without the alias.
     tracker.set_alias(cfg.study.name, CHAMPION_ALIAS, version)
     winner.update(model_uri=f"models:/{cfg.study.name}/{version}", version=version)
@@ -67,8 +86,10 @@ def deliver_winner(cfg, study, tracker: Tracker, run_task, log) -> dict | None:
     if test is None:
         result = run_task(TestTask(cfg.study.name, winner["model_uri"], run_id))
         test = result["test_accuracy"]
-        log(f"winner on the held-out test split: accuracy {test:.4f} (registered model reloaded: "
-            f"{cfg.study.metric.replace('val_', 'validation ')} {result['val_accuracy']:.4f})")
+        log(
+            f"winner on the held-out test split: accuracy {test:.4f} (registered model reloaded: "
+            f"{cfg.study.metric.replace('val_', 'validation ')} {result['val_accuracy']:.4f})"
+        )
     winner["test_accuracy"] = test
     mark_former_winners(tracker, run.parent_id, run_id)
     tracker.set_tags(run_id, {WINNER_TAG: "true", "mlflow.runName": f"trial {best.number} (winner)"})
@@ -113,15 +134,22 @@ def description(cfg, winner: dict | None, baseline: dict | None, chance: float, 
     metric = cfg.study.metric
     if winner is None:
         return f"Sweep **{cfg.study.name}**: no trial completed."
-    lines = [f"**Winner: [trial {winner['trial']}]({tracker.run_link(winner['run_id'])})**, "
-             f"best {metric} {winner['value']:.4f}"
-             + (f", test accuracy {winner['test_accuracy']:.4f}" if is_number(winner.get("test_accuracy")) else "") + "."]
+    lines = [
+        f"**Winner: [trial {winner['trial']}]({tracker.run_link(winner['run_id'])})**, "
+        f"best {metric} {winner['value']:.4f}"
+        + (f", test accuracy {winner['test_accuracy']:.4f}" if is_number(winner.get("test_accuracy")) else "")
+        + "."
+    ]
     if winner.get("version"):
-        lines.append(f"Registered model: `{winner['model_uri']}`, alias `{CHAMPION_ALIAS}` "
-                     f"(`python -m harness.predict {cfg.study.name}@{CHAMPION_ALIAS} FOLDER`).")
+        lines.append(
+            f"Registered model: `{winner['model_uri']}`, alias `{CHAMPION_ALIAS}` "
+            f"(`python -m harness.predict {cfg.study.name}@{CHAMPION_ALIAS} FOLDER`)."
+        )
     if baseline and baseline.get("fitted") is False:
-        lines.append(f"Same architecture from scratch: **under-trained, not a result** (training accuracy "
-                     f"{baseline['train_accuracy']:.4f} < 0.95; [run]({tracker.run_link(baseline['run_id'])})).")
+        lines.append(
+            f"Same architecture from scratch: **under-trained, not a result** (training accuracy "
+            f"{baseline['train_accuracy']:.4f} < 0.95; [run]({tracker.run_link(baseline['run_id'])}))."
+        )
     elif baseline:
         text = f"Same architecture from scratch: {metric} {baseline['value']:.4f}"
         if is_number(baseline.get("train_accuracy")):
@@ -131,5 +159,3 @@ def description(cfg, winner: dict | None, baseline: dict | None, chance: float, 
         lines.append(text + f" ([run]({tracker.run_link(baseline['run_id'])})).")
     lines.append(f"Chance (majority class): {chance:.4f}.")
     return "\n\n".join(lines)
-
-

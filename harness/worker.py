@@ -49,7 +49,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from harness import runtime
 
@@ -63,8 +64,14 @@ class ChildError(Exception):
 def describe_exit(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
-        hint = (": on Linux usually the kernel's out-of-memory killer (see `dmesg`); give the trial "
-                "less memory (smaller batch or input size) or the machine more") if -exitcode == signal.SIGKILL else ""
+        hint = (
+            (
+                ": on Linux usually the kernel's out-of-memory killer (see `dmesg`); give the trial "
+                "less memory (smaller batch or input size) or the machine more"
+            )
+            if -exitcode == signal.SIGKILL
+            else ""
+        )
         return f"trial process killed by {name}{hint}"
     return f"trial process exited with code {exitcode} without reporting a result"
 
@@ -81,20 +88,30 @@ class TrialProcess:
     Tasks may be sent at once: the child keeps them until its devices are ready.
     """
 
-    def __init__(self, handler: Callable[[Any, "Channel"], Any], env: dict[str, str] | None = None, threads: int = 0,
-                 name: str = "harness-trials", gpu_memory_limit_mib: float | None = None,
-                 after: TrialProcess | None = None):
+    def __init__(
+        self,
+        handler: Callable[[Any, Channel], Any],
+        env: dict[str, str] | None = None,
+        threads: int = 0,
+        name: str = "harness-trials",
+        gpu_memory_limit_mib: float | None = None,
+        after: TrialProcess | None = None,
+    ):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child_end = ctx.Pipe(duplex=True)
         self._send_lock = threading.Lock()  # the "go" comes from a thread of its own
-        self.process = ctx.Process(target=_child_main, args=(child_end, os.getpid(), handler, env or {}, threads,
-                                                             gpu_memory_limit_mib, after is not None),
-                                   name=name, daemon=False)
+        self.process = ctx.Process(
+            target=_child_main,
+            args=(child_end, os.getpid(), handler, env or {}, threads, gpu_memory_limit_mib, after is not None),
+            name=name,
+            daemon=False,
+        )
         self.process.start()
         child_end.close()  # only the child holds this end: its death then reads as end-of-file here
         if after is not None:
             threading.Thread(target=self._go_after, args=(after,), daemon=True).start()
         self.devices: dict | None = None  # what the child reported with "ready"
+        assert self.process.pid is not None  # a started process has one
         self.pid = self.process.pid
         self.worker_id = f"{socket.gethostname()}:{self.pid}"
         self.tasks_started = 0
@@ -197,7 +214,7 @@ def wait_for_exit(proc: TrialProcess) -> None:
 
 
 def process_state(pid: int) -> str:
-    """"exited" (gone or a zombie: its memory and files are released) or "running"."""
+    """'exited' (gone or a zombie: its memory and files are released) or 'running'."""
     import psutil
 
     try:
@@ -234,8 +251,9 @@ class Channel:
 # --- the child's side -------------------------------------------------------------------------
 
 
-def _child_main(conn, parent_pid: int, handler, env: dict, threads: int, gpu_memory_limit_mib: float | None = None,
-                gated: bool = False) -> None:
+def _child_main(
+    conn, parent_pid: int, handler, env: dict, threads: int, gpu_memory_limit_mib: float | None = None, gated: bool = False
+) -> None:
     _die_with_parent(parent_pid)
     os.environ.update(env)  # before TensorFlow is imported: CUDA_VISIBLE_DEVICES is read then
     runtime.import_tensorflow_quietly()  # first: other imports would pull TensorFlow in with its banner
@@ -256,8 +274,7 @@ def _child_main(conn, parent_pid: int, handler, env: dict, threads: int, gpu_mem
         predecessor = _wait_for_go(conn, early)
         if predecessor is None:  # told to finish (or the parent went) before the GPU was free
             os._exit(0)
-    devices = {"predecessor": predecessor,
-               "predecessor_at_init": process_state(predecessor) if predecessor else None}
+    devices = {"predecessor": predecessor, "predecessor_at_init": process_state(predecessor) if predecessor else None}
     devices.update(runtime.initialize_devices(gpu_memory_limit_mib))
     conn.send(("ready", runtime.resident_mib(), devices))
     code = 0
@@ -319,6 +336,7 @@ def _die_with_parent(parent_pid: int) -> None:
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: watch the parent instead
+
         def watch():
             while os.getppid() == parent_pid:
                 time.sleep(1)
