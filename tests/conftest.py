@@ -40,7 +40,7 @@ search:
   head_lr: {low: 0.001, high: 0.01, log: true}
   finetune_lr: {low: 0.0001, high: 0.001, log: true}
   dropout: 0.1
-  cut_fraction: 0.2         # tiny: the first 4 of MobileNetV2's 19 blocks, so each model traces in seconds
+  cut_fraction: 0.4         # tiny: the first 8 of MobileNetV2's 19 blocks, so a model traces in seconds and still fits
 train:
   head: {epochs: 2, batch_size: 16, patience: null}
   finetune: {epochs: 2, batch_size: 16, patience: null}
@@ -53,15 +53,21 @@ baseline:
 """
 
 
-# Longest first, so that with two xdist workers the long end-to-end groups start at once and the
-# many short tests fill the other worker around them (collection order is dispatch order).
-_LONGEST_FIRST = ("test_workers.py", "test_quadrants.py", "test_sweep.py", "test_reliability.py", "test_secrets.py")
+# Longest first: the xdist groups (tests sharing a module-scoped fixture), then the files of long
+# single tests. With two workers the two longest groups start at once, one on each, and the short
+# tests fill in around them. Collection order is dispatch order: xdist's own reordering by group
+# size is off (--no-loadscope-reorder in pyproject.toml).
+_LONGEST_GROUPS = ("quad", "sweep", "servers", "retry", "secrets")
+_LONG_FILES = ("test_reliability.py", "test_baseline.py")
 
 
 def pytest_collection_modifyitems(config, items):
     def rank(item):
-        name = item.path.name
-        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+        group = item.get_closest_marker("xdist_group")
+        name = (group.args[0] if group.args else group.kwargs.get("name")) if group else None
+        if name in _LONGEST_GROUPS:
+            return 0, _LONGEST_GROUPS.index(name)
+        return (1, _LONG_FILES.index(item.path.name)) if item.path.name in _LONG_FILES else (2, 0)
 
     items.sort(key=rank)  # stable: each file keeps its own order
 

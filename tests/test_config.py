@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from harness.config import ConfigError, load_config, parse_config
+from harness.runtime import resolve_switch
 from tests.conftest import TINY, run_cli, write_config
 
 
@@ -185,3 +188,165 @@ def test_cli_names_an_empty_config_and_a_directory_given_as_the_config(workdir):
     duplicated = run_cli(str(dup), cwd=workdir, timeout=120)
     assert duplicated.returncode == 2 and "study: duplicate key (first set at line 2)" in duplicated.stderr
     assert not (workdir / "results").exists()
+
+
+# --- data.class_map: refused at config load, every problem at once --------------------------
+
+
+# builtin `shapes`: pentagon, t_shape, star4, tri_ring, three_dots, arc (harness/datasets_builtin.py)
+BASE = """
+study: {name: targets, n_trials: 1}
+model: {weights: none}
+search: {backbone: MobileNetV2}
+data:
+  source: builtin
+  name: shapes
+  builtin_size: 10
+"""
+GROUPS = {"round": ["arc", "three_dots"], "pointy": ["star4", "pentagon"], "_drop": ["t_shape", "tri_ring"]}
+MAPPED = "{pentagon: [pentagon], star4: [star4], _drop: [t_shape, tri_ring, three_dots, arc]}"
+
+
+def config_error(data_lines: str, base: str = BASE) -> str:
+    text = base + textwrap.indent(textwrap.dedent(data_lines), "  ")
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "s.yaml")
+    return str(info.value)
+
+
+def problems_of(message: str) -> int:
+    return int(re.search(r"(\d+) problem\(s\)", message).group(1))
+
+
+def test_a_valid_class_map_loads_and_its_resolved_config_loads_again():
+    import yaml
+
+    cfg = parse_config(BASE + "  class_map: {round: [arc, three_dots], pointy: [star4, pentagon], "
+                              "_drop: [t_shape, tri_ring]}\n", "s.yaml")
+    assert cfg.data.class_map == GROUPS
+    again = parse_config(yaml.safe_dump(cfg.resolved({"backbone": "MobileNetV2"}, 0)), "r.yaml")
+    assert again.data.class_map == GROUPS
+
+
+def test_unknown_builtin_classes_are_named_with_their_group():
+    msg = config_error("class_map: {pointy: [pentagon, star5, hexagon], round: [arc, circle],"
+                       " _drop: [t_shape, tri_ring, three_dots, star4]}\n")
+    assert re.match(r"s\.yaml:\d+:\d+: data\.class_map: 2 problem\(s\)", msg)
+    assert "data.class_map.pointy: unknown class(es) 'star5', 'hexagon'; the dataset has pentagon, t_shape" in msg
+    assert "data.class_map.round: unknown class(es) 'circle'" in msg
+
+
+def test_unknown_folder_classes_are_found_from_the_sub_folders_at_config_load(tmp_path):
+    for c in ("cat", "dog", "owl", ".cache"):
+        (tmp_path / c).mkdir()
+    base = f"study: {{name: t}}\nmodel: {{weights: none}}\ndata:\n  source: folder\n  path: {tmp_path}\n"
+    msg = config_error("class_map: {pet: [cat, dgo], bird: [owl]}\n", base)
+    assert problems_of(msg) == 2
+    assert "data.class_map.pet: unknown class(es) 'dgo'; the dataset has cat, dog, owl" in msg  # hidden folder ignored
+    assert "data.class_map: class(es) dog are in no target label" in msg
+
+
+def test_a_class_in_two_groups_is_refused():
+    msg = config_error("class_map: {a: [pentagon, star4], b: [star4, arc], c: [arc], "
+                       "_drop: [t_shape, tri_ring, three_dots, pentagon]}\n")
+    assert problems_of(msg) == 3
+    assert "data.class_map.b: class 'star4' is already in data.class_map.a" in msg
+    assert "data.class_map.c: class 'arc' is already in data.class_map.b" in msg
+    assert "data.class_map._drop: class 'pentagon' is already in data.class_map.a" in msg
+
+
+def test_a_group_with_no_classes_is_refused():
+    msg = config_error("class_map:\n  a: [pentagon, star4]\n  b: []\n  c:\n  d: [arc]\n"
+                       "  _drop: [t_shape, tri_ring, three_dots]\n")
+    assert problems_of(msg) == 2
+    assert "data.class_map.b: a target label needs at least one class" in msg
+    assert "data.class_map.c: a target label needs at least one class" in msg  # `c:` alone is null
+
+
+def test_unmapped_classes_are_refused_unless_dropped():
+    msg = config_error("class_map: {pointy: [pentagon, star4], round: [arc]}\n")
+    assert problems_of(msg) == 1
+    assert ("data.class_map: class(es) t_shape, tri_ring, three_dots are in no target label; map them, or list them "
+            "under _drop to leave them out") in msg
+    ok = parse_config(BASE + "  class_map: {pointy: [pentagon, star4], round: [arc], "
+                             "_drop: [t_shape, tri_ring, three_dots]}\n", "s.yaml")
+    assert ok.data.class_map["_drop"] == ["t_shape", "tri_ring", "three_dots"]
+
+
+def test_every_problem_of_a_class_map_is_listed_in_one_error():
+    msg = config_error("class_map: {a: [pentagon, star5], b: [], c: [pentagon], _other: [arc], d: [0]}\n")
+    expected = [
+        "data.class_map.a: unknown class(es) 'star5'",
+        "data.class_map.b: a target label needs at least one class",
+        "data.class_map.c: class 'pentagon' is already in data.class_map.a",
+        "data.class_map._other: target names starting with '_' are reserved; _drop lists classes to leave out",
+        "data.class_map.d[0]: class names are strings; got int 0 (quote it)",
+        "data.class_map: class(es) t_shape, star4, tri_ring, three_dots are in no target label",
+    ]
+    for part in expected:
+        assert part in msg
+    assert problems_of(msg) == len(expected) and "\n" not in msg  # one line
+
+
+def test_fewer_than_two_target_labels_is_refused():
+    msg = config_error("class_map: {all: [pentagon, star4, arc], _drop: [t_shape, tri_ring, three_dots]}\n")
+    assert "data.class_map: a classification task needs at least two target labels; got 1" in msg
+
+
+def test_classes_and_class_map_together_are_refused():
+    msg = config_error(f"classes: [pentagon, star4]\nclass_map: {MAPPED}\n")
+    assert "data.class_map: set either data.classes or data.class_map, not both" in msg
+
+
+def test_the_source_datasets_class_map_is_checked_under_its_own_key():
+    text = BASE + "source:\n  data: {source: builtin, name: shapes, class_map: {a: [pentagon], b: [star4]}}\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "s.yaml")
+    assert re.match(r"s\.yaml:\d+:\d+: source\.data\.class_map: 1 problem", str(info.value))
+    assert "source.data.class_map: class(es) t_shape, tri_ring, three_dots, arc are in no target label" in str(info.value)
+
+
+# --- train.mixed_precision and train.jit_compile ------------------------------------------------
+
+
+DATA = "data: {name: shapes}\n"  # the smallest loadable config: the builtin dataset needs a name
+
+
+def test_both_switches_default_to_auto():
+    cfg = parse_config(DATA)
+    assert (cfg.train.mixed_precision, cfg.train.jit_compile) == ("auto", "auto")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("on", True), ("off", False), ("'on'", "on"), ("'off'", "off"), ("auto", "auto"),
+])
+def test_bare_and_quoted_on_off_are_accepted(text, expected):
+    cfg = parse_config(f"{DATA}train:\n  mixed_precision: {text}\n  jit_compile: {text}\n")
+    assert cfg.train.mixed_precision == expected and cfg.train.jit_compile == expected
+    assert resolve_switch(cfg.train.mixed_precision, []) is (text in ("on", "'on'"))
+
+
+@pytest.mark.parametrize("key", ["mixed_precision", "jit_compile"])
+@pytest.mark.parametrize("value", ["fast", "1", "[on]", "null"])
+def test_a_bad_switch_is_refused_at_load_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=rf"sweep.yaml:3:3: train\.{key}: must be one of auto, on, off"):
+        parse_config(f"{DATA}train:\n  {key}: {value}\n", "sweep.yaml")
+
+
+# --- cache caps ---------------------------------------------------------------------------------
+
+
+def test_cache_caps_are_checked_at_load_with_their_key():
+    from harness.config import ConfigError, parse_config
+
+    base = "study: {name: caps}\nsearch: {backbone: MobileNetV2, head_lr: 0.01}\n"
+    cfg = parse_config(base + "data: {name: shapes}\n", "c.yaml")
+    assert cfg.data.disk_cache_max_gib == 20 and cfg.train.feature_cache_max_gib == 20
+    assert cfg.train.gpu_memory_limit_mib is None  # memory growth
+    for key, text in (("data.disk_cache_max_gib", "data: {name: shapes, disk_cache_max_gib: -1}\n"),
+                      ("train.feature_cache_max_gib", "train: {feature_cache_max_gib: many}\n"),
+                      ("train.gpu_memory_limit_mib", "train: {gpu_memory_limit_mib: 10}\n")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            parse_config(base + ("" if text.startswith("data") else "data: {name: shapes}\n") + text, "c.yaml")
+    limited = parse_config(base + "data: {name: shapes}\ntrain: {gpu_memory_limit_mib: 4096}\n", "c.yaml")
+    assert limited.train.gpu_memory_limit_mib == 4096

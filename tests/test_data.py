@@ -1,4 +1,4 @@
-"""Data: deterministic stratified splits, nested subsampling, folders, class subsets, bad images."""
+"""Data: deterministic stratified splits, nested subsampling, folders, class subsets and merged classes, bad images."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.config import DataConfig
-from harness.data import (DataError, cache_plan, load_dataset, make_splits, min_images_per_class, select_classes,
-                          splittable, tf_dataset)
+from harness.config import DataConfig, parse_config
+from harness.data import (DataError, Dataset, apply_class_map, cache_plan, load_dataset, make_splits, min_images_per_class,
+                          select_classes, splittable, tf_dataset)
 from tests.conftest import TINY, run_cli, write_config
+from tests.test_config import GROUPS, problems_of
 
 LABELS = np.repeat(np.arange(4), 50)
 
@@ -313,7 +314,7 @@ def test_the_cli_reports_every_folder_problem_and_creates_nothing(workdir):
     assert not (workdir / "results").exists() and not (workdir / "mlruns").exists()
 
 
-# --- the shared decoded-split cache (harness/diskcache.py) ----------------------------------------
+# --- decoded splits in the shared disk cache (its file discipline: tests/test_diskcache.py) -----------
 
 
 def _grey_folder(root, n=12):
@@ -362,67 +363,6 @@ def test_a_decoded_split_is_one_shared_file_whatever_the_process_or_seed(tmp_pat
     assert len(list(cache.iterdir())) == 1
 
 
-def test_a_reader_of_a_replaced_entry_still_reads_a_complete_file(tmp_path):
-    """Two writers of one key: the second rename replaces the first file; a process that mapped
-    the first keeps a complete copy, and a new reader gets the second, complete too."""
-    from harness import diskcache
-
-    path = tmp_path / "entry.npy"
-    first, second = tmp_path / "entry.partial-a-1.npy", tmp_path / "entry.partial-b-2.npy"
-    np.save(first, np.arange(1000, dtype=np.int64))
-    np.save(second, np.arange(1000, dtype=np.int64))
-    diskcache.publish(first, path)
-    mapped = np.load(path, mmap_mode="r")
-    diskcache.publish(second, path)
-    assert mapped.sum() == np.load(path, mmap_mode="r").sum() == 499500
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry.npy"]
-
-
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def test_temporary_files_of_dead_writers_are_removed_and_a_live_writers_kept(tmp_path):
-    import os
-    import time
-
-    from harness import diskcache
-
-    host, dead = diskcache._host(), _dead_pid()
-    names = {
-        "entry.npy": False,  # a finished entry
-        f"a.partial-{host}-{dead}.npy": True,  # its writer was killed
-        f"b.partial-{host}-{os.getpid()}.npy": False,  # its writer (this process) is alive
-        "c.partial-otherhost-1.npy": False,  # another machine's writer: only age tells
-        "d.partial-otherhost-2.npy": True,  # ...and this one has not been written to for days
-        f"e.{dead}.partial.npy": True,  # an earlier version's temporary feature file
-        f"0123-32px-ordered-pid{dead}.index": True,  # an earlier version's per-process tf.data copy
-        f"0123-32px-ordered-pid{dead}.data-00000-of-00001": True,
-    }
-    for name in names:
-        (tmp_path / name).write_bytes(b"x")
-    old = time.time() - diskcache.STALE_SECONDS - 60
-    os.utime(tmp_path / "d.partial-otherhost-2.npy", (old, old))
-    removed = diskcache.remove_stale_partials(tmp_path)
-    assert sorted(p.name for p in removed) == sorted(n for n, stale in names.items() if stale)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, stale in names.items() if not stale)
-
-
-def test_lru_victims_go_oldest_used_first_until_the_newcomer_fits():
-    from harness.diskcache import lru_victims
-
-    entries = [("a", 4, 3.0), ("b", 4, 1.0), ("c", 4, 2.0)]
-    assert lru_victims(entries, cap_bytes=12) == []
-    assert lru_victims(entries, cap_bytes=12, incoming=4) == ["b"]
-    assert lru_victims(entries, cap_bytes=12, incoming=8) == ["b", "c"]
-    assert lru_victims(entries, cap_bytes=0, incoming=4, keep="b") == ["c", "a"]  # kept even past the cap
-
-
 def test_past_the_cap_the_split_used_longest_ago_is_deleted_and_the_one_just_used_kept(tmp_path):
     import os
     import time
@@ -450,17 +390,48 @@ def test_past_the_cap_the_split_used_longest_ago_is_deleted_and_the_one_just_use
     assert decoded_split(capped, splits.val).shape[0] == len(splits.val)
 
 
-def test_cache_caps_are_checked_at_load_with_their_key():
-    from harness.config import ConfigError, parse_config
+# --- data.class_map: merging -------------------------------------------------------------------
 
-    base = "study: {name: caps}\nsearch: {backbone: MobileNetV2, head_lr: 0.01}\n"
-    cfg = parse_config(base + "data: {name: shapes}\n", "c.yaml")
-    assert cfg.data.disk_cache_max_gib == 20 and cfg.train.feature_cache_max_gib == 20
-    assert cfg.train.gpu_memory_limit_mib is None  # memory growth
-    for key, text in (("data.disk_cache_max_gib", "data: {name: shapes, disk_cache_max_gib: -1}\n"),
-                      ("train.feature_cache_max_gib", "train: {feature_cache_max_gib: many}\n"),
-                      ("train.gpu_memory_limit_mib", "train: {gpu_memory_limit_mib: 10}\n")):
-        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            parse_config(base + ("" if text.startswith("data") else "data: {name: shapes}\n") + text, "c.yaml")
-    limited = parse_config(base + "data: {name: shapes}\ntrain: {gpu_memory_limit_mib: 4096}\n", "c.yaml")
-    assert limited.train.gpu_memory_limit_mib == 4096
+
+def test_class_map_merges_builtin_classes_into_sorted_target_labels():
+    raw = load_dataset(DataConfig(source="builtin", name="shapes", builtin_size=10))
+    ds = load_dataset(DataConfig(source="builtin", name="shapes", builtin_size=10, class_map=GROUPS))
+    assert ds.class_names == ["pointy", "round"]  # sorted target names, _drop is no label
+    assert ds.num_classes == 2 and len(ds.labels) == 40 and ds.images.shape == (40, 32, 32, 3)
+    target_of = {c: t for t, members in GROUPS.items() if t != "_drop" for c in members}
+    kept = [i for i, label in enumerate(raw.labels) if raw.class_names[label] in target_of]
+    expected = [ds.class_names.index(target_of[raw.class_names[raw.labels[i]]]) for i in kept]
+    assert ds.labels.tolist() == expected  # every image keeps its order and gets its group's label
+    np.testing.assert_array_equal(ds.images, raw.images[kept])
+    assert np.bincount(ds.labels).tolist() == [20, 20]
+    splits = make_splits(ds.labels, DataConfig(val_fraction=0.2, test_fraction=0.2))
+    assert set(ds.labels[splits.test].tolist()) == {0, 1}  # stratified on the merged labels
+
+
+def test_class_map_relabels_a_folder_dataset(tmp_path):
+    from PIL import Image
+
+    for c in ("cat", "dog", "owl", "bat"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(tmp_path / c / f"{i}.png")
+    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), image_size=8,
+                                 class_map={"pet": ["cat", "dog"], "bird": ["owl"], "_drop": ["bat"]}))
+    assert ds.class_names == ["bird", "pet"] and len(ds.paths) == 15
+    assert all(("/owl/" in p) == (label == 0) for p, label in zip(ds.paths, ds.labels))
+    assert not any("/bat/" in p for p in ds.paths)
+
+
+def test_a_tfds_class_map_is_checked_when_the_names_are_known():
+    """TFDS names are only known after loading: config load accepts the map, loading lists every problem."""
+    cfg = parse_config("study: {name: t}\nmodel: {weights: none}\ndata: {source: tfds, name: beans, "
+                       "class_map: {sick: [angular_leaf_spot, bean_rustt], well: [healthy]}}\n", "s.yaml")
+    assert cfg.data.class_map["well"] == ["healthy"]
+    ds = Dataset(["angular_leaf_spot", "bean_rust", "healthy"], np.array([0, 1, 2]), images=np.zeros((3, 8, 8, 3), np.uint8),
+                 image_size=8, name="beans")
+    with pytest.raises(DataError) as info:
+        apply_class_map(ds, cfg.data.class_map)
+    message = str(info.value)
+    assert message.startswith("data.class_map:") and problems_of(message) == 2
+    assert "data.class_map.sick: unknown class(es) 'bean_rustt'" in message
+    assert "class(es) bean_rust are in no target label" in message

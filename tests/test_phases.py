@@ -1,13 +1,20 @@
-"""The two-phase routine: one epoch timeline, early stopping per phase, NaN losses stop a trial."""
+"""The two-phase routine: one epoch timeline, early stopping per phase, NaN losses stop a trial, class weights;
+compile_for under mixed precision and XLA (on CPU: the policy is set directly, bypassing the device check)."""
 
 from __future__ import annotations
 
+import math
+import warnings
+
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from harness.model import ModelSpec, build_model
-from harness.phases import NonFiniteLoss, run_phases, two_phase_plan
+from harness.model import ModelSpec, TransferModel, build_model
+from harness.phases import NonFiniteLoss, compile_for, run_phases, two_phase_plan
+from harness.runtime import set_jit_compile
+from tests.test_runtime import float32_afterwards  # noqa: F401 - a fixture, used by name
 
 
 def datasets(n=24, seed=0):
@@ -155,3 +162,117 @@ def test_a_transfer_phase_under_the_scratch_rule_runs_to_its_floor_with_steps_be
     history = run_phases(tm, [phase], train, val)
     assert len(history.epochs) == 5 and all("val_loss" in e.metrics for e in history.epochs)
     assert int(tm.model.optimizer.iterations.numpy()) == 5 * 4  # more than a pass (3 batches) between validations
+
+
+def test_a_heavy_class_weight_pulls_the_predictions_toward_its_class():
+    """Behaviour, not plumbing: on labels the images cannot explain, the weighted class wins."""
+    import keras
+    import tensorflow as tf
+
+    from harness.model import ModelSpec, build_model
+    from harness.phases import Phase, run_phases
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (32, 32, 32, 3)).astype("uint8")
+    y = np.repeat([0, 1], 16)
+    train = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(32, seed=0).batch(16)
+    val = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    mean_p1 = {}
+    for heavy in (0, 1):
+        keras.utils.set_random_seed(0)
+        tm = build_model(ModelSpec("MobileNetV2", 32, 2, None, {"alpha": 0.35}))
+        weights = {heavy: 50.0, 1 - heavy: 1.0}
+        run_phases(tm, [Phase("head", 6, 3e-2, 0)], train, val, restore_best=False, class_weight=weights)
+        mean_p1[heavy] = float(tm.model.predict(val, verbose=0)[:, 1].mean())
+        keras.backend.clear_session()
+    # Measured: 0.33 with class 0 weighted vs 0.67 with class 1 weighted (0.5 is the unweighted optimum).
+    assert mean_p1[0] < 0.45 < 0.55 < mean_p1[1], mean_p1
+
+
+# --- compile_for under the device switches: mixed precision and XLA take effect on a model ----
+
+
+def tiny_transfer_model(num_classes: int = 3) -> TransferModel:
+    """A small conv net with the harness's head (float32 softmax), for quick training steps."""
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="classifier", dtype="float32")(x)
+    model = keras.Model(inputs, outputs)
+    return TransferModel(model, model, [], ModelSpec("tiny", 16, num_classes, None, {}))
+
+
+def two_steps(tm: TransferModel, size: int) -> float:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, size, size, 3)).astype("uint8")
+    y = rng.integers(0, 3, 16)
+    history = tm.model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    return history.history["loss"][-1]
+
+
+@pytest.mark.usefixtures("float32_afterwards")
+def test_mixed_precision_builds_float16_layers_and_keeps_the_softmax_float32():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    tm = build_model(ModelSpec("MobileNetV2", 32, 3, None, {"alpha": 0.35}, head_units=8))
+    policies = {layer.name: layer.dtype_policy.name for layer in tm.model.layers}
+    assert policies.pop("classifier") == "float32"
+    assert set(policies.values()) == {"mixed_float16"}
+    assert {l.dtype_policy.name for l in tm.backbone.layers} == {"mixed_float16"}
+    assert tm.model.get_layer("head_dense").compute_dtype == "float16"
+    assert tm.model.get_layer("classifier").variable_dtype == "float32"
+    assert tm.model.output.dtype == "float32"  # the loss is computed on float32 probabilities
+    compile_for(tm, 1e-3)
+    # Keras 3 wraps the optimizer itself under mixed_float16 (compile's auto_scale_loss).
+    assert isinstance(tm.model.optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+@pytest.mark.usefixtures("float32_afterwards")
+def test_float32_policy_builds_float32_layers():
+    tm = build_model(ModelSpec("MobileNetV2", 32, 3, None, {"alpha": 0.35}))
+    assert {l.dtype_policy.name for l in tm.model.layers} == {"float32"}
+    compile_for(tm, 1e-3)
+    assert isinstance(tm.model.optimizer, keras.optimizers.Adam)
+
+
+@pytest.mark.usefixtures("float32_afterwards")
+def test_mobilenet_trains_two_steps_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    tm = build_model(ModelSpec("MobileNetV2", 32, 3, None, {"alpha": 0.35}))
+    compile_for(tm, 1e-3, jit_compile=False)
+    assert math.isfinite(two_steps(tm, 32))
+
+
+@pytest.mark.usefixtures("float32_afterwards")
+def test_jit_compile_follows_the_argument_then_the_process_setting():
+    tm = tiny_transfer_model()
+    compile_for(tm, 1e-3, jit_compile=True)
+    assert tm.model.jit_compile is True
+    compile_for(tm, 1e-3, jit_compile=False)
+    assert tm.model.jit_compile is False
+    set_jit_compile(True)  # what a trial process does from train.jit_compile
+    compile_for(tm, 1e-3)
+    assert tm.model.jit_compile is True
+    set_jit_compile(False)
+    compile_for(tm, 1e-3)
+    assert tm.model.jit_compile is False
+
+
+@pytest.mark.usefixtures("float32_afterwards")
+def test_jit_compile_is_off_for_a_model_with_augmentation_layers_without_a_warning():
+    tm = build_model(ModelSpec("MobileNetV2", 32, 3, None, {"alpha": 0.35}, augment=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compile_for(tm, 1e-3, jit_compile=True)
+    assert tm.model.jit_compile is False
+
+
+@pytest.mark.usefixtures("float32_afterwards")
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_xla_trains_two_steps(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    tm = tiny_transfer_model()
+    compile_for(tm, 1e-2, jit_compile=True)
+    assert tm.model.jit_compile is True
+    assert math.isfinite(two_steps(tm, 16))

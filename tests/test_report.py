@@ -10,12 +10,12 @@ from html.parser import HTMLParser
 from types import SimpleNamespace
 
 import numpy as np
-import optuna
 import pandas as pd
 import pytest
 
 from harness import report, summary
 from harness.tracking import PARENT_TAG, ROLE, RunRecord
+from tests.test_summary import _study_with_trials
 
 EXPERIMENT = "12"
 
@@ -158,30 +158,6 @@ def test_report_links_and_lines_never_carry_a_password(tmp_path):
     with pytest.raises(SystemExit) as refused:
         report.build_report("quad", FakeTracker([], uri="https://bob:Pw4711@mlflow.lab"), tmp_path)
     assert "Pw4711" not in str(refused.value) and "bob:***@mlflow.lab" in str(refused.value)
-
-
-def _study_with_trials() -> optuna.Study:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize")
-
-    def objective(trial):
-        trial.set_user_attr("mlflow_run_id", f"t{trial.number}")
-        return trial.suggest_float("head_lr", 1e-3, 1e-2, log=True)
-
-    study.optimize(objective, n_trials=2)
-    return study
-
-
-def test_summary_table_is_optunas_trials_dataframe_with_the_run_id():
-    study = _study_with_trials()
-    frame = summary.trials_frame(study)
-    expected = study.trials_dataframe(attrs=("number", "value", "datetime_start", "datetime_complete", "duration",
-                                             "params", "user_attrs", "state"))
-    assert list(frame["mlflow_run_id"]) == ["t0", "t1"]
-    pd.testing.assert_frame_equal(frame.drop(columns=["mlflow_run_id"]),
-                                  expected.drop(columns=["user_attrs_mlflow_run_id"]))
-    empty = summary.trials_frame(optuna.create_study())
-    assert {"number", "value", "state", "mlflow_run_id"} <= set(empty.columns) and empty.empty
 
 
 def test_report_and_summary_never_write_two_tables_to_one_file_name(tmp_path):

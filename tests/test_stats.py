@@ -11,10 +11,6 @@ from scipy import stats as scipy_stats
 from harness import stats
 
 
-def test_alpha_and_confidence():
-    assert stats.ALPHA == 0.05 and stats.CONFIDENCE == 0.95
-
-
 def test_describe_mean_std_and_t_interval():
     s = stats.describe([0.81, 0.82, 0.80])
     assert s.n == 3 and s.mean == pytest.approx(0.81) and s.std == pytest.approx(0.01)

@@ -1,5 +1,5 @@
-"""The pruner's step axis: each phase reports at fixed step offsets, so Optuna's median pruner
-never compares phase 2 of one trial with phase 1 of another; and a real sweep prunes."""
+"""The trial engine: the pruner's step axis (each phase reports at fixed step offsets, so Optuna's median
+pruner never compares phase 2 of one trial with phase 1 of another) and a real sweep that prunes."""
 
 from __future__ import annotations
 

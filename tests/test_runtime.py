@@ -1,0 +1,100 @@
+"""Process-wide state of a trial process: the device switches (mixed precision, XLA) with their auto rule,
+the preflight that refuses a switch the GPUs cannot honour, the GPU memory rule, and what survives clean-up."""
+
+from __future__ import annotations
+
+import keras
+import pytest
+
+from harness import runtime
+from harness.config import ConfigError, TrainConfig, parse_config
+from harness.runtime import resolve_switch
+from tests.test_config import DATA
+
+pytestmark = pytest.mark.usefixtures("float32_afterwards")
+
+
+@pytest.fixture
+def float32_afterwards(monkeypatch):
+    """For a test that may switch this process to mixed_float16 or XLA: the next test starts without.
+    (Every test here; tests/test_phases.py uses it by name for its compile_for tests.)"""
+    monkeypatch.setattr(runtime, "_jit_compile", "auto")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+    keras.backend.clear_session()
+
+
+# --- the auto rule (pure) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting, capabilities, expected", [
+    ("auto", [], False),                  # CPU only
+    ("auto", [(6, 1)], False),            # Pascal (P100, GTX 10xx): no Tensor Cores
+    ("auto", [(7, 0)], True),             # V100
+    ("auto", [(7, 5)], True),             # T4
+    ("auto", [(9, 0)], True),             # H100
+    ("auto", [(6, 0), (8, 0)], True),     # one capable GPU is enough
+    ("auto", [None], False),              # capability unknown: not assumed
+    ("on", [], True),
+    ("on", [(6, 1)], True),
+    ("off", [(8, 0)], False),
+    ("off", [], False),
+    (True, [], True),                     # YAML's bare `on`
+    (False, [(8, 0)], False),             # YAML's bare `off`
+])
+def test_resolve_switch(setting, capabilities, expected):
+    assert resolve_switch(setting, capabilities) is expected
+
+
+def test_resolve_switch_refuses_other_settings():
+    with pytest.raises(ValueError, match="auto, on or off"):
+        resolve_switch("fast", [(8, 0)])
+
+
+# --- the preflight ---------------------------------------------------------------------------
+
+
+def test_mixed_precision_on_is_refused_without_a_capable_gpu(monkeypatch):
+    from harness import sweep
+
+    cfg = parse_config(f"{DATA}train: {{mixed_precision: on}}\n", "sweep.yaml")
+    monkeypatch.setattr(runtime, "_GPUS_BEFORE_HIDING", [])  # the sweep process's GPUs before hiding: none
+    with pytest.raises(ConfigError, match=r"sweep.yaml: train\.mixed_precision: on needs a GPU of compute "
+                                          r"capability >= 7\.0; GPUs visible: none \(CPU only\)"):
+        sweep.check_mixed_precision(cfg)
+    monkeypatch.setattr(runtime, "gpu_capabilities", lambda gpus=None: [(6, 1)])
+    with pytest.raises(ConfigError, match=r"GPUs visible: 6\.1\. Use auto"):
+        sweep.check_mixed_precision(cfg)
+    monkeypatch.setattr(runtime, "gpu_capabilities", lambda gpus=None: [(6, 1), (8, 0)])
+    sweep.check_mixed_precision(cfg)  # a capable GPU: accepted
+
+
+@pytest.mark.parametrize("setting", ["auto", "off"])
+def test_auto_and_off_pass_the_preflight_on_cpu(monkeypatch, setting):
+    from harness import sweep
+
+    monkeypatch.setattr(runtime, "_GPUS_BEFORE_HIDING", [])
+    sweep.check_mixed_precision(parse_config(f"{DATA}train: {{mixed_precision: {setting}, jit_compile: on}}\n"))
+
+
+# --- the trial process -----------------------------------------------------------------------
+
+
+def test_apply_device_switches_on_cpu():
+    from harness.runtime import apply_device_switches
+
+    assert apply_device_switches(TrainConfig()) == (False, False)  # auto on CPU: both off
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert runtime._jit_compile is False  # off is passed to compile explicitly, not Keras' "auto"
+    assert apply_device_switches(TrainConfig(mixed_precision="on", jit_compile=True)) == (True, True)
+    assert keras.mixed_precision.global_policy().name == "mixed_float16"
+    assert runtime._jit_compile is True
+
+
+def test_the_policy_survives_the_clean_up_between_trials():
+    """Keras' clear_session resets the global dtype policy; the next trial must still be mixed."""
+    from harness.runtime import release_memory
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    release_memory()
+    assert keras.mixed_precision.global_policy().name == "mixed_float16"
