@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -49,7 +51,7 @@ baseline:
   epochs: 2
   min_steps: 8              # tiny: the floor is for real data
   patience: null            # learning_rate: auto (a short search)
-  retries: 0                # tiny: no retry at another rate (tests/test_baseline.py covers them)
+  retries: 0                # tiny: no retry at another rate (tests/test_scratch.py covers them)
 """
 
 
@@ -58,7 +60,7 @@ baseline:
 # tests fill in around them. Collection order is dispatch order: xdist's own reordering by group
 # size is off (--no-loadscope-reorder in pyproject.toml).
 _LONGEST_GROUPS = ("quad", "sweep", "servers", "retry", "secrets")
-_LONG_FILES = ("test_reliability.py", "test_baseline.py")
+_LONG_FILES = ("test_reliability.py", "test_scratch.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -96,8 +98,12 @@ def run_cli(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None
 
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "harness.sweep", *args], cwd=cwd, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "harness.sweep", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -119,10 +125,25 @@ def serve_mlflow(folder: Path, *extra_args: str, env: dict | None = None):
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", *extra_args, "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            *extra_args,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{folder}/mlflow.db",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         # The server's background job runner (GenAI evaluation jobs) starts nine more processes that
         # the harness never uses: on a 2-core box they only slow the test down.
         env={**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
@@ -143,3 +164,132 @@ def serve_mlflow(folder: Path, *extra_args: str, env: dict | None = None):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# --- small configs and helpers that several test modules share ----------------------------------
+
+
+DATA = "data: {name: shapes}\n"  # the smallest loadable config: the builtin dataset needs a name
+
+
+# builtin `shapes`: pentagon, t_shape, star4, tri_ring, three_dots, arc (harness/datasets_builtin.py)
+BASE = """
+study: {name: targets, n_trials: 1}
+model: {weights: none}
+search: {backbone: MobileNetV2}
+data:
+  source: builtin
+  name: shapes
+  builtin_size: 10
+"""
+
+
+GROUPS = {"round": ["arc", "three_dots"], "pointy": ["star4", "pentagon"], "_drop": ["t_shape", "tri_ring"]}
+
+
+def problems_of(message: str) -> int:
+    return int(re.search(r"(\d+) problem\(s\)", message).group(1))
+
+
+QUAD = """
+study:
+  name: quad
+  seed: 0
+  pruner: none
+model:
+  weights: {weights}
+  backbone_options:
+    MobileNetV2: {{alpha: 0.35}}
+search:
+  backbone: MobileNetV2
+  head_lr: {{low: 0.001, high: 0.01, log: true}}
+  finetune_lr: {{low: 0.0001, high: 0.001, log: true}}
+  dropout: 0.1
+train:
+  head: {{epochs: 1, batch_size: 16, patience: null}}
+  finetune: {{epochs: 1, batch_size: 16, patience: null}}
+baseline:                     # the scratch cells' confirmation: a short converged-style run
+  epochs: 2
+  min_steps: 6
+  learning_rate: 0.002
+  patience: null
+quadrants:
+  strategies: {strategies}
+  trials_per_cell: 2
+  confirm_seeds: 2
+  logme_max_images: 40
+  targets:
+    - name: shapes-small
+      size: small
+      similarity: similar
+      data: {{source: builtin, name: shapes, builtin_size: 10, classes: [pentagon, star4, arc]}}
+    - name: digits-small
+      size: small
+      similarity: dissimilar
+      data: {{source: builtin, name: digits, classes: ['0', '1'], train_per_class: 8, val_per_class: 6}}
+"""
+
+
+ALL = "[features, intermediate, partial, full, scratch]"
+
+
+def quad(weights, strategies=ALL) -> str:
+    return QUAD.format(weights=weights, strategies=strategies)
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory) -> str:
+    """A MobileNetV2 (alpha 0.35, 32 px) weights file the harness wrote itself, standing in for
+    pretrained weights offline."""
+    import keras
+
+    from harness import backbones as bb
+
+    path = tmp_path_factory.mktemp("w") / "mnv2.weights.h5"
+    keras.utils.set_random_seed(0)  # the same weights whatever ran before in this process
+    bb.construct("MobileNetV2", 32, None, {"alpha": 0.35}).save_weights(path)
+    return str(path)
+
+
+@pytest.fixture
+def float32_afterwards(monkeypatch):
+    """For a test that switches this process to mixed_float16 or XLA: the next test starts without."""
+    import keras
+
+    from harness import runtime
+
+    monkeypatch.setattr(runtime, "_jit_compile", "auto")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+    keras.backend.clear_session()
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    url = os.environ.get("HARNESS_TEST_POSTGRES")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("HARNESS_TEST_POSTGRES is not set: .ci/run must start PostgreSQL (scripts/postgres.sh)")
+        pytest.skip("no PostgreSQL: run `bash scripts/postgres.sh` and set HARNESS_TEST_POSTGRES to the URL it prints")
+    # A fresh database per run, so the workers also race to create Optuna's schema, as on day one.
+    import sqlalchemy as sa
+
+    name = f"harness_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    yield url.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+def fresh_database(url: str) -> str:
+    import sqlalchemy as sa
+
+    name = f"harness_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return url.rsplit("/", 1)[0] + f"/{name}"

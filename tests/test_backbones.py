@@ -18,7 +18,12 @@ def test_group_blocks_merges_named_pieces_and_stem_chain():
     names = ["conv1", "bn1", "relu1", "block1_a", "block1_b", "block1_add", "re_lu", "block1_c", "block2_a", "top"]
     cuts = list(range(len(names) - 1))  # every point is a clean cut in a plain chain
     blocks = bb.group_blocks(names, cuts, r"^(block\d+)_")
-    assert blocks == [["conv1", "bn1", "relu1"], ["block1_a", "block1_b", "block1_add", "re_lu", "block1_c"], ["block2_a"], ["top"]]
+    assert blocks == [
+        ["conv1", "bn1", "relu1"],
+        ["block1_a", "block1_b", "block1_add", "re_lu", "block1_c"],
+        ["block2_a"],
+        ["top"],
+    ]
 
 
 def test_group_blocks_without_pattern_keeps_branchy_pieces_whole():
@@ -32,15 +37,24 @@ def test_split_cells_cuts_cross_connected_cells_at_their_outputs():
     # one before; so after the stem no single tensor separates two cells. Keras orders the graph
     # by depth, so c2_adjust comes before c1 has finished.
     graph = [
-        ("stem", []), ("c1_conv", ["stem"]), ("c2_adjust", ["stem"]), ("c1_out", ["c1_conv", "stem"]),
-        ("c2_conv", ["c1_out"]), ("c2_out", ["c2_adjust", "c2_conv"]),
-        ("relu", ["c1_out"]), ("c3_adjust", ["relu"]), ("c3_conv", ["c2_out"]), ("c3_out", ["c3_adjust", "c3_conv"]),
+        ("stem", []),
+        ("c1_conv", ["stem"]),
+        ("c2_adjust", ["stem"]),
+        ("c1_out", ["c1_conv", "stem"]),
+        ("c2_conv", ["c1_out"]),
+        ("c2_out", ["c2_adjust", "c2_conv"]),
+        ("relu", ["c1_out"]),
+        ("c3_adjust", ["relu"]),
+        ("c3_conv", ["c2_out"]),
+        ("c3_out", ["c3_adjust", "c3_conv"]),
     ]
     names, reads = [n for n, _ in graph], dict(graph)
     cuts = bb.clean_cut_points(graph)
     assert cuts == [0]
     assert bb.group_blocks(names, cuts, r"^(c\d)_", reads) == [
-        ["stem"], ["c1_conv", "c1_out"], ["c2_adjust", "c2_conv", "c2_out"],
+        ["stem"],
+        ["c1_conv", "c1_out"],
+        ["c2_adjust", "c2_conv", "c2_out"],
         ["relu", "c3_adjust", "c3_conv", "c3_out"],  # an unnamed layer joins the cell that reads it
     ]
     # A later cell reading a tensor from inside an earlier one: the names are not cells, keep whole.
@@ -53,7 +67,9 @@ def test_weightless_blocks_merge_below_and_a_weightless_stem_merges_above():
     blocks = [["rescale"], ["conv1", "bn1"], ["b1_conv", "b1_add"], ["b1_ac"], ["b2_conv"], ["post_bn", "post_relu"]]
     weighted = {"conv1", "b1_conv", "b2_conv"}  # BN never counts: the freeze policy keeps it frozen
     assert bb.merge_weightless(blocks, weighted) == [
-        ["rescale", "conv1", "bn1"], ["b1_conv", "b1_add", "b1_ac"], ["b2_conv", "post_bn", "post_relu"],
+        ["rescale", "conv1", "bn1"],
+        ["b1_conv", "b1_add", "b1_ac"],
+        ["b2_conv", "post_bn", "post_relu"],
     ]
     assert bb.merge_weightless([["a"], ["b"]], set()) == [["a", "b"]]
 
@@ -64,20 +80,51 @@ def test_weightless_blocks_merge_below_and_a_weightless_stem_merges_above():
 # residual's `_ac` ReLU alone); NASNet had 3 (stem, every cell in one, top ReLU) before its cells
 # were split.
 BLOCKS = {
-    "VGG16": 5, "VGG19": 5, "ResNet50": 17, "ResNet101": 34, "ResNet152": 51,
-    "ResNet50V2": 17, "ResNet101V2": 34, "ResNet152V2": 51, "InceptionV3": 12, "InceptionResNetV2": 45,
-    "Xception": 14, "MobileNet": 14, "MobileNetV2": 19, "MobileNetV3Small": 13, "MobileNetV3Large": 17,
-    "DenseNet121": 62, "DenseNet169": 86, "DenseNet201": 102, "NASNetMobile": 17, "NASNetLarge": 23,
-    "EfficientNetB0": 18, "EfficientNetB1": 25, "EfficientNetB2": 25, "EfficientNetB3": 28,
-    "EfficientNetB4": 34, "EfficientNetB5": 41, "EfficientNetB6": 47, "EfficientNetB7": 57,
-    "EfficientNetV2B0": 23, "EfficientNetV2B1": 29, "EfficientNetV2B2": 30, "EfficientNetV2B3": 34,
-    "EfficientNetV2S": 42, "EfficientNetV2M": 59, "EfficientNetV2L": 81,
-    "ConvNeXtTiny": 22, "ConvNeXtSmall": 40, "ConvNeXtBase": 40,
+    "VGG16": 5,
+    "VGG19": 5,
+    "ResNet50": 17,
+    "ResNet101": 34,
+    "ResNet152": 51,
+    "ResNet50V2": 17,
+    "ResNet101V2": 34,
+    "ResNet152V2": 51,
+    "InceptionV3": 12,
+    "InceptionResNetV2": 45,
+    "Xception": 14,
+    "MobileNet": 14,
+    "MobileNetV2": 19,
+    "MobileNetV3Small": 13,
+    "MobileNetV3Large": 17,
+    "DenseNet121": 62,
+    "DenseNet169": 86,
+    "DenseNet201": 102,
+    "NASNetMobile": 17,
+    "NASNetLarge": 23,
+    "EfficientNetB0": 18,
+    "EfficientNetB1": 25,
+    "EfficientNetB2": 25,
+    "EfficientNetB3": 28,
+    "EfficientNetB4": 34,
+    "EfficientNetB5": 41,
+    "EfficientNetB6": 47,
+    "EfficientNetB7": 57,
+    "EfficientNetV2B0": 23,
+    "EfficientNetV2B1": 29,
+    "EfficientNetV2B2": 30,
+    "EfficientNetV2B3": 34,
+    "EfficientNetV2S": 42,
+    "EfficientNetV2M": 59,
+    "EfficientNetV2L": 81,
+    "ConvNeXtTiny": 22,
+    "ConvNeXtSmall": 40,
+    "ConvNeXtBase": 40,
 }
 # (block index, a layer it holds): where blocks start, and where the weightless tops went.
 LANDMARKS = {
-    "MobileNetV2": [(2, "block_1_expand")], "ResNet50": [(2, "conv2_block2_1_conv")],
-    "EfficientNetB0": [(2, "block2a_expand_conv")], "InceptionV3": [(2, "conv2d_15")],
+    "MobileNetV2": [(2, "block_1_expand")],
+    "ResNet50": [(2, "conv2_block2_1_conv")],
+    "EfficientNetB0": [(2, "block2a_expand_conv")],
+    "InceptionV3": [(2, "conv2d_15")],
     "ResNet50V2": [(-1, "conv5_block3_1_conv"), (-1, "post_relu")],
     "DenseNet121": [(-1, "conv5_block16_1_conv"), (-1, "relu")],
     "InceptionResNetV2": [(2, "block35_1_conv"), (2, "block35_1_ac")],

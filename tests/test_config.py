@@ -10,7 +10,7 @@ import pytest
 
 from harness.config import ConfigError, load_config, parse_config
 from harness.runtime import resolve_switch
-from tests.conftest import TINY, run_cli, write_config
+from tests.conftest import BASE, DATA, GROUPS, TINY, problems_of, quad, run_cli, write_config
 
 
 def error_of(text: str) -> str:
@@ -55,7 +55,10 @@ def test_the_shipped_sweeps_include_the_demo_and_both_quadrant_sweeps():
         ("study:\n  direction: up\n", "study.direction: must be one of maximize, minimize; got 'up'"),
         ("data:\n  image_size: 4\n", "data.image_size: must be >= 8"),
         ("search:\n  backbone: ResNet42\n", "search.backbone: unknown value 'ResNet42'; valid: ConvNeXtBase"),
-        ("search:\n  backbone: {choices: [MobileNetV2, Xception]}\n", "data.image_size: 32 px is below Xception's minimum input size of 71 px"),
+        (
+            "search:\n  backbone: {choices: [MobileNetV2, Xception]}\n",
+            "data.image_size: 32 px is below Xception's minimum input size of 71 px",
+        ),
         ("search:\n  dropout: 1.5\n", "search.dropout: must be within [0.0, 0.95]; got 1.5"),
         ("search:\n  head_lr: {low: 0, high: 0.1, log: true}\n", "search.head_lr.low: must be within"),
         ("search:\n  head_units: {low: 64, high: 8}\n", "search.head_units: low (64) must not exceed high (8)"),
@@ -99,19 +102,22 @@ def test_cli_refuses_a_missing_config_file(workdir):
 # --- the name rule: a name becomes a path, an experiment, a registered model and a filter value ---------------
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("../../escaped", "contains '/'"),
-    ("team/flowers", "contains '/'"),
-    ("it's", "contains \"'\""),
-    ("tick`name", "contains '`'"),
-    ("model:v1", "contains ':'"),
-    ("best@champion", "contains '@'"),
-    ("two words", "contains ' '"),
-    (".hidden", "starts with '.'"),
-    ("a..b", "contains '..'"),
-    ("", "is empty"),
-    ("x" * 101, "is 101 characters long"),
-])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("../../escaped", "contains '/'"),
+        ("team/flowers", "contains '/'"),
+        ("it's", 'contains "\'"'),
+        ("tick`name", "contains '`'"),
+        ("model:v1", "contains ':'"),
+        ("best@champion", "contains '@'"),
+        ("two words", "contains ' '"),
+        (".hidden", "starts with '.'"),
+        ("a..b", "contains '..'"),
+        ("", "is empty"),
+        ("x" * 101, "is 101 characters long"),
+    ],
+)
 def test_names_outside_the_rule_are_named_with_the_reason(name, reason):
     from harness.config import name_problem
 
@@ -132,17 +138,20 @@ def test_a_bad_study_name_in_the_yaml_is_refused_at_load_with_its_line():
 
 
 def test_every_bad_target_name_is_reported_in_one_error():
-    text = ("study: {name: q}\nmodel: {weights: none}\nquadrants:\n  strategies: [scratch]\n  targets:\n"
-            "    - {name: \"a'b\", data: {name: shapes}}\n    - {name: ok, data: {name: shapes}}\n"
-            "    - {name: ../up, data: {name: shapes}}\n")
+    text = (
+        "study: {name: q}\nmodel: {weights: none}\nquadrants:\n  strategies: [scratch]\n  targets:\n"
+        '    - {name: "a\'b", data: {name: shapes}}\n    - {name: ok, data: {name: shapes}}\n'
+        "    - {name: ../up, data: {name: shapes}}\n"
+    )
     message = error_of(text)
-    assert "quadrants.targets[0].name: \"a'b\" contains \"'\"" in message
+    assert 'quadrants.targets[0].name: "a\'b" contains "\'"' in message
     assert "quadrants.targets[2].name: '../up' contains '/'" in message
     assert "targets[1]" not in message
 
 
-@pytest.mark.parametrize("name, reason", [("../../escaped", "contains '/'"), ("team/flowers", "contains '/'"),
-                                          ("it's", "contains \"'\"")])
+@pytest.mark.parametrize(
+    "name, reason", [("../../escaped", "contains '/'"), ("team/flowers", "contains '/'"), ("it's", 'contains "\'"')]
+)
 def test_cli_refuses_a_bad_study_name_flag_before_writing_anything(workdir, name, reason):
     config = write_config(workdir)
     before = sorted(p.relative_to(workdir.parent) for p in workdir.parent.rglob("*"))
@@ -166,15 +175,17 @@ def test_duplicate_keys_are_refused_naming_both_lines_and_every_duplicate():
 
 
 def test_a_merge_key_overridden_on_purpose_is_not_a_duplicate():
-    cfg = parse_config("data: {name: shapes}\n"
-                       "train:\n  head: &h {epochs: 2, batch_size: 8}\n  finetune:\n    <<: *h\n    epochs: 3\n", "s.yaml")
+    cfg = parse_config(
+        "data: {name: shapes}\ntrain:\n  head: &h {epochs: 2, batch_size: 8}\n  finetune:\n    <<: *h\n    epochs: 3\n", "s.yaml"
+    )
     assert cfg.train.finetune.epochs == 3 and cfg.train.finetune.batch_size == 8
 
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "~\n"])
 def test_an_empty_config_gets_its_own_message(text):
-    assert error_of(text) == ("s.yaml: config file is empty; a sweep needs at least a data: block "
-                              "(sweeps/demo.yaml is a complete example)")
+    assert error_of(text) == (
+        "s.yaml: config file is empty; a sweep needs at least a data: block (sweeps/demo.yaml is a complete example)"
+    )
 
 
 def test_cli_names_an_empty_config_and_a_directory_given_as_the_config(workdir):
@@ -193,17 +204,6 @@ def test_cli_names_an_empty_config_and_a_directory_given_as_the_config(workdir):
 # --- data.class_map: refused at config load, every problem at once --------------------------
 
 
-# builtin `shapes`: pentagon, t_shape, star4, tri_ring, three_dots, arc (harness/datasets_builtin.py)
-BASE = """
-study: {name: targets, n_trials: 1}
-model: {weights: none}
-search: {backbone: MobileNetV2}
-data:
-  source: builtin
-  name: shapes
-  builtin_size: 10
-"""
-GROUPS = {"round": ["arc", "three_dots"], "pointy": ["star4", "pentagon"], "_drop": ["t_shape", "tri_ring"]}
 MAPPED = "{pentagon: [pentagon], star4: [star4], _drop: [t_shape, tri_ring, three_dots, arc]}"
 
 
@@ -214,23 +214,21 @@ def config_error(data_lines: str, base: str = BASE) -> str:
     return str(info.value)
 
 
-def problems_of(message: str) -> int:
-    return int(re.search(r"(\d+) problem\(s\)", message).group(1))
-
-
 def test_a_valid_class_map_loads_and_its_resolved_config_loads_again():
     import yaml
 
-    cfg = parse_config(BASE + "  class_map: {round: [arc, three_dots], pointy: [star4, pentagon], "
-                              "_drop: [t_shape, tri_ring]}\n", "s.yaml")
+    cfg = parse_config(
+        BASE + "  class_map: {round: [arc, three_dots], pointy: [star4, pentagon], _drop: [t_shape, tri_ring]}\n", "s.yaml"
+    )
     assert cfg.data.class_map == GROUPS
     again = parse_config(yaml.safe_dump(cfg.resolved({"backbone": "MobileNetV2"}, 0)), "r.yaml")
     assert again.data.class_map == GROUPS
 
 
 def test_unknown_builtin_classes_are_named_with_their_group():
-    msg = config_error("class_map: {pointy: [pentagon, star5, hexagon], round: [arc, circle],"
-                       " _drop: [t_shape, tri_ring, three_dots, star4]}\n")
+    msg = config_error(
+        "class_map: {pointy: [pentagon, star5, hexagon], round: [arc, circle], _drop: [t_shape, tri_ring, three_dots, star4]}\n"
+    )
     assert re.match(r"s\.yaml:\d+:\d+: data\.class_map: 2 problem\(s\)", msg)
     assert "data.class_map.pointy: unknown class(es) 'star5', 'hexagon'; the dataset has pentagon, t_shape" in msg
     assert "data.class_map.round: unknown class(es) 'circle'" in msg
@@ -247,8 +245,9 @@ def test_unknown_folder_classes_are_found_from_the_sub_folders_at_config_load(tm
 
 
 def test_a_class_in_two_groups_is_refused():
-    msg = config_error("class_map: {a: [pentagon, star4], b: [star4, arc], c: [arc], "
-                       "_drop: [t_shape, tri_ring, three_dots, pentagon]}\n")
+    msg = config_error(
+        "class_map: {a: [pentagon, star4], b: [star4, arc], c: [arc], _drop: [t_shape, tri_ring, three_dots, pentagon]}\n"
+    )
     assert problems_of(msg) == 3
     assert "data.class_map.b: class 'star4' is already in data.class_map.a" in msg
     assert "data.class_map.c: class 'arc' is already in data.class_map.b" in msg
@@ -256,8 +255,9 @@ def test_a_class_in_two_groups_is_refused():
 
 
 def test_a_group_with_no_classes_is_refused():
-    msg = config_error("class_map:\n  a: [pentagon, star4]\n  b: []\n  c:\n  d: [arc]\n"
-                       "  _drop: [t_shape, tri_ring, three_dots]\n")
+    msg = config_error(
+        "class_map:\n  a: [pentagon, star4]\n  b: []\n  c:\n  d: [arc]\n  _drop: [t_shape, tri_ring, three_dots]\n"
+    )
     assert problems_of(msg) == 2
     assert "data.class_map.b: a target label needs at least one class" in msg
     assert "data.class_map.c: a target label needs at least one class" in msg  # `c:` alone is null
@@ -266,10 +266,13 @@ def test_a_group_with_no_classes_is_refused():
 def test_unmapped_classes_are_refused_unless_dropped():
     msg = config_error("class_map: {pointy: [pentagon, star4], round: [arc]}\n")
     assert problems_of(msg) == 1
-    assert ("data.class_map: class(es) t_shape, tri_ring, three_dots are in no target label; map them, or list them "
-            "under _drop to leave them out") in msg
-    ok = parse_config(BASE + "  class_map: {pointy: [pentagon, star4], round: [arc], "
-                             "_drop: [t_shape, tri_ring, three_dots]}\n", "s.yaml")
+    assert (
+        "data.class_map: class(es) t_shape, tri_ring, three_dots are in no target label; map them, or list them "
+        "under _drop to leave them out"
+    ) in msg
+    ok = parse_config(
+        BASE + "  class_map: {pointy: [pentagon, star4], round: [arc], _drop: [t_shape, tri_ring, three_dots]}\n", "s.yaml"
+    )
     assert ok.data.class_map["_drop"] == ["t_shape", "tri_ring", "three_dots"]
 
 
@@ -309,17 +312,21 @@ def test_the_source_datasets_class_map_is_checked_under_its_own_key():
 # --- train.mixed_precision and train.jit_compile ------------------------------------------------
 
 
-DATA = "data: {name: shapes}\n"  # the smallest loadable config: the builtin dataset needs a name
-
-
 def test_both_switches_default_to_auto():
     cfg = parse_config(DATA)
     assert (cfg.train.mixed_precision, cfg.train.jit_compile) == ("auto", "auto")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("on", True), ("off", False), ("'on'", "on"), ("'off'", "off"), ("auto", "auto"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("on", True),
+        ("off", False),
+        ("'on'", "on"),
+        ("'off'", "off"),
+        ("auto", "auto"),
+    ],
+)
 def test_bare_and_quoted_on_off_are_accepted(text, expected):
     cfg = parse_config(f"{DATA}train:\n  mixed_precision: {text}\n  jit_compile: {text}\n")
     assert cfg.train.mixed_precision == expected and cfg.train.jit_compile == expected
@@ -343,10 +350,39 @@ def test_cache_caps_are_checked_at_load_with_their_key():
     cfg = parse_config(base + "data: {name: shapes}\n", "c.yaml")
     assert cfg.data.disk_cache_max_gib == 20 and cfg.train.feature_cache_max_gib == 20
     assert cfg.train.gpu_memory_limit_mib is None  # memory growth
-    for key, text in (("data.disk_cache_max_gib", "data: {name: shapes, disk_cache_max_gib: -1}\n"),
-                      ("train.feature_cache_max_gib", "train: {feature_cache_max_gib: many}\n"),
-                      ("train.gpu_memory_limit_mib", "train: {gpu_memory_limit_mib: 10}\n")):
+    for key, text in (
+        ("data.disk_cache_max_gib", "data: {name: shapes, disk_cache_max_gib: -1}\n"),
+        ("train.feature_cache_max_gib", "train: {feature_cache_max_gib: many}\n"),
+        ("train.gpu_memory_limit_mib", "train: {gpu_memory_limit_mib: 10}\n"),
+    ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             parse_config(base + ("" if text.startswith("data") else "data: {name: shapes}\n") + text, "c.yaml")
     limited = parse_config(base + "data: {name: shapes}\ntrain: {gpu_memory_limit_mib: 4096}\n", "c.yaml")
     assert limited.train.gpu_memory_limit_mib == 4096
+
+
+# --- baseline and quadrants.confirm_seeds ----------------------------------------------------------
+
+
+def test_fewer_than_two_confirmation_seeds_are_refused_at_load(tmp_path):
+    text = quad("none").replace("confirm_seeds: 2", "confirm_seeds: 1")
+    with pytest.raises(ConfigError, match="quadrants.confirm_seeds"):
+        load_config(write_config(tmp_path, text))
+
+
+def test_baseline_learning_rate_must_be_auto_or_a_rate(tmp_path):
+    with pytest.raises(ConfigError, match="baseline.learning_rate"):
+        load_config(
+            write_config(
+                tmp_path, write_config(tmp_path).read_text().replace("min_steps: 8", "min_steps: 8\n  learning_rate: fast")
+            )
+        )
+
+
+def test_baseline_retries_is_a_count_named_on_bad_input(tmp_path):
+    default = write_config(tmp_path).read_text().replace("  retries: 0", "")
+    assert load_config(write_config(tmp_path, default)).baseline.retries == 2
+    for bad in ("-1", "two"):
+        text = write_config(tmp_path).read_text().replace("retries: 0", f"retries: {bad}")
+        with pytest.raises(ConfigError, match="baseline.retries"):
+            load_config(write_config(tmp_path, text))

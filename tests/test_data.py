@@ -12,10 +12,19 @@ import pytest
 from PIL import Image
 
 from harness.config import DataConfig, parse_config
-from harness.data import (DataError, Dataset, apply_class_map, cache_plan, load_dataset, make_splits, min_images_per_class,
-                          select_classes, splittable, tf_dataset)
-from tests.conftest import TINY, run_cli, write_config
-from tests.test_config import GROUPS, problems_of
+from harness.data import (
+    DataError,
+    Dataset,
+    apply_class_map,
+    cache_plan,
+    load_dataset,
+    make_splits,
+    min_images_per_class,
+    select_classes,
+    splittable,
+    tf_dataset,
+)
+from tests.conftest import GROUPS, TINY, problems_of, run_cli, write_config
 
 LABELS = np.repeat(np.arange(4), 50)
 
@@ -111,8 +120,9 @@ def test_tfds_is_exported_once_as_files_and_keeps_its_official_splits(tmp_path):
     """On TFDS's own mock data (offline): the encoded images are written once and stream like a
     folder; the official validation and test splits are used as they are."""
     tfds = pytest.importorskip("tensorflow_datasets")
-    cfg = DataConfig(source="tfds", name="beans", image_size=16, tfds_dir=str(tmp_path / "tfds"), val_fraction=0.2,
-                     test_fraction=0.2)
+    cfg = DataConfig(
+        source="tfds", name="beans", image_size=16, tfds_dir=str(tmp_path / "tfds"), val_fraction=0.2, test_fraction=0.2
+    )
     with tfds.testing.mock_data(num_examples=30, policy=tfds.testing.MockPolicy.USE_CODE):
         ds = load_dataset(cfg)
     assert ds.images is None and len(ds.paths) == 90 and ds.class_names == ["angular_leaf_spot", "bean_rust", "healthy"]
@@ -285,8 +295,10 @@ def test_a_class_size_that_rounds_to_no_train_image_is_explained(tmp_path):
     assert "2 val + 2 test, leaving 0 for train where 1 are needed" in text
 
 
-@pytest.mark.parametrize("val,test,train_per_class", [(0.2, 0.2, None), (0.1, 0.3, None), (0.45, 0.45, None),
-                                                      (0.15, 0.05, None), (0.2, 0.2, 4), (0.3, 0.1, 2)])
+@pytest.mark.parametrize(
+    "val,test,train_per_class",
+    [(0.2, 0.2, None), (0.1, 0.3, None), (0.45, 0.45, None), (0.15, 0.05, None), (0.2, 0.2, 4), (0.3, 0.1, 2)],
+)
 def test_splittable_agrees_exactly_with_make_splits(val, test, train_per_class):
     cfg = DataConfig(val_fraction=val, test_fraction=test, train_per_class=train_per_class)
     for n in range(1, 60):
@@ -302,13 +314,21 @@ def test_splittable_agrees_exactly_with_make_splits(val, test, train_per_class):
 
 def test_the_cli_reports_every_folder_problem_and_creates_nothing(workdir):
     _bad_folder(workdir / "images")
-    config = write_config(workdir, TINY.replace(
-        "  source: builtin\n  name: shapes\n", f"  source: folder\n  path: {workdir / 'images'}\n"
-    ).replace("  classes: [pentagon, star4, three_dots]\n", ""))
+    config = write_config(
+        workdir,
+        TINY.replace("  source: builtin\n  name: shapes\n", f"  source: folder\n  path: {workdir / 'images'}\n").replace(
+            "  classes: [pentagon, star4, three_dots]\n", ""
+        ),
+    )
     proc = run_cli(str(config), cwd=workdir, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    for problem in ("empty_one holds no images", "2 unreadable or corrupt", "broken.png", "zero.jpg",
-                    "lonely has 1 usable image(s)"):
+    for problem in (
+        "empty_one holds no images",
+        "2 unreadable or corrupt",
+        "broken.png",
+        "zero.jpg",
+        "lonely has 1 usable image(s)",
+    ):
         assert problem in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (workdir / "results").exists() and not (workdir / "mlruns").exists()
@@ -338,11 +358,13 @@ def test_a_decoded_split_is_one_shared_file_whatever_the_process_or_seed(tmp_pat
 
     _grey_folder(tmp_path / "images")
     cache = tmp_path / "cache"
-    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path / "images"), image_size=8, memory_cache_mib=0,
-                                 disk_cache_dir=str(cache)))
+    ds = load_dataset(
+        DataConfig(source="folder", path=str(tmp_path / "images"), image_size=8, memory_cache_mib=0, disk_cache_dir=str(cache))
+    )
     splits = make_splits(ds.labels, DataConfig())
-    expected = np.concatenate([x.numpy() for x, _ in tf_dataset(dataclasses.replace(ds, disk_cache_dir=None),
-                                                                 splits.train, 64, shuffle=False)])
+    expected = np.concatenate(
+        [x.numpy() for x, _ in tf_dataset(dataclasses.replace(ds, disk_cache_dir=None), splits.train, 64, shuffle=False)]
+    )
     # Two processes start on an empty cache at once: both end up with the complete split.
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
@@ -370,8 +392,15 @@ def test_past_the_cap_the_split_used_longest_ago_is_deleted_and_the_one_just_use
     from harness.data import decoded_split, decoded_split_path
 
     _grey_folder(tmp_path / "images")
-    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path / "images"), image_size=8, memory_cache_mib=0,
-                                 disk_cache_dir=str(tmp_path / "cache")))
+    ds = load_dataset(
+        DataConfig(
+            source="folder",
+            path=str(tmp_path / "images"),
+            image_size=8,
+            memory_cache_mib=0,
+            disk_cache_dir=str(tmp_path / "cache"),
+        )
+    )
     splits = make_splits(ds.labels, DataConfig(val_fraction=0.25, test_fraction=0.25))
     train, val, test = (decoded_split_path(ds, s) for s in (splits.train, splits.val, splits.test))
     decoded_split(ds, splits.train)
@@ -415,8 +444,14 @@ def test_class_map_relabels_a_folder_dataset(tmp_path):
         (tmp_path / c).mkdir()
         for i in range(5):
             Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(tmp_path / c / f"{i}.png")
-    ds = load_dataset(DataConfig(source="folder", path=str(tmp_path), image_size=8,
-                                 class_map={"pet": ["cat", "dog"], "bird": ["owl"], "_drop": ["bat"]}))
+    ds = load_dataset(
+        DataConfig(
+            source="folder",
+            path=str(tmp_path),
+            image_size=8,
+            class_map={"pet": ["cat", "dog"], "bird": ["owl"], "_drop": ["bat"]},
+        )
+    )
     assert ds.class_names == ["bird", "pet"] and len(ds.paths) == 15
     assert all(("/owl/" in p) == (label == 0) for p, label in zip(ds.paths, ds.labels))
     assert not any("/bat/" in p for p in ds.paths)
@@ -424,11 +459,19 @@ def test_class_map_relabels_a_folder_dataset(tmp_path):
 
 def test_a_tfds_class_map_is_checked_when_the_names_are_known():
     """TFDS names are only known after loading: config load accepts the map, loading lists every problem."""
-    cfg = parse_config("study: {name: t}\nmodel: {weights: none}\ndata: {source: tfds, name: beans, "
-                       "class_map: {sick: [angular_leaf_spot, bean_rustt], well: [healthy]}}\n", "s.yaml")
+    cfg = parse_config(
+        "study: {name: t}\nmodel: {weights: none}\ndata: {source: tfds, name: beans, "
+        "class_map: {sick: [angular_leaf_spot, bean_rustt], well: [healthy]}}\n",
+        "s.yaml",
+    )
     assert cfg.data.class_map["well"] == ["healthy"]
-    ds = Dataset(["angular_leaf_spot", "bean_rust", "healthy"], np.array([0, 1, 2]), images=np.zeros((3, 8, 8, 3), np.uint8),
-                 image_size=8, name="beans")
+    ds = Dataset(
+        ["angular_leaf_spot", "bean_rust", "healthy"],
+        np.array([0, 1, 2]),
+        images=np.zeros((3, 8, 8, 3), np.uint8),
+        image_size=8,
+        name="beans",
+    )
     with pytest.raises(DataError) as info:
         apply_class_map(ds, cfg.data.class_map)
     message = str(info.value)

@@ -32,8 +32,14 @@ def test_classification_metrics_on_three_classes_and_missing_ones():
 
 
 def test_class_names_become_safe_unique_metric_keys():
-    assert class_metric_keys(["happy", "not sure?", "a/b", "..", "a_b", "é"]) == \
-        ["happy", "not sure_", "a_b", "class_3", "a_b_4", "_"]
+    assert class_metric_keys(["happy", "not sure?", "a/b", "..", "a_b", "é"]) == [
+        "happy",
+        "not sure_",
+        "a_b",
+        "class_3",
+        "a_b_4",
+        "_",
+    ]
     from mlflow.utils.validation import _validate_metric_name
 
     for key in class_metric_keys(["happy", "not sure?", "a/b", "..", ".", "x/../y", " ", "ü"]):

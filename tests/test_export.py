@@ -30,6 +30,7 @@ def cells() -> pd.DataFrame:
 
 # --- what every renderer is handed --------------------------------------------------------------
 
+
 def test_write_comparison_analyses_once(cells, tmp_path, monkeypatch):
     calls = []
 
@@ -74,6 +75,7 @@ def test_bad_input_is_refused_before_anything_is_written(cells, tmp_path):
 
 # --- tables and files ---------------------------------------------------------------------------
 
+
 def test_run_url():
     assert run_url("abc", "4") == "http://127.0.0.1:5000/#/experiments/4/runs/abc"
     assert run_url("abc", 4, "http://mlflow:8080/") == "http://mlflow:8080/#/experiments/4/runs/abc"
@@ -88,18 +90,36 @@ def written(cells, tmp_path):
     cells["param_finetune_lr"] = 1e-4
     cells["param_cut_fraction"] = 0.5
     cells["param_head_lr"] = 0.0031622776601683794
-    budget = pd.DataFrame({"strategy": STRATEGY_ORDER, "param_unfreeze_fraction": [0.0, 0.0, 0.5, 1.0, 1.0],
-                           "gpu_hours": [0.5, 0.7, 1.25, 2.0, 3.125], "mlflow_run_id": list("abcde")})
-    paths = write_comparison(cells, tmp_path / "out", "Transfer_strategies 100% & more",
-                             extra_tables={"budget": budget}, experiment_id="7", ui_url="http://ui.test:5000")
+    budget = pd.DataFrame(
+        {
+            "strategy": STRATEGY_ORDER,
+            "param_unfreeze_fraction": [0.0, 0.0, 0.5, 1.0, 1.0],
+            "gpu_hours": [0.5, 0.7, 1.25, 2.0, 3.125],
+            "mlflow_run_id": list("abcde"),
+        }
+    )
+    paths = write_comparison(
+        cells,
+        tmp_path / "out",
+        "Transfer_strategies 100% & more",
+        extra_tables={"budget": budget},
+        experiment_id="7",
+        ui_url="http://ui.test:5000",
+    )
     return cells, paths, budget
 
 
 def test_returns_every_kind(written):
     _, paths, _ = written
     assert set(paths) == {"csv", "md", "tex", "heatmap", "html", "budget"}
-    assert {p.name for p in paths.values()} == {"comparison.csv", "comparison.md", "comparison.tex",
-                                               "heatmap.png", "comparison.html", "budget.csv"}
+    assert {p.name for p in paths.values()} == {
+        "comparison.csv",
+        "comparison.md",
+        "comparison.tex",
+        "heatmap.png",
+        "comparison.html",
+        "budget.csv",
+    }
     assert all(p.exists() for p in paths.values())
 
 
@@ -148,8 +168,7 @@ def link(text: str, run: str) -> str:
     return f"[{text}](http://ui.test:5000/#/experiments/7/runs/{run})"
 
 
-RAW_NAMES = ("agrees_with_textbook", "p_value", "runner_up", "n_seeds", "best_val", "test_mean", "param_", "tie_set",
-             "is_winner")
+RAW_NAMES = ("agrees_with_textbook", "p_value", "runner_up", "n_seeds", "best_val", "test_mean", "param_", "tie_set", "is_winner")
 
 
 def test_markdown_wide_table_rounds_links_and_names_the_tie(written):
@@ -159,8 +178,18 @@ def test_markdown_wide_table_rounds_links_and_names_the_tie(written):
     assert "Welch's t-test over the seeds' test accuracies, winner (best mean) vs runner-up" in text
     wide, detail, budget = markdown_tables(text)
     header, rows = wide[0], {r[0]: dict(zip(wide[0], r)) for r in wide[1:]}
-    assert header == ["Quadrant", "Target", *STRATEGY_ORDER, "Winner", "Runner-up", "Margin", "p (Welch)",
-                      "Significant", "Textbook rule", "Agrees with rule"]
+    assert header == [
+        "Quadrant",
+        "Target",
+        *STRATEGY_ORDER,
+        "Winner",
+        "Runner-up",
+        "Margin",
+        "p (Welch)",
+        "Significant",
+        "Textbook rule",
+        "Agrees with rule",
+    ]
     assert not [h for t in (wide, detail, budget) for h in t[0] if any(raw in h for raw in RAW_NAMES)]
     assert list(rows) == ["small-similar", "small-dissimilar", "large-similar", "large-dissimilar"]
 
@@ -357,8 +386,13 @@ def test_each_kind_of_verdict_gets_its_own_sentence():
 
 
 def test_a_tie_names_its_cheapest_member_and_its_share_of_the_cost():
-    cells = one_quadrant([("features", 0.80, {"train_images_seen": 1000}), ("partial", 0.805, {"train_images_seen": 6000}),
-                          ("full", 0.81, {"train_images_seen": 8000})])
+    cells = one_quadrant(
+        [
+            ("features", 0.80, {"train_images_seen": 1000}),
+            ("partial", 0.805, {"train_images_seen": 6000}),
+            ("full", 0.81, {"train_images_seen": 8000}),
+        ]
+    )
     cells["test_std"] = 0.03
     assert "features is within the tie at 1/8 of full's training cost" in sentence(cells)
     cells.loc[cells.strategy == "features", "train_images_seen"] = 6000
@@ -368,10 +402,13 @@ def test_a_tie_names_its_cheapest_member_and_its_share_of_the_cost():
 
 # --- parameters a strategy does not use ---------------------------------------------------------
 
+
 def test_a_report_leaves_blank_exactly_the_parameters_the_search_pins():
     """One statement of applicability: what strategy_search does not search, the detail table leaves blank."""
-    search = {"head_lr": ParamSpec("head_lr", "float", low=1e-4, high=1e-2),
-              "finetune_lr": ParamSpec("finetune_lr", "float", low=1e-5, high=1e-3)}
+    search = {
+        "head_lr": ParamSpec("head_lr", "float", low=1e-4, high=1e-2),
+        "finetune_lr": ParamSpec("finetune_lr", "float", low=1e-5, high=1e-3),
+    }
     quadrants = SimpleNamespace(cut_range=(0.3, 0.7), partial_range=(0.2, 0.8))
     params = ("head_lr", "finetune_lr", "unfreeze_fraction", "cut_fraction")
     cells = one_quadrant([(s, 0.8 - 0.01 * i, {f"param_{p}": 0.5 for p in params}) for i, s in enumerate(STRATEGY_ORDER)])
@@ -387,16 +424,19 @@ def test_a_report_leaves_blank_exactly_the_parameters_the_search_pins():
 
 # --- under-trained cells ------------------------------------------------------------------------
 
+
 def test_an_undertrained_cell_is_shown_as_such():
-    cells = one_quadrant([("features", 0.80, {"undertrained": 0}), ("full", 0.70, {"undertrained": 0}),
-                          ("scratch", 0.95, {"undertrained": 1})])
+    cells = one_quadrant(
+        [("features", 0.80, {"undertrained": 0}), ("full", 0.70, {"undertrained": 0}), ("scratch", 0.95, {"undertrained": 1})]
+    )
     assert comparison_table(cells).iloc[0]["scratch"] == "0.950 [0.925, 0.975] (under-trained)"
     assert comparison_table(cells).iloc[0]["features"] == "0.800 [0.775, 0.825]"
 
 
 def test_the_heatmap_greys_an_undertrained_cell_out_of_its_rows_scale():
-    cells = one_quadrant([("features", 0.80, {"undertrained": 0}), ("full", 0.70, {"undertrained": 0}),
-                          ("scratch", 0.95, {"undertrained": 1})])
+    cells = one_quadrant(
+        [("features", 0.80, {"undertrained": 0}), ("full", 0.70, {"undertrained": 0}), ("scratch", 0.95, {"undertrained": 1})]
+    )
     fig = heatmap_figure(cells)
     scaled = fig.axes[0].images[0].get_array()
     texts = [t.get_text() for t in fig.axes[0].texts]

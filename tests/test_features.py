@@ -18,14 +18,14 @@ from harness.pretrain import ASSETS
 SHIPPED = str(ASSETS / "MobileNetV2-5b2c197669.weights.h5")  # the demo's pretrained source backbone
 CONFIG = """
 study: {name: feat, seed: 0}
-model: {weights: %s, backbone_options: {MobileNetV2: {alpha: 0.35}}}
+model: {weights: WEIGHTS, backbone_options: {MobileNetV2: {alpha: 0.35}}}
 data: {source: builtin, name: shapes-source, classes: [circle, square, triangle, star5, cross, hexagon],
        builtin_size: 40, image_size: 32, seed: 0}
 search: {backbone: MobileNetV2, head_lr: 0.005, dropout: 0.2}
 train:
   head: {epochs: 3, batch_size: 16, patience: null}
   finetune: {epochs: 1, batch_size: 16, patience: null}
-""" % SHIPPED
+""".replace("WEIGHTS", SHIPPED)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,10 @@ def head_phase(cfg, epochs=3):
 
 
 def pipelines_for(dataset, splits, seed=0):
-    return lambda batch: (tf_dataset(dataset, splits.train, batch, shuffle=True, seed=seed),
-                          tf_dataset(dataset, splits.val, batch, shuffle=False))
+    return lambda batch: (
+        tf_dataset(dataset, splits.train, batch, shuffle=True, seed=seed),
+        tf_dataset(dataset, splits.val, batch, shuffle=False),
+    )
 
 
 def test_the_cache_applies_to_the_frozen_head_phase_of_a_pretrained_backbone_without_augmentation():
@@ -66,8 +68,15 @@ def test_phase1_on_cached_features_scores_as_phase1_on_images(task, tmp_path):
     cached_model = model()
     cache = FeatureCache(tmp_path, dataset, splits)
     took = []
-    cached = run_plan(cfg, cached_model, head_phase(cfg), pipelines_for(dataset, splits), features=cache, seed=0,
-                      on_features=lambda phase, seconds: took.append(phase))
+    cached = run_plan(
+        cfg,
+        cached_model,
+        head_phase(cfg),
+        pipelines_for(dataset, splits),
+        features=cache,
+        seed=0,
+        on_features=lambda phase, seconds: took.append(phase),
+    )
     assert cache.computed == 2 and took == ["head"]  # train and val, once each
     a = [e.metrics["val_accuracy"] for e in plain.epochs]
     b = [e.metrics["val_accuracy"] for e in cached.epochs]
@@ -79,8 +88,9 @@ def test_phase1_on_cached_features_scores_as_phase1_on_images(task, tmp_path):
     whole = evaluate(cached_model.model, tf_dataset(dataset, splits.val, 16, shuffle=False))
     assert whole["accuracy"] == pytest.approx(cached.best("val_accuracy", "maximize"), abs=1e-6)
     # ... and phase 2 continues from it, the backbone's top blocks training.
-    more = run_plan(cfg, cached_model, [Phase("finetune", 1, 1e-4, 2, None)], pipelines_for(dataset, splits),
-                    features=cache, seed=0)
+    more = run_plan(
+        cfg, cached_model, [Phase("finetune", 1, 1e-4, 2, None)], pipelines_for(dataset, splits), features=cache, seed=0
+    )
     assert [p.name for p in more.phases] == ["finetune"] and more.phases[0].trainable_params > cached.phases[0].trainable_params
 
 
@@ -102,8 +112,15 @@ def test_phase2_on_cached_boundary_activations_scores_as_phase2_on_images(task, 
     before = {w.path: np.array(w) for w in cached_model.backbone.weights}
     cache = FeatureCache(tmp_path, dataset, splits)
     took = []
-    cached = run_plan(cfg, cached_model, plan, pipelines_for(dataset, splits), features=cache, seed=0,
-                      on_features=lambda phase, seconds: took.append(phase))
+    cached = run_plan(
+        cfg,
+        cached_model,
+        plan,
+        pipelines_for(dataset, splits),
+        features=cache,
+        seed=0,
+        on_features=lambda phase, seconds: took.append(phase),
+    )
     assert took == ["head", "finetune"] and cache.computed == 4  # pooled and boundary, train and val
     a = [e.metrics["val_accuracy"] for e in plain.epochs]
     b = [e.metrics["val_accuracy"] for e in cached.epochs]
@@ -161,27 +178,43 @@ def test_features_larger_than_memory_cache_mib_stay_on_disk_and_train_the_same(t
     assert not isinstance(held, np.memmap) and isinstance(mapped, np.memmap) and mapped_cache.computed == 0
     assert np.array_equal(held, mapped)
     labels = dataset.labels[splits.train]
-    in_memory, on_disk = feature_pipeline(held, labels, 16, shuffle=True, seed=3), feature_pipeline(mapped, labels, 16, shuffle=True, seed=3)
+    in_memory, on_disk = (
+        feature_pipeline(held, labels, 16, shuffle=True, seed=3),
+        feature_pipeline(mapped, labels, 16, shuffle=True, seed=3),
+    )
     orders = []
     for _ in range(2):  # two epochs: reshuffled, the same way in both
         batches = list(zip(in_memory, on_disk))
         assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in batches)
         orders.append(np.concatenate([np.asarray(a[1]) for a, _ in batches]))
     assert not np.array_equal(*orders)
-    runs = [run_plan(cfg, model(), head_phase(cfg), pipelines_for(dataset, splits), features=cache, seed=0)
-            for cache in (held_cache, mapped_cache)]
+    runs = [
+        run_plan(cfg, model(), head_phase(cfg), pipelines_for(dataset, splits), features=cache, seed=0)
+        for cache in (held_cache, mapped_cache)
+    ]
     a, b = ([e.metrics["val_accuracy"] for e in run.epochs] for run in runs)
     assert np.allclose(a, b, atol=1e-6), (a, b)
 
 
 def test_asking_for_the_cache_where_it_can_never_apply_is_refused_with_the_key():
     with pytest.raises(ConfigError, match=r"train\.feature_cache: true, but model\.weights is none"):
-        parse_config("study: {name: f}\ndata: {source: builtin, name: shapes}\nmodel: {weights: none}\ntrain: {feature_cache: true}\n", "f.yaml")
+        parse_config(
+            "study: {name: f}\ndata: {source: builtin, name: shapes}\nmodel: {weights: none}\ntrain: {feature_cache: true}\n",
+            "f.yaml",
+        )
     with pytest.raises(ConfigError, match=r"feat\.yaml:\d+:\d+: train\.feature_cache: true, but search\.augment is always true"):
         parse_config(CONFIG.replace("dropout: 0.2}", "dropout: 0.2, augment: true}") + "  feature_cache: true\n", "feat.yaml")
     # The default stays quiet where it cannot apply, and off is always fine.
-    assert parse_config("study: {name: f}\ndata: {source: builtin, name: shapes}\nmodel: {weights: none}\n", "f.yaml").train.feature_cache is True
-    assert parse_config("study: {name: f}\ndata: {source: builtin, name: shapes}\nmodel: {weights: none}\ntrain: {feature_cache: false}\n", "f.yaml")
+    assert (
+        parse_config(
+            "study: {name: f}\ndata: {source: builtin, name: shapes}\nmodel: {weights: none}\n", "f.yaml"
+        ).train.feature_cache
+        is True
+    )
+    assert parse_config(
+        "study: {name: f}\ndata: {source: builtin, name: shapes}\nmodel: {weights: none}\ntrain: {feature_cache: false}\n",
+        "f.yaml",
+    )
 
 
 def test_a_trials_resolved_config_says_whether_it_used_the_cache_and_loads_again():
@@ -212,8 +245,7 @@ def test_the_feature_folder_drops_dead_writers_files_and_keeps_under_its_cap_lea
     assert not killed.exists()  # gone when the next process opens the cache
     cache.features(model(), "train")
     cache.features(model(), "val")
-    train, val = (tmp_path / f"MobileNetV2-{k}.npy" for k in (
-        _key(cache, model(), "train"), _key(cache, model(), "val")))
+    train, val = (tmp_path / f"MobileNetV2-{k}.npy" for k in (_key(cache, model(), "train"), _key(cache, model(), "val")))
     long_ago = time.time() - 3600
     os.utime(train, (long_ago - 60, long_ago - 60))
     os.utime(val, (long_ago, long_ago))

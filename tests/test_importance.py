@@ -57,8 +57,9 @@ def test_plots_are_non_empty_pngs_and_the_figures_are_closed(tmp_path):
     study = _study(12)
     open_before = len(plt.get_fignums())
     paths = importance.plot_study(study, tmp_path, metric="val_accuracy")
-    assert sorted(p.name for p in paths) == sorted(f"{n}.png" for n in (
-        "optimization_history", "slice", "parallel_coordinate", "contour", "param_importances"))
+    assert sorted(p.name for p in paths) == sorted(
+        f"{n}.png" for n in ("optimization_history", "slice", "parallel_coordinate", "contour", "param_importances")
+    )
     for path in paths:
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 1000
     assert len(plt.get_fignums()) == open_before
@@ -94,8 +95,14 @@ def test_a_parameter_that_never_varied_is_left_out():
     study = optuna.create_study(direction="maximize")
     for lr, value in ((1e-3, 0.9), (1e-2, 0.5), (1e-4, 0.6)):
         study.enqueue_trial({"finetune_lr": lr, "backbone": "MobileNetV2"})
-        study.optimize(lambda t, v=value: v + 0 * t.suggest_float("finetune_lr", 1e-5, 1e-1, log=True)
-                       + 0 * len(t.suggest_categorical("backbone", ["MobileNetV2", "ResNet50"])), n_trials=1)
+        study.optimize(
+            lambda t, v=value: (
+                v
+                + 0 * t.suggest_float("finetune_lr", 1e-5, 1e-1, log=True)
+                + 0 * len(t.suggest_categorical("backbone", ["MobileNetV2", "ResNet50"]))
+            ),
+            n_trials=1,
+        )
     assert importance.varying_params(importance.complete_trials(study)) == ["finetune_lr"]
     assert list(importance.param_importances(study)) == ["finetune_lr"]
 
@@ -107,7 +114,10 @@ def test_when_every_trial_scored_the_same_no_parameter_mattered(tmp_path):
     assert importance.param_importances(study) == {"x": 0.0, "units": 0.0}
     result = importance.log_what_mattered(study, RecordingTracker(), tmp_path, "val_accuracy", lambda line: None)
     assert list(pd.read_csv(tmp_path / importance.IMPORTANCE_FILE)["rank"]) == [1, 1]  # a tie
-    assert importance.summary_lines(result)[0] == "what mattered: no parameter moved the score (all 4 complete trials scored the same)"
+    assert (
+        importance.summary_lines(result)[0]
+        == "what mattered: no parameter moved the score (all 4 complete trials scored the same)"
+    )
     assert "param_importances.png" not in {p.name for p in result["plots"]} and "contour.png" in {p.name for p in result["plots"]}
     assert "all 0: every complete trial scored the same" in importance.importance_markdown(result["importances"])
 
@@ -153,15 +163,16 @@ def test_the_end_of_a_sweep_logs_table_metrics_and_plots_on_the_parent_run(tmp_p
 
 def test_a_failure_is_logged_and_never_raised(tmp_path):
     lines = []
-    result = importance.log_what_mattered(_study(5), RecordingTracker(fail_on_metrics=True), tmp_path, "val_accuracy",
-                                          lines.append)
+    result = importance.log_what_mattered(
+        _study(5), RecordingTracker(fail_on_metrics=True), tmp_path, "val_accuracy", lines.append
+    )
     assert [line for line in lines if "ConnectionError" in line] == [
-        "parameter importances failed: ConnectionError: tracking server went away"]
+        "parameter importances failed: ConnectionError: tracking server went away"
+    ]
     assert result["plots"], "the plots are still drawn"
     assert (tmp_path / importance.IMPORTANCE_FILE).exists()  # the local table stands
     assert "what mattered (fANOVA over 5 complete trials" in importance.summary_lines(result)[0]
 
-    empty = importance.log_what_mattered(optuna.create_study(), RecordingTracker(), tmp_path / "e", "val_accuracy",
-                                         lines.append)
+    empty = importance.log_what_mattered(optuna.create_study(), RecordingTracker(), tmp_path / "e", "val_accuracy", lines.append)
     assert empty["importances"] == {} and empty["plots"] == []
     assert importance.summary_lines(empty) == ["what mattered: not computed (0 complete trial(s), need 2)"]

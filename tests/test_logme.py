@@ -69,8 +69,7 @@ def test_fitted_alpha_beta_maximise_the_evidence(shape, seed):
         # the same stationary point as the dense reference
         assert (alpha, beta) == pytest.approx((ref_alpha, ref_beta), rel=1e-4)
         best = _exact(F, y, alpha, beta)
-        for fa, fb in [(1.1, 1), (0.9, 1), (1, 1.1), (1, 0.9),
-                       (1.1, 1.1), (0.9, 0.9), (1.1, 0.9), (0.9, 1.1)]:
+        for fa, fb in [(1.1, 1), (0.9, 1), (1, 1.1), (1, 0.9), (1.1, 1.1), (0.9, 0.9), (1.1, 0.9), (0.9, 1.1)]:
             assert _exact(F, y, fa * alpha, fb * beta) < best
 
 
@@ -124,19 +123,23 @@ def test_rank_deficient_features_match_dense_reference():
 def test_float32_and_float_labels_accepted():
     F, labels = _data(30, 6, seed=5)
     assert logme(F.astype(np.float32), labels.astype(float)) == pytest.approx(
-        logme(F.astype(np.float32).astype(np.float64), labels), rel=1e-12)
+        logme(F.astype(np.float32).astype(np.float64), labels), rel=1e-12
+    )
 
 
-@pytest.mark.parametrize("features, labels, match", [
-    (np.ones(10), np.arange(10) % 2, "2-D"),
-    (np.ones((10, 3)), np.arange(9) % 2, "shape"),
-    (np.ones((10, 3)), np.zeros(10, int), "at least 2 classes"),
-    (np.full((10, 3), np.nan), np.arange(10) % 2, "NaN or inf"),
-    (np.full((10, 3), np.inf), np.arange(10) % 2, "NaN or inf"),
-    (np.zeros((10, 3)), np.arange(10) % 2, "all zero"),
-    (np.ones((10, 3)), np.linspace(0, 1, 10), "integer"),
-    (np.ones((1, 3)), np.array([0]), "at least 2 samples"),
-])
+@pytest.mark.parametrize(
+    "features, labels, match",
+    [
+        (np.ones(10), np.arange(10) % 2, "2-D"),
+        (np.ones((10, 3)), np.arange(9) % 2, "shape"),
+        (np.ones((10, 3)), np.zeros(10, int), "at least 2 classes"),
+        (np.full((10, 3), np.nan), np.arange(10) % 2, "NaN or inf"),
+        (np.full((10, 3), np.inf), np.arange(10) % 2, "NaN or inf"),
+        (np.zeros((10, 3)), np.arange(10) % 2, "all zero"),
+        (np.ones((10, 3)), np.linspace(0, 1, 10), "integer"),
+        (np.ones((1, 3)), np.array([0]), "at least 2 samples"),
+    ],
+)
 def test_bad_input_raises(features, labels, match):
     with pytest.raises(ValueError, match=match):
         logme(features, labels)

@@ -9,21 +9,16 @@ import numpy as np
 import pytest
 
 from harness.model import (
-    BackbonePreprocess, ModelSpec, blocks_to_unfreeze, build_model, count_params, set_all_trainable,
-    set_backbone_trainable, trainable_layer_names,
+    BackbonePreprocess,
+    ModelSpec,
+    blocks_to_unfreeze,
+    build_model,
+    count_params,
+    set_all_trainable,
+    set_backbone_trainable,
+    trainable_layer_names,
 )
 from harness.phases import compile_for
-
-
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    """A weights file the harness wrote itself, standing in for pretrained weights offline."""
-    from harness import backbones as bb
-
-    path = tmp_path_factory.mktemp("w") / "mnv2.weights.h5"
-    keras.utils.set_random_seed(0)  # the same weights whatever ran before in this process
-    bb.construct("MobileNetV2", 32, None, {"alpha": 0.35}).save_weights(path)
-    return str(path)
 
 
 def spec(weights, **kw):
@@ -65,8 +60,9 @@ def test_phase2_unfreezes_exactly_the_top_blocks_and_keeps_bn_frozen(weights_fil
     tm = build_model(spec(weights_file))
     set_backbone_trainable(tm, 3)
     top3 = {n for b in tm.blocks[-3:] for n in b}
-    expected = {l.name for l in tm.backbone.layers
-                if l.name in top3 and l.weights and not isinstance(l, keras.layers.BatchNormalization)}
+    expected = {
+        l.name for l in tm.backbone.layers if l.name in top3 and l.weights and not isinstance(l, keras.layers.BatchNormalization)
+    }
     assert backbone_trainable(tm) == expected
     assert "block_16_project" in expected and "block_13_expand" not in expected
     assert all(not l.trainable for l in tm.backbone.layers if isinstance(l, keras.layers.BatchNormalization))
@@ -111,7 +107,9 @@ def test_random_init_backbone_trains_its_batchnorm_with_lowered_momentum():
     assert trainable > 0.95 * total
 
 
-@pytest.mark.parametrize("backbone, module, options", [("MobileNetV2", "mobilenet_v2", {"alpha": 0.35}), ("ResNet50", "resnet50", {})])
+@pytest.mark.parametrize(
+    "backbone, module, options", [("MobileNetV2", "mobilenet_v2", {"alpha": 0.35}), ("ResNet50", "resnet50", {})]
+)
 def test_each_backbones_preprocess_input_sits_inside_the_model_in_built_in_parts(backbone, module, options):
     tm = build_model(ModelSpec(backbone, 32, 2, None, options))
     layer = tm.model.get_layer("preprocess")

@@ -8,7 +8,7 @@ import pytest
 from harness.config import ConfigError, DataConfig, parse_config
 from harness.data import Dataset, make_splits
 from harness.objective import class_weights, train_class_weights
-from tests.test_config import BASE
+from tests.conftest import BASE
 
 
 def test_balanced_class_weights_match_scikit_learn_on_imbalanced_labels():

@@ -14,7 +14,6 @@ import tensorflow as tf
 from harness.model import ModelSpec, TransferModel, build_model
 from harness.phases import NonFiniteLoss, compile_for, run_phases, two_phase_plan
 from harness.runtime import set_jit_compile
-from tests.test_runtime import float32_afterwards  # noqa: F401 - a fixture, used by name
 
 
 def datasets(n=24, seed=0):

@@ -79,8 +79,12 @@ def store(tmp_path_factory):
         exp = mlflow.create_experiment("predict", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=exp) as run:
             info = mlflow.keras.log_model(
-                model, name="model", signature=infer_signature(x, model.predict(x, verbose=0)),
-                metadata={"class_names": CLASSES, "image_size": SIZE}, registered_model_name="tiny")
+                model,
+                name="model",
+                signature=infer_signature(x, model.predict(x, verbose=0)),
+                metadata={"class_names": CLASSES, "image_size": SIZE},
+                registered_model_name="tiny",
+            )
     finally:
         mlflow.set_tracking_uri(None)  # it also exported $MLFLOW_TRACKING_URI; later tests choose their own
         os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -227,8 +231,9 @@ def test_images_over_the_pixel_limit_are_named_and_skipped_before_decoding(keras
     assert "a.png: 24x20 image, 480 pixels, is over the limit of 300 (--max-pixels)" in capsys.readouterr().err
     df = pd.read_csv(out)
     assert df["file"].tolist() == ["b.png"]
-    np.testing.assert_allclose(df[[f"p_{c}" for c in CLASSES]], model.predict(decoded(folder / "b.png")[None], verbose=0),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        df[[f"p_{c}" for c in CLASSES]], model.predict(decoded(folder / "b.png")[None], verbose=0), atol=1e-5
+    )
     df, skipped = predict_folder(model, CLASSES, folder, max_pixels=256)
     assert df["file"].tolist() == ["b.png"] and [f for f, _ in skipped] == ["a.png", "bomb.png", "huge.png"]
 
@@ -237,8 +242,11 @@ def test_images_over_the_pixel_limit_are_named_and_skipped_before_decoding(keras
 def test_out_that_is_no_file_path_is_refused_before_any_work(images, tmp_path, capsys, where):
     (tmp_path / "taken").mkdir()
     (tmp_path / "notes.txt").write_text("a file")
-    out = {"folder": str(tmp_path / "taken"), "slash": str(tmp_path / "new") + "/",
-           "under_a_file": str(tmp_path / "notes.txt" / "out.csv")}[where]
+    out = {
+        "folder": str(tmp_path / "taken"),
+        "slash": str(tmp_path / "new") + "/",
+        "under_a_file": str(tmp_path / "notes.txt" / "out.csv"),
+    }[where]
     # A model that does not exist: the --out check comes first, before the model is looked for.
     assert main([str(tmp_path / "missing.keras"), str(images), "--out", out]) == 2
     err = capsys.readouterr().err
@@ -343,8 +351,15 @@ def test_the_registered_winner_loads_and_predicts_where_the_harness_is_not_insta
     inputs = keras.Input((32, 32, 3))
     keras.Model(inputs, BackbonePreprocess("ResNet50")(inputs)).save(tmp_path / "former.keras")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "MLFLOW_"))}
-    child = subprocess.run([sys.executable, "-I", "-c", WITHOUT_HARNESS, uri, str(tmp_path)], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300, check=False)
+    child = subprocess.run(
+        [sys.executable, "-I", "-c", WITHOUT_HARNESS, uri, str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert child.returncode == 0, child.stderr[-3000:]
     report = json.loads(child.stdout.strip().splitlines()[-1])
     assert report["harness_blocked"] is True
@@ -353,7 +368,9 @@ def test_the_registered_winner_loads_and_predicts_where_the_harness_is_not_insta
         probabilities = np.load(tmp_path / f"{flavour}.npy")
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
         np.testing.assert_allclose(probabilities, in_harness, atol=1e-5)
-    np.testing.assert_array_equal(np.load(tmp_path / "caffe.npy"),
-                                  keras.applications.resnet.preprocess_input(pixels.astype("float32")))
-    np.testing.assert_allclose(np.load(tmp_path / "torch.npy"),
-                               keras.applications.densenet.preprocess_input(pixels.astype("float32")), atol=1e-6)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "caffe.npy"), keras.applications.resnet.preprocess_input(pixels.astype("float32"))
+    )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "torch.npy"), keras.applications.densenet.preprocess_input(pixels.astype("float32")), atol=1e-6
+    )

@@ -14,7 +14,9 @@ def test_the_offline_demos_find_the_shipped_source_weights(config):
     cfg = load_config(ROOT / config)
     for backbone in cfg.search["backbone"].choices or (cfg.search["backbone"].value,):
         found = find_source_weights(cfg, backbone)
-        assert found is not None and found.parent == ASSETS, f"the demo would pretrain {backbone} for minutes instead of using the asset"
+        assert found is not None and found.parent == ASSETS, (
+            f"the demo would pretrain {backbone} for minutes instead of using the asset"
+        )
 
 
 def test_a_missing_source_backbone_is_pretrained_once_then_found_in_its_cache(tmp_path):
@@ -27,7 +29,8 @@ def test_a_missing_source_backbone_is_pretrained_once_then_found_in_its_cache(tm
     from harness.config import parse_config
     from harness.pretrain import ensure_source_weights, weights_filename
 
-    cfg = parse_config(f"""
+    cfg = parse_config(
+        f"""
 study: {{name: src}}
 data: {{source: builtin, name: shapes, image_size: 32, builtin_size: 10, classes: [pentagon, star4, three_dots]}}
 source:
@@ -41,7 +44,9 @@ model:
     MobileNet: {{alpha: 0.25}}
 search:
   backbone: MobileNet
-""", "s.yaml")
+""",
+        "s.yaml",
+    )
     lines: list[str] = []
     path = ensure_source_weights(cfg, "MobileNet", log=lines.append)
     assert path == tmp_path / "sources" / weights_filename(cfg, "MobileNet") and path.is_file()

@@ -9,8 +9,15 @@ import pytest
 
 from harness.progress import Progress
 
-PARAMS = {"backbone": "MobileNetV2", "head_lr": 0.0031234, "unfreeze_fraction": 0.55, "head_units": 8,
-          "dropout": 0.1, "finetune_lr": 1e-4, "note": "a long value " * 4}
+PARAMS = {
+    "backbone": "MobileNetV2",
+    "head_lr": 0.0031234,
+    "unfreeze_fraction": 0.55,
+    "head_units": 8,
+    "dropout": 0.1,
+    "finetune_lr": 1e-4,
+    "note": "a long value " * 4,
+}
 
 
 class FakeTty(io.StringIO):
@@ -33,8 +40,13 @@ def make():
 
 
 def _epoch(number: int, phase: str, epoch: int, total: int) -> dict:
-    return {"number": number, "phase": phase, "epoch": epoch, "total_epochs": total,
-            "metrics": {"loss": 0.5, "val_accuracy": 0.75}}
+    return {
+        "number": number,
+        "phase": phase,
+        "epoch": epoch,
+        "total_epochs": total,
+        "metrics": {"loss": 0.5, "val_accuracy": 0.75},
+    }
 
 
 def _two_trials(progress: Progress) -> None:

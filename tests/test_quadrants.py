@@ -2,126 +2,19 @@
 
 from __future__ import annotations
 
-import math
-
-import keras
 import optuna
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.config import parse_config
-from harness.strategies import strategy_search
-from tests.conftest import run_cli, write_config
+from tests.conftest import quad, run_cli, write_config
 
-QUAD = """
-study:
-  name: quad
-  seed: 0
-  pruner: none
-model:
-  weights: {weights}
-  backbone_options:
-    MobileNetV2: {{alpha: 0.35}}
-search:
-  backbone: MobileNetV2
-  head_lr: {{low: 0.001, high: 0.01, log: true}}
-  finetune_lr: {{low: 0.0001, high: 0.001, log: true}}
-  dropout: 0.1
-train:
-  head: {{epochs: 1, batch_size: 16, patience: null}}
-  finetune: {{epochs: 1, batch_size: 16, patience: null}}
-baseline:                     # the scratch cells' confirmation: a short converged-style run
-  epochs: 2
-  min_steps: 6
-  learning_rate: 0.002
-  patience: null
-quadrants:
-  strategies: {strategies}
-  trials_per_cell: 2
-  confirm_seeds: 2
-  logme_max_images: 40
-  targets:
-    - name: shapes-small
-      size: small
-      similarity: similar
-      data: {{source: builtin, name: shapes, builtin_size: 10, classes: [pentagon, star4, arc]}}
-    - name: digits-small
-      size: small
-      similarity: dissimilar
-      data: {{source: builtin, name: digits, classes: ['0', '1'], train_per_class: 8, val_per_class: 6}}
-"""
-
-
-ALL = "[features, intermediate, partial, full, scratch]"
 # The end-to-end sweep keeps to two strategies so the suite stays short: frozen features (the feature
 # cache, a head-only confirmation extended to the floor) and scratch (the from-scratch recipe). A
 # partial fine-tune's cells run end to end in tests/test_workers.py; its confirmation plan is checked below.
 E2E_STRATEGIES = ("features", "scratch")
 E2E = f"[{', '.join(E2E_STRATEGIES)}]"
 TARGETS = ("shapes-small", "digits-small")
-
-
-def quad(weights, strategies=ALL) -> str:
-    return QUAD.format(weights=weights, strategies=strategies)
-
-
-@pytest.fixture(scope="module")
-def weights_file(tmp_path_factory):
-    from harness import backbones as bb
-
-    path = tmp_path_factory.mktemp("w") / "src.weights.h5"
-    keras.utils.set_random_seed(0)  # the same weights whatever ran before in this process
-    bb.construct("MobileNetV2", 32, None, {"alpha": 0.35}).save_weights(path)
-    return path
-
-
-def test_each_strategy_pins_what_it_means(weights_file):
-    cfg = parse_config(quad(weights_file), "q.yaml")
-    q = cfg.quadrants
-    s = {name: strategy_search(name, cfg.search, q) for name in q.strategies}
-    assert s["features"]["unfreeze_fraction"].value == 0.0 and s["features"]["cut_fraction"].value == 1.0
-    assert s["intermediate"]["unfreeze_fraction"].value == 0.0
-    assert (s["intermediate"]["cut_fraction"].low, s["intermediate"]["cut_fraction"].high) == tuple(q.cut_range)
-    assert (s["partial"]["unfreeze_fraction"].low, s["partial"]["unfreeze_fraction"].high) == tuple(q.partial_range)
-    assert s["full"]["unfreeze_fraction"].value == 1.0
-    assert s["scratch"]["strategy"].value == "scratch"
-    # parameters a strategy cannot use are pinned, not searched
-    assert s["features"]["finetune_lr"].fixed and not s["partial"]["finetune_lr"].fixed
-
-
-@pytest.mark.parametrize("strategy", ["features", "intermediate", "partial", "full", "scratch"])
-def test_strategy_maps_to_the_trainable_layers_of_each_phase(strategy, weights_file):
-    from harness.model import build_model
-    from harness.objective import model_spec, plan_for
-    from harness.phases import apply_phase_trainability
-
-    cfg = parse_config(quad(weights_file), "q.yaml")
-    search = strategy_search(strategy, cfg.search, cfg.quadrants)
-    params = {n: (p.value if p.fixed else (p.low if p.low is not None else p.choices[0])) for n, p in search.items()}
-    tm = build_model(model_spec(cfg, params, 3, str(weights_file)))
-    plan = plan_for(cfg, params, len(tm.blocks))
-    trainable = []
-    for phase in plan:
-        apply_phase_trainability(tm, phase)
-        trainable.append({l.name for l in tm.backbone.layers if l.trainable and l.weights})
-    all_layers = {l.name for l in tm.backbone.layers if l.weights}
-    bn = {l.name for l in tm.backbone.layers if isinstance(l, keras.layers.BatchNormalization)}
-    if strategy == "features":
-        assert [p.name for p in plan] == ["head"] and trainable == [set()] and len(tm.blocks) == 19
-    elif strategy == "intermediate":
-        assert [p.name for p in plan] == ["head"] and trainable == [set()]
-        low = cfg.quadrants.cut_range[0]
-        assert len(tm.blocks) == math.ceil(19 * low) < 19  # cut after an earlier block
-    elif strategy == "partial":
-        top = {n for b in tm.blocks[-round(19 * cfg.quadrants.partial_range[0]):] for n in b}
-        assert trainable[0] == set() and trainable[1] == (all_layers & top) - bn
-        assert "Conv1" not in trainable[1]  # the first blocks stay frozen
-    elif strategy == "full":
-        assert trainable[0] == set() and trainable[1] == all_layers - bn
-    else:
-        assert [p.name for p in plan] == ["scratch"] and trainable == [all_layers]  # BN included
-        assert not tm.spec.pretrained
 
 
 # The end-to-end sweep ranks two backbones pretrained by the harness, so LogME has a ranking to be
@@ -148,7 +41,8 @@ def two_backbone_quad(weights_file, strategies) -> str:
     head, rest = text.split("model:", 1)
     rest = rest.split("search:", 1)[1]
     return (head + TWO_SOURCES.lstrip("\n") + "search:" + rest).replace(
-        "  backbone: MobileNetV2\n", f"  backbone: {{choices: [{', '.join(BACKBONES)}]}}\n")
+        "  backbone: MobileNetV2\n", f"  backbone: {{choices: [{', '.join(BACKBONES)}]}}\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +75,11 @@ def test_every_cell_gets_its_own_study_with_the_same_budget(quad_sweep):
             assert sorted(t.params["backbone"] for t in study.trials) == sorted(BACKBONES)
     # both trial processes ran cells: some two trials overlapped in time (processes are recycled
     # after trials_per_process tasks, so worker ids alone do not count the slots)
-    spans = sorted((t.datetime_start, t.datetime_complete) for name in names
-                   for t in optuna.load_study(study_name=name, storage=storage).trials)
+    spans = sorted(
+        (t.datetime_start, t.datetime_complete)
+        for name in names
+        for t in optuna.load_study(study_name=name, storage=storage).trials
+    )
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "trials never ran side by side"
 
 
@@ -195,22 +92,31 @@ def test_confirmation_retrains_each_cell_with_k_seeds_and_reads_test_once(quad_s
     cells = [r for r in runs if r.data.tags.get("harness.role") == "cell"]
     assert len(cells) == len(TARGETS) * len(E2E_STRATEGIES) and all(c.info.status == "FINISHED" for c in cells)
     for cell in cells:
-        confirms = [r for r in runs if r.data.tags.get("harness.role") == "confirm"
-                    and r.data.tags["mlflow.parentRunId"] == cell.info.run_id]
+        confirms = [
+            r
+            for r in runs
+            if r.data.tags.get("harness.role") == "confirm" and r.data.tags["mlflow.parentRunId"] == cell.info.run_id
+        ]
         assert sorted(r.data.tags["harness.seed"] for r in confirms) == ["0", "1"]
         assert all(0.0 <= r.data.metrics["test_accuracy"] <= 1.0 for r in confirms)
     # test metrics appear on confirmation runs only
-    assert not [r for r in runs if r.data.tags.get("harness.role") not in ("confirm", "backbone_confirm")
-                and "test_accuracy" in r.data.metrics]
+    assert not [
+        r
+        for r in runs
+        if r.data.tags.get("harness.role") not in ("confirm", "backbone_confirm") and "test_accuracy" in r.data.metrics
+    ]
     checks = [r for r in runs if r.data.tags.get("harness.role") == "backbone_confirm"]
     assert len(checks) == len(TARGETS) * (len(E2E_STRATEGIES) - 1) * 2  # two seeds in every transfer cell
     assert all("test_accuracy" in r.data.metrics and "harness.model_uri" not in r.data.tags for r in checks)
     # every seed says how it was trained, and shows its epochs as a trial does (a scratch seed is never silent)
     # ... every strategy under one rule, the scratch seeds' step floor: 6 steps in all
-    assert {r.data.tags["harness.training_rule"] for r in runs if r.data.tags.get("harness.role") == "confirm"} == {(
-        "to convergence: at least 6 optimizer steps in all and 2 epochs, no early stopping; a transfer model's head "
-        "phase (1 epochs, patience off) counts toward them; from scratch, up to 2 retries at the next learning rate "
-        "when unfitted")}
+    assert {r.data.tags["harness.training_rule"] for r in runs if r.data.tags.get("harness.role") == "confirm"} == {
+        (
+            "to convergence: at least 6 optimizer steps in all and 2 epochs, no early stopping; a transfer model's head "
+            "phase (1 epochs, patience off) counts toward them; from scratch, up to 2 retries at the next learning rate "
+            "when unfitted"
+        )
+    }
     batches_per_pass = {"shapes-small": 2, "digits-small": 1}  # 18 and 16 training images, batch 16
     for r in (r for r in runs if r.data.tags.get("harness.role") in ("confirm", "backbone_confirm")):
         if r.data.tags["strategy"] == "scratch":  # steps of every attempt: a retry at another rate adds its own
@@ -223,12 +129,16 @@ def test_confirmation_retrains_each_cell_with_k_seeds_and_reads_test_once(quad_s
     assert any(line.startswith("digits-small.features confirm [") and " head epoch " in line for line in lines)
     for check in checks:  # the backbone that did not win its cell
         cell = next(c for c in cells if c.info.run_id == check.data.tags["mlflow.parentRunId"])
-        winner = next(r for r in runs if r.data.tags.get("harness.role") == "confirm"
-                      and r.data.tags["mlflow.parentRunId"] == cell.info.run_id)
+        winner = next(
+            r
+            for r in runs
+            if r.data.tags.get("harness.role") == "confirm" and r.data.tags["mlflow.parentRunId"] == cell.info.run_id
+        )
         assert check.data.params["backbone"] != winner.data.params["backbone"]
     logme = [r for r in runs if r.data.tags.get("harness.role") == "logme"]
     assert sorted((r.data.tags["target"], r.data.tags["backbone"]) for r in logme) == [
-        (t, b) for t in ("digits-small", "shapes-small") for b in BACKBONES]
+        (t, b) for t in ("digits-small", "shapes-small") for b in BACKBONES
+    ]
 
 
 @pytest.mark.xdist_group("quad")
@@ -241,8 +151,11 @@ def test_each_cell_registers_its_best_confirmed_model(quad_sweep):
     for cell in (r for r in runs if r.data.tags.get("harness.role") == "cell"):
         name = f"quad.{cell.data.tags['harness.cell']}"
         (version,) = client.search_model_versions(f"name = '{name}'")
-        confirms = [r for r in runs if r.data.tags.get("harness.role") == "confirm"
-                    and r.data.tags["mlflow.parentRunId"] == cell.info.run_id]
+        confirms = [
+            r
+            for r in runs
+            if r.data.tags.get("harness.role") == "confirm" and r.data.tags["mlflow.parentRunId"] == cell.info.run_id
+        ]
         best_val = max(r.data.metrics["best_val"] for r in confirms)
         chosen = client.get_run(version.run_id)
         assert chosen.info.run_id in {r.info.run_id for r in confirms}
@@ -254,7 +167,15 @@ def test_each_cell_registers_its_best_confirmed_model(quad_sweep):
 def test_report_files_parse_back_to_the_mlflow_numbers(quad_sweep):
     work, proc = quad_sweep
     out = work / "results" / "quad"
-    for name in ("comparison.csv", "comparison.md", "comparison.tex", "comparison.html", "heatmap.png", "trials.csv", "logme.csv"):
+    for name in (
+        "comparison.csv",
+        "comparison.md",
+        "comparison.tex",
+        "comparison.html",
+        "heatmap.png",
+        "trials.csv",
+        "logme.csv",
+    ):
         assert (out / name).is_file(), name
     table = pd.read_csv(out / "comparison.csv")
     client = MlflowClient(f"sqlite:///{work}/results/mlflow.db")
@@ -275,70 +196,40 @@ def test_report_files_parse_back_to_the_mlflow_numbers(quad_sweep):
     assert "report/comparison.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
 
 
-def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weights_file, monkeypatch):
-    """Spy on every tf.data pipeline built: the test indices appear once per seed, after training."""
-    import numpy as np
-
-    from harness import quadrants
-    from harness.data import load_dataset, make_splits
-    from harness.tracking import Tracker
-    from harness import tasks
-    from harness.tasks import Context
-
-    cfg = parse_config(quad(weights_file, "[features]"), "q.yaml")
-    target = cfg.quadrants.targets[1]
-    ccfg = quadrants.cell_config(cfg, target, "features")
-    dataset = load_dataset(target.data)
-    splits = make_splits(dataset.labels, target.data)
-    built = []
-    real = tasks.tf_dataset
-
-    def spy(ds, indices, *args, **kwargs):
-        built.append(np.array(indices))
-        return real(ds, indices, *args, **kwargs)
-
-    from harness import features
-
-    monkeypatch.setattr(tasks, "tf_dataset", spy)
-    monkeypatch.setattr(features, "tf_dataset", spy)  # phase 1 reads the train split once, for cached features
-    monkeypatch.chdir(tmp_path)  # a feature cache of its own (results/features), computed here
-    tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "spy", str(tmp_path / "a"))
-    tracker.start_study_run("spy", {}, "none")
-    cell = tracker.start_child("cell", "cell", {})
-    params = {**{n: p.value for n, p in ccfg.search.items() if p.fixed}, "head_lr": 0.003}
-    runner = Context("spy", ccfg, dataset, splits, tracker, {"MobileNetV2": str(weights_file)}).load()
-    tests = [tasks.confirm_seed(runner, params, seed, tracker.start_child(f"confirm {seed}", "confirm", {}, parent_id=cell))
-             for seed in range(2)]
-    assert len(tests) == 2
-    uses_of_test = [i for i, idx in enumerate(built) if np.array_equal(idx, splits.test)]
-    assert len(uses_of_test) == 2  # once per seed
-    # each test read comes after that seed's training pipelines
-    assert all(any(np.array_equal(built[j], splits.train) for j in range(i)) for i in uses_of_test)
-    assert not any(np.intersect1d(idx, splits.test).size for idx in built if not np.array_equal(idx, splits.test))
-
-
 def test_cells_trained_under_different_rules_get_no_decisive_verdict(tmp_path, weights_file):
     """A converged scratch cell against budget-limited transfer (an older sweep's records): the report
     names the rules and does not call the better one the winner; cells under one rule get their verdict."""
     from harness.config import load_config
     from harness.export import write_comparison
-    from harness.verdicts import quadrant_verdicts
     from harness.scratch import training_rule
+    from harness.verdicts import quadrant_verdicts
 
     cfg = load_config(write_config(tmp_path, quad(weights_file)))
     rule = training_rule(cfg)  # every strategy's seeds, today
     assert "at least 6 optimizer steps in all" in rule and "head phase (1 epochs" in rule
     # an older sweep's records: scratch converged, transfer on the search's epoch budget
     scratch = rule
-    full = partial = ("two-phase: head 1 epochs (patience off), fine-tune 1 epochs (patience off), "
-                      "early stopping on val_accuracy")
+    full = partial = "two-phase: head 1 epochs (patience off), fine-tune 1 epochs (patience off), early stopping on val_accuracy"
 
     def cells(scratch_rule):
-        return pd.DataFrame([
-            {"quadrant": "large-similar", "size": "large", "similarity": "similar", "target": "t", "strategy": s,
-             "best_val": m, "test_mean": m, "test_std": 0.005, "n_seeds": 3, "training_rule": r,
-             "test_accuracies": [m - 0.005, m, m + 0.005]}
-            for s, m, r in (("full", 0.864, full), ("partial", 0.80, partial), ("scratch", 0.944, scratch_rule))])
+        return pd.DataFrame(
+            [
+                {
+                    "quadrant": "large-similar",
+                    "size": "large",
+                    "similarity": "similar",
+                    "target": "t",
+                    "strategy": s,
+                    "best_val": m,
+                    "test_mean": m,
+                    "test_std": 0.005,
+                    "n_seeds": 3,
+                    "training_rule": r,
+                    "test_accuracies": [m - 0.005, m, m + 0.005],
+                }
+                for s, m, r in (("full", 0.864, full), ("partial", 0.80, partial), ("scratch", 0.944, scratch_rule))
+            ]
+        )
 
     mixed = quadrant_verdicts(cells(scratch)).iloc[0]
     assert mixed["winner"] == "scratch" and mixed["significant"] and not mixed["decisive"]
@@ -350,33 +241,3 @@ def test_cells_trained_under_different_rules_get_no_decisive_verdict(tmp_path, w
     text = paths["md"].read_text()
     assert "trained under different rules, so no winner is called" in text
     assert f"Trained under: {scratch}; {full}." in text
-
-
-def test_confirmation_plan_extends_the_last_transfer_phase_to_the_scratch_floor_and_stopping_rule():
-    """Head 10 epochs + fine-tune 10 epochs of 1,000 images (32 steps a pass) against a floor of 3,000
-    steps: the head's 320 steps count, the fine-tune covers the other 2,680 in 40 validations of 67
-    steps, as `scratch_budget` would budget them. The search's plan itself is not changed."""
-    from harness.config import BaselineConfig, PhaseConfig, TrainConfig
-    from harness.phases import two_phase_plan
-    from harness.scratch import confirmation_plan
-
-    train = TrainConfig(head=PhaseConfig(10, 32, 4), finetune=PhaseConfig(10, 32, 4))
-    baseline = BaselineConfig(epochs=30, min_steps=3000, patience=8)
-    search = two_phase_plan(10, 1e-3, 4, 10, 1e-4, 4, n_unfreeze=3)
-    head, finetune = confirmation_plan(search, 1000, train, baseline)
-    assert head == search[0]  # the head phase as configured
-    assert (finetune.name, finetune.learning_rate, finetune.unfreeze_blocks) == ("finetune", 1e-4, 3)
-    assert (finetune.epochs, finetune.steps_per_epoch, finetune.min_epochs, finetune.patience) == (40, 67, 40, 10)
-    assert finetune.stall_stopping and 10 * 32 + 40 * 67 == 3000
-    assert search[1].epochs == 10 and not search[1].stall_stopping
-
-    # frozen features: the head phase is the only one, so it is the one extended (75 steps a validation)
-    (features,) = confirmation_plan(two_phase_plan(10, 1e-3, 4, 10, 1e-4, 4, n_unfreeze=0), 1000, train, baseline)
-    assert (features.name, features.unfreeze_blocks) == ("head", 0)  # still eligible for the feature cache
-    assert (features.epochs, features.steps_per_epoch, features.min_epochs, features.patience) == (40, 75, 40, 10)
-
-    # a large training set passes the floor in the head phase: the fine-tune runs the rest of
-    # baseline.epochs, validated once a pass, with baseline.patience and no floor of its own
-    _, large = confirmation_plan(search, 50_000, TrainConfig(head=PhaseConfig(10, 100, 4), finetune=PhaseConfig(10, 100, 4)),
-                                 baseline)
-    assert (large.epochs, large.steps_per_epoch, large.min_epochs, large.patience) == (20, None, 0, 8)

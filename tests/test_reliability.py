@@ -22,8 +22,10 @@ from tests.conftest import ROOT, TINY, run_cli, write_config
 pytestmark = pytest.mark.slow
 
 # One epoch per phase keeps each trial short; three trials give room to kill in the middle.
-KILLABLE = TINY.replace("n_trials: 2", "n_trials: 3").replace("epochs: 2, batch", "epochs: 1, batch").replace(
-    "scratch: true", "scratch: false"
+KILLABLE = (
+    TINY.replace("n_trials: 2", "n_trials: 3")
+    .replace("epochs: 2, batch", "epochs: 1, batch")
+    .replace("scratch: true", "scratch: false")
 )
 
 
@@ -32,9 +34,12 @@ class Sweep:
 
     def __init__(self, work, *args, env=None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.sweep", *args], cwd=work, text=True,
+            [sys.executable, "-m", "harness.sweep", *args],
+            cwd=work,
+            text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -169,9 +174,11 @@ def test_trial_process_killed_by_the_os_fails_alone_and_the_study_goes_on(tmp_pa
 def test_nan_trials_fail_with_their_reason_and_a_failing_streak_stops_the_sweep(tmp_path):
     """An absurd learning rate drives every trial to a non-finite loss: each fails with the reason,
     and after max_consecutive_failures in a row the sweep stops instead of retrying all night."""
-    text = TINY.replace("head_lr: {low: 0.001, high: 0.01, log: true}", "head_lr: 1.0e+38").replace(
-        "pruner: none", "pruner: none\n  max_consecutive_failures: 2"
-    ).replace("head: {epochs: 2", "head: {epochs: 3")
+    text = (
+        TINY.replace("head_lr: {low: 0.001, high: 0.01, log: true}", "head_lr: 1.0e+38")
+        .replace("pruner: none", "pruner: none\n  max_consecutive_failures: 2")
+        .replace("head: {epochs: 2", "head: {epochs: 3")
+    )
     proc = run_cli(str(write_config(tmp_path, text)), cwd=tmp_path)
     assert proc.returncode == 2
     assert "2 trials failed in a row" in proc.stderr
@@ -267,11 +274,15 @@ def test_two_workers_on_the_local_storage_give_an_exact_budget_and_the_median_pr
     median pruner (fed one epoch axis over both phases) prunes them."""
     weights = ROOT / "harness" / "assets" / "MobileNetV2-5b2c197669.weights.h5"  # the shipped source backbone
     # seed 2: the random sampler draws head_lr 0.02 for trial 0, then 1e-9 for trials 1 to 4
-    text = KILLABLE.replace("seed: 0", "seed: 2", 1).replace("n_trials: 3", "n_trials: 5\n  sampler: random").replace("pruner: none", (
-        "pruner: median\n  pruner_startup_trials: 1\n  pruner_warmup_epochs: 0")).replace(
-        "head_lr: {low: 0.001, high: 0.01, log: true}", "head_lr: {choices: [0.02, 1.0e-9]}").replace(
-        "epochs: 1, batch", "epochs: 2, batch").replace("weights: none", f"weights: {weights}").replace(
-        "builtin_size: 10", "builtin_size: 30")
+    text = (
+        KILLABLE.replace("seed: 0", "seed: 2", 1)
+        .replace("n_trials: 3", "n_trials: 5\n  sampler: random")
+        .replace("pruner: none", ("pruner: median\n  pruner_startup_trials: 1\n  pruner_warmup_epochs: 0"))
+        .replace("head_lr: {low: 0.001, high: 0.01, log: true}", "head_lr: {choices: [0.02, 1.0e-9]}")
+        .replace("epochs: 1, batch", "epochs: 2, batch")
+        .replace("weights: none", f"weights: {weights}")
+        .replace("builtin_size: 10", "builtin_size: 30")
+    )
     proc = run_cli(str(write_config(tmp_path, text)), "--workers", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 trial process(es) on CPU" in proc.stderr

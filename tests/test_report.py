@@ -21,9 +21,16 @@ EXPERIMENT = "12"
 
 
 def run(run_id: str, role: str, parent: str | None = None, tags=None, metrics=None, params=None, status="FINISHED"):
-    return RunRecord(run_id=run_id, experiment_id=EXPERIMENT, status=status, start_time=1_000, end_time=13_500,
-                     tags={ROLE: role, **({PARENT_TAG: parent} if parent else {}), **(tags or {})},
-                     metrics=dict(metrics or {}), params=dict(params or {}))
+    return RunRecord(
+        run_id=run_id,
+        experiment_id=EXPERIMENT,
+        status=status,
+        start_time=1_000,
+        end_time=13_500,
+        tags={ROLE: role, **({PARENT_TAG: parent} if parent else {}), **(tags or {})},
+        metrics=dict(metrics or {}),
+        params=dict(params or {}),
+    )
 
 
 class FakeTracker:
@@ -44,37 +51,87 @@ class FakeTracker:
 
 
 CELL = {"quadrant": "small-similar", "size": "small", "similarity": "similar", "target": "flowers"}
-PARAMS = {"backbone": "MobileNetV2", "head_lr": "0.003", "finetune_lr": "1e-05", "unfreeze_fraction": "0.0",
-          "cut_fraction": "1.0", "head_units": "0"}
+PARAMS = {
+    "backbone": "MobileNetV2",
+    "head_lr": "0.003",
+    "finetune_lr": "1e-05",
+    "unfreeze_fraction": "0.0",
+    "cut_fraction": "1.0",
+    "head_units": "0",
+}
 
 
 def quadrant_runs() -> list:
     """A sweep with two cells: features (3 seeds with cost metrics, one seed failed) and full (2 seeds)."""
-    runs = [run("parent", "study"),
-            run("cellF", "cell", "parent", {**CELL, "strategy": "features"}, {"best_val": 0.84}),
-            run("cellU", "cell", "parent", {**CELL, "strategy": "full"}, {"best_val": 0.80}),
-            run("logme1", "logme", "parent", {"target": "flowers", "backbone": "MobileNetV2"}, {"logme": 1.5})]
+    runs = [
+        run("parent", "study"),
+        run("cellF", "cell", "parent", {**CELL, "strategy": "features"}, {"best_val": 0.84}),
+        run("cellU", "cell", "parent", {**CELL, "strategy": "full"}, {"best_val": 0.80}),
+        run("logme1", "logme", "parent", {"target": "flowers", "backbone": "MobileNetV2"}, {"logme": 1.5}),
+    ]
     for seed, acc, val in ((2, 0.80, 0.85), (0, 0.82, 0.86), (1, 0.83, 0.84)):
-        runs.append(run(f"confF{seed}", "confirm", "cellF", {**CELL, "strategy": "features", "harness.seed": str(seed)},
-                        {"test_accuracy": acc, "best_val": val, "head/epochs": 10 + seed, "head/seconds": 20.0 + seed},
-                        {**PARAMS, "strategy": "features", "seed": str(seed)}))
-    runs.append(run("confF3", "confirm", "cellF", {**CELL, "strategy": "features", "harness.seed": "3"},
-                    {"head/epochs": 1}, PARAMS, status="FAILED"))  # died: not a seed of the cell
+        runs.append(
+            run(
+                f"confF{seed}",
+                "confirm",
+                "cellF",
+                {**CELL, "strategy": "features", "harness.seed": str(seed)},
+                {"test_accuracy": acc, "best_val": val, "head/epochs": 10 + seed, "head/seconds": 20.0 + seed},
+                {**PARAMS, "strategy": "features", "seed": str(seed)},
+            )
+        )
+    runs.append(
+        run(
+            "confF3",
+            "confirm",
+            "cellF",
+            {**CELL, "strategy": "features", "harness.seed": "3"},
+            {"head/epochs": 1},
+            PARAMS,
+            status="FAILED",
+        )
+    )  # died: not a seed of the cell
     for seed, acc in ((0, 0.60), (1, 0.62)):
         full = {**PARAMS, "unfreeze_fraction": "1.0", "finetune_lr": "0.0001"}
-        runs.append(run(f"confU{seed}", "confirm", "cellU", {**CELL, "strategy": "full", "harness.seed": str(seed)},
-                        {"test_accuracy": acc, "best_val": 0.70}, {**full, "strategy": "full", "seed": str(seed)}))
+        runs.append(
+            run(
+                f"confU{seed}",
+                "confirm",
+                "cellU",
+                {**CELL, "strategy": "full", "harness.seed": str(seed)},
+                {"test_accuracy": acc, "best_val": 0.70},
+                {**full, "strategy": "full", "seed": str(seed)},
+            )
+        )
     for i, (strategy, cell) in enumerate((("features", "cellF"), ("full", "cellU"))):
-        runs.append(run(f"trial{i}", "trial", cell, {"optuna.trial_number": "0", "optuna.state": "COMPLETE"},
-                        {"objective": 0.8, "head/best_val_accuracy": 0.8},
-                        {**PARAMS, "strategy": strategy}))
+        runs.append(
+            run(
+                f"trial{i}",
+                "trial",
+                cell,
+                {"optuna.trial_number": "0", "optuna.state": "COMPLETE"},
+                {"objective": 0.8, "head/best_val_accuracy": 0.8},
+                {**PARAMS, "strategy": strategy},
+            )
+        )
     return runs
 
 
 def plain_runs() -> list:
-    return [run("parent", "study"),
-            *[run(f"t{n}", "trial", "parent", {"optuna.trial_number": str(n), "optuna.state": "COMPLETE", "dataset": "shapes"},
-                  {"objective": 0.5 + n / 10, "finetune/best_val_accuracy": 0.5 + n / 10}, PARAMS) for n in range(2)]]
+    return [
+        run("parent", "study"),
+        *[
+            run(
+                f"t{n}",
+                "trial",
+                "parent",
+                {"optuna.trial_number": str(n), "optuna.state": "COMPLETE", "dataset": "shapes"},
+                {"objective": 0.5 + n / 10, "finetune/best_val_accuracy": 0.5 + n / 10},
+                PARAMS,
+            )
+            for n in range(2)
+        ],
+    ]
 
 
 def test_cells_table_carries_seeds_runs_cost_and_the_confirmed_config():
@@ -192,7 +249,7 @@ def test_a_plain_reports_markdown_says_what_mattered_from_the_parent_runs_import
     runs[0].metrics.update({"importance/head_lr": 0.25, "importance/finetune_lr": 0.75, "best_val_accuracy": 0.6})
     report.build_report("tiny", FakeTracker(runs), tmp_path, log=lambda *_: None)
     md = (tmp_path / "trials.md").read_text(encoding="utf-8")
-    section = md[md.index("## What mattered"):]
+    section = md[md.index("## What mattered") :]
     assert section.index("finetune_lr") < section.index("head_lr") and "0.750" in section and "best_val" not in section
 
     report.build_report("tiny", FakeTracker(plain_runs()), tmp_path, log=lambda *_: None)  # a sweep that logged none
@@ -201,19 +258,32 @@ def test_a_plain_reports_markdown_says_what_mattered_from_the_parent_runs_import
 
 def test_logme_is_judged_against_confirmed_test_accuracy_per_target_and_across_pairs():
     logme = pd.DataFrame({"target": ["a", "a", "b", "b"], "backbone": ["M", "R", "M", "R"], "logme": [1.0, 2.0, 0.5, 0.1]})
-    confirmations = pd.DataFrame({
-        "target": ["a", "a", "a", "b", "b", "b"], "strategy": ["features", "full", "features", "features", "full", "full"],
-        "backbone": ["M", "R", "R", "M", "R", "M"], "val_mean": [0.6, 0.9, 0.5, 0.7, 0.9, 0.2],
-        "test_mean": [0.6, 0.8, 0.95, 0.7, 0.9, 0.99], "n_seeds": 3})
+    confirmations = pd.DataFrame(
+        {
+            "target": ["a", "a", "a", "b", "b", "b"],
+            "strategy": ["features", "full", "features", "features", "full", "full"],
+            "backbone": ["M", "R", "R", "M", "R", "M"],
+            "val_mean": [0.6, 0.9, 0.5, 0.7, 0.9, 0.2],
+            "test_mean": [0.6, 0.8, 0.95, 0.7, 0.9, 0.99],
+            "n_seeds": 3,
+        }
+    )
     out = report.add_confirmed_accuracy(logme, confirmations).set_index(["target", "backbone"])
     # a backbone's score is its strategy with the best validation score, never its best test score
     assert out.loc[("a", "R"), "confirmed_test_accuracy"] == 0.8 and out.loc[("a", "R"), "confirmed_strategy"] == "full"
     assert out.loc[("b", "M"), "confirmed_test_accuracy"] == 0.7
-    assert out.loc[("a", "M"), "spearman_across_backbones"] == pytest.approx(1.0) and bool(out.loc[("a", "M"), "logme_picked_best_backbone"])
-    assert out.loc[("b", "M"), "kendall_across_backbones"] == pytest.approx(-1.0) and not out.loc[("b", "M"), "logme_picked_best_backbone"]
+    assert out.loc[("a", "M"), "spearman_across_backbones"] == pytest.approx(1.0) and bool(
+        out.loc[("a", "M"), "logme_picked_best_backbone"]
+    )
+    assert (
+        out.loc[("b", "M"), "kendall_across_backbones"] == pytest.approx(-1.0)
+        and not out.loc[("b", "M"), "logme_picked_best_backbone"]
+    )
     import scipy.stats
+
     assert out["kendall_all_pairs"].iloc[0] == pytest.approx(
-        scipy.stats.kendalltau([1.0, 2.0, 0.5, 0.1], [0.6, 0.8, 0.7, 0.9]).statistic)
+        scipy.stats.kendalltau([1.0, 2.0, 0.5, 0.1], [0.6, 0.8, 0.7, 0.9]).statistic
+    )
     # a val_loss sweep chooses the lowest validation value
     low = report.add_confirmed_accuracy(logme, confirmations, "minimize").set_index(["target", "backbone"])
     assert low.loc[("a", "R"), "confirmed_strategy"] == "features" and low.loc[("b", "M"), "confirmed_test_accuracy"] == 0.99

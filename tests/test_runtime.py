@@ -9,39 +9,32 @@ import pytest
 from harness import runtime
 from harness.config import ConfigError, TrainConfig, parse_config
 from harness.runtime import resolve_switch
-from tests.test_config import DATA
+from tests.conftest import DATA
 
 pytestmark = pytest.mark.usefixtures("float32_afterwards")
-
-
-@pytest.fixture
-def float32_afterwards(monkeypatch):
-    """For a test that may switch this process to mixed_float16 or XLA: the next test starts without.
-    (Every test here; tests/test_phases.py uses it by name for its compile_for tests.)"""
-    monkeypatch.setattr(runtime, "_jit_compile", "auto")
-    yield
-    keras.mixed_precision.set_global_policy("float32")
-    keras.backend.clear_session()
 
 
 # --- the auto rule (pure) --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("setting, capabilities, expected", [
-    ("auto", [], False),                  # CPU only
-    ("auto", [(6, 1)], False),            # Pascal (P100, GTX 10xx): no Tensor Cores
-    ("auto", [(7, 0)], True),             # V100
-    ("auto", [(7, 5)], True),             # T4
-    ("auto", [(9, 0)], True),             # H100
-    ("auto", [(6, 0), (8, 0)], True),     # one capable GPU is enough
-    ("auto", [None], False),              # capability unknown: not assumed
-    ("on", [], True),
-    ("on", [(6, 1)], True),
-    ("off", [(8, 0)], False),
-    ("off", [], False),
-    (True, [], True),                     # YAML's bare `on`
-    (False, [(8, 0)], False),             # YAML's bare `off`
-])
+@pytest.mark.parametrize(
+    "setting, capabilities, expected",
+    [
+        ("auto", [], False),  # CPU only
+        ("auto", [(6, 1)], False),  # Pascal (P100, GTX 10xx): no Tensor Cores
+        ("auto", [(7, 0)], True),  # V100
+        ("auto", [(7, 5)], True),  # T4
+        ("auto", [(9, 0)], True),  # H100
+        ("auto", [(6, 0), (8, 0)], True),  # one capable GPU is enough
+        ("auto", [None], False),  # capability unknown: not assumed
+        ("on", [], True),
+        ("on", [(6, 1)], True),
+        ("off", [(8, 0)], False),
+        ("off", [], False),
+        (True, [], True),  # YAML's bare `on`
+        (False, [(8, 0)], False),  # YAML's bare `off`
+    ],
+)
 def test_resolve_switch(setting, capabilities, expected):
     assert resolve_switch(setting, capabilities) is expected
 
@@ -59,8 +52,11 @@ def test_mixed_precision_on_is_refused_without_a_capable_gpu(monkeypatch):
 
     cfg = parse_config(f"{DATA}train: {{mixed_precision: on}}\n", "sweep.yaml")
     monkeypatch.setattr(runtime, "_GPUS_BEFORE_HIDING", [])  # the sweep process's GPUs before hiding: none
-    with pytest.raises(ConfigError, match=r"sweep.yaml: train\.mixed_precision: on needs a GPU of compute "
-                                          r"capability >= 7\.0; GPUs visible: none \(CPU only\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"sweep.yaml: train\.mixed_precision: on needs a GPU of compute "
+        r"capability >= 7\.0; GPUs visible: none \(CPU only\)",
+    ):
         sweep.check_mixed_precision(cfg)
     monkeypatch.setattr(runtime, "gpu_capabilities", lambda gpus=None: [(6, 1)])
     with pytest.raises(ConfigError, match=r"GPUs visible: 6\.1\. Use auto"):
@@ -98,3 +94,20 @@ def test_the_policy_survives_the_clean_up_between_trials():
     keras.mixed_precision.set_global_policy("mixed_float16")
     release_memory()
     assert keras.mixed_precision.global_policy().name == "mixed_float16"
+
+
+# --- GPU memory ------------------------------------------------------------------------------------
+
+
+def test_each_gpu_gets_memory_growth_or_the_configured_limit():
+    from harness.runtime import configure_gpu_memory, gpu_memory_plan
+
+    gpus = ["/physical_device:GPU:0", "/physical_device:GPU:1"]
+    assert gpu_memory_plan(gpus, None) == dict.fromkeys(gpus, "memory growth")
+    assert gpu_memory_plan(gpus, 4096.0) == dict.fromkeys(gpus, "limit 4096 MiB")
+    assert gpu_memory_plan([], 4096) == {}
+    # The rule goes through TensorFlow itself: a GPU TensorFlow does not know is refused by it.
+    import tensorflow as tf
+
+    with pytest.raises(ValueError, match="Unrecognized device"):
+        configure_gpu_memory(None, [tf.config.PhysicalDevice("/physical_device:GPU:9", "GPU")])

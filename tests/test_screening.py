@@ -17,8 +17,11 @@ from tests.conftest import run_cli, write_config
 
 
 def test_size_ranks_by_parameter_count_and_a_missing_score_ranks_last():
-    rows = {"small": {"params": 1e6, "logme": math.nan}, "big": {"params": 2e7, "logme": -1.0},
-            "mid": {"params": 5e6, "logme": -0.5}}
+    rows = {
+        "small": {"params": 1e6, "logme": math.nan},
+        "big": {"params": 2e7, "logme": -1.0},
+        "mid": {"params": 5e6, "logme": -0.5},
+    }
     assert sc.rank(rows, "size") == ["big", "mid", "small"]
     assert sc.rank(rows, "logme") == ["mid", "big", "small"]
 
@@ -56,16 +59,21 @@ def test_best_per_backbone_reads_completed_trials_only():
 
 def test_tau_against_the_study_and_the_verdict_say_which_ranking_won():
     # The study: C > B > A. LogME orders them A > B > C (tau -1), size B > C > A... (tau 1/3), k-NN exactly (tau 1).
-    rows = {"A": {"logme": 3.0, "knn": 0.1, "params": 1},
-            "B": {"logme": 2.0, "knn": 0.5, "params": 3},
-            "C": {"logme": 1.0, "knn": 0.9, "params": 2}}
+    rows = {
+        "A": {"logme": 3.0, "knn": 0.1, "params": 1},
+        "B": {"logme": 2.0, "knn": 0.5, "params": 3},
+        "C": {"logme": 1.0, "knn": 0.9, "params": 2},
+    }
     best = {"A": 0.2, "B": 0.5, "C": 0.8}
     taus = sc.agreement(rows, best, "maximize")
     assert taus["logme"] == pytest.approx(-1.0)
     assert taus["knn"] == pytest.approx(1.0)
     assert taus["size"] == pytest.approx(1 / 3)
     assert "imagenet_top1" not in taus  # no published figure for any of them
-    assert sc.verdict("logme", taus["logme"], taus["size"]) == "LogME tau -1.00 vs size-only 0.33: size-only ranked better on this data"
+    assert (
+        sc.verdict("logme", taus["logme"], taus["size"])
+        == "LogME tau -1.00 vs size-only 0.33: size-only ranked better on this data"
+    )
     assert sc.verdict("knn", taus["knn"], taus["size"]) == "k-NN tau 1.00 vs size-only 0.33: k-NN ranked better on this data"
     assert sc.verdict("logme", 0.5, 0.5).endswith("tied on this data")
     # minimize: lower values are better, so the same scores now disagree with the study
@@ -83,8 +91,9 @@ def test_the_summary_lines_say_when_tau_cannot_be_computed():
 
 
 def test_the_report_section_is_made_from_the_taus_logged_on_the_parent_run():
-    text = sc.screening_markdown({"screen/tau/logme": 0.33, "screen/tau/size": 0.67, "screen/tau/knn": 1.0,
-                                  "best_val_accuracy": 0.9})
+    text = sc.screening_markdown(
+        {"screen/tau/logme": 0.33, "screen/tau/size": 0.67, "screen/tau/knn": 1.0, "best_val_accuracy": 0.9}
+    )
     assert "- LogME tau 0.33 vs size-only 0.67: size-only ranked better on this data" in text
     assert "- k-NN tau 1.00 vs size-only 0.67: k-NN ranked better on this data" in text
     assert sc.screening_markdown({"best_val_accuracy": 0.9}) == ""
@@ -92,9 +101,16 @@ def test_the_report_section_is_made_from_the_taus_logged_on_the_parent_run():
 
 
 def test_the_csv_and_the_metrics_hold_every_score_and_what_was_kept():
-    record = {"scores": {"A": {"logme": 1.5, "knn": 0.5, "params": 10, "imagenet_top1": None, "images": 9, "seconds": 1.0},
-                         "B": {"logme": 2.5, "knn": math.nan, "params": 20, "imagenet_top1": None, "images": 9, "seconds": 2.0}},
-              "by": "logme", "keep": 1, "ranking": ["B", "A"], "kept": ["B"]}
+    record = {
+        "scores": {
+            "A": {"logme": 1.5, "knn": 0.5, "params": 10, "imagenet_top1": None, "images": 9, "seconds": 1.0},
+            "B": {"logme": 2.5, "knn": math.nan, "params": 20, "imagenet_top1": None, "images": 9, "seconds": 2.0},
+        },
+        "by": "logme",
+        "keep": 1,
+        "ranking": ["B", "A"],
+        "kept": ["B"],
+    }
     csv = sc.screening_csv(record).splitlines()
     assert csv[0] == "rank,backbone,logme,knn,params,imagenet_top1,images,seconds,kept"
     assert csv[1] == "1,B,2.5,,20,,9,2,true" and csv[2] == "2,A,1.5,0.5,10,,9,1,false"
@@ -104,6 +120,7 @@ def test_the_csv_and_the_metrics_hold_every_score_and_what_was_kept():
 
 
 # --- config ------------------------------------------------------------------------------------------
+
 
 def _config(keep, by="logme", weights="imagenet", study="screen", extra="") -> str:
     screen = "" if keep == "absent" else f"  screen: {{keep: {'null' if keep is None else keep}, by: {by}}}\n"
@@ -120,12 +137,18 @@ search:
 {screen}{extra}"""
 
 
-@pytest.mark.parametrize("keep, expected", [
-    (0, "s.yaml:11:12: search.screen.keep: must be >= 1; got 0"),
-    (-1, "search.screen.keep: must be >= 1; got -1"),
-    (3, "s.yaml:11:12: search.screen.keep: keeps 3 backbones, but search.backbone has only 2 candidate(s) "
-        "(MobileNetV2, MobileNetV3Small)"),
-])
+@pytest.mark.parametrize(
+    "keep, expected",
+    [
+        (0, "s.yaml:11:12: search.screen.keep: must be >= 1; got 0"),
+        (-1, "search.screen.keep: must be >= 1; got -1"),
+        (
+            3,
+            "s.yaml:11:12: search.screen.keep: keeps 3 backbones, but search.backbone has only 2 candidate(s) "
+            "(MobileNetV2, MobileNetV3Small)",
+        ),
+    ],
+)
 def test_keep_outside_one_to_the_candidates_is_refused_naming_the_key(keep, expected):
     with pytest.raises(ConfigError) as err:
         parse_config(_config(keep), "s.yaml")
@@ -175,7 +198,10 @@ def test_screening_narrows_once_and_a_resume_reuses_the_recorded_list_without_sc
 
     def run_task(task):
         calls.append(task.backbones)
-        return {"MobileNetV2": {"logme": 2.0, "knn": 0.4, "params": 10}, "MobileNetV3Small": {"logme": 1.0, "knn": 0.9, "params": 5}}
+        return {
+            "MobileNetV2": {"logme": 2.0, "knn": 0.4, "params": 10},
+            "MobileNetV3Small": {"logme": 1.0, "knn": 0.9, "params": 5},
+        }
 
     tracker = _Recorder()
     trial_cfg, record = sc.screen_backbones(cfg, study, study._storage, tracker, run_task, lines.append)
@@ -271,8 +297,11 @@ def test_a_two_backbone_sweep_logs_its_screening_and_keeps_one_backbone_also_on_
     assert "so Kendall's tau cannot be computed" in first.stderr  # one backbone completed trials
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/results/mlflow.db")
-    parent = next(r for r in client.search_runs([client.get_experiment_by_name("screened").experiment_id])
-                  if r.data.tags.get("harness.role") == "study")
+    parent = next(
+        r
+        for r in client.search_runs([client.get_experiment_by_name("screened").experiment_id])
+        if r.data.tags.get("harness.role") == "study"
+    )
     for backbone in ("MobileNetV2", "MobileNetV3Small"):
         assert math.isfinite(parent.data.metrics[f"screen/{backbone}/logme"])
         assert 0.0 <= parent.data.metrics[f"screen/{backbone}/knn"] <= 1.0

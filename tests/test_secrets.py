@@ -23,7 +23,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY, run_cli, serve_mlflow, write_config
-from tests.test_workers import postgres_url  # noqa: F401 - a fixture, used by name
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("secrets")]  # module fixtures: one xdist worker
 
@@ -51,33 +50,52 @@ def auth_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("auth-server")
     password = secrets.token_hex(16)
     config = folder / "basic_auth.ini"
-    config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{folder}/basic_auth.db\n"
-                      f"admin_username = {ADMIN}\n"
-                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config),
-           "MLFLOW_AUTH_ADMIN_PASSWORD": password,  # read once, when the admin user is created
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}  # the auth app's CSRF protection
+    config.write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{folder}/basic_auth.db\n"
+        f"admin_username = {ADMIN}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,  # read once, when the admin user is created
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+    }  # the auth app's CSRF protection
     with serve_mlflow(folder, "--app-name", "basic-auth", env=env) as uri:
         yield uri, password, folder
 
 
 @pytest.fixture(scope="module")
-def secret_sweep(tmp_path_factory, postgres_url, auth_server):  # noqa: F811
+def secret_sweep(tmp_path_factory, postgres_url, auth_server):
     """One trial, no baseline: the parent run, a trial run and the winner's test are enough to
     carry the storage URL and the tracking login into every kind of record."""
     uri, mlflow_password, _ = auth_server
     db_password = pgpass_password(postgres_url)
     parts = urlsplit(postgres_url)
-    storage = urlunsplit(parts._replace(netloc=f"{parts.username}:{quote(db_password, safe='')}@{parts.hostname}:"
-                                              f"{parts.port or 5432}"))
+    storage = urlunsplit(
+        parts._replace(netloc=f"{parts.username}:{quote(db_password, safe='')}@{parts.hostname}:{parts.port or 5432}")
+    )
     work = tmp_path_factory.mktemp("secret-sweep")
     name = f"secrets-{uuid.uuid4().hex[:8]}"
     config = write_config(work, TINY.replace("n_trials: 2", "n_trials: 1").replace("scratch: true", "scratch: false"))
-    result = run_cli(str(config), "--study-name", name, "--storage", storage, "--tracking-uri", uri, cwd=work,
-                     env={"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": mlflow_password})
+    result = run_cli(
+        str(config),
+        "--study-name",
+        name,
+        "--storage",
+        storage,
+        "--tracking-uri",
+        uri,
+        cwd=work,
+        env={"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": mlflow_password},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    return {"work": work, "name": name, "storage": postgres_url, "result": result,
-            "passwords": {"PostgreSQL": db_password, "MLflow": mlflow_password}}
+    return {
+        "work": work,
+        "name": name,
+        "storage": postgres_url,
+        "result": result,
+        "passwords": {"PostgreSQL": db_password, "MLflow": mlflow_password},
+    }
 
 
 def _files_holding(folder: Path, secret: str) -> list[str]:
@@ -151,6 +169,7 @@ def test_a_client_without_the_login_is_refused(auth_server):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 401, login
-    good = urllib.request.Request(url, headers={"Authorization": "Basic " + base64.b64encode(
-        f"{ADMIN}:{password}".encode()).decode()})
+    good = urllib.request.Request(
+        url, headers={"Authorization": "Basic " + base64.b64encode(f"{ADMIN}:{password}".encode()).decode()}
+    )
     assert urllib.request.urlopen(good, timeout=10).status == 200

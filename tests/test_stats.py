@@ -65,8 +65,7 @@ def test_fewer_than_two_seeds_give_no_p_and_nothing_is_significant():
 
 
 def test_tie_set():
-    samples = {"full": [0.81, 0.82, 0.80], "partial": [0.80, 0.83, 0.79], "features": [0.60, 0.61, 0.62],
-               "scratch": [0.85]}
+    samples = {"full": [0.81, 0.82, 0.80], "partial": [0.80, 0.83, 0.79], "features": [0.60, 0.61, 0.62], "scratch": [0.85]}
     # partial: within noise; features: significantly worse; scratch: one seed, so it cannot be ruled out.
     assert stats.tie_set(samples, "full") == ["full", "partial", "scratch"]
     clear = {"full": [0.81, 0.82, 0.80], "features": [0.60, 0.61, 0.62]}

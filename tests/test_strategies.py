@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
+import keras
 import pytest
 
-from harness.config import ParamSpec
+from harness.config import ParamSpec, parse_config
 from harness.strategies import UNUSED_PARAMETERS, strategy_search, uses
+from tests.conftest import quad
 
-SEARCH = {"head_lr": ParamSpec("head_lr", "float", low=1e-4, high=1e-2, log=True),
-          "finetune_lr": ParamSpec("finetune_lr", "float", low=1e-5, high=1e-3, log=True),
-          "unfreeze_fraction": ParamSpec("unfreeze_fraction", "float", low=0.1, high=0.9)}
+SEARCH = {
+    "head_lr": ParamSpec("head_lr", "float", low=1e-4, high=1e-2, log=True),
+    "finetune_lr": ParamSpec("finetune_lr", "float", low=1e-5, high=1e-3, log=True),
+    "unfreeze_fraction": ParamSpec("unfreeze_fraction", "float", low=0.1, high=0.9),
+}
 
 
 def test_uses_follows_the_one_table_and_an_unknown_strategy_uses_everything():
@@ -37,3 +42,54 @@ def test_the_search_pins_what_a_strategy_does_not_use_and_refuses_an_unknown_one
     assert scratch["unfreeze_fraction"].value == 1.0 and scratch["strategy"].value == "scratch"
     with pytest.raises(ValueError, match="unknown strategy 'linear'"):
         strategy_search("linear", SEARCH, quadrants)
+
+
+# --- each strategy on a real backbone ----------------------------------------------------------------
+
+
+def test_each_strategy_pins_what_it_means(weights_file):
+    cfg = parse_config(quad(weights_file), "q.yaml")
+    q = cfg.quadrants
+    s = {name: strategy_search(name, cfg.search, q) for name in q.strategies}
+    assert s["features"]["unfreeze_fraction"].value == 0.0 and s["features"]["cut_fraction"].value == 1.0
+    assert s["intermediate"]["unfreeze_fraction"].value == 0.0
+    assert (s["intermediate"]["cut_fraction"].low, s["intermediate"]["cut_fraction"].high) == tuple(q.cut_range)
+    assert (s["partial"]["unfreeze_fraction"].low, s["partial"]["unfreeze_fraction"].high) == tuple(q.partial_range)
+    assert s["full"]["unfreeze_fraction"].value == 1.0
+    assert s["scratch"]["strategy"].value == "scratch"
+    # parameters a strategy cannot use are pinned, not searched
+    assert s["features"]["finetune_lr"].fixed and not s["partial"]["finetune_lr"].fixed
+
+
+@pytest.mark.parametrize("strategy", ["features", "intermediate", "partial", "full", "scratch"])
+def test_strategy_maps_to_the_trainable_layers_of_each_phase(strategy, weights_file):
+    from harness.model import build_model
+    from harness.objective import model_spec, plan_for
+    from harness.phases import apply_phase_trainability
+
+    cfg = parse_config(quad(weights_file), "q.yaml")
+    search = strategy_search(strategy, cfg.search, cfg.quadrants)
+    params = {n: (p.value if p.fixed else (p.low if p.low is not None else p.choices[0])) for n, p in search.items()}
+    tm = build_model(model_spec(cfg, params, 3, str(weights_file)))
+    plan = plan_for(cfg, params, len(tm.blocks))
+    trainable = []
+    for phase in plan:
+        apply_phase_trainability(tm, phase)
+        trainable.append({l.name for l in tm.backbone.layers if l.trainable and l.weights})
+    all_layers = {l.name for l in tm.backbone.layers if l.weights}
+    bn = {l.name for l in tm.backbone.layers if isinstance(l, keras.layers.BatchNormalization)}
+    if strategy == "features":
+        assert [p.name for p in plan] == ["head"] and trainable == [set()] and len(tm.blocks) == 19
+    elif strategy == "intermediate":
+        assert [p.name for p in plan] == ["head"] and trainable == [set()]
+        low = cfg.quadrants.cut_range[0]
+        assert len(tm.blocks) == math.ceil(19 * low) < 19  # cut after an earlier block
+    elif strategy == "partial":
+        top = {n for b in tm.blocks[-round(19 * cfg.quadrants.partial_range[0]) :] for n in b}
+        assert trainable[0] == set() and trainable[1] == (all_layers & top) - bn
+        assert "Conv1" not in trainable[1]  # the first blocks stay frozen
+    elif strategy == "full":
+        assert trainable[0] == set() and trainable[1] == all_layers - bn
+    else:
+        assert [p.name for p in plan] == ["scratch"] and trainable == [all_layers]  # BN included
+        assert not tm.spec.pretrained

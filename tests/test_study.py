@@ -56,8 +56,7 @@ def test_the_cli_refuses_a_study_of_the_other_direction_before_creating_anything
     before = files_under(workdir)
     proc = run_cli(str(config), cwd=workdir, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert (f"Optuna storage {storage}: study 'tiny' exists with direction minimize, but the config says maximize"
-            in proc.stderr)
+    assert f"Optuna storage {storage}: study 'tiny' exists with direction minimize, but the config says maximize" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert files_under(workdir) == before  # no sweep.lock, no mlflow.db, no parent run
     assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == 0

@@ -23,10 +23,10 @@ def _study_with_trials() -> optuna.Study:
 def test_summary_table_is_optunas_trials_dataframe_with_the_run_id():
     study = _study_with_trials()
     frame = summary.trials_frame(study)
-    expected = study.trials_dataframe(attrs=("number", "value", "datetime_start", "datetime_complete", "duration",
-                                             "params", "user_attrs", "state"))
+    expected = study.trials_dataframe(
+        attrs=("number", "value", "datetime_start", "datetime_complete", "duration", "params", "user_attrs", "state")
+    )
     assert list(frame["mlflow_run_id"]) == ["t0", "t1"]
-    pd.testing.assert_frame_equal(frame.drop(columns=["mlflow_run_id"]),
-                                  expected.drop(columns=["user_attrs_mlflow_run_id"]))
+    pd.testing.assert_frame_equal(frame.drop(columns=["mlflow_run_id"]), expected.drop(columns=["user_attrs_mlflow_run_id"]))
     empty = summary.trials_frame(optuna.create_study())
     assert {"number", "value", "state", "mlflow_run_id"} <= set(empty.columns) and empty.empty

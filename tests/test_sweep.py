@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -52,7 +54,9 @@ def test_run_tree_has_one_parent_and_a_child_per_trial(finished_sweep):
     assert len(parents) == 1, "resuming must reopen the same parent run"
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    trials = sorted((r for r in children if r.data.tags["harness.role"] == "trial"), key=lambda r: int(r.data.tags["optuna.trial_number"]))
+    trials = sorted(
+        (r for r in children if r.data.tags["harness.role"] == "trial"), key=lambda r: int(r.data.tags["optuna.trial_number"])
+    )
     assert [r.data.tags["optuna.trial_number"] for r in trials] == ["0", "1", "2"]
     assert all(r.info.status == "FINISHED" and r.data.tags["optuna.state"] == "COMPLETE" for r in trials)
     assert any(r.data.tags["harness.role"] == "baseline" for r in children)
@@ -103,8 +107,14 @@ def test_report_of_a_plain_sweep_is_its_per_trial_table(finished_sweep):
     from tests.conftest import ROOT
 
     work, *_ = finished_sweep
-    proc = subprocess.run([sys.executable, "-m", "harness.report", "tiny"], cwd=work, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.report", "tiny"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = pd.read_csv(work / "results" / "tiny" / "trials.csv")
     study = _study(work)
@@ -114,7 +124,8 @@ def test_report_of_a_plain_sweep_is_its_per_trial_table(finished_sweep):
         assert by_trial.loc[t.number, "objective"] == pytest.approx(t.value)
         assert by_trial.loc[t.number, "mlflow_run_id"] == t.user_attrs["mlflow_run_id"]
         assert by_trial.loc[t.number, "finetune_best_val_accuracy"] == pytest.approx(
-            _client(work).get_run(t.user_attrs["mlflow_run_id"]).data.metrics["finetune/best_val_accuracy"])
+            _client(work).get_run(t.user_attrs["mlflow_run_id"]).data.metrics["finetune/best_val_accuracy"]
+        )
 
 
 def test_report_refuses_an_unknown_sweep(finished_sweep):
@@ -124,8 +135,14 @@ def test_report_refuses_an_unknown_sweep(finished_sweep):
     from tests.conftest import ROOT
 
     work, *_ = finished_sweep
-    proc = subprocess.run([sys.executable, "-m", "harness.report", "nonesuch"], cwd=work, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.report", "nonesuch"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
     assert proc.returncode == 2 and "no MLflow experiment 'nonesuch'" in proc.stderr
 
 
@@ -217,7 +234,7 @@ def test_a_trials_config_artifact_re_runs_that_trial(finished_sweep, tmp_path):
     client, study = _client(work), _study(work)
     trial = study.trials[1]
     path = client.download_artifacts(trial.user_attrs["mlflow_run_id"], "config.yaml", str(tmp_path))
-    resolved = yaml.safe_load(open(path))
+    resolved = yaml.safe_load(Path(path).read_text())
     assert resolved["search"]["head_lr"] == pytest.approx(trial.params["head_lr"])  # values, not ranges
     assert resolved["study"]["seed"] == 0 + trial.number and resolved["study"]["n_trials"] == 1
 
@@ -225,12 +242,15 @@ def test_a_trials_config_artifact_re_runs_that_trial(finished_sweep, tmp_path):
     rerun_dir.mkdir()
     proc = run_cli(path, cwd=rerun_dir, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rerun = optuna.load_study(study_name=f"tiny.trial-{trial.number}",
-                              storage=f"sqlite:///{rerun_dir}/results/tiny.trial-{trial.number}/optuna.db")
+    rerun = optuna.load_study(
+        study_name=f"tiny.trial-{trial.number}", storage=f"sqlite:///{rerun_dir}/results/tiny.trial-{trial.number}/optuna.db"
+    )
     assert rerun.trials[0].params == {} or rerun.trials[0].params == trial.params  # nothing left to sample
     assert rerun.best_value == pytest.approx(trial.value, abs=0.1)
     original = client.get_run(trial.user_attrs["mlflow_run_id"]).data.metrics
-    again = MlflowClient(f"sqlite:///{rerun_dir}/results/mlflow.db").get_run(rerun.trials[0].user_attrs["mlflow_run_id"]).data.metrics
+    again = (
+        MlflowClient(f"sqlite:///{rerun_dir}/results/mlflow.db").get_run(rerun.trials[0].user_attrs["mlflow_run_id"]).data.metrics
+    )
     assert again["head/best_val_loss"] == pytest.approx(original["head/best_val_loss"], abs=0.05)
 
 
@@ -239,8 +259,9 @@ def test_the_baseline_is_trained_by_the_recipe_and_reports_its_fit(finished_swee
     work, *_ = finished_sweep
     client, study = _client(work), _study(work)
     exp = client.get_experiment_by_name("tiny")
-    (baseline,) = [r for r in client.search_runs([exp.experiment_id], max_results=100)
-                   if r.data.tags.get("harness.role") == "baseline"]
+    (baseline,) = [
+        r for r in client.search_runs([exp.experiment_id], max_results=100) if r.data.tags.get("harness.role") == "baseline"
+    ]
     assert 0 <= baseline.data.metrics["train_accuracy"] <= 1
     assert baseline.data.metrics["scratch/steps"] >= 8  # baseline.min_steps of the tiny config
     assert baseline.data.tags["harness.undertrained"] in ("true", "false")

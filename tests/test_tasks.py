@@ -9,8 +9,7 @@ import pytest
 from harness.config import parse_config
 from harness.data import load_dataset, make_splits
 from harness.tasks import run_trial
-from tests.conftest import write_config
-from tests.test_config import BASE
+from tests.conftest import BASE, quad, write_config
 
 
 @pytest.fixture
@@ -27,8 +26,16 @@ def runner(workdir):
     return TrialRunner(cfg, dataset, splits, tracker, {"MobileNetV2": None})
 
 
-PARAMS = {"backbone": "MobileNetV2", "unfreeze_fraction": 0.5, "head_units": 0, "head_lr": 0.003, "finetune_lr": 0.0003,
-          "dropout": 0.1, "pooling": "avg", "augment": False}
+PARAMS = {
+    "backbone": "MobileNetV2",
+    "unfreeze_fraction": 0.5,
+    "head_units": 0,
+    "head_lr": 0.003,
+    "finetune_lr": 0.0003,
+    "dropout": 0.1,
+    "pooling": "avg",
+    "augment": False,
+}
 
 
 def test_a_pruned_trial_ends_finished_with_its_reason_history_and_curve(runner, tmp_path):
@@ -73,8 +80,9 @@ def test_the_winners_test_logs_auc_per_class_accuracy_and_the_confusion_matrix(t
     from harness.tasks import TestTask
     from harness.tracking import Tracker
 
-    cfg = parse_config(BASE + "  class_map: {round: [arc, three_dots], pointy: [star4, pentagon], "
-                              "_drop: [t_shape, tri_ring]}\n", "s.yaml")
+    cfg = parse_config(
+        BASE + "  class_map: {round: [arc, three_dots], pointy: [star4, pentagon], _drop: [t_shape, tri_ring]}\n", "s.yaml"
+    )
     ds = load_dataset(cfg.data)
     splits = make_splits(ds.labels, cfg.data)
     tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "targets", str(tmp_path / "a"))
@@ -97,3 +105,46 @@ def test_the_winners_test_logs_auc_per_class_accuracy_and_the_confusion_matrix(t
     assert metrics["test_accuracy"] == pytest.approx(np.trace(cm.to_numpy()) / n_test.sum())
     artifacts = {a.path for a in tracker.client.list_artifacts(run_id)}
     assert {"confusion_matrix.csv", "confusion_matrix.png"} <= artifacts
+
+
+def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weights_file, monkeypatch):
+    """Spy on every tf.data pipeline built: the test indices appear once per seed, after training."""
+    import numpy as np
+
+    from harness import quadrants, tasks
+    from harness.data import load_dataset, make_splits
+    from harness.tasks import Context
+    from harness.tracking import Tracker
+
+    cfg = parse_config(quad(weights_file, "[features]"), "q.yaml")
+    target = cfg.quadrants.targets[1]
+    ccfg = quadrants.cell_config(cfg, target, "features")
+    dataset = load_dataset(target.data)
+    splits = make_splits(dataset.labels, target.data)
+    built = []
+    real = tasks.tf_dataset
+
+    def spy(ds, indices, *args, **kwargs):
+        built.append(np.array(indices))
+        return real(ds, indices, *args, **kwargs)
+
+    from harness import features
+
+    monkeypatch.setattr(tasks, "tf_dataset", spy)
+    monkeypatch.setattr(features, "tf_dataset", spy)  # phase 1 reads the train split once, for cached features
+    monkeypatch.chdir(tmp_path)  # a feature cache of its own (results/features), computed here
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "spy", str(tmp_path / "a"))
+    tracker.start_study_run("spy", {}, "none")
+    cell = tracker.start_child("cell", "cell", {})
+    params = {**{n: p.value for n, p in ccfg.search.items() if p.fixed}, "head_lr": 0.003}
+    runner = Context("spy", ccfg, dataset, splits, tracker, {"MobileNetV2": str(weights_file)}).load()
+    tests = [
+        tasks.confirm_seed(runner, params, seed, tracker.start_child(f"confirm {seed}", "confirm", {}, parent_id=cell))
+        for seed in range(2)
+    ]
+    assert len(tests) == 2
+    uses_of_test = [i for i, idx in enumerate(built) if np.array_equal(idx, splits.test)]
+    assert len(uses_of_test) == 2  # once per seed
+    # each test read comes after that seed's training pipelines
+    assert all(any(np.array_equal(built[j], splits.train) for j in range(i)) for i in uses_of_test)
+    assert not any(np.intersect1d(idx, splits.test).size for idx in built if not np.array_equal(idx, splits.test))

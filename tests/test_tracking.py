@@ -10,9 +10,22 @@ from pathlib import Path
 import pytest
 
 from harness.config import parse_config, with_overrides
-from harness.tracking import (NEWEST_FIRST, OLDEST_FIRST, ROLE, TRIAL_TAG, RunRecord, Tracker, TrackingError,
-                              login_to_environment, plain_tracking_errors, redact, redact_config, resolve_tracking_uri,
-                              run_filter, ui_command)
+from harness.tracking import (
+    NEWEST_FIRST,
+    OLDEST_FIRST,
+    ROLE,
+    TRIAL_TAG,
+    RunRecord,
+    Tracker,
+    TrackingError,
+    login_to_environment,
+    plain_tracking_errors,
+    redact,
+    redact_config,
+    resolve_tracking_uri,
+    run_filter,
+    ui_command,
+)
 from tests.conftest import TINY
 
 
@@ -25,9 +38,22 @@ def test_flag_beats_environment_beats_local_default(workdir, monkeypatch):
 
 
 def test_command_line_flags_override_the_yaml():
-    cfg = with_overrides(parse_config(TINY, "t.yaml"), n_trials=7, timeout=60.0, name="other", storage="sqlite:///s.db",
-                         seed=9, tracking_uri="sqlite:///m.db")
-    assert (cfg.study.n_trials, cfg.study.timeout, cfg.study.name, cfg.study.storage, cfg.study.seed) == (7, 60.0, "other", "sqlite:///s.db", 9)
+    cfg = with_overrides(
+        parse_config(TINY, "t.yaml"),
+        n_trials=7,
+        timeout=60.0,
+        name="other",
+        storage="sqlite:///s.db",
+        seed=9,
+        tracking_uri="sqlite:///m.db",
+    )
+    assert (cfg.study.n_trials, cfg.study.timeout, cfg.study.name, cfg.study.storage, cfg.study.seed) == (
+        7,
+        60.0,
+        "other",
+        "sqlite:///s.db",
+        9,
+    )
     assert cfg.tracking.uri == "sqlite:///m.db"
     assert with_overrides(parse_config(TINY, "t.yaml")).study.n_trials == 2  # None = not given
 
@@ -42,16 +68,29 @@ def test_redact_masks_the_password_of_a_uri_and_keeps_the_user():
 
 def test_redact_masks_password_like_query_parameters_whatever_their_case():
     assert redact("postgresql://u@h/db?sslmode=require&password=s3") == "postgresql://u@h/db?sslmode=require&password=***"
-    assert (redact("postgresql://u@h/db?PassWord=a&sslpassword=b&passwd=c&PWD=d&application_name=x")
-            == "postgresql://u@h/db?PassWord=***&sslpassword=***&passwd=***&PWD=***&application_name=x")
-    assert (redact("https://h/x?Token=a&api_key=b&client_secret=c&X-Amz-Signature=d&page=2#top")
-            == "https://h/x?Token=***&api_key=***&client_secret=***&X-Amz-Signature=***&page=2#top")
+    assert (
+        redact("postgresql://u@h/db?PassWord=a&sslpassword=b&passwd=c&PWD=d&application_name=x")
+        == "postgresql://u@h/db?PassWord=***&sslpassword=***&passwd=***&PWD=***&application_name=x"
+    )
+    assert (
+        redact("https://h/x?Token=a&api_key=b&client_secret=c&X-Amz-Signature=d&page=2#top")
+        == "https://h/x?Token=***&api_key=***&client_secret=***&X-Amz-Signature=***&page=2#top"
+    )
 
 
 def test_redact_leaves_uris_without_secrets_paths_and_plain_text_unchanged():
-    for text in ("postgresql://harness@127.0.0.1:5432/harness", "http://127.0.0.1:5000", "https://h:8443/a/@me?page=2",
-                 "sqlite:////tmp/a:b@c/optuna.db", "sqlite:///results/mlflow.db", "results/demo/optuna.db",
-                 "file:///tmp/artifacts", "models:/demo/3", "lr password=1 key: 2", ""):
+    for text in (
+        "postgresql://harness@127.0.0.1:5432/harness",
+        "http://127.0.0.1:5000",
+        "https://h:8443/a/@me?page=2",
+        "sqlite:////tmp/a:b@c/optuna.db",
+        "sqlite:///results/mlflow.db",
+        "results/demo/optuna.db",
+        "file:///tmp/artifacts",
+        "models:/demo/3",
+        "lr password=1 key: 2",
+        "",
+    ):
         assert redact(text) == text
 
 
@@ -61,19 +100,26 @@ def test_redact_masks_every_uri_inside_a_line_of_text():
 
 
 def test_the_ui_command_printed_after_a_sweep_names_no_password():
-    assert ui_command("https://bob:pw@mlflow.lab", "3") == ("open https://bob:***@mlflow.lab/#/experiments/3"
-                                                           "?workflowType=machine_learning in a browser")
+    assert ui_command("https://bob:pw@mlflow.lab", "3") == (
+        "open https://bob:***@mlflow.lab/#/experiments/3?workflowType=machine_learning in a browser"
+    )
     assert ui_command("postgresql://u:pw@db/mlflow").startswith("mlflow ui --backend-store-uri postgresql://u:***@db/mlflow ")
 
 
 def test_redact_config_masks_every_uri_in_a_nested_config_and_copies_it():
-    config = {"study": {"storage": "postgresql://u:pw@db/x", "n_trials": 3},
-              "tracking": {"uri": "https://u:pw@mlflow/", "experiment": None},
-              "quadrants": {"targets": [{"data": {"path": "s3://b/x?token=pw"}}]}, "search": {"lr": [0.1, 0.2]}}
+    config = {
+        "study": {"storage": "postgresql://u:pw@db/x", "n_trials": 3},
+        "tracking": {"uri": "https://u:pw@mlflow/", "experiment": None},
+        "quadrants": {"targets": [{"data": {"path": "s3://b/x?token=pw"}}]},
+        "search": {"lr": [0.1, 0.2]},
+    }
     safe = redact_config(config)
-    assert safe == {"study": {"storage": "postgresql://u:***@db/x", "n_trials": 3},
-                    "tracking": {"uri": "https://u:***@mlflow/", "experiment": None},
-                    "quadrants": {"targets": [{"data": {"path": "s3://b/x?token=***"}}]}, "search": {"lr": [0.1, 0.2]}}
+    assert safe == {
+        "study": {"storage": "postgresql://u:***@db/x", "n_trials": 3},
+        "tracking": {"uri": "https://u:***@mlflow/", "experiment": None},
+        "quadrants": {"targets": [{"data": {"path": "s3://b/x?token=***"}}]},
+        "search": {"lr": [0.1, 0.2]},
+    }
     assert config["study"]["storage"] == "postgresql://u:pw@db/x"  # the caller's config is left as it was
 
 
@@ -155,7 +201,8 @@ def test_run_filter_names_each_criterion_given_and_nothing_else():
     assert run_filter(role="trial") == "tags.`harness.role` = 'trial'"
     assert run_filter(role="confirm", parent="p1", status="FINISHED", tags={"harness.seed": 2}) == (
         "tags.`harness.role` = 'confirm' and tags.`mlflow.parentRunId` = 'p1' and tags.`harness.seed` = '2' "
-        "and attributes.status = 'FINISHED'")
+        "and attributes.status = 'FINISHED'"
+    )
 
 
 def test_find_runs_selects_by_role_parent_status_and_tags_and_returns_plain_records(workdir):
@@ -180,7 +227,11 @@ def test_find_runs_selects_by_role_parent_status_and_tags_and_returns_plain_reco
     assert [r.run_id for r in trials] == [trial0, trial1]
     first = trials[0]
     assert isinstance(first, RunRecord) and first.experiment_id == t.experiment_id
-    assert (first.status, first.metrics, first.params) == ("FINISHED", {"objective": 0.75}, {"head_lr": "0.003", "backbone": "b1"})
+    assert (first.status, first.metrics, first.params) == (
+        "FINISHED",
+        {"objective": 0.75},
+        {"head_lr": "0.003", "backbone": "b1"},
+    )
     assert first.tags[ROLE] == "trial" and first.tags[TRIAL_TAG] == "0" and first.parent_id == parent
     assert first.start_time <= first.end_time and trials[1].end_time is None and trials[1].status == "RUNNING"
     assert all(type(x) is dict for x in (first.tags, first.params, first.metrics))  # plain values, not MLflow's

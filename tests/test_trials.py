@@ -58,20 +58,27 @@ def _engine_with(study):
         return proc
 
     def epoch(proc, epoch, phase, phase_epoch, value):
-        payload = {"number": engine.running[proc].trial.number, "epoch": epoch, "phase": phase,
-                   "phase_epoch": phase_epoch, "metrics": {"val_accuracy": value}, "total_epochs": 5, "value": value}
+        payload = {
+            "number": engine.running[proc].trial.number,
+            "epoch": epoch,
+            "phase": phase,
+            "phase_epoch": phase_epoch,
+            "metrics": {"val_accuracy": value},
+            "total_epochs": 5,
+            "value": value,
+        }
         return engine._answer(proc, ("epoch", payload))
 
     return engine, start, epoch
 
 
 def test_phase_two_is_judged_against_phase_two_not_phase_one():
-    study = optuna.create_study(direction="maximize",
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
     engine, start, epoch = _engine_with(study)
     a = start()  # ran all of phase 1 (best at its last epoch), then lost ground in phase 2
-    for e, (phase, j, value) in enumerate([("head", 0, 0.5), ("head", 1, 0.6), ("head", 2, 0.9),
-                                           ("finetune", 0, 0.7), ("finetune", 1, 0.7)]):
+    for e, (phase, j, value) in enumerate(
+        [("head", 0, 0.5), ("head", 1, 0.6), ("head", 2, 0.9), ("finetune", 0, 0.7), ("finetune", 1, 0.7)]
+    ):
         assert not epoch(a, e, phase, j, value)
     study.tell(engine.running.pop(a).trial, 0.9)
     assert study.trials[0].intermediate_values == {0: 0.5, 1: 0.6, 2: 0.9, 3: 0.7, 4: 0.7}
@@ -150,3 +157,62 @@ def test_a_real_sweep_prunes_and_the_pruned_runs_keep_their_history_and_curve(tm
             assert run.data.tags["harness.pruned_reason"].startswith("pruned at epoch")
             assert len(history) == len(t.intermediate_values) >= 1  # its curve runs up to the pruning
     assert early_phase_two, summary  # the case the offsets exist for did happen
+
+
+# --- recovery after a crash ------------------------------------------------------------------------
+
+
+def test_a_resumed_sweep_closes_the_baseline_and_seed_runs_a_killed_sweep_left_running(tmp_path):
+    """A SIGKILL during the baseline or a confirmation seed leaves its run RUNNING: the resume (which
+    holds the local storage's lock) ends it KILLED; on a shared server storage it stays, since
+    another machine may be training it."""
+    import optuna
+
+    from harness.tracking import Tracker
+    from harness.trials import recover_after_crash
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "resume", str(tmp_path / "artifacts"))
+    tracker.start_study_run("resume", {}, "sqlite://")
+    killed = tracker.start_child(
+        "scratch baseline of trial 0", "baseline", {"harness.baseline_for": 0, "optuna.state": "RUNNING"}
+    )
+    done = tracker.start_child("logme", "logme", {})
+    tracker.end_run(done, "FINISHED")
+    cell = tracker.start_child("cell", "cell", {})
+    seed_run = tracker.start_child("confirm seed 0", "confirm", {"harness.seed": 0}, parent_id=cell)
+    study = optuna.create_study()
+
+    recover_after_crash(study, tracker, exclusive=False, log=print, owned_roles=("baseline",))
+    assert tracker.client.get_run(killed).info.status == "RUNNING"  # maybe alive elsewhere: untouched
+    logged = []
+    recover_after_crash(study, tracker, exclusive=True, log=logged.append, owned_roles=("baseline",))
+    run = tracker.client.get_run(killed)
+    assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
+    assert run.data.tags["harness.fail_reason"] == "process died before the run ended"
+    assert tracker.client.get_run(done).info.status == "FINISHED"
+    assert logged and "1 MLflow run(s)" in logged[0]
+    assert tracker.client.get_run(seed_run).info.status == "RUNNING"  # another parent: its cell's recovery
+    recover_after_crash(study, tracker, exclusive=True, log=print, parent_id=cell, owned_roles=("confirm", "backbone_confirm"))
+    assert tracker.client.get_run(seed_run).info.status == "KILLED"
+
+
+# --- slots: one GPU or a share of the cores per trial process ----------------------------------------
+
+
+def test_slots_give_each_worker_a_gpu_or_a_share_of_the_cores():
+    from harness.trials import plan_slots
+
+    gpus = plan_slots(3, ["2", "5"], cpu_count=16)
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpus] == ["2", "5", "2"]  # round-robin over the visible ones
+    assert all(s.threads == 0 for s in gpus)
+    cpu = plan_slots(2, [], cpu_count=2)
+    assert [s.threads for s in cpu] == [1, 1] and all(s.env["CUDA_VISIBLE_DEVICES"] == "" for s in cpu)
+    assert plan_slots(1, [], cpu_count=8)[0].threads == 0  # one process: TensorFlow's own default
+
+
+def test_only_a_gpu_slot_makes_a_successor_wait():
+    from harness.trials import plan_slots
+
+    assert all(slot.gpu for slot in plan_slots(2, ["0", "1"], cpu_count=16))
+    assert not any(slot.gpu for slot in plan_slots(2, [], cpu_count=2))  # CUDA_VISIBLE_DEVICES=""
+    assert not plan_slots(1, [], cpu_count=2)[0].gpu

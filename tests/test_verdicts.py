@@ -73,10 +73,18 @@ def make_cells(with_seeds: bool = True) -> pd.DataFrame:
     rows = []
     for (quadrant, size, similarity, target), by_strategy in DESIGN.items():
         for strategy, (best_val, seeds, logme) in by_strategy.items():
-            row = {"quadrant": quadrant, "size": size, "similarity": similarity, "target": target,
-                   "strategy": strategy, "best_val": best_val, "test_mean": float(np.mean(seeds)),
-                   "test_std": float(np.std(seeds, ddof=1)) if len(seeds) > 1 else NAN,
-                   "n_seeds": len(seeds), "logme": logme}
+            row = {
+                "quadrant": quadrant,
+                "size": size,
+                "similarity": similarity,
+                "target": target,
+                "strategy": strategy,
+                "best_val": best_val,
+                "test_mean": float(np.mean(seeds)),
+                "test_std": float(np.std(seeds, ddof=1)) if len(seeds) > 1 else NAN,
+                "n_seeds": len(seeds),
+                "logme": logme,
+            }
             if with_seeds:
                 row["test_accuracies"] = seeds
             rows.append(row)
@@ -96,11 +104,24 @@ def set_seeds(cells: pd.DataFrame, quadrant: str, strategy: str, seeds: list[flo
 
 def one_quadrant(rows, size: str = "small", similarity: str = "similar", **common) -> pd.DataFrame:
     """Cells of one quadrant from (strategy, test_mean, {extra columns}) with std 0.01 over 3 seeds."""
-    return pd.DataFrame([
-        {"quadrant": f"{size}-{similarity}", "size": size, "similarity": similarity, "target": "t", "strategy": s,
-         "best_val": m, "test_mean": m, "test_std": 0.01, "n_seeds": 3, **common, **extra}
-        for s, m, extra in rows
-    ])
+    return pd.DataFrame(
+        [
+            {
+                "quadrant": f"{size}-{similarity}",
+                "size": size,
+                "similarity": similarity,
+                "target": "t",
+                "strategy": s,
+                "best_val": m,
+                "test_mean": m,
+                "test_std": 0.01,
+                "n_seeds": 3,
+                **common,
+                **extra,
+            }
+            for s, m, extra in rows
+        ]
+    )
 
 
 @pytest.fixture
@@ -116,12 +137,15 @@ def verdict(verdicts: pd.DataFrame, quadrant: str) -> pd.Series:
 
 # --- the verdict columns ------------------------------------------------------------------------
 
+
 def test_p_value_is_welch_over_seeds_winner_vs_runner_up(cells):
     v = quadrant_verdicts(cells)
     assert list(v.columns) == VERDICT_COLUMNS
-    for quadrant, winner, runner in [("small-similar", "features", "intermediate"),
-                                     ("small-dissimilar", "full", "partial"),
-                                     ("large-similar", "partial", "scratch")]:
+    for quadrant, winner, runner in [
+        ("small-similar", "features", "intermediate"),
+        ("small-dissimilar", "full", "partial"),
+        ("large-similar", "partial", "scratch"),
+    ]:
         row = verdict(v, quadrant)
         assert (row.winner, row.runner_up) == (winner, runner)
         expected = scipy_stats.ttest_ind(seeds_of(quadrant, winner), seeds_of(quadrant, runner), equal_var=False).pvalue
@@ -235,18 +259,30 @@ def test_missing_cells_take_no_part(cells):
 
 
 def test_quadrant_with_no_scores_and_no_rule():
-    cells = pd.DataFrame([
-        {"quadrant": "odd", "size": "medium", "similarity": "similar", "target": "t", "strategy": "full",
-         "best_val": NAN, "test_mean": NAN, "test_std": NAN, "n_seeds": 0},
-    ])
+    cells = pd.DataFrame(
+        [
+            {
+                "quadrant": "odd",
+                "size": "medium",
+                "similarity": "similar",
+                "target": "t",
+                "strategy": "full",
+                "best_val": NAN,
+                "test_mean": NAN,
+                "test_std": NAN,
+                "n_seeds": 0,
+            },
+        ]
+    )
     row = quadrant_verdicts(cells).iloc[0]
     assert pd.isna(row.winner) and row.textbook == "" and not row.agrees_with_textbook
     assert not row.significant and not row.decisive and row.verdict == "" and row.tie_set == ""
 
 
 def test_an_undertrained_scratch_cell_takes_no_part_in_the_verdict():
-    cells = one_quadrant([("features", 0.80, {"undertrained": 0}), ("full", 0.70, {"undertrained": 0}),
-                          ("scratch", 0.95, {"undertrained": 1})])
+    cells = one_quadrant(
+        [("features", 0.80, {"undertrained": 0}), ("full", 0.70, {"undertrained": 0}), ("scratch", 0.95, {"undertrained": 1})]
+    )
     v = quadrant_verdicts(cells).iloc[0]
     assert v["winner"] == "features" and v["runner_up"] == "full"
     assert "scratch" not in v["tie_set"]
@@ -256,8 +292,11 @@ def test_an_undertrained_scratch_cell_takes_no_part_in_the_verdict():
 
 def test_cells_trained_under_different_rules_get_no_winner():
     longer, shorter = "at least 2000 optimizer steps", "head 1 epochs, fine-tune 1 epochs"
-    rows = [("full", 0.864, {"training_rule": shorter}), ("partial", 0.80, {"training_rule": shorter}),
-            ("scratch", 0.944, {"training_rule": longer})]
+    rows = [
+        ("full", 0.864, {"training_rule": shorter}),
+        ("partial", 0.80, {"training_rule": shorter}),
+        ("scratch", 0.944, {"training_rule": longer}),
+    ]
     mixed = quadrant_verdicts(one_quadrant(rows, "large", "similar")).iloc[0]
     assert mixed["winner"] == "scratch" and mixed["significant"] and not mixed["decisive"]
     assert mixed["verdict"] == "scratch, not decisive: training rules differ"
@@ -298,10 +337,10 @@ def test_bad_input_is_refused(cells):
 
 # --- the analysis as one object -----------------------------------------------------------------
 
+
 def test_each_quadrant_gets_the_kind_of_verdict_a_renderer_phrases(cells):
     outcomes = analyse(cells).quadrants.set_index("quadrant")["outcome"].to_dict()
-    assert outcomes == {"small-similar": DECISIVE, "small-dissimilar": TIE, "large-similar": TIE,
-                        "large-dissimilar": TIE}
+    assert outcomes == {"small-similar": DECISIVE, "small-dissimilar": TIE, "large-similar": TIE, "large-dissimilar": TIE}
     rows = [("full", 0.864, {"training_rule": "b"}), ("scratch", 0.944, {"training_rule": "a"})]
     assert analyse(one_quadrant(rows)).quadrants.iloc[0].outcome == RULES_DIFFER
     assert analyse(one_quadrant(rows[:1])).quadrants.iloc[0].outcome == ALONE
@@ -313,8 +352,7 @@ def test_highlight_marks_the_decisive_winner_and_every_member_of_an_undecided_ti
     marked = {(q, s): h for q, s, h in zip(comparison.cells.quadrant, comparison.cells.strategy, comparison.highlight)}
     assert {k for k, h in marked.items() if h == WINNER} == {("small-similar", "features")}
     assert {s for (q, s), h in marked.items() if q == "large-similar" and h == TIED} == {"partial", "scratch"}
-    assert {s for (q, s), h in marked.items() if q == "small-dissimilar" and h == TIED} == {
-        "full", "partial", "intermediate"}
+    assert {s for (q, s), h in marked.items() if q == "small-dissimilar" and h == TIED} == {"full", "partial", "intermediate"}
     assert marked[("small-similar", "intermediate")] == ""
     # Alone in its quadrant: nothing to compare, so nothing is emphasised.
     assert list(analyse(one_quadrant([("full", 0.8, {})])).highlight) == [""]
@@ -324,8 +362,7 @@ def test_cells_and_quadrants_come_in_display_order():
     shuffled = make_cells().sample(frac=1.0, random_state=3)
     shuffled.loc[shuffled.strategy == "features", "strategy"] = "adapters"  # unknown: after the known ones
     comparison = analyse(shuffled)
-    assert list(comparison.quadrants.quadrant) == ["small-similar", "small-dissimilar", "large-similar",
-                                                   "large-dissimilar"]
+    assert list(comparison.quadrants.quadrant) == ["small-similar", "small-dissimilar", "large-similar", "large-dissimilar"]
     assert comparison.strategies == ("intermediate", "partial", "full", "scratch", "adapters")
     first = comparison.cells[comparison.cells.quadrant == "small-similar"]
     assert list(first.strategy) == list(comparison.strategies)
@@ -336,11 +373,21 @@ def test_long_form_schema_and_intervals(cells):
     cells["param_backbone"] = "MobileNetV2"
     long = comparison_long(cells)
     verdict_columns = [c for c in VERDICT_COLUMNS if c not in ("quadrant", "size", "similarity", "target")]
-    assert list(long.columns) == [*REQUIRED_COLUMNS, *CELL_STAT_COLUMNS, *OPTIONAL_COLUMNS, "param_backbone",
-                                  *CELL_VERDICT_COLUMNS, *verdict_columns]
+    assert list(long.columns) == [
+        *REQUIRED_COLUMNS,
+        *CELL_STAT_COLUMNS,
+        *OPTIONAL_COLUMNS,
+        "param_backbone",
+        *CELL_VERDICT_COLUMNS,
+        *verdict_columns,
+    ]
     assert len(long) == 20 and long["is_winner"].sum() == 4
     assert long.groupby("quadrant")["in_tie_set"].sum().to_dict() == {
-        "small-similar": 1, "small-dissimilar": 3, "large-similar": 2, "large-dissimilar": 5}
+        "small-similar": 1,
+        "small-dissimilar": 3,
+        "large-similar": 2,
+        "large-dissimilar": 5,
+    }
 
     row = long[(long.quadrant == "small-similar") & (long.strategy == "features")].iloc[0]
     low, high = scipy_stats.t.interval(0.95, 2, loc=0.82, scale=scipy_stats.sem([0.81, 0.82, 0.83]))
@@ -350,8 +397,9 @@ def test_long_form_schema_and_intervals(cells):
     assert one_seed["ci_low"].isna().all() and one_seed["ci_high"].isna().all()  # n < 2: NaN
     # Every quadrant row carries the quadrant's p-value; each cell its own p against the winner.
     partial = long[(long.quadrant == "small-similar") & (long.strategy == "partial")].iloc[0]
-    assert partial.p_vs_winner == pytest.approx(scipy_stats.ttest_ind(
-        [0.81, 0.82, 0.83], [0.66, 0.68, 0.70], equal_var=False).pvalue)
+    assert partial.p_vs_winner == pytest.approx(
+        scipy_stats.ttest_ind([0.81, 0.82, 0.83], [0.66, 0.68, 0.70], equal_var=False).pvalue
+    )
     assert long.groupby("quadrant")["p_value"].nunique(dropna=False).eq(1).all()
     # Cost columns are there even when no cell had them, blank.
     assert long["train_epochs"].isna().all() and long["train_seconds"].isna().all()

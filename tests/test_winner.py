@@ -18,8 +18,7 @@ def test_once_the_winner_is_registered_the_models_of_overtaken_trials_are_delete
     from harness.tracking import MODEL_URI_TAG, Tracker, load_keras_model
     from harness.winner import MODEL_DELETED_TAG, deliver_winner
 
-    cfg = parse_config("study: {name: caps}\ndata: {name: shapes}\nsearch: {backbone: MobileNetV2, head_lr: 0.01}\n",
-                       "c.yaml")
+    cfg = parse_config("study: {name: caps}\ndata: {name: shapes}\nsearch: {backbone: MobileNetV2, head_lr: 0.01}\n", "c.yaml")
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "caps", str(tmp_path / "artifacts"))
     tracker.start_study_run("caps", cfg.to_dict(), "sqlite://")
     study = optuna.create_study(direction="maximize")

@@ -133,17 +133,6 @@ def test_exit_descriptions():
     assert "code 3" in describe_exit(3)
 
 
-def test_slots_give_each_worker_a_gpu_or_a_share_of_the_cores():
-    from harness.trials import plan_slots
-
-    gpus = plan_slots(3, ["2", "5"], cpu_count=16)
-    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in gpus] == ["2", "5", "2"]  # round-robin over the visible ones
-    assert all(s.threads == 0 for s in gpus)
-    cpu = plan_slots(2, [], cpu_count=2)
-    assert [s.threads for s in cpu] == [1, 1] and all(s.env["CUDA_VISIBLE_DEVICES"] == "" for s in cpu)
-    assert plan_slots(1, [], cpu_count=8)[0].threads == 0  # one process: TensorFlow's own default
-
-
 def next_message(proc, kinds, timeout=120):
     """The next message of one of `kinds` (questions are not expected here)."""
     deadline = time.monotonic() + timeout
@@ -212,25 +201,3 @@ def test_a_successor_told_to_finish_before_its_predecessor_exits_never_touches_t
         assert second.process.exitcode == 0
     finally:
         first.kill()
-
-
-def test_each_gpu_gets_memory_growth_or_the_configured_limit():
-    from harness.runtime import configure_gpu_memory, gpu_memory_plan
-
-    gpus = ["/physical_device:GPU:0", "/physical_device:GPU:1"]
-    assert gpu_memory_plan(gpus, None) == dict.fromkeys(gpus, "memory growth")
-    assert gpu_memory_plan(gpus, 4096.0) == dict.fromkeys(gpus, "limit 4096 MiB")
-    assert gpu_memory_plan([], 4096) == {}
-    # The rule goes through TensorFlow itself: a GPU TensorFlow does not know is refused by it.
-    import tensorflow as tf
-
-    with pytest.raises(ValueError, match="Unrecognized device"):
-        configure_gpu_memory(None, [tf.config.PhysicalDevice("/physical_device:GPU:9", "GPU")])
-
-
-def test_only_a_gpu_slot_makes_a_successor_wait():
-    from harness.trials import plan_slots
-
-    assert all(slot.gpu for slot in plan_slots(2, ["0", "1"], cpu_count=16))
-    assert not any(slot.gpu for slot in plan_slots(2, [], cpu_count=2))  # CUDA_VISIBLE_DEVICES=""
-    assert not plan_slots(1, [], cpu_count=2)[0].gpu

@@ -16,29 +16,9 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, TINY, serve_mlflow, write_config
+from tests.conftest import ROOT, TINY, fresh_database, quad, serve_mlflow, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("servers")]  # module fixtures: one xdist worker
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    url = os.environ.get("HARNESS_TEST_POSTGRES")
-    if not url:
-        if os.environ.get("CI"):
-            pytest.fail("HARNESS_TEST_POSTGRES is not set: .ci/run must start PostgreSQL (scripts/postgres.sh)")
-        pytest.skip("no PostgreSQL: run `bash scripts/postgres.sh` and set HARNESS_TEST_POSTGRES to the URL it prints")
-    # A fresh database per run, so the workers also race to create Optuna's schema, as on day one.
-    import sqlalchemy as sa
-
-    name = f"harness_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    yield url.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +26,6 @@ def mlflow_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow-server")
     with serve_mlflow(folder) as uri:
         yield uri
-
-
-def fresh_database(url: str) -> str:
-    import sqlalchemy as sa
-
-    name = f"harness_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    return url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def open_stores_at(args):
@@ -101,14 +70,27 @@ def test_three_sweep_processes_fill_one_budget_exactly_and_survive_one_killed(tm
     study_name = f"workers-{uuid.uuid4().hex[:8]}"
     text = TINY.replace("scratch: true", "scratch: false").replace("pruner: none", "pruner: none\n  heartbeat_seconds: 3")
     config = write_config(tmp_path, text)
-    args = [sys.executable, "-m", "harness.sweep", str(config), "--study-name", study_name, "--n-trials", "5",
-            "--storage", postgres_url, "--tracking-uri", mlflow_server]
+    args = [
+        sys.executable,
+        "-m",
+        "harness.sweep",
+        str(config),
+        "--study-name",
+        study_name,
+        "--n-trials",
+        "5",
+        "--storage",
+        postgres_url,
+        "--tracking-uri",
+        mlflow_server,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     workers = []
     for i in range(3):  # each in its own folder, as on three machines
         (tmp_path / f"w{i}").mkdir()
-        workers.append(subprocess.Popen(args, cwd=tmp_path / f"w{i}", env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True))
+        workers.append(
+            subprocess.Popen(args, cwd=tmp_path / f"w{i}", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        )
     victim = workers[0]
     deadline = time.monotonic() + 600
     for line in victim.stderr:  # kill it in the middle of its first trial
@@ -150,13 +132,16 @@ def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_onc
     """Two sweep processes (as on two machines) share a quadrant sweep: the cells are spread over
     both, every cell has exactly one cell run, and each confirmation seed runs exactly once."""
     from harness import backbones as bb
-    from tests.test_quadrants import quad
 
     weights = tmp_path / "src.weights.h5"
     bb.construct("MobileNetV2", 32, None, {"alpha": 0.35}).save_weights(weights)
     name = f"quadpg-{uuid.uuid4().hex[:8]}"
-    text = quad(weights, "[features, partial]").replace("name: quad", f"name: {name}").replace(
-        "trials_per_cell: 2", "trials_per_cell: 1").replace("logme_max_images: 40", "logme: false")
+    text = (
+        quad(weights, "[features, partial]")
+        .replace("name: quad", f"name: {name}")
+        .replace("trials_per_cell: 2", "trials_per_cell: 1")
+        .replace("logme_max_images: 40", "logme: false")
+    )
     text = text.split("    - name: digits-small")[0]  # one target: two cells are enough to share
     config = write_config(tmp_path, text)
     args = [sys.executable, "-m", "harness.sweep", str(config), "--storage", postgres_url, "--tracking-uri", mlflow_server]
@@ -164,8 +149,9 @@ def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_onc
     procs = []
     for i in range(2):
         (tmp_path / f"m{i}").mkdir()
-        procs.append(subprocess.Popen(args, cwd=tmp_path / f"m{i}", env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(args, cwd=tmp_path / f"m{i}", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        )
     outputs = [p.communicate(timeout=900)[1] for p in procs]
     for p, err in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
@@ -188,8 +174,11 @@ def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_onc
     assert sorted(r.data.tags["harness.cell"] for r in cell_runs) == sorted(c.removeprefix(f"{name}.") for c in cells)
     assert all(r.info.status == "FINISHED" for r in cell_runs)
     for cell in cell_runs:
-        confirms = [r for r in runs if r.data.tags.get("harness.role") == "confirm"
-                    and r.data.tags["mlflow.parentRunId"] == cell.info.run_id]
+        confirms = [
+            r
+            for r in runs
+            if r.data.tags.get("harness.role") == "confirm" and r.data.tags["mlflow.parentRunId"] == cell.info.run_id
+        ]
         assert sorted(r.data.tags["harness.seed"] for r in confirms) == ["0", "1"]
 
 
