@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 
 import optuna
 import pytest
@@ -60,8 +61,19 @@ def history_sweep(uri, artifacts, name, target, trials, status="FINISHED", exper
     return tracker
 
 
+@pytest.fixture(scope="module")
+def blank_store(tmp_path_factory):
+    """An empty, current MLflow SQLite store, made once: creating its schema takes seconds."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("blank") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def stores(tmp_path):
+def stores(tmp_path, blank_store):
+    shutil.copy(blank_store, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", f"sqlite:///{tmp_path / 'optuna.db'}"
 
 
