@@ -204,7 +204,9 @@ def test_warm_start_takes_auto_off_or_a_list_of_experiments(value, expected):
 def test_warm_start_is_off_by_default_and_changes_no_fingerprint_and_no_trials_config():
     plain = parse_config(TINY, "s.yaml")
     assert plain.study.warm_start == "off" and plain.study.warm_start_trials == 3
-    warm = parse_config(TINY.replace("  pruner: none\n", "  pruner: none\n  warm_start: auto\n  warm_start_trials: 5\n"), "s.yaml")
+    warm = parse_config(
+        TINY.replace("  pruner: none\n", "  pruner: none\n  warm_start: auto\n  warm_start_trials: 5\n"), "s.yaml"
+    )
     assert warm.fingerprint() == plain.fingerprint()  # which trials come first, never what a trial computes
     assert warm.resolved({"backbone": "MobileNetV2"}, 0)["study"]["warm_start"] == "off"
 

@@ -326,3 +326,25 @@ def test_a_listed_experiment_is_refused_when_the_store_does_not_exist_yet(tmp_pa
     with pytest.raises(SweepRefused, match="experiment\\(s\\) 'team' not found"):
         check_stores(cfg)
     assert files_under(tmp_path) == []
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_second_sweep_on_more_data_starts_from_the_first_sweeps_best_configuration(workdir):
+    first_text = TINY.replace("name: tiny", "name: first").replace("scratch: true", "scratch: false")
+    first = run_cli(str(write_config(workdir, first_text, "first.yaml")), cwd=workdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second_text = (
+        first_text.replace("name: first", "name: second")
+        .replace("n_trials: 2", "n_trials: 1\n  warm_start: auto")
+        .replace("builtin_size: 10", "builtin_size: 20")
+    )
+    second = run_cli(str(write_config(workdir, second_text, "second.yaml")), cwd=workdir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "warm start: 1 first trial(s) from the nearest sweep(s): first (distance 0.301" in second.stderr
+    best = optuna.load_study(study_name="first", storage=f"sqlite:///{workdir / 'results' / 'first' / 'optuna.db'}").best_trial
+    started = optuna.load_study(study_name="second", storage=f"sqlite:///{workdir / 'results' / 'second' / 'optuna.db'}")
+    assert started.trials[0].params == best.params
+    assert started.trials[0].user_attrs["warm_start_from"] == "first"
