@@ -90,8 +90,10 @@ class StudyConfig:
     timeout: float | None = _f(None, "seconds after which no new trial starts; null = none", min=1)
     seed: int = _f(0, "sampler seed (and default data seed)", min=0)
     sampler: Literal["tpe", "random"] = _f("tpe", "Optuna sampler")
-    pruner: Literal["median", "percentile", "hyperband", "none"] = _f("median", "Optuna pruner")
-    pruner_warmup_epochs: int = _f(2, "epochs a trial runs before it may be pruned", min=0)
+    pruner: Literal["median", "percentile", "hyperband", "successive_halving", "none"] = _f("median", "Optuna pruner")
+    pruner_warmup_epochs: int = _f(
+        2, "epochs a trial runs before it may be pruned (hyperband, successive_halving: the first rung's epochs)", min=0
+    )
     pruner_startup_trials: int = _f(3, "finished trials before pruning starts", min=0)
     storage: str | None = _f(None, "Optuna storage URL; null = sqlite:///results/<name>/optuna.db")
     max_consecutive_failures: int = _f(5, "failed trials in a row that stop the sweep (something fails every trial)", min=1)
@@ -108,6 +110,13 @@ class StudyConfig:
         min=1,
     )
     workers: Any = _f(1, "trial processes this sweep process runs at once: a count, or 'auto' = one per visible GPU (1 on CPU)")
+    # Checked in _check_warm_start: 'auto', 'off' (also a bare YAML off) or a list of experiment names.
+    warm_start: Any = _f(
+        "off",
+        "auto | off | [experiment, ...]: a new study's first trials are the best configurations of the nearest "
+        "finished sweeps in the tracking store (auto: every experiment; a list: those experiments only)",
+    )
+    warm_start_trials: int = _f(3, "warm start: the best configurations enqueued, one from each of the nearest sweeps", min=1)
 
 
 # data.class_map's reserved key: the classes listed under it are left out of the target.
@@ -417,6 +426,7 @@ class SweepConfig:
             storage=None,
             pruner="none",
             workers=1,
+            warm_start="off",
             seed=self.study.seed + trial_number if seed is None else seed,
         )
         out["tracking"]["experiment"] = self.tracking.experiment or self.study.name
@@ -439,6 +449,8 @@ class SweepConfig:
             "recycle_memory_mib",
             "workers",
             "heartbeat_seconds",
+            "warm_start",  # which trials come first, never what a trial computes
+            "warm_start_trials",
         ):
             d["study"].pop(key, None)
         d.pop("tracking", None)
@@ -668,6 +680,7 @@ def _check_cross(cfg: SweepConfig, loc: _Locator) -> None:
             raise loc.error("source.data.image_size", "must equal data.image_size (the source backbone is reused as is)")
     if cfg.screen is not None:
         _check_screen(cfg, loc)
+    _check_warm_start(cfg, loc)
     for name in cfg.model.backbone_options:
         if name not in BACKBONES:
             raise loc.error(f"model.backbone_options.{name}", f"unknown backbone; valid: {', '.join(sorted(BACKBONES))}")
@@ -693,6 +706,44 @@ def _check_cross(cfg: SweepConfig, loc: _Locator) -> None:
         # YAML 1.1 reads a bare on/off (also yes/no, true/false) as a boolean: it means on/off here.
         if not isinstance(value, bool) and value not in ("auto", "on", "off"):
             raise loc.error(f"train.{key}", f"must be one of auto, on, off; got {value!r}")
+
+
+WARM_START_MODES = ("auto", "off")
+
+
+def warm_start_experiments(value: Any) -> list[str] | None:
+    """The experiments a checked `study.warm_start` learns from: a list of names, [] for every
+    experiment (auto), None for none (off; a bare YAML off reads as false). Pure."""
+    if value is False or value == "off":
+        return None
+    return [] if value == "auto" else list(value)
+
+
+def warm_start_problems(value: Any) -> list[tuple[str, str]]:
+    """Every problem of a `study.warm_start` value as (dotted key, message); empty when usable. Pure."""
+    key = "study.warm_start"
+    if value is False or value in WARM_START_MODES:
+        return []
+    if not isinstance(value, list):
+        return [(key, f"must be auto, off or a list of MLflow experiment names; got {value!r}")]
+    if not value:
+        return [(key, "an empty list learns from nothing; use off, auto or name at least one experiment")]
+    problems = []
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not name.strip():
+            problems.append((f"{key}[{i}]", f"must be an experiment name (a non-empty string); got {name!r}"))
+        elif value.index(name) != i:
+            problems.append((f"{key}[{i}]", f"experiment {name!r} is listed twice"))
+    return problems
+
+
+def _check_warm_start(cfg: SweepConfig, loc: _Locator) -> None:
+    """study.warm_start: every problem in one error, each with its key and file:line:col."""
+    problems = warm_start_problems(cfg.study.warm_start)
+    if not problems and cfg.quadrants is not None and warm_start_experiments(cfg.study.warm_start) is not None:
+        problems = [("study.warm_start", "a quadrant sweep runs one study per cell and is not warm-started; leave it off")]
+    if problems:
+        raise ConfigError("\n".join(str(loc.error(key, message)) for key, message in problems))
 
 
 def _check_screen(cfg: SweepConfig, loc: _Locator) -> None:

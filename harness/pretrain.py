@@ -89,6 +89,10 @@ def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
     from harness.model import ModelSpec, build_model
     from harness.phases import run_phases, scratch_plan
 
+    # Whatever ran before in this process (another backbone's pretraining, a sweep building its
+    # candidates) leaves Keras' layer names and seed state behind, and a second pretraining in one
+    # process gave other weights than the same one alone: start from a clean session, always.
+    keras.backend.clear_session()
     keras.utils.set_random_seed(PRETRAIN_SEED)
     tf.config.experimental.enable_op_determinism()
     src = _source(cfg)

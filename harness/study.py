@@ -91,6 +91,10 @@ def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:
         return optuna.pruners.NopPruner()
     if s.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, s.pruner_warmup_epochs), max_resource=total_epochs(cfg))
+    if s.pruner == "successive_halving":
+        # One bracket of Hyperband: rungs at min_resource * 3^k steps on the harness's step axis
+        # (both phases, see harness/trials.py pruning_step); the top third of each rung goes on.
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, s.pruner_warmup_epochs), reduction_factor=3)
     if s.pruner == "percentile":
         return optuna.pruners.PercentilePruner(
             25.0, n_startup_trials=s.pruner_startup_trials, n_warmup_steps=s.pruner_warmup_epochs

@@ -145,7 +145,26 @@ def check_stores(cfg) -> None:
 
     storage = cfg.study.storage or f"sqlite:///{st.default_storage_path(cfg.study.name)}"
     st.check_storage(storage, cfg.study.name, cfg.study.direction)
-    check_tracking_store(planned_tracking_uri(cfg.tracking.uri))
+    tracking_uri = planned_tracking_uri(cfg.tracking.uri)
+    exists = check_tracking_store(tracking_uri)
+    check_warm_start_experiments(cfg.study.warm_start, tracking_uri, exists)
+
+
+def check_warm_start_experiments(warm_start, uri: str, store_exists: bool) -> None:
+    """Every experiment `study.warm_start` names must exist in the tracking store (read only; a
+    store not created yet holds none): the missing ones are named and the sweep refused."""
+    from harness.config import warm_start_experiments
+    from harness.tracking import missing_experiments, redact
+
+    names = warm_start_experiments(warm_start)
+    if not names:
+        return
+    missing = missing_experiments(uri, names) if store_exists else names
+    if missing:
+        raise SweepRefused(
+            f"study.warm_start: experiment(s) {', '.join(map(repr, missing))} not found in MLflow tracking store "
+            f"{redact(uri)}; name experiments that exist there, or use auto (every experiment) or off"
+        )
 
 
 def planned_tracking_uri(configured: str | None) -> str:
@@ -158,11 +177,12 @@ def planned_tracking_uri(configured: str | None) -> str:
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # the database backends MLflow's tracking store takes
 
 
-def check_tracking_store(uri: str) -> None:
+def check_tracking_store(uri: str) -> bool:
     """Refuse an MLflow tracking store the sweep could not log to: a database that is unreachable,
     corrupt, or at a schema this MLflow does not run on (MLflow itself would stop with a traceback,
     or migrate another application's database); a tracking server that does not answer or refuses
-    these credentials. Other stores (Databricks, ...) are left to MLflow."""
+    these credentials. Other stores (Databricks, ...) are left to MLflow. Returns whether the store
+    exists already (False: a database MLflow will create, so it holds no experiment yet)."""
     from harness import study as st
     from harness.tracking import redact, schema_problem, tracking_server_error
 
@@ -171,11 +191,11 @@ def check_tracking_store(uri: str) -> None:
         state = st.inspect_sql_store(uri, "MLflow tracking store")
         revision = state and state[1]
         if not revision:
-            return  # a new store (or an empty database): MLflow creates its schema
+            return False  # a new store (or an empty database): MLflow creates its schema
         problem = schema_problem(uri, revision)
         if problem:
             raise SweepRefused(f"{where}: {problem}")
-        return
+        return True
     if uri.startswith(("http://", "https://")):
         error = tracking_server_error(uri)
         if error is not None:  # unreachable, refused, not an MLflow server: all stop the sweep
@@ -184,6 +204,7 @@ def check_tracking_store(uri: str) -> None:
                 "is the server running, and are MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
                 "set if it asks for them?"
             )
+    return True
 
 
 def resolve_weights(cfg, log) -> dict[str, str | None]:
@@ -356,6 +377,7 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     from harness.tasks import Context
     from harness.tracking import redact
     from harness.trials import recover_after_crash, trial_job
+    from harness.warmstart import describe_target, warm_start
     from harness.winner import deliver_winner, description
 
     study = st.open_study(cfg, storage, reseed=not exclusive)
@@ -368,6 +390,10 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     context = Context(cfg.study.name, cfg, dataset, splits, tracker, weights, trial_inputs)
     # Score the candidate backbones first; `search.screen.keep` narrows what the trials sample from.
     trial_cfg, screening = screen_backbones(cfg, study, storage, tracker, lambda task: engine.call(context, task), log)
+    # Describe the target on the parent run; study.warm_start: enqueue the nearest sweeps' best configurations.
+    with st.claim_lock(storage, f"{cfg.study.name}:warm-start"):
+        target = describe_target(len(splits.train), dataset.num_classes, cfg.data.image_size, screening)
+        warm_start(trial_cfg, study, tracker, target, log)
     n_done = st.finished_count(study)
     if n_done >= cfg.study.n_trials:
         log(f"study {cfg.study.name!r} already has {n_done} finished trial(s) (n_trials={cfg.study.n_trials}): nothing to run")

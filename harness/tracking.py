@@ -246,17 +246,37 @@ class Tracker:
         tags: dict[str, Any] | None = None,
         order_by: tuple[str, ...] | None = None,
         max_results: int = 50_000,
+        experiment_ids: list[str] | None = None,
     ) -> list[RunRecord]:
-        """Runs of this experiment with this role, under this parent run, in this status and with
-        these tag values (a criterion left None selects everything), as plain records.
-        `order_by`: NEWEST_FIRST or OLDEST_FIRST; None is the store's own order (newest first)."""
+        """Runs of this experiment (or of `experiment_ids`) with this role, under this parent run, in
+        this status and with these tag values (a criterion left None selects everything), as plain
+        records. `order_by`: NEWEST_FIRST or OLDEST_FIRST; None is the store's own order (newest first)."""
+        if experiment_ids == []:
+            return []
         runs = self.client.search_runs(
-            [self.experiment_id],
+            experiment_ids or [self.experiment_id],
             filter_string=run_filter(role, parent, status, tags),
             max_results=max_results,
             order_by=list(order_by) if order_by else None,
         )
         return [_record(run) for run in runs]
+
+    def experiment_names(self, names: list[str] | None = None) -> dict[str, str]:
+        """experiment id -> name of the experiments called `names` that exist and are not deleted,
+        or of every active experiment in the store (None)."""
+        from mlflow.entities import LifecycleStage
+
+        if names is None:
+            found, token = [], None
+            while True:  # page by page: a store caps one answer
+                page = self.client.search_experiments(max_results=1000, page_token=token)
+                found += list(page)
+                token = page.token
+                if not token:
+                    break
+        else:
+            found = [e for e in (self.client.get_experiment_by_name(n) for n in names) if e is not None]
+        return {e.experiment_id: e.name for e in found if e.lifecycle_stage == LifecycleStage.ACTIVE}
 
     def get_run_record(self, run_id: str) -> RunRecord:
         """One run by id, as a plain record (MLflow's error when there is no such run)."""
@@ -624,6 +644,20 @@ def schema_problem(uri: str, revision: str) -> str | None:
         f"its schema (revision {revision}) is older than MLflow {mlflow.__version__}'s ({head}); back the store up, "
         f"then run: mlflow db upgrade {redact(uri)}"
     )
+
+
+def missing_experiments(uri: str, names: list[str]) -> list[str]:
+    """The names among `names` that no active experiment of the tracking store at `uri` has (read only)."""
+    from mlflow.entities import LifecycleStage
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    missing = []
+    for name in names:
+        found = client.get_experiment_by_name(name)
+        if found is None or found.lifecycle_stage != LifecycleStage.ACTIVE:
+            missing.append(name)
+    return missing
 
 
 def tracking_server_error(uri: str) -> Exception | None:

@@ -386,3 +386,50 @@ def test_baseline_retries_is_a_count_named_on_bad_input(tmp_path):
         text = write_config(tmp_path).read_text().replace("retries: 0", f"retries: {bad}")
         with pytest.raises(ConfigError, match="baseline.retries"):
             load_config(write_config(tmp_path, text))
+
+
+# --- study.warm_start ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("auto", []), ("off", None), ("false", None), ("[team, flowers-v2]", ["team", "flowers-v2"])],
+)
+def test_warm_start_takes_auto_off_or_a_list_of_experiments(value, expected):
+    from harness.config import warm_start_experiments
+
+    cfg = parse_config(f"study:\n  warm_start: {value}\ndata:\n  name: shapes\n", "s.yaml")
+    assert warm_start_experiments(cfg.study.warm_start) == expected
+
+
+def test_warm_start_is_off_by_default_and_changes_no_fingerprint_and_no_trials_config():
+    plain = parse_config(TINY, "s.yaml")
+    assert plain.study.warm_start == "off" and plain.study.warm_start_trials == 3
+    warm = parse_config(
+        TINY.replace("  pruner: none\n", "  pruner: none\n  warm_start: auto\n  warm_start_trials: 5\n"), "s.yaml"
+    )
+    assert warm.fingerprint() == plain.fingerprint()  # which trials come first, never what a trial computes
+    assert warm.resolved({"backbone": "MobileNetV2"}, 0)["study"]["warm_start"] == "off"
+
+
+def test_every_warm_start_problem_is_reported_with_its_key_and_line():
+    message = error_of("study:\n  warm_start: [team, 3, '', team]\ndata:\n  name: shapes\n")
+    assert message.splitlines() == [
+        "s.yaml:2:22: study.warm_start[1]: must be an experiment name (a non-empty string); got 3",
+        "s.yaml:2:25: study.warm_start[2]: must be an experiment name (a non-empty string); got ''",
+        "s.yaml:2:29: study.warm_start[3]: experiment 'team' is listed twice",
+    ]
+    assert error_of("study:\n  warm_start: on\ndata:\n  name: shapes\n") == (
+        "s.yaml:2:3: study.warm_start: must be auto, off or a list of MLflow experiment names; got True"
+    )
+    assert "study.warm_start: an empty list learns from nothing" in error_of("study: {warm_start: []}\ndata: {name: shapes}\n")
+    assert "study.warm_start_trials: must be >= 1; got 0" in error_of("study: {warm_start_trials: 0}\ndata: {name: shapes}\n")
+
+
+def test_a_quadrant_sweep_refuses_a_warm_start():
+    from tests.conftest import ROOT
+
+    text = (ROOT / "sweeps" / "quadrants-demo.yaml").read_text()
+    assert "study:\n" in text
+    message = error_of(text.replace("study:\n", "study:\n  warm_start: auto\n", 1))
+    assert "study.warm_start: a quadrant sweep runs one study per cell and is not warm-started; leave it off" in message

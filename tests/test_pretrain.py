@@ -1,22 +1,75 @@
-"""Source pretraining: the shipped source backbone stays findable, its key must not move when config keys are added."""
+"""Source pretraining. The shipped source backbones stay findable, small, and loadable: their key must not move when
+config keys are added, and each file must load into the backbone its demo builds."""
 
 from __future__ import annotations
 
 import pytest
 
+DEMOS = ["sweeps/demo.yaml", "sweeps/quadrants-demo.yaml", "sweeps/zoo-demo.yaml"]
+MAX_ASSET_BYTES = 20 * 1024 * 1024  # the repository stays small
 
-@pytest.mark.parametrize("config", ["sweeps/demo.yaml", "sweeps/quadrants-demo.yaml"])
-def test_the_offline_demos_find_the_shipped_source_weights(config):
-    from harness.config import load_config
-    from harness.pretrain import ASSETS, find_source_weights
+
+def _demo_backbones(config: str):
+    from harness.config import backbone_candidates, load_config
     from tests.conftest import ROOT
 
     cfg = load_config(ROOT / config)
-    for backbone in cfg.search["backbone"].choices or (cfg.search["backbone"].value,):
+    return cfg, backbone_candidates(cfg.search)
+
+
+@pytest.mark.parametrize("config", DEMOS)
+def test_the_offline_demos_find_the_shipped_source_weights(config):
+    from harness.pretrain import ASSETS, find_source_weights
+
+    cfg, backbones = _demo_backbones(config)
+    for backbone in backbones:
         found = find_source_weights(cfg, backbone)
-        assert found is not None and found.parent == ASSETS, (
-            f"the demo would pretrain {backbone} for minutes instead of using the asset"
-        )
+        assert found is not None and found.parent == ASSETS, f"the demo would pretrain {backbone} for minutes, not use the asset"
+
+
+def test_the_zoo_ships_four_families():
+    _, backbones = _demo_backbones("sweeps/zoo-demo.yaml")
+    assert sorted(backbones) == ["EfficientNetB0", "MobileNet", "MobileNetV2", "MobileNetV3Small"]
+
+
+def test_every_shipped_asset_is_small_used_by_a_demo_and_loads_into_its_backbone():
+    import keras
+
+    from harness import backbones as bb
+    from harness.pretrain import ASSETS, find_source_weights
+
+    used = {}
+    for config in DEMOS:
+        cfg, backbones = _demo_backbones(config)
+        for backbone in backbones:
+            options = cfg.model.backbone_options.get(backbone, {})
+            used[find_source_weights(cfg, backbone)] = (backbone, cfg.source.data.image_size, options)
+    shipped = sorted(ASSETS.glob("*.weights.h5"))
+    assert shipped and set(shipped) == set(used), "every shipped file is some demo's source backbone, and no demo lacks one"
+    for path in shipped:
+        assert path.stat().st_size < MAX_ASSET_BYTES, f"{path.name}: {path.stat().st_size / 2**20:.1f} MiB"
+        assert path.with_suffix("").with_suffix(".json").is_file(), f"{path.name}: its pretraining report is missing"
+        backbone, size, options = used[path]
+        keras.backend.clear_session()
+        model = bb.construct(backbone, size, str(path), options)  # raises on a file another constructor made
+        assert len(bb.backbone_blocks(model, backbone)) > 1
+
+
+@pytest.mark.slow  # two short pretrainings: about a minute of CPU
+def test_pretraining_again_in_the_same_process_writes_the_same_file(tmp_path):
+    # `--ship` without --backbone pretrains every backbone in one process, and a sweep pretrains a
+    # missing one after building others: the weights must not depend on what ran before.
+    import dataclasses
+
+    from harness.pretrain import pretrain
+
+    cfg, _ = _demo_backbones("sweeps/zoo-demo.yaml")
+    tiny = dataclasses.replace(cfg.source, epochs=1, data=dataclasses.replace(cfg.source.data, builtin_size=12))
+    cfg = dataclasses.replace(cfg, source=tiny)
+    first, second = tmp_path / "first.weights.h5", tmp_path / "second.weights.h5"
+    pretrain(cfg, "MobileNet", first, log=lambda *_: None)
+    pretrain(cfg, "MobileNet", second, log=lambda *_: None)
+    assert first.read_bytes() == second.read_bytes()
 
 
 def test_a_missing_source_backbone_is_pretrained_once_then_found_in_its_cache(tmp_path):
