@@ -344,7 +344,9 @@ def test_a_second_sweep_on_more_data_starts_from_the_first_sweeps_best_configura
     second = run_cli(str(write_config(workdir, second_text, "second.yaml")), cwd=workdir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "warm start: 1 first trial(s) from the nearest sweep(s): first (distance 0.301" in second.stderr
-    best = optuna.load_study(study_name="first", storage=f"sqlite:///{workdir / 'results' / 'first' / 'optuna.db'}").best_trial
+    first_study = optuna.load_study(study_name="first", storage=f"sqlite:///{workdir / 'results' / 'first' / 'optuna.db'}")
     started = optuna.load_study(study_name="second", storage=f"sqlite:///{workdir / 'results' / 'second' / 'optuna.db'}")
-    assert started.trials[0].params == best.params
+    # The tiny sweep's trials often tie on its few validation images: any configuration with the best value is a best one.
+    best_configurations = [t.params for t in first_study.trials if t.value == first_study.best_value]
+    assert started.trials[0].params in best_configurations
     assert started.trials[0].user_attrs["warm_start_from"] == "first"
