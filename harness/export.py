@@ -167,6 +167,20 @@ def comparison_table(cells: pd.DataFrame) -> pd.DataFrame:
     return _wide(analyse(cells))
 
 
+# The verdict of each quadrant, as the wide table shows it beside the strategies' scores.
+WIDE_VERDICT_COLUMNS = (
+    "verdict",
+    "runner_up",
+    "margin",
+    "p_value",
+    "significant",
+    "tie_set",
+    "decisive",
+    "textbook",
+    "agrees_with_textbook",
+)
+
+
 def _wide(comparison: Comparison) -> pd.DataFrame:
     strategies = comparison.strategies
     by_cell = {(r.quadrant, r.strategy): r for r in comparison.cells.itertuples(index=False)}
@@ -180,37 +194,9 @@ def _wide(comparison: Comparison) -> pd.DataFrame:
                 if cell is None
                 else _cell_text(cell.test_mean, cell.ci_low, cell.ci_high) + (" (under-trained)" if cell.undertrained > 0 else "")
             )
-        row.update(
-            {
-                c: getattr(v, c)
-                for c in (
-                    "verdict",
-                    "runner_up",
-                    "margin",
-                    "p_value",
-                    "significant",
-                    "tie_set",
-                    "decisive",
-                    "textbook",
-                    "agrees_with_textbook",
-                )
-            }
-        )
+        row.update({c: getattr(v, c) for c in WIDE_VERDICT_COLUMNS})
         rows.append(row)
-    columns = [
-        "quadrant",
-        "target",
-        *strategies,
-        "verdict",
-        "runner_up",
-        "margin",
-        "p_value",
-        "significant",
-        "tie_set",
-        "decisive",
-        "textbook",
-        "agrees_with_textbook",
-    ]
+    columns = ["quadrant", "target", *strategies, *WIDE_VERDICT_COLUMNS]
     return pd.DataFrame(rows, columns=columns)
 
 
