@@ -42,7 +42,7 @@ search:
   head_lr: {low: 0.001, high: 0.01, log: true}
   finetune_lr: {low: 0.0001, high: 0.001, log: true}
   dropout: 0.1
-  cut_fraction: 0.4         # tiny: the first 8 of MobileNetV2's 19 blocks, so a model traces in seconds and still fits
+  cut_fraction: 0.2         # tiny: the first 4 of MobileNetV2's 19 blocks, so a model traces in seconds and still fits
 train:
   head: {epochs: 2, batch_size: 16, patience: null}
   finetune: {epochs: 2, batch_size: 16, patience: null}
@@ -56,7 +56,7 @@ baseline:
 
 
 # Longest first: the xdist groups (tests sharing a module-scoped fixture), then the files of long
-# single tests. With two workers the two longest groups start at once, one on each, and the short
+# single tests. With three workers the three longest groups start at once, one on each, and the short
 # tests fill in around them. Collection order is dispatch order: xdist's own reordering by group
 # size is off (--no-loadscope-reorder in pyproject.toml).
 _LONGEST_GROUPS = ("quad", "sweep", "servers", "retry", "secrets")

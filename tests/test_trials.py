@@ -123,7 +123,7 @@ def test_a_real_sweep_prunes_and_the_pruned_runs_keep_their_history_and_curve(tm
         ("head_lr: {low: 0.001, high: 0.01, log: true}", "head_lr: {low: 1.0e-5, high: 0.1, log: true}"),
         ("head: {epochs: 2, batch_size: 16, patience: null}", f"head: {{epochs: {HEAD_EPOCHS}, batch_size: 16, patience: 1}}"),
         ("weights: none", f"weights: {weights}"),
-        ("cut_fraction: 0.4", "cut_fraction: 1.0"),  # the whole backbone: the learning-rate story above depends on it
+        ("cut_fraction: 0.2", "cut_fraction: 1.0"),  # the whole backbone: the learning-rate story above depends on it
         ("builtin_size: 10", "builtin_size: 20"),
         ("scratch: true", "scratch: false"),
     ]:
