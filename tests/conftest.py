@@ -56,7 +56,7 @@ baseline:
 
 
 # Longest first: the xdist groups (tests sharing a module-scoped fixture), then the files of long
-# single tests. With three workers the three longest groups start at once, one on each, and the short
+# single tests. With two workers the two longest groups start at once, one on each, and the short
 # tests fill in around them. Collection order is dispatch order: xdist's own reordering by group
 # size is off (--no-loadscope-reorder in pyproject.toml).
 _LONGEST_GROUPS = ("quad", "sweep", "servers", "retry", "secrets")
