@@ -216,7 +216,7 @@ def median(values: list) -> float | None:
 # --- sections -------------------------------------------------------------------------------------
 
 
-def warm_section(runs: dict) -> tuple[str, dict]:
+def warm_section(runs: dict) -> str:
     rows = [
         "| target | seed | cold best | warm best | trials to within 1 point: cold | warm | seconds: cold | warm "
         "| warm's first trials came from |",
@@ -236,16 +236,14 @@ def warm_section(runs: dict) -> tuple[str, dict]:
             f"{fmt(cs, 0)} | {fmt(ws, 0)} | {', '.join(sources) or '-'} |"
         )
     n = len(runs)
-    summary = {"warm_reached": reached, "warm_half": halves, "runs": n, "median_ratio": median(ratios)}
-    text = "\n".join(rows) + (
+    return "\n".join(rows) + (
         f"\n\n- Warm reached within 1 point of the cold best in **{reached} of {n}** runs; in at most half the trials "
         f"the cold sweep needed in **{halves} of {n}** (goal: every run). Median warm/cold trials to get there: "
-        f"**{fmt(summary['median_ratio'], 2)}**."
+        f"**{fmt(median(ratios), 2)}**."
     )
-    return text, summary
 
 
-def screening_section(runs: dict) -> tuple[str, dict]:
+def screening_section(runs: dict) -> str:
     rows = [
         "| target | seed | kept (LogME top 2) | cold winner | kept it | cold best | screened best | lost | "
         "trial seconds: cold | screened | saved | seconds to within 1 point: cold | screened | saved |",
@@ -263,31 +261,23 @@ def screening_section(runs: dict) -> tuple[str, dict]:
         kept_winner += winner in kept
         within += screened_best >= threshold
         total_saved.append(saved(ct, st))
-        reach_saved.append(saved(cs, ss) if ss is not None else None)
+        reach_saved.append(saved(cs, ss))
         rows.append(
             f"| {target} | {seed} | {', '.join(kept)} | {winner} | {'yes' if winner in kept else 'no'} | {fmt(cold_best)} | "
             f"{fmt(screened_best)} | {fmt(cold_best - screened_best)} | {fmt(ct, 0)} | {fmt(st, 0)} | {pct(saved(ct, st))} | "
             f"{fmt(cs, 0)} | {fmt(ss, 0)} | {pct(saved(cs, ss))} |"
         )
     n = len(runs)
-    summary = {
-        "kept_winner": kept_winner,
-        "within": within,
-        "runs": n,
-        "median_total_saved": median(total_saved),
-        "median_reach_saved": median(reach_saved),
-    }
-    text = "\n".join(rows) + (
+    return "\n".join(rows) + (
         f"\n\n- The cold winner's backbone was kept in **{kept_winner} of {n}** runs.\n"
         f"- The screened sweep's best was within 1 point of the cold best in **{within} of {n}** runs (goal: at least 90%).\n"
-        f"- Trial seconds saved at the same trial budget: median **{pct(summary['median_total_saved'])}**; seconds to "
-        f"come within 1 point of the cold best, screened against cold: median **{pct(summary['median_reach_saved'])}** "
+        f"- Trial seconds saved at the same trial budget: median **{pct(median(total_saved))}**; seconds to "
+        f"come within 1 point of the cold best, screened against cold: median **{pct(median(reach_saved))}** "
         "saved, over the runs where the screened sweep got there (goal: at least 40%)."
     )
-    return text, summary
 
 
-def tau_section(runs: dict, pruners: list[str]) -> tuple[str, dict]:
+def tau_section(runs: dict, pruners: list[str]) -> str:
     from harness.screening import agreement
 
     rows = [
@@ -323,10 +313,10 @@ def tau_section(runs: dict, pruners: list[str]) -> tuple[str, dict]:
         f"**{fmt(means['size'], 2)}**. LogME beat the size-only ranking in {beat['logme']} of {counted} runs, "
         f"k-NN in {beat['knn']} of {counted}."
     )
-    return text, {"means": means, "beat": beat, "counted": counted}
+    return text
 
 
-def pruner_section(runs: dict, pruners: list[str]) -> tuple[str, dict]:
+def pruner_section(runs: dict, pruners: list[str]) -> str:
     rows = ["| target | seed | pruner | trial seconds | trials pruned | best |", "|---|---|---|---|---|---|"]
     by_pruner: dict[str, dict[str, list[float]]] = {p: {"seconds": [], "best": []} for p in ["median", *pruners]}
     for (target, seed), arms in runs.items():
@@ -348,7 +338,7 @@ def pruner_section(runs: dict, pruners: list[str]) -> tuple[str, dict]:
             f"- {p} against median: {ratio:.2f}x the seconds; best value {statistics.fmean(diffs):+.3f} on average "
             f"(higher in {higher}, equal in {equal}, lower in {lower} of {len(diffs)} runs)."
         )
-    return "\n".join(rows) + "\n\n" + "\n".join(lines), by_pruner
+    return "\n".join(rows) + "\n\n" + "\n".join(lines)
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -394,10 +384,10 @@ def main() -> None:
             runs[target, seed][arm] = run(target, seed, arm, history)
 
     sections = [
-        ("(a) Warm start against cold", warm_section(runs)[0]),
-        ("(b) Screening: keep 2 of 4 (LogME) against no screening", screening_section(runs)[0]),
-        ("(c) Transferability scores against the size-only ranking", tau_section(runs, pruners)[0]),
-        ("(d) Pruners", pruner_section(runs, pruners)[0]),
+        ("(a) Warm start against cold", warm_section(runs)),
+        ("(b) Screening: keep 2 of 4 (LogME) against no screening", screening_section(runs)),
+        ("(c) Transferability scores against the size-only ranking", tau_section(runs, pruners)),
+        ("(d) Pruners", pruner_section(runs, pruners)),
     ]
     walls = sum(arm["wall"] for arms in runs.values() for arm in arms.values())
     head = (
