@@ -481,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_CONFIG
     runtime.hide_gpus_from_this_process()
+    runtime.freeze_imported_objects()
     try:
         run(cfg)
     except (ConfigError, SweepRefused) as exc:

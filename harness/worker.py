@@ -266,6 +266,7 @@ def _child_main(
         tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
     runtime.install_stop_handlers()  # training stops at its next batch; a new task does not start
     runtime.quiet_libraries()
+    runtime.freeze_imported_objects()
     channel = Channel(conn)
     early: list = []  # messages that came before "go": tasks wait for the devices
     predecessor = None

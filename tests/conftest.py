@@ -63,6 +63,20 @@ _LONGEST_GROUPS = ("quad", "sweep", "servers", "retry", "secrets")
 _LONG_FILES = ("test_reliability.py", "test_scratch.py")
 
 
+def pytest_configure(config):
+    """In each test process (an xdist worker, or pytest without xdist): import TensorFlow once and
+    hide its objects from the garbage collector, as trial processes do (runtime.freeze_imported_objects).
+    Most tests build Keras models in process; each full collection would walk TensorFlow's objects."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        from harness import runtime
+
+        runtime.import_tensorflow_quietly()
+        import harness.tasks  # noqa: F401 - Keras, MLflow and the harness, as a trial process has them
+        import harness.tracking  # noqa: F401
+
+        runtime.freeze_imported_objects()
+
+
 def pytest_collection_modifyitems(config, items):
     def rank(item):
         group = item.get_closest_marker("xdist_group")
