@@ -50,7 +50,8 @@ baseline:
   scratch: true
   epochs: 2
   min_steps: 8              # tiny: the floor is for real data
-  patience: null            # learning_rate: auto (a short search)
+  patience: null
+  learning_rate: 0.001      # tiny: no rate search (tests/test_sweep.py runs the real sweep's, auto)
   retries: 0                # tiny: no retry at another rate (tests/test_scratch.py covers them)
 """
 

@@ -374,7 +374,7 @@ def test_baseline_learning_rate_must_be_auto_or_a_rate(tmp_path):
     with pytest.raises(ConfigError, match="baseline.learning_rate"):
         load_config(
             write_config(
-                tmp_path, write_config(tmp_path).read_text().replace("min_steps: 8", "min_steps: 8\n  learning_rate: fast")
+                tmp_path, write_config(tmp_path).read_text().replace("learning_rate: 0.001", "learning_rate: fast")
             )
         )
 

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_cli
+from tests.conftest import TINY, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sweep")]  # module fixtures: one xdist worker
 
@@ -19,7 +19,7 @@ def finished_sweep(tmp_path_factory):
     from tests.conftest import write_config
 
     work = tmp_path_factory.mktemp("sweep")
-    config = write_config(work)
+    config = write_config(work, TINY.replace("learning_rate: 0.001", "learning_rate: auto"))  # the baseline's rate search too
     first = run_cli(str(config), cwd=work)
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_cli(str(config), "--n-trials", "3", cwd=work)
