@@ -373,9 +373,7 @@ def test_fewer_than_two_confirmation_seeds_are_refused_at_load(tmp_path):
 def test_baseline_learning_rate_must_be_auto_or_a_rate(tmp_path):
     with pytest.raises(ConfigError, match="baseline.learning_rate"):
         load_config(
-            write_config(
-                tmp_path, write_config(tmp_path).read_text().replace("learning_rate: 0.001", "learning_rate: fast")
-            )
+            write_config(tmp_path, write_config(tmp_path).read_text().replace("learning_rate: 0.001", "learning_rate: fast"))
         )
 
 
