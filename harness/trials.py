@@ -326,13 +326,13 @@ class TrialEngine:
             heard = time.monotonic()
             message = proc.receive()
             if message is None:
-                reason = describe_exit(proc.process.exitcode)
+                reason = describe_exit(proc.exit_code())
                 run_id = getattr(task, "run_id", None)
                 if run_id:  # no Python code of the task ran to end its run
                     self.tracker.set_tags(run_id, {"harness.fail_reason": reason})
                     self.tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
                 self._replace(proc)
-                raise SweepRefused(f"{describe_exit(proc.process.exitcode)} (while it ran {type(task).__name__})")
+                raise SweepRefused(f"{reason} (while it ran {type(task).__name__})")
             kind = message[0]
             if kind == "ask":
                 proc.send(("reply", False))  # nothing to prune outside a study
@@ -505,15 +505,14 @@ class TrialEngine:
     def _process_died(self, proc: TrialProcess) -> None:
         """A trial process vanished (the OS killed it, most likely for memory): its trial fails alone,
         not retried (it would likely kill the next process too); a fresh process takes its place."""
-        reason = describe_exit(proc.process.exitcode)
+        exit_code = proc.exit_code()
+        reason = describe_exit(exit_code)
         running = self.running.pop(proc, None)
         if running is not None:
             run_id = running.trial.user_attrs.get("mlflow_run_id") or getattr(running.task, "run_id", None)
             if run_id:
                 self.tracker.set_tags(run_id, {"harness.fail_reason": reason})
-                self.tracker.log_text(
-                    run_id, f"No Python traceback: {reason} (exit code {proc.process.exitcode}).\n", "traceback.txt"
-                )
+                self.tracker.log_text(run_id, f"No Python traceback: {reason} (exit code {exit_code}).\n", "traceback.txt")
                 self.tracker.end_run(run_id, "FAILED", optuna_state="FAIL")
             self._record(running.job, running.trial, TrialState.FAIL, None, reason)
         if self._stopping:

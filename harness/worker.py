@@ -163,6 +163,17 @@ class TrialProcess:
                 self.rss_after_first = self.rss
         return message
 
+    def exit_code(self, timeout: float = 5) -> int | None:
+        """The child's exit code once it has exited (None if it still runs after `timeout` s).
+
+        `retire` reaps the child from a thread of its own, and `receive` joins it when its pipe
+        closes. When two threads wait on one child, the one that loses the race gets no code from
+        the operating system (the other has reaped it), so poll until the winner has set it."""
+        deadline = time.monotonic() + timeout
+        while self.process.exitcode is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.process.exitcode
+
     def memory_growth_mib(self) -> float:
         if self.rss is None or self.rss_after_first is None:
             return 0.0

@@ -81,7 +81,7 @@ def test_an_error_comes_back_as_itself_and_the_process_goes_on(proc):
 def test_a_child_killed_by_the_os_reads_as_a_death_with_the_likely_cause(proc):
     proc.start_task(("die", signal.SIGKILL))
     assert next_outcome(proc) is None  # no report: the pipe closed
-    assert exit_code(proc) == -signal.SIGKILL
+    assert proc.exit_code(timeout=60) == -signal.SIGKILL
     assert "out-of-memory killer" in describe_exit(proc.process.exitcode)
 
 
@@ -144,15 +144,6 @@ def next_message(proc, kinds, timeout=120):
     raise AssertionError(f"no {kinds} message in time")
 
 
-def exit_code(proc, timeout=60):
-    """The child's exit code once it has exited. `retire` reaps it from a thread of its own, and two
-    threads waiting on one child race: the one that loses reads no code, so poll until one is set."""
-    deadline = time.monotonic() + timeout
-    while proc.process.exitcode is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return proc.process.exitcode
-
-
 def test_a_successor_initializes_its_devices_only_after_its_predecessor_exited():
     """The successor imports while its predecessor still runs a task, then waits: the predecessor
     is let go only once the successor says it is waiting, and the successor, at its device
@@ -171,7 +162,7 @@ def test_a_successor_initializes_its_devices_only_after_its_predecessor_exited()
             assert next_message(second, ("ready",))[0] == "ready"
             assert second.devices["predecessor"] == first.pid
             assert second.devices["predecessor_at_init"] == "exited"
-            assert exit_code(first) == 0  # it finished normally, not killed
+            assert first.exit_code(timeout=60) == 0  # it finished normally, not killed
             assert next_outcome(second)[1]["sum"] == 3
         finally:
             second.kill()
@@ -206,6 +197,6 @@ def test_a_successor_told_to_finish_before_its_predecessor_exits_never_touches_t
         assert next_message(second, ("waiting",))[0] == "waiting"
         second.retire()
         assert next_message(second, ("ready",)) is None  # it exited without a "ready"
-        assert exit_code(second) == 0
+        assert second.exit_code(timeout=60) == 0
     finally:
         first.kill()
