@@ -122,6 +122,71 @@ def run_cli(*args: str, cwd: Path, timeout: float = 900, env: dict | None = None
     )
 
 
+def run_main(*args: str, cwd: Path, env: dict | None = None):
+    """`python -m harness.sweep ...` run by this test process: the same `main` a sweep process
+    runs, from `cwd` with `env` added, its trial processes real child processes. Returns a
+    CompletedProcess whose stdout and stderr hold what was written to file descriptors 1 and 2
+    (the trial processes' output too, as they share them) and what Python wrote to sys.stdout,
+    sys.stderr and logging.
+
+    For tests whose subject is not the process boundary: it saves the sweep process's start (importing
+    TensorFlow, Keras and MLflow: about 5 CPU-seconds a sweep, which this process has done already).
+    Signals, several sweep processes and what a process prints at the C level take run_cli."""
+    import logging
+    import subprocess
+    import tempfile
+    import traceback
+
+    from harness import sweep
+
+    old_cwd, old_env = os.getcwd(), dict(os.environ)
+    old_streams = sys.stdout, sys.stderr
+    handlers = [
+        h
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for h in getattr(logger, "handlers", ())
+        if type(h) is logging.StreamHandler
+    ]
+    old_handler_streams = [h.stream for h in handlers]
+    saved_fds = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        for stream in old_streams:
+            stream.flush()
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        streams = [open(fd, "w", buffering=1, closefd=False) for fd in (1, 2)]  # noqa: SIM115 - closed below
+        sys.stdout, sys.stderr = streams
+        try:
+            for h in handlers:
+                h.setStream(sys.stderr)
+            os.environ.update(env or {})
+            os.chdir(cwd)
+            try:
+                code = sweep.main(list(args))
+            except SystemExit as exc:  # argparse's refusals, as the process would exit
+                code = exc.code if isinstance(exc.code, int) else 1
+            except Exception:  # noqa: BLE001 - a crash reads as the process's would: traceback, code 1
+                traceback.print_exc()
+                code = 1
+        finally:
+            os.chdir(old_cwd)
+            os.environ.clear()
+            os.environ.update(old_env)
+            for h, stream in zip(handlers, old_handler_streams):
+                h.setStream(stream)
+            for stream in streams:
+                stream.close()
+            sys.stdout, sys.stderr = old_streams
+            for fd, saved in saved_fds.items():
+                os.dup2(saved, fd)
+                os.close(saved)
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read().decode(errors="replace"))
+    return subprocess.CompletedProcess(["harness.sweep", *args], code, *texts)
+
+
 def free_port() -> int:
     import socket
 

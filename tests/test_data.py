@@ -24,7 +24,7 @@ from harness.data import (
     splittable,
     tf_dataset,
 )
-from tests.conftest import GROUPS, TINY, problems_of, run_cli, write_config
+from tests.conftest import GROUPS, TINY, problems_of, run_main, write_config
 
 LABELS = np.repeat(np.arange(4), 50)
 
@@ -320,7 +320,7 @@ def test_the_cli_reports_every_folder_problem_and_creates_nothing(workdir):
             "  classes: [pentagon, star4, three_dots]\n", ""
         ),
     )
-    proc = run_cli(str(config), cwd=workdir, timeout=300)
+    proc = run_main(str(config), cwd=workdir)
     assert proc.returncode == 2, proc.stderr[-3000:]
     for problem in (
         "empty_one holds no images",

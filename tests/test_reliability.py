@@ -17,7 +17,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, TINY, run_cli, write_config
+from tests.conftest import ROOT, TINY, run_cli, run_main, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def test_killed_sweep_loses_nothing_and_resumes(tmp_path, sig, kill_at):
         assert study.trials[1].state.name == "FAIL"
         assert client.get_run(study.trials[1].user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
-    resumed = run_cli(str(config), "--n-trials", "2", cwd=tmp_path)
+    resumed = run_main(str(config), "--n-trials", "2", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     study, client, runs = load(tmp_path)
     states = [t.state.name for t in study.trials]
@@ -153,7 +153,7 @@ def test_trial_process_killed_by_the_os_fails_alone_and_the_study_goes_on(tmp_pa
     """The kernel's out-of-memory killer ends a process with SIGKILL, which no Python code can
     catch: the trial's own process is killed that way, the trial fails alone, the sweep goes on."""
     config = write_config(tmp_path, KILLABLE)
-    proc = run_cli(str(config), "--n-trials", "1", cwd=tmp_path, env={"HARNESS_INJECT_FAULT": "kill:0"})
+    proc = run_main(str(config), "--n-trials", "1", cwd=tmp_path, env={"HARNESS_INJECT_FAULT": "kill:0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trial 0 FAIL (trial process killed by SIGKILL" in proc.stderr
     study, client, runs = load(tmp_path)
@@ -179,7 +179,7 @@ def test_nan_trials_fail_with_their_reason_and_a_failing_streak_stops_the_sweep(
         .replace("pruner: none", "pruner: none\n  max_consecutive_failures: 2")
         .replace("head: {epochs: 2", "head: {epochs: 3")
     )
-    proc = run_cli(str(write_config(tmp_path, text)), cwd=tmp_path)
+    proc = run_main(str(write_config(tmp_path, text)), cwd=tmp_path)
     assert proc.returncode == 2
     assert "2 trials failed in a row" in proc.stderr
     study, client, runs = load(tmp_path)
@@ -205,13 +205,14 @@ def test_second_process_on_the_local_study_is_refused(tmp_path):
     assert len(trial_runs(runs)) == 1
 
 
+@pytest.mark.filterwarnings("ignore:Skipping nested container")  # Keras, on the file that does not fit
 def test_weights_file_that_does_not_fit_is_refused_before_anything_is_created(tmp_path):
     from harness import backbones as bb
 
     weights = tmp_path / "wide.weights.h5"
     bb.construct("MobileNetV2", 32, None, {"alpha": 1.0}).save_weights(weights)
     text = TINY.replace("weights: none", f"weights: {weights}")
-    proc = run_cli(str(write_config(tmp_path, text)), cwd=tmp_path, timeout=300)
+    proc = run_main(str(write_config(tmp_path, text)), cwd=tmp_path)
     assert proc.returncode == 2
     assert f"model.weights: weights file {weights} does not fit MobileNetV2" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -221,7 +222,7 @@ def test_weights_file_that_does_not_fit_is_refused_before_anything_is_created(tm
 
 def test_freeze_depth_impossible_for_the_backbone_is_refused(tmp_path):
     text = TINY.replace("unfreeze_fraction: {low: 0.2, high: 1.0}", "unfreeze_blocks: 40")
-    proc = run_cli(str(write_config(tmp_path, text)), cwd=tmp_path, timeout=300)
+    proc = run_main(str(write_config(tmp_path, text)), cwd=tmp_path)
     assert proc.returncode == 2
     assert "search.unfreeze_blocks: 40 is impossible for MobileNetV2, which has 19 blocks" in proc.stderr
     assert not (tmp_path / "results" / "mlflow.db").exists()
@@ -236,7 +237,7 @@ def test_imagenet_weights_offline_fail_up_front_with_the_reason(tmp_path):
         pytest.skip("ImageNet weights are reachable here (cached or online)")
     except Exception:  # noqa: BLE001 - exactly the offline case this test is about
         pass
-    proc = run_cli(str(write_config(tmp_path, TINY.replace("weights: none", "weights: imagenet"))), cwd=tmp_path, timeout=300)
+    proc = run_main(str(write_config(tmp_path, TINY.replace("weights: none", "weights: imagenet"))), cwd=tmp_path)
     assert proc.returncode == 2
     assert "model.weights: cannot build MobileNetV2 with weights 'imagenet'" in proc.stderr
     assert "ImageNet weights need internet the first time" in proc.stderr
@@ -247,7 +248,7 @@ def test_out_of_memory_trial_fails_alone_then_a_warm_process_runs_trials_per_pro
     """TensorFlow's out-of-memory error fails its trial alone, with the reason; the warm process
     goes on to its next trial, retires after trials_per_process, and a fresh one takes over."""
     text = KILLABLE.replace("n_trials: 3", "n_trials: 3\n  trials_per_process: 2")
-    proc = run_cli(str(write_config(tmp_path, text)), cwd=tmp_path, env={"HARNESS_INJECT_FAULT": "oom:0"})
+    proc = run_main(str(write_config(tmp_path, text)), cwd=tmp_path, env={"HARNESS_INJECT_FAULT": "oom:0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     study, client, runs = load(tmp_path)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
@@ -283,7 +284,7 @@ def test_two_workers_on_the_local_storage_give_an_exact_budget_and_the_median_pr
         .replace("weights: none", f"weights: {weights}")
         .replace("builtin_size: 10", "builtin_size: 30")
     )
-    proc = run_cli(str(write_config(tmp_path, text)), "--workers", "2", cwd=tmp_path)
+    proc = run_main(str(write_config(tmp_path, text)), "--workers", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 trial process(es) on CPU" in proc.stderr
     study, client, runs = load(tmp_path)

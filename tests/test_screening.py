@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from harness import screening as sc
 from harness.config import ConfigError, backbone_candidates, parse_config
-from tests.conftest import run_cli, write_config
+from tests.conftest import run_main, write_config
 
 
 def test_size_ranks_by_parameter_count_and_a_missing_score_ranks_last():
@@ -282,9 +282,9 @@ baseline: {scratch: false}
 @pytest.mark.slow
 def test_a_two_backbone_sweep_logs_its_screening_and_keeps_one_backbone_also_on_resume(workdir):
     config = write_config(workdir, E2E)
-    first = run_cli(str(config), cwd=workdir)
+    first = run_main(str(config), cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli(str(config), "--n-trials", "3", cwd=workdir)
+    second = run_main(str(config), "--n-trials", "3", cwd=workdir)
     assert second.returncode == 0, second.stderr[-3000:]
 
     study = optuna.load_study(study_name="screened", storage=f"sqlite:///{workdir}/results/screened/optuna.db")

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sweep")]  # module fixtures: one xdist worker
 
@@ -20,9 +20,9 @@ def finished_sweep(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("sweep")
     config = write_config(work, TINY.replace("learning_rate: 0.001", "learning_rate: auto"))  # the baseline's rate search too
-    first = run_cli(str(config), cwd=work)
+    first = run_main(str(config), cwd=work)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli(str(config), "--n-trials", "3", cwd=work)
+    second = run_main(str(config), "--n-trials", "3", cwd=work)
     assert second.returncode == 0, second.stderr[-3000:]
     return work, first, second
 
@@ -148,7 +148,7 @@ def test_report_refuses_an_unknown_sweep(finished_sweep):
 
 def test_resuming_with_a_changed_config_is_refused_instead_of_mixing_results(finished_sweep):
     work, *_ = finished_sweep
-    proc = run_cli(str(work / "sweep.yaml"), "--seed", "5", cwd=work, timeout=300)
+    proc = run_main(str(work / "sweep.yaml"), "--seed", "5", cwd=work)
     assert proc.returncode == 2
     assert "study 'tiny' already exists" in proc.stderr and "with a different config" in proc.stderr
     assert len(_study(work).trials) == 3  # untouched
@@ -240,7 +240,7 @@ def test_a_trials_config_artifact_re_runs_that_trial(finished_sweep, tmp_path):
 
     rerun_dir = tmp_path / "rerun"
     rerun_dir.mkdir()
-    proc = run_cli(path, cwd=rerun_dir, timeout=600)
+    proc = run_main(path, cwd=rerun_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rerun = optuna.load_study(
         study_name=f"tiny.trial-{trial.number}", storage=f"sqlite:///{rerun_dir}/results/tiny.trial-{trial.number}/optuna.db"

@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from harness.trials import pruning_step
-from tests.conftest import ROOT, TINY, run_cli, write_config
+from tests.conftest import ROOT, TINY, run_main, write_config
 
 HEAD_EPOCHS = 3
 
@@ -129,7 +129,7 @@ def test_a_real_sweep_prunes_and_the_pruned_runs_keep_their_history_and_curve(tm
     ]:
         assert old in text, old
         text = text.replace(old, new, 1)
-    proc = run_cli(str(write_config(tmp_path, text)), cwd=tmp_path)
+    proc = run_main(str(write_config(tmp_path, text)), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/results/tiny/optuna.db")

@@ -15,7 +15,7 @@ from harness import warmstart as ws
 from harness.config import ParamSpec, parse_config
 from harness.space import suggest
 from harness.tracking import STATE_TAG, TRIAL_TAG, Tracker
-from tests.conftest import TINY, run_cli, write_config
+from tests.conftest import TINY, run_cli, run_main, write_config
 
 # TINY's search: backbone MobileNetV2 (fixed), unfreeze_fraction 0.2..1.0, head_units {0, 8},
 # head_lr 0.001..0.01 (log), finetune_lr 0.0001..0.001 (log), dropout 0.1 (fixed).
@@ -334,14 +334,14 @@ def test_a_listed_experiment_is_refused_when_the_store_does_not_exist_yet(tmp_pa
 @pytest.mark.slow
 def test_a_second_sweep_on_more_data_starts_from_the_first_sweeps_best_configuration(workdir):
     first_text = TINY.replace("name: tiny", "name: first").replace("scratch: true", "scratch: false")
-    first = run_cli(str(write_config(workdir, first_text, "first.yaml")), cwd=workdir)
+    first = run_main(str(write_config(workdir, first_text, "first.yaml")), cwd=workdir)
     assert first.returncode == 0, first.stderr[-3000:]
     second_text = (
         first_text.replace("name: first", "name: second")
         .replace("n_trials: 2", "n_trials: 1\n  warm_start: auto")
         .replace("builtin_size: 10", "builtin_size: 20")
     )
-    second = run_cli(str(write_config(workdir, second_text, "second.yaml")), cwd=workdir)
+    second = run_main(str(write_config(workdir, second_text, "second.yaml")), cwd=workdir)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "warm start: 1 first trial(s) from the nearest sweep(s): first (distance 0.301" in second.stderr
     first_study = optuna.load_study(study_name="first", storage=f"sqlite:///{workdir / 'results' / 'first' / 'optuna.db'}")

@@ -130,14 +130,16 @@ def test_three_sweep_processes_fill_one_budget_exactly_and_survive_one_killed(tm
 
 def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_once(tmp_path, postgres_url, mlflow_server):
     """Two sweep processes (as on two machines) share a quadrant sweep: the cells are spread over
-    both, every cell has exactly one cell run, and each confirmation seed runs exactly once."""
+    both, every cell has exactly one cell run, and each confirmation seed runs exactly once. Its two
+    strategies are the ones that train the backbone (tests/test_quadrants.py runs the frozen ones):
+    partial fine-tuning, and scratch under the from-scratch recipe."""
     from harness import backbones as bb
 
     weights = tmp_path / "src.weights.h5"
     bb.construct("MobileNetV2", 32, None, {"alpha": 0.35}).save_weights(weights)
     name = f"quadpg-{uuid.uuid4().hex[:8]}"
     text = (
-        quad(weights, "[features, partial]")
+        quad(weights, "[partial, scratch]")
         .replace("name: quad", f"name: {name}")
         .replace("trials_per_cell: 2", "trials_per_cell: 1")
         .replace("logme_max_images: 40", "logme: false")
@@ -156,7 +158,7 @@ def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_onc
     for p, err in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
 
-    cells = [f"{name}.shapes-small.{s}" for s in ("features", "partial")]
+    cells = [f"{name}.shapes-small.{s}" for s in ("partial", "scratch")]
     sweep_processes = set()
     for cell in cells:
         search = optuna.load_study(study_name=cell, storage=postgres_url)
@@ -180,6 +182,14 @@ def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_onc
             if r.data.tags.get("harness.role") == "confirm" and r.data.tags["mlflow.parentRunId"] == cell.info.run_id
         ]
         assert sorted(r.data.tags["harness.seed"] for r in confirms) == ["0", "1"]
+        for r in confirms:  # every strategy's seeds under one rule: the scratch recipe's step floor, 6 steps in all
+            assert "at least 6 optimizer steps in all" in r.data.tags["harness.training_rule"]
+            if r.data.tags["strategy"] == "scratch":  # steps of every attempt: a retry at another rate adds its own
+                assert r.data.metrics["cost/images_seen"] / 16 >= 6
+    # a scratch seed shows its epochs as a trial does: it is never silent
+    assert any(
+        "shapes-small.scratch confirm [" in line and " scratch epoch " in line for err in outputs for line in err.splitlines()
+    )
 
 
 def test_the_claim_lock_serialises_processes_through_a_studys_own_storage(postgres_url):
