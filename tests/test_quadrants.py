@@ -11,9 +11,9 @@ from tests.conftest import quad, run_main, write_config
 
 # The end-to-end sweep keeps to two strategies that train no backbone, so the suite stays short:
 # frozen features (the feature cache, a head-only confirmation extended to the floor) and
-# intermediate features (a searched cut of the backbone, frozen). The strategies that train the
-# backbone, partial fine-tuning and scratch (the from-scratch recipe), run their cells end to end in
-# tests/test_workers.py; every strategy's confirmation plan is checked in tests/test_scratch.py.
+# intermediate features (a searched cut of the backbone, frozen). Scratch cells (the from-scratch
+# recipe) run end to end in tests/test_workers.py; a partial fine-tune is the two-phase trial every
+# plain sweep runs; every strategy's confirmation plan is checked in tests/test_scratch.py.
 E2E_STRATEGIES = ("features", "intermediate")
 E2E = f"[{', '.join(E2E_STRATEGIES)}]"
 TARGETS = ("shapes-small", "digits-small")

@@ -130,16 +130,17 @@ def test_three_sweep_processes_fill_one_budget_exactly_and_survive_one_killed(tm
 
 def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_once(tmp_path, postgres_url, mlflow_server):
     """Two sweep processes (as on two machines) share a quadrant sweep: the cells are spread over
-    both, every cell has exactly one cell run, and each confirmation seed runs exactly once. Its two
-    strategies are the ones that train the backbone (tests/test_quadrants.py runs the frozen ones):
-    partial fine-tuning, and scratch under the from-scratch recipe."""
+    both, every cell has exactly one cell run, and each confirmation seed runs exactly once. Its
+    strategies are frozen features and scratch, whose seeds train under the from-scratch recipe
+    (tests/test_quadrants.py runs features and intermediate; a partial fine-tune is the two-phase
+    trial every plain sweep runs, and its confirmation plan is checked in tests/test_scratch.py)."""
     from harness import backbones as bb
 
     weights = tmp_path / "src.weights.h5"
     bb.construct("MobileNetV2", 32, None, {"alpha": 0.35}).save_weights(weights)
     name = f"quadpg-{uuid.uuid4().hex[:8]}"
     text = (
-        quad(weights, "[partial, scratch]")
+        quad(weights, "[features, scratch]")
         .replace("name: quad", f"name: {name}")
         .replace("trials_per_cell: 2", "trials_per_cell: 1")
         .replace("logme_max_images: 40", "logme: false")
@@ -158,7 +159,7 @@ def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_onc
     for p, err in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
 
-    cells = [f"{name}.shapes-small.{s}" for s in ("partial", "scratch")]
+    cells = [f"{name}.shapes-small.{s}" for s in ("features", "scratch")]
     sweep_processes = set()
     for cell in cells:
         search = optuna.load_study(study_name=cell, storage=postgres_url)
