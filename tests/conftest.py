@@ -131,7 +131,7 @@ def run_main(*args: str, cwd: Path, env: dict | None = None):
 
     For tests whose subject is not the process boundary: it saves the sweep process's start (importing
     TensorFlow, Keras and MLflow: about 5 CPU-seconds a sweep, which this process has done already).
-    Signals, several sweep processes and what a process prints at the C level take run_cli."""
+    Signals, several sweep processes and everything a whole process writes take run_cli."""
     import logging
     import subprocess
     import tempfile
@@ -139,52 +139,44 @@ def run_main(*args: str, cwd: Path, env: dict | None = None):
 
     from harness import sweep
 
-    old_cwd, old_env = os.getcwd(), dict(os.environ)
-    old_streams = sys.stdout, sys.stderr
     handlers = [
         h
         for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
         for h in getattr(logger, "handlers", ())
         if type(h) is logging.StreamHandler
     ]
-    old_handler_streams = [h.stream for h in handlers]
     saved_fds = {fd: os.dup(fd) for fd in (1, 2)}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        for stream in old_streams:
-            stream.flush()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, pytest.MonkeyPatch.context() as patch:
+        sys.stdout.flush()
+        sys.stderr.flush()
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
-        streams = [open(fd, "w", buffering=1, closefd=False) for fd in (1, 2)]  # noqa: SIM115 - closed below
-        sys.stdout, sys.stderr = streams
         try:
-            for h in handlers:
-                h.setStream(sys.stderr)
-            os.environ.update(env or {})
-            os.chdir(cwd)
-            try:
-                code = sweep.main(list(args))
-            except SystemExit as exc:  # argparse's refusals, as the process would exit
-                code = exc.code if isinstance(exc.code, int) else 1
-            except Exception:  # noqa: BLE001 - a crash reads as the process's would: traceback, code 1
-                traceback.print_exc()
-                code = 1
+            with open(1, "w", buffering=1, closefd=False) as stdout, open(2, "w", buffering=1, closefd=False) as stderr:
+                patch.setattr(sys, "stdout", stdout)
+                patch.setattr(sys, "stderr", stderr)
+                for h in handlers:
+                    patch.setattr(h, "stream", stderr)
+                for key, value in (env or {}).items():
+                    patch.setenv(key, value)
+                patch.chdir(cwd)
+                try:
+                    code = sweep.main(list(args))
+                except SystemExit as exc:  # argparse's refusals, as the process would exit
+                    code = exc.code if isinstance(exc.code, int) else 1
+                except Exception:  # noqa: BLE001 - a crash reads as the process's would: traceback, code 1
+                    traceback.print_exc()
+                    code = 1
+                patch.undo()  # the streams, handlers, environment and folder, before the files close
         finally:
-            os.chdir(old_cwd)
-            os.environ.clear()
-            os.environ.update(old_env)
-            for h, stream in zip(handlers, old_handler_streams):
-                h.setStream(stream)
-            for stream in streams:
-                stream.close()
-            sys.stdout, sys.stderr = old_streams
             for fd, saved in saved_fds.items():
                 os.dup2(saved, fd)
                 os.close(saved)
-        texts = []
-        for f in (out, err):
-            f.seek(0)
-            texts.append(f.read().decode(errors="replace"))
-    return subprocess.CompletedProcess(["harness.sweep", *args], code, *texts)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(
+            ["harness.sweep", *args], code, out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        )
 
 
 def free_port() -> int:
