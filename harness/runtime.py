@@ -256,6 +256,9 @@ def quiet_libraries() -> None:
     quiet_mlflow_logger()
     # Heartbeat and stale-trial retry are marked experimental by Optuna; they are used on purpose.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # The engine asks and tells trials itself (harness/trials.py), with the heartbeat on: Optuna
+    # warns once per sweep that the heartbeat is meant for Study.optimize, which is not used here.
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     warnings.filterwarnings("ignore", message=".*shuffle=True.*")
     # Optuna would print a traceback per failed trial; the progress line and MLflow carry the reason.
     optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -102,7 +102,7 @@ class TrialProcess:
         self._send_lock = threading.Lock()  # the "go" comes from a thread of its own
         self.process = ctx.Process(
             target=_child_main,
-            args=(child_end, os.getpid(), handler, env or {}, threads, gpu_memory_limit_mib, after is not None),
+            args=(child_end, os.getpid(), _name_of(handler), env or {}, threads, gpu_memory_limit_mib, after is not None),
             name=name,
             daemon=False,
         )
@@ -262,12 +262,37 @@ class Channel:
 # --- the child's side -------------------------------------------------------------------------
 
 
+def _name_of(handler: Callable) -> str:
+    """The handler as "module:qualified name", which the child imports itself (see _child_main)."""
+    return f"{handler.__module__}:{handler.__qualname__}"
+
+
+def _resolve(name: str) -> Callable:
+    import importlib
+
+    module, _, qualname = name.partition(":")
+    target: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
+
+
 def _child_main(
-    conn, parent_pid: int, handler, env: dict, threads: int, gpu_memory_limit_mib: float | None = None, gated: bool = False
+    conn,
+    parent_pid: int,
+    handler_name: str,
+    env: dict,
+    threads: int,
+    gpu_memory_limit_mib: float | None = None,
+    gated: bool = False,
 ) -> None:
     _die_with_parent(parent_pid)
     os.environ.update(env)  # before TensorFlow is imported: CUDA_VISIBLE_DEVICES is read then
-    runtime.import_tensorflow_quietly()  # first: other imports would pull TensorFlow in with its banner
+    # First: any other import would pull TensorFlow in with its start-up banner. That is why the
+    # handler comes by name: unpickling the function itself would import its module (the tasks,
+    # Keras, TensorFlow) before this line runs.
+    runtime.import_tensorflow_quietly()
+    handler = _resolve(handler_name)
     if threads:
         import tensorflow as tf
 
