@@ -129,23 +129,30 @@ def test_three_sweep_processes_fill_one_budget_exactly_and_survive_one_killed(tm
 
 
 def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_once(tmp_path, postgres_url, mlflow_server):
-    """Two sweep processes (as on two machines) share a quadrant sweep: the cells are spread over
-    both, every cell has exactly one cell run, and each confirmation seed runs exactly once. Its
+    """Two sweep processes (as on two machines) share a quadrant sweep: its search trials and seeds
+    are spread over both, every cell has exactly one cell run, and each confirmation seed runs exactly once. Its
     strategies are frozen features and scratch, whose seeds train under the from-scratch recipe
     (tests/test_quadrants.py runs features and intermediate; a partial fine-tune is the two-phase
-    trial every plain sweep runs, and its confirmation plan is checked in tests/test_scratch.py)."""
+    trial every plain sweep runs, and its confirmation plan is checked in tests/test_scratch.py).
+
+    The backbone is VGG16, the Keras application with the fewest layers: training a backbone from
+    scratch costs mostly the tracing of its graph, which grows with its layers, and at 32 px its
+    convolutions are cheap. This sweep took 31 CPU-seconds with it, 78 with MobileNetV2."""
     from harness import backbones as bb
 
     weights = tmp_path / "src.weights.h5"
-    bb.construct("MobileNetV2", 32, None, {"alpha": 0.35}).save_weights(weights)
+    bb.construct("VGG16", 32, None, {}).save_weights(weights)
     name = f"quadpg-{uuid.uuid4().hex[:8]}"
     text = (
         quad(weights, "[features, scratch]")
         .replace("name: quad", f"name: {name}")
+        .replace("MobileNetV2: {alpha: 0.35}", "VGG16: {}")
+        .replace("backbone: MobileNetV2", "backbone: VGG16")
         .replace("trials_per_cell: 2", "trials_per_cell: 1")
         .replace("logme_max_images: 40", "logme: false")
     )
     text = text.split("    - name: digits-small")[0]  # one target: two cells are enough to share
+    assert "MobileNetV2" not in text
     config = write_config(tmp_path, text)
     args = [sys.executable, "-m", "harness.sweep", str(config), "--storage", postgres_url, "--tracking-uri", mlflow_server]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -160,15 +167,16 @@ def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_onc
         assert p.returncode == 0, err[-3000:]
 
     cells = [f"{name}.shapes-small.{s}" for s in ("features", "scratch")]
-    sweep_processes = set()
     for cell in cells:
         search = optuna.load_study(study_name=cell, storage=postgres_url)
         seeds = optuna.load_study(study_name=f"{cell}.confirm", storage=postgres_url)
         assert [t.state.name for t in search.trials] == ["COMPLETE"]
         assert sorted(t.params["seed"] for t in seeds.trials) == [0, 1]  # each seed once, none twice
         assert all(t.state.name == "COMPLETE" for t in seeds.trials)
-        sweep_processes |= {t.user_attrs["sweep_process"] for t in search.trials}
-    assert len(sweep_processes) == 2, "both sweep processes must have run cells"
+    # Which process claims which of the six jobs (two search trials, four seeds) is a race; that
+    # both took a share is not. Each process's log names what it started.
+    started = [[line for line in err.splitlines() if " starts: " in line] for err in outputs]
+    assert all(started), f"both sweep processes must have run work: {started}"
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name(name)
