@@ -48,12 +48,12 @@ def test_sweep_processes_started_together_create_schema_experiment_and_parent_on
     base = os.environ["HARNESS_TEST_POSTGRES"]
     ctx = multiprocessing.get_context("spawn")
     client = MlflowClient(mlflow_server)
-    with ctx.Pool(4) as pool:
+    with ctx.Pool(4) as pool, ctx.Manager() as manager:
         for round_ in range(10):
             storage = fresh_database(base)  # a fresh database: the schema race too
             name = f"race-{uuid.uuid4().hex[:8]}"
             text = TINY.replace("name: tiny", f"name: {name}")
-            barrier = ctx.Manager().Barrier(4)
+            barrier = manager.Barrier(4)
             joined = pool.map(open_stores_at, [(text, storage, mlflow_server, barrier)] * 4)
             assert len(set(joined)) == 1, f"round {round_}: the processes disagree: {joined}"
             experiment_id, parent = joined[0]
