@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pkgutil
 import signal
 import socket
 import sys
@@ -263,18 +264,9 @@ class Channel:
 
 
 def _name_of(handler: Callable) -> str:
-    """The handler as "module:qualified name", which the child imports itself (see _child_main)."""
+    """The handler as "module:qualified name", which the child imports itself with
+    `pkgutil.resolve_name` (see _child_main)."""
     return f"{handler.__module__}:{handler.__qualname__}"
-
-
-def _resolve(name: str) -> Callable:
-    import importlib
-
-    module, _, qualname = name.partition(":")
-    target: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        target = getattr(target, part)
-    return target
 
 
 def _child_main(
@@ -292,7 +284,7 @@ def _child_main(
     # handler comes by name: unpickling the function itself would import its module (the tasks,
     # Keras, TensorFlow) before this line runs.
     runtime.import_tensorflow_quietly()
-    handler = _resolve(handler_name)
+    handler = pkgutil.resolve_name(handler_name)
     if threads:
         import tensorflow as tf
 

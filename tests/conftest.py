@@ -146,6 +146,9 @@ def run_main(*args: str, cwd: Path, env: dict | None = None):
         if type(h) is logging.StreamHandler
     ]
     saved_fds = {fd: os.dup(fd) for fd in (1, 2)}
+    # The whole environment comes back afterwards, not only `env`: the sweep sets variables itself
+    # (a tracking server's login, TensorFlow's log level), as its own process would keep them.
+    saved_environ = dict(os.environ)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, pytest.MonkeyPatch.context() as patch:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -157,8 +160,7 @@ def run_main(*args: str, cwd: Path, env: dict | None = None):
                 patch.setattr(sys, "stderr", stderr)
                 for h in handlers:
                     patch.setattr(h, "stream", stderr)
-                for key, value in (env or {}).items():
-                    patch.setenv(key, value)
+                os.environ.update(env or {})
                 patch.chdir(cwd)
                 try:
                     code = sweep.main(list(args))
@@ -167,8 +169,10 @@ def run_main(*args: str, cwd: Path, env: dict | None = None):
                 except Exception:  # noqa: BLE001 - a crash reads as the process's would: traceback, code 1
                     traceback.print_exc()
                     code = 1
-                patch.undo()  # the streams, handlers, environment and folder, before the files close
+                patch.undo()  # the streams, handlers and folder, before the files close
         finally:
+            os.environ.clear()
+            os.environ.update(saved_environ)
             for fd, saved in saved_fds.items():
                 os.dup2(saved, fd)
                 os.close(saved)
