@@ -710,11 +710,14 @@ def plain_tracking_errors():
 def load_keras_model(model_uri: str, tracking_uri: str | None = None):
     """The Keras model logged at `model_uri` (`models:/...`, `runs:/...`: a logged model or a
     registry version), read through `tracking_uri` (default: the global tracking URI).
-    A model saved with a custom layer needs that layer's module imported first."""
+    A model saved with a custom layer needs that layer's module imported first.
+
+    Loaded for inference, uncompiled: the optimizer's state is not read back. A model saved during
+    phase 2 holds only part of it, and Keras warns of that on every load."""
     import mlflow.keras
 
     with global_tracking_uri(tracking_uri) if tracking_uri else nullcontext():
-        return mlflow.keras.load_model(model_uri)
+        return mlflow.keras.load_model(model_uri, load_model_kwargs={"compile": False})
 
 
 def logged_model_metadata(model_uri: str) -> dict:
