@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from harness.data import IMAGE_EXTENSIONS, decode_image
+from harness.data import IMAGE_EXTENSIONS
 from harness.tracking import (
     TrackingError,
     global_tracking_uri,
@@ -158,6 +158,8 @@ def predict_folder(
     k = model.output_shape[-1]
     if k is not None and k != len(class_names):
         raise PredictError(f"model outputs {k} classes but {len(class_names)} class names were given")
+    from harness.frameworks.keras.data import decode_image
+
     size = input_size(model, image_size)
     names: list[str] = []
     pixels: list[np.ndarray] = []
@@ -178,7 +180,7 @@ def predict_folder(
                 skipped.append((rel, too_large))
             else:
                 try:
-                    pixels.append(decode_image(path.read_bytes(), size).numpy())
+                    pixels.append(decode_image(path.read_bytes(), size).numpy())  # as training decodes
                     names.append(rel)
                 except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
                     skipped.append((rel, _reason(exc)))
@@ -254,7 +256,7 @@ def load_keras_file(path: Path) -> Classifier:
     """A `.keras` file; class names from MLflow's MLmodel (`<model>/data/model.keras` layout) or classes.json."""
     import keras
 
-    import harness.model  # noqa: F401 - registers the layer that models saved by earlier versions hold
+    import harness.frameworks.keras.model  # noqa: F401 - registers the layer that models saved by earlier versions hold
 
     try:
         model = keras.saving.load_model(path, safe_mode=True)
@@ -287,7 +289,7 @@ def _registered_uri(spec: str) -> str:
 
 def load_mlflow_model(uri: str) -> Classifier:
     """A model from the tracking/registry store (the global tracking URI must be set)."""
-    import harness.model  # noqa: F401 - registers the layer that models saved by earlier versions hold
+    import harness.frameworks.keras.model  # noqa: F401 - registers the layer that models saved by earlier versions hold
 
     meta = logged_model_metadata(uri)
     model = load_keras_model(uri)
@@ -361,9 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out {args.out!r}: {problem}", file=sys.stderr)
         return 2
 
-    from harness.runtime import import_tensorflow_quietly
+    from harness.frameworks.keras.device import import_quietly
 
-    import_tensorflow_quietly()
+    import_quietly()
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)

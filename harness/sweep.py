@@ -121,13 +121,22 @@ def plan_workers(requested, gpus: list[str]) -> int:
     return requested
 
 
+def sweep_frameworks(cfg) -> set[str]:
+    """The frameworks a sweep's candidate backbones are trained with."""
+    from harness.config import backbone_candidates
+    from harness.frameworks import framework_of
+
+    return {framework_of(name) for name in backbone_candidates(cfg.search)}
+
+
 def check_mixed_precision(cfg) -> None:
     """`train.mixed_precision: on` needs a GPU of compute capability >= 7.0 (Tensor Cores): elsewhere
     float16 buys little or no speed and costs precision. Uses the GPUs as seen before this process hid them."""
     from harness.config import ConfigError
-    from harness.runtime import TENSOR_CORES, gpu_capabilities, physical_gpus, resolve_switch
+    from harness.frameworks import trial_gpus
+    from harness.runtime import TENSOR_CORES, resolve_switch
 
-    capabilities = gpu_capabilities(physical_gpus())
+    capabilities = [capability for _, capability in trial_gpus(sweep_frameworks(cfg))]
     explicitly_on = resolve_switch(cfg.train.mixed_precision, [])  # with no GPU, auto is off: only on is left
     if explicitly_on and not resolve_switch("auto", capabilities):
         found = ", ".join("unknown" if c is None else f"{c[0]}.{c[1]}" for c in capabilities) or "none (CPU only)"
@@ -209,8 +218,8 @@ def check_tracking_store(uri: str) -> bool:
 
 def resolve_weights(cfg, log) -> dict[str, str | None]:
     """Each candidate backbone's weights, checked by building the backbone once (fails fast)."""
-    from harness import backbones as bb
     from harness.config import backbone_candidates
+    from harness.frameworks import framework_for
 
     names = backbone_candidates(cfg.search)
     size = cfg.quadrants.targets[0].data.image_size if cfg.quadrants else cfg.data.image_size
@@ -226,7 +235,7 @@ def resolve_weights(cfg, log) -> dict[str, str | None]:
         else:
             weights = w
         try:
-            backbone = bb.construct(name, size, weights, cfg.model.backbone_options.get(name))
+            n_blocks = framework_for(name).backbone_blocks(name, size, weights, cfg.model.backbone_options.get(name, {}))
         except Exception as exc:  # noqa: BLE001 - any failure here means no trial could run
             if weights not in (None, "imagenet"):
                 problem = f"weights file {weights} does not fit {name} with options {cfg.model.backbone_options.get(name, {})}"
@@ -238,11 +247,8 @@ def resolve_weights(cfg, log) -> dict[str, str | None]:
                 else ""
             )
             raise SweepRefused(f"model.weights: {problem}: {type(exc).__name__}: {str(exc)[:300]}{hint}") from None
-        check_freeze_depth(cfg, name, len(bb.backbone_blocks(backbone, name)))
+        check_freeze_depth(cfg, name, n_blocks)
         resolved[name] = weights
-    import keras
-
-    keras.backend.clear_session()
     return resolved
 
 
@@ -273,7 +279,9 @@ def run(cfg, log=None) -> dict:
     def log_redacted(text: str) -> None:
         emit(redact(text))  # a line may name the storage or the tracking URI, which may hold a password
 
-    gpus = runtime.visible_gpus()
+    from harness.frameworks import trial_gpus
+
+    gpus = [name for name, _ in trial_gpus(sweep_frameworks(cfg))]
     workers = plan_workers(cfg.study.workers, gpus)
     from harness.trials import TrialEngine
 
@@ -469,8 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SweepRefused) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
+    from harness.frameworks import trial_gpus
+
     try:
-        runtime.import_tensorflow_quietly()
+        trial_gpus(sweep_frameworks(cfg))  # kept from this process, which trains nothing
     except ModuleNotFoundError as exc:
         if exc.name != "tensorflow":
             raise
@@ -480,7 +490,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    runtime.hide_gpus_from_this_process()
     runtime.freeze_imported_objects()
     try:
         run(cfg)

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.backbones import BACKBONES
+from harness.frameworks.keras.backbones import BACKBONES
 from harness.config import ParamSpec, warm_start_experiments
 from harness.direction import best_of
 
