@@ -478,7 +478,7 @@ def bench_memory(n_images: int) -> str:
                 sys.executable,
                 "-c",
                 f"import sys; sys.path.insert(0, {str(ROOT)!r}); import keras; "
-                "from harness.backbones import construct; keras.utils.set_random_seed(0); "
+                "from harness.frameworks.keras.backbones import construct; keras.utils.set_random_seed(0); "
                 f"construct('MobileNetV2', 224, None, {{'alpha': 0.35}}).save_weights({str(weights)!r})",
             ],
             check=True,

@@ -62,9 +62,7 @@ def boundary_applies(spec: ModelSpec, n_blocks: int, phase) -> bool:
     """Whether `phase` trains only the top blocks above a frozen bottom that sees fixed inputs: a
     fine-tune phase of a pretrained backbone without augmentation that leaves some blocks frozen.
     The activations at the freeze boundary are then the same every epoch."""
-    return (
-        phase.name == "finetune" and 0 < phase.unfreeze_blocks < n_blocks and features_are_fixed(spec.pretrained, spec.augment)
-    )
+    return phase.name == "finetune" and 0 < phase.unfreeze_blocks < n_blocks and features_are_fixed(spec.pretrained, spec.augment)
 
 
 def feature_key(spec: ModelSpec, n_blocks: int, weights: str, split: str, layer: str = POOLED) -> str:

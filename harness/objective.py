@@ -133,7 +133,9 @@ class TrialRunner:
     def spec(self, params: dict, pretrained: bool = True) -> ModelSpec:
         return model_spec(self.cfg, params, self.dataset.num_classes, self.weights.get(params["backbone"]), pretrained)
 
-    def train(self, number: int, params: dict, run_id: str, report: Callable[[dict], bool | Callable[[], bool]], history: History):
+    def train(
+        self, number: int, params: dict, run_id: str, report: Callable[[dict], bool | Callable[[], bool]], history: History
+    ):
         """Build and train the trial's model (filling `history`); returns it with the best
         epoch's weights. The run's lifecycle is harness/tasks.py `run_trial`."""
         cfg, trainer = self.cfg, self.trainer(params["backbone"])

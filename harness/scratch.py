@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, replace
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from harness.config import BaselineConfig, SweepConfig, TrainConfig
@@ -84,7 +84,9 @@ def pick_learning_rate(losses: dict[float, float]) -> float:
     return learning_rate_order(losses)[0]
 
 
-def learning_rate_search(trainer: Trainer, config: Configuration, steps_each: int, candidates=LR_CANDIDATES) -> dict[float, float]:
+def learning_rate_search(
+    trainer: Trainer, config: Configuration, steps_each: int, candidates=LR_CANDIDATES
+) -> dict[float, float]:
     """Train the same fresh model a short while at each candidate rate (its initial weights put
     back and a fresh optimizer for each candidate); returns each rate's training loss at the end
     of the second half of its run (diverged: inf)."""

@@ -77,7 +77,11 @@ def execute(task, channel: Channel):
 
 @contextlib.contextmanager
 def tracked_run(
-    tracker, run_id: str, release_memory: Callable[[], None], optuna_states: bool = False, system_metrics_seconds: float | None = None
+    tracker,
+    run_id: str,
+    release_memory: Callable[[], None],
+    optuna_states: bool = False,
+    system_metrics_seconds: float | None = None,
 ):
     """Train inside this block; the run ends to match how the block ended:
 
@@ -321,7 +325,9 @@ def train_baseline(runner, params: dict, run_id: str, note=print_note, number: i
         tracker.log_metrics(run_id, r.metrics, step=r.epoch)
 
     with tracked_run(tracker, run_id, framework_for(params["backbone"]).release_memory, optuna_states=True):
-        model, history, facts = train_from_scratch(ScratchRun(runner, params, cfg.study.seed, run_id, on_epoch, "baseline", note, number))
+        model, history, facts = train_from_scratch(
+            ScratchRun(runner, params, cfg.study.seed, run_id, on_epoch, "baseline", note, number)
+        )
         log_history(tracker, run_id, history)
         test = evaluate_on_test(model, runner)
         model = None

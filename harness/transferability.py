@@ -109,7 +109,7 @@ def score_backbones(runner, backbones: list[str], max_images: int, note=lambda p
 
     With the feature cache on, the whole split's features are read from (or written to) the entry
     the trials' phase 1 uses; the scores read a class-balanced subsample of at most `max_images`."""
-    cfg, dataset, splits = runner.cfg, runner.dataset, runner.splits
+    dataset, splits = runner.dataset, runner.splits
     train_labels = dataset.labels[splits.train]
     positions = balanced_positions(train_labels, max_images)
     out = {}

@@ -320,7 +320,7 @@ def weights_file(tmp_path_factory) -> str:
     pretrained weights offline."""
     import keras
 
-    from harness import backbones as bb
+    from harness.frameworks.keras import backbones as bb
 
     path = tmp_path_factory.mktemp("w") / "mnv2.weights.h5"
     keras.utils.set_random_seed(0)  # the same weights whatever ran before in this process

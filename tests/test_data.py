@@ -22,8 +22,8 @@ from harness.data import (
     min_images_per_class,
     select_classes,
     splittable,
-    tf_dataset,
 )
+from harness.frameworks.keras.data import tf_dataset
 from tests.conftest import GROUPS, TINY, problems_of, run_main, write_config
 
 LABELS = np.repeat(np.arange(4), 50)
@@ -346,7 +346,7 @@ def _grey_folder(root, n=12):
 
 
 def _decode_in_child(ds, indices, out_queue):
-    from harness.data import decoded_split
+    from harness.frameworks.keras.data import decoded_split
 
     out_queue.put(np.array(decoded_split(ds, indices)))
 
@@ -354,7 +354,7 @@ def _decode_in_child(ds, indices, out_queue):
 def test_a_decoded_split_is_one_shared_file_whatever_the_process_or_seed(tmp_path):
     import multiprocessing
 
-    from harness.data import decoded_split
+    from harness.frameworks.keras.data import decoded_split
 
     _grey_folder(tmp_path / "images")
     cache = tmp_path / "cache"
@@ -389,7 +389,8 @@ def test_past_the_cap_the_split_used_longest_ago_is_deleted_and_the_one_just_use
     import os
     import time
 
-    from harness.data import decoded_split, decoded_split_path
+    from harness.data import decoded_split_path
+    from harness.frameworks.keras.data import decoded_split
 
     _grey_folder(tmp_path / "images")
     ds = load_dataset(

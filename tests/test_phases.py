@@ -24,5 +24,3 @@ def test_from_scratch_early_stopping_waits_for_the_step_floor_and_a_still_fallin
     rising_accuracy = [0.2, 0.3, 0.4, 0.5, 0.6]  # overfitting loss, better accuracy: go on
     assert scratch_keeps_training([1.5, 1.6, 1.7, 1.8, 1.9], rising_accuracy, "maximize", patience=3)
     assert scratch_keeps_training([2.0, float("nan")], [0.2, 0.2], "maximize", patience=None)  # no patience: never
-
-

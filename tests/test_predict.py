@@ -310,7 +310,7 @@ def test_the_registered_winner_loads_and_predicts_where_the_harness_is_not_insta
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from harness.model import BackbonePreprocess, ModelSpec, build_model, preprocessing
+    from harness.frameworks.keras.model import BackbonePreprocess, ModelSpec, build_model, preprocessing
     from harness.tracking import Tracker, global_tracking_uri
     from harness.winner import CHAMPION_ALIAS, deliver_winner
 

@@ -77,19 +77,19 @@ def test_auto_and_off_pass_the_preflight_on_cpu(monkeypatch, setting):
 
 
 def test_apply_device_switches_on_cpu():
-    from harness.runtime import apply_device_switches
+    from harness.frameworks.keras import device
 
-    assert apply_device_switches(TrainConfig()) == (False, False)  # auto on CPU: both off
+    assert device.apply_device_switches(TrainConfig()) == (False, False)  # auto on CPU: both off
     assert keras.mixed_precision.global_policy().name == "float32"
-    assert runtime._jit_compile is False  # off is passed to compile explicitly, not Keras' "auto"
-    assert apply_device_switches(TrainConfig(mixed_precision="on", jit_compile=True)) == (True, True)
+    assert device._jit_compile is False  # off is passed to compile explicitly, not Keras' "auto"
+    assert device.apply_device_switches(TrainConfig(mixed_precision="on", jit_compile=True)) == (True, True)
     assert keras.mixed_precision.global_policy().name == "mixed_float16"
-    assert runtime._jit_compile is True
+    assert device._jit_compile is True
 
 
 def test_the_policy_survives_the_clean_up_between_trials():
     """Keras' clear_session resets the global dtype policy; the next trial must still be mixed."""
-    from harness.runtime import release_memory
+    from harness.frameworks.keras.device import release_memory
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     release_memory()
@@ -100,7 +100,8 @@ def test_the_policy_survives_the_clean_up_between_trials():
 
 
 def test_each_gpu_gets_memory_growth_or_the_configured_limit():
-    from harness.runtime import configure_gpu_memory, gpu_memory_plan
+    from harness.frameworks.keras.device import configure_gpu_memory
+    from harness.runtime import gpu_memory_plan
 
     gpus = ["/physical_device:GPU:0", "/physical_device:GPU:1"]
     assert gpu_memory_plan(gpus, None) == dict.fromkeys(gpus, "memory growth")

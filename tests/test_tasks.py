@@ -77,7 +77,7 @@ def test_the_winners_test_logs_auc_per_class_accuracy_and_the_confusion_matrix(t
 
     import pandas as pd
 
-    from harness.model import ModelSpec, build_model
+    from harness.frameworks.keras.model import ModelSpec, build_model
     from harness.tasks import TestTask
     from harness.tracking import Tracker
 
@@ -123,16 +123,17 @@ def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weigh
     dataset = load_dataset(target.data)
     splits = make_splits(dataset.labels, target.data)
     built = []
-    real = tasks.tf_dataset
+    from harness.frameworks.keras import data as keras_data
+
+    real = keras_data.tf_dataset
 
     def spy(ds, indices, *args, **kwargs):
         built.append(np.array(indices))
         return real(ds, indices, *args, **kwargs)
 
-    from harness import features
-
-    monkeypatch.setattr(tasks, "tf_dataset", spy)
-    monkeypatch.setattr(features, "tf_dataset", spy)  # phase 1 reads the train split once, for cached features
+    # Every split any training or evaluation reads goes through the framework's one pipeline maker
+    # (phase 1 reads the train split once, for cached features).
+    monkeypatch.setattr(keras_data, "tf_dataset", spy)
     monkeypatch.chdir(tmp_path)  # a feature cache of its own (results/features), computed here
     tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "spy", str(tmp_path / "a"))
     tracker.start_study_run("spy", {}, "none")
