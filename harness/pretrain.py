@@ -85,9 +85,10 @@ def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
     import keras
     import tensorflow as tf
 
-    from harness.data import load_dataset, make_splits, tf_dataset
+    from harness.data import make_splits, tf_dataset
     from harness.model import ModelSpec, build_model
     from harness.phases import run_phases, scratch_plan
+    from harness.preflight import checked_dataset
 
     # Whatever ran before in this process (another backbone's pretraining, a sweep building its
     # candidates) leaves Keras' layer names and seed state behind, and a second pretraining in one
@@ -96,7 +97,7 @@ def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
     keras.utils.set_random_seed(PRETRAIN_SEED)
     tf.config.experimental.enable_op_determinism()
     src = _source(cfg)
-    data = load_dataset(src.data)
+    data = checked_dataset(src.data)  # every image checked, as a sweep's own data is
     splits = make_splits(data.labels, src.data, data.official)
     spec = ModelSpec(
         backbone=backbone,
