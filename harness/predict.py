@@ -189,6 +189,12 @@ def predict_folder(
             bar.update(1)
         flush()
 
+    return _prediction_table(names, probs, class_names), skipped
+
+
+def _prediction_table(names: list[str], probs: list[np.ndarray], class_names: list[str]) -> pd.DataFrame:
+    """One row per image of `names`: `file`, `predicted_class`, `confidence`, then `p_<class>`,
+    from the batches of class probabilities `probs`."""
     columns = [f"p_{c}" for c in class_names]
     p = np.concatenate(probs) if probs else np.zeros((0, len(class_names)))
     if p.shape[1] != len(class_names):
@@ -201,8 +207,7 @@ def predict_folder(
             "confidence": p[np.arange(len(p)), best],
         }
     )
-    df = pd.concat([df, pd.DataFrame(p, columns=columns)], axis=1)
-    return df, skipped
+    return pd.concat([df, pd.DataFrame(p, columns=columns)], axis=1)
 
 
 def out_problem(out: str) -> str | None:

@@ -82,10 +82,11 @@ def ensure_source_weights(cfg: SweepConfig, backbone: str, log=print) -> Path:
 
 def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
     """Train backbone + linear head on the source set; save the backbone's weights and a report."""
-    from harness.data import load_dataset, make_splits
+    from harness.data import make_splits
     from harness.frameworks import framework_for
     from harness.frameworks.base import ModelSpec, PhaseData, PhaseRun
     from harness.phases import scratch_plan
+    from harness.preflight import checked_dataset
 
     fw = framework_for(backbone)
     # Whatever ran before in this process (another backbone's pretraining, a sweep building its
@@ -93,7 +94,7 @@ def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
     # process gave other weights than the same one alone: start from a clean state, always.
     fw.make_reproducible(PRETRAIN_SEED)
     src = _source(cfg)
-    data = load_dataset(src.data)
+    data = checked_dataset(src.data, fw.name)  # every image checked, as a sweep's own data is
     splits = make_splits(data.labels, src.data, data.official)
     spec = ModelSpec(
         backbone=backbone,

@@ -312,7 +312,7 @@ def test_bad_worker_counts_are_refused_before_anything_is_created(tmp_path):
     proc = run_cli(str(write_config(tmp_path, KILLABLE.replace("seed: 0", "seed: 0\n  workers: 0"))), cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "study.workers: must be a count >= 1 or 'auto'; got 0" in proc.stderr, proc.stderr
     # more GPUs asked for than are visible (none here)
-    from harness.sweep import plan_workers
+    from harness.preflight import plan_workers
 
     with pytest.raises(Exception, match="3 workers asked for, but only 2 GPU"):
         plan_workers(3, ["0", "1"])

@@ -1,5 +1,6 @@
 """Process-wide state of a trial process: the device switches (mixed precision, XLA) with their auto rule,
-the preflight that refuses a switch the GPUs cannot honour, the GPU memory rule, and what survives clean-up."""
+the GPU memory rule, and what survives clean-up. (The preflight that refuses a switch the GPUs cannot
+honour: tests/test_preflight.py.)"""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import keras
 import pytest
 
 from harness import runtime
-from harness.config import ConfigError, TrainConfig, parse_config
+from harness.config import TrainConfig
 from harness.runtime import resolve_switch
-from tests.conftest import DATA
 
 pytestmark = pytest.mark.usefixtures("float32_afterwards")
 
@@ -42,35 +42,6 @@ def test_resolve_switch(setting, capabilities, expected):
 def test_resolve_switch_refuses_other_settings():
     with pytest.raises(ValueError, match="auto, on or off"):
         resolve_switch("fast", [(8, 0)])
-
-
-# --- the preflight ---------------------------------------------------------------------------
-
-
-def test_mixed_precision_on_is_refused_without_a_capable_gpu(monkeypatch):
-    from harness import sweep
-
-    cfg = parse_config(f"{DATA}train: {{mixed_precision: on}}\n", "sweep.yaml")
-    monkeypatch.setattr(runtime, "_GPUS_BEFORE_HIDING", [])  # the sweep process's GPUs before hiding: none
-    with pytest.raises(
-        ConfigError,
-        match=r"sweep.yaml: train\.mixed_precision: on needs a GPU of compute "
-        r"capability >= 7\.0; GPUs visible: none \(CPU only\)",
-    ):
-        sweep.check_mixed_precision(cfg)
-    monkeypatch.setattr(runtime, "gpu_capabilities", lambda gpus=None: [(6, 1)])
-    with pytest.raises(ConfigError, match=r"GPUs visible: 6\.1\. Use auto"):
-        sweep.check_mixed_precision(cfg)
-    monkeypatch.setattr(runtime, "gpu_capabilities", lambda gpus=None: [(6, 1), (8, 0)])
-    sweep.check_mixed_precision(cfg)  # a capable GPU: accepted
-
-
-@pytest.mark.parametrize("setting", ["auto", "off"])
-def test_auto_and_off_pass_the_preflight_on_cpu(monkeypatch, setting):
-    from harness import sweep
-
-    monkeypatch.setattr(runtime, "_GPUS_BEFORE_HIDING", [])
-    sweep.check_mixed_precision(parse_config(f"{DATA}train: {{mixed_precision: {setting}, jit_compile: on}}\n"))
 
 
 # --- the trial process -----------------------------------------------------------------------
@@ -119,8 +90,6 @@ def test_frozen_import_objects_are_skipped_and_new_garbage_is_still_collected():
     is still freed: nothing that could be garbage is kept."""
     import gc
     import weakref
-
-    from harness import runtime
 
     runtime.freeze_imported_objects()
     assert gc.get_freeze_count() > 0

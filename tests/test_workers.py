@@ -32,7 +32,7 @@ def open_stores_at(args):
     """One sweep process's start-up (schema, experiment, parent run), released at the barrier."""
     config_text, storage, tracking, barrier = args
     from harness.config import parse_config, with_overrides
-    from harness.sweep import open_stores
+    from harness.stores import open_stores
 
     cfg = with_overrides(parse_config(config_text, "race.yaml"), storage=storage, tracking_uri=tracking)
     barrier.wait()

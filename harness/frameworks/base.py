@@ -105,6 +105,7 @@ class Predictor(Protocol):
 
 class Framework(Protocol):
     name: str  # "keras" | "torch": the run param `framework`
+    decoder_formats: str  # what the training decoder reads, in words ("tf.io.decode_image: JPEG, PNG, ...")
 
     # --- this process ----------------------------------------------------------------------
     def prepare_process(self, train: TrainConfig) -> None:
@@ -212,3 +213,6 @@ class Framework(Protocol):
     # --- preflight ---------------------------------------------------------------------------
     def undecodable(self, paths: list[str], image_size: int) -> list[str]:
         """The image files this framework's decoder cannot read (the decoder training uses)."""
+
+    def decoder_name(self) -> str:
+        """The training decoder and its version: a file it read is trusted only by the same one."""

@@ -8,6 +8,8 @@ import numpy as np
 
 from harness.data import Dataset, cache_plan, decoded_split_path, split_files
 
+DECODER_FORMATS = "tf.io.decode_image: JPEG, PNG, GIF, BMP, WebP"  # what `decode_image` reads
+
 
 def decode_image(raw, size: tuple[int, int]):
     """An image file's bytes -> uint8 (height, width, 3) at `size`: how every image the models see

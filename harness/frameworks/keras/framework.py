@@ -27,6 +27,7 @@ class _Predictor:
 
 class KerasFramework:
     name = "keras"
+    decoder_formats = data.DECODER_FORMATS
 
     def prepare_process(self, train) -> None:
         device.import_quietly()
@@ -75,14 +76,9 @@ class KerasFramework:
         return list(zip(device.visible_gpus(found), device.gpu_capabilities(found)))
 
     def backbone_blocks(self, name: str, image_size: int, weights: str | None, options: dict) -> int:
-        import keras
+        from harness.frameworks.keras.backbones import count_blocks
 
-        from harness.frameworks.keras import backbones
-
-        try:
-            return len(backbones.backbone_blocks(backbones.construct(name, image_size, weights, options), name))
-        finally:
-            keras.backend.clear_session()
+        return count_blocks(name, image_size, weights, options)
 
     def start_trial_process(self, threads: int, gpu_memory_limit_mib: float | None) -> dict:
         device.import_quietly()
@@ -136,6 +132,11 @@ class KerasFramework:
 
     def undecodable(self, paths: list[str], image_size: int) -> list[str]:
         return data.undecodable_images(paths, image_size)
+
+    def decoder_name(self) -> str:
+        import tensorflow as tf
+
+        return f"tensorflow {tf.__version__} {data.DECODER_FORMATS}"
 
 
 FRAMEWORK = KerasFramework()
