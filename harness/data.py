@@ -225,12 +225,6 @@ def _load_tfds(name: str, export_root: str) -> tuple[list[str], list[str], np.nd
     return saved["classes"], paths, labels, official
 
 
-def _rgb(x):
-    import tensorflow as tf
-
-    return tf.image.grayscale_to_rgb(x) if x.shape[-1] == 1 else x
-
-
 def load_dataset(cfg: DataConfig, check: FileCheck | None = None) -> Dataset:
     """Load (or index) the dataset a config describes and apply the class subset. `check`: the
     check of a folder's image files (harness/preflight.py `checked_dataset`); without it, none."""

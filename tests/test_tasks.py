@@ -73,11 +73,10 @@ def test_a_trial_logs_its_model_only_when_it_leads(runner):
 
 def test_the_winners_test_logs_auc_per_class_accuracy_and_the_confusion_matrix(tmp_path):
     """A binary target (merged with class_map): TestTask scores the logged model and logs every extra."""
-    from types import SimpleNamespace
-
     import pandas as pd
 
     from harness.frameworks.keras.model import ModelSpec, build_model
+    from harness.objective import TrialRunner
     from harness.tasks import TestTask
     from harness.tracking import Tracker
 
@@ -90,7 +89,7 @@ def test_the_winners_test_logs_auc_per_class_accuracy_and_the_confusion_matrix(t
     run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
     tm = build_model(ModelSpec("MobileNetV2", 32, 2, None, {"alpha": 0.35}))
     uri = tracker.log_keras_model(run_id, tm.model, ds.class_names, 32)
-    runner = SimpleNamespace(tracker=tracker, dataset=ds, splits=splits, cfg=cfg)
+    runner = TrialRunner(cfg, ds, splits, tracker, {})
     out = TestTask("targets", uri, run_id).run(runner, None)
 
     metrics = tracker.client.get_run(run_id).data.metrics

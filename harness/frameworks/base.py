@@ -98,9 +98,17 @@ class WeightsKeeper(Protocol):
 
 
 class Predictor(Protocol):
-    """A model loaded back from the MLflow store: uint8 images (N, H, W, 3) -> class probabilities."""
+    """A model loaded back from the MLflow store (or a file): uint8 images (N, H, W, 3) -> class
+    probabilities, with its input shape (None where unsized), its output shape and the decoder
+    training read its images with."""
+
+    input_shape: tuple  # (batch, height, width, 3), None where unsized
+    output_shape: tuple  # (batch, classes)
 
     def predict(self, images: np.ndarray) -> np.ndarray: ...
+
+    def decode(self, raw: bytes, size: tuple[int, int]) -> np.ndarray:
+        """An image file's bytes -> uint8 (height, width, 3) at `size`, as training decoded it."""
 
 
 class Framework(Protocol):
@@ -205,7 +213,8 @@ class Framework(Protocol):
     def log_model(self, tracker: Any, run_id: str, model: Model, class_names: list[str], tags: dict) -> None:
         """Log the model to the run with MLflow's flavour for this framework (harness/tracking.py)."""
 
-    def load_model(self, model_uri: str, tracking_uri: str | None = None) -> Predictor: ...
+    def load_model(self, model_uri: str, tracking_uri: str | None = None) -> Predictor:
+        """A logged model (`models:/`, `runs:/`), or a model file of this framework's own format."""
 
     def save_backbone_weights(self, model: Model, path: str) -> None:
         """The backbone's weights alone, as `ModelSpec.weights` loads them (a source backbone)."""

@@ -12,17 +12,21 @@ from harness.phases import Phase
 
 def _keras_model(model):
     """The keras.Model of a built TransferModel or of a model loaded back from the store."""
-    return model.model if isinstance(model, (TransferModel, _Predictor)) else model
+    return model.model if isinstance(model, (TransferModel, KerasPredictor)) else model
 
 
-class _Predictor:
+class KerasPredictor:
     """A loaded Keras model as a Predictor: uint8 images in, probabilities out, quietly."""
 
     def __init__(self, model):
         self.model = model
+        self.input_shape, self.output_shape = model.input_shape, model.output_shape
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        return self.model.predict(images, verbose=0)
+        return self.model.predict_on_batch(images)
+
+    def decode(self, raw: bytes, size: tuple[int, int]) -> np.ndarray:
+        return data.decode_image(raw, size).numpy()
 
 
 class KerasFramework:
@@ -121,11 +125,16 @@ class KerasFramework:
     def log_model(self, tracker, run_id: str, model: TransferModel, class_names: list[str], tags: dict) -> None:
         tracker.log_keras_model(run_id, model.model, class_names, model.spec.image_size, tags=tags)
 
-    def load_model(self, model_uri: str, tracking_uri: str | None = None) -> _Predictor:
+    def load_model(self, model_uri: str, tracking_uri: str | None = None) -> KerasPredictor:
+        """A logged model, or a `.keras` file (loaded in safe mode: no code in it runs)."""
+        import keras
+
         from harness.frameworks.keras import model as _registers_layers  # noqa: F401 - layers older models hold
         from harness.tracking import load_keras_model
 
-        return _Predictor(load_keras_model(model_uri, tracking_uri))
+        if model_uri.endswith(".keras"):
+            return KerasPredictor(keras.saving.load_model(model_uri, safe_mode=True))
+        return KerasPredictor(load_keras_model(model_uri, tracking_uri))
 
     def save_backbone_weights(self, model: TransferModel, path: str) -> None:
         model.backbone.save_weights(path)
