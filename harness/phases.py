@@ -37,7 +37,6 @@ class Phase:
     # and the metric) for a phase whose BatchNormalization does not train: a confirmation seed's last phase.
     stall_stopping: bool = False
     steps_per_epoch: int | None = None  # steps between validations when not one pass over the training set
-    validate: bool = True  # False: training loss only, no validation and no early stopping (a learning-rate probe)
 
     @property
     def trains_batchnorm(self) -> bool:
@@ -172,4 +171,4 @@ def scratch_keeps_training(
 
 def uses_stall_stopping(phase: Phase) -> bool:
     """Whether `phase` stops by `scratch_keeps_training` (else by plain patience on the metric)."""
-    return phase.validate and (phase.trains_batchnorm or phase.stall_stopping)
+    return phase.trains_batchnorm or phase.stall_stopping

@@ -30,7 +30,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from harness.config import BaselineConfig, SweepConfig, TrainConfig
-from harness.frameworks.base import PhaseData, PhaseRun
 from harness.phases import EpochRecord, History, NonFiniteLoss, Phase, scratch_plan
 from harness.training import Configuration, EpochHooks, Trainer, epoch_note
 
@@ -87,27 +86,14 @@ def pick_learning_rate(losses: dict[float, float]) -> float:
 def learning_rate_search(
     trainer: Trainer, config: Configuration, steps_each: int, candidates=LR_CANDIDATES
 ) -> dict[float, float]:
-    """Train the same fresh model a short while at each candidate rate (its initial weights put
-    back and a fresh optimizer for each candidate); returns each rate's training loss at the end
-    of the second half of its run (diverged: inf)."""
-    fw = trainer.fw
+    """Train the same fresh model (every layer, BatchNormalization included) a short while at each
+    candidate rate, from the same initial weights with a fresh optimizer state each time; returns
+    each rate's mean training loss over the second half of its run (diverged: inf)."""
     model = trainer.build(config)
-    fw.set_trainable(model, -1)
-    initial = fw.weights_keeper(model)
-    initial.keep()
+    trainer.fw.set_trainable(model, -1)
     train, _ = trainer.image_batches(trainer.settings.batch_size("scratch"), config.data_seed)
-    losses = {}
-    for rate in candidates:
-        initial.restore()
-        probe = Phase("probe", 2, rate, -1, steps_per_epoch=max(1, steps_each // 2), validate=False)
-        records: list[EpochRecord] = []
-        try:
-            fw.run_phase(model, probe, PhaseData(train, None), PhaseRun(0, records.append))
-            loss = records[-1].metrics["loss"]
-        except NonFiniteLoss:
-            loss = math.inf
-        losses[rate] = loss if math.isfinite(loss) else math.inf
-    return losses
+    losses = trainer.fw.short_runs(model, train, list(candidates), max(1, steps_each // 2))
+    return {rate: loss if math.isfinite(loss) else math.inf for rate, loss in losses.items()}
 
 
 def fit_verdict(train_accuracy: float, train_images: int) -> bool:

@@ -185,7 +185,12 @@ class Framework(Protocol):
         raises phases.NonFiniteLoss; a stop request (runtime.check_stop) is honoured within a
         batch. Early stopping follows `phase.patience` (`phases.uses_stall_stopping`: the
         from-scratch rule); a phase whose BatchNormalization trains re-estimates its statistics
-        before each validation; `phase.validate` False trains without validating (a probe)."""
+        before each validation."""
+
+    def short_runs(self, model: Model, train: Batches, rates: list[float], steps: int) -> dict[float, float]:
+        """Train `model` (trainability set) two epochs of `steps` batches at each rate in turn,
+        each from the weights it has now and a fresh optimizer state; returns each rate's last
+        epoch's training loss (NaN or inf where it diverged). The model ends as it started."""
 
     def evaluate(self, model: Model, batches: Batches) -> dict[str, float]:
         """Inference-mode {"loss", "accuracy"} over a split."""

@@ -101,6 +101,9 @@ class KerasFramework:
     def run_phase(self, model: TransferModel, phase: Phase, data: PhaseData, run: PhaseRun) -> int:
         return loop.run_phase(model, phase, data, run)
 
+    def short_runs(self, model: TransferModel, train, rates: list[float], steps: int) -> dict[float, float]:
+        return loop.short_runs(model, train, rates, steps)
+
     def evaluate(self, model, batches) -> dict[str, float]:
         return loop.evaluate(_keras_model(model), batches)
 

@@ -211,13 +211,36 @@ def compile_for(
     )
 
 
+def short_runs(tm: TransferModel, train, rates: list[float], steps: int) -> dict[float, float]:
+    """Two epochs of `steps` batches at each rate, from the same weights, the optimizer's state
+    (Adam's moments, its step count, a mixed-precision loss scale) reset between rates. Compiled
+    once: one traced training step serves every rate, and a later trace's random ops would be
+    seeded by how much this process traced before."""
+    compile_for(tm, rates[0])
+    initial = tm.model.get_weights()
+    repeated = train.repeat()
+    losses = {}
+    for rate in rates:
+        tm.model.set_weights(initial)
+        optimizer = tm.model.optimizer
+        for variable in optimizer.variables:
+            variable.assign(np.zeros(variable.shape, variable.dtype))
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):  # mixed precision: a loss scale of 0 is NaN
+            optimizer.dynamic_scale.assign(optimizer.initial_scale)
+        optimizer.learning_rate.assign(rate)
+        history = tm.model.fit(repeated, epochs=2, steps_per_epoch=steps, verbose=0)
+        losses[rate] = float(history.history["loss"][-1])
+    tm.model.set_weights(initial)
+    return losses
+
+
 def _callbacks(phase: Phase, train, val, run: PhaseRun, hook: _EpochHook) -> list[keras.callbacks.Callback]:
     callbacks: list[keras.callbacks.Callback] = [_NonFiniteBatch(), hook]
-    if phase.trains_batchnorm and phase.validate:
+    if phase.trains_batchnorm:
         callbacks.insert(0, _ScratchValidation(train, val))
     if uses_stall_stopping(phase):
         callbacks.append(_ScratchStopping(run.monitor, run.direction, phase.patience, phase.min_epochs))
-    elif phase.patience and phase.validate:
+    elif phase.patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
                 monitor=run.monitor,
@@ -239,7 +262,7 @@ def run_phase(tm: TransferModel, phase: Phase, data: PhaseData, run: PhaseRun) -
     compile_for(tm, phase.learning_rate, model=fitted)  # recompile: compile() captures `trainable`
     hook = _EpochHook(phase.name, run.on_epoch)
     train = data.train.repeat() if phase.steps_per_epoch else data.train  # validations further apart than one pass
-    validation = data.val if phase.validate and not phase.trains_batchnorm else None  # from scratch: _ScratchValidation
+    validation = None if phase.trains_batchnorm else data.val  # from scratch: _ScratchValidation validates
     fitted.fit(
         train,
         validation_data=validation,
