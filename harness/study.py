@@ -19,6 +19,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from harness.config import SweepConfig, SweepRefused
+from harness.redaction import redact
 
 if TYPE_CHECKING:
     from optuna.storages._heartbeat import BaseHeartbeat
@@ -127,8 +128,6 @@ def open_study(cfg: SweepConfig, storage=None, reseed: bool = False) -> optuna.S
 
 
 def direction_mismatch(study_name: str, url: str, found: str, wanted: str) -> str:
-    from harness.tracking import redact
-
     return (
         f"Optuna storage {redact(url)}: study {study_name!r} exists with direction {found}, but the config says "
         f"{wanted}; a study's direction cannot change: run under a new --study-name, or set study.direction: "
@@ -162,8 +161,6 @@ def inspect_sql_store(url: str, label: str) -> tuple[set[str], str | None] | Non
     Optuna and MLflow both stamp their schema in an `alembic_version` table, so the revision says
     whose database it is and how old its schema is."""
     import sqlalchemy as sa
-
-    from harness.tracking import redact
 
     where = f"{label} {redact(url)}"
     path = sqlite_file(url)
@@ -240,8 +237,6 @@ def check_storage(url: str, study_name: str, direction: str) -> None:
     corrupt, another application's database, a schema this Optuna cannot read, or holding the
     study with the other direction. A store that does not exist yet, or is empty, passes."""
     from optuna.storages import RDBStorage
-
-    from harness.tracking import redact
 
     where = f"Optuna storage {redact(url)}"
     state = inspect_sql_store(url, "Optuna storage")

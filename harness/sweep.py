@@ -154,7 +154,8 @@ def check_warm_start_experiments(warm_start, uri: str, store_exists: bool) -> No
     """Every experiment `study.warm_start` names must exist in the tracking store (read only; a
     store not created yet holds none): the missing ones are named and the sweep refused."""
     from harness.config import warm_start_experiments
-    from harness.tracking import missing_experiments, redact
+    from harness.redaction import redact
+    from harness.tracking import missing_experiments
 
     names = warm_start_experiments(warm_start)
     if not names:
@@ -184,7 +185,8 @@ def check_tracking_store(uri: str) -> bool:
     these credentials. Other stores (Databricks, ...) are left to MLflow. Returns whether the store
     exists already (False: a database MLflow will create, so it holds no experiment yet)."""
     from harness import study as st
-    from harness.tracking import redact, schema_problem, tracking_server_error
+    from harness.redaction import redact
+    from harness.tracking import schema_problem, tracking_server_error
 
     where = f"MLflow tracking store {redact(uri)}"
     if uri.split(":", 1)[0].split("+", 1)[0] in SQL_SCHEMES:
@@ -265,7 +267,7 @@ def run(cfg, log=None) -> dict:
     progress_stream = sys.stderr
     from tqdm import tqdm
 
-    from harness.tracking import redact
+    from harness.redaction import redact
 
     # tqdm.write prints above a live progress bar instead of through it (a plain print on a pipe).
     emit = log or (lambda text: tqdm.write(text, file=progress_stream))
@@ -288,7 +290,7 @@ def run(cfg, log=None) -> dict:
 def _run_checked(cfg, engine, workers: int, gpus: list[str], log) -> dict:
     from harness import study as st
     from harness.data import load_dataset, make_splits
-    from harness.tracking import redact
+    from harness.redaction import redact
 
     # --- preflight: everything that can refuse the sweep, before anything is created ---------
     check_mixed_precision(cfg)
@@ -341,7 +343,8 @@ def open_stores(cfg):
     servers race for each; the schema race is retried (harness/study.py) and the rest is created
     under the study's claim lock, so each exists once and every process reads the same ones."""
     from harness import study as st
-    from harness.tracking import Tracker, redact, resolve_tracking_uri
+    from harness.redaction import redact
+    from harness.tracking import Tracker, resolve_tracking_uri
 
     url = st.storage_url(cfg)
     storage = st.make_storage(url, cfg.study.heartbeat_seconds)
@@ -372,10 +375,10 @@ def _run_single(cfg, dataset, splits, storage, tracker, weights, engine, exclusi
     from harness.data import dataset_inputs
     from harness.importance import log_what_mattered
     from harness.progress import Progress
+    from harness.redaction import redact
     from harness.screening import screen_backbones
     from harness.summary import summarize
     from harness.tasks import Context
-    from harness.tracking import redact
     from harness.trials import recover_after_crash, trial_job
     from harness.warmstart import describe_target, warm_start
     from harness.winner import deliver_winner, description
@@ -451,7 +454,7 @@ def _test_lines(winner: dict | None, baseline: dict | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from harness.config import ConfigError, load_config, with_overrides
-    from harness.tracking import redact
+    from harness.redaction import redact
 
     try:
         cfg = load_config(args.config)
