@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from harness import stats
+from harness.config import STRATEGIES
 
 # --- the rules and the fixed orders -------------------------------------------------------------
 
@@ -49,9 +50,8 @@ TEXTBOOK: dict[tuple[str, str], tuple[str, ...]] = {
     ("large", "dissimilar"): ("full", "scratch"),
 }
 
-# Roughly "how much of the network is trained", cheapest first. Used for column order and to break
-# exact ties: when two strategies score the same, the one that trains less is the sensible pick.
-STRATEGY_ORDER = ["features", "intermediate", "partial", "full", "scratch"]
+# Columns, and exact ties, follow config.STRATEGIES: roughly "how much of the network is trained",
+# cheapest first. When two strategies score the same, the one that trains less is the sensible pick.
 
 # Rows are shown small before large, similar before dissimilar (the order the rules are stated in).
 _SIZE_ORDER = ["small", "large"]
@@ -136,7 +136,7 @@ class Comparison:
 
     cells: the machine-readable long form, exactly what comparison.csv holds: one row per input
         cell in display order (quadrants small before large, similar before dissimilar; strategies
-        in STRATEGY_ORDER), see `comparison_long`.
+        in STRATEGIES), see `comparison_long`.
     quadrants: one row per quadrant in display order: VERDICT_COLUMNS plus `outcome` (NO_SCORE, ALONE,
         DECISIVE, RULES_DIFFER or TIE) and `cheaper_in_tie` (cheapest_in_tie is another strategy than
         the winner and trains at a known share below 1 of its cost).
@@ -198,8 +198,8 @@ def validated(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def strategy_key(name: str) -> tuple[int, str]:
-    """Sort key: STRATEGY_ORDER first, any other strategy after them alphabetically."""
-    return (STRATEGY_ORDER.index(name) if name in STRATEGY_ORDER else len(STRATEGY_ORDER), name)
+    """Sort key: STRATEGIES first, any other strategy after them alphabetically."""
+    return (STRATEGIES.index(name) if name in STRATEGIES else len(STRATEGIES), name)
 
 
 def _rule(size: str, similarity: str) -> tuple[str, ...]:
@@ -288,7 +288,7 @@ def _judge(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         # An under-trained from-scratch cell is no result: it cannot win, tie or lose.
         scored = group.dropna(subset=["test_mean"])
         scored = scored[~(scored["undertrained"] > 0)].copy()
-        # Rounding the sort key makes float-noise ties fall through to the STRATEGY_ORDER tie-break.
+        # Rounding the sort key makes float-noise ties fall through to the STRATEGIES tie-break.
         scored["_score"] = scored["test_mean"].round(9)
         scored["_order"] = [strategy_key(s) for s in scored["strategy"]]
         ranked = scored.sort_values(["_score", "_order"], ascending=[False, True])
@@ -407,7 +407,7 @@ def quadrant_verdicts(cells: pd.DataFrame) -> pd.DataFrame:
     Cells without a test score (not run, or NaN) take no part.
 
     Columns returned: quadrant, size, similarity, target; winner (highest test mean, exact ties
-    broken by STRATEGY_ORDER) and winner_test_mean; runner_up and runner_up_test_mean; margin
+    broken by STRATEGIES) and winner_test_mean; runner_up and runner_up_test_mean; margin
     (winner minus runner-up); p_value (Welch, winner vs runner-up; NaN when either has < 2 seeds);
     significant (p_value < stats.ALPHA); tie_set (the winner and every strategy whose test against
     it is not significant, best first, ', '-joined); decisive (a runner-up exists, the tie set
