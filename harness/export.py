@@ -50,20 +50,12 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from harness import stats  # noqa: E402
 from harness.strategies import uses  # noqa: E402
+from harness.tracking import DEFAULT_UI_URL, run_url  # noqa: E402
 from harness.verdicts import ALONE, DECISIVE, NO_SCORE, RULES_DIFFER, TIE_TOLERANCE, Comparison, analyse  # noqa: E402
-
-DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
 
 # Names of the files write_comparison always writes, and the keys of the dict it returns; an extra
 # table with one of these names would overwrite one of them or shadow its key.
 _RESERVED_NAMES = {"comparison", "heatmap", "csv", "md", "tex", "html"}
-
-
-def run_url(run_id, experiment_id, ui_url: str = DEFAULT_UI_URL) -> str | None:
-    """The MLflow UI page of a run, or None without both ids."""
-    if not isinstance(run_id, str) or not run_id or experiment_id in (None, ""):
-        return None
-    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _share_text(share: float) -> str:

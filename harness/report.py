@@ -23,11 +23,11 @@ import numpy as np
 import pandas as pd
 
 from harness import stats
-from harness.export import DEFAULT_UI_URL, markdown_table, write_comparison
+from harness.export import markdown_table, write_comparison
 from harness.importance import importance_markdown, importances_from_metrics
 from harness.redaction import redact
 from harness.screening import screening_markdown
-from harness.tracking import RunRecord, Tracker, resolve_tracking_uri
+from harness.tracking import DEFAULT_UI_URL, RunRecord, Tracker, resolve_tracking_uri
 
 RESULTS = "results"
 TRIALS_FILE = "trials.csv"  # trials_table's schema only (see the module docstring)

@@ -153,6 +153,22 @@ def global_tracking_uri(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
+
+
+def run_url(run_id, experiment_id, ui_url: str = DEFAULT_UI_URL) -> str | None:
+    """The MLflow UI page of a run, or None without both ids. With `ui_url=""` the link is relative
+    (`#/experiments/...`) and works from any page of the UI: the links in a run's description.
+
+    >>> run_url("abc", "4", "")
+    '#/experiments/4/runs/abc'
+    """
+    if not isinstance(run_id, str) or not run_id or experiment_id in (None, ""):
+        return None
+    base = f"{ui_url.rstrip('/')}/" if ui_url else ""
+    return f"{base}#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def ui_command(uri: str, experiment_id: str | None = None) -> str:
     """How to look at a store in the MLflow UI: the server to start (local stores) and the page to
     open. The UI keeps a GenAI/model-training switch of its own, in the browser; the page's
@@ -403,10 +419,6 @@ class Tracker:
     def describe(self, run_id: str, markdown: str) -> None:
         """The run's description, shown at the top of its page in the UI."""
         self.client.set_tag(run_id, DESCRIPTION_TAG, redact(markdown))
-
-    def run_link(self, run_id: str) -> str:
-        """A link to a run that works from any page of the MLflow UI (markdown in descriptions)."""
-        return f"#/experiments/{self.experiment_id}/runs/{run_id}"
 
     def run_tags(self, run_id: str) -> dict[str, str]:
         return self.client.get_run(run_id).data.tags

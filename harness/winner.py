@@ -23,7 +23,7 @@ from typing import Any
 from harness import study as st
 from harness.evaluation import is_number
 from harness.tasks import TestTask
-from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG, TRIAL_TAG, Tracker
+from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG, TRIAL_TAG, Tracker, run_url
 
 WINNER_TAG = "harness.winner"
 MODEL_DELETED_TAG = "harness.model_deleted"  # on a run whose logged model was deleted: why
@@ -134,8 +134,12 @@ def description(cfg, winner: dict | None, baseline: dict | None, chance: float, 
     metric = cfg.study.metric
     if winner is None:
         return f"Sweep **{cfg.study.name}**: no trial completed."
+
+    def link(run_id: str) -> str | None:  # relative: it works from any page of the MLflow UI
+        return run_url(run_id, tracker.experiment_id, ui_url="")
+
     lines = [
-        f"**Winner: [trial {winner['trial']}]({tracker.run_link(winner['run_id'])})**, "
+        f"**Winner: [trial {winner['trial']}]({link(winner['run_id'])})**, "
         f"best {metric} {winner['value']:.4f}"
         + (f", test accuracy {winner['test_accuracy']:.4f}" if is_number(winner.get("test_accuracy")) else "")
         + "."
@@ -148,7 +152,7 @@ def description(cfg, winner: dict | None, baseline: dict | None, chance: float, 
     if baseline and baseline.get("fitted") is False:
         lines.append(
             f"Same architecture from scratch: **under-trained, not a result** (training accuracy "
-            f"{baseline['train_accuracy']:.4f} < 0.95; [run]({tracker.run_link(baseline['run_id'])}))."
+            f"{baseline['train_accuracy']:.4f} < 0.95; [run]({link(baseline['run_id'])}))."
         )
     elif baseline:
         text = f"Same architecture from scratch: {metric} {baseline['value']:.4f}"
@@ -156,6 +160,6 @@ def description(cfg, winner: dict | None, baseline: dict | None, chance: float, 
             text += f" (training accuracy {baseline['train_accuracy']:.4f})"
         if is_number(baseline.get("test_accuracy")):
             text += f", test accuracy {baseline['test_accuracy']:.4f}"
-        lines.append(text + f" ([run]({tracker.run_link(baseline['run_id'])})).")
+        lines.append(text + f" ([run]({link(baseline['run_id'])})).")
     lines.append(f"Chance (majority class): {chance:.4f}.")
     return "\n\n".join(lines)

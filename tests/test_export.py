@@ -17,7 +17,7 @@ from PIL import Image
 
 from harness import export
 from harness.config import STRATEGIES, ParamSpec
-from harness.export import comparison_table, heatmap_figure, run_url, write_comparison
+from harness.export import comparison_table, heatmap_figure, write_comparison
 from harness.strategies import UNUSED_PARAMETERS, strategy_search
 from harness.verdicts import analyse, quadrant_verdicts
 from tests.test_verdicts import NAN, make_cells, one_quadrant
@@ -74,12 +74,6 @@ def test_bad_input_is_refused_before_anything_is_written(cells, tmp_path):
 
 
 # --- tables and files ---------------------------------------------------------------------------
-
-
-def test_run_url():
-    assert run_url("abc", "4") == "http://127.0.0.1:5000/#/experiments/4/runs/abc"
-    assert run_url("abc", 4, "http://mlflow:8080/") == "http://mlflow:8080/#/experiments/4/runs/abc"
-    assert run_url(None, "4") is None and run_url("abc", None) is None
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from harness.tracking import (
     plain_tracking_errors,
     resolve_tracking_uri,
     run_filter,
+    run_url,
     ui_command,
 )
 from tests.conftest import TINY
@@ -199,3 +200,10 @@ def test_a_store_refusal_comes_out_as_a_plain_error_with_the_stores_words(workdi
         t.get_run_record("0" * 32)
     assert "0" * 32 in refused.value.message and str(refused.value) == refused.value.message
     assert type(refused.value.__cause__).__name__ == "MlflowException"
+
+
+def test_run_url():
+    assert run_url("abc", "4") == "http://127.0.0.1:5000/#/experiments/4/runs/abc"
+    assert run_url("abc", 4, "http://mlflow:8080/") == "http://mlflow:8080/#/experiments/4/runs/abc"
+    assert run_url(None, "4") is None and run_url("abc", None) is None
+    assert run_url("abc", "4", "") == "#/experiments/4/runs/abc"  # from any page of the UI: a run's description
