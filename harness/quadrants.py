@@ -245,13 +245,7 @@ def confirm_job(
     seeds = ccfg.quadrants.confirm_seeds
     suffix = f"confirm.{backbone_check}" if backbone_check else "confirm"
     role = "backbone_confirm" if backbone_check else "confirm"
-    study = optuna.create_study(
-        study_name=f"{ccfg.study.name}.{suffix}",
-        storage=storage,
-        direction="maximize",
-        load_if_exists=True,
-        sampler=optuna.samplers.RandomSampler(seed=0),
-    )
+    study = st.open_seed_study(f"{ccfg.study.name}.{suffix}", storage)
     # A seed a killed sweep left RUNNING would hold its place in the budget for ever: it fails and
     # runs again (its MLflow run was closed when the cell resumed).
     st.fail_orphaned_trials(study, exclusive)

@@ -124,6 +124,19 @@ def open_study(cfg: SweepConfig, storage=None, reseed: bool = False) -> optuna.S
     return study
 
 
+def open_seed_study(name: str, storage) -> optuna.Study:
+    """The study whose trials are a confirmation's seeds, created or loaded when it exists: a random
+    sampler over the seed parameter, and the seed's test score (higher is better) as its value."""
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    return study
+
+
 # --- store checks: read-only, before the sweep creates anything -------------------------------------------------
 
 
