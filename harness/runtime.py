@@ -246,14 +246,12 @@ def import_tensorflow_quietly() -> None:
 
 
 def quiet_libraries() -> None:
+    """Optuna's, TensorFlow's and the warnings' noise off (MLflow's own: harness/tracking.py quiet_mlflow_logger)."""
     import logging
     import warnings
 
     import optuna
 
-    from harness.tracking import quiet_mlflow_logger
-
-    quiet_mlflow_logger()
     # Heartbeat and stale-trial retry are marked experimental by Optuna; they are used on purpose.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # The engine asks and tells trials itself (harness/trials.py), with the heartbeat on: Optuna

@@ -199,6 +199,7 @@ class Tracker:
         """`source`: the command that made the runs, shown in the UI's Source column."""
         from mlflow.tracking import MlflowClient
 
+        quiet_mlflow_logger()  # before the client: creating a new store logs its migrations
         self.uri = login_to_environment(uri)
         # A trial process may have been started before the login reached the environment: it gets
         # the login with the pickled tracker (through a pipe, never written down).
