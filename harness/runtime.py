@@ -246,7 +246,7 @@ def import_tensorflow_quietly() -> None:
 
 
 def quiet_libraries() -> None:
-    """Optuna's, TensorFlow's and the warnings' noise off (MLflow's own: harness/tracking.py quiet_mlflow_logger)."""
+    """Optuna's, TensorFlow's and the warnings' noise off (MLflow's own: harness/tracking.py quiet_mlflow)."""
     import logging
     import warnings
 

@@ -119,14 +119,25 @@ def resolve_tracking_uri(configured: str | None) -> str:
     return f"sqlite:///{path}"
 
 
-def quiet_mlflow_logger() -> None:
-    """MLflow's own log lines at WARNING and above only. MLflow configures its logger when it is
-    first imported, which would undo a level set before: so it is imported here first."""
+# MLflow's own switch (mlflow/environment_variables.py): without it, every run that ends on a
+# tracking server prints "View run ... at: http://..." and "View experiment at: ..." to stdout
+# (TrackingServiceClient.set_terminated), twenty lines in a 24-trial sweep. The links a reader
+# needs are in the summary and the run descriptions.
+URL_LINES_OFF = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+
+
+def quiet_mlflow() -> None:
+    """MLflow's own output down to what concerns the reader, in this process and in the processes it
+    starts: its log lines at WARNING and above, and no "View run ... at:" lines when a run on a
+    tracking server ends (unless $MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT says otherwise). MLflow
+    configures its logger when it is first imported, which would undo a level set before: so it is
+    imported here first."""
     import logging
 
     import mlflow  # noqa: F401
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault(URL_LINES_OFF, "true")
 
 
 @contextmanager
@@ -199,7 +210,7 @@ class Tracker:
         """`source`: the command that made the runs, shown in the UI's Source column."""
         from mlflow.tracking import MlflowClient
 
-        quiet_mlflow_logger()  # before the client: creating a new store logs its migrations
+        quiet_mlflow()  # before the client: creating a new store logs its migrations
         self.uri = login_to_environment(uri)
         # A trial process may have been started before the login reached the environment: it gets
         # the login with the pickled tracker (through a pipe, never written down).
@@ -245,6 +256,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.__dict__.update(state)
+        quiet_mlflow()
         for name, value in self._login.items():
             os.environ.setdefault(name, value)
         self.client = MlflowClient(tracking_uri=self.uri)

@@ -54,7 +54,7 @@ from collections.abc import Callable
 from typing import Any
 
 from harness import runtime
-from harness.tracking import quiet_mlflow_logger
+from harness.tracking import quiet_mlflow
 
 STOP_GRACE_SECONDS = 120  # how long a child may take to end its task after SIGTERM
 
@@ -295,7 +295,7 @@ def _child_main(
         tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
     runtime.install_stop_handlers()  # training stops at its next batch; a new task does not start
     runtime.quiet_libraries()
-    quiet_mlflow_logger()  # imports MLflow now, so that its objects are frozen with the rest
+    quiet_mlflow()  # imports MLflow now, so that its objects are frozen with the rest
     runtime.freeze_imported_objects()
     channel = Channel(conn)
     early: list = []  # messages that came before "go": tasks wait for the devices
