@@ -124,20 +124,24 @@ def resolve_tracking_uri(configured: str | None) -> str:
 # (TrackingServiceClient.set_terminated), twenty lines in a 24-trial sweep. The links a reader
 # needs are in the summary and the run descriptions.
 URL_LINES_OFF = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+# Another: MLflow draws a "Downloading artifacts" progress bar whenever it reads a run's artifacts
+# back from a tracking server (the winner's model, in a trial process): eight redrawn lines a load.
+ARTIFACT_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def quiet_mlflow() -> None:
     """MLflow's own output down to what concerns the reader, in this process and in the processes it
-    starts: its log lines at WARNING and above, and no "View run ... at:" lines when a run on a
-    tracking server ends (unless $MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT says otherwise). MLflow
-    configures its logger when it is first imported, which would undo a level set before: so it is
-    imported here first."""
+    starts: its log lines at WARNING and above, no "View run ... at:" lines when a run on a tracking
+    server ends and no artifact download bars (unless $MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT or
+    $MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR says otherwise). MLflow configures its logger when it is
+    first imported, which would undo a level set before: so it is imported here first."""
     import logging
 
     import mlflow  # noqa: F401
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault(URL_LINES_OFF, "true")
+    os.environ.setdefault(ARTIFACT_BARS, "false")
 
 
 @contextmanager

@@ -12,14 +12,17 @@ import pytest
 from harness.config import parse_config, with_overrides
 from harness.redaction import login_to_environment
 from harness.tracking import (
+    ARTIFACT_BARS,
     NEWEST_FIRST,
     OLDEST_FIRST,
     ROLE,
     TRIAL_TAG,
+    URL_LINES_OFF,
     RunRecord,
     Tracker,
     TrackingError,
     plain_tracking_errors,
+    quiet_mlflow,
     resolve_tracking_uri,
     run_filter,
     run_url,
@@ -207,3 +210,16 @@ def test_run_url():
     assert run_url("abc", 4, "http://mlflow:8080/") == "http://mlflow:8080/#/experiments/4/runs/abc"
     assert run_url(None, "4") is None and run_url("abc", None) is None
     assert run_url("abc", "4", "") == "#/experiments/4/runs/abc"  # from any page of the UI: a run's description
+
+
+def test_a_tracking_process_turns_off_mlflows_own_lines_unless_they_were_asked_for(monkeypatch):
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+
+    for name in (URL_LINES_OFF, ARTIFACT_BARS):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)  # unset, as in a fresh process (and restored after the test)
+    quiet_mlflow()
+    assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get() is True and MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get() is False
+    monkeypatch.setenv(ARTIFACT_BARS, "true")  # the user's own choice stands
+    quiet_mlflow()
+    assert MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get() is True
