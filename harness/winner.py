@@ -60,22 +60,7 @@ def deliver_winner(cfg, study, tracker: Tracker, run_task, log) -> dict | None:
         return winner
     version = run.tags.get(REGISTERED_TAG)
     if version is None:
-        version = tracker.register_model(
-            logged,
-            cfg.study.name,
-            run_id,
-            tags={
-                "harness.sweep": cfg.study.name,
-                "harness.trial": best.number,
-                "harness.metric": cfg.study.metric,
-                "harness.value": f"{best.value:.6g}",
-            },
-            description=f"trial {best.number} of sweep {cfg.study.name}: {cfg.study.metric} {best.value:.4f}",
-        )
-        tracker.set_tags(run_id, {REGISTERED_TAG: version})
-        log(
-            f"registered the winner (trial {best.number}) as model {cfg.study.name!r} version {version}, alias {CHAMPION_ALIAS!r}"
-        )
+        version = _register(cfg, tracker, best, run_id, logged, log)
     # On a resume too: a sweep killed between registering and here left a version without the alias.
     tracker.set_alias(cfg.study.name, CHAMPION_ALIAS, version)
     winner.update(model_uri=f"models:/{cfg.study.name}/{version}", version=version)
@@ -94,6 +79,26 @@ def deliver_winner(cfg, study, tracker: Tracker, run_task, log) -> dict | None:
     mark_former_winners(tracker, run.parent_id, run_id)
     tracker.set_tags(run_id, {WINNER_TAG: "true", "mlflow.runName": f"trial {best.number} (winner)"})
     return winner
+
+
+def _register(cfg, tracker: Tracker, best, run_id: str, model_uri: str, log) -> str:
+    """Register the best trial's logged model as a new version of the model named after the sweep;
+    returns the version, also kept on the trial's run."""
+    version = tracker.register_model(
+        model_uri,
+        cfg.study.name,
+        run_id,
+        tags={
+            "harness.sweep": cfg.study.name,
+            "harness.trial": best.number,
+            "harness.metric": cfg.study.metric,
+            "harness.value": f"{best.value:.6g}",
+        },
+        description=f"trial {best.number} of sweep {cfg.study.name}: {cfg.study.metric} {best.value:.4f}",
+    )
+    tracker.set_tags(run_id, {REGISTERED_TAG: version})
+    log(f"registered the winner (trial {best.number}) as model {cfg.study.name!r} version {version}, alias {CHAMPION_ALIAS!r}")
+    return version
 
 
 def delete_overtaken_models(tracker: Tracker, study, winner_number: int, winner_run: str) -> list[str]:
