@@ -129,6 +129,14 @@ def test_no_password_is_printed_written_logged_or_stored(secret_sweep, auth_serv
         assert not _database_rows_holding(secret_sweep["storage"], secret), f"the {kind} password is in the study's database"
 
 
+def test_the_sweeps_log_holds_no_mlflow_run_links_download_bars_or_leak_warnings(secret_sweep):
+    """A sweep on a tracking server: MLflow's "View run ... at:" lines, its artifact download bars
+    (the winner's model is reloaded for its test) and the resource tracker's warning stay out."""
+    log = secret_sweep["result"].stdout + secret_sweep["result"].stderr
+    assert "View run" not in log and "View experiment" not in log
+    assert "Downloading artifacts" not in log and "leaked semaphore" not in log
+
+
 @pytest.fixture
 def admin_view(secret_sweep, auth_server, monkeypatch):
     """An MLflow client logged in as the server's admin (through the environment), and the sweep's experiment."""
