@@ -23,9 +23,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import optuna
@@ -33,31 +32,17 @@ from optuna.trial import TrialState
 
 from harness import study as st
 from harness.config import SweepConfig, TargetConfig, backbone_candidates
-from harness.data import Dataset, Splits, dataset_inputs, load_dataset, make_splits
+from harness.data import Dataset, Splits, dataset_inputs
 from harness.direction import best_of, better
 from harness.progress import Progress
 from harness.scratch import RULE_TAG, training_rule
+from harness.stores import SweepSetup
 from harness.strategies import strategy_search
 from harness.tasks import ConfirmTask, Context
 from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG, RunRecord
 from harness.trials import Job, recover_after_crash, trial_job
 
 CELL_TAG = "harness.cell"
-
-
-def load_targets(cfg: SweepConfig, log) -> list[tuple[TargetConfig, Dataset, Splits]]:
-    """Load and split every target up front, so a bad dataset stops the sweep before it starts."""
-    assert cfg.quadrants is not None  # this module runs only quadrant sweeps (sweep.py checks)
-    out = []
-    for target in cfg.quadrants.targets:
-        dataset = load_dataset(target.data)
-        splits = make_splits(dataset.labels, target.data, dataset.official)
-        log(
-            f"target {target.name} ({target.size}, {target.similarity}): {dataset.name}, {dataset.num_classes} classes, "
-            f"train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)}"
-        )
-        out.append((target, dataset, splits))
-    return out
 
 
 def cell_name(target: TargetConfig, strategy: str) -> str:
@@ -78,15 +63,11 @@ def cell_config(cfg: SweepConfig, target: TargetConfig, strategy: str) -> SweepC
 
 @dataclass(frozen=True)
 class Sweep:
-    """The quadrant sweep every cell belongs to: its config, stores, weights and log, the clock its
-    progress lines count from, and each confirmed cell's result (filled as cells finish)."""
+    """The quadrant sweep every cell belongs to: its config and setup (stores, weights, trial
+    processes, log), the clock its progress lines count from, and each confirmed cell's result."""
 
     cfg: SweepConfig  # the sweep's config; a cell's own is Cell.cfg
-    storage: Any  # the Optuna storage every cell's studies live in
-    tracker: Any
-    weights: dict
-    exclusive: bool  # the only sweep process on the storage (harness/sweep.py's local lock)
-    log: Callable[[str], None]
+    setup: SweepSetup
     started: float  # time.monotonic() when the cells began
     scores: dict[str, tuple[float, float]] = field(default_factory=dict)  # cell name -> (best val, test mean)
 
@@ -114,9 +95,11 @@ class Cell:
         return _cell_tags(self.target, self.strategy)
 
 
-def run_quadrants(cfg: SweepConfig, targets, storage, tracker, weights: dict, engine, exclusive: bool, log) -> dict:
+def run_quadrants(cfg: SweepConfig, targets, setup: SweepSetup) -> dict:
     """Every cell's search, then its confirmation seeds, spread over the engine's trial processes
-    (and over every sweep process sharing a server storage); then the report."""
+    (and over every sweep process sharing a server storage); then the report. `targets`: each
+    target with its dataset and splits (harness/preflight.py `load_targets`)."""
+    tracker, log = setup.tracker, setup.log
     assert cfg.quadrants is not None  # this module runs only quadrant sweeps (sweep.py checks)
     strategies = cfg.quadrants.strategies
     n_cells = len(targets) * len(strategies)
@@ -124,18 +107,18 @@ def run_quadrants(cfg: SweepConfig, targets, storage, tracker, weights: dict, en
         f"quadrant sweep {cfg.study.name}: {len(targets)} target(s) x {len(strategies)} strategies = {n_cells} cells, "
         f"{cfg.quadrants.trials_per_cell} trial(s) each, then {cfg.quadrants.confirm_seeds} confirmation seed(s)"
     )
-    sweep = Sweep(cfg, storage, tracker, weights, exclusive, log, started=time.monotonic())
+    sweep = Sweep(cfg, setup, started=time.monotonic())
     jobs = []
-    if exclusive:  # LogME runs a killed sweep left RUNNING (the lock proves no process owns them)
+    if setup.exclusive:  # LogME runs a killed sweep left RUNNING (the lock proves no process owns them)
         tracker.end_orphaned_runs(("logme",))
     for i, (target, dataset, splits) in enumerate(targets):
         if cfg.quadrants.logme:
-            with st.claim_lock(storage, f"{cfg.study.name}:logme:{target.name}"):
+            with st.claim_lock(setup.storage, f"{cfg.study.name}:logme:{target.name}"):
                 log_logme_scores(sweep, target, dataset, splits)
         for j, strategy in enumerate(strategies):
             cell = open_cell(sweep, target, strategy, dataset, splits)
             jobs.append(cell_job(cell, f"cell {i * len(strategies) + j + 1}/{n_cells} {cell.name}"))
-    engine.run(jobs)
+    setup.engine.run(jobs)
     from harness.report import build_report
 
     log("writing the comparison report")
@@ -146,19 +129,19 @@ def run_quadrants(cfg: SweepConfig, targets, storage, tracker, weights: dict, en
 def open_cell(sweep: Sweep, target: TargetConfig, strategy: str, dataset: Dataset, splits: Splits) -> Cell:
     """The cell's study and run, created by the first sweep process and found by the others (and on
     resume, with what a killed sweep left running closed first)."""
-    cell_cfg = cell_config(sweep.cfg, target, strategy)
-    with st.claim_lock(sweep.storage, cell_cfg.study.name):  # sweep processes started together: one cell run
-        study = st.open_study(cell_cfg, sweep.storage, reseed=not sweep.exclusive)
+    cell_cfg, setup = cell_config(sweep.cfg, target, strategy), sweep.setup
+    with st.claim_lock(setup.storage, cell_cfg.study.name):  # sweep processes started together: one cell run
+        study = st.open_study(cell_cfg, setup.storage, reseed=not setup.exclusive)
         if not study.trials:  # a new cell: every candidate backbone gets a trial before the sampler chooses
             for backbone in backbones_to_try(cell_cfg):
                 study.enqueue_trial({"backbone": backbone})
         run_id = study.user_attrs.get("mlflow_cell_run_id") or _open_cell_run(sweep, target, strategy, cell_cfg)
         study.set_user_attr("mlflow_cell_run_id", run_id)
     recover_after_crash(
-        study, sweep.tracker, sweep.exclusive, sweep.log, parent_id=run_id, owned_roles=("confirm", "backbone_confirm")
+        study, setup.tracker, setup.exclusive, setup.log, parent_id=run_id, owned_roles=("confirm", "backbone_confirm")
     )
     inputs = tuple(dataset_inputs(dataset, cell_cfg.data, splits))
-    context = Context(cell_cfg.study.name, cell_cfg, dataset, splits, sweep.tracker, sweep.weights, inputs)
+    context = Context(cell_cfg.study.name, cell_cfg, dataset, splits, setup.tracker, setup.weights, inputs)
     return Cell(sweep, target, strategy, cell_cfg, dataset, splits, study, run_id, context)
 
 
@@ -179,7 +162,7 @@ def cell_job(cell: Cell, prefix: str) -> Job:
         cell.cfg,
         cell.study,
         cell.context,
-        cell.sweep.tracker,
+        cell.sweep.setup.tracker,
         parent_run_id=cell.run_id,
         extra_tags=cell.tags,
         progress=progress,
@@ -190,14 +173,14 @@ def cell_job(cell: Cell, prefix: str) -> Job:
 def jobs_after_search(cell: Cell) -> list[Job]:
     """Once the cell's search is full: the confirmation of its best configuration and, for LogME's
     ground truth, of each other backbone's best (none when no trial completed)."""
-    sweep = cell.sweep
+    sweep, setup = cell.sweep, cell.sweep.setup
     best = st.best_trial(cell.study)
     if best is None:
-        sweep.log(f"{cell.name}: no completed trial; nothing to confirm")
-        sweep.tracker.end_run(cell.run_id, "FAILED")
+        setup.log(f"{cell.name}: no completed trial; nothing to confirm")
+        setup.tracker.end_run(cell.run_id, "FAILED")
         return []
     assert best.value is not None  # the best trial is a COMPLETE one: it has a value
-    sweep.tracker.log_metrics(cell.run_id, {"best_val": best.value, "best_trial": best.number})
+    setup.tracker.log_metrics(cell.run_id, {"best_val": best.value, "best_trial": best.number})
     fixed = {n: p.value for n, p in cell.cfg.search.items() if p.fixed}
     params = {**fixed, **best.params}
     jobs = [confirm_job(cell, params, best.value)]
@@ -244,10 +227,10 @@ def confirm_job(cell: Cell, params: dict, best_value: float, backbone_check: str
     assert cell.cfg.quadrants is not None  # a cell's config keeps the sweep's quadrants section
     seeds = cell.cfg.quadrants.confirm_seeds
     suffix = f"confirm.{backbone_check}" if backbone_check else "confirm"
-    study = st.open_seed_study(f"{cell.cfg.study.name}.{suffix}", cell.sweep.storage)
+    study = st.open_seed_study(f"{cell.cfg.study.name}.{suffix}", cell.sweep.setup.storage)
     # A seed a killed sweep left RUNNING would hold its place in the budget for ever: it fails and
     # runs again (its MLflow run was closed when the cell resumed).
-    st.fail_orphaned_trials(study, cell.sweep.exclusive)
+    st.fail_orphaned_trials(study, cell.sweep.setup.exclusive)
     # Seeds show progress as trials do (a from-scratch seed trains for minutes); the value is the seed's test score.
     progress = Progress(seeds, st.finished_count(study), "maximize", "test_accuracy", sys.stderr, f"{cell.name} {suffix}")
     confirmation = Confirmation(cell, params, best_value, backbone_check, seeds, study, progress)
@@ -288,7 +271,7 @@ class Confirmation:
 
     def prepare(self, trial: optuna.Trial, worker_id: str) -> ConfirmTask:
         """The seed's MLflow run, under the cell's, and the task that trains and tests it."""
-        cell, tracker, check = self.cell, self.cell.sweep.tracker, self.backbone_check
+        cell, tracker, check = self.cell, self.cell.sweep.setup.tracker, self.backbone_check
         seed = trial.suggest_int("seed", 0, self.seeds - 1)
         label = f"{check} seed {seed}" if check else f"seed {seed}"
         run_id = tracker.start_child(
@@ -311,28 +294,28 @@ class Confirmation:
 
     def confirmed(self) -> list[Job]:
         """Every seed has run: the cell's test score over seeds, its best model registered, its run ended."""
-        cell, sweep = self.cell, self.cell.sweep
+        cell, setup = self.cell, self.cell.sweep.setup
         # A COMPLETE trial of a single-objective study always has a value.
         tests = [cast(float, t.value) for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         if self.backbone_check:
-            sweep.log(
+            setup.log(
                 f"{cell.name} / {self.backbone_check}: test {np.mean(tests):.4f} over {len(tests)} seed(s) (LogME's ground truth)"
             )
             return []
-        sweep.tracker.log_metrics(
+        setup.tracker.log_metrics(
             cell.run_id, {"test_mean": float(np.mean(tests)), "test_std": float(np.std(tests, ddof=1)) if len(tests) > 1 else 0.0}
         )
-        with st.claim_lock(sweep.storage, f"{cell.cfg.study.name}:register"):
+        with st.claim_lock(setup.storage, f"{cell.cfg.study.name}:register"):
             register_cell_model(cell)
-        sweep.tracker.end_run(cell.run_id, "FINISHED")
-        sweep.scores[cell.name] = (self.best_value, float(np.mean(tests)))
-        sweep.log(f"{cell.name}: best val {self.best_value:.4f}; test {np.mean(tests):.4f} over {len(tests)} seed(s)")
+        setup.tracker.end_run(cell.run_id, "FINISHED")
+        cell.sweep.scores[cell.name] = (self.best_value, float(np.mean(tests)))
+        setup.log(f"{cell.name}: best val {self.best_value:.4f}; test {np.mean(tests):.4f} over {len(tests)} seed(s)")
         return []
 
 
 def _best_confirm_run(cell: Cell) -> RunRecord | None:
     """The cell's finished confirmation run with the best validation score that logged its model."""
-    runs = cell.sweep.tracker.find_runs(role="confirm", parent=cell.run_id, status="FINISHED")
+    runs = cell.sweep.setup.tracker.find_runs(role="confirm", parent=cell.run_id, status="FINISHED")
     runs = [r for r in runs if MODEL_URI_TAG in r.tags and "best_val" in r.metrics]
     if not runs:
         return None
@@ -342,7 +325,7 @@ def _best_confirm_run(cell: Cell) -> RunRecord | None:
 def register_cell_model(cell: Cell) -> None:
     """Register the cell's best confirmed model (chosen on validation, like everything else) as a
     version of the registered model named after the cell's study, `<sweep>.<target>.<strategy>`."""
-    tracker, model_name = cell.sweep.tracker, cell.cfg.study.name
+    tracker, model_name = cell.sweep.setup.tracker, cell.cfg.study.name
     best = _best_confirm_run(cell)
     if best is None or tracker.run_tags(cell.run_id).get(REGISTERED_TAG):
         return
@@ -360,7 +343,7 @@ def register_cell_model(cell: Cell) -> None:
         description=f"best confirmed model of cell {model_name} (seed {seed}, chosen on validation)",
     )
     tracker.set_tags(cell.run_id, {REGISTERED_TAG: version, "harness.registered_model": f"models:/{model_name}/{version}"})
-    cell.sweep.log(f"{model_name}: registered the best confirmed model (seed {seed}) as version {version}")
+    cell.sweep.setup.log(f"{model_name}: registered the best confirmed model (seed {seed}) as version {version}")
 
 
 def _seed_of(trial) -> int | None:
@@ -382,14 +365,15 @@ def _cell_tags(target: TargetConfig, strategy: str) -> dict:
 def _open_cell_run(sweep: Sweep, target: TargetConfig, strategy: str, cell_cfg: SweepConfig) -> str:
     """The cell's run, reopened when the sweep resumes."""
     assert sweep.cfg.quadrants is not None  # this module runs only quadrant sweeps (sweep.py checks)
-    existing = sweep.tracker.find_child("cell", {CELL_TAG: cell_name(target, strategy)})
+    tracker = sweep.setup.tracker
+    existing = tracker.find_child("cell", {CELL_TAG: cell_name(target, strategy)})
     if existing is not None:
-        sweep.tracker.reopen_run(existing.run_id)
+        tracker.reopen_run(existing.run_id)
         return existing.run_id
-    run_id = sweep.tracker.start_child(
+    run_id = tracker.start_child(
         f"cell {cell_name(target, strategy)}", "cell", _cell_tags(target, strategy), config=cell_cfg.to_dict()
     )
-    sweep.tracker.log_params(
+    tracker.log_params(
         run_id,
         {
             "trials_per_cell": sweep.cfg.quadrants.trials_per_cell,
@@ -413,7 +397,7 @@ def logme_indices(labels: np.ndarray, train: np.ndarray, max_images: int) -> np.
 
 def log_logme_scores(sweep: Sweep, target: TargetConfig, dataset: Dataset, splits: Splits) -> dict:
     """LogME of every candidate backbone on this target, from frozen features, before any training."""
-    cfg, tracker, weights, log = sweep.cfg, sweep.tracker, sweep.weights, sweep.log
+    cfg, tracker, weights, log = sweep.cfg, sweep.setup.tracker, sweep.setup.weights, sweep.setup.log
     assert cfg.quadrants is not None  # this module runs only quadrant sweeps (sweep.py checks)
     from harness.transferability import logme_of_backbone
 
