@@ -12,6 +12,7 @@ larger ones with the same test split: a comparison across sizes isolates size.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,35 +238,31 @@ def load_dataset(cfg: DataConfig, check: FileCheck | None = None) -> Dataset:
     elif cfg.source == "tfds":
         assert cfg.name is not None
         names, paths, labels, official = _load_tfds(cfg.name, cfg.tfds_dir)
-        ds = Dataset(
-            names,
-            labels,
-            paths=paths,
-            image_size=cfg.image_size,
-            name=cfg.name,
-            official=official if cfg.official_splits else None,
-            memory_cache_mib=cfg.memory_cache_mib,
-            disk_cache_dir=cfg.disk_cache_dir,
-            disk_cache_max_gib=cfg.disk_cache_max_gib,
-        )
+        ds = _from_files(cfg, names, paths, labels, cfg.name, official if cfg.official_splits else None)
     else:
         assert cfg.path is not None  # a folder source has a path (checked by harness/config.py)
         names, paths, labels = scan_folder(cfg.path, cfg, check)
-        ds = Dataset(
-            names,
-            labels,
-            paths=paths,
-            image_size=cfg.image_size,
-            name=Path(cfg.path).name,
-            memory_cache_mib=cfg.memory_cache_mib,
-            disk_cache_dir=cfg.disk_cache_dir,
-            disk_cache_max_gib=cfg.disk_cache_max_gib,
-        )
+        ds = _from_files(cfg, names, paths, labels, Path(cfg.path).name)
     if cfg.classes is not None:
         ds = select_classes(ds, cfg.classes)
     if cfg.class_map is not None:
         ds = apply_class_map(ds, cfg.class_map)
     return ds
+
+
+def _from_files(cfg: DataConfig, names: list[str], paths: list[str], labels: np.ndarray, name: str, official=None) -> Dataset:
+    """A dataset of image files, decoded when read and cached as the config says."""
+    return Dataset(
+        names,
+        labels,
+        paths=paths,
+        image_size=cfg.image_size,
+        name=name,
+        official=official,
+        memory_cache_mib=cfg.memory_cache_mib,
+        disk_cache_dir=cfg.disk_cache_dir,
+        disk_cache_max_gib=cfg.disk_cache_max_gib,
+    )
 
 
 def select_classes(ds: Dataset, classes: list[str]) -> Dataset:
@@ -277,18 +274,7 @@ def select_classes(ds: Dataset, classes: list[str]) -> Dataset:
     keep = np.isin(ds.labels, old)
     remap = {o: n for n, o in enumerate(old)}
     labels = np.asarray([remap[v] for v in ds.labels[keep]], np.int64)
-    return Dataset(
-        list(classes),
-        labels,
-        images=ds.images[keep] if ds.images is not None else None,
-        paths=[p for p, k in zip(ds.paths, keep) if k] if ds.paths is not None else None,
-        official=ds.official[keep] if ds.official is not None else None,
-        image_size=ds.image_size,
-        name=ds.name,
-        memory_cache_mib=ds.memory_cache_mib,
-        disk_cache_dir=ds.disk_cache_dir,
-        disk_cache_max_gib=ds.disk_cache_max_gib,
-    )
+    return _kept(ds, keep, list(classes), labels)
 
 
 def apply_class_map(ds: Dataset, class_map: dict[str, list[str]]) -> Dataset:
@@ -313,17 +299,19 @@ def apply_class_map(ds: Dataset, class_map: dict[str, list[str]]) -> Dataset:
             new_label[ds.class_names.index(name)] = label
     labels = new_label[ds.labels]
     keep = labels >= 0
-    return Dataset(
-        targets,
-        labels[keep],
+    return _kept(ds, keep, targets, labels[keep])
+
+
+def _kept(ds: Dataset, keep: np.ndarray, class_names: list[str], labels: np.ndarray) -> Dataset:
+    """`ds` with only the examples `keep` marks, under new class names and `labels` (one per kept
+    example); everything else (size, name, caches) as it was."""
+    return dataclasses.replace(
+        ds,
+        class_names=class_names,
+        labels=labels,
         images=ds.images[keep] if ds.images is not None else None,
         paths=[p for p, k in zip(ds.paths, keep) if k] if ds.paths is not None else None,
         official=ds.official[keep] if ds.official is not None else None,
-        image_size=ds.image_size,
-        name=ds.name,
-        memory_cache_mib=ds.memory_cache_mib,
-        disk_cache_dir=ds.disk_cache_dir,
-        disk_cache_max_gib=ds.disk_cache_max_gib,
     )
 
 

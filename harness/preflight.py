@@ -93,8 +93,8 @@ def inspect_sql_store(url: str, label: str) -> tuple[set[str], str | None] | Non
     whose database it is and how old its schema is."""
     import sqlalchemy as sa
 
+    from harness.redaction import redact
     from harness.study import read_only_url, short_error, sqlite_file
-    from harness.tracking import redact
 
     where = f"{label} {redact(url)}"
     path = sqlite_file(url)
@@ -157,7 +157,7 @@ def check_storage(url: str, study_name: str, direction: str) -> None:
     corrupt, another application's database, a schema this Optuna cannot read, or holding the
     study with the other direction. A store that does not exist yet, or is empty, passes."""
     from harness import study as st
-    from harness.tracking import redact
+    from harness.redaction import redact
 
     where = f"Optuna storage {redact(url)}"
     state = inspect_sql_store(url, "Optuna storage")
@@ -197,8 +197,9 @@ def check_tracking_store(uri: str) -> bool:
     or migrate another application's database); a tracking server that does not answer or refuses
     these credentials. Other stores (Databricks, ...) are left to MLflow. Returns whether the store
     exists already (False: a database MLflow will create, so it holds no experiment yet)."""
+    from harness.redaction import redact
     from harness.study import short_error
-    from harness.tracking import redact, schema_problem, tracking_server_error
+    from harness.tracking import schema_problem, tracking_server_error
 
     where = f"MLflow tracking store {redact(uri)}"
     if uri.split(":", 1)[0].split("+", 1)[0] in SQL_SCHEMES:
@@ -225,7 +226,8 @@ def check_warm_start_experiments(warm_start, uri: str, store_exists: bool) -> No
     """Every experiment `study.warm_start` names must exist in the tracking store (read only; a
     store not created yet holds none): the missing ones are named and the sweep refused."""
     from harness.config import warm_start_experiments
-    from harness.tracking import missing_experiments, redact
+    from harness.redaction import redact
+    from harness.tracking import missing_experiments
 
     names = warm_start_experiments(warm_start)
     if not names:

@@ -100,14 +100,12 @@ def resident_mib(pid: int | None = None) -> float:
 
 
 def quiet_libraries() -> None:
+    """Optuna's, TensorFlow's and the warnings' noise off (MLflow's own: harness/tracking.py quiet_mlflow)."""
     import logging
     import warnings
 
     import optuna
 
-    from harness.tracking import quiet_mlflow_logger
-
-    quiet_mlflow_logger()
     # Heartbeat and stale-trial retry are marked experimental by Optuna; they are used on purpose.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # The engine asks and tells trials itself (harness/trials.py), with the heartbeat on: Optuna

@@ -31,7 +31,7 @@ def run_single(cfg, dataset: Dataset, splits: Splits, setup: SweepSetup) -> dict
 def _open_study(cfg, dataset: Dataset, splits: Splits, setup: SweepSetup):
     """The study, resumed where a killed sweep left it, and the context its trials run in."""
     from harness.data import dataset_inputs
-    from harness.tracking import redact
+    from harness.redaction import redact
     from harness.trials import recover_after_crash
 
     tracker = setup.tracker

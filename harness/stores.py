@@ -38,7 +38,8 @@ def open_stores(cfg: SweepConfig):
     servers race for each; the schema race is retried (harness/study.py) and the rest is created
     under the study's claim lock, so each exists once and every process reads the same ones."""
     from harness import study as st
-    from harness.tracking import Tracker, redact, resolve_tracking_uri
+    from harness.redaction import redact
+    from harness.tracking import Tracker, resolve_tracking_uri
 
     url = st.storage_url(cfg)
     storage = st.make_storage(url, cfg.study.heartbeat_seconds)

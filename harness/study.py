@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -19,6 +20,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from harness.config import SweepConfig, SweepRefused
+from harness.redaction import redact
 
 if TYPE_CHECKING:
     from optuna.storages._heartbeat import BaseHeartbeat
@@ -123,15 +125,40 @@ def open_study(cfg: SweepConfig, storage=None, reseed: bool = False) -> optuna.S
         raise SweepRefused(
             direction_mismatch(cfg.study.name, storage_url(cfg), study.direction.name.lower(), cfg.study.direction)
         )
+    name_metric(study, cfg.study.metric)
     return study
+
+
+def open_seed_study(name: str, storage, metric: str = "test_accuracy") -> optuna.Study:
+    """The study whose trials are a confirmation's seeds, created or loaded when it exists: a random
+    sampler over the seed parameter, and the seed's score `metric` (higher is better) as its value."""
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    name_metric(study, metric)
+    return study
+
+
+def name_metric(study: optuna.Study, metric: str) -> None:
+    """Name the study's value after its metric, so optuna-dashboard labels its axis `metric` rather
+    than "Objective 0". Written once: a resumed study already carries it."""
+    from optuna.exceptions import ExperimentalWarning
+
+    if study.metric_names == [metric]:
+        return
+    with warnings.catch_warnings():  # set_metric_names is marked experimental; a sweep's log holds its own lines
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        study.set_metric_names([metric])
 
 
 # --- a storage read without writing (harness/preflight.py checks it before the sweep creates anything) ----------
 
 
 def direction_mismatch(study_name: str, url: str, found: str, wanted: str) -> str:
-    from harness.tracking import redact
-
     return (
         f"Optuna storage {redact(url)}: study {study_name!r} exists with direction {found}, but the config says "
         f"{wanted}; a study's direction cannot change: run under a new --study-name, or set study.direction: "

@@ -116,7 +116,7 @@ def run(cfg, log=None) -> dict:
     progress_stream = sys.stderr
     from tqdm import tqdm
 
-    from harness.tracking import redact
+    from harness.redaction import redact
 
     # tqdm.write prints above a live progress bar instead of through it (a plain print on a pipe).
     emit = log or (lambda text: tqdm.write(text, file=progress_stream))
@@ -139,8 +139,8 @@ def run(cfg, log=None) -> dict:
 def _run_checked(cfg, engine, workers: int, gpus: list[str], log) -> dict:
     from harness import study as st
     from harness.pretrain import ensure_source_weights
+    from harness.redaction import redact
     from harness.stores import SweepSetup, open_stores
-    from harness.tracking import redact
 
     # --- preflight: everything that can refuse the sweep, before anything is created ---------
     preflight.check_mixed_precision(cfg)
@@ -186,7 +186,7 @@ def _run_checked(cfg, engine, workers: int, gpus: list[str], log) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from harness.config import ConfigError, load_config, with_overrides
-    from harness.tracking import redact
+    from harness.redaction import redact
 
     try:
         cfg = load_config(args.config)

@@ -123,7 +123,6 @@ def trial_job(
     tracker,
     parent_run_id: str | None = None,
     extra_tags: dict | None = None,
-    name: str = "",
     progress=None,
     on_done: Callable[[], list[Job]] = lambda: [],
 ) -> Job:
@@ -157,7 +156,7 @@ def trial_job(
         return TrialTask(context.key, trial.number, params, run_id, leader.value if leader else None)
 
     return Job(
-        name or cfg.study.name,
+        cfg.study.name,
         study,
         cfg.study.n_trials,
         context,
@@ -208,44 +207,40 @@ def plan_slots(workers: int, gpus: list[str], cpu_count: int) -> list[Slot]:
     return [Slot({"CUDA_VISIBLE_DEVICES": ""} if workers > 1 else {}, threads) for _ in range(workers)]
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine paces its trial processes (the config's study and train sections say)."""
+
+    trials_per_process: int = 20  # study.trials_per_process: tasks before a process is recycled
+    recycle_memory_mib: float = 1024  # study.recycle_memory_mib: memory growth that recycles it
+    max_consecutive_failures: int = 5  # study.max_consecutive_failures: the sweep stops after so many
+    timeout: float | None = None  # study.timeout: seconds after which no new trial starts
+    heartbeat_seconds: float = st.HEARTBEAT_SECONDS  # study.heartbeat_seconds
+    gpu_memory_limit_mib: float | None = None  # train.gpu_memory_limit_mib (None: memory growth)
+
+    @classmethod
+    def from_config(cls, cfg) -> EngineSettings:
+        return cls(
+            trials_per_process=cfg.study.trials_per_process,
+            recycle_memory_mib=cfg.study.recycle_memory_mib,
+            max_consecutive_failures=cfg.study.max_consecutive_failures,
+            timeout=cfg.study.timeout,
+            heartbeat_seconds=cfg.study.heartbeat_seconds,
+            gpu_memory_limit_mib=cfg.train.gpu_memory_limit_mib,
+        )
+
+
 class TrialEngine:
     """Runs jobs on a pool of warm trial processes until every job's study is full."""
 
     @classmethod
     def for_config(cls, cfg, log, workers: int, gpus: list[str]) -> TrialEngine:
         """The engine for a config; `use_stores` must follow before `run` or `call`."""
-        slots = plan_slots(workers, gpus, usable_cores())
-        return cls(
-            slots,
-            None,
-            True,
-            log,
-            cfg.study.trials_per_process,
-            cfg.study.recycle_memory_mib,
-            cfg.study.max_consecutive_failures,
-            cfg.study.timeout,
-            cfg.study.heartbeat_seconds,
-            cfg.train.gpu_memory_limit_mib,
-        )
+        return cls(plan_slots(workers, gpus, usable_cores()), None, True, log, EngineSettings.from_config(cfg))
 
-    def __init__(
-        self,
-        slots: list[Slot],
-        tracker,
-        exclusive: bool,
-        log,
-        trials_per_process: int = 20,
-        recycle_memory_mib: float = 1024,
-        max_consecutive_failures: int = 5,
-        timeout: float | None = None,
-        heartbeat_seconds: float = st.HEARTBEAT_SECONDS,
-        gpu_memory_limit_mib: float | None = None,
-    ):
-        self.heartbeat_seconds = heartbeat_seconds
-        self.gpu_memory_limit_mib = gpu_memory_limit_mib  # train.gpu_memory_limit_mib (None: memory growth)
+    def __init__(self, slots: list[Slot], tracker, exclusive: bool, log, settings: EngineSettings = EngineSettings()):
         self.slots, self.tracker, self.exclusive, self.log = slots, tracker, exclusive, log
-        self.trials_per_process, self.recycle_memory_mib = trials_per_process, recycle_memory_mib
-        self.max_failures, self.timeout = max_consecutive_failures, timeout
+        self.settings = settings
         self.running: dict[TrialProcess, Running] = {}
         self.loaded: dict[TrialProcess, set[str]] = {}
         self.streak = 0
@@ -268,7 +263,7 @@ class TrialEngine:
         """Fill every job's study; raises SweepRefused when trials keep failing, KeyboardInterrupt
         when a stop was asked for (after ending the running trials cleanly)."""
 
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        deadline = None if self.settings.timeout is None else time.monotonic() + self.settings.timeout
         pending = list(jobs)
         try:
             self._ensure_pool()
@@ -278,8 +273,8 @@ class TrialEngine:
                     raise KeyboardInterrupt("stop requested")
                 if deadline is not None and time.monotonic() >= deadline and not timed_out:
                     timed_out = True
-                    self.log(f"timeout of {self.timeout:g} s reached: no new trial starts")
-                tripped = self.streak >= self.max_failures
+                    self.log(f"timeout of {self.settings.timeout:g} s reached: no new trial starts")
+                tripped = self.streak >= self.settings.max_consecutive_failures
                 if not timed_out and not tripped:
                     self._dispatch(pending)
                 pending = self._close_full_jobs(pending)
@@ -288,9 +283,9 @@ class TrialEngine:
                 self._wait_and_handle()
             for job in jobs:  # runs of trials that died on another machine end KILLED too
                 self.tracker.end_orphaned_trial_runs(st.trial_states(job.study), parent_id=job.parent_run_id)
-            if self.streak >= self.max_failures:
+            if self.streak >= self.settings.max_consecutive_failures:
                 raise SweepRefused(
-                    f"{self.max_failures} trials failed in a row; see the fail_reason of the last trials "
+                    f"{self.settings.max_consecutive_failures} trials failed in a row; see the fail_reason of the last trials "
                     f"(optuna user attrs / MLflow tag harness.fail_reason)"
                 )
         except KeyboardInterrupt:
@@ -530,7 +525,7 @@ class TrialEngine:
             execute,
             env=slot.env,
             threads=slot.threads,
-            gpu_memory_limit_mib=self.gpu_memory_limit_mib,
+            gpu_memory_limit_mib=self.settings.gpu_memory_limit_mib,
             after=after if slot.gpu else None,
         )
 
@@ -539,11 +534,12 @@ class TrialEngine:
 
     def _last_task_of(self, proc: TrialProcess) -> bool:
         return (
-            proc.tasks_started >= self.trials_per_process or proc.memory_growth_mib() >= PRESTART_SHARE * self.recycle_memory_mib
+            proc.tasks_started >= self.settings.trials_per_process
+            or proc.memory_growth_mib() >= PRESTART_SHARE * self.settings.recycle_memory_mib
         )
 
     def _maybe_recycle(self, proc: TrialProcess) -> None:
-        if proc.tasks_started >= self.trials_per_process or proc.memory_growth_mib() >= self.recycle_memory_mib:
+        if proc.tasks_started >= self.settings.trials_per_process or proc.memory_growth_mib() >= self.settings.recycle_memory_mib:
             proc.retire()
             self._replace(proc)
 
@@ -586,7 +582,7 @@ class TrialEngine:
     def _beat(self) -> None:
         """Heartbeats for the trials this process runs (server storages): a machine that dies stops
         beating, and the other sweep processes fail its trials and queue them again."""
-        while not self._stop.wait(self.heartbeat_seconds):
+        while not self._stop.wait(self.settings.heartbeat_seconds):
             for running in list(self.running.values()):
                 try:
                     st.record_heartbeat(running.job.study, running.trial)

@@ -55,6 +55,7 @@ from typing import Any
 
 from harness import runtime
 from harness.frameworks import framework_named
+from harness.tracking import quiet_mlflow
 
 STOP_GRACE_SECONDS = 120  # how long a child may take to end its task after SIGTERM
 
@@ -281,6 +282,17 @@ def _name_of(handler: Callable) -> str:
     return f"{handler.__module__}:{handler.__qualname__}"
 
 
+def _bars_lock_threads_only() -> None:
+    """Progress bars drawn in this process (MLflow's, when it downloads a model's artifacts) lock
+    their output with a thread lock only. tqdm's default lock adds a multiprocessing RLock: in a
+    spawned process that is a named POSIX semaphore, unlinked only by the interpreter's exit, which
+    a trial process skips (`os._exit`), so the resource tracker reported it leaked when the sweep
+    ended. No other process shares this process's bars."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def _child_main(
     conn,
     parent_pid: int,
@@ -300,6 +312,8 @@ def _child_main(
     handler = pkgutil.resolve_name(handler_name)
     runtime.install_stop_handlers()  # training stops at its next batch; a new task does not start
     runtime.quiet_libraries()
+    quiet_mlflow()  # imports MLflow now, so that its objects are frozen with the rest
+    _bars_lock_threads_only()
     runtime.freeze_imported_objects()
     channel = Channel(conn)
     early: list = []  # messages that came before "go": tasks wait for the devices

@@ -335,6 +335,32 @@ def test_class_map_relabels_a_folder_dataset(tmp_path):
     assert not any("/bat/" in p for p in ds.paths)
 
 
+def test_a_subset_or_a_class_map_keeps_each_kept_examples_file_and_split_and_the_caches():
+    ds = Dataset(
+        ["a", "b", "c"],
+        np.array([0, 1, 2, 1]),
+        paths=["a0.png", "b0.png", "c0.png", "b1.png"],
+        image_size=8,
+        name="files",
+        official=np.array(["train", "test", "train", "validation"]),
+        memory_cache_mib=1,
+        disk_cache_dir="/cache",
+        disk_cache_max_gib=2,
+    )
+    for kept in (select_classes(ds, ["b", "c"]), apply_class_map(ds, {"x": ["c"], "y": ["b"], "_drop": ["a"]})):
+        assert kept.paths == ["b0.png", "c0.png", "b1.png"] and kept.official.tolist() == ["test", "train", "validation"]
+        assert (kept.image_size, kept.name, kept.memory_cache_mib, kept.disk_cache_dir, kept.disk_cache_max_gib) == (
+            8,
+            "files",
+            1,
+            "/cache",
+            2,
+        )
+        assert kept.images is None
+    assert select_classes(ds, ["b", "c"]).labels.tolist() == [0, 1, 0]
+    assert apply_class_map(ds, {"x": ["c"], "y": ["b"], "_drop": ["a"]}).labels.tolist() == [1, 0, 1]
+
+
 def test_a_tfds_class_map_is_checked_when_the_names_are_known():
     """TFDS names are only known after loading: config load accepts the map, loading lists every problem."""
     cfg = parse_config(

@@ -5,6 +5,7 @@ by training's decoder, with all of a folder's problems in one error."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -88,9 +89,13 @@ def test_a_store_that_does_not_exist_yet_passes_and_is_not_created(tmp_path):
 def test_an_existing_study_of_the_same_direction_passes_read_only(tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="s", storage=url, direction="maximize")
-    (tmp_path / "optuna.db").chmod(0o444)  # a write would fail: the check must not need one
+    db = tmp_path / "optuna.db"
+    # Every write SQLite commits changes the file's header (its change counter), and a write
+    # transaction leaves a journal beside it: the same bytes, time and files prove none happened.
+    before = (hashlib.sha256(db.read_bytes()).hexdigest(), db.stat().st_mtime_ns, files_under(tmp_path))
     check_storage(url, "s", "maximize")
     check_storage(url, "another", "minimize")
+    assert (hashlib.sha256(db.read_bytes()).hexdigest(), db.stat().st_mtime_ns, files_under(tmp_path)) == before
 
 
 def test_a_damaged_database_is_named_whichever_store_it_is(tmp_path, mlflow_store):
