@@ -24,7 +24,7 @@ from pathlib import Path
 from harness import runtime
 from harness.config import ConfigError, DataConfig, SweepConfig, SweepRefused, TargetConfig
 from harness.data import Dataset, Splits, load_dataset, make_splits
-from harness.frameworks import framework_for, framework_named, framework_of, trial_gpus
+from harness.frameworks import framework_for, framework_named, frameworks_of, trial_gpus
 from harness.frameworks.base import Framework
 
 # --- devices ---------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def sweep_frameworks(cfg: SweepConfig) -> list[str]:
     """The frameworks a sweep's candidate backbones train with, sorted."""
     from harness.config import backbone_candidates
 
-    return sorted({framework_of(name) for name in backbone_candidates(cfg.search)})
+    return frameworks_of(backbone_candidates(cfg.search))
 
 
 def training_decoder(cfg: SweepConfig) -> str:

@@ -30,7 +30,7 @@ import optuna
 from harness import runtime
 from harness.direction import at_least_as_good
 from harness.evaluation import class_metric_keys, classification_metrics, confusion_csv, confusion_figure, is_number, scores
-from harness.frameworks import framework_for, framework_named, seed_loaded_frameworks
+from harness.frameworks import framework_for, framework_named, framework_of, seed_loaded_frameworks
 from harness.objective import TrialFailed, TrialRunner, log_history, plan_for, trial_level_errors
 from harness.phases import History
 from harness.scratch import ScratchRun, confirmation_plan, images_seen, print_note, train_from_scratch
@@ -133,6 +133,11 @@ class TrialTask:
     leader: float | None = None  # the study's best value when handed out: a trial that beats it logs its model
     context: Context | None = None  # attached the first time a process sees this study
 
+    @property
+    def framework(self) -> str:
+        """The framework a process must have to run this task (it never loads a second one)."""
+        return framework_of(self.params["backbone"])
+
     def run(self, runner: TrialRunner, channel: Channel) -> tuple[str, Any]:
         try:
             return "complete", run_trial(
@@ -209,6 +214,10 @@ class ConfirmTask:
     keep_model: bool = True  # log the model when it leads (a backbone check never does)
     number: int = 0  # its trial in the confirmation study (the number its progress lines show)
     context: Context | None = None
+
+    @property
+    def framework(self) -> str:
+        return framework_of(self.params["backbone"])
 
     def run(self, runner, channel) -> tuple[str, float]:
         return "complete", confirm_seed(
@@ -309,6 +318,10 @@ class BaselineTask:
     trial: int = 0  # the trial whose architecture it trains (the number its progress lines show)
     context: Context | None = None
 
+    @property
+    def framework(self) -> str:
+        return framework_of(self.params["backbone"])
+
     def run(self, runner, channel) -> dict[str, Any]:
         return train_baseline(runner, self.params, self.run_id, channel.note, self.trial)
 
@@ -362,6 +375,7 @@ class TestTask:
     context_key: str
     model_uri: str
     run_id: str
+    framework: str = "keras"  # the framework the model was trained with
     context: Context | None = None
 
     def run(self, runner, channel) -> dict[str, float]:
@@ -375,7 +389,7 @@ def test_logged_model(runner, model_uri: str, run_id: str) -> dict[str, float]:
     from harness.plots import plt
 
     tracker = runner.tracker
-    fw = framework_named(tracker.logged_model_framework(model_uri))
+    fw = framework_named(tracker.logged_model_framework(model_uri))  # the process's own (TestTask.framework)
     model = fw.load_model(model_uri, tracker.uri)
     trainer = runner.trainer_of(fw)
     names = runner.dataset.class_names
@@ -418,9 +432,13 @@ class ScreeningTask:
     trial process: where the trials' feature cache and the GPU are."""
 
     context_key: str
-    backbones: tuple
+    backbones: tuple  # all of one framework
     max_images: int
     context: Context | None = None
+
+    @property
+    def framework(self) -> str:
+        return framework_of(self.backbones[0])
 
     def run(self, runner, channel) -> dict[str, dict]:
         return score_backbones(runner, list(self.backbones), self.max_images, channel.note)

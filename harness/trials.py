@@ -40,6 +40,7 @@ from optuna.trial import TrialState
 from harness import runtime, space
 from harness import study as st
 from harness.config import SweepRefused
+from harness.frameworks import frameworks_of
 from harness.tasks import Context, TrialTask, execute
 from harness.tracking import STATE_TAG, TRIAL_TAG
 from harness.worker import TrialProcess, describe_exit
@@ -217,9 +218,14 @@ class EngineSettings:
     timeout: float | None = None  # study.timeout: seconds after which no new trial starts
     heartbeat_seconds: float = st.HEARTBEAT_SECONDS  # study.heartbeat_seconds
     gpu_memory_limit_mib: float | None = None  # train.gpu_memory_limit_mib (None: memory growth)
+    # The frameworks the sweep's backbones train with; a trial process imports one of them, the
+    # first when it warms up (harness/frameworks/).
+    frameworks: tuple[str, ...] = ("keras",)
 
     @classmethod
     def from_config(cls, cfg) -> EngineSettings:
+        from harness.config import backbone_candidates
+
         return cls(
             trials_per_process=cfg.study.trials_per_process,
             recycle_memory_mib=cfg.study.recycle_memory_mib,
@@ -227,6 +233,7 @@ class EngineSettings:
             timeout=cfg.study.timeout,
             heartbeat_seconds=cfg.study.heartbeat_seconds,
             gpu_memory_limit_mib=cfg.train.gpu_memory_limit_mib,
+            frameworks=tuple(frameworks_of(backbone_candidates(cfg.search))),
         )
 
 
@@ -300,9 +307,7 @@ class TrialEngine:
         are; a task silent for QUIET_SECONDS gets a line saying it still runs."""
 
         self._ensure_pool()
-        slot = self.slots[0]
-        proc = slot.current
-        assert proc is not None  # _ensure_pool gave every slot a process
+        proc = self._process_for(self.slots[0], task.framework)
         if context.key not in self.loaded.setdefault(proc, set()):
             task = dataclasses.replace(task, context=context)
             self.loaded[proc].add(context.key)
@@ -391,6 +396,10 @@ class TrialEngine:
             except BaseException:
                 job.study.tell(trial, state=TrialState.FAIL)
                 raise
+            asked_by = proc.worker_id
+            slot, proc = self._slot_for(slot, task.framework)
+            if proc.worker_id != asked_by:
+                trial.set_user_attr("worker", proc.worker_id)  # the process that runs it
             if job.context.key not in self.loaded.setdefault(proc, set()):
                 task = dataclasses.replace(task, context=job.context)
                 self.loaded[proc].add(job.context.key)
@@ -519,15 +528,47 @@ class TrialEngine:
 
     # -- the pool ----------------------------------------------------------------------------
 
-    def _spawn(self, slot: Slot, after: TrialProcess | None = None) -> TrialProcess:
-        """A trial process for `slot`; on a GPU, one that touches it only once `after` has exited."""
+    def _spawn(self, slot: Slot, after: TrialProcess | None = None, framework: str | None = None) -> TrialProcess:
+        """A trial process for `slot` (of `framework`: default the one `after` had, else the sweep's
+        first); on a GPU, one that touches it only once `after` has exited."""
         return TrialProcess(
             execute,
             env=slot.env,
             threads=slot.threads,
             gpu_memory_limit_mib=self.settings.gpu_memory_limit_mib,
             after=after if slot.gpu else None,
+            framework=framework or (after.framework if after is not None else self.settings.frameworks[0]),
         )
+
+    def _slot_for(self, slot: Slot, framework: str) -> tuple[Slot, TrialProcess]:
+        """Where a task of `framework` runs: an idle slot whose process has that framework, else
+        `slot`, its process swapped for one that has it."""
+        for other in self.slots:
+            proc = other.current
+            if proc is not None and proc not in self.running and proc.framework == framework:
+                return other, proc
+        return slot, self._process_for(slot, framework)
+
+    def _process_for(self, slot: Slot, framework: str) -> TrialProcess:
+        """`slot`'s process, or, when it has another framework, a new one that has `framework`.
+
+        A process never imports two frameworks (TensorFlow and torch fight over threads, GPU memory
+        and, imported in the wrong order, crash), and a slot keeps one process: two warm processes
+        per GPU would split its memory. So a task of the other framework retires the process, as
+        recycling does, and its successor starts (on a GPU, once the old one has exited)."""
+        proc = slot.current
+        assert proc is not None  # _ensure_pool gave every slot a process
+        if proc.framework == framework:
+            return proc
+        proc.retire()
+        self.loaded.pop(proc, None)
+        successor = slot.successor
+        if successor is not None and successor.framework != framework:
+            successor.retire()
+            self.loaded.pop(successor, None)
+            successor = None
+        slot.current, slot.successor = successor or self._spawn(slot, after=proc, framework=framework), None
+        return slot.current
 
     def _slot_of(self, proc: TrialProcess) -> Slot | None:
         return next((s for s in self.slots if proc in (s.current, s.successor)), None)

@@ -22,6 +22,7 @@ from typing import Any
 
 from harness import study as st
 from harness.evaluation import is_number
+from harness.frameworks import framework_of
 from harness.tasks import TestTask
 from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG, TRIAL_TAG, Tracker, run_url
 
@@ -69,7 +70,8 @@ def deliver_winner(cfg, study, tracker: Tracker, run_task, log) -> dict | None:
         log(f"deleted the logged models of {len(deleted)} overtaken trial(s); the winner's and every registered one stay")
     test = run.metrics.get("test_accuracy")
     if test is None:
-        result = run_task(TestTask(cfg.study.name, winner["model_uri"], run_id))
+        framework = framework_of(best.params["backbone"])
+        result = run_task(TestTask(cfg.study.name, winner["model_uri"], run_id, framework))
         test = result["test_accuracy"]
         log(
             f"winner on the held-out test split: accuracy {test:.4f} (registered model reloaded: "

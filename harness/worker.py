@@ -127,6 +127,7 @@ class TrialProcess:
         self.devices: dict | None = None  # what the child reported with "ready"
         assert self.process.pid is not None  # a started process has one
         self.pid = self.process.pid
+        self.framework = framework  # the one framework this process imports
         self.worker_id = f"{socket.gethostname()}:{self.pid}"
         self.tasks_started = 0
         self.ready = False

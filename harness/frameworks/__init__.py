@@ -29,6 +29,11 @@ def framework_of(backbone: str) -> str:
     return "torch" if slash and zoo in TORCH_ZOOS else "keras"
 
 
+def frameworks_of(backbones: Iterable[str]) -> list[str]:
+    """The frameworks `backbones` train with, sorted. Pure."""
+    return sorted({framework_of(name) for name in backbones})
+
+
 def framework_named(name: str) -> Framework:
     """The implementation called `name` ("keras" or "torch"), imported now: quietly first (each
     framework's `device.import_quietly`), so that no start-up banner reaches a sweep's log."""
