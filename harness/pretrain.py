@@ -4,9 +4,12 @@ Offline there are no ImageNet weights, yet a demo must still *transfer*. So the 
 backbone itself on a large, varied source set (config `source:`) and saves the headless backbone's
 weights. Lookup order for a config's source weights:
 
-1. harness/assets/<backbone>-<key>.weights.h5  (shipped with the package, made by `--ship`);
-2. <source.cache_dir>/<backbone>-<key>.weights.h5  (made on first use);
+1. harness/assets/<backbone>-<key><suffix>  (shipped with the package, made by `--ship`);
+2. <source.cache_dir>/<backbone>-<key><suffix>  (made on first use);
 3. otherwise pretrain now and write (2).
+
+The suffix is the framework's (`.weights.h5` for Keras, `.pt` for a torch state dict), and a zoo
+name's '/' is '--' in a file name (`torchvision--mobilenet_v3_small-<key>.pt`).
 
 The key hashes everything that shapes the weights (backbone, its options, input size, the whole
 source block), so changing any of it pretrains anew instead of silently re-using stale weights.
@@ -28,6 +31,7 @@ import time
 from pathlib import Path
 
 from harness.config import ConfigError, SourceConfig, SweepConfig, backbone_candidates, load_config
+from harness.frameworks import WEIGHTS_SUFFIX, framework_of
 
 ASSETS = Path(__file__).parent / "assets"
 PRETRAIN_SEED = 1234
@@ -58,7 +62,16 @@ def source_key(cfg: SweepConfig, backbone: str) -> str:
 
 
 def weights_filename(cfg: SweepConfig, backbone: str) -> str:
-    return f"{backbone}-{source_key(cfg, backbone)}.weights.h5"
+    return f"{backbone.replace('/', '--')}-{source_key(cfg, backbone)}{weights_suffix(backbone)}"
+
+
+def weights_suffix(backbone: str) -> str:
+    return WEIGHTS_SUFFIX[framework_of(backbone)]
+
+
+def beside(weights: Path, backbone: str, ending: str) -> Path:
+    """A file named as the weights file `weights` is, with `ending` for the framework's suffix."""
+    return weights.with_name(weights.name[: -len(weights_suffix(backbone))] + ending)
 
 
 def find_source_weights(cfg: SweepConfig, backbone: str) -> Path | None:
@@ -121,7 +134,7 @@ def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
     fw.set_trainable(model, phase.unfreeze_blocks)
     fw.run_phase(model, phase, PhaseData(train, val), PhaseRun(0, on_epoch))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name.replace(".weights.h5", ".partial.weights.h5"))
+    tmp = beside(out, backbone, ".partial" + weights_suffix(backbone))  # Keras needs the suffix it saves by
     fw.save_backbone_weights(model, str(tmp))
     tmp.replace(out)  # atomic: a crash never leaves a half-written cache entry behind
     report = {
@@ -133,7 +146,7 @@ def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
         "final_val_accuracy": epochs[-1].metrics.get("val_accuracy"),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    out.with_suffix("").with_suffix(".json").write_text(json.dumps(report, indent=2))
+    beside(out, backbone, ".json").write_text(json.dumps(report, indent=2))
     log(f"source backbone saved: {out} (val_accuracy {report['final_val_accuracy']:.3f}, {report['seconds']}s)")
     return report
 

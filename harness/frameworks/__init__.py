@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 TORCH_ZOOS = ("torchvision", "timm")  # name prefixes, e.g. "timm/convnext_tiny"
 FRAMEWORKS = ("keras", "torch")
+# How each framework's weights files end (`Framework.save_backbone_weights` writes them): Keras
+# insists on its own suffix; torch saves a state dict.
+WEIGHTS_SUFFIX = {"keras": ".weights.h5", "torch": ".pt"}
 
 
 def framework_of(backbone: str) -> str:
