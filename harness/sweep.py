@@ -451,10 +451,14 @@ def _test_lines(winner: dict | None, baseline: dict | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from harness.config import ConfigError, load_config, with_overrides
+    from harness.preflight import config_file_problems
     from harness.tracking import redact
 
     try:
         cfg = load_config(args.config)
+        missing = config_file_problems(cfg)  # the folders and files it names, before anything is written
+        if missing:
+            raise ConfigError("\n".join(missing))
         cfg = with_overrides(
             cfg,
             n_trials=args.n_trials,
