@@ -624,24 +624,25 @@ def _param_plain(p: ParamSpec):
 class ConfigFile(_Section):
     """What a sweep's YAML file holds: every block optional."""
 
-    study: StudyConfig = Field(default_factory=StudyConfig, description="the Optuna study, and how the sweep runs its trials")
-    data: DataConfig = Field(default_factory=DataConfig, description="the dataset (a quadrant sweep reads its targets' instead)")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="the backbones' starting weights and options")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="the two training phases of every trial")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="where MLflow records the sweep")
-    baseline: BaselineConfig = Field(
-        default_factory=BaselineConfig,
-        description="from scratch: the sweep's baseline, and the step floor and stopping of every confirmation seed",
-    )
-    source: SourceConfig | None = Field(
-        None, description="only for model.weights: source (the harness's own pretraining of a source backbone)"
-    )
-    quadrants: QuadrantsConfig | None = Field(None, description="a strategy-by-quadrant comparison instead of one sweep")
-    search: SearchSpace = Field(  # made from PARAMS above
-        default_factory=SearchSpace,
-        description="values are fixed (dropout: 0.2) or searched: {choices: [...]} or {low: .., high: .., log: "
-        "true|false, step: ..} (numbers only; log and step not together)",
-    )
+    study: StudyConfig = StudyConfig()
+    """the Optuna study, and how the sweep runs its trials"""
+    data: DataConfig = DataConfig()
+    """the dataset (a quadrant sweep reads its targets' instead)"""
+    model: ModelConfig = ModelConfig()
+    """the backbones' starting weights and options"""
+    train: TrainConfig = TrainConfig()
+    """the two training phases of every trial"""
+    tracking: TrackingConfig = TrackingConfig()
+    """where MLflow records the sweep"""
+    baseline: BaselineConfig = BaselineConfig()
+    """from scratch: the sweep's baseline, and the step floor and stopping of every confirmation seed"""
+    source: SourceConfig | None = None
+    """only for model.weights: source (the harness's own pretraining of a source backbone)"""
+    quadrants: QuadrantsConfig | None = None
+    """a strategy-by-quadrant comparison instead of one sweep"""
+    search: SearchSpace = SearchSpace()  # made from PARAMS above
+    """values are fixed (dropout: 0.2) or searched: {choices: [...]} or {low: .., high: .., log: true|false,
+    step: ..} (numbers only; log and step not together)"""
 
 
 SECTIONS = ("study", "data", "model", "train", "tracking", "baseline", "source", "quadrants")

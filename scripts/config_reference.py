@@ -117,6 +117,7 @@ def reference_markdown() -> str:
     shown: dict[type, str] = {}  # a block's model -> the key of its table
 
     def block(key: str, description: str, model: type[BaseModel]) -> None:
+        description = " ".join(description.split())  # a docstring's lines, as one paragraph
         lines.extend(["", f"### `{key}`", "", f"{description[:1].upper()}{description[1:]}.", ""])
         inner = []
         for name, field in model.model_fields.items():
