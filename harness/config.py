@@ -695,7 +695,7 @@ class _Locator:
 class SweepConfig(BaseModel):
     """A loaded sweep config: the file's blocks, with `search` as one ParamSpec per parameter."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     study: StudyConfig
     data: DataConfig
@@ -711,8 +711,8 @@ class SweepConfig(BaseModel):
     _locator: _Locator | None = PrivateAttr(None)
 
     def where(self, key: str) -> str:
-        """'file:line:col' of a dotted key in the file this config was loaded from (the file alone
-        where the key is not written there)."""
+        """'file:line:col' of a dotted key in the file this config was loaded from (of its nearest
+        parent where the key itself is not written; the file alone for a config made in code)."""
         return self._locator.where(key) if self._locator is not None else self.path
 
     def to_dict(self) -> dict:
