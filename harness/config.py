@@ -500,12 +500,14 @@ V = TypeVar("V")
 class Choices(_Section, Generic[V]):
     """A searched parameter's `{choices: [...]}`."""
 
+    model_config = ConfigDict(use_attribute_docstrings=False)  # no key of the reference; reading the source is slow
     choices: list[V] = Field(min_length=1)
 
 
 class Range(_Section, Generic[V]):
     """A searched number's `{low: .., high: .., log?: .., step?: ..}`."""
 
+    model_config = ConfigDict(use_attribute_docstrings=False)  # as Choices
     low: V
     high: V
     log: bool = False
