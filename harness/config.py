@@ -41,7 +41,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from harness.backbones import BACKBONES
+from harness.frameworks.keras.backbones import BACKBONES
 
 
 class ConfigError(Exception):

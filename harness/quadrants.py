@@ -30,31 +30,17 @@ from optuna.trial import TrialState
 
 from harness import study as st
 from harness.config import SweepConfig, TargetConfig, backbone_candidates
-from harness.data import Dataset, Splits, dataset_inputs, load_dataset, make_splits
+from harness.data import Dataset, Splits, dataset_inputs
 from harness.direction import best_of, better
 from harness.progress import Progress
 from harness.scratch import RULE_TAG, training_rule
+from harness.stores import SweepSetup
 from harness.strategies import strategy_search
 from harness.tasks import ConfirmTask, Context
 from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG, RunRecord
 from harness.trials import Job, recover_after_crash, trial_job
 
 CELL_TAG = "harness.cell"
-
-
-def load_targets(cfg: SweepConfig, log) -> list[tuple[TargetConfig, Dataset, Splits]]:
-    """Load and split every target up front, so a bad dataset stops the sweep before it starts."""
-    assert cfg.quadrants is not None  # this module runs only quadrant sweeps (sweep.py checks)
-    out = []
-    for target in cfg.quadrants.targets:
-        dataset = load_dataset(target.data)
-        splits = make_splits(dataset.labels, target.data, dataset.official)
-        log(
-            f"target {target.name} ({target.size}, {target.similarity}): {dataset.name}, {dataset.num_classes} classes, "
-            f"train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)}"
-        )
-        out.append((target, dataset, splits))
-    return out
 
 
 def cell_name(target: TargetConfig, strategy: str) -> str:
@@ -75,9 +61,18 @@ def cell_config(cfg: SweepConfig, target: TargetConfig, strategy: str) -> SweepC
     return cfg.model_copy(update={"study": study, "data": target.data, "search": search})
 
 
-def run_quadrants(cfg: SweepConfig, targets, storage, tracker, weights: dict, engine, exclusive: bool, log) -> dict:
+def run_quadrants(cfg: SweepConfig, targets, setup: SweepSetup) -> dict:
     """Every cell's search, then its confirmation seeds, spread over the engine's trial processes
-    (and over every sweep process sharing a server storage); then the report."""
+    (and over every sweep process sharing a server storage); then the report. `targets`: each
+    target with its dataset and splits (harness/preflight.py `load_targets`)."""
+    storage, tracker, weights, engine, exclusive, log = (
+        setup.storage,
+        setup.tracker,
+        setup.weights,
+        setup.engine,
+        setup.exclusive,
+        setup.log,
+    )
     q = cfg.quadrants
     assert q is not None  # this module runs only quadrant sweeps (sweep.py checks)
     n_cells = len(targets) * len(q.strategies)

@@ -8,7 +8,7 @@ the training split (never the validation or test split, which the search and the
   within the training split (a plain k-NN beat 23 published transferability metrics over 16 data
   sets, Sorkhei et al., 2025);
 - size: the backbone's parameter count, a ranking that never looks at the data; with ImageNet
-  weights also the published ImageNet top-1 (harness/backbones.py IMAGENET_TOP1).
+  weights also the published ImageNet top-1 (harness/frameworks/keras/backbones.py IMAGENET_TOP1).
 
 The size-only ranking matters because on the common benchmark it ranked backbones better than LogME
 (Kendall's tau about 0.91 against 0.57; Singh, Hess and Vanschoren, ICLR 2026). So after the sweep

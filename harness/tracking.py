@@ -421,7 +421,8 @@ class Tracker:
 
         The input is raw uint8 pixels (preprocessing is inside the model); the class names go in
         the model's metadata, so `python -m harness.predict` names its predictions."""
-        import keras
+        from importlib.metadata import version
+
         import mlflow
         import numpy as np
         from mlflow.models import infer_signature
@@ -437,12 +438,18 @@ class Tracker:
                 model,
                 name="model",
                 signature=signature,
-                metadata={"class_names": list(class_names), "image_size": int(image_size)},
-                pip_requirements=[f"keras=={keras.__version__}", "tensorflow"],  # no slow requirement inference
+                metadata={"class_names": list(class_names), "image_size": int(image_size), "framework": "keras"},
+                pip_requirements=[f"keras=={version('keras')}", "tensorflow"],  # no slow requirement inference
                 tags=_redacted(tags or {}),
             )
         self.client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
         return info.model_uri
+
+    def logged_model_framework(self, model_uri: str) -> str:
+        """The framework a logged model was trained with ("keras" for models logged before the
+        metadata named it)."""
+        with global_tracking_uri(self.uri):
+            return str(logged_model_metadata(model_uri).get("framework", "keras"))
 
     def register_model(self, model_uri: str, name: str, run_id: str, tags: dict[str, Any], description: str = "") -> str:
         """A new version of the registered model `name` pointing at a logged model; returns it."""
