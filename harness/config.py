@@ -958,13 +958,8 @@ def _data_problems(key: str, data: DataConfig) -> list[Problem]:
     if data.classes is not None and len(set(data.classes)) < 2:
         problems.append((f"{key}.classes", "a classification task needs at least two classes"))
     if data.class_map is not None and data.classes is not None:
-        problems.append(
-            (
-                f"{key}.class_map",
-                f"set either {key}.classes or {key}.class_map, not both (to keep only "
-                f"some classes, list the others under {DROP_KEY})",
-            )
-        )
+        both = f"set either {key}.classes or {key}.class_map, not both"
+        problems.append((f"{key}.class_map", f"{both} (to keep only some classes, list the others under {DROP_KEY})"))
     elif data.class_map is not None:
         summary = class_map_summary(data.class_map, _builtin_classes(data), f"{key}.class_map")
         problems += [(f"{key}.class_map", summary)] if summary else []
