@@ -1,8 +1,11 @@
-"""Sweep config: YAML -> frozen dataclasses, with every check done at load time.
+"""Sweep config: YAML -> frozen pydantic models, with every check that needs no disk done at load time.
 
-Every error names the dotted key path and, where the YAML has one, its file:line:col, so a user
-fixes a config without reading a traceback. Configs are data: only `yaml.safe_load`-level
-constructs are accepted and nothing is evaluated. This module never imports TensorFlow.
+Every error names the dotted key path and, where the YAML has one, its file:line:col, and a file's
+errors come all at once, so a user fixes a config in one pass without reading a traceback. Configs
+are data: only `yaml.safe_load`-level constructs are accepted and nothing is evaluated. What the
+config names on disk (dataset folders, weights files) is checked by harness/preflight.py. Each
+field's description is the one documentation of its key: docs/configuration.md's key reference is
+generated from them (`python scripts/config_reference.py`). This module never imports TensorFlow.
 
     >>> cfg = load_config("sweeps/demo.yaml")
     >>> cfg.study.name
@@ -11,17 +14,32 @@ constructs are accepted and nothing is evaluated. This module never imports Tens
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
-import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    WrapValidator,
+    create_model,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from harness.frameworks.keras.backbones import BACKBONES
 
@@ -45,6 +63,7 @@ NAME_RULE = (
     "letter or digit, with no '..'"
 )
 _NAME_CHARS = re.compile(r"[A-Za-z0-9._-]")
+_NAME_BECOMES = "a folder under results/, an MLflow experiment, a registered model and part of MLflow search filters"
 
 
 def name_problem(name: str) -> str | None:
@@ -68,281 +87,370 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-# --- the schema ------------------------------------------------------------------------------
-# Field metadata: "min"/"max" bound numbers (inclusive), "doc" is the comment users see in --help
-# of the YAML reference in the README.
+# --- value types -------------------------------------------------------------------------------
+# Values are checked strictly (an int is no str, a bool no int). The types below add this project's
+# wording where pydantic's would be unclear: a union's failure is one message, not one per member.
+
+Problem = tuple[str, str]  # (dotted key, message)
 
 
-def _f(default, doc: str, **bounds):
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **bounds})
-    return field(default=default, metadata={"doc": doc, **bounds})
+def _several(problems: list[Problem]) -> PydanticCustomError:
+    """One validation error carrying several problems, each at its own key below the field's
+    (`("[2]", "...")` for a list item); the loader reports each at its own file:line:col."""
+    return PydanticCustomError("problems", "; ".join(message for _, message in problems), {"problems": problems})
 
 
-@dataclass(frozen=True)
-class StudyConfig:
-    name: str = _f(
-        "sweep", "Optuna study name; also the MLflow experiment, registered model and results/<name>/ folder (see NAME_RULE)"
+def _explained(message: str) -> WrapValidator:
+    """Any failure of the wrapped type is reported as `message; got <value>`."""
+
+    def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("explained", f"{message}; got {value!r}") from None
+
+    return WrapValidator(validate)
+
+
+def _yaml_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string and `1` as an int: both are numbers where one is due."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _follows_name_rule(name: str) -> str:
+    problem = name_problem(name)
+    if problem:
+        raise PydanticCustomError("name_rule", f"{name!r} {problem}")
+    return name
+
+
+Float = Annotated[float, BeforeValidator(_yaml_float)]
+Name = Annotated[str, AfterValidator(_follows_name_rule)]  # a study or target name (NAME_RULE)
+Key = Annotated[str, BeforeValidator(str)]  # a mapping's key, as YAML wrote it (`0:` is "0")
+Workers = Annotated[Literal["auto"] | PositiveInt, _explained("must be a count >= 1 or 'auto'")]
+# YAML 1.1 reads a bare on/off (also yes/no, true/false) as a boolean: it means on/off here.
+Switch = Annotated[Literal["auto", "on", "off"] | bool, _explained("must be one of auto, on, off")]
+# An int stays an int, as written: the resolved config and the fingerprint keep `1` as 1.
+LearningRate = Annotated[
+    Literal["auto"] | Annotated[int | float, Field(ge=1e-8, le=1.0)],
+    _explained("must be 'auto' or a number in [1e-08, 1.0]"),
+]
+Strategy = Literal["features", "intermediate", "partial", "full", "scratch"]
+STRATEGIES: tuple[Strategy, ...] = typing.get_args(Strategy)
+ScreenScore = Literal["logme", "knn", "size"]
+SCREEN_SCORES: tuple[ScreenScore, ...] = typing.get_args(ScreenScore)
+WARM_START_MODES = ("auto", "off")
+
+
+def warm_start_experiments(value: Any) -> list[str] | None:
+    """The experiments a checked `study.warm_start` learns from: a list of names, [] for every
+    experiment (auto), None for none (off; a bare YAML off reads as false). Pure."""
+    if value is False or value == "off":
+        return None
+    return [] if value == "auto" else list(value)
+
+
+def warm_start_problems(value: Any) -> list[Problem]:
+    """Every problem of a `study.warm_start` value as (key below study.warm_start: "" or "[i]",
+    message); empty when usable. Pure."""
+    if value is False or value in WARM_START_MODES:
+        return []
+    if not isinstance(value, list):
+        return [("", f"must be auto, off or a list of MLflow experiment names; got {value!r}")]
+    if not value:
+        return [("", "an empty list learns from nothing; use off, auto or name at least one experiment")]
+    problems = []
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not name.strip():
+            problems.append((f"[{i}]", f"must be an experiment name (a non-empty string); got {name!r}"))
+        elif value.index(name) != i:
+            problems.append((f"[{i}]", f"experiment {name!r} is listed twice"))
+    return problems
+
+
+def _warm_start(value: Any, handler: Callable[[Any], Any]) -> Any:
+    problems = warm_start_problems(value)
+    if problems:
+        raise _several(problems)
+    return handler(value)
+
+
+WarmStart = Annotated[Literal["auto", "off", False] | list[str], WrapValidator(_warm_start)]
+
+
+# --- the schema ----------------------------------------------------------------------------------
+# Each field's docstring is its description: the one documentation of the key (docs/configuration.md's
+# key reference is generated from them by scripts/config_reference.py).
+
+
+class _Section(BaseModel):
+    """A block of the YAML: unknown keys are errors, and a loaded config never changes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_block_is_defaults(cls, data: Any) -> Any:
+        return {} if data is None else data  # `train:` with nothing under it keeps every default
+
+
+class StudyConfig(_Section):
+    name: Name = Field(
+        "sweep",
+        description="Optuna study name; also the MLflow experiment, the registered model and the results/<name>/ "
+        f"folder ({NAME_RULE})",
     )
-    direction: Literal["maximize", "minimize"] = _f("maximize", "maximize | minimize the metric")
-    metric: Literal["val_accuracy", "val_loss"] = _f("val_accuracy", "objective: best epoch's value")
-    n_trials: int = _f(10, "trials to finish (completed + pruned); re-runs resume up to this", min=1)
-    timeout: float | None = _f(None, "seconds after which no new trial starts; null = none", min=1)
-    seed: int = _f(0, "sampler seed (and default data seed)", min=0)
-    sampler: Literal["tpe", "random"] = _f("tpe", "Optuna sampler")
-    pruner: Literal["median", "percentile", "hyperband", "successive_halving", "none"] = _f("median", "Optuna pruner")
-    pruner_warmup_epochs: int = _f(
-        2, "epochs a trial runs before it may be pruned (hyperband, successive_halving: the first rung's epochs)", min=0
-    )
-    pruner_startup_trials: int = _f(3, "finished trials before pruning starts", min=0)
-    storage: str | None = _f(None, "Optuna storage URL; null = sqlite:///results/<name>/optuna.db")
-    max_consecutive_failures: int = _f(5, "failed trials in a row that stop the sweep (something fails every trial)", min=1)
-    trials_per_process: int = _f(
-        20, "trials a warm trial process runs before a fresh one replaces it (Keras leaks a little per fit)", min=1
-    )
-    recycle_memory_mib: float = _f(
-        1024, "MiB a trial process's resident memory may grow past its size after its first trial before it is replaced", min=64
-    )
-    heartbeat_seconds: int = _f(
-        30,
-        "server storages: how often a running trial proves it is alive; one silent for "
-        "3 beats is failed and its parameters run again",
-        min=1,
-    )
-    workers: Any = _f(1, "trial processes this sweep process runs at once: a count, or 'auto' = one per visible GPU (1 on CPU)")
-    # Checked in _check_warm_start: 'auto', 'off' (also a bare YAML off) or a list of experiment names.
-    warm_start: Any = _f(
-        "off",
-        "auto | off | [experiment, ...]: a new study's first trials are the best configurations of the nearest "
-        "finished sweeps in the tracking store (auto: every experiment; a list: those experiments only)",
-    )
-    warm_start_trials: int = _f(3, "warm start: the best configurations enqueued, one from each of the nearest sweeps", min=1)
+    direction: Literal["maximize", "minimize"] = "maximize"
+    """whether a higher or a lower metric is better"""
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    """the objective: its best epoch's value"""
+    n_trials: int = Field(10, ge=1)
+    """trials to finish (completed + pruned); a re-run resumes up to this"""
+    timeout: Float | None = Field(None, ge=1)
+    """seconds after which no new trial starts; null = none"""
+    seed: int = Field(0, ge=0)
+    """sampler seed (and the default data seed)"""
+    sampler: Literal["tpe", "random"] = "tpe"
+    """Optuna sampler"""
+    pruner: Literal["median", "percentile", "hyperband", "successive_halving", "none"] = "median"
+    """Optuna pruner"""
+    pruner_warmup_epochs: int = Field(2, ge=0)
+    """epochs a trial runs before it may be pruned (hyperband, successive_halving: the first rung's epochs;
+    rungs at 3x the steps before, on the step axis of both phases)"""
+    pruner_startup_trials: int = Field(3, ge=0)
+    """finished trials before pruning starts"""
+    storage: str | None = None
+    """Optuna storage URL (postgresql://... for several machines); null = sqlite:///results/<name>/optuna.db"""
+    max_consecutive_failures: int = Field(5, ge=1)
+    """failed trials in a row that stop the sweep (something fails every trial)"""
+    trials_per_process: int = Field(20, ge=1)
+    """trials a warm trial process runs before a fresh one replaces it (Keras leaks a little per fit)"""
+    recycle_memory_mib: Float = Field(1024, ge=64)
+    """MiB a trial process's resident memory may grow past its size after its first trial before it is replaced"""
+    heartbeat_seconds: int = Field(30, ge=1)
+    """server storages: how often a running trial proves it is alive; one silent for 3 beats is failed and
+    its parameters run again"""
+    workers: Workers = 1
+    """trial processes this sweep process runs at once: a count, or auto = one per visible GPU (1 on CPU)"""
+    warm_start: WarmStart = "off"
+    """a new study's first trials are the best configurations of the nearest finished sweeps in the
+    tracking store (auto: every experiment; a list: those experiments only; a bare off reads as false).
+    See "Warm start" below"""
+    warm_start_trials: int = Field(3, ge=1)
+    """warm start: the best configurations enqueued, one from each of the nearest sweeps"""
 
 
 # data.class_map's reserved key: the classes listed under it are left out of the target.
 DROP_KEY = "_drop"
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    source: Literal["builtin", "folder", "tfds"] = _f("builtin", "builtin | folder | tfds")
-    name: str | None = _f(None, "builtin: shapes-source|shapes|digits; tfds: dataset name")
-    path: str | None = _f(None, "folder: root with one sub-folder of images per class")
-    image_size: int = _f(32, "square input size in px", min=8, max=1024)
-    classes: list[str] | None = _f(None, "keep only these class names (a target with fewer labels)")
-    # Typed loosely so that load-time validation can list every problem of the map at once.
-    class_map: dict[str, Any] | None = _f(
-        None,
-        "merge classes into target labels: {target: [class, ...]}; the labels are the target names sorted; "
-        f"every class goes to exactly one target or under {DROP_KEY} (left out); not with classes",
-    )
-    train_per_class: int | None = _f(None, "subsample the train split to N images per class", min=1)
-    val_per_class: int | None = _f(None, "subsample the val split to N images per class", min=1)
-    val_fraction: float = _f(0.2, "share of each class held out for validation", min=0.01, max=0.9)
-    test_fraction: float = _f(0.2, "share of each class held out for the final test", min=0.01, max=0.9)
-    seed: int = _f(0, "split and subsample seed", min=0)
-    builtin_size: int = _f(200, "builtin generated sets: images generated per class", min=10)
-    memory_cache_mib: float = _f(
-        2048,
-        "folder datasets: a split whose decoded images take at most this many MiB is decoded once and kept "
-        "in memory; a larger one streams from disk, so a trial process holds batches, not the dataset",
-        min=0,
-    )
-    official_splits: bool = _f(
-        True,
-        "tfds: use the dataset's own train / validation / test splits where it has them (a missing one is "
-        "carved from train by the fractions); false = pool every split and cut by the fractions",
-    )
-    tfds_dir: str = _f(
-        "results/tfds",
-        "tfds: where each dataset's encoded images are written once, so trials stream them from disk like a folder",
-    )
-    checked_images_dir: str | None = _f(
-        "results/image-checks",
-        "folder datasets: where the preflight remembers which image files (path, size, "
-        "modification time) training's decoder read without error, so a resumed sweep decodes only new or changed "
-        "files; null = decode every file at every start",
-    )
-    disk_cache_dir: str | None = _f(
-        None,
-        "folder datasets too large for memory: decode each split once into a file here (keyed by the "
-        "split's content, shared by every trial process) instead of decoding every epoch; null = decode every epoch",
-    )
-    disk_cache_max_gib: float = _f(
-        20,
-        "GiB data.disk_cache_dir may hold: past it, the decoded splits used longest ago are deleted when a new "
-        "one is written (shared by every process using that folder)",
-        min=0,
-    )
+class DataConfig(_Section):
+    source: Literal["builtin", "folder", "tfds"] = "builtin"
+    """builtin: generated offline sets; folder: images on disk; tfds: a TensorFlow Datasets name"""
+    name: str | None = None
+    """builtin: shapes-source, shapes or digits; tfds: the dataset name"""
+    path: str | None = None
+    """folder: the root, with one sub-folder of images per class"""
+    image_size: int = Field(32, ge=8, le=1024)
+    """square input size in px (checked against every backbone's minimum)"""
+    classes: list[str] | None = None
+    """keep only these class names (a target with fewer labels)"""
+    # Values are loose on purpose: class_map_problems lists every problem of the map at once.
+    class_map: dict[Key, Any] | None = None
+    """merge classes into target labels: {target: [class, ...]}, e.g. {positive: [happy, surprise],
+    negative: [angry, sad], _drop: [contempt]}; the labels are the target names sorted; every class goes
+    to exactly one target, or under the reserved key _drop to be left out; not with classes. The names
+    are checked before the sweep starts (TFDS: when loaded)"""
+    train_per_class: int | None = Field(None, ge=1)
+    """subsample the train split to N images per class (a "small" target)"""
+    val_per_class: int | None = Field(None, ge=1)
+    """subsample the val split to N images per class"""
+    val_fraction: Float = Field(0.2, ge=0.01, le=0.9)
+    """share of each class held out for validation"""
+    test_fraction: Float = Field(0.2, ge=0.01, le=0.9)
+    """share of each class held out for the final test (the search never sees it)"""
+    seed: int = Field(0, ge=0)
+    """split and subsample seed"""
+    builtin_size: int = Field(200, ge=10)
+    """builtin generated sets: images generated per class"""
+    memory_cache_mib: Float = Field(2048, ge=0)
+    """folder and tfds datasets: a split whose decoded images take at most this many MiB is decoded once
+    and kept in memory; a larger one streams from disk, so a trial process holds batches, not the dataset"""
+    official_splits: bool = True
+    """tfds: use the dataset's own train / validation / test splits where it has them (a missing one is
+    carved from train by the fractions); false = pool every split and cut by the fractions"""
+    tfds_dir: str = "results/tfds"
+    """tfds: where each dataset's encoded images are written once, so trials stream them from disk like a folder"""
+    checked_images_dir: str | None = "results/image-checks"
+    """folder datasets: where the preflight remembers which image files (path, size, modification time)
+    training's decoder read without error, so a resumed sweep decodes only new or changed files;
+    null = decode every file at every start"""
+    disk_cache_dir: str | None = None
+    """folder datasets too large for memory: decode each split once into a file here (keyed by the split's
+    content, shared by every trial process) instead of decoding every epoch; null = decode every epoch"""
+    disk_cache_max_gib: Float = Field(20, ge=0)
+    """GiB data.disk_cache_dir may hold: past it, the decoded splits used longest ago are deleted when a new
+    one is written (shared by every process using that folder)"""
 
 
-@dataclass(frozen=True)
-class SourceConfig:
+class SourceConfig(_Section):
     """A source backbone the harness pretrains itself (used when model.weights is 'source')."""
 
-    data: DataConfig = _f(DataConfig(name="shapes-source"), "source dataset (same keys as data)")
-    epochs: int = _f(20, "pretraining epochs", min=1)
-    batch_size: int = _f(64, "pretraining batch size", min=1)
-    learning_rate: float = _f(2e-3, "pretraining Adam learning rate", min=1e-8, max=1.0)
-    cache_dir: str = _f("results/sources", "where pretrained weights are cached, keyed by a hash")
+    data: DataConfig = DataConfig(name="shapes-source")
+    """the source dataset"""
+    epochs: int = Field(20, ge=1)
+    """pretraining epochs"""
+    batch_size: int = Field(64, ge=1)
+    """pretraining batch size"""
+    learning_rate: Float = Field(2e-3, ge=1e-8, le=1.0)
+    """pretraining Adam learning rate"""
+    cache_dir: str = "results/sources"
+    """where pretrained weights are cached, keyed by a hash"""
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    weights: str = _f("imagenet", "imagenet | none | source | path/to/file.weights.h5")
-    backbone_options: dict[str, dict[str, Any]] = _f({}, "constructor kwargs per backbone, e.g. MobileNetV2: {alpha: 0.35}")
+class ModelConfig(_Section):
+    weights: str = "imagenet"
+    """imagenet, none (random init), source (the harness's own pretraining: a source block) or path/to/file.weights.h5"""
+    backbone_options: dict[Key, dict[Key, Any]] = {}
+    """constructor kwargs per backbone, e.g. {MobileNetV2: {alpha: 0.35}}"""
 
 
-@dataclass(frozen=True)
-class PhaseConfig:
-    epochs: int = _f(5, "maximum epochs of this phase (0 skips it)", min=0)
-    batch_size: int = _f(32, "batch size", min=1)
-    patience: int | None = _f(3, "early-stopping patience in epochs on the objective; null = off", min=1)
+class PhaseConfig(_Section):
+    epochs: int = Field(5, ge=0)
+    """maximum epochs of this phase (0 skips it)"""
+    batch_size: int = Field(32, ge=1)
+    """batch size"""
+    patience: int | None = Field(3, ge=1)
+    """early-stopping patience in epochs on the objective; null = off"""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    head: PhaseConfig = _f(PhaseConfig(), "phase 1: frozen backbone, new head")
-    finetune: PhaseConfig = _f(PhaseConfig(), "phase 2: top of the backbone unfrozen, low LR")
-    class_weight: Literal["none", "balanced"] = _f(
-        "none",
-        "none | balanced: each class's loss weighted n_train / (n_classes * its train images), in every "
-        "phase, confirmation seed and the scratch baseline",
-    )
-    # Bare YAML on/off are read as true/false: both spellings are accepted (see _check_cross).
-    mixed_precision: Any = _f(
-        "auto",
-        "auto | on | off: Keras' mixed_float16 policy in trial processes (float16 compute, float32 weights and "
-        "softmax); auto = on for a GPU of compute capability >= 7.0, off on CPU; on is refused without such a GPU",
-    )
-    jit_compile: Any = _f(
-        "auto",
-        "auto | on | off: XLA compilation of the train and test steps (model.compile's jit_compile); auto = on "
-        "for a GPU of compute capability >= 7.0, off on CPU",
-    )
-    feature_cache: bool = _f(
-        True,
-        "phase 1 on a frozen pretrained backbone without augmentation trains the head on pooled features "
-        "computed once and shared by every trial (harness/features.py); the result is the same model",
-    )
-    feature_cache_dir: str = _f("results/features", "where cached features are kept, keyed by content")
-    feature_cache_max_gib: float = _f(
-        20,
-        "GiB train.feature_cache_dir may hold: past it, the feature sets used longest ago are deleted when a new one is written",
-        min=0,
-    )
-    gpu_memory_limit_mib: float | None = _f(
-        None,
-        "MiB of GPU memory each trial process may take; null = memory growth (TensorFlow takes what the "
-        "process needs as it needs it, instead of nearly all the GPU at start)",
-        min=64,
-    )
+class TrainConfig(_Section):
+    head: PhaseConfig = PhaseConfig()
+    """phase 1: frozen backbone, new head (train.finetune has the same keys)"""
+    finetune: PhaseConfig = PhaseConfig()
+    """phase 2: the top of the backbone unfrozen, at a low learning rate"""
+    class_weight: Literal["none", "balanced"] = "none"
+    """balanced: each class's loss weighted n_train / (n_classes * its train images), in every phase,
+    confirmation seed and the scratch baseline (param class_weight)"""
+    mixed_precision: Switch = "auto"
+    """Keras' mixed_float16 policy in trial processes (float16 compute, float32 weights and softmax);
+    auto = on for a GPU of compute capability >= 7.0, off on CPU; on is refused without such a GPU"""
+    jit_compile: Switch = "auto"
+    """XLA compilation of the train and test steps (model.compile's jit_compile); auto = on for a GPU of
+    compute capability >= 7.0, off on CPU"""
+    feature_cache: bool = True
+    """phase 1 on a frozen pretrained backbone without augmentation trains the head on pooled features
+    computed once and shared by every trial (harness/features.py); the result is the same model. Set to
+    true where no phase can use it, it is refused"""
+    feature_cache_dir: str = "results/features"
+    """where cached features are kept, keyed by content"""
+    feature_cache_max_gib: Float = Field(20, ge=0)
+    """GiB train.feature_cache_dir may hold: past it, the feature sets used longest ago are deleted when a
+    new one is written"""
+    gpu_memory_limit_mib: Float | None = Field(None, ge=64)
+    """MiB of GPU memory each trial process may take; null = memory growth (TensorFlow takes what the
+    process needs as it needs it, instead of nearly all the GPU at start)"""
 
 
-@dataclass(frozen=True)
-class TrackingConfig:
-    uri: str | None = _f(None, "MLflow tracking URI; null = $MLFLOW_TRACKING_URI or sqlite:///results/mlflow.db")
-    experiment: str | None = _f(None, "MLflow experiment name; null = the study name")
-    artifact_root: str = _f("results/mlartifacts", "artifact location of new experiments on a local store")
-    system_metrics_seconds: float = _f(
-        10, "how often each trial run samples CPU, memory and GPU use (MLflow system metrics); 0 = off", min=0
-    )
+class TrackingConfig(_Section):
+    uri: str | None = None
+    """MLflow tracking URI; null = $MLFLOW_TRACKING_URI or sqlite:///results/mlflow.db"""
+    experiment: str | None = None
+    """MLflow experiment name; null = the study name"""
+    artifact_root: str = "results/mlartifacts"
+    """artifact location of new experiments on a local store"""
+    system_metrics_seconds: Float = Field(10, ge=0)
+    """how often each trial run samples CPU, memory and GPU use (MLflow system metrics); 0 = off"""
 
 
-@dataclass(frozen=True)
-class BaselineConfig:
+class BaselineConfig(_Section):
     """From-scratch training, for the baseline of a sweep and the `scratch` cells' confirmation; its
     step floor and early stopping are every strategy's confirmation rule (harness/quadrants.py).
 
     A from-scratch model needs far more updates than a fine-tune (He et al., 2019), so its budget
     is optimizer steps with a floor, not epochs of a small training set."""
 
-    scratch: bool = _f(True, "after the search, train the best trial's architecture from random init")
-    epochs: int = _f(30, "from-scratch epochs of the training set, unless min_steps asks for more", min=1)
-    min_steps: int = _f(3000, "optimizer steps at least, however small the training set", min=1)
-    learning_rate: Any = _f(
-        "auto",
-        "Adam learning rate, or 'auto': a short search picks it (1e-4, 3e-4, 1e-3, "
-        "each for 5% of the steps; the lowest training loss wins)",
-    )
-    patience: int | None = _f(
-        8,
-        "early-stopping patience in epochs of the training set (at least 3 "
-        "validations), counted while neither the validation loss nor the metric improves; "
-        "never stops before min_steps; null = off",
-        min=1,
-    )
-    retries: int = _f(
-        2,
-        "a run that does not fit its training data (accuracy < 0.95 on up to 5,000 images) is trained "
-        "again at the learning-rate search's next-ranked rate, this many times at most",
-        min=0,
-    )
-    augment: bool | None = _f(None, "augmentation for the baseline; null = as the best trial")
+    scratch: bool = True
+    """after the search, train the best trial's architecture from random init"""
+    epochs: int = Field(30, ge=1)
+    """from-scratch epochs of the training set, unless min_steps asks for more"""
+    min_steps: int = Field(3000, ge=1)
+    """optimizer steps at least, however small the training set"""
+    learning_rate: LearningRate = "auto"
+    """Adam learning rate, or auto: a short search picks it (1e-4, 3e-4, 1e-3, each for 5% of the steps;
+    the lowest training loss wins)"""
+    patience: int | None = Field(8, ge=1)
+    """early-stopping patience in epochs of the training set (at least 3 validations), counted while
+    neither the validation loss nor the metric improves; never stops before min_steps; null = off"""
+    retries: int = Field(2, ge=0)
+    """a run that does not fit its training data (accuracy < 0.95 on up to 5,000 images) is trained again
+    at the learning-rate search's next-ranked rate, this many times at most"""
+    augment: bool | None = None
+    """augmentation for the baseline; null = as the best trial"""
 
 
-STRATEGIES = ("features", "intermediate", "partial", "full", "scratch")
-
-
-@dataclass(frozen=True)
-class TargetConfig:
+class TargetConfig(_Section):
     """One target dataset of a quadrant comparison."""
 
-    name: str = _f("target", "short name used in study names, model names and tables (see NAME_RULE)")
-    size: Literal["small", "large"] = _f("small", "small | large (made by data.train_per_class)")
-    similarity: Literal["similar", "dissimilar"] = _f("similar", "similar | dissimilar to the source data")
-    data: DataConfig = _f(DataConfig(), "the target dataset (same keys as data)")
+    name: Name = "target"
+    """short name used in study names, model names and tables (the name rule of study.name)"""
+    size: Literal["small", "large"] = "small"
+    """the quadrant's size (made by data.train_per_class)"""
+    similarity: Literal["similar", "dissimilar"] = "similar"
+    """the quadrant's similarity to the source data"""
+    data: DataConfig = DataConfig()
+    """the target dataset"""
 
 
-@dataclass(frozen=True)
-class QuadrantsConfig:
+class QuadrantsConfig(_Section):
     """Strategy-by-quadrant comparison: one Optuna study per (target, strategy) cell."""
 
-    targets: list[TargetConfig] = _f([], "target datasets, each with its quadrant")
-    strategies: list[str] = _f(list(STRATEGIES), "features | intermediate | partial | full | scratch")
-    trials_per_cell: int = _f(4, "trials of every (target, strategy) study: equal budgets", min=1)
-    confirm_seeds: int = _f(
-        3,
-        "seeds the best configuration of each cell is retrained with; at least 2, since "
-        "the report's Welch t-test compares cells over their seeds",
-        min=2,
-    )
-    cut_range: list[float] = _f([0.3, 0.8], "intermediate: searched share of backbone blocks kept")
-    partial_range: list[float] = _f([0.2, 0.8], "partial: searched share of top blocks unfrozen")
-    logme: bool = _f(True, "score every (backbone, target) with LogME before training")
-    logme_max_images: int = _f(2000, "training images LogME reads per target", min=10)
+    targets: list[TargetConfig] = []
+    """target datasets, each with its quadrant"""
+    strategies: list[Strategy] = list(STRATEGIES)
+    """the strategies compared, each once"""
+    trials_per_cell: int = Field(4, ge=1)
+    """trials of every (target, strategy) study: equal budgets"""
+    confirm_seeds: int = Field(3, ge=2)
+    """seeds the best configuration of each cell is retrained with; at least 2, since the report's Welch
+    t-test compares cells over their seeds"""
+    cut_range: list[Float] = [0.3, 0.8]
+    """intermediate: searched share of backbone blocks kept, [low, high]"""
+    partial_range: list[Float] = [0.2, 0.8]
+    """partial: searched share of top blocks unfrozen, [low, high]"""
+    logme: bool = True
+    """score every (backbone, target) with LogME before training"""
+    logme_max_images: int = Field(2000, ge=10)
+    """training images LogME reads per target"""
 
 
-SCREEN_SCORES = ("logme", "knn", "size")
-
-
-@dataclass(frozen=True)
-class ScreenConfig:
+class ScreenConfig(_Section):
     """search.screen: every candidate backbone is scored from frozen features of the training split
     before the search (harness/screening.py); `keep` narrows the search to the best few."""
 
-    keep: int | None = _f(
-        None,
-        "backbones the search keeps: the top K by `by`; null = all (still scored and "
-        "logged when more than one backbone is searched)",
-        min=1,
-    )
-    by: Literal["logme", "knn", "size"] = _f(
-        "logme",
-        "logme | knn | size: LogME, k-NN accuracy cross-validated "
-        "on the training split, or parameter count (never looks at the data)",
-    )
-    max_images: int = _f(2000, "training images each score reads, the same share from every class", min=10)
+    keep: int | None = Field(None, ge=1)
+    """backbones the search keeps: the top K by `by`; null = all (still scored and logged when more than
+    one backbone is searched)"""
+    by: ScreenScore = "logme"
+    """LogME, k-NN accuracy cross-validated on the training split, or parameter count (never looks at the data)"""
+    max_images: int = Field(2000, ge=10)
+    """training images each score reads, the same share from every class"""
 
 
-# Search-space parameters: name -> (kind, allowed range or choices, doc).
+# --- the search space ----------------------------------------------------------------------------
+# Search-space parameters: name -> (kind, allowed range or choices, description).
 # A YAML value is either fixed (a scalar) or searched: {choices: [...]} or {low, high, log?, step?}.
 PARAMS: dict[str, tuple[str, Any, str]] = {
     "backbone": ("str", sorted(BACKBONES), "keras.applications model name"),
     "unfreeze_fraction": ("float", (0.0, 1.0), "share of backbone blocks (from the top) unfrozen in phase 2"),
-    "unfreeze_blocks": ("int", (0, 10_000), "number of top backbone blocks unfrozen in phase 2"),
+    "unfreeze_blocks": ("int", (0, 10_000), "number of top backbone blocks unfrozen in phase 2 (not with unfreeze_fraction)"),
     "cut_fraction": ("float", (0.05, 1.0), "share of backbone blocks kept (1 = whole backbone; less = intermediate features)"),
-    "head_units": ("int", (0, 65_536), "hidden Dense units of the head; 0 = linear classifier"),
+    "head_units": ("int", (0, 65_536), "hidden Dense units of the head; 0 = linear classifier on pooled features"),
     # Learning rates are bounded only by float32: an absurd value is a legitimate (failing) trial.
     "head_lr": ("float", (1e-12, 1e38), "phase-1 Adam learning rate"),
     "finetune_lr": ("float", (1e-12, 1e38), "phase-2 Adam learning rate (well below head_lr)"),
@@ -352,8 +460,8 @@ PARAMS: dict[str, tuple[str, Any, str]] = {
     "strategy": (
         "str",
         list(STRATEGIES),
-        "how the backbone is used (quadrants pin one per cell); default: the "
-        "two-phase routine as the other parameters describe it",
+        "how the backbone is used (quadrant cells pin one each); default: the two-phase routine as the other "
+        "parameters describe it",
     ),
 }
 DEFAULT_SEARCH: dict[str, Any] = {
@@ -386,8 +494,211 @@ class ParamSpec:
         return self.choices is None and self.low is None
 
 
+V = TypeVar("V")
+
+
+class Choices(_Section, Generic[V]):
+    """A searched parameter's `{choices: [...]}`."""
+
+    model_config = ConfigDict(use_attribute_docstrings=False)  # no key of the reference; reading the source is slow
+    choices: list[V] = Field(min_length=1)
+
+
+class Range(_Section, Generic[V]):
+    """A searched number's `{low: .., high: .., log?: .., step?: ..}`."""
+
+    model_config = ConfigDict(use_attribute_docstrings=False)  # as Choices
+    low: V
+    high: V
+    log: bool = False
+    step: Annotated[int | float, Field(gt=0), _explained("must be a positive number")] | None = None
+
+    @model_validator(mode="after")
+    def _usable(self) -> Range:
+        problems = []
+        if self.low > self.high:  # type: ignore[operator]  # V is a number here: Range serves int and float only
+            problems.append(("", f"low ({self.low}) must not exceed high ({self.high})"))
+        if self.log and self.low <= 0:  # type: ignore[operator]
+            problems.append((".low", "must be > 0 on a log scale"))
+        if self.log and self.step is not None:
+            problems.append(("", "log and step cannot be combined (Optuna refuses it)"))
+        if problems:
+            raise _several(problems)
+        return self
+
+
+def _param_shape(value: Any) -> str | None:
+    """Which of a search value's three shapes it has; None for a mapping that is none of them."""
+    if not isinstance(value, dict):
+        return "fixed"
+    if set(value) == {"choices"}:
+        return "choices"
+    return "range" if {"low", "high"} <= set(value) <= {"low", "high", "log", "step"} else None
+
+
+def _param_type(kind: str, allowed: Any) -> Any:
+    """A search parameter's type: its value type, fixed or in one of the searched shapes."""
+    if kind == "bool":
+        value: Any = bool
+    elif isinstance(allowed, list):
+        value = Literal[tuple(allowed)]
+    else:
+        value = Annotated[int if kind == "int" else Float, Field(ge=allowed[0], le=allowed[1])]
+    shapes: list[Any] = [Annotated[value, Tag("fixed")], Annotated[Choices[value], Tag("choices")]]
+    if kind in ("int", "float"):
+        shapes.append(Annotated[Range[value], Tag("range")])
+        message = "must be a fixed value, {choices: [...]}, or {low: .., high: .., log?: .., step?: ..}"
+    else:
+        message = f"a {kind} parameter takes a fixed value or {{choices: [...]}}"
+    shape = Discriminator(_param_shape, custom_error_type="shape", custom_error_message=message)
+    return Annotated[Union[tuple(shapes)], shape]  # noqa: UP007 - a union of a list of types has no `|` spelling
+
+
+# Made from PARAMS, the one table of search parameters. A parameter left out takes its
+# DEFAULT_SEARCH value (None: not searched at all).
+SearchSpace = create_model(  # type: ignore[call-overload]
+    "SearchSpace",
+    __base__=_Section,
+    __doc__="The search block: each parameter fixed or searched, and how the backbones are screened.",
+    **{
+        name: (_param_type(kind, allowed), Field(DEFAULT_SEARCH.get(name), description=doc))
+        for name, (kind, allowed, doc) in PARAMS.items()
+    },
+    screen=(
+        ScreenConfig | None,
+        Field(
+            None,
+            description="more than one backbone: each is scored first on frozen features of the training split "
+            "(LogME, k-NN accuracy cross-validated there, parameter count; with imagenet weights also the published "
+            "top-1) and logged on the parent run (screen/* metrics, screening.csv); keep: K narrows the search to "
+            "the top K. The summary gives each score's Kendall tau against the best value each backbone reached, "
+            "beside the size-only ranking's. Not a search parameter; null = score, keep every backbone",
+        ),
+    ),
+)
+
+
+def _search_specs(space: Any, written: list[str]) -> dict[str, ParamSpec]:
+    """The search block as ParamSpecs: the defaults first, then the parameters the YAML added, in its
+    order (the order the sampler suggests them). unfreeze_blocks replaces the default unfreeze_fraction."""
+    names = [n for n in DEFAULT_SEARCH if not (n == "unfreeze_fraction" and "unfreeze_blocks" in written)]
+    names += [n for n in written if n in PARAMS and n not in names]
+    specs = {}
+    for name in names:
+        kind, value = PARAMS[name][0], getattr(space, name)
+        if isinstance(value, Choices):
+            specs[name] = ParamSpec(name, kind, choices=tuple(value.choices))
+        elif isinstance(value, Range):
+            specs[name] = ParamSpec(name, kind, low=value.low, high=value.high, log=value.log, step=value.step)
+        else:
+            specs[name] = ParamSpec(name, kind, value=value)
+    return specs
+
+
+def backbone_candidates(search: dict[str, ParamSpec]) -> list[str]:
+    """The backbones a search block can choose, each once, in its order: the one list that weights
+    checks, screening, LogME and each cell's first trials go through."""
+    return [str(name) for name in dict.fromkeys(_param_values(search["backbone"]))]
+
+
+def _param_values(p: ParamSpec) -> list:
+    """Every value a parameter can take (endpoints for ranges) - enough for feasibility checks."""
+    if p.fixed:
+        return [p.value]
+    if p.choices is not None:
+        return list(p.choices)
+    return [p.low, p.high]
+
+
+def _param_plain(p: ParamSpec):
+    if p.fixed:
+        return p.value
+    if p.choices is not None:
+        return {"choices": list(p.choices)}
+    out = {"low": p.low, "high": p.high}
+    if p.log:
+        out["log"] = True
+    if p.step is not None:
+        out["step"] = p.step
+    return out
+
+
+class ConfigFile(_Section):
+    """What a sweep's YAML file holds: every block optional."""
+
+    study: StudyConfig = StudyConfig()
+    """the Optuna study, and how the sweep runs its trials"""
+    data: DataConfig = DataConfig()
+    """the dataset (a quadrant sweep reads its targets' instead)"""
+    model: ModelConfig = ModelConfig()
+    """the backbones' starting weights and options"""
+    train: TrainConfig = TrainConfig()
+    """the two training phases of every trial"""
+    tracking: TrackingConfig = TrackingConfig()
+    """where MLflow records the sweep"""
+    baseline: BaselineConfig = BaselineConfig()
+    """from scratch: the sweep's baseline, and the step floor and stopping of every confirmation seed"""
+    source: SourceConfig | None = None
+    """only for model.weights: source (the harness's own pretraining of a source backbone)"""
+    quadrants: QuadrantsConfig | None = None
+    """a strategy-by-quadrant comparison instead of one sweep"""
+    search: SearchSpace = SearchSpace()  # made from PARAMS above
+    """values are fixed (dropout: 0.2) or searched: {choices: [...]} or {low: .., high: .., log: true|false,
+    step: ..} (numbers only; log and step not together)"""
+
+
+SECTIONS = ("study", "data", "model", "train", "tracking", "baseline", "source", "quadrants")
+
+
+# --- the config ----------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class SweepConfig:
+class _Locator:
+    """Maps dotted key paths to 'file:line:col' using the YAML node tree."""
+
+    filename: str
+    marks: dict[str, tuple[int, int]]  # dotted key -> (line, column), 1-based
+
+    @classmethod
+    def of(cls, filename: str, root: yaml.Node | None) -> _Locator:
+        marks: dict[str, tuple[int, int]] = {}
+
+        def walk(node, path):
+            marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    key = f"{path}.{k.value}" if path else str(k.value)
+                    walk(v, key)
+                    marks[key] = (k.start_mark.line + 1, k.start_mark.column + 1)  # a key is where its name is
+            elif isinstance(node, yaml.SequenceNode):
+                for i, v in enumerate(node.value):
+                    walk(v, f"{path}[{i}]")
+
+        if root is not None:
+            walk(root, "")
+        return cls(filename, marks)
+
+    def mark(self, path: str) -> tuple[int, int] | None:
+        """Where `path` is written, or where its nearest written parent is."""
+        probe = path
+        while probe not in self.marks and probe:
+            probe = probe.rpartition(".")[0]
+        return self.marks.get(probe)
+
+    def where(self, path: str) -> str:
+        mark = self.mark(path)
+        return f"{self.filename}:{mark[0]}:{mark[1]}" if mark else self.filename
+
+    def error(self, path: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.where(path)}: {path}: {message}" if path else f"{self.filename}: {message}")
+
+
+class SweepConfig(BaseModel):
+    """A loaded sweep config: the file's blocks, with `search` as one ParamSpec per parameter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     study: StudyConfig
     data: DataConfig
     model: ModelConfig
@@ -399,16 +710,22 @@ class SweepConfig:
     quadrants: QuadrantsConfig | None = None
     path: str = "<memory>"  # where the config came from (for messages and artifacts)
     screen: ScreenConfig | None = None  # search.screen; None = not set: score, keep every backbone
+    _locator: _Locator | None = PrivateAttr(None)
+
+    def where(self, key: str) -> str:
+        """'file:line:col' of a dotted key in the file this config was loaded from (of its nearest
+        parent where the key itself is not written; the file alone for a config made in code)."""
+        return self._locator.where(key) if self._locator is not None else self.path
 
     def to_dict(self) -> dict:
         """The resolved config as plain data (the first artifact of every run)."""
-        out = {
-            k: _plain(getattr(self, k))
-            for k in ("study", "data", "model", "train", "tracking", "baseline", "source", "quadrants")
-        }
+        out: dict[str, Any] = {}
+        for key in SECTIONS:
+            section = getattr(self, key)
+            out[key] = None if section is None else section.model_dump()
         out["search"] = {n: _param_plain(p) for n, p in self.search.items()}
         if self.screen is not None:  # only when set, so a config without it keeps its fingerprint
-            out["search"]["screen"] = _plain(self.screen)
+            out["search"]["screen"] = self.screen.model_dump()
         return out
 
     def resolved(self, params: dict, trial_number: int, seed: int | None = None) -> dict:
@@ -467,334 +784,186 @@ class SweepConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _plain(obj):
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
+def features_are_fixed(pretrained: bool, augment: bool) -> bool:
+    """The feature cache's one rule: a frozen backbone's outputs are the same every epoch, so they
+    can be computed once, only when its weights are pretrained (its BatchNormalization then runs in
+    inference mode) and no augmentation changes the images. harness/features.py adds which phases
+    see a frozen backbone; `feature_cache_impossible` and `SweepConfig.resolved` apply it to a
+    sweep and to one trial."""
+    return pretrained and not augment
 
 
-def _param_plain(p: ParamSpec):
-    if p.fixed:
-        return p.value
-    if p.choices is not None:
-        return {"choices": list(p.choices)}
-    out = {"low": p.low, "high": p.high}
-    if p.log:
-        out["log"] = True
-    if p.step is not None:
-        out["step"] = p.step
-    return out
+def feature_cache_impossible(cfg: SweepConfig) -> str | None:
+    """Why no trial of this config could train its head on cached features (None: some can)."""
+    if not features_are_fixed(pretrained=cfg.model.weights != "none", augment=False):
+        return "model.weights is none (every backbone starts from random init)"
+    augment = cfg.search.get("augment")
+    if augment is not None and augment.fixed and not features_are_fixed(pretrained=True, augment=bool(augment.value)):
+        return "search.augment is always true (augmentation changes the backbone's input every epoch)"
+    return None
 
 
-# --- loading ---------------------------------------------------------------------------------
+# --- schema errors, in this project's words ------------------------------------------------------
+
+_TYPE_NAMES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str"}
 
 
-class _Locator:
-    """Maps dotted key paths to 'file:line:col' using the YAML node tree."""
-
-    def __init__(self, filename: str, root: yaml.Node | None):
-        self.filename = filename
-        self.marks: dict[str, yaml.Mark] = {}
-        if root is not None:
-            self._walk(root, "")
-
-    def _walk(self, node, path):
-        self.marks[path] = node.start_mark
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = f"{path}.{k.value}" if path else str(k.value)
-                self.marks[key] = k.start_mark
-                self._walk(v, key)
-                self.marks[key] = k.start_mark
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                self._walk(v, f"{path}[{i}]")
-
-    def where(self, path: str) -> str:
-        probe = path
-        while probe not in self.marks and probe:
-            probe = probe.rpartition(".")[0]
-        mark = self.marks.get(probe)
-        if mark is None:
-            return self.filename
-        return f"{self.filename}:{mark.line + 1}:{mark.column + 1}"
-
-    def error(self, path: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.where(path)}: {path}: {message}" if path else f"{self.filename}: {message}")
+def _dotted(loc: tuple) -> str:
+    """A pydantic error location as the YAML's dotted key: ('study', 'warm_start', 1) -> study.warm_start[1]."""
+    parts = list(loc)
+    if len(parts) > 2 and parts[0] == "search" and parts[1] in PARAMS:
+        del parts[2]  # the shape a search value took (fixed, choices, range): no key of the YAML
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).removeprefix(".")
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
+def blocks_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    """The blocks (sections) a field's type holds: `list[TargetConfig] | None` -> TargetConfig. A
+    search value's shapes (Choices, Range) are none."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and not issubclass(annotation, (Choices, Range)):
+        yield annotation
+    for arg in typing.get_args(annotation):
+        yield from blocks_in(arg)
 
 
-def _coerce(value, tp, path: str, loc: _Locator, meta: dict):
-    """Check `value` against the annotation `tp`; return it (ints are accepted for floats)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            if len(args) < len(typing.get_args(tp)):
-                return None
-            raise loc.error(path, "must not be null")
-        return _coerce(value, args[0], path, loc, meta)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise loc.error(path, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, loc)
-    if origin is list:
-        if not isinstance(value, list):
-            raise loc.error(path, f"must be a list; got {type(value).__name__}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{path}[{i}]", loc, {}) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise loc.error(path, f"must be a mapping; got {type(value).__name__}")
-        _, vt = typing.get_args(tp)
-        return {str(k): _coerce(v, vt, f"{path}.{k}", loc, {}) for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads "1e-3" (no dot) as a string; accept plain numeric strings only.
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise loc.error(path, f"must be {_type_name(tp)}; got {type(value).__name__} {value!r}")
-    if "min" in meta and value < meta["min"]:
-        raise loc.error(path, f"must be >= {meta['min']}; got {value!r}")
-    if "max" in meta and value > meta["max"]:
-        raise loc.error(path, f"must be <= {meta['max']}; got {value!r}")
-    return value
+def _unknown_key(loc: tuple) -> str:
+    model: type[BaseModel] = ConfigFile
+    for part in loc[:-1]:  # down to the block that holds the unknown key
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is not None:
+            model = next(blocks_in(field.annotation), model)
+    if model is SearchSpace:
+        return f"unknown search parameter; valid: {', '.join(PARAMS)} (and screen: how the backbones are narrowed)"
+    return f"unknown key; valid keys: {', '.join(model.model_fields)}"
 
 
-def _build(cls, raw, path: str, loc: _Locator):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise loc.error(path, f"must be a mapping; got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in raw:
-        if key not in fields:
-            raise loc.error(f"{path}.{key}" if path else str(key), f"unknown key; valid keys: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in raw:
-            kwargs[name] = _coerce(raw[name], hints[name], f"{path}.{name}" if path else name, loc, dict(f.metadata))
-    return cls(**kwargs)
+def _message(error: ErrorDetails) -> str:
+    """One pydantic error in this project's words (a search parameter's bounds and choices come from PARAMS)."""
+    kind, value, ctx, loc = error["type"], error["input"], error.get("ctx", {}), error["loc"]
+    param = PARAMS.get(str(loc[1])) if len(loc) > 1 and loc[0] == "search" else None
+    if kind == "extra_forbidden":
+        return _unknown_key(loc)
+    if kind in ("model_type", "dict_type"):
+        what = "a mapping of parameter -> value or range" if loc == ("search",) else "a mapping"
+        return f"must be {what}; got {type(value).__name__}"
+    if param and kind in ("list_type", "too_short"):
+        return "must be a non-empty list"
+    if kind == "list_type":
+        return f"must be a list; got {type(value).__name__}"
+    if value is None and (kind in _TYPE_NAMES or kind == "literal_error"):
+        return "must not be null"
+    if kind in _TYPE_NAMES:
+        return f"must be {_TYPE_NAMES[kind]}; got {type(value).__name__} {value!r}"
+    if param and kind in ("greater_than_equal", "less_than_equal"):
+        return f"must be within [{param[1][0]}, {param[1][1]}]; got {value!r}"
+    if kind in ("greater_than_equal", "less_than_equal"):
+        bound = ctx["ge" if kind == "greater_than_equal" else "le"]
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound  # a float field's 0 is 0.0 here
+        return f"must be {'>=' if kind == 'greater_than_equal' else '<='} {bound}; got {value!r}"
+    if param and kind == "literal_error":
+        return f"unknown value {value!r}; valid: {', '.join(map(str, param[1]))}"
+    if kind == "literal_error":  # pydantic lists the choices as "'a', 'b' or 'c'"
+        choices = re.findall(r"'([^']*)'", ctx["expected"])
+        return f"must be one of {', '.join(choices)}; got {value!r}"
+    return error["msg"]  # this module's own checks word their messages themselves
 
 
-def _param(name: str, raw, loc: _Locator) -> ParamSpec:
-    path = f"search.{name}"
-    if name not in PARAMS:
-        raise loc.error(
-            path, f"unknown search parameter; valid: {', '.join(PARAMS)} (and screen: how the backbones are narrowed)"
-        )
-    kind, allowed, _ = PARAMS[name]
-    py = {"str": str, "int": int, "float": float, "bool": bool}[kind]
-
-    def check(v, where):
-        if kind == "float" and isinstance(v, (int, str)) and not isinstance(v, bool):
-            v = _coerce(v, float, where, loc, {})
-        if not isinstance(v, py) or (py is int and isinstance(v, bool)):
-            raise loc.error(where, f"must be {kind}; got {type(v).__name__} {v!r}")
-        if isinstance(allowed, tuple) and not (allowed[0] <= v <= allowed[1]):
-            raise loc.error(where, f"must be within [{allowed[0]}, {allowed[1]}]; got {v!r}")
-        if isinstance(allowed, list) and v not in allowed:
-            raise loc.error(where, f"unknown value {v!r}; valid: {', '.join(map(str, allowed))}")
-        return v
-
-    if not isinstance(raw, dict):
-        return ParamSpec(name, kind, value=check(raw, path))
-    keys = set(raw)
-    if keys == {"choices"}:
-        if not isinstance(raw["choices"], list) or not raw["choices"]:
-            raise loc.error(f"{path}.choices", "must be a non-empty list")
-        choices = tuple(check(v, f"{path}.choices[{i}]") for i, v in enumerate(raw["choices"]))
-        return ParamSpec(name, kind, choices=choices)
-    if {"low", "high"} <= keys <= {"low", "high", "log", "step"}:
-        if kind not in ("int", "float"):
-            raise loc.error(path, f"a {kind} parameter takes a fixed value or {{choices: [...]}}")
-        low, high = check(raw["low"], f"{path}.low"), check(raw["high"], f"{path}.high")
-        if low > high:
-            raise loc.error(path, f"low ({low}) must not exceed high ({high})")
-        log = raw.get("log", False)
-        if not isinstance(log, bool):
-            raise loc.error(f"{path}.log", f"must be bool; got {log!r}")
-        if log and low <= 0:
-            raise loc.error(f"{path}.low", "must be > 0 on a log scale")
-        step = raw.get("step")
-        if step is not None and (not isinstance(step, (int, float)) or step <= 0):
-            raise loc.error(f"{path}.step", f"must be a positive number; got {step!r}")
-        if log and step is not None:
-            raise loc.error(path, "log and step cannot be combined (Optuna refuses it)")
-        return ParamSpec(name, kind, low=low, high=high, log=log, step=step)
-    raise loc.error(path, "must be a fixed value, {choices: [...]}, or {low: .., high: .., log?: .., step?: ..}")
-
-
-def backbone_candidates(search: dict[str, ParamSpec]) -> list[str]:
-    """The backbones a search block can choose, each once, in its order: the one list that weights
-    checks, screening, LogME and each cell's first trials go through."""
-    return [str(name) for name in dict.fromkeys(_param_values(search["backbone"]))]
-
-
-def _param_values(p: ParamSpec) -> list:
-    """Every value a parameter can take (endpoints for ranges) - enough for feasibility checks."""
-    if p.fixed:
-        return [p.value]
-    if p.choices is not None:
-        return list(p.choices)
-    return [p.low, p.high]
-
-
-def _check_cross(cfg: SweepConfig, loc: _Locator) -> None:
-    """Checks that span several keys: impossible combinations are refused before anything runs."""
-    workers = cfg.study.workers
-    if workers != "auto" and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
-        raise loc.error("study.workers", f"must be a count >= 1 or 'auto'; got {workers!r}")
-    lr = cfg.baseline.learning_rate
-    if lr != "auto" and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 1e-8 <= lr <= 1.0):
-        raise loc.error("baseline.learning_rate", f"must be 'auto' or a number in [1e-08, 1.0]; got {lr!r}")
-    search = cfg.search
-    if "unfreeze_fraction" in search and "unfreeze_blocks" in search:
-        raise loc.error("search.unfreeze_blocks", "set either unfreeze_fraction or unfreeze_blocks, not both")
-    backbones = _param_values(search["backbone"])
-    for name in backbones if cfg.quadrants is None else ():
-        min_size = BACKBONES[name].min_size
-        if cfg.data.image_size < min_size:
-            raise loc.error(
-                "data.image_size",
-                f"{cfg.data.image_size} px is below {name}'s minimum input size of {min_size} px",
-            )
-        if cfg.source is not None and cfg.model.weights == "source" and cfg.source.data.image_size != cfg.data.image_size:
-            raise loc.error("source.data.image_size", "must equal data.image_size (the source backbone is reused as is)")
-    if cfg.screen is not None:
-        _check_screen(cfg, loc)
-    _check_warm_start(cfg, loc)
-    for name in cfg.model.backbone_options:
-        if name not in BACKBONES:
-            raise loc.error(f"model.backbone_options.{name}", f"unknown backbone; valid: {', '.join(sorted(BACKBONES))}")
-    if cfg.model.weights == "source" and cfg.source is None:
-        raise loc.error("model.weights", "'source' needs a source: block describing the source pretraining")
-    weights = cfg.model.weights
-    if weights not in ("imagenet", "none", "source"):
-        if not Path(weights).is_file():
-            raise loc.error("model.weights", f"weights file not found: {weights}")
-        if not weights.endswith(".weights.h5"):
-            raise loc.error("model.weights", f"Keras 3 weights files end in .weights.h5; got {weights}")
-    # A quadrant sweep reads its targets' data blocks; the top-level data block is unused there.
-    top = None if cfg.quadrants is not None else cfg.data
-    for key, data in (("data", top), ("source.data", cfg.source.data if cfg.source else None)):
-        if data is not None:
-            _check_data(key, data, loc)
-    if cfg.quadrants is not None:
-        _check_quadrants(cfg, loc)
-    if cfg.train.head.epochs < 1:
-        raise loc.error("train.head.epochs", "phase 1 must train the head for at least one epoch")
-    for key in ("mixed_precision", "jit_compile"):
-        value = getattr(cfg.train, key)
-        # YAML 1.1 reads a bare on/off (also yes/no, true/false) as a boolean: it means on/off here.
-        if not isinstance(value, bool) and value not in ("auto", "on", "off"):
-            raise loc.error(f"train.{key}", f"must be one of auto, on, off; got {value!r}")
-
-
-WARM_START_MODES = ("auto", "off")
-
-
-def warm_start_experiments(value: Any) -> list[str] | None:
-    """The experiments a checked `study.warm_start` learns from: a list of names, [] for every
-    experiment (auto), None for none (off; a bare YAML off reads as false). Pure."""
-    if value is False or value == "off":
-        return None
-    return [] if value == "auto" else list(value)
-
-
-def warm_start_problems(value: Any) -> list[tuple[str, str]]:
-    """Every problem of a `study.warm_start` value as (dotted key, message); empty when usable. Pure."""
-    key = "study.warm_start"
-    if value is False or value in WARM_START_MODES:
-        return []
-    if not isinstance(value, list):
-        return [(key, f"must be auto, off or a list of MLflow experiment names; got {value!r}")]
-    if not value:
-        return [(key, "an empty list learns from nothing; use off, auto or name at least one experiment")]
-    problems = []
-    for i, name in enumerate(value):
-        if not isinstance(name, str) or not name.strip():
-            problems.append((f"{key}[{i}]", f"must be an experiment name (a non-empty string); got {name!r}"))
-        elif value.index(name) != i:
-            problems.append((f"{key}[{i}]", f"experiment {name!r} is listed twice"))
+def _schema_problems(exc: ValidationError) -> list[Problem]:
+    problems: list[Problem] = []
+    for error in exc.errors():
+        key = _dotted(error["loc"])
+        if error["type"] == "problems":
+            problems += [(key + below, message) for below, message in error["ctx"]["problems"]]
+        else:
+            problems.append((key, _message(error)))
     return problems
 
 
-def _check_warm_start(cfg: SweepConfig, loc: _Locator) -> None:
-    """study.warm_start: every problem in one error, each with its key and file:line:col."""
-    problems = warm_start_problems(cfg.study.warm_start)
-    if not problems and cfg.quadrants is not None and warm_start_experiments(cfg.study.warm_start) is not None:
-        problems = [("study.warm_start", "a quadrant sweep runs one study per cell and is not warm-started; leave it off")]
-    if problems:
-        raise ConfigError("\n".join(str(loc.error(key, message)) for key, message in problems))
+def _refusal(problems: list[Problem], loc: _Locator, names: bool = False) -> ConfigError:
+    """One error naming every problem, in the order of the file, each at its file:line:col."""
+    ordered = sorted(problems, key=lambda p: loc.mark(p[0]) or (0, 0))
+    text = "\n".join(str(loc.error(key, message)) for key, message in ordered)
+    return ConfigError(text + (f"\n({NAME_RULE}: a name becomes {_NAME_BECOMES})" if names else ""))
 
 
-def _check_screen(cfg: SweepConfig, loc: _Locator) -> None:
-    """search.screen can only narrow what there is, and needs features worth scoring."""
-    if cfg.quadrants is not None:
-        raise loc.error(
-            "search.screen", "a quadrant sweep scores its backbones per target with quadrants.logme; leave search.screen out"
-        )
-    if cfg.model.weights == "none":
-        raise loc.error(
-            "search.screen",
-            "model.weights is none: frozen features of randomly initialised backbones "
-            "say nothing about how each transfers; leave search.screen out or use pretrained weights",
-        )
-    assert cfg.screen is not None  # called for a screened sweep only
-    keep = cfg.screen.keep
-    candidates = backbone_candidates(cfg.search)
-    if keep is not None and keep > len(candidates):
-        raise loc.error(
-            "search.screen.keep",
-            f"keeps {keep} backbones, but search.backbone has only {len(candidates)} candidate(s) ({', '.join(candidates)})",
-        )
+# --- checks across keys --------------------------------------------------------------------------
 
 
-def _check_data(key: str, data: DataConfig, loc: _Locator) -> None:
+def _cross_problems(cfg: SweepConfig) -> list[Problem]:
+    """Checks that span several keys: every impossible combination, refused before anything runs."""
+    problems = _search_problems(cfg) + _model_problems(cfg)
+    if cfg.quadrants is None:  # a quadrant sweep reads its targets' data blocks; the top-level one is unused
+        problems += _data_problems("data", cfg.data) + _input_size_problems("data", cfg.data, cfg)
+        if cfg.source is not None and cfg.model.weights == "source" and cfg.source.data.image_size != cfg.data.image_size:
+            problems.append(("source.data.image_size", "must equal data.image_size (the source backbone is reused as is)"))
+    else:
+        problems += _quadrant_problems(cfg)
+    if cfg.source is not None:
+        problems += _data_problems("source.data", cfg.source.data)
+    if cfg.screen is not None:
+        problems += _screen_problems(cfg)
+    if cfg.quadrants is not None and warm_start_experiments(cfg.study.warm_start) is not None:
+        problems.append(("study.warm_start", "a quadrant sweep runs one study per cell and is not warm-started; leave it off"))
+    if cfg.train.head.epochs < 1:
+        problems.append(("train.head.epochs", "phase 1 must train the head for at least one epoch"))
+    reason = feature_cache_impossible(cfg)
+    # The default (true) quietly applies wherever it can; asked for by name, it must be able to.
+    if reason and cfg.train.feature_cache and "feature_cache" in cfg.train.model_fields_set:
+        message = f"true, but {reason}, so no phase ever sees fixed features; set it to false or leave it out"
+        problems.append(("train.feature_cache", message))
+    return problems
+
+
+def _search_problems(cfg: SweepConfig) -> list[Problem]:
+    if "unfreeze_fraction" in cfg.search and "unfreeze_blocks" in cfg.search:
+        return [("search.unfreeze_blocks", "set either unfreeze_fraction or unfreeze_blocks, not both")]
+    return []
+
+
+def _model_problems(cfg: SweepConfig) -> list[Problem]:
+    problems = [
+        (f"model.backbone_options.{name}", f"unknown backbone; valid: {', '.join(sorted(BACKBONES))}")
+        for name in cfg.model.backbone_options
+        if name not in BACKBONES
+    ]
+    weights = cfg.model.weights
+    if weights == "source" and cfg.source is None:
+        problems.append(("model.weights", "'source' needs a source: block describing the source pretraining"))
+    if weights not in ("imagenet", "none", "source") and not weights.endswith(".weights.h5"):
+        problems.append(("model.weights", f"Keras 3 weights files end in .weights.h5; got {weights}"))
+    return problems
+
+
+def _input_size_problems(key: str, data: DataConfig, cfg: SweepConfig) -> list[Problem]:
+    return [
+        (f"{key}.image_size", f"{data.image_size} px is below {name}'s minimum input size of {BACKBONES[name].min_size} px")
+        for name in backbone_candidates(cfg.search)
+        if data.image_size < BACKBONES[name].min_size
+    ]
+
+
+def _data_problems(key: str, data: DataConfig) -> list[Problem]:
+    """A data block's own consistency; what it names on disk is harness/preflight.py's."""
+    from harness.datasets_builtin import BUILTIN
+
+    problems = []
     if data.val_fraction + data.test_fraction >= 0.95:
-        raise loc.error(f"{key}.test_fraction", "val_fraction + test_fraction must leave at least 5% for training")
+        problems.append((f"{key}.test_fraction", "val_fraction + test_fraction must leave at least 5% for training"))
     if data.source == "folder":
         if not data.path:
-            raise loc.error(f"{key}.path", "a folder dataset needs a path")
-        if not Path(data.path).is_dir():
-            raise loc.error(f"{key}.path", f"dataset folder not found: {data.path}")
+            problems.append((f"{key}.path", "a folder dataset needs a path"))
     elif not data.name:
-        raise loc.error(f"{key}.name", f"a {data.source} dataset needs a name")
-    if data.source == "builtin":
-        from harness.datasets_builtin import BUILTIN
-
-        if data.name not in BUILTIN:
-            raise loc.error(f"{key}.name", f"unknown builtin dataset {data.name!r}; valid: {', '.join(BUILTIN)}")
+        problems.append((f"{key}.name", f"a {data.source} dataset needs a name"))
+    elif data.source == "builtin" and data.name not in BUILTIN:
+        problems.append((f"{key}.name", f"unknown builtin dataset {data.name!r}; valid: {', '.join(BUILTIN)}"))
     if data.classes is not None and len(set(data.classes)) < 2:
-        raise loc.error(f"{key}.classes", "a classification task needs at least two classes")
-    if data.class_map is not None:
-        if data.classes is not None:
-            raise loc.error(
-                f"{key}.class_map",
-                f"set either {key}.classes or {key}.class_map, not both (to keep only "
-                f"some classes, list the others under {DROP_KEY})",
-            )
-        problems = class_map_problems(data.class_map, _known_classes(data), f"{key}.class_map")
-        if problems:
-            raise loc.error(f"{key}.class_map", f"{len(problems)} problem(s): " + "; ".join(problems))
+        problems.append((f"{key}.classes", "a classification task needs at least two classes"))
+    if data.class_map is not None and data.classes is not None:
+        both = f"set either {key}.classes or {key}.class_map, not both"
+        problems.append((f"{key}.class_map", f"{both} (to keep only some classes, list the others under {DROP_KEY})"))
+    elif data.class_map is not None:
+        summary = class_map_summary(data.class_map, _builtin_classes(data), f"{key}.class_map")
+        problems += [(f"{key}.class_map", summary)] if summary else []
+    return problems
 
 
 SHOWN_CLASSES = 20  # class names listed in a message; a larger dataset's list ends with a count
@@ -852,59 +1021,78 @@ def class_map_problems(class_map: dict, known: list[str] | None, key: str = "dat
     return problems
 
 
+def class_map_summary(class_map: dict, known: list[str] | None, key: str) -> str | None:
+    """Every problem of a class_map on one line ("2 problem(s): ...; ..."), or None when usable."""
+    problems = class_map_problems(class_map, known, key)
+    return f"{len(problems)} problem(s): " + "; ".join(problems) if problems else None
+
+
 def _listed(names: list[str]) -> str:
     more = f" ... and {len(names) - SHOWN_CLASSES} more" if len(names) > SHOWN_CLASSES else ""
     return ", ".join(names[:SHOWN_CLASSES]) + more
 
 
-def _known_classes(data: DataConfig) -> list[str] | None:
-    """A dataset's class names where they are cheap to know without loading it; None for TFDS."""
-    if data.source == "builtin" and data.name is not None:
-        from harness.datasets_builtin import SOURCE_CLASSES, TARGET_CLASSES
+def _builtin_classes(data: DataConfig) -> list[str] | None:
+    """A builtin dataset's class names (no disk read); None for the others: a folder's classes are
+    checked by harness/preflight.py, a TFDS dataset's when it is loaded."""
+    if data.source != "builtin" or data.name is None:
+        return None
+    from harness.datasets_builtin import SOURCE_CLASSES, TARGET_CLASSES
 
-        # scikit-learn's digits are labelled 0-9 (datasets_builtin.make_digits names them str(d)).
-        return {"shapes-source": list(SOURCE_CLASSES), "shapes": list(TARGET_CLASSES), "digits": [str(d) for d in range(10)]}.get(
-            data.name
-        )
-    if data.source == "folder" and data.path is not None:  # the sub-folder names, as harness/data.py scan_folder reads them
-        return sorted(p.name for p in Path(data.path).iterdir() if p.is_dir() and not p.name.startswith("."))
-    return None
+    # scikit-learn's digits are labelled 0-9 (datasets_builtin.make_digits names them str(d)).
+    return {"shapes-source": list(SOURCE_CLASSES), "shapes": list(TARGET_CLASSES), "digits": [str(d) for d in range(10)]}.get(
+        data.name
+    )
 
 
-def _check_quadrants(cfg: SweepConfig, loc: _Locator) -> None:
+def _quadrant_problems(cfg: SweepConfig) -> list[Problem]:
     q = cfg.quadrants
     assert q is not None  # called for a quadrant sweep only
-    if not q.targets:
-        raise loc.error("quadrants.targets", "list at least one target dataset")
+    problems = [] if q.targets else [("quadrants.targets", "list at least one target dataset")]
     names = [t.name for t in q.targets]
     for i, t in enumerate(q.targets):
-        if names.count(t.name) > 1:
-            raise loc.error(f"quadrants.targets[{i}].name", f"duplicate target name {t.name!r}")
-        _check_data(f"quadrants.targets[{i}].data", t.data, loc)
-        for name in _param_values(cfg.search["backbone"]):
-            if t.data.image_size < BACKBONES[name].min_size:
-                raise loc.error(
-                    f"quadrants.targets[{i}].data.image_size",
-                    f"{t.data.image_size} px is below {name}'s minimum input size of {BACKBONES[name].min_size} px",
-                )
+        key = f"quadrants.targets[{i}]"
+        if t.name in names[:i]:
+            problems.append((f"{key}.name", f"duplicate target name {t.name!r}"))
+        problems += _data_problems(f"{key}.data", t.data) + _input_size_problems(f"{key}.data", t.data, cfg)
         if cfg.model.weights == "source" and cfg.source is not None and t.data.image_size != cfg.source.data.image_size:
-            raise loc.error(
-                f"quadrants.targets[{i}].data.image_size",
-                "must equal source.data.image_size (the source backbone is reused as is)",
-            )
-    for i, s in enumerate(q.strategies):
-        if s not in STRATEGIES:
-            raise loc.error(f"quadrants.strategies[{i}]", f"unknown strategy {s!r}; valid: {', '.join(STRATEGIES)}")
+            problems.append((f"{key}.data.image_size", "must equal source.data.image_size (the source backbone is reused as is)"))
     if len(set(q.strategies)) != len(q.strategies) or not q.strategies:
-        raise loc.error("quadrants.strategies", "list each strategy once, at least one")
+        problems.append(("quadrants.strategies", "list each strategy once, at least one"))
     for key, rng, lo in (("cut_range", q.cut_range, 0.05), ("partial_range", q.partial_range, 0.0)):
         if len(rng) != 2 or not (lo <= rng[0] <= rng[1] <= 1.0):
-            raise loc.error(f"quadrants.{key}", f"must be [low, high] with {lo} <= low <= high <= 1; got {rng}")
+            problems.append((f"quadrants.{key}", f"must be [low, high] with {lo} <= low <= high <= 1; got {rng}"))
     if cfg.model.weights == "none" and set(q.strategies) - {"scratch"}:
-        raise loc.error("model.weights", "transfer strategies need pretrained weights (imagenet, source or a file)")
+        problems.append(("model.weights", "transfer strategies need pretrained weights (imagenet, source or a file)"))
+    return problems
 
 
-def parse_config(text: str, filename: str = "<string>") -> SweepConfig:
+def _screen_problems(cfg: SweepConfig) -> list[Problem]:
+    """search.screen can only narrow what there is, and needs features worth scoring."""
+    if cfg.quadrants is not None:
+        return [
+            ("search.screen", "a quadrant sweep scores its backbones per target with quadrants.logme; leave search.screen out")
+        ]
+    if cfg.model.weights == "none":
+        message = (
+            "model.weights is none: frozen features of randomly initialised backbones "
+            "say nothing about how each transfers; leave search.screen out or use pretrained weights"
+        )
+        return [("search.screen", message)]
+    assert cfg.screen is not None  # called for a screened sweep only
+    keep, candidates = cfg.screen.keep, backbone_candidates(cfg.search)
+    if keep is not None and keep > len(candidates):
+        message = f"keeps {keep} backbones, but search.backbone has only {len(candidates)} candidate(s) ({', '.join(candidates)})"
+        return [("search.screen.keep", message)]
+    return []
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _read_yaml(text: str, filename: str) -> tuple[yaml.Node | None, Any]:
+    """The YAML's node tree (for file:line:col) and its data; refuses malformed, empty and
+    duplicate-key YAML, each naming where."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
@@ -914,7 +1102,6 @@ def parse_config(text: str, filename: str = "<string>") -> SweepConfig:
         raise ConfigError(f"{where}: malformed YAML: {exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{filename}: malformed YAML: {exc}") from None
-    loc = _Locator(filename, root)
     if raw is None:  # no text, only comments, or a lone null
         raise ConfigError(
             f"{filename}: config file is empty; a sweep needs at least a data: block (sweeps/demo.yaml is a complete example)"
@@ -925,48 +1112,29 @@ def parse_config(text: str, filename: str = "<string>") -> SweepConfig:
         raise ConfigError(
             f"{filename}: {len(duplicates)} duplicate key(s); YAML would silently keep the last value of each:\n{listed}"
         )
+    return root, raw
+
+
+def parse_config(text: str, filename: str = "<string>") -> SweepConfig:
+    """A sweep config from YAML text; one ConfigError lists every problem, each at its file:line:col.
+    The schema's problems come first: the checks across keys need a config that fits it."""
+    root, raw = _read_yaml(text, filename)
+    loc = _Locator.of(filename, root)
     if not isinstance(raw, dict):
         raise loc.error("", f"top level must be a mapping; got {type(raw).__name__}")
-    sections = {
-        "study": StudyConfig,
-        "data": DataConfig,
-        "model": ModelConfig,
-        "train": TrainConfig,
-        "tracking": TrackingConfig,
-        "baseline": BaselineConfig,
-        "source": SourceConfig,
-        "quadrants": QuadrantsConfig,
-    }
-    for key in raw:
-        if key not in sections and key != "search":
-            raise loc.error(str(key), f"unknown key; valid keys: {', '.join([*sections, 'search'])}")
-    optional = ("source", "quadrants")  # absent means "not used", not "defaults"
-    built = {k: _build(cls, raw.get(k), k, loc) for k, cls in sections.items() if k not in optional}
-    for k in optional:
-        built[k] = _build(sections[k], raw[k], k, loc) if raw.get(k) is not None else None
-    _check_names(built["study"], built["quadrants"], loc)
-    search_raw = raw.get("search") or {}
-    if not isinstance(search_raw, dict):
-        raise loc.error("search", "must be a mapping of parameter -> value or range")
-    # search.screen is no search parameter: how the backbone choices are narrowed before the search.
-    screen_raw = search_raw.get("screen")
-    search_raw = {k: v for k, v in search_raw.items() if k != "screen"}
-    screen = _build(ScreenConfig, screen_raw, "search.screen", loc) if screen_raw is not None else None
-    merged = dict(DEFAULT_SEARCH)
-    if "unfreeze_blocks" in search_raw:
-        merged.pop("unfreeze_fraction")
-    merged.update(search_raw)
-    search = {name: _param(name, value, loc) for name, value in merged.items()}
-    cfg = SweepConfig(search=search, path=filename, screen=screen, **built)
-    _check_cross(cfg, loc)
-    if isinstance(raw.get("train"), dict) and raw["train"].get("feature_cache") is True:
-        # The default (true) quietly applies wherever it can; asked for by name, it must be able to.
-        reason = feature_cache_impossible(cfg)
-        if reason:
-            raise loc.error(
-                "train.feature_cache",
-                f"true, but {reason}, so no phase ever sees fixed features; set it to false or leave it out",
-            )
+    try:
+        file = ConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        names = any(error["type"] == "name_rule" for error in exc.errors())
+        raise _refusal(_schema_problems(exc), loc, names) from None
+    sections = {key: getattr(file, key) for key in SECTIONS}
+    written = list(raw.get("search") or {})
+    space: Any = file.search  # its fields are made from PARAMS: no static type knows them
+    cfg = SweepConfig(**sections, search=_search_specs(space, written), screen=space.screen, path=filename)
+    cfg._locator = loc
+    problems = _cross_problems(cfg)
+    if problems:
+        raise _refusal(problems, loc)
     return cfg
 
 
@@ -1008,39 +1176,6 @@ def duplicate_keys(root: yaml.Node | None, filename: str) -> list[str]:
     return found
 
 
-def _check_names(study: StudyConfig, quadrants: QuadrantsConfig | None, loc: _Locator) -> None:
-    """The study name and every target name follow the name rule; all bad names in one error."""
-    named = [("study.name", study.name)]
-    if quadrants is not None:
-        named += [(f"quadrants.targets[{i}].name", t.name) for i, t in enumerate(quadrants.targets)]
-    problems = [(key, value, name_problem(value)) for key, value in named]
-    lines = [str(loc.error(key, f"{value!r} {problem}")) for key, value, problem in problems if problem]
-    if lines:
-        raise ConfigError(
-            "\n".join(lines) + f"\n({NAME_RULE}: a name becomes a folder under results/, an MLflow "
-            "experiment, a registered model and part of MLflow search filters)"
-        )
-
-
-def features_are_fixed(pretrained: bool, augment: bool) -> bool:
-    """The feature cache's one rule: a frozen backbone's outputs are the same every epoch, so they
-    can be computed once, only when its weights are pretrained (its BatchNormalization then runs in
-    inference mode) and no augmentation changes the images. harness/features.py adds which phases
-    see a frozen backbone; `feature_cache_impossible` and `SweepConfig.resolved` apply it to a
-    sweep and to one trial."""
-    return pretrained and not augment
-
-
-def feature_cache_impossible(cfg: SweepConfig) -> str | None:
-    """Why no trial of this config could train its head on cached features (None: some can)."""
-    if not features_are_fixed(pretrained=cfg.model.weights != "none", augment=False):
-        return "model.weights is none (every backbone starts from random init)"
-    augment = cfg.search.get("augment")
-    if augment is not None and augment.fixed and not features_are_fixed(pretrained=True, augment=bool(augment.value)):
-        return "search.augment is always true (augmentation changes the backbone's input every epoch)"
-    return None
-
-
 def load_config(path: str | Path) -> SweepConfig:
     path = Path(path)
     if path.is_dir():
@@ -1059,14 +1194,10 @@ def with_overrides(cfg: SweepConfig, **study_overrides) -> SweepConfig:
     flag_name = study_overrides.get("name")
     if flag_name is not None and name_problem(flag_name):
         raise ConfigError(
-            f"--study-name: {flag_name!r} {name_problem(flag_name)}; {NAME_RULE} (the name becomes a "
-            "folder under results/, an MLflow experiment, a registered model and part of MLflow "
-            "search filters)"
+            f"--study-name: {flag_name!r} {name_problem(flag_name)}; {NAME_RULE} (the name becomes {_NAME_BECOMES})"
         )
-    study_kw = {
-        k: v for k, v in study_overrides.items() if v is not None and k in {f.name for f in dataclasses.fields(StudyConfig)}
-    }
-    cfg = dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, **study_kw))
+    study_kw = {k: v for k, v in study_overrides.items() if v is not None and k in StudyConfig.model_fields}
+    cfg = cfg.model_copy(update={"study": cfg.study.model_copy(update=study_kw)})
     if study_overrides.get("tracking_uri"):
-        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=study_overrides["tracking_uri"]))
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": study_overrides["tracking_uri"]})})
     return cfg

@@ -1,6 +1,7 @@
 """Every read-only check before the night: what can refuse a sweep is refused before it starts.
 
 harness/sweep.py runs them in this order, so that bad input costs nothing:
+  0. the files and folders the config names (`config_file_problems`), right after it loads;
   1. the Optuna storage and the MLflow tracking store (`check_stores`), before TensorFlow loads;
   2. the trial processes a machine can hold (`plan_workers`) and its mixed precision (`check_mixed_precision`);
   3. the data, every image decoded by training's decoder (`load_data`, `load_targets`);
@@ -22,10 +23,58 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness import runtime
-from harness.config import ConfigError, DataConfig, SweepConfig, SweepRefused, TargetConfig
+from harness.config import ConfigError, DataConfig, SweepConfig, SweepRefused, TargetConfig, class_map_summary
 from harness.data import Dataset, Splits, load_dataset, make_splits
 from harness.frameworks import framework_for, framework_named, frameworks_of, trial_gpus
 from harness.frameworks.base import Framework
+
+# --- config files ------------------------------------------------------------------------------------
+
+
+def config_file_problems(cfg: SweepConfig) -> list[str]:
+    """Every file and folder the config names that is missing or does not fit, each as
+    'file:line:col: key: problem' (empty: all there)."""
+    problems = weights_file_problems(cfg)
+    for key, data in used_data_blocks(cfg):
+        problems += dataset_folder_problems(cfg, key, data)
+    return problems
+
+
+def used_data_blocks(cfg: SweepConfig) -> list[tuple[str, DataConfig]]:
+    """The data blocks a sweep reads, each with its dotted key: a quadrant sweep reads its
+    targets' (its top-level data block is unused), any sweep with a source block the source's."""
+    if cfg.quadrants is not None:
+        blocks = [(f"quadrants.targets[{i}].data", t.data) for i, t in enumerate(cfg.quadrants.targets)]
+    else:
+        blocks = [("data", cfg.data)]
+    return blocks + ([("source.data", cfg.source.data)] if cfg.source is not None else [])
+
+
+def weights_file_problems(cfg: SweepConfig) -> list[str]:
+    """model.weights naming a file: the file must exist."""
+    weights = cfg.model.weights
+    if weights in ("imagenet", "none", "source") or Path(weights).is_file():
+        return []
+    return [f"{cfg.where('model.weights')}: model.weights: weights file not found: {weights}"]
+
+
+def dataset_folder_problems(cfg: SweepConfig, key: str, data: DataConfig) -> list[str]:
+    """A folder dataset's root must exist, and its class_map must name its sub-folders: each class
+    once, every class mapped or dropped."""
+    if data.source != "folder" or not data.path:
+        return []
+    if not Path(data.path).is_dir():
+        return [f"{cfg.where(f'{key}.path')}: {key}.path: dataset folder not found: {data.path}"]
+    if data.class_map is None:
+        return []
+    summary = class_map_summary(data.class_map, folder_classes(Path(data.path)), f"{key}.class_map")
+    return [f"{cfg.where(f'{key}.class_map')}: {key}.class_map: {summary}"] if summary else []
+
+
+def folder_classes(root: Path) -> list[str]:
+    """A folder dataset's class names: its sub-folders, as harness/data.py `scan_folder` reads them."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
 
 # --- devices ---------------------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ Training is seeded with op determinism on, so running the command again reproduc
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import sys
@@ -47,7 +46,7 @@ def _source(cfg: SweepConfig) -> SourceConfig:
 
 
 def source_key(cfg: SweepConfig, backbone: str) -> str:
-    source = dataclasses.asdict(_source(cfg))  # includes the input size the weights were trained at
+    source = _source(cfg).model_dump()  # includes the input size the weights were trained at
     source.pop("cache_dir")
     blob = {"backbone": backbone, "options": cfg.model.backbone_options.get(backbone, {}), "source": source}
     data = source["data"]
@@ -162,10 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         help="pretrain only this backbone of the config's search (repeatable; default: all of them)",
     )
     args = parser.parse_args(argv)
+    from harness.preflight import config_file_problems
+
     try:
         cfg = load_config(args.config)
         if cfg.source is None:
             raise ConfigError(f"{args.config}: source: no source block to pretrain from")
+        missing = config_file_problems(cfg)  # the source's dataset folder above all
+        if missing:
+            raise ConfigError("\n".join(missing))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,6 @@ them, and each cell's trials and seeds run exactly once.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,13 +51,15 @@ def cell_name(target: TargetConfig, strategy: str) -> str:
 def cell_config(cfg: SweepConfig, target: TargetConfig, strategy: str) -> SweepConfig:
     """The config of one cell's study: the target's data, the strategy's search space, equal budget."""
     assert cfg.quadrants is not None  # this module runs only quadrant sweeps (sweep.py checks)
-    study = dataclasses.replace(
-        cfg.study,
-        name=f"{cfg.study.name}.{cell_name(target, strategy)}",
-        n_trials=cfg.quadrants.trials_per_cell,
-        storage=st.storage_url(cfg),  # every cell's study lives in the sweep's one storage
+    study = cfg.study.model_copy(
+        update={
+            "name": f"{cfg.study.name}.{cell_name(target, strategy)}",
+            "n_trials": cfg.quadrants.trials_per_cell,
+            "storage": st.storage_url(cfg),  # every cell's study lives in the sweep's one storage
+        }
     )
-    return dataclasses.replace(cfg, study=study, data=target.data, search=strategy_search(strategy, cfg.search, cfg.quadrants))
+    search = strategy_search(strategy, cfg.search, cfg.quadrants)
+    return cfg.model_copy(update={"study": study, "data": target.data, "search": search})
 
 
 @dataclass(frozen=True)

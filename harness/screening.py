@@ -271,4 +271,4 @@ def screen_backbones(cfg, study, storage, tracker, run_task, log):
     kept = list(record["kept"])
     if kept == candidates:
         return cfg, record
-    return dataclasses.replace(cfg, search=narrowed_search(cfg.search, kept)), record
+    return cfg.model_copy(update={"search": narrowed_search(cfg.search, kept)}), record

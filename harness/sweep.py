@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config)
+        missing = preflight.config_file_problems(cfg)  # the folders and files it names, before anything is written
+        if missing:
+            raise ConfigError("\n".join(missing))
         cfg = with_overrides(
             cfg,
             n_trials=args.n_trials,

@@ -65,10 +65,9 @@ def test_the_shipped_sweeps_include_the_demo_and_both_quadrant_sweeps():
         ("search:\n  widht: 3\n", "search.widht: unknown search parameter"),
         ("search:\n  pooling: {low: 1, high: 2}\n", "search.pooling: a str parameter takes a fixed value or {choices: [...]}"),
         ("search:\n  unfreeze_fraction: 0.5\n  unfreeze_blocks: 3\n", "set either unfreeze_fraction or unfreeze_blocks"),
-        ("data:\n  source: folder\n  path: /nonexistent/dir\n", "data.path: dataset folder not found: /nonexistent/dir"),
         ("data:\n  name: shapes\n  classes: [star4]\n", "data.classes: a classification task needs at least two classes"),
         ("data:\n  name: cifar1000\n", "data.name: unknown builtin dataset 'cifar1000'"),
-        ("model:\n  weights: /no/such.weights.h5\n", "model.weights: weights file not found"),
+        ("model:\n  weights: /no/such.h5\n", "model.weights: Keras 3 weights files end in .weights.h5; got /no/such.h5"),
         ("model:\n  weights: source\n", "model.weights: 'source' needs a source: block"),
         ("model:\n  backbone_options: {ResNet42: {}}\n", "model.backbone_options.ResNet42: unknown backbone"),
         ("train:\n  head: {epochs: 0}\n", "train.head.epochs: phase 1 must train the head"),
@@ -232,16 +231,6 @@ def test_unknown_builtin_classes_are_named_with_their_group():
     assert re.match(r"s\.yaml:\d+:\d+: data\.class_map: 2 problem\(s\)", msg)
     assert "data.class_map.pointy: unknown class(es) 'star5', 'hexagon'; the dataset has pentagon, t_shape" in msg
     assert "data.class_map.round: unknown class(es) 'circle'" in msg
-
-
-def test_unknown_folder_classes_are_found_from_the_sub_folders_at_config_load(tmp_path):
-    for c in ("cat", "dog", "owl", ".cache"):
-        (tmp_path / c).mkdir()
-    base = f"study: {{name: t}}\nmodel: {{weights: none}}\ndata:\n  source: folder\n  path: {tmp_path}\n"
-    msg = config_error("class_map: {pet: [cat, dgo], bird: [owl]}\n", base)
-    assert problems_of(msg) == 2
-    assert "data.class_map.pet: unknown class(es) 'dgo'; the dataset has cat, dog, owl" in msg  # hidden folder ignored
-    assert "data.class_map: class(es) dog are in no target label" in msg
 
 
 def test_a_class_in_two_groups_is_refused():
@@ -431,3 +420,65 @@ def test_a_quadrant_sweep_refuses_a_warm_start():
     assert "study:\n" in text
     message = error_of(text.replace("study:\n", "study:\n  warm_start: auto\n", 1))
     assert "study.warm_start: a quadrant sweep runs one study per cell and is not warm-started; leave it off" in message
+
+
+# --- every problem of a file at once; the resolved config; the generated key reference ----------
+
+
+def test_every_problem_of_a_file_is_reported_in_one_error_in_the_order_of_the_file():
+    message = error_of(
+        "study: {n_trials: 0, direction: up}\ndata: {name: shapes, image_size: 4}\nsearch: {dropout: 2, widht: 1}\n"
+    )
+    assert message.splitlines() == [
+        "s.yaml:1:9: study.n_trials: must be >= 1; got 0",
+        "s.yaml:1:22: study.direction: must be one of maximize, minimize; got 'up'",
+        "s.yaml:2:22: data.image_size: must be >= 8; got 4",
+        "s.yaml:3:10: search.dropout: must be within [0.0, 0.95]; got 2",
+        "s.yaml:3:22: search.widht: unknown search parameter; valid: backbone, unfreeze_fraction, unfreeze_blocks, "
+        "cut_fraction, head_units, head_lr, finetune_lr, dropout, pooling, augment, strategy (and screen: how the "
+        "backbones are narrowed)",
+    ]
+    across = error_of("data: {name: cifar, classes: [a]}\ntrain: {head: {epochs: 0}}\nmodel: {weights: source}\n")
+    assert across.splitlines() == [
+        "s.yaml:1:8: data.name: unknown builtin dataset 'cifar'; valid: shapes-source, shapes, digits",
+        "s.yaml:1:21: data.classes: a classification task needs at least two classes",
+        "s.yaml:2:16: train.head.epochs: phase 1 must train the head for at least one epoch",
+        "s.yaml:3:9: model.weights: 'source' needs a source: block describing the source pretraining",
+    ]
+
+
+def test_union_typed_keys_keep_their_values_as_written():
+    assert parse_config("study: {workers: auto}\n" + DATA).study.workers == "auto"
+    assert parse_config("study: {workers: 3}\n" + DATA).study.workers == 3
+    rate = parse_config("baseline: {learning_rate: 1}\n" + DATA).baseline.learning_rate
+    assert rate == 1 and type(rate) is int  # as written: the resolved config and the fingerprint keep 1
+
+
+@pytest.mark.parametrize("name", ["TINY", *SHIPPED])
+def test_a_resolved_config_round_trips_to_an_equal_config(name):
+    import yaml
+
+    from tests.conftest import ROOT
+
+    text = TINY if name == "TINY" else (ROOT / "sweeps" / name).read_text()
+    cfg = parse_config(text, "s.yaml")
+    if cfg.quadrants is not None:  # each trial of a quadrant sweep resolves its cell's config
+        from harness.quadrants import cell_config
+
+        cfg = cell_config(cfg, cfg.quadrants.targets[0], "full")
+    params = {n: p.value if p.fixed else p.choices[-1] if p.choices else p.high for n, p in cfg.search.items()}
+    resolved = cfg.resolved(params, 3)
+    again = parse_config(yaml.safe_dump(resolved), "config.yaml")
+    assert again.to_dict() == resolved and again.resolved(params, 0)["search"] == resolved["search"]
+
+
+def test_the_key_reference_in_the_docs_is_generated_from_the_schema():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "scripts/config_reference.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr  # names the command that makes it current
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert "| `warm_start_trials` | int >= 1 | `3` | warm start: the best configurations enqueued" in page

@@ -42,7 +42,7 @@ def test_splits_are_deterministic_stratified_and_disjoint():
         np.testing.assert_array_equal(x, y)
     assert not set(a.train) & set(a.test) and not set(a.val) & set(a.test) and not set(a.train) & set(a.val)
     assert np.bincount(LABELS[a.test]).tolist() == [10, 10, 10, 10]
-    other = make_splits(LABELS, dataclasses.replace(cfg, seed=4))
+    other = make_splits(LABELS, cfg.model_copy(update={"seed": 4}))
     assert not np.array_equal(other.test, a.test)
 
 
@@ -106,7 +106,7 @@ def test_streamed_and_disk_cached_pipelines_yield_every_image_once_per_epoch_res
     splits = make_splits(load_dataset(base).labels, DataConfig(val_fraction=0.2, test_fraction=0.2))
     memory = _epochs(tf_dataset(load_dataset(base), splits.train, 5, shuffle=True, seed=3))
     for plan in ({"memory_cache_mib": 0}, {"memory_cache_mib": 0, "disk_cache_dir": str(tmp_path / "cache")}):
-        ds = load_dataset(dataclasses.replace(base, **plan))
+        ds = load_dataset(base.model_copy(update=plan))
         first, second = _epochs(tf_dataset(ds, splits.train, 5, shuffle=True, seed=3))
         assert sorted(first) == sorted(second) == sorted(memory[0]) and len(first) == len(splits.train)
         assert first != second  # reshuffled every epoch
@@ -135,7 +135,7 @@ def test_tfds_is_exported_once_as_files_and_keeps_its_official_splits(tmp_path):
     again = load_dataset(cfg)
     assert again.paths == ds.paths and np.array_equal(again.official, ds.official)
     # official_splits: false pools every split and cuts by the fractions.
-    pooled = load_dataset(dataclasses.replace(cfg, official_splits=False))
+    pooled = load_dataset(cfg.model_copy(update={"official_splits": False}))
     cut = make_splits(pooled.labels, cfg, pooled.official)
     assert pooled.official is None and len(cut.train) + len(cut.val) + len(cut.test) == 90
     assert set(ds.official[cut.test]) != {"test"}

@@ -1,7 +1,7 @@
-"""Preflight: every read-only check before the night. The Optuna storage and the MLflow tracking
-store (each problem stops the sweep with exit 2 and the store named, before the sweep creates
-anything: no optuna.db, sweep.lock or run), the devices, and every image file of a folder, decoded
-by training's decoder, with all of a folder's problems in one error."""
+"""Preflight: every read-only check before the night. The files and folders a config names, the
+Optuna storage and the MLflow tracking store (each problem stops the sweep with exit 2 and the store
+named, before the sweep creates anything: no optuna.db, sweep.lock or run), the devices, and every
+image file of a folder, decoded by training's decoder, with all of a folder's problems in one error."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from PIL import Image
 
 from harness.config import ConfigError, DataConfig, SweepRefused, parse_config
 from harness.data import DataError
-from harness.preflight import check_mixed_precision, check_storage, check_tracking_store, checked_dataset
-from tests.conftest import DATA, TINY, run_cli, run_main, write_config
+from harness.preflight import check_mixed_precision, check_storage, check_tracking_store, checked_dataset, config_file_problems
+from tests.conftest import DATA, ROOT, TINY, problems_of, run_cli, run_main, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -301,3 +301,72 @@ def test_the_cli_reports_every_folder_problem_and_creates_nothing(workdir):
         assert problem in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (workdir / "results").exists() and not (workdir / "mlruns").exists()
+
+
+# --- config files: what the config names on disk, each with its key and file:line:col ---------------
+
+
+def problems(text: str) -> list[str]:
+    return config_file_problems(parse_config(text, "s.yaml"))
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "data:\n  source: folder\n  path: /nonexistent/dir\n",
+            "s.yaml:3:3: data.path: dataset folder not found: /nonexistent/dir",
+        ),
+        (
+            "model:\n  weights: /no/such.weights.h5\ndata:\n  name: shapes\n",
+            "s.yaml:2:3: model.weights: weights file not found: /no/such.weights.h5",
+        ),
+        (
+            "model: {weights: source}\nsource:\n  data: {source: folder, path: /no/source}\ndata: {name: shapes}\n",
+            "s.yaml:3:26: source.data.path: dataset folder not found: /no/source",
+        ),
+    ],
+)
+def test_a_missing_file_or_folder_is_named_with_its_key_and_line(text, expected):
+    assert problems(text) == [expected]
+
+
+def test_every_missing_folder_of_a_quadrant_sweep_is_named():
+    text = (
+        "study: {name: q}\nmodel: {weights: none}\nquadrants:\n  strategies: [scratch]\n  targets:\n"
+        "    - {name: a, data: {source: folder, path: /no/a}}\n    - {name: b, data: {name: shapes}}\n"
+        "    - {name: c, data: {source: folder, path: /no/c}}\n"
+    )
+    assert problems(text) == [
+        "s.yaml:6:40: quadrants.targets[0].data.path: dataset folder not found: /no/a",
+        "s.yaml:8:40: quadrants.targets[2].data.path: dataset folder not found: /no/c",
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "sweeps").glob("*.yaml")))
+def test_the_shipped_sweeps_name_nothing_missing(name, monkeypatch):
+    monkeypatch.chdir(ROOT)  # their weights files are relative to the repository
+    from harness.config import load_config
+
+    assert config_file_problems(load_config(ROOT / "sweeps" / name)) == []
+
+
+def test_unknown_folder_classes_are_found_from_the_sub_folders(tmp_path):
+    for c in ("cat", "dog", "owl", ".cache"):
+        (tmp_path / c).mkdir()
+    base = f"study: {{name: t}}\nmodel: {{weights: none}}\ndata:\n  source: folder\n  path: {tmp_path}\n"
+    (msg,) = problems(base + "  class_map: {pet: [cat, dgo], bird: [owl]}\n")
+    assert msg.startswith("s.yaml:6:3: data.class_map: 2 problem(s): ")
+    assert problems_of(msg) == 2
+    assert "data.class_map.pet: unknown class(es) 'dgo'; the dataset has cat, dog, owl" in msg  # hidden folder ignored
+    assert "data.class_map: class(es) dog are in no target label" in msg
+    assert problems(base + "  class_map: {pet: [cat, dog], bird: [owl]}\n") == []
+
+
+def test_cli_refuses_a_missing_dataset_folder_before_writing_anything(workdir):
+    config = write_config(workdir, "study: {name: t}\nmodel: {weights: none}\ndata: {source: folder, path: nowhere}\n")
+    proc = run_cli(str(config), cwd=workdir, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "sweep.yaml:3:24: data.path: dataset folder not found: nowhere" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (workdir / "results").exists()  # no study, no MLflow store

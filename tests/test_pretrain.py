@@ -59,13 +59,11 @@ def test_every_shipped_asset_is_small_used_by_a_demo_and_loads_into_its_backbone
 def test_pretraining_again_in_the_same_process_writes_the_same_file(tmp_path):
     # `--ship` without --backbone pretrains every backbone in one process, and a sweep pretrains a
     # missing one after building others: the weights must not depend on what ran before.
-    import dataclasses
-
     from harness.pretrain import pretrain
 
     cfg, _ = _demo_backbones("sweeps/zoo-demo.yaml")
-    tiny = dataclasses.replace(cfg.source, epochs=1, data=dataclasses.replace(cfg.source.data, builtin_size=12))
-    cfg = dataclasses.replace(cfg, source=tiny)
+    tiny = cfg.source.model_copy(update={"epochs": 1, "data": cfg.source.data.model_copy(update={"builtin_size": 12})})
+    cfg = cfg.model_copy(update={"source": tiny})
     first, second = tmp_path / "first.weights.h5", tmp_path / "second.weights.h5"
     pretrain(cfg, "MobileNet", first, log=lambda *_: None)
     pretrain(cfg, "MobileNet", second, log=lambda *_: None)

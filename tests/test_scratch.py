@@ -269,7 +269,9 @@ def test_confirmation_plan_extends_the_last_transfer_phase_to_the_scratch_floor_
     from harness.phases import two_phase_plan
     from harness.scratch import confirmation_plan
 
-    train = TrainConfig(head=PhaseConfig(10, 32, 4), finetune=PhaseConfig(10, 32, 4))
+    train = TrainConfig(
+        head=PhaseConfig(epochs=10, batch_size=32, patience=4), finetune=PhaseConfig(epochs=10, batch_size=32, patience=4)
+    )
     baseline = BaselineConfig(epochs=30, min_steps=3000, patience=8)
     search = two_phase_plan(10, 1e-3, 4, 10, 1e-4, 4, n_unfreeze=3)
     head, finetune = confirmation_plan(search, 1000, train, baseline)
@@ -287,6 +289,11 @@ def test_confirmation_plan_extends_the_last_transfer_phase_to_the_scratch_floor_
     # a large training set passes the floor in the head phase: the fine-tune runs the rest of
     # baseline.epochs, validated once a pass, with baseline.patience and no floor of its own
     _, large = confirmation_plan(
-        search, 50_000, TrainConfig(head=PhaseConfig(10, 100, 4), finetune=PhaseConfig(10, 100, 4)), baseline
+        search,
+        50_000,
+        TrainConfig(
+            head=PhaseConfig(epochs=10, batch_size=100, patience=4), finetune=PhaseConfig(epochs=10, batch_size=100, patience=4)
+        ),
+        baseline,
     )
     assert (large.epochs, large.steps_per_epoch, large.min_epochs, large.patience) == (20, None, 0, 8)

@@ -4,7 +4,6 @@ history written with the tracker's own methods; nothing is trained."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 
@@ -224,7 +223,7 @@ def test_an_incompatible_configuration_is_clipped_or_skipped_with_a_line_each(st
     )
     cfg = config("auto")
     # The backbone searched: screening may have narrowed it to one choice the other sweep did not use.
-    cfg = dataclasses.replace(cfg, search={**cfg.search, "backbone": ParamSpec("backbone", "str", choices=("MobileNetV2",))})
+    cfg = cfg.model_copy(update={"search": {**cfg.search, "backbone": ParamSpec("backbone", "str", choices=("MobileNetV2",))}})
     _, study, enqueued, lines = new_sweep(stores, cfg)
     assert enqueued == [{**GOOD, "backbone": "MobileNetV2", "head_lr": 0.01}]
     assert (
@@ -318,10 +317,11 @@ def test_a_listed_experiment_is_refused_when_the_store_does_not_exist_yet(tmp_pa
 
     cfg = config("[team]")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = dataclasses.replace(
-        cfg,
-        study=dataclasses.replace(cfg.study, storage=f"sqlite:///{tmp_path / 'optuna.db'}"),
-        tracking=dataclasses.replace(cfg.tracking, uri=uri),
+    cfg = cfg.model_copy(
+        update={
+            "study": cfg.study.model_copy(update={"storage": f"sqlite:///{tmp_path / 'optuna.db'}"}),
+            "tracking": cfg.tracking.model_copy(update={"uri": uri}),
+        }
     )
     with pytest.raises(SweepRefused, match="experiment\\(s\\) 'team' not found"):
         check_stores(cfg)
