@@ -41,7 +41,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from harness.frameworks.keras.backbones import BACKBONES
+from harness.zoo import WEIGHTS_SUFFIXES, backbone_name_problem, framework_of, min_input_size
 
 
 class ConfigError(Exception):
@@ -443,10 +443,25 @@ class ScreenConfig(_Section):
 
 
 # --- the search space ----------------------------------------------------------------------------
+
+
+def _backbone_name(name: str) -> str:
+    problem = backbone_name_problem(name)
+    if problem:
+        raise PydanticCustomError("backbone", problem)
+    return name
+
+
+BACKBONE_NAME = AfterValidator(_backbone_name)  # a backbone's name, as harness/zoo.py reads it
 # Search-space parameters: name -> (kind, allowed range or choices, description).
 # A YAML value is either fixed (a scalar) or searched: {choices: [...]} or {low, high, log?, step?}.
 PARAMS: dict[str, tuple[str, Any, str]] = {
-    "backbone": ("str", sorted(BACKBONES), "keras.applications model name"),
+    "backbone": (
+        "str",
+        BACKBONE_NAME,
+        "a keras.applications model name (MobileNetV2), or a PyTorch one: torchvision/<name> (a torchvision.models "
+        "builder) or timm/<name> (any timm model)",
+    ),
     "unfreeze_fraction": ("float", (0.0, 1.0), "share of backbone blocks (from the top) unfrozen in phase 2"),
     "unfreeze_blocks": ("int", (0, 10_000), "number of top backbone blocks unfrozen in phase 2 (not with unfreeze_fraction)"),
     "cut_fraction": ("float", (0.05, 1.0), "share of backbone blocks kept (1 = whole backbone; less = intermediate features)"),
@@ -540,6 +555,8 @@ def _param_type(kind: str, allowed: Any) -> Any:
     """A search parameter's type: its value type, fixed or in one of the searched shapes."""
     if kind == "bool":
         value: Any = bool
+    elif allowed is BACKBONE_NAME:
+        value = Annotated[str, BACKBONE_NAME]
     elif isinstance(allowed, list):
         value = Literal[tuple(allowed)]
     else:
@@ -921,23 +938,27 @@ def _search_problems(cfg: SweepConfig) -> list[Problem]:
 
 def _model_problems(cfg: SweepConfig) -> list[Problem]:
     problems = [
-        (f"model.backbone_options.{name}", f"unknown backbone; valid: {', '.join(sorted(BACKBONES))}")
+        (f"model.backbone_options.{name}", (backbone_name_problem(name) or "").replace("unknown value", "unknown backbone", 1))
         for name in cfg.model.backbone_options
-        if name not in BACKBONES
+        if backbone_name_problem(name)
     ]
     weights = cfg.model.weights
     if weights == "source" and cfg.source is None:
         problems.append(("model.weights", "'source' needs a source: block describing the source pretraining"))
-    if weights not in ("imagenet", "none", "source") and not weights.endswith(".weights.h5"):
-        problems.append(("model.weights", f"Keras 3 weights files end in .weights.h5; got {weights}"))
+    if weights not in ("imagenet", "none", "source"):
+        for framework in sorted({framework_of(name) for name in backbone_candidates(cfg.search)}):
+            suffixes = WEIGHTS_SUFFIXES[framework]
+            if not weights.endswith(suffixes):
+                what = "Keras 3 weights files" if framework == "keras" else "PyTorch state dicts"
+                problems.append(("model.weights", f"{what} end in {' or '.join(suffixes)}; got {weights}"))
     return problems
 
 
 def _input_size_problems(key: str, data: DataConfig, cfg: SweepConfig) -> list[Problem]:
     return [
-        (f"{key}.image_size", f"{data.image_size} px is below {name}'s minimum input size of {BACKBONES[name].min_size} px")
+        (f"{key}.image_size", f"{data.image_size} px is below {name}'s minimum input size of {min_input_size(name)} px")
         for name in backbone_candidates(cfg.search)
-        if data.image_size < BACKBONES[name].min_size
+        if data.image_size < (min_input_size(name) or 0)
     ]
 
 

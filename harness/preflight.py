@@ -25,8 +25,9 @@ from pathlib import Path
 from harness import runtime
 from harness.config import ConfigError, DataConfig, SweepConfig, SweepRefused, TargetConfig, class_map_summary
 from harness.data import Dataset, Splits, load_dataset, make_splits
-from harness.frameworks import framework_for, framework_named, frameworks_of, trial_gpus
+from harness.frameworks import framework_for, framework_named, trial_gpus
 from harness.frameworks.base import Framework
+from harness.zoo import frameworks_of
 
 # --- config files ------------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from harness.config import ConfigError, SourceConfig, SweepConfig, backbone_candidates, load_config
-from harness.frameworks import WEIGHTS_SUFFIX, framework_of
+from harness.zoo import WEIGHTS_SUFFIXES, framework_of
 
 ASSETS = Path(__file__).parent / "assets"
 PRETRAIN_SEED = 1234
@@ -65,7 +65,7 @@ def weights_filename(cfg: SweepConfig, backbone: str) -> str:
 
 
 def weights_suffix(backbone: str) -> str:
-    return WEIGHTS_SUFFIX[framework_of(backbone)]
+    return WEIGHTS_SUFFIXES[framework_of(backbone)][0]
 
 
 def beside(weights: Path, backbone: str, ending: str) -> Path:

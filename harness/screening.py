@@ -35,7 +35,7 @@ import math
 
 from harness import stats
 from harness.direction import better, sign
-from harness.frameworks import framework_of, frameworks_of
+from harness.zoo import framework_of, frameworks_of
 
 SCREENING_ATTR = "screening"  # the study user attribute: scores, ranking rule and kept backbones
 SCORE_NAMES = {"logme": "LogME", "knn": "k-NN", "size": "size-only", "imagenet_top1": "ImageNet top-1"}

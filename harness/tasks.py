@@ -30,12 +30,13 @@ import optuna
 from harness import runtime
 from harness.direction import at_least_as_good
 from harness.evaluation import class_metric_keys, classification_metrics, confusion_csv, confusion_figure, is_number, scores
-from harness.frameworks import framework_for, framework_named, framework_of, seed_loaded_frameworks
+from harness.frameworks import framework_for, framework_named, seed_loaded_frameworks
 from harness.objective import TrialFailed, TrialRunner, log_history, plan_for, trial_level_errors
 from harness.phases import History
 from harness.scratch import ScratchRun, confirmation_plan, images_seen, print_note, train_from_scratch
 from harness.training import Configuration, EpochHooks, epoch_note
 from harness.transferability import score_backbones
+from harness.zoo import framework_of
 
 if TYPE_CHECKING:
     from harness.worker import Channel

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.frameworks.keras.backbones import IMAGENET_TOP1
+from harness.zoo import IMAGENET_TOP1
 
 KNN_NEIGHBOURS = 5
 KNN_FOLDS = 5

@@ -40,10 +40,10 @@ from optuna.trial import TrialState
 from harness import runtime, space
 from harness import study as st
 from harness.config import SweepRefused
-from harness.frameworks import frameworks_of
 from harness.tasks import Context, TrialTask, execute
 from harness.tracking import STATE_TAG, TRIAL_TAG
 from harness.worker import TrialProcess, describe_exit
+from harness.zoo import frameworks_of
 
 POLL_SECONDS = 1.0  # how often the engine looks at the clock and at other machines' trials
 QUIET_SECONDS = 60.0  # a task run by `call` that says nothing for this long gets a "still running" line

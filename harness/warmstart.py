@@ -31,7 +31,7 @@ from typing import Any
 
 from harness.config import ParamSpec, warm_start_experiments
 from harness.direction import best_of
-from harness.frameworks.keras.backbones import BACKBONES
+from harness.zoo import BACKBONES
 
 TARGET_KEYS = ("images", "classes", "image_size")  # the parent run's metrics target/<key>
 SCREEN_SCORES = ("logme", "knn")  # the data scores screening logs per backbone

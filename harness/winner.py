@@ -22,7 +22,6 @@ from typing import Any
 
 from harness import study as st
 from harness.evaluation import is_number
-from harness.frameworks import framework_of
 from harness.tasks import TestTask
 from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG, TRIAL_TAG, Tracker, run_url
 
@@ -70,7 +69,7 @@ def deliver_winner(cfg, study, tracker: Tracker, run_task, log) -> dict | None:
         log(f"deleted the logged models of {len(deleted)} overtaken trial(s); the winner's and every registered one stay")
     test = run.metrics.get("test_accuracy")
     if test is None:
-        framework = framework_of(best.params["backbone"])
+        framework = tracker.logged_model_framework(winner["model_uri"])  # a process that has it tests it
         result = run_task(TestTask(cfg.study.name, winner["model_uri"], run_id, framework))
         test = result["test_accuracy"]
         log(

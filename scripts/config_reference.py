@@ -100,8 +100,10 @@ def search_table() -> list[str]:
     for name, (kind, allowed, _) in PARAMS.items():
         if kind == "bool":
             values = "true | false"
+        elif name == "backbone":
+            values = "a backbone's name (harness/zoo.py)"
         elif isinstance(allowed, list):
-            values = " | ".join(allowed) if len(allowed) <= 8 else f"one of {len(allowed)} names (harness/backbones.py)"
+            values = " | ".join(allowed)
         else:
             values = f"{kind} in [{allowed[0]}, {allowed[1]}]"
         default = f"`{yaml_text(DEFAULT_SEARCH[name])}`" if name in DEFAULT_SEARCH else "not searched"

@@ -16,25 +16,12 @@ import importlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from harness.zoo import framework_of
+
 if TYPE_CHECKING:
     from harness.frameworks.base import Framework
 
-TORCH_ZOOS = ("torchvision", "timm")  # name prefixes, e.g. "timm/convnext_tiny"
 FRAMEWORKS = ("keras", "torch")
-# How each framework's weights files end (`Framework.save_backbone_weights` writes them): Keras
-# insists on its own suffix; torch saves a state dict.
-WEIGHTS_SUFFIX = {"keras": ".weights.h5", "torch": ".pt"}
-
-
-def framework_of(backbone: str) -> str:
-    """ "torch" for a `torchvision/` or `timm/` name, else "keras". Pure."""
-    zoo, slash, _ = backbone.partition("/")
-    return "torch" if slash and zoo in TORCH_ZOOS else "keras"
-
-
-def frameworks_of(backbones: Iterable[str]) -> list[str]:
-    """The frameworks `backbones` train with, sorted. Pure."""
-    return sorted({framework_of(name) for name in backbones})
 
 
 def framework_named(name: str) -> Framework:
