@@ -1,0 +1,92 @@
+"""The seam's interface (harness/frameworks/base.py `Framework`) for PyTorch, over this package's
+modules: one object, `FRAMEWORK`, that the one training path calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from harness.frameworks.base import ModelSpec, PhaseData, PhaseRun
+from harness.frameworks.torch import data, device, features, io, loop, model
+from harness.images import undecodable
+from harness.phases import Phase
+
+
+class TorchFramework:
+    name = "torch"
+
+    # --- this process ----------------------------------------------------------------------
+    def prepare_process(self, train, threads: int = 0) -> None:
+        """train.mixed_precision and train.jit_compile on this process's GPU; `threads`: its share
+        of the CPU cores (0: all), as the engine splits them between trial processes."""
+        device.prepare(train, threads)
+
+    def seed(self, seed: int) -> None:
+        device.seed(seed)
+
+    def release_memory(self) -> None:
+        device.release()
+
+    def trial_level_errors(self) -> tuple[type[BaseException], ...]:
+        return device.trial_errors()
+
+    # --- models ------------------------------------------------------------------------------
+    def build(self, spec: ModelSpec, seed: int) -> model.TorchModel:
+        return model.build(spec, seed, device.settings().device)
+
+    def set_trainable(self, m: model.TorchModel, unfreeze_blocks: int) -> tuple[int, int]:
+        return model.set_trainable(m, unfreeze_blocks)
+
+    def weights_keeper(self, m: model.TorchModel) -> loop.WeightsKeeper:
+        return loop.WeightsKeeper(m)
+
+    # --- data --------------------------------------------------------------------------------
+    def image_batches(self, dataset, indices: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0) -> data.Batches:
+        return data.image_batches(dataset, indices, batch_size, shuffle, seed)
+
+    def array_batches(self, x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0) -> data.Batches:
+        return data.array_batches(x, y, batch_size, shuffle, seed)
+
+    # --- training ----------------------------------------------------------------------------
+    def run_phase(self, m: model.TorchModel, phase: Phase, phase_data: PhaseData, run: PhaseRun) -> int:
+        return loop.run_phase(m, phase, phase_data, run)
+
+    def evaluate(self, m: model.TorchModel, batches) -> dict[str, float]:
+        return loop.evaluate_with(m, m.logits, batches)
+
+    def predict(self, m: model.TorchModel, batches) -> np.ndarray:
+        return loop.predict(m, batches)
+
+    # --- frozen features ---------------------------------------------------------------------
+    def weights_digest(self, m: model.TorchModel) -> str:
+        return features.weights_digest(m)
+
+    def boundary_layer(self, m: model.TorchModel, unfrozen_blocks: int) -> str | None:
+        return features.boundary_layer(m, unfrozen_blocks)
+
+    def activation_shape(self, m: model.TorchModel, layer: str) -> tuple[int, ...]:
+        return features.activation_shape(m, layer)
+
+    def write_activations(self, m: model.TorchModel, layer: str, batches, out: np.ndarray) -> None:
+        features.write_activations(m, layer, batches, out)
+
+    def model_above(self, m: model.TorchModel, layer: str) -> features.Above:
+        return features.model_above(m, layer)
+
+    # --- model files -------------------------------------------------------------------------
+    def log_model(self, tracker: Any, run_id: str, m: model.TorchModel, class_names: list[str], tags: dict) -> None:
+        io.log_model(tracker, run_id, m, class_names, tags)
+
+    def load_model(self, model_uri: str, tracking_uri: str | None = None) -> io.Predictor:
+        return io.load_model(model_uri, tracking_uri)
+
+    def save_backbone_weights(self, m: model.TorchModel, path: str) -> None:
+        io.save_backbone_weights(m, path)
+
+    # --- preflight ---------------------------------------------------------------------------
+    def undecodable(self, paths: list[str], image_size: int) -> list[str]:
+        return undecodable(paths, (image_size, image_size))
+
+
+FRAMEWORK = TorchFramework()
