@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,7 @@ def _torchvision(model: str, weights: str | None, options: dict) -> Backbone:
         net = torchvision.models.get_model(model, weights=None, **options)
     chain = torchvision_chain(net)
     if chain is not None:
-        module = nn.Sequential(*open_stages(chain))
+        module = nn.Sequential(OrderedDict(open_stages(chain)))
         return Backbone(module, chain_blocks(module), True, False, IMAGENET_MEAN, IMAGENET_STD)
     if isinstance(net, torchvision.models.VisionTransformer):
         net.heads = nn.Identity()  # the class token's features (N, hidden), as the head read them
@@ -113,25 +114,29 @@ def _torchvision(model: str, weights: str | None, options: dict) -> Backbone:
     )
 
 
-def torchvision_chain(net: nn.Module) -> list[nn.Module] | None:
-    """The modules a torchvision classifier runs in order before its pooling and classifier, or
-    None when its forward is not such a chain (GoogLeNet, Inception, MaxViT, ViT)."""
+def torchvision_chain(net: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The modules a torchvision classifier runs in order before its pooling and classifier, named
+    by their place in it, or None when its forward is not such a chain (GoogLeNet, Inception,
+    MaxViT, ViT)."""
     from torchvision import models as m
 
+    def named(prefix: str, sequence: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"{prefix}_{n}", module) for n, module in sequence.named_children()]
+
     if isinstance(net, m.ResNet):
-        return [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
+        return [(n, getattr(net, n)) for n in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")]
     if isinstance(net, m.DenseNet):
-        return [*net.features, nn.ReLU()]  # its forward applies a ReLU after `features`
+        return [*named("features", net.features), ("relu", nn.ReLU())]  # its forward applies a ReLU after `features`
     if isinstance(net, m.SwinTransformer):
-        return [*net.features, net.norm, net.permute]  # channels last until `permute`
+        return [*named("features", net.features), ("norm", net.norm), ("permute", net.permute)]  # channels last until `permute`
     if isinstance(net, m.RegNet):
-        return [net.stem, *net.trunk_output]
+        return [("stem", net.stem), *named("trunk_output", net.trunk_output)]
     if isinstance(net, m.ShuffleNetV2):
-        return [net.conv1, net.maxpool, net.stage2, net.stage3, net.stage4, net.conv5]
+        return [(n, getattr(net, n)) for n in ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5")]
     if isinstance(net, m.MNASNet):
-        return list(net.layers)
+        return named("layers", net.layers)
     if isinstance(net, (m.VGG, m.AlexNet, m.SqueezeNet, m.MobileNetV2, m.MobileNetV3, m.EfficientNet, m.ConvNeXt)):
-        return list(net.features)
+        return named("features", net.features)
     return None
 
 
@@ -221,18 +226,19 @@ def _composite(module: nn.Module) -> bool:
     return next(module.children(), None) is not None
 
 
-def open_stages(modules: list[nn.Module]) -> list[nn.Module]:
+def open_stages(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     """Replace each plain `nn.Sequential` of composite modules (a ResNet layer, an EfficientNet or
-    ConvNeXt stage) by its modules, recursively: its blocks are blocks of the chain. A sequence of
-    single layers (a conv-norm-activation) stays whole, and so does a module with its own forward."""
-    out: list[nn.Module] = []
-    for module in modules:
-        kids = list(module.children())
+    ConvNeXt stage) by its modules, named `<stage>_<child>`, recursively: its blocks are blocks of
+    the chain. A sequence of single layers (a conv-norm-activation) stays whole, and so does a
+    module with its own forward."""
+    out: list[tuple[str, nn.Module]] = []
+    for name, module in modules:
+        kids = list(module.named_children())
         plain = isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-        if plain and kids and all(_composite(k) for k in kids):
-            out.extend(open_stages(kids))
+        if plain and kids and all(_composite(k) for _, k in kids):
+            out.extend(open_stages([(f"{name}_{n}", k) for n, k in kids]))
         else:
-            out.append(module)
+            out.append((name, module))
     return out
 
 
@@ -283,10 +289,14 @@ def cut(backbone: Backbone, keep: int, name: str) -> Backbone:
             f"{name}: intermediate features (cut_fraction < 1) need a backbone that is a chain of blocks "
             "(torchvision's CNNs); this one is a whole model"
         )
-    last = int(backbone.blocks[keep - 1][-1])
     assert isinstance(backbone.module, nn.Sequential)
-    module = backbone.module[: last + 1]
+    module = backbone.module[: position(backbone.module, backbone.blocks[keep - 1][-1]) + 1]
     return Backbone(module, backbone.blocks[:keep], True, False, backbone.mean, backbone.std)
+
+
+def position(chain: nn.Sequential, child: str) -> int:
+    """The index of the chain's child named `child`."""
+    return list(chain._modules).index(child)
 
 
 # --- state dicts -------------------------------------------------------------------------------

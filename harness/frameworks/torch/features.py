@@ -17,6 +17,7 @@ from torch import nn
 
 from harness import runtime
 from harness.frameworks.torch import device as dev
+from harness.frameworks.torch.backbones import position
 from harness.frameworks.torch.model import TorchModel
 
 POOL = "pool"
@@ -49,7 +50,7 @@ def extractor(model: TorchModel, layer: str) -> nn.Sequential:
     """uint8 images -> the activations at `layer` (preprocessing included), of the model's own modules."""
     if layer == POOL:
         return nn.Sequential(model.part("preprocess"), model.backbone, model.part("pool"))
-    return nn.Sequential(model.part("preprocess"), model.chain[: int(layer) + 1])
+    return nn.Sequential(model.part("preprocess"), model.chain[: position(model.chain, layer) + 1])
 
 
 def activation_shape(model: TorchModel, layer: str) -> tuple[int, ...]:
@@ -88,4 +89,5 @@ def model_above(model: TorchModel, layer: str) -> Above:
     """The head alone above "pool"; the chain's blocks above a boundary, pooling and head above it."""
     if layer == POOL:
         return Above(layer, nn.Sequential(model.part("head")))
-    return Above(layer, nn.Sequential(model.chain[int(layer) + 1 :], model.part("pool"), model.part("head")))
+    above = model.chain[position(model.chain, layer) + 1 :]
+    return Above(layer, nn.Sequential(above, model.part("pool"), model.part("head")))
