@@ -29,6 +29,7 @@ from harness.data import Dataset, cache_plan, decoded_split_path, split_files
 
 DECODED_FORMAT = 1  # bump when this decoder's output changes, so old files are never read
 PREFETCH = 2  # batches decoded ahead of training when a folder split is decoded every epoch
+READER = "harness-read-ahead"  # the reading thread's name
 
 
 class Batches:
@@ -89,7 +90,7 @@ def _read_ahead(batches: Iterator, depth: int) -> Iterator:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             offer(exc)
 
-    threading.Thread(target=produce, daemon=True).start()
+    threading.Thread(target=produce, name=READER, daemon=True).start()
     try:
         while (item := out.get()) is not done:
             if isinstance(item, BaseException):
