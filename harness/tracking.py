@@ -459,21 +459,34 @@ class Tracker:
         harness.model_uri. As `log_keras_model`: uint8 pixels in (preprocessing is inside the
         model), class probabilities out, the class names in the model's metadata. `requirements`:
         the pip requirements the module needs (torch, torchvision, timm), pinned by the caller."""
+        import logging
+
         import mlflow
         import numpy as np
         from mlflow.models import infer_signature
 
         example = np.zeros((1, image_size, image_size, 3), np.uint8)
         signature = infer_signature(example, np.zeros((1, len(class_names)), np.float32))  # one probability per class
-        with global_tracking_uri(self.uri), mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                signature=signature,
-                metadata={"class_names": list(class_names), "image_size": int(image_size)},
-                pip_requirements=requirements or ["torch"],  # no slow requirement inference
-                tags=_redacted(tags or {}),
-            )
+        # Pickled, not MLflow's default "pt2" (torch.export): exporting the zoo's models fixed the
+        # batch size at the example's (mobilenet_v3_small: "Guard failed: input.size()[0] == 1"),
+        # so the program would serve one image at a time. MLflow warns of pickle on every call; the
+        # module is built of torch's and its zoo's classes, so that warning says nothing here.
+        pytorch_logger = logging.getLogger("mlflow.pytorch")
+        level = pytorch_logger.level
+        pytorch_logger.setLevel(logging.ERROR)
+        try:
+            with global_tracking_uri(self.uri), mlflow.start_run(run_id=run_id):
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    signature=signature,
+                    metadata={"class_names": list(class_names), "image_size": int(image_size)},
+                    pip_requirements=requirements or ["torch"],  # no slow requirement inference
+                    tags=_redacted(tags or {}),
+                    serialization_format="pickle",
+                )
+        finally:
+            pytorch_logger.setLevel(level)
         self.client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
         return info.model_uri
 
