@@ -113,7 +113,9 @@ def test_timm_imagenet_weights_offline_name_the_repository_and_the_cache(tmp_pat
 
 
 def test_every_block_owns_a_weight_to_train():
-    densenet_like = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Sequential(nn.Conv2d(4, 4, 1)), nn.BatchNorm2d(4))
+    densenet_like = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Sequential(nn.Conv2d(4, 4, 1)), nn.BatchNorm2d(4)
+    )
     blocks = bb.chain_blocks(densenet_like)
     assert blocks == [["0", "1", "2"], ["3", "4"]]  # the lone norm joins the block below it
     resnet = bb.construct("torchvision/resnet18", None, {})

@@ -36,7 +36,9 @@ def test_a_built_in_dataset_gives_a_torch_trial_the_same_splits_and_images_as_a_
     dataset = load_dataset(cfg)
     splits = make_splits(dataset.labels, cfg)  # framework-free: the same indices for every framework
     for indices in (splits.train, splits.val, splits.test):
-        assert pairs(image_batches(dataset, indices, 4, shuffle=False)) == keras_pairs(tf_dataset(dataset, indices, 4, shuffle=False))
+        assert pairs(image_batches(dataset, indices, 4, shuffle=False)) == keras_pairs(
+            tf_dataset(dataset, indices, 4, shuffle=False)
+        )
     first = image_batches(dataset, splits.train, 4, shuffle=True, seed=3)
     one, two = pairs(first), pairs(first)
     assert sorted(one) == sorted(two) == sorted(keras_pairs(tf_dataset(dataset, splits.train, 4, shuffle=False)))
@@ -59,7 +61,11 @@ def test_a_folder_gives_the_images_tensorflow_decodes_in_every_cache_plan(tmp_pa
     base = DataConfig(source="folder", path=str(tmp_path / "images"), image_size=16)
     splits = make_splits(load_dataset(base).labels, DataConfig(val_fraction=0.2, test_fraction=0.2))
     keras_view = keras_pairs(tf_dataset(load_dataset(base), splits.train, 5, shuffle=False))
-    options = {"memory": {}, "stream": {"memory_cache_mib": 0}, "disk": {"memory_cache_mib": 0, "disk_cache_dir": str(tmp_path / "c")}}
+    options = {
+        "memory": {},
+        "stream": {"memory_cache_mib": 0},
+        "disk": {"memory_cache_mib": 0, "disk_cache_dir": str(tmp_path / "c")},
+    }
     dataset = load_dataset(dataclasses.replace(base, **options[plan]))
     assert pairs(image_batches(dataset, splits.train, 5, shuffle=False)) == keras_view
     shuffled = image_batches(dataset, splits.train, 5, shuffle=True, seed=1)

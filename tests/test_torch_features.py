@@ -59,7 +59,9 @@ def test_training_the_part_above_trains_the_model():
     ft.write_activations(model, layer, array_batches(x, y, 4, shuffle=False), out)
     tm.set_trainable(model, 1)
     before = {k: v.clone() for k, v in model.net.state_dict().items()}
-    cached = PhaseData(array_batches(out, y, 4, shuffle=True), array_batches(out, y, 4, shuffle=False), ft.model_above(model, layer))
+    cached = PhaseData(
+        array_batches(out, y, 4, shuffle=True), array_batches(out, y, 4, shuffle=False), ft.model_above(model, layer)
+    )
     records = []
     run_phase(model, Phase("finetune", 1, 1e-2, 1), cached, PhaseRun(3, records.append))
     after = model.net.state_dict()

@@ -50,7 +50,8 @@ try:
     blocked = False
 except ImportError:
     blocked = True
-print(json.dumps({"control": control, "harness_blocked": blocked, "modules": sorted(m for m in sys.modules if m.startswith("harness"))}))
+loaded = sorted(m for m in sys.modules if m.startswith("harness"))
+print(json.dumps({"control": control, "harness_blocked": blocked, "modules": loaded}))
 """
 
 
@@ -61,7 +62,11 @@ def logged(tmp_path):
 
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "torch", str(tmp_path / "artifacts"))
     run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
-    model = tm.build(ModelSpec("torchvision/mobilenet_v3_small", 32, 3, None, {}, head_units=8, dropout=0.2, augment=True), 0, torch.device("cpu"))
+    model = tm.build(
+        ModelSpec("torchvision/mobilenet_v3_small", 32, 3, None, {}, head_units=8, dropout=0.2, augment=True),
+        0,
+        torch.device("cpu"),
+    )
     io.log_model(tracker, run_id, model, CLASSES, {"harness.framework": "torch"})
     pixels = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3)).astype(np.uint8)
     return tracker, tracker.run_tags(run_id)["harness.model_uri"], model, pixels
@@ -87,8 +92,12 @@ def test_the_logged_model_loads_back_and_predicts_the_same_probabilities(logged)
 
 
 def test_the_logged_model_is_built_of_torch_and_torchvision_classes_alone():
-    model = tm.build(ModelSpec("torchvision/resnet18", 32, 3, None, {}, head_units=8, dropout=0.2, augment=True), 0, torch.device("cpu"))
-    foreign = {type(m).__module__ for m in io.portable(model).modules() if not type(m).__module__.startswith(("torch.", "torchvision."))}
+    model = tm.build(
+        ModelSpec("torchvision/resnet18", 32, 3, None, {}, head_units=8, dropout=0.2, augment=True), 0, torch.device("cpu")
+    )
+    foreign = {
+        type(m).__module__ for m in io.portable(model).modules() if not type(m).__module__.startswith(("torch.", "torchvision."))
+    }
     assert foreign == set()
 
 

@@ -96,7 +96,7 @@ def test_steps_per_epoch_takes_its_steps_from_one_stream_across_passes():
     model, phase_data = tiny(), data(n=16, batch_size=8)  # two batches a pass
     drawn = []
     original = phase_data.train._batches
-    phase_data.train._batches = lambda order: (drawn.append(len(order)) or original(order))
+    phase_data.train._batches = lambda order: drawn.append(len(order)) or original(order)
     tm.set_trainable(model, 0)
     ran = loop.run_phase(model, Phase("head", 2, 1e-3, 0, steps_per_epoch=3), phase_data, PhaseRun(0, lambda r: None))
     assert ran == 2

@@ -23,7 +23,7 @@ FRAMEWORKS = ("keras", "torch")
 
 
 def framework_of(backbone: str) -> str:
-    """"torch" for a `torchvision/` or `timm/` name, else "keras". Pure."""
+    """ "torch" for a `torchvision/` or `timm/` name, else "keras". Pure."""
     zoo, slash, _ = backbone.partition("/")
     return "torch" if slash and zoo in TORCH_ZOOS else "keras"
 

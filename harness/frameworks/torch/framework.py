@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from harness.frameworks.base import ModelSpec, PhaseData, PhaseRun
-from harness.frameworks.torch import data, device, features, io, loop, model
+from harness.frameworks.base import Framework, ModelSpec, PhaseData, PhaseRun
+from harness.frameworks.torch import data, device, features, io, loop
+from harness.frameworks.torch.model import TorchModel, build, set_trainable
 from harness.images import undecodable
 from harness.phases import Phase
 
@@ -32,14 +33,14 @@ class TorchFramework:
         return device.trial_errors()
 
     # --- models ------------------------------------------------------------------------------
-    def build(self, spec: ModelSpec, seed: int) -> model.TorchModel:
-        return model.build(spec, seed, device.settings().device)
+    def build(self, spec: ModelSpec, seed: int) -> TorchModel:
+        return build(spec, seed, device.settings().device)
 
-    def set_trainable(self, m: model.TorchModel, unfreeze_blocks: int) -> tuple[int, int]:
-        return model.set_trainable(m, unfreeze_blocks)
+    def set_trainable(self, model: TorchModel, unfreeze_blocks: int) -> tuple[int, int]:
+        return set_trainable(model, unfreeze_blocks)
 
-    def weights_keeper(self, m: model.TorchModel) -> loop.WeightsKeeper:
-        return loop.WeightsKeeper(m)
+    def weights_keeper(self, model: TorchModel) -> loop.WeightsKeeper:
+        return loop.WeightsKeeper(model)
 
     # --- data --------------------------------------------------------------------------------
     def image_batches(self, dataset, indices: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0) -> data.Batches:
@@ -49,44 +50,44 @@ class TorchFramework:
         return data.array_batches(x, y, batch_size, shuffle, seed)
 
     # --- training ----------------------------------------------------------------------------
-    def run_phase(self, m: model.TorchModel, phase: Phase, phase_data: PhaseData, run: PhaseRun) -> int:
-        return loop.run_phase(m, phase, phase_data, run)
+    def run_phase(self, model: TorchModel, phase: Phase, phase_data: PhaseData, run: PhaseRun) -> int:
+        return loop.run_phase(model, phase, phase_data, run)
 
-    def evaluate(self, m: model.TorchModel, batches) -> dict[str, float]:
-        return loop.evaluate_with(m, m.logits, batches)
+    def evaluate(self, model: TorchModel, batches) -> dict[str, float]:
+        return loop.evaluate_with(model, model.logits, batches)
 
-    def predict(self, m: model.TorchModel, batches) -> np.ndarray:
-        return loop.predict(m, batches)
+    def predict(self, model: TorchModel, batches) -> np.ndarray:
+        return loop.predict(model, batches)
 
     # --- frozen features ---------------------------------------------------------------------
-    def weights_digest(self, m: model.TorchModel) -> str:
-        return features.weights_digest(m)
+    def weights_digest(self, model: TorchModel) -> str:
+        return features.weights_digest(model)
 
-    def boundary_layer(self, m: model.TorchModel, unfrozen_blocks: int) -> str | None:
-        return features.boundary_layer(m, unfrozen_blocks)
+    def boundary_layer(self, model: TorchModel, unfrozen_blocks: int) -> str | None:
+        return features.boundary_layer(model, unfrozen_blocks)
 
-    def activation_shape(self, m: model.TorchModel, layer: str) -> tuple[int, ...]:
-        return features.activation_shape(m, layer)
+    def activation_shape(self, model: TorchModel, layer: str) -> tuple[int, ...]:
+        return features.activation_shape(model, layer)
 
-    def write_activations(self, m: model.TorchModel, layer: str, batches, out: np.ndarray) -> None:
-        features.write_activations(m, layer, batches, out)
+    def write_activations(self, model: TorchModel, layer: str, batches, out: np.ndarray) -> None:
+        features.write_activations(model, layer, batches, out)
 
-    def model_above(self, m: model.TorchModel, layer: str) -> features.Above:
-        return features.model_above(m, layer)
+    def model_above(self, model: TorchModel, layer: str) -> features.Above:
+        return features.model_above(model, layer)
 
     # --- model files -------------------------------------------------------------------------
-    def log_model(self, tracker: Any, run_id: str, m: model.TorchModel, class_names: list[str], tags: dict) -> None:
-        io.log_model(tracker, run_id, m, class_names, tags)
+    def log_model(self, tracker: Any, run_id: str, model: TorchModel, class_names: list[str], tags: dict) -> None:
+        io.log_model(tracker, run_id, model, class_names, tags)
 
     def load_model(self, model_uri: str, tracking_uri: str | None = None) -> io.Predictor:
         return io.load_model(model_uri, tracking_uri)
 
-    def save_backbone_weights(self, m: model.TorchModel, path: str) -> None:
-        io.save_backbone_weights(m, path)
+    def save_backbone_weights(self, model: TorchModel, path: str) -> None:
+        io.save_backbone_weights(model, path)
 
     # --- preflight ---------------------------------------------------------------------------
     def undecodable(self, paths: list[str], image_size: int) -> list[str]:
         return undecodable(paths, (image_size, image_size))
 
 
-FRAMEWORK = TorchFramework()
+FRAMEWORK: Framework = TorchFramework()  # checked against the seam's interface by mypy
