@@ -57,7 +57,9 @@ def test_seeding_makes_a_task_repeat_its_draws():
 def test_jit_compile_trains_a_phase_through_torch_compile(restored):
     """About 20 s of compilation on 2 CPU cores."""
     dev.prepare(train(jit="on"))
-    model = tm.build(ModelSpec("torchvision/mobilenet_v3_small", 32, 3, None, {}, head_units=8, cut_fraction=0.3), 0, torch.device("cpu"))
+    model = tm.build(
+        ModelSpec("torchvision/mobilenet_v3_small", 32, 3, None, {}, head_units=8, cut_fraction=0.3), 0, torch.device("cpu")
+    )
     tm.set_trainable(model, 0)
     x = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3)).astype(np.uint8)
     y = np.arange(16) % 3

@@ -113,9 +113,9 @@ def test_the_loss_weighs_each_example_by_its_class_weight():
     weights = {0: 3.0, 1: 1.0, 2: 0.5}
     step = loop.Step(model, model.logits, torch.optim.SGD(model.part("head").parameters(), lr=0.0), weights)
     model.net.eval()  # no dropout: the same forward as above
-    loss, hits, weight = step.one(x, y, 0)
+    loss, (hits, weight) = step.one(x, y, 0)
     w = torch.tensor([3.0, 3.0, 1.0, 1.0, 0.5, 0.5])
-    assert loss == pytest.approx(float((each * w).mean()), rel=1e-5) and weight == pytest.approx(9.0)
+    assert loss == pytest.approx(float((each * w).mean()), rel=1e-5) and float(weight) == pytest.approx(9.0)
 
 
 def test_the_keeper_restores_the_best_epoch_across_phases():

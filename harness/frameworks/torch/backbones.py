@@ -205,15 +205,11 @@ def _pretrained_normalisation(zoo: str, model: str, backbone: Backbone) -> tuple
 def _fetching(name: str, source: str):
     """Around a zoo's own download of pretrained weights: a network that does not answer fails
     after DOWNLOAD_TIMEOUT_S, and any failure to fetch says which file to place where."""
-    from urllib.error import URLError
-
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         yield
-    except (OSError, URLError, ValueError, RuntimeError) as exc:
-        if isinstance(exc, BackboneError):
-            raise
+    except OSError as exc:  # urllib's URLError, a timeout, huggingface_hub's LocalEntryNotFoundError
         raise BackboneError(f"{name}: the ImageNet weights could not be fetched ({type(exc).__name__}: {exc}); {source}") from exc
     finally:
         socket.setdefaulttimeout(previous)

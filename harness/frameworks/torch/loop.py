@@ -189,17 +189,21 @@ class Step:
         """Train `steps` of `batches`; the epoch's loss and accuracy, averaged over its examples
         as Keras' trackers average them (class-weighted, as Keras weighs them in training)."""
         train_mode(self.model)
-        loss_sum, hits, weight_sum, seen = 0.0, 0.0, 0.0, 0
+        loss_sum, seen = 0.0, 0
+        tallies = torch.zeros(2, device=self.settings.device)  # weighted hits, weights: summed where they are
         for b, (x, y) in zip(range(steps), batches):
             runtime.check_stop()
-            loss, hit, weight = self.one(x, y, b)
-            loss_sum, hits, weight_sum, seen = loss_sum + loss * len(y), hits + hit, weight_sum + weight, seen + len(y)
+            loss, tally = self.one(x, y, b)
+            loss_sum, seen = loss_sum + loss * len(y), seen + len(y)
+            tallies += tally
         if not seen:
             return {"loss": math.nan, "accuracy": math.nan}
-        return {"loss": loss_sum / seen, "accuracy": hits / weight_sum}
+        hits, weights = tallies.tolist()
+        return {"loss": loss_sum / seen, "accuracy": hits / weights}
 
-    def one(self, x: torch.Tensor, y: torch.Tensor, b: int) -> tuple[float, float, float]:
-        """One optimizer step; (loss, weighted hits, weight) of the batch."""
+    def one(self, x: torch.Tensor, y: torch.Tensor, b: int) -> tuple[float, torch.Tensor]:
+        """One optimizer step; the batch's loss, and its (weighted hits, weight) on the device.
+        The loss is read at once (one synchronisation a step) so a NaN stops this batch."""
         device = self.settings.device
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if self.augment is not None:
@@ -220,8 +224,7 @@ class Step:
         else:
             loss.backward()
             self.optimizer.step()
-        hit = float((w * (logits.argmax(1) == y)).sum())
-        return value, hit, float(w.sum())
+        return value, torch.stack([(w * (logits.detach().argmax(1) == y)).sum(), w.sum()])
 
 
 def _class_weights(class_weight: dict | None, classes: int, device: torch.device) -> torch.Tensor | None:
@@ -250,17 +253,20 @@ def evaluate_with(model: TorchModel, forward: nn.Module, batches) -> dict[str, f
     """Inference-mode {"loss", "accuracy"} of `forward` (logits) over `batches`, unweighted."""
     model.net.eval()
     device = dev.settings().device
-    loss_sum, hits, seen = 0.0, 0, 0
+    sums, seen = torch.zeros(2, device=device), 0  # loss, hits: summed on the device, read once
     with torch.inference_mode():
         for x, y in batches:
             runtime.check_stop()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with dev.autocast():
                 logits = forward(x)
-            loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-            hits += int((logits.argmax(1) == y).sum())
+            loss = nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+            sums += torch.stack([loss, (logits.argmax(1) == y).sum().float()])
             seen += len(y)
-    return {"loss": loss_sum / seen, "accuracy": hits / seen} if seen else {"loss": math.nan, "accuracy": math.nan}
+    if not seen:
+        return {"loss": math.nan, "accuracy": math.nan}
+    loss_sum, hits = sums.tolist()
+    return {"loss": loss_sum / seen, "accuracy": hits / seen}
 
 
 def predict(model: TorchModel, batches) -> np.ndarray:
