@@ -155,3 +155,13 @@ def test_augmentation_runs_in_training_only():
     images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(model.net.eval()(images), model.net(images))
+
+
+def test_a_timm_models_top_blocks_unfreeze_by_its_own_parameter_groups():
+    model = tm.build(spec(backbone="timm/vit_tiny_patch16_224", backbone_options={"img_size": 32}), 0, CPU)
+    tm.set_trainable(model, 1)
+    top = {n for n in trainable(model) if not n.startswith("head.")}
+    assert top and all(n.startswith(("backbone.blocks.11.", "backbone.norm.")) for n in top)
+    assert "backbone.blocks.11.attn.qkv.weight" in top and "backbone.norm.weight" in top  # the final norm joins the top block
+    tm.train_mode(model)  # random init: the frozen blocks run in inference mode, the top one trains
+    assert model.backbone.get_submodule("blocks.11").training and not model.backbone.get_submodule("blocks.10").training

@@ -7,6 +7,10 @@ from typing import Any
 
 import numpy as np
 
+# Before anything that may import TensorFlow (harness.phases still imports Keras): torchvision
+# imports triton (CUDA builds of torch), which crashes the process once TensorFlow is loaded.
+import torchvision  # noqa: F401
+
 from harness.frameworks.base import Framework, ModelSpec, PhaseData, PhaseRun
 from harness.frameworks.torch import data, device, features, io, loop
 from harness.frameworks.torch.model import TorchModel, build, set_trainable
