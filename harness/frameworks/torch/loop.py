@@ -90,11 +90,16 @@ class EarlyStopping:
             self.weights.keep()
             self.kept = True
         self.wait += 1
-        if better(current, self.best, self.direction) if self.best is not None else not math.isnan(current):
+        if self._improves(current):
             self.best, self.wait = current, 0
             self.weights.keep()
             return False
         return self.wait >= self.patience and epoch > 0
+
+    def _improves(self, current: float) -> bool:
+        """Strictly better than the best so far; the first value is, unless it is NaN (Keras starts
+        from -inf or +inf, and NaN compares false)."""
+        return not math.isnan(current) if self.best is None else better(current, self.best, self.direction)
 
     def finish(self) -> None:
         """At the phase's end, as Keras' on_train_end: the phase's best weights."""
