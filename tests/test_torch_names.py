@@ -20,6 +20,7 @@ from harness.frameworks.torch.names import (
     name_problem,
     split_name,
 )
+from tests.conftest import ROOT
 
 pytest.importorskip("torchvision")
 
@@ -44,7 +45,7 @@ def test_the_name_module_and_the_package_import_no_torch():
         "name_problem('timm/resnet18'); install_problem('timm/resnet18')\n"
         "print(json.dumps([m for m in ('torch', 'torchvision', 'timm', 'tensorflow', 'keras') if m in sys.modules]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.getcwd() if os.path.isdir("harness") else os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True, timeout=120)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
