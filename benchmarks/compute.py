@@ -348,10 +348,12 @@ import sys, time, resource
 sys.path.insert(0, {root!r})
 import dataclasses
 from harness.config import DataConfig
-from harness.data import load_dataset, make_splits, tf_dataset
+from harness.data import make_splits
+from harness.frameworks.keras.data import tf_dataset
+from harness.preflight import checked_dataset
 cfg = DataConfig(source="folder", path={folder!r}, image_size=224, memory_cache_mib={cache_mib}, val_fraction=0.1,
                  test_fraction=0.1)
-ds = load_dataset(cfg, check_images=False)
+ds = checked_dataset(cfg, "keras", decode=False)
 splits = make_splits(ds.labels, cfg)
 started = time.perf_counter()
 n = sum(int(x.shape[0]) for x, _ in tf_dataset(ds, splits.train, 64, shuffle=True, seed=0))
@@ -478,7 +480,7 @@ def bench_memory(n_images: int) -> str:
                 sys.executable,
                 "-c",
                 f"import sys; sys.path.insert(0, {str(ROOT)!r}); import keras; "
-                "from harness.backbones import construct; keras.utils.set_random_seed(0); "
+                "from harness.frameworks.keras.backbones import construct; keras.utils.set_random_seed(0); "
                 f"construct('MobileNetV2', 224, None, {{'alpha': 0.35}}).save_weights({str(weights)!r})",
             ],
             check=True,

@@ -79,7 +79,7 @@ sys.path.insert(0, {root!r})
 import keras
 from harness.config import load_config
 from harness.data import load_dataset, make_splits, tf_dataset
-from harness.model import build_model
+from harness.frameworks.keras.model import build_model
 from harness.objective import model_spec, plan_for, run_plan
 cfg = load_config({config!r})
 dataset = load_dataset(cfg.data)

@@ -1,9 +1,9 @@
 """Mixed precision and XLA on a GPU: what train.mixed_precision and train.jit_compile buy.
 
-For each backbone it builds the harness's own transfer model (`harness.model.build_model`, from a
+For each backbone it builds the harness's own transfer model (`harness.frameworks.keras.model.build_model`, from a
 weights file, so the backbone is called as a pretrained one), then for each of the four settings
 (mixed precision off/on x XLA off/on) trains phase 1 (backbone frozen) and phase 2 (the top half
-of the blocks unfrozen) on random images, compiled by `harness.phases.compile_for`, as a trial
+of the blocks unfrozen) on random images, compiled by `harness.frameworks.keras.loop.compile_for`, as a trial
 would. It reports images per second of each phase after a warm-up epoch (which holds the tracing
 and compiling), and checks, per setting, what the switches must do:
 
@@ -79,7 +79,7 @@ def epoch_timer():
 def weights_file(backbone: str, image_size: int, folder: Path) -> str:
     """A weights file of randomly initialised backbone weights: ImageNet weights need internet,
     and a file makes `build_model` treat the backbone as pretrained (frozen BN, training=False)."""
-    from harness import backbones as bb
+    from harness.frameworks.keras import backbones as bb
 
     path = folder / f"{backbone}-{image_size}.weights.h5"
     if not path.exists():
@@ -91,8 +91,9 @@ def measure(backbone: str, weights: str, mixed: bool, jit: bool, images: np.ndar
     """One setting: phase 1 and phase 2 images/s, and the checks."""
     import keras
 
-    from harness.model import ModelSpec, blocks_to_unfreeze, build_model, set_backbone_trainable
-    from harness.phases import compile_for
+    from harness.frameworks.keras.loop import compile_for
+    from harness.frameworks.keras.model import ModelSpec, build_model, set_backbone_trainable
+    from harness.phases import blocks_to_unfreeze
 
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")

@@ -23,7 +23,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from harness.backbones import BACKBONES
+from harness.frameworks.keras.backbones import BACKBONES
 
 
 class ConfigError(Exception):

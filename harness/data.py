@@ -12,10 +12,11 @@ larger ones with the same test split: a comparison across sizes isolates size.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -56,17 +57,34 @@ class Splits:
 # --- sources ---------------------------------------------------------------------------------
 
 
+class FileCheck(Protocol):
+    """A check of a folder's image files that `scan_folder` runs while it scans, so that the files
+    it refuses join the folder's other problems in one error (harness/preflight.py `ImageFileCheck`)."""
+
+    def unreadable(self, paths: list[str]) -> list[str]:
+        """The files among `paths` that training cannot read."""
+        ...
+
+    def problem(self, bad: list[str]) -> str:
+        """The line of the folder's refusal that names the files `bad` (sorted)."""
+        ...
+
+    def passed(self) -> None:
+        """The folder passed every check."""
+        ...
+
+
 def scan_folder(
-    root: str | Path, cfg: DataConfig | None = None, check_images: bool = False
+    root: str | Path, cfg: DataConfig | None = None, check: FileCheck | None = None
 ) -> tuple[list[str], list[str], np.ndarray]:
     """(class names, file paths, labels) of a folder with one sub-folder per class.
 
     Every problem is collected first and one DataError lists them all, so a bad folder costs one
     run to diagnose, not one run per problem: fewer than two classes, empty class folders,
-    unreadable files (empty ones always; undecodable ones when `check_images`), and, given the
-    config, classes too small for its train/val/test splits.
+    the files `check` finds unreadable, and, given the config, classes too small for its
+    train/val/test splits (counting usable files only).
 
-        >>> names, paths, labels = scan_folder("data/flowers", cfg.data, check_images=True)
+        >>> names, paths, labels = scan_folder("data/flowers", cfg.data, ImageFileCheck(cfg.data, "keras"))
     """
     root = Path(root)
     if not root.is_dir():
@@ -80,15 +98,11 @@ def scan_folder(
         if not found:
             problems.append(f"class folder {d} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
     all_paths = [p for found in files.values() for p in found]
-    checks = None
-    if check_images and cfg is not None and cfg.checked_images_dir:
-        checks = ImageChecks.of_folder(cfg.checked_images_dir, root)
-    if check_images:
-        bad = set(find_corrupt_images(all_paths, cfg.image_size if cfg is not None else 32, checks))
-    else:
-        bad = {p for p in all_paths if _is_empty(p)}
-    if bad:
-        problems.append(_unreadable(sorted(bad)))
+    bad: set[str] = set()
+    if check is not None:
+        bad = set(check.unreadable(all_paths))
+        if bad:
+            problems.append(check.problem(sorted(bad)))
     if cfg is not None:
         used = set(cfg.classes) if cfg.classes is not None else {d.name for d in class_dirs}
         unknown = sorted(used - {d.name for d in class_dirs})
@@ -101,58 +115,12 @@ def scan_folder(
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise DataError(f"data.path: {root} cannot be used, {len(problems)} problem(s):\n{listed}")
-    if checks is not None:
-        checks.save()  # only a folder that passed: a refused run writes nothing
+    if check is not None:
+        check.passed()
     names = [d.name for d in class_dirs]
     paths = [p for d in class_dirs for p in files[d]]
     labels = [label for label, d in enumerate(class_dirs) for _ in files[d]]
     return names, paths, np.asarray(labels, np.int64)
-
-
-SHOWN_FILES = 20  # unreadable files listed by name; the count is always the total
-
-
-def _unreadable(bad: list[str]) -> str:
-    shown = "\n      ".join(f"{p}{_what_it_is(p)}" for p in bad[:SHOWN_FILES])
-    more = f"\n      ... and {len(bad) - SHOWN_FILES} more" if len(bad) > SHOWN_FILES else ""
-    return (
-        f"{len(bad)} unreadable or corrupt image file(s): training's decoder ({DECODER_FORMATS}) cannot read them; "
-        f"delete, convert or replace them:\n      {shown}{more}"
-    )
-
-
-DECODER_FORMATS = "tf.io.decode_image: JPEG, PNG, GIF, BMP, WebP"
-# Leading bytes of formats PIL opens but training's decoder refuses, to say what a misnamed file really is.
-_FOREIGN_FORMATS = (
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"\x00\x00\x01\x00", "ICO"),
-    (b"8BPS", "PSD"),
-    (b"P1", "PBM"),
-    (b"P2", "PGM"),
-    (b"P3", "PPM"),
-    (b"P4", "PBM"),
-    (b"P5", "PGM"),
-    (b"P6", "PPM"),
-    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
-    (b"\xff\x4f\xff\x51", "JPEG 2000"),
-)
-
-
-def _what_it_is(path: str) -> str:
-    """' (a TIFF file)' for a file whose bytes name a format training cannot read, ' (0 bytes)' for an
-    empty one, '' otherwise: the reason a check fails is then visible in its listing."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as exc:
-        return f" ({exc.strerror or 'unreadable'})"
-    if not head:
-        return " (0 bytes)"
-    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
-        return " (a HEIF/AVIF file)"
-    name = next((fmt for magic, fmt in _FOREIGN_FORMATS if head.startswith(magic)), None)
-    return f" ({'an' if name[0] in 'AEIOU' else 'a'} {name} file)" if name else ""
 
 
 def split_sizes(n: int, cfg: DataConfig) -> tuple[int, int, int]:
@@ -189,109 +157,6 @@ def _too_few(d: Path, n: int, cfg: DataConfig) -> str:
         f"class folder {d} has {n} usable image(s); {rule} round that to {val} val + {test} test, "
         f"leaving {train} for train where {need} are needed ({min_images_per_class(cfg, n)} images would split)"
     )
-
-
-def _is_empty(path: str) -> bool:
-    try:
-        return os.path.getsize(path) == 0
-    except OSError:  # vanished or unreadable: as unusable as an empty file
-        return True
-
-
-def find_corrupt_images(paths: list[str], image_size: int = 32, checks: ImageChecks | None = None) -> list[str]:
-    """Files training cannot read (empty ones included), found by decoding each with `decode_image`,
-    the function every training pipeline decodes with: a TIFF or ICO named .png opens in PIL but
-    not there, so only the training decoder can tell. Run once, before any study exists.
-
-    `checks`: files it remembers as read before, unchanged since (path, size, modification time),
-    are not decoded again; the files that pass now are added to it (saved by the caller)."""
-    stamps = {p: _stamp(p) for p in paths}
-    bad = [p for p, stamp in stamps.items() if stamp is None or stamp[0] == 0]
-    todo = [p for p, stamp in stamps.items() if stamp and stamp[0] and not (checks and checks.remembers(p, stamp))]
-    bad += undecodable_images(todo, image_size)
-    if checks is not None:
-        rejected = set(bad)
-        checks.keep({p: stamp for p, stamp in stamps.items() if stamp is not None and p not in rejected})
-    return bad
-
-
-def undecodable_images(paths: list[str], image_size: int = 32) -> list[str]:
-    """The files among `paths` that `decode_image` fails on, decoded in parallel by tf.data: a file
-    that fails drops out of the pipeline (ignore_errors), and the ones missing at the end are bad."""
-    if not paths:
-        return []
-    import tensorflow as tf
-
-    def decodes(path):
-        image = decode_image(tf.io.read_file(path), (image_size, image_size))
-        # A value of the pixels, not the (static) shape: tf.data's optimizer would prune a decode nothing reads.
-        return path, tf.reduce_max(image)
-
-    pipe = (
-        tf.data.Dataset.from_tensor_slices(np.asarray(paths))
-        .map(decodes, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-        .ignore_errors()
-    )
-    read = {path.decode() for path, _ in pipe.as_numpy_iterator()}
-    return [p for p in paths if p not in read]
-
-
-def _stamp(path: str) -> tuple[int, int] | None:
-    """(size in bytes, modification time in ns), or None for a file that cannot be stat'ed."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
-
-
-class ImageChecks:
-    """Which image files of one folder training's decoder has read, remembered across runs in a
-    small JSON file (one per folder and TensorFlow version: another version may decode differently),
-    so a resumed sweep decodes only new or changed files. A file is trusted while its path, size and
-    modification time are those it was read with. Written with an atomic rename: a killed run leaves
-    the old record or the new one, never half of one.
-
-        >>> checks = ImageChecks.of_folder("results/image-checks", "data/flowers")
-        >>> bad = find_corrupt_images(paths, 224, checks)
-        >>> checks.save()
-    """
-
-    def __init__(self, path: Path, decoder: str):
-        self.path, self.decoder = Path(path), decoder
-        self.remembered: dict[str, tuple[int, int]] = {}
-        self.passed: dict[str, tuple[int, int]] = {}
-        try:
-            saved = json.loads(self.path.read_text())
-            if saved.get("decoder") == decoder:
-                self.remembered = {p: tuple(stamp) for p, stamp in saved["files"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # no record yet, or an unreadable one: every file is decoded again
-
-    @classmethod
-    def of_folder(cls, checks_dir: str | Path, root: str | Path) -> ImageChecks:
-        import hashlib
-
-        import tensorflow as tf
-
-        decoder = f"tensorflow {tf.__version__} {DECODER_FORMATS}"
-        key = hashlib.sha256(f"{Path(root).resolve()}\0{decoder}".encode()).hexdigest()[:16]
-        return cls(Path(checks_dir) / f"{key}.json", decoder)
-
-    def remembers(self, path: str, stamp: tuple[int, int]) -> bool:
-        return self.remembered.get(path) == tuple(stamp)
-
-    def keep(self, passed: dict[str, tuple[int, int]]) -> None:
-        self.passed.update(passed)
-
-    def save(self) -> None:
-        """Record the files that passed this time (files gone from the folder are forgotten)."""
-        if self.passed == self.remembered:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"decoder": self.decoder, "files": {p: list(s) for p, s in self.passed.items()}}))
-        os.replace(tmp, self.path)
 
 
 OFFICIAL_SPLITS = ("train", "validation", "test")
@@ -361,14 +226,9 @@ def _load_tfds(name: str, export_root: str) -> tuple[list[str], list[str], np.nd
     return saved["classes"], paths, labels, official
 
 
-def _rgb(x):
-    import tensorflow as tf
-
-    return tf.image.grayscale_to_rgb(x) if x.shape[-1] == 1 else x
-
-
-def load_dataset(cfg: DataConfig, check_images: bool = True) -> Dataset:
-    """Load (or index) the dataset a config describes and apply the class subset."""
+def load_dataset(cfg: DataConfig, check: FileCheck | None = None) -> Dataset:
+    """Load (or index) the dataset a config describes and apply the class subset. `check`: the
+    check of a folder's image files (harness/preflight.py `checked_dataset`); without it, none."""
     if cfg.source == "builtin":
         from harness.datasets_builtin import load_builtin
 
@@ -378,35 +238,31 @@ def load_dataset(cfg: DataConfig, check_images: bool = True) -> Dataset:
     elif cfg.source == "tfds":
         assert cfg.name is not None
         names, paths, labels, official = _load_tfds(cfg.name, cfg.tfds_dir)
-        ds = Dataset(
-            names,
-            labels,
-            paths=paths,
-            image_size=cfg.image_size,
-            name=cfg.name,
-            official=official if cfg.official_splits else None,
-            memory_cache_mib=cfg.memory_cache_mib,
-            disk_cache_dir=cfg.disk_cache_dir,
-            disk_cache_max_gib=cfg.disk_cache_max_gib,
-        )
+        ds = _from_files(cfg, names, paths, labels, cfg.name, official if cfg.official_splits else None)
     else:
         assert cfg.path is not None  # a folder source has a path (checked by harness/config.py)
-        names, paths, labels = scan_folder(cfg.path, cfg, check_images)
-        ds = Dataset(
-            names,
-            labels,
-            paths=paths,
-            image_size=cfg.image_size,
-            name=Path(cfg.path).name,
-            memory_cache_mib=cfg.memory_cache_mib,
-            disk_cache_dir=cfg.disk_cache_dir,
-            disk_cache_max_gib=cfg.disk_cache_max_gib,
-        )
+        names, paths, labels = scan_folder(cfg.path, cfg, check)
+        ds = _from_files(cfg, names, paths, labels, Path(cfg.path).name)
     if cfg.classes is not None:
         ds = select_classes(ds, cfg.classes)
     if cfg.class_map is not None:
         ds = apply_class_map(ds, cfg.class_map)
     return ds
+
+
+def _from_files(cfg: DataConfig, names: list[str], paths: list[str], labels: np.ndarray, name: str, official=None) -> Dataset:
+    """A dataset of image files, decoded when read and cached as the config says."""
+    return Dataset(
+        names,
+        labels,
+        paths=paths,
+        image_size=cfg.image_size,
+        name=name,
+        official=official,
+        memory_cache_mib=cfg.memory_cache_mib,
+        disk_cache_dir=cfg.disk_cache_dir,
+        disk_cache_max_gib=cfg.disk_cache_max_gib,
+    )
 
 
 def select_classes(ds: Dataset, classes: list[str]) -> Dataset:
@@ -418,18 +274,7 @@ def select_classes(ds: Dataset, classes: list[str]) -> Dataset:
     keep = np.isin(ds.labels, old)
     remap = {o: n for n, o in enumerate(old)}
     labels = np.asarray([remap[v] for v in ds.labels[keep]], np.int64)
-    return Dataset(
-        list(classes),
-        labels,
-        images=ds.images[keep] if ds.images is not None else None,
-        paths=[p for p, k in zip(ds.paths, keep) if k] if ds.paths is not None else None,
-        official=ds.official[keep] if ds.official is not None else None,
-        image_size=ds.image_size,
-        name=ds.name,
-        memory_cache_mib=ds.memory_cache_mib,
-        disk_cache_dir=ds.disk_cache_dir,
-        disk_cache_max_gib=ds.disk_cache_max_gib,
-    )
+    return _kept(ds, keep, list(classes), labels)
 
 
 def apply_class_map(ds: Dataset, class_map: dict[str, list[str]]) -> Dataset:
@@ -454,17 +299,19 @@ def apply_class_map(ds: Dataset, class_map: dict[str, list[str]]) -> Dataset:
             new_label[ds.class_names.index(name)] = label
     labels = new_label[ds.labels]
     keep = labels >= 0
-    return Dataset(
-        targets,
-        labels[keep],
+    return _kept(ds, keep, targets, labels[keep])
+
+
+def _kept(ds: Dataset, keep: np.ndarray, class_names: list[str], labels: np.ndarray) -> Dataset:
+    """`ds` with only the examples `keep` marks, under new class names and `labels` (one per kept
+    example); everything else (size, name, caches) as it was."""
+    return dataclasses.replace(
+        ds,
+        class_names=class_names,
+        labels=labels,
         images=ds.images[keep] if ds.images is not None else None,
         paths=[p for p, k in zip(ds.paths, keep) if k] if ds.paths is not None else None,
         official=ds.official[keep] if ds.official is not None else None,
-        image_size=ds.image_size,
-        name=ds.name,
-        memory_cache_mib=ds.memory_cache_mib,
-        disk_cache_dir=ds.disk_cache_dir,
-        disk_cache_max_gib=ds.disk_cache_max_gib,
     )
 
 
@@ -504,17 +351,7 @@ def make_splits(labels: np.ndarray, cfg: DataConfig, official: np.ndarray | None
     return Splits(*(np.sort(np.concatenate(s)) for s in (train, val, test)))
 
 
-# --- tf.data ---------------------------------------------------------------------------------
-
-
-def decode_image(raw, size: tuple[int, int]):
-    """An image file's bytes -> uint8 (height, width, 3) at `size`: how every image the models see
-    is decoded, in training (inside tf.data) and in `harness.predict` (eagerly)."""
-    import tensorflow as tf
-
-    img = tf.io.decode_image(raw, channels=3, expand_animations=False)
-    img = tf.image.resize(img, size)
-    return tf.cast(tf.clip_by_value(img, 0, 255), tf.uint8)
+# --- decoded images, where they are kept --------------------------------------------------------
 
 
 DECODED_FORMAT = 1  # bump when the layout of a decoded split's file changes, so old files are never read
@@ -530,68 +367,6 @@ def cache_plan(n_images: int, image_size: int, memory_cache_mib: float, disk_cac
     return "disk" if disk_cache_dir else "none"
 
 
-def tf_dataset(ds: Dataset, indices: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0):
-    """A batched, prefetched tf.data pipeline of (uint8 image, label) pairs.
-
-    Images stay uint8 here: each backbone's own preprocess_input runs inside the model.
-    In-memory datasets (builtin, TFDS) are sliced. A folder split is decoded once and cached in
-    memory when it fits `ds.memory_cache_mib`; otherwise it streams: file names are shuffled
-    (every epoch, with the whole split as the buffer: names are small) before decoding, so memory
-    holds a few batches, never the split. With `ds.disk_cache_dir` the split is decoded once into a
-    file every process shares (`decoded_split`), and each batch reads its rows from it, shuffled
-    over the whole split as in memory.
-    """
-    import tensorflow as tf
-
-    labels = ds.labels[indices]
-    if ds.images is not None:
-        pipe = tf.data.Dataset.from_tensor_slices((ds.images[indices], labels)).cache()
-        if shuffle:
-            pipe = pipe.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
-        return pipe.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    size = ds.image_size
-
-    def decode(path, label):
-        return decode_image(tf.io.read_file(path), (size, size)), label
-
-    files = split_files(ds, indices)
-    plan = cache_plan(len(indices), size, ds.memory_cache_mib, ds.disk_cache_dir)
-    if plan == "memory":
-        pipe = tf.data.Dataset.from_tensor_slices((files, labels)).map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
-        if shuffle:
-            pipe = pipe.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
-    elif plan == "disk":
-        # One file per split content, whatever the seed or process: the shuffle is over row numbers.
-        return rows_pipeline(decoded_split(ds, indices), labels, batch_size, shuffle, seed)
-    else:
-        pipe = tf.data.Dataset.from_tensor_slices((files, labels))
-        if shuffle:
-            pipe = pipe.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
-        pipe = pipe.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-    return pipe.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def rows_pipeline(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0):
-    """tf.data of (x rows, label) batches, each batch read from `x` (in memory or memory-mapped) by
-    row number; shuffled over the whole split (row numbers are small), anew every epoch. Slicing `x`
-    itself into tf.data would copy all of it into the graph."""
-    import tensorflow as tf
-
-    rows = tf.data.Dataset.range(len(y))
-    if shuffle:
-        rows = rows.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
-    x_dtype, y_dtype = tf.as_dtype(x.dtype), tf.as_dtype(y.dtype)
-
-    def read(at):
-        return np.asarray(x[at]), y[at]
-
-    def fetch(at):
-        values, labels = tf.numpy_function(read, [at], (x_dtype, y_dtype))
-        return tf.ensure_shape(values, (None, *x.shape[1:])), tf.ensure_shape(labels, (None,))
-
-    return rows.batch(batch_size).map(fetch).prefetch(2)
-
-
 def split_files(ds: Dataset, indices: np.ndarray) -> np.ndarray:
     """The image files of one split, in `indices` order, of a dataset read from files."""
     assert ds.paths is not None, f"{ds.name} is held in memory: it has no files"
@@ -602,52 +377,6 @@ def decoded_split_path(ds: Dataset, indices: np.ndarray) -> Path:
     """The shared file of one split's decoded images: named by its content and the input size."""
     assert ds.disk_cache_dir is not None  # used only with data.disk_cache_dir set
     return Path(ds.disk_cache_dir) / f"decoded-{split_digest(ds, indices)}-{ds.image_size}px-v{DECODED_FORMAT}.npy"
-
-
-def decoded_split(ds: Dataset, indices: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """The split's images decoded (uint8, in `indices` order), memory-mapped from `ds.disk_cache_dir`.
-
-    Decoded once for every process and seed: the first process to need it writes a private
-    temporary file and renames it into place (harness/diskcache.py), and later ones map that file.
-    The folder stays under data.disk_cache_max_gib: the splits used longest ago are deleted first."""
-    import tensorflow as tf
-
-    from harness import diskcache
-
-    path = decoded_split_path(ds, indices)
-    shape = (len(indices), ds.image_size, ds.image_size, 3)
-    if diskcache.use(path):
-        try:
-            found = np.load(path, mmap_mode="r")
-            if found.shape == shape and found.dtype == np.uint8:
-                return found
-        except (OSError, ValueError):  # truncated or foreign: decoded again below
-            pass
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    diskcache.remove_stale_partials(folder)
-    diskcache.evict(folder, diskcache.gib(ds.disk_cache_max_gib), incoming=int(np.prod(shape)), keep=path)
-    partial = diskcache.partial_path(path)
-    size = (ds.image_size, ds.image_size)
-    files = split_files(ds, indices)
-    try:
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
-        at = 0
-        pipe = (
-            tf.data.Dataset.from_tensor_slices(files)
-            .map(lambda f: decode_image(tf.io.read_file(f), size), num_parallel_calls=tf.data.AUTOTUNE)
-            .batch(batch_size)
-        )
-        for batch in pipe:
-            out[at : at + len(batch)] = batch.numpy()
-            at += len(batch)
-        out.flush()
-        del out
-        diskcache.publish(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return np.load(path, mmap_mode="r")
 
 
 # --- what a run trained on ---------------------------------------------------------------------

@@ -50,20 +50,12 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from harness import stats  # noqa: E402
 from harness.strategies import uses  # noqa: E402
+from harness.tracking import DEFAULT_UI_URL, run_url  # noqa: E402
 from harness.verdicts import ALONE, DECISIVE, NO_SCORE, RULES_DIFFER, TIE_TOLERANCE, Comparison, analyse  # noqa: E402
-
-DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
 
 # Names of the files write_comparison always writes, and the keys of the dict it returns; an extra
 # table with one of these names would overwrite one of them or shadow its key.
 _RESERVED_NAMES = {"comparison", "heatmap", "csv", "md", "tex", "html"}
-
-
-def run_url(run_id, experiment_id, ui_url: str = DEFAULT_UI_URL) -> str | None:
-    """The MLflow UI page of a run, or None without both ids."""
-    if not isinstance(run_id, str) or not run_id or experiment_id in (None, ""):
-        return None
-    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _share_text(share: float) -> str:
@@ -444,10 +436,24 @@ def heatmap_figure(cells: pd.DataFrame, title: str = ""):
     return _heatmap(analyse(cells), title)
 
 
-def _heatmap(comparison: Comparison, title: str):
-    verdicts = comparison.verdicts
+@dataclass
+class _HeatmapGrid:
+    """The heatmap's numbers: one row per quadrant, one column per strategy."""
+
+    quadrants: list[str]
+    strategies: list[str]
+    means: np.ndarray  # test means; NaN where not run or under-trained
+    lows: np.ndarray  # 95% interval
+    highs: np.ndarray
+    marks: np.ndarray  # "winner", a tie's mark, or ""
+    undertrained: np.ndarray  # bool
+    best: np.ndarray  # each row's best mean
+    scaled: np.ndarray  # each mean within its row: 0 = the row's worst, 1 = its best
+
+
+def _heatmap_grid(comparison: Comparison) -> _HeatmapGrid:
     strategies = list(comparison.strategies)
-    quadrants = list(verdicts["quadrant"])
+    quadrants = list(comparison.verdicts["quadrant"])
     means = np.full((len(quadrants), len(strategies)), np.nan)
     lows, highs = np.full_like(means, np.nan), np.full_like(means, np.nan)
     marks = np.full(means.shape, "", dtype=object)
@@ -466,54 +472,20 @@ def _heatmap(comparison: Comparison, title: str):
         # A row whose cells all score the same is all "best" (1), not a division by zero.
         scaled = np.where(span[:, None] > 0, (means - worst[:, None]) / span[:, None], 1.0)
     scaled[~np.isfinite(means)] = np.nan
+    return _HeatmapGrid(quadrants, strategies, means, lows, highs, marks, undertrained, best, scaled)
 
+
+def _heatmap(comparison: Comparison, title: str):
+    grid = _heatmap_grid(comparison)
+    quadrants, strategies = grid.quadrants, grid.strategies
     fig, ax = plt.subplots(figsize=(1.9 * len(strategies) + 3.0, 1.0 * len(quadrants) + 1.8))
     cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # masked (not run) cells are grey
-    image = ax.imshow(np.ma.masked_invalid(scaled), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
-
+    image = ax.imshow(np.ma.masked_invalid(grid.scaled), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     for i in range(len(quadrants)):
         for j in range(len(strategies)):
-            if not np.isfinite(means[i, j]):
-                ax.text(
-                    j,
-                    i,
-                    "under-trained" if undertrained[i, j] else "not run",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="#555555",
-                )
-                continue
-            label = _cell_text(means[i, j], lows[i, j], highs[i, j]).replace(" [", "\n[")
-            gap = means[i, j] - best[i]
-            label += "\nbest" if gap > -TIE_TOLERANCE else f"\n{gap:+.3f}".replace("-", "−")
-            # Dark text on light colours and vice versa, so every label stays readable.
-            r, g, b, _ = cmap(image.norm(scaled[i, j]))
-            ax.text(
-                j,
-                i,
-                label,
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white",
-            )
-            if marks[i, j]:
-                # Inset, so the outlines of neighbouring tied cells stay apart.
-                ax.add_patch(
-                    Rectangle(
-                        (j - 0.46, i - 0.46),
-                        0.92,
-                        0.92,
-                        fill=False,
-                        edgecolor="#d62728",
-                        linewidth=3 if marks[i, j] == "winner" else 2,
-                        linestyle="-" if marks[i, j] == "winner" else "--",
-                    )
-                )
-
+            _draw_heatmap_cell(ax, grid, i, j, cmap(image.norm(grid.scaled[i, j])))
     ax.set_xticks(range(len(strategies)), strategies)
-    ax.set_yticks(range(len(quadrants)), [f"{q}\n({t})" for q, t in zip(quadrants, verdicts["target"])])
+    ax.set_yticks(range(len(quadrants)), [f"{q}\n({t})" for q, t in zip(quadrants, comparison.verdicts["target"])])
     ax.tick_params(length=0)
     fig.colorbar(image, ax=ax, label="test mean within its quadrant (0 = worst, 1 = best)")
     ax.set_title(
@@ -521,6 +493,37 @@ def _heatmap(comparison: Comparison, title: str):
     )
     fig.tight_layout()
     return fig
+
+
+def _draw_heatmap_cell(ax, grid: _HeatmapGrid, i: int, j: int, colour) -> None:
+    """Cell (i, j)'s text (mean, interval, gap to the row's best) and its winner or tie outline;
+    `colour` is the cell's own, which the text must stand out from."""
+    if not np.isfinite(grid.means[i, j]):
+        text = "under-trained" if grid.undertrained[i, j] else "not run"
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color="#555555")
+        return
+    label = _cell_text(grid.means[i, j], grid.lows[i, j], grid.highs[i, j]).replace(" [", "\n[")
+    gap = grid.means[i, j] - grid.best[i]
+    label += "\nbest" if gap > -TIE_TOLERANCE else f"\n{gap:+.3f}".replace("-", "−")
+    # Dark text on light colours and vice versa, so every label stays readable.
+    r, g, b, _ = colour
+    ax.text(
+        j, i, label, ha="center", va="center", fontsize=7, color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+    )
+    mark = grid.marks[i, j]
+    if mark:
+        # Inset, so the outlines of neighbouring tied cells stay apart.
+        ax.add_patch(
+            Rectangle(
+                (j - 0.46, i - 0.46),
+                0.92,
+                0.92,
+                fill=False,
+                edgecolor="#d62728",
+                linewidth=3 if mark == "winner" else 2,
+                linestyle="-" if mark == "winner" else "--",
+            )
+        )
 
 
 def _png_bytes(fig) -> bytes:

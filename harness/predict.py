@@ -7,8 +7,8 @@ MODEL is guessed in this order:
   - a registered model: `name` (its latest version), `name/3`, `name@alias` or a `models:/...` URI.
 MLflow models carry their class names in the logged model's metadata (`class_names`).
 
-Every image under FOLDER (recursively, sorted) is decoded exactly as training decoded it
-(`harness.data.tf_dataset`): RGB, resized to the model's input size, uint8. Preprocessing is inside
+Every image under FOLDER (recursively, sorted) is decoded exactly as training decoded it (the
+model's framework's decoder): RGB, resized to the model's input size, uint8. Preprocessing is inside
 the model. Writes one CSV row per readable image: `file` (relative to FOLDER), `predicted_class`,
 `confidence`, then `p_<class>` per class. Unreadable files, and images of more pixels than
 `--max-pixels` (read from the file's header, before anything is decoded), are named on stderr and
@@ -16,8 +16,8 @@ skipped.
 
 Exit status: 0 at least one image predicted, 1 none readable, 2 bad MODEL, FOLDER or --out.
 
-    >>> model = keras.saving.load_model("best.keras")
-    >>> df, skipped = predict_folder(model, ["cat", "dog"], "photos/", batch_size=64)
+    >>> clf = resolve_model("demo@champion", None)
+    >>> df, skipped = predict_folder(clf.model, clf.class_names, "photos/", batch_size=64)
 """
 
 from __future__ import annotations
@@ -36,18 +36,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from harness.data import IMAGE_EXTENSIONS, decode_image
+from harness.data import IMAGE_EXTENSIONS
+from harness.frameworks import framework_named
 from harness.tracking import (
     TrackingError,
     global_tracking_uri,
-    load_keras_model,
     logged_model_metadata,
     plain_tracking_errors,
     run_model_uri,
 )
 
-if TYPE_CHECKING:  # for annotations only: Keras loads with the model, not with this module
-    import keras
+if TYPE_CHECKING:
+    from harness.frameworks.base import Predictor
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 # Pillow's own decompression-bomb warning threshold (PIL.Image.MAX_IMAGE_PIXELS, 2**30 / 12): such an
@@ -61,7 +61,7 @@ class PredictError(Exception):
 
 @dataclass
 class Classifier:
-    model: keras.Model  # taking (batch, h, w, 3) pixels 0..255
+    model: Predictor  # taking (batch, h, w, 3) pixels 0..255
     class_names: list[str] | None  # None: the source did not say
     image_size: int | None  # metadata image_size, the fallback when the model's input is unsized
     source: str  # what was loaded, for the log line
@@ -166,7 +166,7 @@ def predict_folder(
 
     def flush():
         if pixels:
-            out = np.asarray(model.predict_on_batch(np.stack(pixels)), dtype=np.float64)
+            out = np.asarray(model.predict(np.stack(pixels)), dtype=np.float64)
             probs.append(out.reshape(len(pixels), -1))
             pixels.clear()
 
@@ -178,7 +178,7 @@ def predict_folder(
                 skipped.append((rel, too_large))
             else:
                 try:
-                    pixels.append(decode_image(path.read_bytes(), size).numpy())
+                    pixels.append(model.decode(path.read_bytes(), size))  # as training decoded
                     names.append(rel)
                 except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped and named
                     skipped.append((rel, _reason(exc)))
@@ -187,6 +187,12 @@ def predict_folder(
             bar.update(1)
         flush()
 
+    return _prediction_table(names, probs, class_names), skipped
+
+
+def _prediction_table(names: list[str], probs: list[np.ndarray], class_names: list[str]) -> pd.DataFrame:
+    """One row per image of `names`: `file`, `predicted_class`, `confidence`, then `p_<class>`,
+    from the batches of class probabilities `probs`."""
     columns = [f"p_{c}" for c in class_names]
     p = np.concatenate(probs) if probs else np.zeros((0, len(class_names)))
     if p.shape[1] != len(class_names):
@@ -199,8 +205,7 @@ def predict_folder(
             "confidence": p[np.arange(len(p)), best],
         }
     )
-    df = pd.concat([df, pd.DataFrame(p, columns=columns)], axis=1)
-    return df, skipped
+    return pd.concat([df, pd.DataFrame(p, columns=columns)], axis=1)
 
 
 def out_problem(out: str) -> str | None:
@@ -252,12 +257,8 @@ def _class_names(value) -> list[str] | None:
 
 def load_keras_file(path: Path) -> Classifier:
     """A `.keras` file; class names from MLflow's MLmodel (`<model>/data/model.keras` layout) or classes.json."""
-    import keras
-
-    import harness.model  # noqa: F401 - registers the layer that models saved by earlier versions hold
-
     try:
-        model = keras.saving.load_model(path, safe_mode=True)
+        model = framework_named("keras").load_model(str(path))
     except Exception as exc:  # noqa: BLE001 - any load failure means MODEL cannot be used
         raise PredictError(f"cannot load model file {str(path)!r}: {_reason(exc)}") from exc
     meta = {}
@@ -286,11 +287,10 @@ def _registered_uri(spec: str) -> str:
 
 
 def load_mlflow_model(uri: str) -> Classifier:
-    """A model from the tracking/registry store (the global tracking URI must be set)."""
-    import harness.model  # noqa: F401 - registers the layer that models saved by earlier versions hold
-
+    """A model from the tracking/registry store (the global tracking URI must be set), loaded by the
+    framework it was trained with ("keras" for models logged before the metadata named it)."""
     meta = logged_model_metadata(uri)
-    model = load_keras_model(uri)
+    model = framework_named(str(meta.get("framework", "keras"))).load_model(uri)
     size = meta.get("image_size")
     return Classifier(model, _class_names(meta.get("class_names")), int(size) if size else None, uri)
 
@@ -361,9 +361,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out {args.out!r}: {problem}", file=sys.stderr)
         return 2
 
-    from harness.runtime import import_tensorflow_quietly
-
-    import_tensorflow_quietly()
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)

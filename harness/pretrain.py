@@ -82,21 +82,19 @@ def ensure_source_weights(cfg: SweepConfig, backbone: str, log=print) -> Path:
 
 def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
     """Train backbone + linear head on the source set; save the backbone's weights and a report."""
-    import keras
-    import tensorflow as tf
+    from harness.data import make_splits
+    from harness.frameworks import framework_for
+    from harness.frameworks.base import ModelSpec, PhaseData, PhaseRun
+    from harness.phases import scratch_plan
+    from harness.preflight import checked_dataset
 
-    from harness.data import load_dataset, make_splits, tf_dataset
-    from harness.model import ModelSpec, build_model
-    from harness.phases import run_phases, scratch_plan
-
+    fw = framework_for(backbone)
     # Whatever ran before in this process (another backbone's pretraining, a sweep building its
     # candidates) leaves Keras' layer names and seed state behind, and a second pretraining in one
-    # process gave other weights than the same one alone: start from a clean session, always.
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(PRETRAIN_SEED)
-    tf.config.experimental.enable_op_determinism()
+    # process gave other weights than the same one alone: start from a clean state, always.
+    fw.make_reproducible(PRETRAIN_SEED)
     src = _source(cfg)
-    data = load_dataset(src.data)
+    data = checked_dataset(src.data, fw.name)  # every image checked, as a sweep's own data is
     splits = make_splits(data.labels, src.data, data.official)
     spec = ModelSpec(
         backbone=backbone,
@@ -105,22 +103,26 @@ def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
         weights=None,
         backbone_options=dict(cfg.model.backbone_options.get(backbone, {})),
     )
-    tm = build_model(spec, seed=PRETRAIN_SEED)
-    train = tf_dataset(data, splits.train, src.batch_size, shuffle=True, seed=PRETRAIN_SEED)
-    val = tf_dataset(data, splits.val, src.batch_size, shuffle=False)
+    model = fw.build(spec, seed=PRETRAIN_SEED)
+    train = fw.image_batches(data, splits.train, src.batch_size, shuffle=True, seed=PRETRAIN_SEED)
+    val = fw.image_batches(data, splits.val, src.batch_size, shuffle=False)
     started = time.perf_counter()
+    epochs = []
 
     def on_epoch(r):
+        epochs.append(r)
         log(
             f"  source epoch {r.epoch + 1}/{src.epochs}: loss {r.metrics['loss']:.3f} "
             f"val_accuracy {r.metrics.get('val_accuracy', float('nan')):.3f}"
         )
 
     # The source keeps its last epoch, as the shipped weights were made: `--ship` must reproduce them.
-    history = run_phases(tm, scratch_plan(src.epochs, src.learning_rate, None), train, val, on_epoch=on_epoch, restore_best=False)
+    (phase,) = scratch_plan(src.epochs, src.learning_rate, None)
+    fw.set_trainable(model, phase.unfreeze_blocks)
+    fw.run_phase(model, phase, PhaseData(train, val), PhaseRun(0, on_epoch))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name.replace(".weights.h5", ".partial.weights.h5"))
-    tm.backbone.save_weights(tmp)
+    fw.save_backbone_weights(model, str(tmp))
     tmp.replace(out)  # atomic: a crash never leaves a half-written cache entry behind
     report = {
         "backbone": backbone,
@@ -128,7 +130,7 @@ def pretrain(cfg: SweepConfig, backbone: str, out: Path, log=print) -> dict:
         "classes": data.num_classes,
         "train_images": int(len(splits.train)),
         "epochs": src.epochs,
-        "final_val_accuracy": history.epochs[-1].metrics.get("val_accuracy"),
+        "final_val_accuracy": epochs[-1].metrics.get("val_accuracy"),
         "seconds": round(time.perf_counter() - started, 1),
     }
     out.with_suffix("").with_suffix(".json").write_text(json.dumps(report, indent=2))

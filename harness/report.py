@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 
 from harness import stats
-from harness.export import DEFAULT_UI_URL, markdown_table, write_comparison
+from harness.export import markdown_table, write_comparison
 from harness.importance import importance_markdown, importances_from_metrics
+from harness.redaction import redact
 from harness.screening import screening_markdown
-from harness.tracking import RunRecord, Tracker, redact, resolve_tracking_uri
+from harness.tracking import DEFAULT_UI_URL, RunRecord, Tracker, resolve_tracking_uri
 
 RESULTS = "results"
 TRIALS_FILE = "trials.csv"  # trials_table's schema only (see the module docstring)
@@ -251,16 +252,22 @@ def default_ui_url(tracking_uri: str) -> str:
     return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI_URL
 
 
+class SweepNotFound(LookupError):
+    """The store holds no parent run of the sweep a report was asked for."""
+
+
 def build_report(
     sweep: str, tracker: Tracker, out_dir: str | Path | None = None, log=print, ui_url: str | None = None
 ) -> dict[str, Path]:
+    """The sweep's report files, also logged under report/ on its parent run; `SweepNotFound` when
+    the store has no such sweep."""
     ui_url = redact(ui_url or default_ui_url(tracker.uri))  # every run link in the tables starts with it
     out = Path(out_dir or Path(RESULTS) / sweep)
     out.mkdir(parents=True, exist_ok=True)
     parents = tracker.study_runs(sweep)
     if not parents:
-        raise SystemExit(f"error: no sweep named {sweep!r} in {redact(tracker.uri)}")
-    tracker.parent_run_id = parents[0].run_id
+        raise SweepNotFound(f"no sweep named {sweep!r} in {redact(tracker.uri)}")
+    parent_run_id = parents[0].run_id
     cell_runs = _runs(tracker, "cell")
     trials = trials_table(tracker, cell_runs)
     if not cell_runs:
@@ -289,7 +296,7 @@ def build_report(
             ui_url=ui_url,
         )
     for path in paths.values():
-        tracker.log_file(tracker.parent_run_id, path, "report")
+        tracker.log_file(parent_run_id, path, "report")
     for kind, path in sorted(paths.items()):
         log(f"  {kind:>8}: {path}")
     return paths
@@ -326,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tracker = Tracker(uri, experiment)
     print(f"report of sweep {name!r} from {redact(uri)}:")
-    build_report(name, tracker, args.out, ui_url=args.ui_url)
+    try:
+        build_report(name, tracker, args.out, ui_url=args.ui_url)
+    except SweepNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

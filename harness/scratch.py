@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from harness.config import BaselineConfig, SweepConfig, TrainConfig
-from harness.runtime import release_memory, seed_everything
-
-if TYPE_CHECKING:  # the sweep side reads this module's policies and tags without loading Keras
-    from harness.phases import Phase
+from harness.phases import EpochRecord, History, NonFiniteLoss, Phase, scratch_plan
+from harness.training import Configuration, EpochHooks, Trainer, epoch_note
 
 FIT_FLOOR = 0.95  # training accuracy a from-scratch model must reach to count as trained
 
@@ -86,32 +83,17 @@ def pick_learning_rate(losses: dict[float, float]) -> float:
     return learning_rate_order(losses)[0]
 
 
-def learning_rate_search(tm, train_ds, steps_each: int, candidates=LR_CANDIDATES) -> dict[float, float]:
-    """Train the same fresh model a short while at each candidate rate (weights and optimizer
-    state reset between candidates, so one traced training step serves them all); returns each
-    rate's mean training loss over the second half of its run."""
-    import keras
-
-    from harness.model import set_all_trainable
-    from harness.phases import compile_for
-
-    set_all_trainable(tm)
-    compile_for(tm, candidates[0])
-    initial = tm.model.get_weights()
-    losses = {}
-    for rate in candidates:
-        tm.model.set_weights(initial)
-        optimizer = tm.model.optimizer
-        for variable in optimizer.variables:  # Adam's moments and step count, from zero
-            variable.assign(np.zeros(variable.shape, variable.dtype))
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):  # mixed precision: a loss scale of 0 is NaN
-            optimizer.dynamic_scale.assign(optimizer.initial_scale)
-        tm.model.optimizer.learning_rate.assign(rate)
-        half = max(1, steps_each // 2)
-        history = tm.model.fit(train_ds, epochs=2, steps_per_epoch=half, verbose=0)
-        loss = float(history.history["loss"][-1])
-        losses[rate] = loss if math.isfinite(loss) else math.inf
-    return losses
+def learning_rate_search(
+    trainer: Trainer, config: Configuration, steps_each: int, candidates=LR_CANDIDATES
+) -> dict[float, float]:
+    """Train the same fresh model (every layer, BatchNormalization included) a short while at each
+    candidate rate, from the same initial weights with a fresh optimizer state each time; returns
+    each rate's mean training loss over the second half of its run (diverged: inf)."""
+    model = trainer.build(config)
+    trainer.fw.set_trainable(model, -1)
+    train, _ = trainer.image_batches(trainer.settings.batch_size("scratch"), config.data_seed)
+    losses = trainer.fw.short_runs(model, train, list(candidates), max(1, steps_each // 2))
+    return {rate: loss if math.isfinite(loss) else math.inf for rate, loss in losses.items()}
 
 
 def fit_verdict(train_accuracy: float, train_images: int) -> bool:
@@ -158,154 +140,159 @@ def print_note(note) -> None:
         print(payload, file=sys.stderr, flush=True)
 
 
-def train_from_scratch(
-    runner,
-    params: dict,
-    seed: int,
-    run_id: str,
-    on_epoch=lambda r: None,
-    label: str = "scratch",
-    note=print_note,
-    number: int = 0,
-):
-    """All layers from random init, to convergence; logs into `run_id`. Returns (model, history,
-    facts): the model holds its best validation's weights; facts has learning_rate, steps,
-    train_accuracy, fitted, attempts, steps_all_attempts and seconds_all_attempts.
+@dataclass(frozen=True)
+class ScratchRun:
+    """One from-scratch training into one MLflow run: whose model, which seed, how it reports.
+
+    `label` heads its message lines ("baseline", "seed 3"); `number` is the trial whose progress
+    line its epochs show; `note(("message", text))` and `note(("epoch", summary))` reach the
+    sweep's progress (harness/trials.py `show_note`); `on_epoch(record)` logs each validation."""
+
+    runner: Any  # harness.objective.TrialRunner
+    params: dict
+    seed: int
+    run_id: str
+    on_epoch: Callable[[EpochRecord], None] = lambda record: None
+    label: str = "scratch"
+    note: Callable[[tuple], None] = print_note
+    number: int = 0
+
+
+def scratch_rates(run: ScratchRun, trainer: Trainer, config: Configuration, budget: ScratchBudget) -> list[float]:
+    """The learning rates to try, best first: the configured one, or the search's ranking (logged)."""
+    baseline = run.runner.cfg.baseline
+    if baseline.learning_rate != "auto":
+        return [float(baseline.learning_rate)]
+    steps_each = max(20, budget.steps // 20)
+    run.note(("message", f"{run.label} learning-rate search: {len(LR_CANDIDATES)} rates, {steps_each} steps each"))
+    losses = learning_rate_search(trainer, config, steps_each, LR_CANDIDATES)
+    rates = learning_rate_order(losses)
+    found = ", ".join(f"{r:g} {losses[r]:.4g}" for r in losses)
+    order = ", ".join(f"{r:g}" for r in rates[: 1 + baseline.retries])
+    run.note(("message", f"{run.label} learning-rate search: training loss {found}; tried in the order {order}"))
+    run.runner.tracker.log_text(
+        run.run_id,
+        "learning_rate,train_loss\n" + "".join(f"{r:g},{l:.6g}\n" for r, l in losses.items()),
+        "learning_rate_search.csv",
+    )
+    trainer.fw.release_memory()  # keeps the mixed-precision policy, which clear_session would reset
+    return rates[: 1 + baseline.retries]
+
+
+def scratch_attempt(run: ScratchRun, trainer: Trainer, config: Configuration, attempt: int, first_epoch: int):
+    """Train one attempt from the same seeded init (as if its rate had been ranked first), on the
+    run's one epoch axis from `first_epoch`; returns (model, history, diverged)."""
+    phase = "scratch" if attempt == 0 else f"scratch attempt {attempt + 1}"
+    total = config.plan[0].epochs
+    metric = run.runner.cfg.study.metric
+
+    def on_validation(record: EpochRecord) -> None:
+        run.on_epoch(record)
+        run.note(("epoch", epoch_note(run.number, record, total, metric, offset=first_epoch, phase=phase)))
+
+    history = History()
+    model = trainer.build(config)
+    try:
+        trainer.run_plan(model, config, EpochHooks(on_validation), history, first_epoch)
+    except NonFiniteLoss:
+        return model, history, True
+    return model, history, False
+
+
+def judge_attempt(run: ScratchRun, trainer: Trainer, model, history: History, diverged: bool, rate: float, budget) -> Attempt:
+    """An attempt's facts: its training accuracy (inference mode, the whole training split) and
+    whether that counts as fitted."""
+    cfg, splits = run.runner.cfg, run.runner.splits
+    train_accuracy = math.nan if diverged else trainer.evaluate(model, splits.train)["accuracy"]
+    return Attempt(
+        rate,
+        len(history.epochs) * budget.steps_per_round,
+        train_accuracy,
+        history.best(cfg.study.metric, cfg.study.direction),
+        not diverged and fit_verdict(train_accuracy, len(splits.train)),
+        diverged,
+        sum(p.seconds for p in history.phases),
+    )
+
+
+def announce_attempt(run: ScratchRun, attempts: list[Attempt], rates: list[float]) -> None:
+    """The attempt's line (and what comes next) and its attempt/* metrics."""
+    i, attempt = len(attempts) - 1, attempts[-1]
+    metric = run.runner.cfg.study.metric
+    outcome = "fitted" if attempt.fitted else ("diverged" if attempt.diverged else f"did not fit (below {FIT_FLOOR})")
+    retry = f"; retrying at {rates[i + 1]:g}" if not attempt.fitted and i + 1 < len(rates) else ""
+    run.note(
+        (
+            "message",
+            f"{run.label} attempt {i + 1}/{len(rates)}: learning rate {attempt.learning_rate:g}, {attempt.steps} steps, "
+            f"train accuracy {attempt.train_accuracy:.3f}, best {metric} {attempt.value:.3f}: {outcome}{retry}",
+        )
+    )
+    run.runner.tracker.log_metrics(
+        run.run_id,
+        {
+            "attempt/learning_rate": attempt.learning_rate,
+            "attempt/steps": attempt.steps,
+            "attempt/train_accuracy": attempt.train_accuracy,
+            f"attempt/best_{metric}": attempt.value,
+        },
+        step=i,
+    )
+
+
+def train_from_scratch(run: ScratchRun):
+    """All layers from random init, to convergence; logs into `run.run_id`. Returns (model,
+    history, facts): the model holds its best validation's weights; facts has learning_rate,
+    steps, train_accuracy, fitted, attempts, steps_all_attempts and seconds_all_attempts.
 
     A run that does not fit its training data (`fit_verdict`) is trained again from the same
     init at the search's next-ranked learning rate, up to `baseline.retries` times (a rate set
     in the config is the only one tried). Every attempt is logged (learning_rate_attempts.csv,
-    the attempt/* metrics) and announced, one line each headed by `label`, through
-    `note(("message", text))`; each validation goes to `note(("epoch", summary))` as a trial's
-    does (harness/trials.py `show_note`), numbered `number`."""
-    from harness.data import tf_dataset
-    from harness.model import build_model
-    from harness.objective import model_spec, train_class_weights
-    from harness.phases import History, NonFiniteLoss, evaluate, run_phases, scratch_plan
+    the attempt/* metrics) and announced, one line each headed by `run.label`; each validation
+    goes to `run.note(("epoch", summary))` as a trial's does, numbered `run.number`."""
+    cfg, runner = run.runner.cfg, run.runner
+    trainer = runner.trainer(run.params["backbone"])
+    budget = scratch_budget(
+        len(runner.splits.train), cfg.train.head.batch_size, cfg.baseline.epochs, cfg.baseline.min_steps, cfg.baseline.patience
+    )
+    spec = runner.spec(run.params, pretrained=False)
 
-    cfg, dataset, splits, tracker = runner.cfg, runner.dataset, runner.splits, runner.tracker
-    metric, direction = cfg.study.metric, cfg.study.direction
-    batch = cfg.train.head.batch_size
-    budget = scratch_budget(len(splits.train), batch, cfg.baseline.epochs, cfg.baseline.min_steps, cfg.baseline.patience)
-    val = tf_dataset(dataset, splits.val, batch, shuffle=False)
-    spec = model_spec(cfg, params, dataset.num_classes, None, pretrained=False)
+    def configuration(rate: float) -> Configuration:
+        plan = scratch_plan(budget.rounds, rate, budget.patience, budget.min_rounds, budget.steps_per_round)
+        return Configuration(spec, tuple(plan), run.seed, run.seed)
 
-    def seeded_start() -> tuple[Any, Any]:  # (TransferModel, tf.data pipeline)
-        """A fresh model and training pipeline, the same for the search and every attempt. Seeded
-        first: tf.data takes a pipeline's shuffle seeds from TensorFlow's global seed when it is
-        built. And fresh: a shuffled pipeline's order moves on with every pass over it."""
-        seed_everything(seed)
-        return build_model(spec, seed=seed), tf_dataset(dataset, splits.train, batch, shuffle=True, seed=seed).repeat()
-
-    if cfg.baseline.learning_rate == "auto":
-        steps_each = max(20, budget.steps // 20)
-        note(("message", f"{label} learning-rate search: {len(LR_CANDIDATES)} rates, {steps_each} steps each"))
-        losses = learning_rate_search(*seeded_start(), steps_each, LR_CANDIDATES)
-        rates = learning_rate_order(losses)
-        found = ", ".join(f"{r:g} {losses[r]:.4g}" for r in losses)
-        order = ", ".join(f"{r:g}" for r in rates[: 1 + cfg.baseline.retries])
-        note(("message", f"{label} learning-rate search: training loss {found}; tried in the order {order}"))
-        tracker.log_text(
-            run_id,
-            "learning_rate,train_loss\n" + "".join(f"{r:g},{l:.6g}\n" for r, l in losses.items()),
-            "learning_rate_search.csv",
-        )
-        release_memory()  # keeps the mixed-precision policy, which clear_session would reset
-    else:
-        rates = [float(cfg.baseline.learning_rate)]
-    rates = rates[: 1 + cfg.baseline.retries]
-    class_weight = train_class_weights(cfg, dataset, splits)
+    rates = scratch_rates(run, trainer, configuration(LR_CANDIDATES[0]), budget)
     attempts: list[Attempt] = []
-    kept: tuple[int, Any, Any] | None = None  # (index, weights, history) of the best unfitted attempt, while another is tried
-    start_epoch = 0  # attempts follow each other on the run's one epoch axis
+    kept = None  # (weights, history) of the best unfitted attempt, while another is tried
+    first_epoch = 0  # attempts follow each other on the run's one epoch axis
     for i, rate in enumerate(rates):
-        tm, train = seeded_start()  # so a retry trains as if its rate had been ranked first
-        history = History()
-        diverged = False
-        phase = "scratch" if i == 0 else f"scratch attempt {i + 1}"
-
-        def on_validation(record, first=start_epoch, phase=phase):
-            on_epoch(record)
-            note(
-                (
-                    "epoch",
-                    {
-                        "number": number,
-                        "epoch": record.epoch - first,
-                        "phase": phase,
-                        "metrics": dict(record.metrics),
-                        "total_epochs": budget.rounds,
-                    },
-                )
-            )
-
-        try:
-            run_phases(
-                tm,
-                scratch_plan(budget.rounds, rate, budget.patience, budget.min_rounds),
-                train,
-                val,
-                on_epoch=on_validation,
-                monitor=metric,
-                direction=direction,
-                start_epoch=start_epoch,
-                history=history,
-                steps_per_epoch=budget.steps_per_round,
-                class_weight=class_weight,
-            )
-        except NonFiniteLoss:
-            diverged = True
-        ran = len(history.epochs)
-        start_epoch += ran
-        train_accuracy = (
-            math.nan if diverged else evaluate(tm.model, tf_dataset(dataset, splits.train, batch, shuffle=False))["accuracy"]
-        )
-        attempt = Attempt(
-            rate,
-            ran * budget.steps_per_round,
-            train_accuracy,
-            history.best(metric, direction),
-            not diverged and fit_verdict(train_accuracy, len(splits.train)),
-            diverged,
-            sum(p.seconds for p in history.phases),
-        )
-        attempts.append(attempt)
-        outcome = "fitted" if attempt.fitted else ("diverged" if diverged else f"did not fit (below {FIT_FLOOR})")
-        more = not attempt.fitted and i + 1 < len(rates)
-        retry = f"; retrying at {rates[i + 1]:g}" if more else ""
-        line = (
-            f"{label} attempt {i + 1}/{len(rates)}: learning rate {rate:g}, {attempt.steps} steps, "
-            f"train accuracy {train_accuracy:.3f}, best {metric} {attempt.value:.3f}: {outcome}{retry}"
-        )
-        note(("message", line))
-        tracker.log_metrics(
-            run_id,
-            {
-                "attempt/learning_rate": rate,
-                "attempt/steps": attempt.steps,
-                "attempt/train_accuracy": train_accuracy,
-                f"attempt/best_{metric}": attempt.value,
-            },
-            step=i,
-        )
-        if not more:
+        model, history, diverged = scratch_attempt(run, trainer, configuration(rate), i, first_epoch)
+        first_epoch += len(history.epochs)
+        attempts.append(judge_attempt(run, trainer, model, history, diverged, rate, budget))
+        announce_attempt(run, attempts, rates)
+        if attempts[-1].fitted or i + 1 == len(rates):
             break
         if attempt_to_keep(attempts) == i:
-            kept = (i, tm.model.get_weights(), history)
-        tm = None
-        release_memory()
+            kept = (trainer.fw.weights_of(model), history)
+        model = None
+        trainer.fw.release_memory()
     chosen = attempt_to_keep(attempts)
     if attempts[chosen].diverged:
         raise NonFiniteLoss(f"from-scratch training diverged at every learning rate tried ({', '.join(f'{r:g}' for r in rates)})")
     if chosen != len(attempts) - 1:  # an earlier attempt came closer: its weights go into the same architecture
         # Set: no attempt fitted (a fitted one ends the loop as the last), so the chosen one led when it ran.
         assert kept is not None
-        _, weights, history = kept
-        tm.model.set_weights(weights)
-    final = attempts[chosen]
-    tracker.log_text(run_id, attempts_csv(attempts, metric), "learning_rate_attempts.csv")
+        weights, history = kept
+        trainer.fw.load_weights(model, weights)
+    log_scratch_run(run, attempts, attempts[chosen], budget)
+    return model, history, scratch_facts(attempts, attempts[chosen])
+
+
+def log_scratch_run(run: ScratchRun, attempts: list[Attempt], final: Attempt, budget: ScratchBudget) -> None:
+    tracker, cfg = run.runner.tracker, run.runner.cfg
+    tracker.log_text(run.run_id, attempts_csv(attempts, cfg.study.metric), "learning_rate_attempts.csv")
     tracker.log_params(
-        run_id,
+        run.run_id,
         {
             "scratch_learning_rate": f"{final.learning_rate:.4g}",
             "scratch_step_budget": budget.steps,
@@ -315,30 +302,29 @@ def train_from_scratch(
         },
     )
     tracker.log_metrics(
-        run_id,
+        run.run_id,
         {
             "train_accuracy": final.train_accuracy,
             "scratch/steps": final.steps,
-            "scratch/images_seen": final.steps * batch,
+            "scratch/images_seen": final.steps * cfg.train.head.batch_size,
             "scratch/attempts": len(attempts),
             "scratch/steps_all_attempts": sum(a.steps for a in attempts),
         },
     )
-    tracker.set_tags(run_id, {UNDERTRAINED_TAG: str(not final.fitted).lower()})
-    return (
-        tm,
-        history,
-        {
-            "learning_rate": final.learning_rate,
-            "steps": final.steps,
-            "train_accuracy": final.train_accuracy,
-            "fitted": final.fitted,
-            "attempts": attempts,
-            # the compute of every attempt, for cost columns (a retry is part of the recipe's price)
-            "steps_all_attempts": sum(a.steps for a in attempts),
-            "seconds_all_attempts": sum(a.seconds for a in attempts),
-        },
-    )
+    tracker.set_tags(run.run_id, {UNDERTRAINED_TAG: str(not final.fitted).lower()})
+
+
+def scratch_facts(attempts: list[Attempt], final: Attempt) -> dict[str, Any]:
+    return {
+        "learning_rate": final.learning_rate,
+        "steps": final.steps,
+        "train_accuracy": final.train_accuracy,
+        "fitted": final.fitted,
+        "attempts": attempts,
+        # the compute of every attempt, for cost columns (a retry is part of the recipe's price)
+        "steps_all_attempts": sum(a.steps for a in attempts),
+        "seconds_all_attempts": sum(a.seconds for a in attempts),
+    }
 
 
 # --- the training rule of confirmation seeds --------------------------------------------------

@@ -8,7 +8,7 @@ the training split (never the validation or test split, which the search and the
   within the training split (a plain k-NN beat 23 published transferability metrics over 16 data
   sets, Sorkhei et al., 2025);
 - size: the backbone's parameter count, a ranking that never looks at the data; with ImageNet
-  weights also the published ImageNet top-1 (harness/backbones.py IMAGENET_TOP1).
+  weights also the published ImageNet top-1 (harness/frameworks/keras/backbones.py IMAGENET_TOP1).
 
 The size-only ranking matters because on the common benchmark it ranked backbones better than LogME
 (Kendall's tau about 0.91 against 0.57; Singh, Hess and Vanschoren, ICLR 2026). So after the sweep
@@ -35,6 +35,7 @@ import math
 
 from harness import stats
 from harness.direction import better, sign
+from harness.frameworks import framework_of, frameworks_of
 
 SCREENING_ATTR = "screening"  # the study user attribute: scores, ranking rule and kept backbones
 SCORE_NAMES = {"logme": "LogME", "knn": "k-NN", "size": "size-only", "imagenet_top1": "ImageNet top-1"}
@@ -248,7 +249,11 @@ def screen_backbones(cfg, study, storage, tracker, run_task, log):
     with st.claim_lock(storage, f"{cfg.study.name}:screening"):
         record = study.user_attrs.get(SCREENING_ATTR)
         if record is None:
-            rows = run_task(ScreeningTask(cfg.study.name, tuple(candidates), screen.max_images))
+            rows = {}
+            for framework in frameworks_of(candidates):  # a trial process loads one framework
+                mine = tuple(name for name in candidates if framework_of(name) == framework)
+                rows.update(run_task(ScreeningTask(cfg.study.name, mine, screen.max_images)))
+            rows = {name: rows[name] for name in candidates}
             ranking = rank(rows, screen.by)
             kept = narrow(candidates, ranking, screen.keep)
             if study.trials and kept != candidates:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -19,6 +20,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from harness.config import SweepConfig, SweepRefused
+from harness.redaction import redact
 
 if TYPE_CHECKING:
     from optuna.storages._heartbeat import BaseHeartbeat
@@ -34,14 +36,17 @@ def default_storage_path(study_name: str, results_dir: str = "results") -> Path:
     return (Path(results_dir) / study_name / "optuna.db").resolve()
 
 
-def default_storage_url(study_name: str, results_dir: str = "results") -> str:
+def default_storage_url(study_name: str, results_dir: str = "results", create: bool = True) -> str:
+    """The local storage's URL; `create`: make its folder (the preflight reads the URL first, creating nothing)."""
     path = default_storage_path(study_name, results_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
 
-def storage_url(cfg: SweepConfig) -> str:
-    return cfg.study.storage or default_storage_url(cfg.study.name)
+def storage_url(cfg: SweepConfig, create: bool = True) -> str:
+    """The storage of the study `cfg` describes: study.storage, else the local one (see default_storage_url)."""
+    return cfg.study.storage or default_storage_url(cfg.study.name, create=create)
 
 
 def make_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS) -> RDBStorage:
@@ -116,19 +121,44 @@ def open_study(cfg: SweepConfig, storage=None, reseed: bool = False) -> optuna.S
     )
     if reseed:
         study.sampler = make_sampler(cfg, seed_offset=len(study.trials))
-    if study.direction.name.lower() != cfg.study.direction:  # the preflight (check_storage) catches it sooner
+    if study.direction.name.lower() != cfg.study.direction:  # harness/preflight.py check_storage catches it sooner
         raise SweepRefused(
             direction_mismatch(cfg.study.name, storage_url(cfg), study.direction.name.lower(), cfg.study.direction)
         )
+    name_metric(study, cfg.study.metric)
     return study
 
 
-# --- store checks: read-only, before the sweep creates anything -------------------------------------------------
+def open_seed_study(name: str, storage, metric: str = "test_accuracy") -> optuna.Study:
+    """The study whose trials are a confirmation's seeds, created or loaded when it exists: a random
+    sampler over the seed parameter, and the seed's score `metric` (higher is better) as its value."""
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    name_metric(study, metric)
+    return study
+
+
+def name_metric(study: optuna.Study, metric: str) -> None:
+    """Name the study's value after its metric, so optuna-dashboard labels its axis `metric` rather
+    than "Objective 0". Written once: a resumed study already carries it."""
+    from optuna.exceptions import ExperimentalWarning
+
+    if study.metric_names == [metric]:
+        return
+    with warnings.catch_warnings():  # set_metric_names is marked experimental; a sweep's log holds its own lines
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        study.set_metric_names([metric])
+
+
+# --- a storage read without writing (harness/preflight.py checks it before the sweep creates anything) ----------
 
 
 def direction_mismatch(study_name: str, url: str, found: str, wanted: str) -> str:
-    from harness.tracking import redact
-
     return (
         f"Optuna storage {redact(url)}: study {study_name!r} exists with direction {found}, but the config says "
         f"{wanted}; a study's direction cannot change: run under a new --study-name, or set study.direction: "
@@ -154,70 +184,6 @@ def read_only_url(url: str) -> str:
     return f"sqlite:///file:{quote(str(path.resolve()))}?mode=ro&uri=true"
 
 
-def inspect_sql_store(url: str, label: str) -> tuple[set[str], str | None] | None:
-    """(table names, alembic revision or None) of a SQL store, read without writing anything, or
-    None for a SQLite file that does not exist yet (it will be created). Raises SweepRefused naming
-    the store (`label` and its redacted URL) when it cannot be reached or read.
-
-    Optuna and MLflow both stamp their schema in an `alembic_version` table, so the revision says
-    whose database it is and how old its schema is."""
-    import sqlalchemy as sa
-
-    from harness.tracking import redact
-
-    where = f"{label} {redact(url)}"
-    path = sqlite_file(url)
-    if path is not None:
-        if not path.exists():
-            return None
-        if path.is_dir():
-            raise SweepRefused(f"{where}: {path} is a directory, not a database file")
-        _sqlite_integrity(path, where)
-    connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
-    try:
-        engine = sa.create_engine(read_only_url(url), connect_args=connect_args)
-    except (ImportError, sa.exc.ArgumentError) as exc:
-        raise SweepRefused(f"{where}: cannot open it: {type(exc).__name__}: {short_error(exc, url)}") from None
-    try:
-        with engine.connect() as conn:
-            tables = set(sa.inspect(conn).get_table_names())
-            revision = None
-            if "alembic_version" in tables:
-                revision = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-    except sa.exc.OperationalError as exc:
-        # Connection refused, unknown host, authentication failed: the server never answered a query.
-        raise SweepRefused(f"{where}: cannot reach or open it: {short_error(exc.orig or exc, url)}") from None
-    except sa.exc.SQLAlchemyError as exc:
-        raise SweepRefused(f"{where}: cannot read it: {type(exc).__name__}: {short_error(exc, url)}") from None
-    finally:
-        engine.dispose()
-    return tables, revision
-
-
-def _sqlite_integrity(path: Path, where: str) -> None:
-    """Refuse a SQLite file that is not a database or whose pages are damaged (PRAGMA quick_check,
-    read-only: a few seconds for a store of a few hundred MiB)."""
-    import sqlite3
-    from urllib.parse import quote
-
-    try:
-        conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=60)
-        try:
-            result = [row[0] for row in conn.execute("PRAGMA quick_check")]
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise SweepRefused(
-            f"{where}: {path} is not a readable SQLite database ({exc}); move it aside and "
-            "start afresh, or restore it from a backup"
-        ) from None
-    if result != ["ok"]:
-        raise SweepRefused(
-            f"{where}: {path} is damaged (SQLite integrity check: {'; '.join(result[:3])}); "
-            "restore it from a backup, or move it aside and start afresh"
-        )
-
-
 def short_error(exc, url: str, limit: int = 300) -> str:
     """An error's first line, shortened, with any password of `url` masked (drivers quote the URL)."""
     from urllib.parse import urlsplit
@@ -235,28 +201,10 @@ def short_error(exc, url: str, limit: int = 300) -> str:
 OPTUNA_TABLES = {"studies", "study_directions", "trials", "version_info"}
 
 
-def check_storage(url: str, study_name: str, direction: str) -> None:
-    """Refuse, before anything is created, an Optuna storage the sweep could not use: unreachable,
-    corrupt, another application's database, a schema this Optuna cannot read, or holding the
-    study with the other direction. A store that does not exist yet, or is empty, passes."""
-    from optuna.storages import RDBStorage
-
-    from harness.tracking import redact
-
-    where = f"Optuna storage {redact(url)}"
-    state = inspect_sql_store(url, "Optuna storage")
-    if state is None:
-        return
-    tables, revision = state
-    if not tables >= OPTUNA_TABLES:
-        if revision is not None:  # another schema managed by alembic (MLflow's, say): Optuna's stamp would clash
-            foreign = ", ".join(sorted(tables - {"alembic_version"})[:6])
-            raise SweepRefused(
-                f"{where}: holds another application's tables ({foreign}), not Optuna's; give the study a database of its own"
-            )
-        return  # empty, or another sweep process is creating Optuna's tables right now
-    if revision is None:
-        return  # Optuna stamps its schema right after creating the tables: a process is doing so now
+def stored_directions(url: str, study_name: str, where: str) -> list[str] | None:
+    """The directions of study `study_name` in the Optuna storage at `url` (its schema stamped),
+    read without writing; None when it holds no such study. Raises SweepRefused naming the store
+    (`where`) when Optuna cannot open it (harness/preflight.py `check_storage` asks)."""
     try:
         storage = RDBStorage(read_only_url(url), skip_table_creation=True)
     except RuntimeError as exc:  # Optuna's own words: which version made the schema, and the command to upgrade it
@@ -265,13 +213,11 @@ def check_storage(url: str, study_name: str, direction: str) -> None:
         raise SweepRefused(f"{where}: cannot open it: {type(exc).__name__}: {short_error(exc, url)}") from None
     try:
         study_id = storage.get_study_id_from_name(study_name)
-        found = [d.name.lower() for d in storage.get_study_directions(study_id)]
+        return [d.name.lower() for d in storage.get_study_directions(study_id)]
     except KeyError:  # no such study yet
-        return
+        return None
     finally:
         storage.engine.dispose()
-    if found != [direction]:
-        raise SweepRefused(direction_mismatch(study_name, url, " and ".join(found), direction))
 
 
 @contextlib.contextmanager

@@ -27,6 +27,8 @@ def trials_frame(study) -> pd.DataFrame:
     datetime_complete, duration, params_<name>, user_attrs_<name> (e.g. user_attrs_fail_reason),
     state; the trial's MLflow run is the column mlflow_run_id (blank before its run exists)."""
     frame = study.trials_dataframe(attrs=_ATTRS)
+    # A study that names its metric gets the column value_<metric>: the table keeps Optuna's plain name.
+    frame = frame.rename(columns={f"value_{name}": "value" for name in study.metric_names or []})
     if frame.empty:
         frame = pd.DataFrame(columns=["number", "value", "state"])
     frame = frame.rename(columns={"user_attrs_mlflow_run_id": "mlflow_run_id"})

@@ -28,11 +28,13 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from harness import runtime
-from harness.data import tf_dataset
 from harness.direction import at_least_as_good
 from harness.evaluation import class_metric_keys, classification_metrics, confusion_csv, confusion_figure, is_number, scores
-from harness.objective import TrialFailed, TrialRunner, log_history, trial_level_errors
-from harness.scratch import confirmation_plan, images_seen, print_note, train_from_scratch
+from harness.frameworks import framework_for, framework_named, framework_of, seed_loaded_frameworks
+from harness.objective import TrialFailed, TrialRunner, log_history, plan_for, trial_level_errors
+from harness.phases import History
+from harness.scratch import ScratchRun, confirmation_plan, images_seen, print_note, train_from_scratch
+from harness.training import Configuration, EpochHooks, epoch_note
 from harness.transferability import score_backbones
 
 if TYPE_CHECKING:
@@ -66,7 +68,7 @@ def execute(task, channel: Channel):
     if task.context is not None and task.context_key not in _RUNNERS:
         _RUNNERS[task.context_key] = task.context.load()
     runner = _RUNNERS[task.context_key]
-    runtime.seed_everything(runner.cfg.study.seed)
+    seed_loaded_frameworks(runner.cfg.study.seed)
     return task.run(runner, channel)
 
 
@@ -74,7 +76,13 @@ def execute(task, channel: Channel):
 
 
 @contextlib.contextmanager
-def tracked_run(tracker, run_id: str, optuna_states: bool = False, system_metrics_seconds: float | None = None):
+def tracked_run(
+    tracker,
+    run_id: str,
+    release_memory: Callable[[], None],
+    optuna_states: bool = False,
+    system_metrics_seconds: float | None = None,
+):
     """Train inside this block; the run ends to match how the block ended:
 
     - normally: FINISHED (the Optuna state tag COMPLETE, where the run has one);
@@ -84,7 +92,7 @@ def tracked_run(tracker, run_id: str, optuna_states: bool = False, system_metric
 
     `optuna_states`: the run mirrors an Optuna trial's state (trials and the baseline do).
     `system_metrics_seconds`: sample the process's CPU, memory and GPU into the run meanwhile.
-    Keras' session is cleared and freed memory handed back before the run ends, whatever happened."""
+    The framework's memory (`release_memory`) is handed back before the run ends, whatever happened."""
     system = tracker.system_metrics(run_id, system_metrics_seconds) if system_metrics_seconds is not None else None
     try:
         yield
@@ -101,22 +109,14 @@ def tracked_run(tracker, run_id: str, optuna_states: bool = False, system_metric
     finally:
         if system is not None:
             system.finish()
-        runtime.release_memory()
+        release_memory()
     tracker.end_run(run_id, "FINISHED", optuna_state="COMPLETE" if optuna_states else None)
-
-
-def split_pipeline(runner, indices):
-    """One split of the runner's data, in order, at the head phase's batch size: how every
-    evaluation reads it."""
-    return tf_dataset(runner.dataset, indices, runner.cfg.train.head.batch_size, shuffle=False)
 
 
 def evaluate_on_test(model, runner) -> dict[str, float]:
     """Loss and accuracy on the test split: read once per run, after all training, for weights
     chosen on validation alone."""
-    from harness.phases import evaluate
-
-    return evaluate(model, split_pipeline(runner, runner.splits.test))
+    return runner.trainer(model.spec.backbone).evaluate(model, runner.splits.test)
 
 
 # --- search trials ----------------------------------------------------------------------------
@@ -132,6 +132,11 @@ class TrialTask:
     run_id: str
     leader: float | None = None  # the study's best value when handed out: a trial that beats it logs its model
     context: Context | None = None  # attached the first time a process sees this study
+
+    @property
+    def framework(self) -> str:
+        """The framework a process must have to run this task (it never loads a second one)."""
+        return framework_of(self.params["backbone"])
 
     def run(self, runner: TrialRunner, channel: Channel) -> tuple[str, Any]:
         try:
@@ -159,18 +164,18 @@ def run_trial(
     `leader` is the study's best value when the trial was handed out (None: no trial has
     finished yet). A trial that matches or beats it logs its trained model to its run, so the
     winner's model exists however the sweep ends, while most trials store none."""
-    from harness.phases import History
-
     tracker, cfg = runner.tracker, runner.cfg
+    fw = framework_for(params["backbone"])
     if runtime.stop_requested.is_set():
         tracker.end_run(run_id, "KILLED", optuna_state="FAIL")
         raise KeyboardInterrupt("stop requested")
     started = time.perf_counter()
     history = History()
+    system_seconds = cfg.tracking.system_metrics_seconds
     try:
-        with tracked_run(tracker, run_id, optuna_states=True, system_metrics_seconds=cfg.tracking.system_metrics_seconds):
+        with tracked_run(tracker, run_id, fw.release_memory, optuna_states=True, system_metrics_seconds=system_seconds):
             try:
-                tm = runner.train(number, params, run_id, report, history)
+                model = runner.train(number, params, run_id, report, history)
             except optuna.TrialPruned:
                 log_history(tracker, run_id, history)  # a pruned trial keeps its curve
                 raise
@@ -186,15 +191,10 @@ def run_trial(
                 },
             )
             if at_least_as_good(value, leader, cfg.study.direction):  # it leads: its model may win
-                tracker.log_keras_model(
-                    run_id,
-                    tm.model,
-                    runner.dataset.class_names,
-                    cfg.data.image_size,
-                    tags={"harness.study": cfg.study.name, "harness.trial": number},
-                )
-            tm = None
-    except trial_level_errors() as exc:
+                tags = {"harness.study": cfg.study.name, "harness.trial": number}
+                fw.log_model(tracker, run_id, model, runner.dataset.class_names, tags)
+            model = None
+    except trial_level_errors(fw) as exc:
         raise TrialFailed(f"{type(exc).__name__}: {str(exc)[:500]}") from exc
     return value
 
@@ -214,6 +214,10 @@ class ConfirmTask:
     keep_model: bool = True  # log the model when it leads (a backbone check never does)
     number: int = 0  # its trial in the confirmation study (the number its progress lines show)
     context: Context | None = None
+
+    @property
+    def framework(self) -> str:
+        return framework_of(self.params["backbone"])
 
     def run(self, runner, channel) -> tuple[str, float]:
         return "complete", confirm_seed(
@@ -236,90 +240,69 @@ def confirm_seed(
     The model keeps the best epoch's weights across both phases (the ones its validation score
     came from), and is logged when it matches or beats the cell's best confirmed seed so far.
     Each epoch goes to `note(("epoch", summary))`, as a trial's does, numbered `number`."""
-    from harness.model import build_model
-    from harness.objective import model_spec, plan_for, run_plan, train_class_weights
-
-    ccfg, dataset, splits, tracker = runner.cfg, runner.dataset, runner.splits, runner.tracker
+    cfg, tracker = runner.cfg, runner.tracker
+    fw = framework_for(params["backbone"])
     started = time.perf_counter()
 
     def on_epoch(record):
         tracker.log_metrics(run_id, record.metrics, step=record.epoch)
 
-    with tracked_run(tracker, run_id):
+    with tracked_run(tracker, run_id, fw.release_memory):
         if params.get("strategy") == "scratch":
             # Confirmed as the sweep's baseline is trained: to convergence, not on the search's
             # equal budget (the search's best_val stays the equal-budget figure).
-            tm, history, facts = train_from_scratch(runner, params, seed, run_id, on_epoch, f"seed {seed}", note, number)
-            seen = facts["steps_all_attempts"] * ccfg.train.head.batch_size  # retries cost too
+            scratch = ScratchRun(runner, params, seed, run_id, on_epoch, f"seed {seed}", note, number)
+            model, history, facts = train_from_scratch(scratch)
+            seen = facts["steps_all_attempts"] * cfg.train.head.batch_size  # retries cost too
             seconds = facts["seconds_all_attempts"]
         else:
-            runtime.seed_everything(seed)  # before the pipelines: their shuffle seeds come from the global seed
-            tm = build_model(model_spec(ccfg, params, dataset.num_classes, runner.weights.get(params["backbone"])), seed=seed)
-            # Trained to convergence under the scratch seeds' floor and stopping rule, not on the
-            # search's epoch budget (the search's best_val stays the equal-budget figure).
-            plan = confirmation_plan(plan_for(ccfg, params, len(tm.blocks)), len(splits.train), ccfg.train, ccfg.baseline)
-            total_epochs = sum(p.epochs for p in plan)
-
-            def on_transfer_epoch(record):
-                on_epoch(record)
-                note(
-                    (
-                        "epoch",
-                        {
-                            "number": number,
-                            "epoch": record.epoch,
-                            "phase": record.phase,
-                            "metrics": dict(record.metrics),
-                            "total_epochs": total_epochs,
-                        },
-                    )
-                )
-
-            def pipelines(batch_size):
-                return (
-                    tf_dataset(dataset, splits.train, batch_size, shuffle=True, seed=seed),
-                    tf_dataset(dataset, splits.val, batch_size, shuffle=False),
-                )
-
-            history = run_plan(
-                ccfg,
-                tm,
-                plan,
-                pipelines,
-                on_epoch=on_transfer_epoch,
-                class_weight=train_class_weights(ccfg, dataset, splits),
-                features=runner.features,
-                seed=seed,
-                on_features=lambda phase, seconds: tracker.log_metrics(run_id, {f"{phase}/feature_seconds": seconds}),
-            )
-            seen = images_seen(plan, [p.epochs_run for p in history.phases], len(splits.train), ccfg.train)
+            model, history, seen = train_transfer_seed(runner, params, seed, run_id, on_epoch, note, number)
             seconds = sum(p.seconds for p in history.phases)
         # What the cell's compute was: the report's cost columns (seconds on this process's device:
         # GPU-seconds on a GPU box, where each trial process has one GPU).
-        tracker.log_metrics(run_id, {"cost/images_seen": seen, "cost/epochs": seen / len(splits.train), "cost/seconds": seconds})
-        test = evaluate_on_test(tm.model, runner)
+        epochs = seen / len(runner.splits.train)
+        tracker.log_metrics(run_id, {"cost/images_seen": seen, "cost/epochs": epochs, "cost/seconds": seconds})
+        test = evaluate_on_test(model, runner)
         log_history(tracker, run_id, history)
-        best_val = history.best(ccfg.study.metric, ccfg.study.direction)
-        if keep_model and at_least_as_good(best_val, leader, ccfg.study.direction):
-            tracker.log_keras_model(
-                run_id,
-                tm.model,
-                dataset.class_names,
-                ccfg.data.image_size,
-                tags={"harness.study": ccfg.study.name, "harness.seed": seed},
-            )
-        tm = None
+        best_val = history.best(cfg.study.metric, cfg.study.direction)
+        if keep_model and at_least_as_good(best_val, leader, cfg.study.direction):
+            tags = {"harness.study": cfg.study.name, "harness.seed": seed}
+            fw.log_model(tracker, run_id, model, runner.dataset.class_names, tags)
+        model = None
         tracker.log_metrics(
             run_id,
             {
                 "test_accuracy": test["accuracy"],
                 "test_loss": test["loss"],
                 "best_val": best_val,
-                f"best_{ccfg.study.metric}": best_val,
+                f"best_{cfg.study.metric}": best_val,
                 "wall_seconds": time.perf_counter() - started,
             },
         )
     return test["accuracy"]
+
+
+def train_transfer_seed(runner, params: dict, seed: int, run_id: str, on_epoch, note, number: int):
+    """A transfer strategy's confirmation seed, trained to convergence under the scratch seeds'
+    floor and stopping rule (harness/scratch.py `confirmation_plan`), not on the search's epoch
+    budget. Returns (model, history, training images seen)."""
+    cfg, splits = runner.cfg, runner.splits
+    trainer = runner.trainer(params["backbone"])
+    model = trainer.build(Configuration(runner.spec(params), (), seed, seed))
+    plan = confirmation_plan(plan_for(cfg, params, model.n_blocks), len(splits.train), cfg.train, cfg.baseline)
+    total_epochs = sum(p.epochs for p in plan)
+
+    def on_transfer_epoch(record):
+        on_epoch(record)
+        note(("epoch", epoch_note(number, record, total_epochs, cfg.study.metric)))
+
+    def on_features(phase: str, seconds: float):
+        runner.tracker.log_metrics(run_id, {f"{phase}/feature_seconds": seconds})
+
+    hooks = EpochHooks(on_transfer_epoch, on_features=on_features)
+    history = trainer.run_plan(model, Configuration(model.spec, tuple(plan), seed, seed), hooks, History())
+    seen = images_seen(plan, [p.epochs_run for p in history.phases], len(splits.train), cfg.train)
+    return model, history, seen
 
 
 # --- the sweep's from-scratch baseline ----------------------------------------------------------
@@ -334,6 +317,10 @@ class BaselineTask:
     run_id: str
     trial: int = 0  # the trial whose architecture it trains (the number its progress lines show)
     context: Context | None = None
+
+    @property
+    def framework(self) -> str:
+        return framework_of(self.params["backbone"])
 
     def run(self, runner, channel) -> dict[str, Any]:
         return train_baseline(runner, self.params, self.run_id, channel.note, self.trial)
@@ -350,11 +337,13 @@ def train_baseline(runner, params: dict, run_id: str, note=print_note, number: i
     def on_epoch(r):
         tracker.log_metrics(run_id, r.metrics, step=r.epoch)
 
-    with tracked_run(tracker, run_id, optuna_states=True):
-        tm, history, facts = train_from_scratch(runner, params, cfg.study.seed, run_id, on_epoch, "baseline", note, number)
+    with tracked_run(tracker, run_id, framework_for(params["backbone"]).release_memory, optuna_states=True):
+        model, history, facts = train_from_scratch(
+            ScratchRun(runner, params, cfg.study.seed, run_id, on_epoch, "baseline", note, number)
+        )
         log_history(tracker, run_id, history)
-        test = evaluate_on_test(tm.model, runner)
-        tm = None
+        test = evaluate_on_test(model, runner)
+        model = None
         value = history.best(cfg.study.metric, cfg.study.direction)
         tracker.log_metrics(
             run_id,
@@ -386,6 +375,7 @@ class TestTask:
     context_key: str
     model_uri: str
     run_id: str
+    framework: str = "keras"  # the framework the model was trained with
     context: Context | None = None
 
     def run(self, runner, channel) -> dict[str, float]:
@@ -396,17 +386,17 @@ def test_logged_model(runner, model_uri: str, run_id: str) -> dict[str, float]:
     """Score the model behind `model_uri`, as loaded back from the store, on the validation and
     test splits; logs the test scores, per-class accuracy and the confusion matrix into `run_id`.
     The reloaded validation accuracy shows that the model tested is the model that scored."""
-    import harness.model  # noqa: F401 - registers the layer that models saved by earlier versions hold
     from harness.plots import plt
-    from harness.tracking import load_keras_model
 
     tracker = runner.tracker
-    model = load_keras_model(model_uri, tracker.uri)
+    fw = framework_named(tracker.logged_model_framework(model_uri))  # the process's own (TestTask.framework)
+    model = fw.load_model(model_uri, tracker.uri)
+    trainer = runner.trainer_of(fw)
     names = runner.dataset.class_names
     out: dict[str, float] = {}
     details: dict[str, dict] = {}
     for split, indices in (("val", runner.splits.val), ("test", runner.splits.test)):
-        probabilities, labels = model.predict(split_pipeline(runner, indices), verbose=0), runner.dataset.labels[indices]
+        probabilities, labels = fw.predict(model, trainer.split_batches(indices)), runner.dataset.labels[indices]
         result = scores(probabilities, labels)
         out.update({f"{split}_accuracy": result["accuracy"], f"{split}_loss": result["loss"]})
         details[split] = classification_metrics(probabilities, labels, len(names))
@@ -442,9 +432,13 @@ class ScreeningTask:
     trial process: where the trials' feature cache and the GPU are."""
 
     context_key: str
-    backbones: tuple
+    backbones: tuple  # all of one framework
     max_images: int
     context: Context | None = None
+
+    @property
+    def framework(self) -> str:
+        return framework_of(self.backbones[0])
 
     def run(self, runner, channel) -> dict[str, dict]:
         return score_backbones(runner, list(self.backbones), self.max_images, channel.note)

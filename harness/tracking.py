@@ -14,14 +14,15 @@ Run tree:  experiment <study name>
 from __future__ import annotations
 
 import os
-import re
 import time
 import traceback as tb
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+
+from harness.redaction import LOGIN_VARIABLES, login_to_environment, redact, redact_config
 
 ROLE = "harness.role"
 STUDY_TAG = "harness.study"
@@ -119,14 +120,29 @@ def resolve_tracking_uri(configured: str | None) -> str:
     return f"sqlite:///{path}"
 
 
-def quiet_mlflow_logger() -> None:
-    """MLflow's own log lines at WARNING and above only. MLflow configures its logger when it is
+# MLflow's own switch (mlflow/environment_variables.py): without it, every run that ends on a
+# tracking server prints "View run ... at: http://..." and "View experiment at: ..." to stdout
+# (TrackingServiceClient.set_terminated), twenty lines in a 24-trial sweep. The links a reader
+# needs are in the summary and the run descriptions.
+URL_LINES_OFF = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+# Another: MLflow draws a "Downloading artifacts" progress bar whenever it reads a run's artifacts
+# back from a tracking server (the winner's model, in a trial process): eight redrawn lines a load.
+ARTIFACT_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def quiet_mlflow() -> None:
+    """MLflow's own output down to what concerns the reader, in this process and in the processes it
+    starts: its log lines at WARNING and above, no "View run ... at:" lines when a run on a tracking
+    server ends and no artifact download bars (unless $MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT or
+    $MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR says otherwise). MLflow configures its logger when it is
     first imported, which would undo a level set before: so it is imported here first."""
     import logging
 
     import mlflow  # noqa: F401
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault(URL_LINES_OFF, "true")
+    os.environ.setdefault(ARTIFACT_BARS, "false")
 
 
 @contextmanager
@@ -151,6 +167,22 @@ def global_tracking_uri(uri: str):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
+
+
+def run_url(run_id, experiment_id, ui_url: str = DEFAULT_UI_URL) -> str | None:
+    """The MLflow UI page of a run, or None without both ids. With `ui_url=""` the link is relative
+    (`#/experiments/...`) and works from any page of the UI: the links in a run's description.
+
+    >>> run_url("abc", "4", "")
+    '#/experiments/4/runs/abc'
+    """
+    if not isinstance(run_id, str) or not run_id or experiment_id in (None, ""):
+        return None
+    base = f"{ui_url.rstrip('/')}/" if ui_url else ""
+    return f"{base}#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def ui_command(uri: str, experiment_id: str | None = None) -> str:
@@ -183,6 +215,7 @@ class Tracker:
         """`source`: the command that made the runs, shown in the UI's Source column."""
         from mlflow.tracking import MlflowClient
 
+        quiet_mlflow()  # before the client: creating a new store logs its migrations
         self.uri = login_to_environment(uri)
         # A trial process may have been started before the login reached the environment: it gets
         # the login with the pickled tracker (through a pipe, never written down).
@@ -228,6 +261,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.__dict__.update(state)
+        quiet_mlflow()
         for name, value in self._login.items():
             os.environ.setdefault(name, value)
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -404,10 +438,6 @@ class Tracker:
         """The run's description, shown at the top of its page in the UI."""
         self.client.set_tag(run_id, DESCRIPTION_TAG, redact(markdown))
 
-    def run_link(self, run_id: str) -> str:
-        """A link to a run that works from any page of the MLflow UI (markdown in descriptions)."""
-        return f"#/experiments/{self.experiment_id}/runs/{run_id}"
-
     def run_tags(self, run_id: str) -> dict[str, str]:
         return self.client.get_run(run_id).data.tags
 
@@ -421,7 +451,8 @@ class Tracker:
 
         The input is raw uint8 pixels (preprocessing is inside the model); the class names go in
         the model's metadata, so `python -m harness.predict` names its predictions."""
-        import keras
+        from importlib.metadata import version
+
         import mlflow
         import numpy as np
         from mlflow.models import infer_signature
@@ -437,8 +468,8 @@ class Tracker:
                 model,
                 name="model",
                 signature=signature,
-                metadata={"class_names": list(class_names), "image_size": int(image_size)},
-                pip_requirements=[f"keras=={keras.__version__}", "tensorflow"],  # no slow requirement inference
+                metadata={"class_names": list(class_names), "image_size": int(image_size), "framework": "keras"},
+                pip_requirements=[f"keras=={version('keras')}", "tensorflow"],  # no slow requirement inference
                 tags=_redacted(tags or {}),
             )
         self.client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
@@ -480,7 +511,7 @@ class Tracker:
                     model,
                     name="model",
                     signature=signature,
-                    metadata={"class_names": list(class_names), "image_size": int(image_size)},
+                    metadata={"class_names": list(class_names), "image_size": int(image_size), "framework": "torch"},
                     pip_requirements=requirements or ["torch"],  # no slow requirement inference
                     tags=_redacted(tags or {}),
                     serialization_format="pickle",
@@ -489,6 +520,12 @@ class Tracker:
             pytorch_logger.setLevel(level)
         self.client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
         return info.model_uri
+
+    def logged_model_framework(self, model_uri: str) -> str:
+        """The framework a logged model was trained with ("keras" for models logged before the
+        metadata named it)."""
+        with global_tracking_uri(self.uri):
+            return str(logged_model_metadata(model_uri).get("framework", "keras"))
 
     def register_model(self, model_uri: str, name: str, run_id: str, tags: dict[str, Any], description: str = "") -> str:
         """A new version of the registered model `name` pointing at a logged model; returns it."""
@@ -542,7 +579,7 @@ class Tracker:
     def delete_tag(self, run_id: str, key: str) -> None:
         self.client.delete_tag(run_id, key)
 
-    def log_datasets(self, run_id: str, inputs: list[dict]) -> None:
+    def log_datasets(self, run_id: str, inputs: Sequence[dict]) -> None:
         """Dataset inputs of a run, as MLflow's Dataset column and run page show them.
 
         Each input: name, source (a path, URL or {tags} for generated data), digest (content
@@ -819,70 +856,3 @@ def _lost_creation_race(exc: Exception) -> bool:
     return (
         code == "RESOURCE_ALREADY_EXISTS" or "already exists" in text or "UNIQUE constraint" in text or "IntegrityError" in text
     )
-
-
-# --- secrets ---------------------------------------------------------------------------------
-# A URI can carry a password (`postgresql://user:pw@host/db`, `https://user:pw@host`,
-# `...?password=pw`). Everything the harness writes down or prints passes through `redact`.
-
-# A URI inside any text: a scheme, `://`, then up to whitespace or a quote.
-_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]*")
-# `user:password@` right after the scheme. The password runs to the last `@` before the host: a
-# SQLAlchemy URL's password may hold `/`, and requests splits userinfo at the last `@`. A port
-# followed by a path (`host:5000/a@b`) is not a password.
-_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*):(?!\d*[/?#])[^\s]*@(?=[^@/?#]*(?:[/?#]|$))")
-# A query parameter whose name says its value is a secret (sslpassword, api_key, X-Amz-Signature...).
-_SECRET_PARAM = re.compile(
-    r"(?P<name>[?&;][^=&;#]*?(?:pass|pwd|secret|token|key|credential|signature)[^=&;#]*=)[^&;#]*", re.IGNORECASE
-)
-MASK = "***"
-
-
-def redact(text: str) -> str:
-    """`text` with the secrets of every URI in it masked: the password of `user:password@` (the
-    user stays), and the value of every password-like query parameter. A URI without secrets, a
-    path and any other text come back unchanged.
-
-    >>> redact("postgresql://harness:s3cret@db:5432/optuna?sslmode=require&password=s3cret")
-    'postgresql://harness:***@db:5432/optuna?sslmode=require&password=***'
-    """
-    if not isinstance(text, str) or "://" not in text:
-        return text
-    return _URI.sub(lambda m: _redact_uri(m.group(0)), text)
-
-
-def _redact_uri(uri: str) -> str:
-    uri = _USERINFO.sub(lambda m: f"{m.group('head')}:{MASK}@", uri, count=1)
-    return _SECRET_PARAM.sub(lambda m: m.group("name") + MASK, uri)
-
-
-def redact_config(value: Any) -> Any:
-    """A copy of a config (nested dicts, lists, strings) with `redact` applied to every string: the
-    storage URL and the tracking URI above all. What a run's config.yaml may hold."""
-    if isinstance(value, dict):
-        return {k: redact_config(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact_config(v) for v in value)
-    return redact(value)
-
-
-# The variables MLflow reads a tracking server's login from (mlflow/utils/credentials.py).
-LOGIN_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-
-
-def login_to_environment(uri: str) -> str:
-    """Move the `user:password@` of an http(s) tracking URI into MLFLOW_TRACKING_USERNAME and
-    MLFLOW_TRACKING_PASSWORD, where MLflow reads them, and return the URI without them.
-
-    MLflow prints a server's URI as it is (the "View run at" line of every ended run, the URL in
-    a failed request's error), so a password left in it would be printed by MLflow itself."""
-    if not uri.startswith(("http://", "https://")):
-        return uri
-    parts = urlsplit(uri)
-    if parts.username is None:
-        return uri
-    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
-    if parts.password is not None:
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=host))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.backbones import IMAGENET_TOP1
+from harness.frameworks.keras.backbones import IMAGENET_TOP1
 
 KNN_NEIGHBOURS = 5
 KNN_FOLDS = 5
@@ -109,37 +109,13 @@ def score_backbones(runner, backbones: list[str], max_images: int, note=lambda p
 
     With the feature cache on, the whole split's features are read from (or written to) the entry
     the trials' phase 1 uses; the scores read a class-balanced subsample of at most `max_images`."""
-    from harness.config import feature_cache_impossible
-    from harness.features import pooled_features
-    from harness.model import TransferModel, build_model
-    from harness.objective import model_spec
-    from harness.runtime import release_memory
-
-    cfg, dataset, splits = runner.cfg, runner.dataset, runner.splits
-    # The trials' cache entry, where trials can read it; elsewhere only the subsample is computed.
-    cache = runner.features if feature_cache_impossible(cfg) is None else None
+    dataset, splits = runner.dataset, runner.splits
     train_labels = dataset.labels[splits.train]
     positions = balanced_positions(train_labels, max_images)
     out = {}
-    tm: TransferModel | None  # each backbone's model, dropped before the next is built
     for backbone in backbones:
         started = time.perf_counter()
-        weights = runner.weights.get(backbone)
-        tm = build_model(model_spec(cfg, screening_params(cfg, backbone), dataset.num_classes, weights), seed=cfg.study.seed)
-        try:
-            if cache is not None:
-                features = np.asarray(cache.features(tm, "train")[positions])
-            else:
-                features = pooled_features(tm, dataset, splits.train[positions])
-            row: dict[str, Any] = feature_scores(features, train_labels[positions])  # then facts of the backbone
-            row.update(
-                params=int(tm.backbone.count_params()),
-                images=len(positions),
-                imagenet_top1=published_top1(backbone, weights, cfg.model.backbone_options.get(backbone)),
-            )
-        finally:
-            tm = None
-            release_memory()
+        row = backbone_row(runner, backbone, positions)
         row["seconds"] = round(time.perf_counter() - started, 2)
         out[backbone] = row
         note(
@@ -152,16 +128,46 @@ def score_backbones(runner, backbones: list[str], max_images: int, note=lambda p
     return out
 
 
+def backbone_row(runner, backbone: str, positions: np.ndarray) -> dict[str, Any]:
+    """One backbone's scores on the training images at `positions`, and its facts."""
+    from harness.config import feature_cache_impossible
+    from harness.features import frozen_features
+
+    cfg, dataset, splits = runner.cfg, runner.dataset, runner.splits
+    trainer = runner.trainer(backbone)
+    fw = trainer.fw
+    # The trials' cache entry, where trials can read it; elsewhere only the subsample is computed.
+    cache = trainer.features if feature_cache_impossible(cfg) is None else None
+    weights = runner.weights.get(backbone)
+    model = fw.build(runner.spec(screening_params(cfg, backbone)), seed=cfg.study.seed)
+    try:
+        if cache is not None:
+            features = np.asarray(cache.features(model, "train")[positions])
+        else:
+            features = frozen_features(fw, model, dataset, splits.train[positions])
+        row: dict[str, Any] = feature_scores(features, dataset.labels[splits.train][positions])  # then facts of the backbone
+        row.update(
+            params=fw.backbone_size(model),
+            images=len(positions),
+            imagenet_top1=published_top1(backbone, weights, cfg.model.backbone_options.get(backbone)),
+        )
+    finally:
+        model = None
+        fw.release_memory()
+    return row
+
+
 def logme_of_backbone(backbone: str, image_size: int, options: dict, weights: str | None, dataset, indices) -> float:
     """LogME of one backbone's frozen pooled features of the images at `indices` (a quadrant
     sweep's per-target ranking, computed where the sweep runs)."""
-    from harness.features import pooled_features
+    from harness.features import frozen_features
+    from harness.frameworks import framework_for
+    from harness.frameworks.base import ModelSpec
     from harness.logme import logme
-    from harness.model import ModelSpec, build_model
-    from harness.runtime import release_memory
 
-    tm = build_model(ModelSpec(backbone, image_size, dataset.num_classes, weights, dict(options)))
-    score = logme(pooled_features(tm, dataset, indices), dataset.labels[indices])
-    del tm
-    release_memory()
+    fw = framework_for(backbone)
+    model = fw.build(ModelSpec(backbone, image_size, dataset.num_classes, weights, dict(options)), seed=0)
+    score = logme(frozen_features(fw, model, dataset, indices), dataset.labels[indices])
+    del model
+    fw.release_memory()
     return score

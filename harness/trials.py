@@ -40,6 +40,7 @@ from optuna.trial import TrialState
 from harness import runtime, space
 from harness import study as st
 from harness.config import SweepRefused
+from harness.frameworks import frameworks_of
 from harness.tasks import Context, TrialTask, execute
 from harness.tracking import STATE_TAG, TRIAL_TAG
 from harness.worker import TrialProcess, describe_exit
@@ -123,7 +124,6 @@ def trial_job(
     tracker,
     parent_run_id: str | None = None,
     extra_tags: dict | None = None,
-    name: str = "",
     progress=None,
     on_done: Callable[[], list[Job]] = lambda: [],
 ) -> Job:
@@ -157,7 +157,7 @@ def trial_job(
         return TrialTask(context.key, trial.number, params, run_id, leader.value if leader else None)
 
     return Job(
-        name or cfg.study.name,
+        cfg.study.name,
         study,
         cfg.study.n_trials,
         context,
@@ -208,44 +208,46 @@ def plan_slots(workers: int, gpus: list[str], cpu_count: int) -> list[Slot]:
     return [Slot({"CUDA_VISIBLE_DEVICES": ""} if workers > 1 else {}, threads) for _ in range(workers)]
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the engine paces its trial processes (the config's study and train sections say)."""
+
+    trials_per_process: int = 20  # study.trials_per_process: tasks before a process is recycled
+    recycle_memory_mib: float = 1024  # study.recycle_memory_mib: memory growth that recycles it
+    max_consecutive_failures: int = 5  # study.max_consecutive_failures: the sweep stops after so many
+    timeout: float | None = None  # study.timeout: seconds after which no new trial starts
+    heartbeat_seconds: float = st.HEARTBEAT_SECONDS  # study.heartbeat_seconds
+    gpu_memory_limit_mib: float | None = None  # train.gpu_memory_limit_mib (None: memory growth)
+    # The frameworks the sweep's backbones train with; a trial process imports one of them, the
+    # first when it warms up (harness/frameworks/).
+    frameworks: tuple[str, ...] = ("keras",)
+
+    @classmethod
+    def from_config(cls, cfg) -> EngineSettings:
+        from harness.config import backbone_candidates
+
+        return cls(
+            trials_per_process=cfg.study.trials_per_process,
+            recycle_memory_mib=cfg.study.recycle_memory_mib,
+            max_consecutive_failures=cfg.study.max_consecutive_failures,
+            timeout=cfg.study.timeout,
+            heartbeat_seconds=cfg.study.heartbeat_seconds,
+            gpu_memory_limit_mib=cfg.train.gpu_memory_limit_mib,
+            frameworks=tuple(frameworks_of(backbone_candidates(cfg.search))),
+        )
+
+
 class TrialEngine:
     """Runs jobs on a pool of warm trial processes until every job's study is full."""
 
     @classmethod
     def for_config(cls, cfg, log, workers: int, gpus: list[str]) -> TrialEngine:
         """The engine for a config; `use_stores` must follow before `run` or `call`."""
-        slots = plan_slots(workers, gpus, usable_cores())
-        return cls(
-            slots,
-            None,
-            True,
-            log,
-            cfg.study.trials_per_process,
-            cfg.study.recycle_memory_mib,
-            cfg.study.max_consecutive_failures,
-            cfg.study.timeout,
-            cfg.study.heartbeat_seconds,
-            cfg.train.gpu_memory_limit_mib,
-        )
+        return cls(plan_slots(workers, gpus, usable_cores()), None, True, log, EngineSettings.from_config(cfg))
 
-    def __init__(
-        self,
-        slots: list[Slot],
-        tracker,
-        exclusive: bool,
-        log,
-        trials_per_process: int = 20,
-        recycle_memory_mib: float = 1024,
-        max_consecutive_failures: int = 5,
-        timeout: float | None = None,
-        heartbeat_seconds: float = st.HEARTBEAT_SECONDS,
-        gpu_memory_limit_mib: float | None = None,
-    ):
-        self.heartbeat_seconds = heartbeat_seconds
-        self.gpu_memory_limit_mib = gpu_memory_limit_mib  # train.gpu_memory_limit_mib (None: memory growth)
+    def __init__(self, slots: list[Slot], tracker, exclusive: bool, log, settings: EngineSettings = EngineSettings()):
         self.slots, self.tracker, self.exclusive, self.log = slots, tracker, exclusive, log
-        self.trials_per_process, self.recycle_memory_mib = trials_per_process, recycle_memory_mib
-        self.max_failures, self.timeout = max_consecutive_failures, timeout
+        self.settings = settings
         self.running: dict[TrialProcess, Running] = {}
         self.loaded: dict[TrialProcess, set[str]] = {}
         self.streak = 0
@@ -268,7 +270,7 @@ class TrialEngine:
         """Fill every job's study; raises SweepRefused when trials keep failing, KeyboardInterrupt
         when a stop was asked for (after ending the running trials cleanly)."""
 
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        deadline = None if self.settings.timeout is None else time.monotonic() + self.settings.timeout
         pending = list(jobs)
         try:
             self._ensure_pool()
@@ -278,8 +280,8 @@ class TrialEngine:
                     raise KeyboardInterrupt("stop requested")
                 if deadline is not None and time.monotonic() >= deadline and not timed_out:
                     timed_out = True
-                    self.log(f"timeout of {self.timeout:g} s reached: no new trial starts")
-                tripped = self.streak >= self.max_failures
+                    self.log(f"timeout of {self.settings.timeout:g} s reached: no new trial starts")
+                tripped = self.streak >= self.settings.max_consecutive_failures
                 if not timed_out and not tripped:
                     self._dispatch(pending)
                 pending = self._close_full_jobs(pending)
@@ -288,9 +290,9 @@ class TrialEngine:
                 self._wait_and_handle()
             for job in jobs:  # runs of trials that died on another machine end KILLED too
                 self.tracker.end_orphaned_trial_runs(st.trial_states(job.study), parent_id=job.parent_run_id)
-            if self.streak >= self.max_failures:
+            if self.streak >= self.settings.max_consecutive_failures:
                 raise SweepRefused(
-                    f"{self.max_failures} trials failed in a row; see the fail_reason of the last trials "
+                    f"{self.settings.max_consecutive_failures} trials failed in a row; see the fail_reason of the last trials "
                     f"(optuna user attrs / MLflow tag harness.fail_reason)"
                 )
         except KeyboardInterrupt:
@@ -305,9 +307,7 @@ class TrialEngine:
         are; a task silent for QUIET_SECONDS gets a line saying it still runs."""
 
         self._ensure_pool()
-        slot = self.slots[0]
-        proc = slot.current
-        assert proc is not None  # _ensure_pool gave every slot a process
+        proc = self._process_for(self.slots[0], task.framework)
         if context.key not in self.loaded.setdefault(proc, set()):
             task = dataclasses.replace(task, context=context)
             self.loaded[proc].add(context.key)
@@ -396,6 +396,10 @@ class TrialEngine:
             except BaseException:
                 job.study.tell(trial, state=TrialState.FAIL)
                 raise
+            asked_by = proc.worker_id
+            slot, proc = self._slot_for(slot, task.framework)
+            if proc.worker_id != asked_by:
+                trial.set_user_attr("worker", proc.worker_id)  # the process that runs it
             if job.context.key not in self.loaded.setdefault(proc, set()):
                 task = dataclasses.replace(task, context=job.context)
                 self.loaded[proc].add(job.context.key)
@@ -524,26 +528,59 @@ class TrialEngine:
 
     # -- the pool ----------------------------------------------------------------------------
 
-    def _spawn(self, slot: Slot, after: TrialProcess | None = None) -> TrialProcess:
-        """A trial process for `slot`; on a GPU, one that touches it only once `after` has exited."""
+    def _spawn(self, slot: Slot, after: TrialProcess | None = None, framework: str | None = None) -> TrialProcess:
+        """A trial process for `slot` (of `framework`: default the one `after` had, else the sweep's
+        first); on a GPU, one that touches it only once `after` has exited."""
         return TrialProcess(
             execute,
             env=slot.env,
             threads=slot.threads,
-            gpu_memory_limit_mib=self.gpu_memory_limit_mib,
+            gpu_memory_limit_mib=self.settings.gpu_memory_limit_mib,
             after=after if slot.gpu else None,
+            framework=framework or (after.framework if after is not None else self.settings.frameworks[0]),
         )
+
+    def _slot_for(self, slot: Slot, framework: str) -> tuple[Slot, TrialProcess]:
+        """Where a task of `framework` runs: an idle slot whose process has that framework, else
+        `slot`, its process swapped for one that has it."""
+        for other in self.slots:
+            proc = other.current
+            if proc is not None and proc not in self.running and proc.framework == framework:
+                return other, proc
+        return slot, self._process_for(slot, framework)
+
+    def _process_for(self, slot: Slot, framework: str) -> TrialProcess:
+        """`slot`'s process, or, when it has another framework, a new one that has `framework`.
+
+        A process never imports two frameworks (TensorFlow and torch fight over threads, GPU memory
+        and, imported in the wrong order, crash), and a slot keeps one process: two warm processes
+        per GPU would split its memory. So a task of the other framework retires the process, as
+        recycling does, and its successor starts (on a GPU, once the old one has exited)."""
+        proc = slot.current
+        assert proc is not None  # _ensure_pool gave every slot a process
+        if proc.framework == framework:
+            return proc
+        proc.retire()
+        self.loaded.pop(proc, None)
+        successor = slot.successor
+        if successor is not None and successor.framework != framework:
+            successor.retire()
+            self.loaded.pop(successor, None)
+            successor = None
+        slot.current, slot.successor = successor or self._spawn(slot, after=proc, framework=framework), None
+        return slot.current
 
     def _slot_of(self, proc: TrialProcess) -> Slot | None:
         return next((s for s in self.slots if proc in (s.current, s.successor)), None)
 
     def _last_task_of(self, proc: TrialProcess) -> bool:
         return (
-            proc.tasks_started >= self.trials_per_process or proc.memory_growth_mib() >= PRESTART_SHARE * self.recycle_memory_mib
+            proc.tasks_started >= self.settings.trials_per_process
+            or proc.memory_growth_mib() >= PRESTART_SHARE * self.settings.recycle_memory_mib
         )
 
     def _maybe_recycle(self, proc: TrialProcess) -> None:
-        if proc.tasks_started >= self.trials_per_process or proc.memory_growth_mib() >= self.recycle_memory_mib:
+        if proc.tasks_started >= self.settings.trials_per_process or proc.memory_growth_mib() >= self.settings.recycle_memory_mib:
             proc.retire()
             self._replace(proc)
 
@@ -586,7 +623,7 @@ class TrialEngine:
     def _beat(self) -> None:
         """Heartbeats for the trials this process runs (server storages): a machine that dies stops
         beating, and the other sweep processes fail its trials and queue them again."""
-        while not self._stop.wait(self.heartbeat_seconds):
+        while not self._stop.wait(self.settings.heartbeat_seconds):
             for running in list(self.running.values()):
                 try:
                     st.record_heartbeat(running.job.study, running.trial)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from harness import stats
+from harness.config import STRATEGIES
 
 # --- the rules and the fixed orders -------------------------------------------------------------
 
@@ -49,9 +50,8 @@ TEXTBOOK: dict[tuple[str, str], tuple[str, ...]] = {
     ("large", "dissimilar"): ("full", "scratch"),
 }
 
-# Roughly "how much of the network is trained", cheapest first. Used for column order and to break
-# exact ties: when two strategies score the same, the one that trains less is the sensible pick.
-STRATEGY_ORDER = ["features", "intermediate", "partial", "full", "scratch"]
+# Columns, and exact ties, follow config.STRATEGIES: roughly "how much of the network is trained",
+# cheapest first. When two strategies score the same, the one that trains less is the sensible pick.
 
 # Rows are shown small before large, similar before dissimilar (the order the rules are stated in).
 _SIZE_ORDER = ["small", "large"]
@@ -136,7 +136,7 @@ class Comparison:
 
     cells: the machine-readable long form, exactly what comparison.csv holds: one row per input
         cell in display order (quadrants small before large, similar before dissimilar; strategies
-        in STRATEGY_ORDER), see `comparison_long`.
+        in STRATEGIES), see `comparison_long`.
     quadrants: one row per quadrant in display order: VERDICT_COLUMNS plus `outcome` (NO_SCORE, ALONE,
         DECISIVE, RULES_DIFFER or TIE) and `cheaper_in_tie` (cheapest_in_tie is another strategy than
         the winner and trains at a known share below 1 of its cost).
@@ -198,8 +198,8 @@ def validated(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def strategy_key(name: str) -> tuple[int, str]:
-    """Sort key: STRATEGY_ORDER first, any other strategy after them alphabetically."""
-    return (STRATEGY_ORDER.index(name) if name in STRATEGY_ORDER else len(STRATEGY_ORDER), name)
+    """Sort key: STRATEGIES first, any other strategy after them alphabetically."""
+    return (STRATEGIES.index(name) if name in STRATEGIES else len(STRATEGIES), name)
 
 
 def _rule(size: str, similarity: str) -> tuple[str, ...]:
@@ -278,79 +278,106 @@ def _verdict_text(outcome: str, tie: list[str]) -> str:
     return tie[0] if outcome == DECISIVE else "tie: " + ", ".join(tie)
 
 
+@dataclass(frozen=True)
+class _Standing:
+    """How one quadrant's scored cells stand against its best one."""
+
+    ranked: pd.DataFrame  # the scored cells, best first (ties broken by STRATEGIES)
+    winner: pd.Series | None
+    runner: pd.Series | None
+    p_vs_winner: dict  # cell index -> Welch's p against the winner (NaN for the winner itself)
+    tie: list[str]  # the winner, and every strategy not significantly worse than it
+    rules: list[str]  # the training rules the scored cells were trained under
+    decisive: bool
+
+
+def _standing(group: pd.DataFrame) -> _Standing:
+    # An under-trained from-scratch cell is no result: it cannot win, tie or lose.
+    scored = group.dropna(subset=["test_mean"])
+    scored = scored[~(scored["undertrained"] > 0)].copy()
+    # Rounding the sort key makes float-noise ties fall through to the STRATEGIES tie-break.
+    scored["_score"] = scored["test_mean"].round(9)
+    scored["_order"] = [strategy_key(s) for s in scored["strategy"]]
+    ranked = scored.sort_values(["_score", "_order"], ascending=[False, True])
+    winner = ranked.iloc[0] if len(ranked) >= 1 else None
+    runner = ranked.iloc[1] if len(ranked) >= 2 else None
+    winner_index = winner.name if winner is not None else None  # without a winner, `ranked` has no rows to compare
+    p_vs_winner = {i: math.nan if i == winner_index else _p_between(winner, row) for i, row in ranked.iterrows()}
+    tie = [row["strategy"] for i, row in ranked.iterrows() if i == winner_index or not stats.significant(p_vs_winner[i])]
+    # The rules the scored cells were trained under: a strategy that beats another only under a
+    # longer schedule has not been shown better, so mixed rules never give a decisive verdict.
+    rules = sorted({r for r in ranked["training_rule"] if isinstance(r, str)})
+    # Decisive: someone to beat, every other strategy significantly worse, all under one rule.
+    decisive = runner is not None and len(tie) == 1 and len(rules) <= 1
+    return _Standing(ranked, winner, runner, p_vs_winner, tie, rules, decisive)
+
+
+def _verdict_row(quadrant: str, first: pd.Series, standing: _Standing) -> dict:
+    """The quadrant's verdict row: VERDICT_COLUMNS, outcome and cheaper_in_tie."""
+    winner, runner, tie = standing.winner, standing.runner, standing.tie
+    rule = _rule(first["size"], first["similarity"])
+    # A runner-up implies a winner (the two best of `ranked`).
+    margin = float(winner["test_mean"] - runner["test_mean"]) if winner is not None and runner is not None else math.nan
+    if abs(margin) <= TIE_TOLERANCE:
+        margin = 0.0
+    p_value = standing.p_vs_winner[runner.name] if runner is not None else math.nan
+    outcome = _outcome(winner, runner, tie, standing.decisive)
+    cheapest = _cheapest(standing.ranked, tie, winner)
+    return {
+        "quadrant": quadrant,
+        "size": first["size"],
+        "similarity": first["similarity"],
+        "target": first["target"],
+        "winner": winner["strategy"] if winner is not None else None,
+        "winner_test_mean": float(winner["test_mean"]) if winner is not None else math.nan,
+        "runner_up": runner["strategy"] if runner is not None else None,
+        "runner_up_test_mean": float(runner["test_mean"]) if runner is not None else math.nan,
+        "margin": margin,
+        "p_value": p_value,
+        "significant": stats.significant(p_value),
+        "tie_set": ", ".join(tie),
+        "decisive": standing.decisive,
+        "verdict": _verdict_text(outcome, tie),
+        "textbook": " or ".join(rule),
+        # Judged against the tie set: a rule strategy the data cannot tell from the best agrees.
+        "agrees_with_textbook": bool(set(rule) & set(tie)),
+        **cheapest,
+        "training_rules": "; ".join(standing.rules) or None,
+        "outcome": outcome,
+        "cheaper_in_tie": (
+            isinstance(cheapest["cheapest_in_tie"], str)
+            and winner is not None
+            and cheapest["cheapest_in_tie"] != winner["strategy"]
+            and math.isfinite(cheapest["cheapest_cost_share"])
+            and cheapest["cheapest_cost_share"] < 1
+        ),
+    }
+
+
+def _cell_rows(group: pd.DataFrame, standing: _Standing) -> dict:
+    """cell index -> its CELL_VERDICT_COLUMNS and highlight, for each cell of one quadrant."""
+    rows = {}
+    for i, row in group.iterrows():
+        in_tie_set = row["strategy"] in standing.tie and i in standing.p_vs_winner
+        # Emphasis only where there was a comparison: the decisive winner, or every member of an undecided tie.
+        compared = in_tie_set and standing.runner is not None
+        rows[i] = {
+            "is_winner": standing.winner is not None and i == standing.winner.name,
+            "in_tie_set": in_tie_set,
+            "p_vs_winner": standing.p_vs_winner.get(i, math.nan),
+            "highlight": "" if not compared else WINNER if standing.decisive else TIED,
+        }
+    return rows
+
+
 def _judge(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(one verdict row per quadrant: VERDICT_COLUMNS, outcome, cheaper_in_tie;
     one row per cell of `cells`: CELL_VERDICT_COLUMNS and highlight)."""
     verdict_rows, cell_rows = [], {}
     for quadrant, group in _quadrant_groups(cells):
-        first = group.iloc[0]
-        rule = _rule(first["size"], first["similarity"])
-        # An under-trained from-scratch cell is no result: it cannot win, tie or lose.
-        scored = group.dropna(subset=["test_mean"])
-        scored = scored[~(scored["undertrained"] > 0)].copy()
-        # Rounding the sort key makes float-noise ties fall through to the STRATEGY_ORDER tie-break.
-        scored["_score"] = scored["test_mean"].round(9)
-        scored["_order"] = [strategy_key(s) for s in scored["strategy"]]
-        ranked = scored.sort_values(["_score", "_order"], ascending=[False, True])
-        winner = ranked.iloc[0] if len(ranked) >= 1 else None
-        runner = ranked.iloc[1] if len(ranked) >= 2 else None
-        winner_index = winner.name if winner is not None else None  # without a winner, `ranked` has no rows to compare
-
-        p_vs_winner = {i: math.nan if i == winner_index else _p_between(winner, row) for i, row in ranked.iterrows()}
-        tie = [row["strategy"] for i, row in ranked.iterrows() if i == winner_index or not stats.significant(p_vs_winner[i])]
-        # A runner-up implies a winner (the two best of `ranked`).
-        margin = float(winner["test_mean"] - runner["test_mean"]) if winner is not None and runner is not None else math.nan
-        if abs(margin) <= TIE_TOLERANCE:
-            margin = 0.0
-        p_value = p_vs_winner[runner.name] if runner is not None else math.nan
-        # The rules the scored cells were trained under: a strategy that beats another only under a
-        # longer schedule has not been shown better, so mixed rules never give a decisive verdict.
-        rules = sorted({r for r in ranked["training_rule"] if isinstance(r, str)})
-        # Decisive: someone to beat, every other strategy significantly worse, all under one rule.
-        decisive = runner is not None and len(tie) == 1 and len(rules) <= 1
-        outcome = _outcome(winner, runner, tie, decisive)
-        cheapest = _cheapest(ranked, tie, winner)
-        verdict_rows.append(
-            {
-                "quadrant": quadrant,
-                "size": first["size"],
-                "similarity": first["similarity"],
-                "target": first["target"],
-                "winner": winner["strategy"] if winner is not None else None,
-                "winner_test_mean": float(winner["test_mean"]) if winner is not None else math.nan,
-                "runner_up": runner["strategy"] if runner is not None else None,
-                "runner_up_test_mean": float(runner["test_mean"]) if runner is not None else math.nan,
-                "margin": margin,
-                "p_value": p_value,
-                "significant": stats.significant(p_value),
-                "tie_set": ", ".join(tie),
-                "decisive": decisive,
-                "verdict": _verdict_text(outcome, tie),
-                "textbook": " or ".join(rule),
-                # Judged against the tie set: a rule strategy the data cannot tell from the best agrees.
-                "agrees_with_textbook": bool(set(rule) & set(tie)),
-                **cheapest,
-                "training_rules": "; ".join(rules) or None,
-                "outcome": outcome,
-                "cheaper_in_tie": (
-                    isinstance(cheapest["cheapest_in_tie"], str)
-                    and winner is not None
-                    and cheapest["cheapest_in_tie"] != winner["strategy"]
-                    and math.isfinite(cheapest["cheapest_cost_share"])
-                    and cheapest["cheapest_cost_share"] < 1
-                ),
-            }
-        )
-        for i, row in group.iterrows():
-            in_tie_set = row["strategy"] in tie and i in p_vs_winner
-            # Emphasis only where there was a comparison: the decisive winner, or every member of an undecided tie.
-            highlight = "" if not (in_tie_set and runner is not None) else WINNER if decisive else TIED
-            cell_rows[i] = {
-                "is_winner": winner is not None and i == winner.name,
-                "in_tie_set": in_tie_set,
-                "p_vs_winner": p_vs_winner.get(i, math.nan),
-                "highlight": highlight,
-            }
+        standing = _standing(group)
+        verdict_rows.append(_verdict_row(quadrant, group.iloc[0], standing))
+        cell_rows.update(_cell_rows(group, standing))
     quadrants = pd.DataFrame(verdict_rows, columns=[*VERDICT_COLUMNS, "outcome", "cheaper_in_tie"]).astype(
         {"significant": bool, "decisive": bool, "agrees_with_textbook": bool, "cheaper_in_tie": bool}
     )
@@ -407,7 +434,7 @@ def quadrant_verdicts(cells: pd.DataFrame) -> pd.DataFrame:
     Cells without a test score (not run, or NaN) take no part.
 
     Columns returned: quadrant, size, similarity, target; winner (highest test mean, exact ties
-    broken by STRATEGY_ORDER) and winner_test_mean; runner_up and runner_up_test_mean; margin
+    broken by STRATEGIES) and winner_test_mean; runner_up and runner_up_test_mean; margin
     (winner minus runner-up); p_value (Welch, winner vs runner-up; NaN when either has < 2 seeds);
     significant (p_value < stats.ALPHA); tie_set (the winner and every strategy whose test against
     it is not significant, best first, ', '-joined); decisive (a runner-up exists, the tie set

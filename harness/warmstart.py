@@ -29,9 +29,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.backbones import BACKBONES
 from harness.config import ParamSpec, warm_start_experiments
 from harness.direction import best_of
+from harness.frameworks.keras.backbones import BACKBONES
 
 TARGET_KEYS = ("images", "classes", "image_size")  # the parent run's metrics target/<key>
 SCREEN_SCORES = ("logme", "knn")  # the data scores screening logs per backbone
@@ -243,7 +243,7 @@ def warm_start(cfg, study, tracker, target: TargetDescription, log) -> list[dict
     """Record the target's description on the parent run, then (study.warm_start not off, a study
     with no trial yet) enqueue the best configurations of the nearest finished sweeps. Returns the
     params enqueued. `cfg` is the config the trials sample from (after screening narrowed it)."""
-    from harness.tracking import OLDEST_FIRST, STATE_TAG, STUDY_TAG
+    from harness.tracking import OLDEST_FIRST
 
     tracker.log_metrics(tracker.parent_run_id, description_metrics(target))
     experiments = warm_start_experiments(cfg.study.warm_start)
@@ -262,6 +262,33 @@ def warm_start(cfg, study, tracker, target: TargetDescription, log) -> list[dict
     if not parents:
         log(f"warm start: no finished sweep in {where} to learn from; the study starts cold")
         return []
+    rows = _history_rows(parents, names, target, log)
+    wanted = min(cfg.study.warm_start_trials, cfg.study.n_trials)
+    by_id = {p.run_id: p for p in parents}
+    enqueued: list[dict[str, Any]] = []
+    for row in rows:
+        if row.description is None or len(enqueued) >= wanted:
+            continue
+        params, notes = _fitted_best(cfg.search, tracker, row, by_id[row.parent_run], log)
+        if params is None:
+            continue
+        if params in enqueued:
+            row.note = "the same configuration as a nearer sweep's"
+            continue
+        if notes:
+            row.note = "; ".join(notes)
+            log(f"warm start: the best configuration of sweep {row.label}, fitted: {row.note}")
+        study.enqueue_trial(params, user_attrs={"warm_start_from": row.label}, skip_if_exists=True)
+        row.used = True
+        enqueued.append(params)
+    _record_history(tracker, rows, where, log)
+    return enqueued
+
+
+def _history_rows(parents: list, names: dict[str, str], target: TargetDescription, log) -> list[HistorySweep]:
+    """One row per finished sweep, nearest target first (sweeps without a description last)."""
+    from harness.tracking import STUDY_TAG
+
     rows = []
     for run in parents:
         label = sweep_label(run.tags.get(STUDY_TAG, run.run_id), names.get(run.experiment_id, run.experiment_id))
@@ -273,41 +300,38 @@ def warm_start(cfg, study, tracker, target: TargetDescription, log) -> list[dict
             row.distance = distance(target, row.description)
         rows.append(row)
     rows.sort(key=lambda r: (r.distance is None, r.distance or 0.0))
-    wanted = min(cfg.study.warm_start_trials, cfg.study.n_trials)
-    enqueued: list[dict[str, Any]] = []
-    by_id = {p.run_id: p for p in parents}
-    for row in rows:
-        if row.description is None or len(enqueued) >= wanted:
-            continue
-        run = by_id[row.parent_run]
-        direction = run.params.get("study.direction", "maximize")
-        trials = [
-            t
-            for t in tracker.find_runs(
-                role="trial", parent=run.run_id, tags={STATE_TAG: "COMPLETE"}, experiment_ids=[run.experiment_id]
-            )
-            if math.isfinite(t.metrics.get(OBJECTIVE, math.nan))
-        ]
-        if direction not in ("maximize", "minimize") or not trials:
-            row.note = "no completed trial" if trials == [] else f"unreadable direction {direction!r}"
-            log(f"warm start: skipped sweep {row.label}: {row.note}")
-            continue
-        best = best_of(trials, direction, key=lambda t: t.metrics[OBJECTIVE])
-        row.trial_run, row.value = best.run_id, best.metrics[OBJECTIVE]
-        params, notes = fit_to_space(best.params, cfg.search)
-        if params is None:
-            row.note = notes[0]
-            log(f"warm start: skipped the best configuration of sweep {row.label}: {row.note}")
-            continue
-        if params in enqueued:
-            row.note = "the same configuration as a nearer sweep's"
-            continue
-        if notes:
-            row.note = "; ".join(notes)
-            log(f"warm start: the best configuration of sweep {row.label}, fitted: {row.note}")
-        study.enqueue_trial(params, user_attrs={"warm_start_from": row.label}, skip_if_exists=True)
-        row.used = True
-        enqueued.append(params)
+    return rows
+
+
+def _fitted_best(search, tracker, row: HistorySweep, run, log) -> tuple[dict[str, Any] | None, list[str]]:
+    """The best configuration of the past sweep `run` fitted to this sweep's `search` space, and
+    what fitting changed; None (the reason in `row.note`, and logged) when it has none that fits.
+    Sets the row's best trial and value."""
+    from harness.tracking import STATE_TAG
+
+    direction = run.params.get("study.direction", "maximize")
+    trials = [
+        t
+        for t in tracker.find_runs(
+            role="trial", parent=run.run_id, tags={STATE_TAG: "COMPLETE"}, experiment_ids=[run.experiment_id]
+        )
+        if math.isfinite(t.metrics.get(OBJECTIVE, math.nan))
+    ]
+    if direction not in ("maximize", "minimize") or not trials:
+        row.note = "no completed trial" if trials == [] else f"unreadable direction {direction!r}"
+        log(f"warm start: skipped sweep {row.label}: {row.note}")
+        return None, []
+    best = best_of(trials, direction, key=lambda t: t.metrics[OBJECTIVE])
+    row.trial_run, row.value = best.run_id, best.metrics[OBJECTIVE]
+    params, notes = fit_to_space(best.params, search)
+    if params is None:
+        row.note = notes[0]
+        log(f"warm start: skipped the best configuration of sweep {row.label}: {row.note}")
+    return params, notes
+
+
+def _record_history(tracker, rows: list[HistorySweep], where: str, log) -> None:
+    """warm_start.csv and the sweeps used, on the parent run, and the line that says which."""
     used = [r for r in rows if r.used]
     tracker.log_text(tracker.parent_run_id, history_csv(rows), "warm_start.csv")
     tracker.set_tags(
@@ -321,4 +345,3 @@ def warm_start(cfg, study, tracker, target: TargetDescription, log) -> list[dict
         )
     else:
         log(f"warm start: none of the {len(rows)} finished sweep(s) in {where} gave a usable configuration; starting cold")
-    return enqueued

@@ -22,8 +22,9 @@ from typing import Any
 
 from harness import study as st
 from harness.evaluation import is_number
+from harness.frameworks import framework_of
 from harness.tasks import TestTask
-from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG, TRIAL_TAG, Tracker
+from harness.tracking import MODEL_URI_TAG, REGISTERED_TAG, TRIAL_TAG, Tracker, run_url
 
 WINNER_TAG = "harness.winner"
 MODEL_DELETED_TAG = "harness.model_deleted"  # on a run whose logged model was deleted: why
@@ -60,22 +61,7 @@ def deliver_winner(cfg, study, tracker: Tracker, run_task, log) -> dict | None:
         return winner
     version = run.tags.get(REGISTERED_TAG)
     if version is None:
-        version = tracker.register_model(
-            logged,
-            cfg.study.name,
-            run_id,
-            tags={
-                "harness.sweep": cfg.study.name,
-                "harness.trial": best.number,
-                "harness.metric": cfg.study.metric,
-                "harness.value": f"{best.value:.6g}",
-            },
-            description=f"trial {best.number} of sweep {cfg.study.name}: {cfg.study.metric} {best.value:.4f}",
-        )
-        tracker.set_tags(run_id, {REGISTERED_TAG: version})
-        log(
-            f"registered the winner (trial {best.number}) as model {cfg.study.name!r} version {version}, alias {CHAMPION_ALIAS!r}"
-        )
+        version = _register(cfg, tracker, best, run_id, logged, log)
     # On a resume too: a sweep killed between registering and here left a version without the alias.
     tracker.set_alias(cfg.study.name, CHAMPION_ALIAS, version)
     winner.update(model_uri=f"models:/{cfg.study.name}/{version}", version=version)
@@ -84,7 +70,8 @@ def deliver_winner(cfg, study, tracker: Tracker, run_task, log) -> dict | None:
         log(f"deleted the logged models of {len(deleted)} overtaken trial(s); the winner's and every registered one stay")
     test = run.metrics.get("test_accuracy")
     if test is None:
-        result = run_task(TestTask(cfg.study.name, winner["model_uri"], run_id))
+        framework = framework_of(best.params["backbone"])
+        result = run_task(TestTask(cfg.study.name, winner["model_uri"], run_id, framework))
         test = result["test_accuracy"]
         log(
             f"winner on the held-out test split: accuracy {test:.4f} (registered model reloaded: "
@@ -94,6 +81,26 @@ def deliver_winner(cfg, study, tracker: Tracker, run_task, log) -> dict | None:
     mark_former_winners(tracker, run.parent_id, run_id)
     tracker.set_tags(run_id, {WINNER_TAG: "true", "mlflow.runName": f"trial {best.number} (winner)"})
     return winner
+
+
+def _register(cfg, tracker: Tracker, best, run_id: str, model_uri: str, log) -> str:
+    """Register the best trial's logged model as a new version of the model named after the sweep;
+    returns the version, also kept on the trial's run."""
+    version = tracker.register_model(
+        model_uri,
+        cfg.study.name,
+        run_id,
+        tags={
+            "harness.sweep": cfg.study.name,
+            "harness.trial": best.number,
+            "harness.metric": cfg.study.metric,
+            "harness.value": f"{best.value:.6g}",
+        },
+        description=f"trial {best.number} of sweep {cfg.study.name}: {cfg.study.metric} {best.value:.4f}",
+    )
+    tracker.set_tags(run_id, {REGISTERED_TAG: version})
+    log(f"registered the winner (trial {best.number}) as model {cfg.study.name!r} version {version}, alias {CHAMPION_ALIAS!r}")
+    return version
 
 
 def delete_overtaken_models(tracker: Tracker, study, winner_number: int, winner_run: str) -> list[str]:
@@ -134,8 +141,12 @@ def description(cfg, winner: dict | None, baseline: dict | None, chance: float, 
     metric = cfg.study.metric
     if winner is None:
         return f"Sweep **{cfg.study.name}**: no trial completed."
+
+    def link(run_id: str) -> str | None:  # relative: it works from any page of the MLflow UI
+        return run_url(run_id, tracker.experiment_id, ui_url="")
+
     lines = [
-        f"**Winner: [trial {winner['trial']}]({tracker.run_link(winner['run_id'])})**, "
+        f"**Winner: [trial {winner['trial']}]({link(winner['run_id'])})**, "
         f"best {metric} {winner['value']:.4f}"
         + (f", test accuracy {winner['test_accuracy']:.4f}" if is_number(winner.get("test_accuracy")) else "")
         + "."
@@ -148,7 +159,7 @@ def description(cfg, winner: dict | None, baseline: dict | None, chance: float, 
     if baseline and baseline.get("fitted") is False:
         lines.append(
             f"Same architecture from scratch: **under-trained, not a result** (training accuracy "
-            f"{baseline['train_accuracy']:.4f} < 0.95; [run]({tracker.run_link(baseline['run_id'])}))."
+            f"{baseline['train_accuracy']:.4f} < 0.95; [run]({link(baseline['run_id'])}))."
         )
     elif baseline:
         text = f"Same architecture from scratch: {metric} {baseline['value']:.4f}"
@@ -156,6 +167,6 @@ def description(cfg, winner: dict | None, baseline: dict | None, chance: float, 
             text += f" (training accuracy {baseline['train_accuracy']:.4f})"
         if is_number(baseline.get("test_accuracy")):
             text += f", test accuracy {baseline['test_accuracy']:.4f}"
-        lines.append(text + f" ([run]({tracker.run_link(baseline['run_id'])})).")
+        lines.append(text + f" ([run]({link(baseline['run_id'])})).")
     lines.append(f"Chance (majority class): {chance:.4f}.")
     return "\n\n".join(lines)

@@ -54,6 +54,8 @@ from collections.abc import Callable
 from typing import Any
 
 from harness import runtime
+from harness.frameworks import framework_named
+from harness.tracking import quiet_mlflow
 
 STOP_GRACE_SECONDS = 120  # how long a child may take to end its task after SIGTERM
 
@@ -83,7 +85,8 @@ class TrialProcess:
     `handler(task, channel)` runs in the child for every task; `channel.ask(payload)` sends a
     question back and returns the parent's reply, `channel.note(payload)` just informs.
     `env` is applied to the child's environment before anything is imported there (one GPU per
-    process through CUDA_VISIBLE_DEVICES); `threads` caps TensorFlow's CPU threads (0 = default);
+    process through CUDA_VISIBLE_DEVICES); `framework` is the one framework the child imports
+    (harness/frameworks/), and `threads` caps its CPU threads (0 = default);
     `gpu_memory_limit_mib` caps each GPU's memory for the process (None: memory growth). `after`:
     the retiring process on the same GPU; the child initializes no device before it has exited.
     Tasks may be sent at once: the child keeps them until its devices are ready.
@@ -97,13 +100,23 @@ class TrialProcess:
         name: str = "harness-trials",
         gpu_memory_limit_mib: float | None = None,
         after: TrialProcess | None = None,
+        framework: str = "keras",
     ):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child_end = ctx.Pipe(duplex=True)
         self._send_lock = threading.Lock()  # the "go" comes from a thread of its own
         self.process = ctx.Process(
             target=_child_main,
-            args=(child_end, os.getpid(), _name_of(handler), env or {}, threads, gpu_memory_limit_mib, after is not None),
+            args=(
+                child_end,
+                os.getpid(),
+                _name_of(handler),
+                env or {},
+                threads,
+                gpu_memory_limit_mib,
+                after is not None,
+                framework,
+            ),
             name=name,
             daemon=False,
         )
@@ -114,6 +127,7 @@ class TrialProcess:
         self.devices: dict | None = None  # what the child reported with "ready"
         assert self.process.pid is not None  # a started process has one
         self.pid = self.process.pid
+        self.framework = framework  # the one framework this process imports
         self.worker_id = f"{socket.gethostname()}:{self.pid}"
         self.tasks_started = 0
         self.ready = False
@@ -269,6 +283,17 @@ def _name_of(handler: Callable) -> str:
     return f"{handler.__module__}:{handler.__qualname__}"
 
 
+def _bars_lock_threads_only() -> None:
+    """Progress bars drawn in this process (MLflow's, when it downloads a model's artifacts) lock
+    their output with a thread lock only. tqdm's default lock adds a multiprocessing RLock: in a
+    spawned process that is a named POSIX semaphore, unlinked only by the interpreter's exit, which
+    a trial process skips (`os._exit`), so the resource tracker reported it leaked when the sweep
+    ended. No other process shares this process's bars."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def _child_main(
     conn,
     parent_pid: int,
@@ -277,23 +302,19 @@ def _child_main(
     threads: int,
     gpu_memory_limit_mib: float | None = None,
     gated: bool = False,
+    framework: str = "keras",
 ) -> None:
     _die_with_parent(parent_pid)
     os.environ.update(env)  # before TensorFlow is imported: CUDA_VISIBLE_DEVICES is read then
-    # First: any other import would pull TensorFlow in with its start-up banner. That is why the
-    # handler comes by name: unpickling the function itself would import its module (the tasks,
-    # Keras, TensorFlow) before this line runs.
-    runtime.import_tensorflow_quietly()
+    # First: any other import could pull the framework in with its start-up banner. That is why
+    # the handler comes by name: unpickling the function itself would import its module (the
+    # tasks, the framework) before the framework's quiet import runs.
+    fw = framework_named(framework)
     handler = pkgutil.resolve_name(handler_name)
-    if threads:
-        import tensorflow as tf
-
-        # Several trial processes on one CPU box: each gets its share of the cores, instead of
-        # every process starting a thread per core and all of them thrashing.
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
     runtime.install_stop_handlers()  # training stops at its next batch; a new task does not start
     runtime.quiet_libraries()
+    quiet_mlflow()  # imports MLflow now, so that its objects are frozen with the rest
+    _bars_lock_threads_only()
     runtime.freeze_imported_objects()
     channel = Channel(conn)
     early: list = []  # messages that came before "go": tasks wait for the devices
@@ -304,7 +325,9 @@ def _child_main(
         if predecessor is None:  # told to finish (or the parent went) before the GPU was free
             os._exit(0)
     devices = {"predecessor": predecessor, "predecessor_at_init": process_state(predecessor) if predecessor else None}
-    devices.update(runtime.initialize_devices(gpu_memory_limit_mib))
+    # Several trial processes on one CPU box: each gets its share of the cores (`threads`), instead
+    # of every process starting a thread per core and all of them thrashing.
+    devices.update(fw.start_trial_process(threads, gpu_memory_limit_mib))
     conn.send(("ready", runtime.resident_mib(), devices))
     code = 0
     while True:

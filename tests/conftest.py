@@ -71,6 +71,7 @@ def pytest_configure(config):
     Most tests build Keras models in process; each full collection would walk TensorFlow's objects."""
     if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
         from harness import runtime
+        from harness.frameworks import framework_named
 
         # The torch stack first, where the torch extra is installed: imported after TensorFlow,
         # torchvision's import of triton (CUDA builds of torch) crashes the process. A trial
@@ -78,8 +79,8 @@ def pytest_configure(config):
         if importlib.util.find_spec("torchvision") is not None:
             import torchvision  # noqa: F401
 
-        runtime.import_tensorflow_quietly()
-        import harness.tasks  # noqa: F401 - Keras, MLflow and the harness, as a trial process has them
+        framework_named("keras")  # TensorFlow, quietly, and Keras
+        import harness.tasks  # noqa: F401 - MLflow and the harness, as a trial process has them
         import harness.tracking  # noqa: F401
 
         runtime.freeze_imported_objects()
@@ -326,7 +327,7 @@ def weights_file(tmp_path_factory) -> str:
     pretrained weights offline."""
     import keras
 
-    from harness import backbones as bb
+    from harness.frameworks.keras import backbones as bb
 
     path = tmp_path_factory.mktemp("w") / "mnv2.weights.h5"
     keras.utils.set_random_seed(0)  # the same weights whatever ran before in this process
@@ -339,9 +340,9 @@ def float32_afterwards(monkeypatch):
     """For a test that switches this process to mixed_float16 or XLA: the next test starts without."""
     import keras
 
-    from harness import runtime
+    from harness.frameworks.keras import device
 
-    monkeypatch.setattr(runtime, "_jit_compile", "auto")
+    monkeypatch.setattr(device, "_jit_compile", "auto")
     yield
     keras.mixed_precision.set_global_policy("float32")
     keras.backend.clear_session()

@@ -1,11 +1,10 @@
-"""Data: deterministic stratified splits, nested subsampling, folders, class subsets and merged classes, bad images."""
+"""Data: deterministic stratified splits, nested subsampling, folders, class subsets and merged classes.
+(Bad images, found by the preflight as a folder is scanned: tests/test_preflight.py.)"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,17 +21,17 @@ from harness.data import (
     min_images_per_class,
     select_classes,
     splittable,
-    tf_dataset,
 )
-from tests.conftest import GROUPS, TINY, problems_of, run_main, write_config
+from harness.frameworks.keras.data import tf_dataset
+from tests.conftest import GROUPS, problems_of
 
 LABELS = np.repeat(np.arange(4), 50)
 
 
 @pytest.fixture(autouse=True)
 def _results_outside_the_repository(tmp_path_factory, monkeypatch):
-    """A folder that passes its image check is remembered under results/ (data.checked_images_dir):
-    run from a folder of its own, never the repository and never a dataset root under test."""
+    """Run from a folder of its own: whatever a load writes under results/ lands there, never in the
+    repository and never in a dataset root under test."""
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
@@ -164,108 +163,9 @@ def test_a_single_class_folder_is_refused(tmp_path):
         load_dataset(DataConfig(source="folder", path=str(tmp_path)))
 
 
-def test_corrupt_images_are_listed_before_anything_runs(tmp_path):
-    _write_folder(tmp_path)
-    (tmp_path / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    (tmp_path / "dog" / "text.jpg").write_text("hello")
-    with pytest.raises(DataError) as info:
-        load_dataset(DataConfig(source="folder", path=str(tmp_path)))
-    assert "2 unreadable or corrupt" in str(info.value)
-    assert "broken.png" in str(info.value) and "text.jpg" in str(info.value)
-
-
 def test_digits_are_real_scans_upscaled_to_rgb():
     ds = load_dataset(DataConfig(source="builtin", name="digits", image_size=32))
     assert ds.num_classes == 10 and ds.images.shape == (1797, 32, 32, 3)
-
-
-def _bad_folder(root):
-    """An empty class, two unreadable files (one garbage, one 0 bytes) and a class of one image."""
-    _write_folder(root)
-    (root / "empty_one").mkdir()
-    (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    (root / "dog" / "zero.jpg").write_bytes(b"")
-    _write_folder(root, classes=("lonely",), n=1)
-
-
-def test_every_problem_of_a_folder_is_reported_in_one_error(tmp_path):
-    _bad_folder(tmp_path)
-    with pytest.raises(DataError) as info:
-        load_dataset(DataConfig(source="folder", path=str(tmp_path)))
-    text = str(info.value)
-    assert text.startswith("data.path:") and "3 problem(s)" in text
-    assert "empty_one holds no images (looked for .jpg, .jpeg, .png" in text
-    assert "2 unreadable or corrupt image file(s)" in text and "broken.png" in text and "zero.jpg" in text
-    assert "lonely has 1 usable image(s), too few to split" in text and "a class needs at least 3" in text
-
-
-def test_without_the_decode_check_only_empty_files_are_unreadable(tmp_path):
-    _write_folder(tmp_path)
-    (tmp_path / "cat" / "broken.png").write_bytes(b"not a png")
-    (tmp_path / "dog" / "zero.jpg").write_bytes(b"")
-    with pytest.raises(DataError, match="1 unreadable") as info:
-        load_dataset(DataConfig(source="folder", path=str(tmp_path)), check_images=False)
-    assert "zero.jpg" in str(info.value) and "broken.png" not in str(info.value)
-
-
-def test_a_long_list_of_bad_files_is_capped_but_counted(tmp_path):
-    _write_folder(tmp_path)
-    for i in range(25):
-        (tmp_path / "cat" / f"bad{i:02d}.jpg").write_text("x")
-    with pytest.raises(DataError) as info:
-        load_dataset(DataConfig(source="folder", path=str(tmp_path)))
-    text = str(info.value)
-    assert "25 unreadable" in text and "... and 5 more" in text
-    assert sum(f"bad{i:02d}.jpg" in text for i in range(25)) == 20
-
-
-def test_a_format_training_cannot_decode_is_refused_even_when_pil_opens_it(tmp_path):
-    """A TIFF or ICO saved with a .png name: PIL reads it, TensorFlow's decode_image (training's) does not."""
-    _write_folder(tmp_path)
-    pixels = np.full((20, 24, 3), 90, np.uint8)
-    Image.fromarray(pixels).save(tmp_path / "cat" / "scan.png", format="TIFF")
-    Image.fromarray(pixels).save(tmp_path / "dog" / "icon.png", format="ICO")
-    with Image.open(tmp_path / "cat" / "scan.png") as im:
-        assert im.format == "TIFF"  # the old PIL check passed this file
-    with pytest.raises(DataError) as info:
-        load_dataset(DataConfig(source="folder", path=str(tmp_path)))
-    text = str(info.value)
-    assert "2 unreadable or corrupt image file(s): training's decoder (tf.io.decode_image: JPEG, PNG" in text
-    assert f"{tmp_path / 'cat' / 'scan.png'} (a TIFF file)" in text
-    assert f"{tmp_path / 'dog' / 'icon.png'} (an ICO file)" in text
-    assert not Path("results").exists()  # a refused folder is not remembered
-
-
-def test_a_resume_decodes_only_files_that_changed_since_they_passed(tmp_path):
-    images, checks = tmp_path / "images", tmp_path / "checks"
-    _write_folder(images)
-    cfg = DataConfig(source="folder", path=str(images), checked_images_dir=str(checks))
-    load_dataset(cfg)
-    (record,) = checks.glob("*.json")
-    assert len(json.loads(record.read_text())["files"]) == 12 and not list(checks.glob(".*tmp"))
-
-    # Same path, size and modification time: trusted, not decoded again (garbage of the same size passes).
-    victim = images / "cat" / "3.png"
-    stat = victim.stat()
-    victim.write_bytes(b"\0" * stat.st_size)
-    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert len(load_dataset(cfg).paths) == 12
-
-    # A new modification time: decoded again, and refused.
-    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    with pytest.raises(DataError, match="1 unreadable or corrupt") as info:
-        load_dataset(cfg)
-    assert str(victim) in str(info.value)
-    # A refused folder leaves the record as it was: the bad file is never remembered as good.
-    saved = json.loads(record.read_text())["files"]
-    assert saved[str(victim)] == [stat.st_size, stat.st_mtime_ns]
-
-
-def test_without_a_checks_folder_every_file_is_decoded_every_time(tmp_path):
-    _write_folder(tmp_path / "images")
-    cfg = DataConfig(source="folder", path=str(tmp_path / "images"), checked_images_dir=None)
-    load_dataset(cfg)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
 def test_the_minimum_class_size_follows_the_fractions_and_train_per_class(tmp_path):
@@ -312,28 +212,6 @@ def test_splittable_agrees_exactly_with_make_splits(val, test, train_per_class):
         assert splittable(n, cfg) == made, n
 
 
-def test_the_cli_reports_every_folder_problem_and_creates_nothing(workdir):
-    _bad_folder(workdir / "images")
-    config = write_config(
-        workdir,
-        TINY.replace("  source: builtin\n  name: shapes\n", f"  source: folder\n  path: {workdir / 'images'}\n").replace(
-            "  classes: [pentagon, star4, three_dots]\n", ""
-        ),
-    )
-    proc = run_main(str(config), cwd=workdir)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    for problem in (
-        "empty_one holds no images",
-        "2 unreadable or corrupt",
-        "broken.png",
-        "zero.jpg",
-        "lonely has 1 usable image(s)",
-    ):
-        assert problem in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (workdir / "results").exists() and not (workdir / "mlruns").exists()
-
-
 # --- decoded splits in the shared disk cache (its file discipline: tests/test_diskcache.py) -----------
 
 
@@ -346,7 +224,7 @@ def _grey_folder(root, n=12):
 
 
 def _decode_in_child(ds, indices, out_queue):
-    from harness.data import decoded_split
+    from harness.frameworks.keras.data import decoded_split
 
     out_queue.put(np.array(decoded_split(ds, indices)))
 
@@ -354,7 +232,7 @@ def _decode_in_child(ds, indices, out_queue):
 def test_a_decoded_split_is_one_shared_file_whatever_the_process_or_seed(tmp_path):
     import multiprocessing
 
-    from harness.data import decoded_split
+    from harness.frameworks.keras.data import decoded_split
 
     _grey_folder(tmp_path / "images")
     cache = tmp_path / "cache"
@@ -386,10 +264,10 @@ def test_a_decoded_split_is_one_shared_file_whatever_the_process_or_seed(tmp_pat
 
 
 def test_past_the_cap_the_split_used_longest_ago_is_deleted_and_the_one_just_used_kept(tmp_path):
-    import os
     import time
 
-    from harness.data import decoded_split, decoded_split_path
+    from harness.data import decoded_split_path
+    from harness.frameworks.keras.data import decoded_split
 
     _grey_folder(tmp_path / "images")
     ds = load_dataset(
@@ -455,6 +333,32 @@ def test_class_map_relabels_a_folder_dataset(tmp_path):
     assert ds.class_names == ["bird", "pet"] and len(ds.paths) == 15
     assert all(("/owl/" in p) == (label == 0) for p, label in zip(ds.paths, ds.labels))
     assert not any("/bat/" in p for p in ds.paths)
+
+
+def test_a_subset_or_a_class_map_keeps_each_kept_examples_file_and_split_and_the_caches():
+    ds = Dataset(
+        ["a", "b", "c"],
+        np.array([0, 1, 2, 1]),
+        paths=["a0.png", "b0.png", "c0.png", "b1.png"],
+        image_size=8,
+        name="files",
+        official=np.array(["train", "test", "train", "validation"]),
+        memory_cache_mib=1,
+        disk_cache_dir="/cache",
+        disk_cache_max_gib=2,
+    )
+    for kept in (select_classes(ds, ["b", "c"]), apply_class_map(ds, {"x": ["c"], "y": ["b"], "_drop": ["a"]})):
+        assert kept.paths == ["b0.png", "c0.png", "b1.png"] and kept.official.tolist() == ["test", "train", "validation"]
+        assert (kept.image_size, kept.name, kept.memory_cache_mib, kept.disk_cache_dir, kept.disk_cache_max_gib) == (
+            8,
+            "files",
+            1,
+            "/cache",
+            2,
+        )
+        assert kept.images is None
+    assert select_classes(ds, ["b", "c"]).labels.tolist() == [0, 1, 0]
+    assert apply_class_map(ds, {"x": ["c"], "y": ["b"], "_drop": ["a"]}).labels.tolist() == [1, 0, 1]
 
 
 def test_a_tfds_class_map_is_checked_when_the_names_are_known():

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from harness import export
-from harness.config import ParamSpec
-from harness.export import comparison_table, heatmap_figure, run_url, write_comparison
+from harness.config import STRATEGIES, ParamSpec
+from harness.export import comparison_table, heatmap_figure, write_comparison
 from harness.strategies import UNUSED_PARAMETERS, strategy_search
-from harness.verdicts import STRATEGY_ORDER, analyse, quadrant_verdicts
+from harness.verdicts import analyse, quadrant_verdicts
 from tests.test_verdicts import NAN, make_cells, one_quadrant
 
 
@@ -76,12 +76,6 @@ def test_bad_input_is_refused_before_anything_is_written(cells, tmp_path):
 # --- tables and files ---------------------------------------------------------------------------
 
 
-def test_run_url():
-    assert run_url("abc", "4") == "http://127.0.0.1:5000/#/experiments/4/runs/abc"
-    assert run_url("abc", 4, "http://mlflow:8080/") == "http://mlflow:8080/#/experiments/4/runs/abc"
-    assert run_url(None, "4") is None and run_url("abc", None) is None
-
-
 @pytest.fixture
 def written(cells, tmp_path):
     cells["cell_run_id"] = [f"cell{i:02d}" + "0" * 26 for i in range(len(cells))]
@@ -92,7 +86,7 @@ def written(cells, tmp_path):
     cells["param_head_lr"] = 0.0031622776601683794
     budget = pd.DataFrame(
         {
-            "strategy": STRATEGY_ORDER,
+            "strategy": list(STRATEGIES),
             "param_unfreeze_fraction": [0.0, 0.0, 0.5, 1.0, 1.0],
             "gpu_hours": [0.5, 0.7, 1.25, 2.0, 3.125],
             "mlflow_run_id": list("abcde"),
@@ -181,7 +175,7 @@ def test_markdown_wide_table_rounds_links_and_names_the_tie(written):
     assert header == [
         "Quadrant",
         "Target",
-        *STRATEGY_ORDER,
+        *STRATEGIES,
         "Winner",
         "Runner-up",
         "Margin",
@@ -220,9 +214,9 @@ def test_markdown_detail_leaves_parameters_that_do_not_apply_blank(written):
     _, paths, _ = written
     _, detail, budget = markdown_tables(paths["md"].read_text(encoding="utf-8"))
     rows = {(r[0], r[1]): dict(zip(detail[0], r)) for r in detail[1:]}
-    assert [rows[("small-similar", s)]["finetune lr"] for s in STRATEGY_ORDER] == ["", "", "0.0001", "0.0001", ""]
-    assert [rows[("small-similar", s)]["cut fraction"] for s in STRATEGY_ORDER] == ["", "0.5", "", "", ""]
-    assert {rows[("small-similar", s)]["head lr"] for s in STRATEGY_ORDER} == {"0.00316"}  # 3 significant
+    assert [rows[("small-similar", s)]["finetune lr"] for s in STRATEGIES] == ["", "", "0.0001", "0.0001", ""]
+    assert [rows[("small-similar", s)]["cut fraction"] for s in STRATEGIES] == ["", "0.5", "", "", ""]
+    assert {rows[("small-similar", s)]["head lr"] for s in STRATEGIES} == {"0.00316"}  # 3 significant
     features = rows[("small-similar", "features")]
     assert features["Test mean"] == "0.820" and features["Std"] == "0.010" and features["95% CI"] == "[0.795, 0.845]"
     assert features["Seeds"] == "3" and features["LogME"] == "1.250" and features["Epochs per seed"] == "12"
@@ -411,9 +405,9 @@ def test_a_report_leaves_blank_exactly_the_parameters_the_search_pins():
     }
     quadrants = SimpleNamespace(cut_range=(0.3, 0.7), partial_range=(0.2, 0.8))
     params = ("head_lr", "finetune_lr", "unfreeze_fraction", "cut_fraction")
-    cells = one_quadrant([(s, 0.8 - 0.01 * i, {f"param_{p}": 0.5 for p in params}) for i, s in enumerate(STRATEGY_ORDER)])
+    cells = one_quadrant([(s, 0.8 - 0.01 * i, {f"param_{p}": 0.5 for p in params}) for i, s in enumerate(STRATEGIES)])
     detail = export._detail_display(analyse(cells), None, export.DEFAULT_UI_URL).texts
-    for strategy, row in zip(STRATEGY_ORDER, detail.itertuples(index=False)):
+    for strategy, row in zip(STRATEGIES, detail.itertuples(index=False)):
         pinned = {p for p, spec in strategy_search(strategy, search, quadrants).items() if spec.fixed}
         shown = dict(zip(detail.columns, row))
         blank = {p for p in params if shown[p.replace("_", " ")] == ""}

@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 
 from harness.config import ConfigError, parse_config
-from harness.data import load_dataset, make_splits, tf_dataset
+from harness.data import load_dataset, make_splits
 from harness.features import FeatureCache, cache_applies
-from harness.model import ModelSpec, build_model
-from harness.objective import run_plan
-from harness.phases import Phase, two_phase_plan
+from harness.frameworks import framework_named
+from harness.frameworks.base import PhaseRun
+from harness.frameworks.keras.model import ModelSpec, build_model
+from harness.phases import History, Phase, two_phase_plan
 from harness.pretrain import ASSETS
+from harness.training import Configuration, EpochHooks, Trainer, TrainingSettings
+
+KERAS = framework_named("keras")
 
 SHIPPED = str(ASSETS / "MobileNetV2-5b2c197669.weights.h5")  # the demo's pretrained source backbone
 CONFIG = """
@@ -44,19 +48,28 @@ def head_phase(cfg, epochs=3):
     return [p for p in two_phase_plan(epochs, 0.005, None, 0, 1e-4, None, 0)]
 
 
-def pipelines_for(dataset, splits, seed=0):
-    return lambda batch: (
-        tf_dataset(dataset, splits.train, batch, shuffle=True, seed=seed),
-        tf_dataset(dataset, splits.val, batch, shuffle=False),
-    )
+def run_plan(cfg, dataset, splits, tm, plan, cache=None, on_features=lambda phase, seconds: None) -> History:
+    """The one training path on the task's data, with or without the feature cache, seed 0."""
+    settings = TrainingSettings({"head": cfg.train.head.batch_size, "finetune": cfg.train.finetune.batch_size})
+    trainer = Trainer(KERAS, dataset, splits, settings, cache)
+    return trainer.run_plan(tm, Configuration(tm.spec, tuple(plan), 0, 0), EpochHooks(on_features=on_features), History())
+
+
+def cache_of(folder, dataset, splits, **kwargs) -> FeatureCache:
+    return FeatureCache(folder, dataset, splits, KERAS, **kwargs)
+
+
+def val_scores(tm, dataset, splits) -> dict[str, float]:
+    """The whole model on the validation images."""
+    return KERAS.evaluate(tm, KERAS.image_batches(dataset, splits.val, 16, shuffle=False))
 
 
 def test_the_cache_applies_to_the_frozen_head_phase_of_a_pretrained_backbone_without_augmentation():
     head, finetune = Phase("head", 3, 1e-3, 0, None), Phase("finetune", 3, 1e-4, 2, None)
-    assert cache_applies(model(), head)
-    assert not cache_applies(model(), finetune)  # part of the backbone trains
-    assert not cache_applies(model(augment=True), head)  # the backbone's input changes every epoch
-    assert not cache_applies(model(weights=None), head)  # random init: BatchNormalization trains
+    assert cache_applies(model().spec, head)
+    assert not cache_applies(model().spec, finetune)  # part of the backbone trains
+    assert not cache_applies(model(augment=True).spec, head)  # the backbone's input changes every epoch
+    assert not cache_applies(model(weights=None).spec, head)  # random init: BatchNormalization trains
 
 
 def test_phase1_on_cached_features_scores_as_phase1_on_images(task, tmp_path):
@@ -64,33 +77,21 @@ def test_phase1_on_cached_features_scores_as_phase1_on_images(task, tmp_path):
     the model that comes back is the whole Keras model with the trained head in it."""
     cfg, dataset, splits = task
     uncached = model()
-    plain = run_plan(cfg, uncached, head_phase(cfg), pipelines_for(dataset, splits), seed=0)
+    plain = run_plan(cfg, dataset, splits, uncached, head_phase(cfg))
     cached_model = model()
-    cache = FeatureCache(tmp_path, dataset, splits)
+    cache = cache_of(tmp_path, dataset, splits)
     took = []
-    cached = run_plan(
-        cfg,
-        cached_model,
-        head_phase(cfg),
-        pipelines_for(dataset, splits),
-        features=cache,
-        seed=0,
-        on_features=lambda phase, seconds: took.append(phase),
-    )
+    cached = run_plan(cfg, dataset, splits, cached_model, head_phase(cfg), cache, lambda phase, seconds: took.append(phase))
     assert cache.computed == 2 and took == ["head"]  # train and val, once each
     a = [e.metrics["val_accuracy"] for e in plain.epochs]
     b = [e.metrics["val_accuracy"] for e in cached.epochs]
     assert len(a) == len(b) == 3 and np.allclose(a, b, atol=0.01), (a, b)
     assert max(b) > 0.5  # a real pretrained backbone, a head that learned (6 classes: chance is 0.17)
     # The whole model scores on images what the head scored on features (best epoch restored).
-    from harness.phases import evaluate
-
-    whole = evaluate(cached_model.model, tf_dataset(dataset, splits.val, 16, shuffle=False))
+    whole = val_scores(cached_model, dataset, splits)
     assert whole["accuracy"] == pytest.approx(cached.best("val_accuracy", "maximize"), abs=1e-6)
     # ... and phase 2 continues from it, the backbone's top blocks training.
-    more = run_plan(
-        cfg, cached_model, [Phase("finetune", 1, 1e-4, 2, None)], pipelines_for(dataset, splits), features=cache, seed=0
-    )
+    more = run_plan(cfg, dataset, splits, cached_model, [Phase("finetune", 1, 1e-4, 2, None)], cache)
     assert [p.name for p in more.phases] == ["finetune"] and more.phases[0].trainable_params > cached.phases[0].trainable_params
 
 
@@ -100,37 +101,29 @@ def test_phase2_on_cached_boundary_activations_scores_as_phase2_on_images(task, 
     blocks' weights really change, the frozen bottom's do not, and the whole model scores on
     images what phase 2 scored."""
     from harness.features import boundary_applies
-    from harness.phases import evaluate
 
     cfg, dataset, splits = task
     plan = two_phase_plan(2, 0.005, None, 3, 3e-4, None, 3)
-    assert boundary_applies(model(), plan[1]) and not boundary_applies(model(augment=True), plan[1])
-    assert not boundary_applies(model(), Phase("finetune", 3, 1e-4, -1, None))  # everything trains: no boundary
+    tm = model()
+    assert boundary_applies(tm.spec, tm.n_blocks, plan[1])
+    assert not boundary_applies(model(augment=True).spec, tm.n_blocks, plan[1])
+    assert not boundary_applies(tm.spec, tm.n_blocks, Phase("finetune", 3, 1e-4, -1, None))  # everything trains: no boundary
     on_images = model()
-    plain = run_plan(cfg, on_images, plan, pipelines_for(dataset, splits), seed=0)
+    plain = run_plan(cfg, dataset, splits, on_images, plan)
     cached_model = model()
     before = {w.path: np.array(w) for w in cached_model.backbone.weights}
-    cache = FeatureCache(tmp_path, dataset, splits)
+    cache = cache_of(tmp_path, dataset, splits)
     took = []
-    cached = run_plan(
-        cfg,
-        cached_model,
-        plan,
-        pipelines_for(dataset, splits),
-        features=cache,
-        seed=0,
-        on_features=lambda phase, seconds: took.append(phase),
-    )
+    cached = run_plan(cfg, dataset, splits, cached_model, plan, cache, lambda phase, seconds: took.append(phase))
     assert took == ["head", "finetune"] and cache.computed == 4  # pooled and boundary, train and val
     a = [e.metrics["val_accuracy"] for e in plain.epochs]
     b = [e.metrics["val_accuracy"] for e in cached.epochs]
     assert len(a) == len(b) == 5 and np.allclose(a, b, atol=0.01), (a, b)
-    whole = evaluate(cached_model.model, tf_dataset(dataset, splits.val, 16, shuffle=False))
+    whole = val_scores(cached_model, dataset, splits)
     assert whole["accuracy"] == pytest.approx(cached.best("val_accuracy", "maximize"), abs=1e-6)
     # One more cached phase-2 epoch, kept whatever it scores: only the top blocks' weights move.
-    from harness.phases import run_phases
-
-    run_phases(cached_model, [plan[1]], None, None, head_inputs=cache.top_inputs(cached_model, 3, 16, 0), restore_best=False)
+    KERAS.set_trainable(cached_model, 3)
+    KERAS.run_phase(cached_model, plan[1], cache.top_inputs(cached_model, 3, 16, 0), PhaseRun(0, lambda record: None))
     top = {n for block in cached_model.blocks[-3:] for n in block}
     layer_of = {id(w): layer.name for layer in cached_model.backbone.layers for w in layer.weights}
     changed = {layer_of[id(w)] for w in cached_model.backbone.weights if not np.array_equal(before[w.path], np.array(w))}
@@ -139,11 +132,11 @@ def test_phase2_on_cached_boundary_activations_scores_as_phase2_on_images(task, 
 
 def test_cached_features_are_shared_on_disk_and_keyed_by_content(task, tmp_path):
     cfg, dataset, splits = task
-    first = FeatureCache(tmp_path, dataset, splits)
+    first = cache_of(tmp_path, dataset, splits)
     features = first.features(model(), "train")
     assert first.computed == 1 and len(list(tmp_path.glob("*.npy"))) == 1
     # Another process (a fresh cache object) reads the same file instead of recomputing.
-    again = FeatureCache(tmp_path, dataset, splits)
+    again = cache_of(tmp_path, dataset, splits)
     assert np.array_equal(again.features(model(), "train"), features) and again.computed == 0
     # Different weights, a different cut, different pooling, a different split: all recomputed.
     other = model(weights=None)  # the same architecture, other weight values
@@ -154,13 +147,13 @@ def test_cached_features_are_shared_on_disk_and_keyed_by_content(task, tmp_path)
     assert again.computed == 4 and len(list(tmp_path.glob("*.npy"))) == 5
     # Other images under the same split name: a new key.
     reshuffled = make_splits(dataset.labels, parse_config(CONFIG.replace("seed: 0}", "seed: 1}"), "f.yaml").data)
-    moved = FeatureCache(tmp_path, dataset, reshuffled)
+    moved = cache_of(tmp_path, dataset, reshuffled)
     moved.features(model(), "train")
     assert moved.computed == 1
     # A truncated or foreign file is recomputed, not trusted.
     for path in tmp_path.glob("*.npy"):
         np.save(path, np.zeros((1, 3), np.float32))
-    assert np.array_equal(FeatureCache(tmp_path, dataset, splits).features(model(), "train"), features)
+    assert np.array_equal(cache_of(tmp_path, dataset, splits).features(model(), "train"), features)
 
 
 def test_features_larger_than_memory_cache_mib_stay_on_disk_and_train_the_same(task, tmp_path):
@@ -169,18 +162,16 @@ def test_features_larger_than_memory_cache_mib_stay_on_disk_and_train_the_same(t
     and phase 1 scores the same."""
     import dataclasses
 
-    from harness.features import feature_pipeline
-
     cfg, dataset, splits = task
-    held_cache = FeatureCache(tmp_path, dataset, splits)
-    mapped_cache = FeatureCache(tmp_path, dataclasses.replace(dataset, memory_cache_mib=0), splits)
+    held_cache = cache_of(tmp_path, dataset, splits)
+    mapped_cache = cache_of(tmp_path, dataclasses.replace(dataset, memory_cache_mib=0), splits)
     held, mapped = held_cache.features(model(), "train"), mapped_cache.features(model(), "train")
     assert not isinstance(held, np.memmap) and isinstance(mapped, np.memmap) and mapped_cache.computed == 0
     assert np.array_equal(held, mapped)
     labels = dataset.labels[splits.train]
     in_memory, on_disk = (
-        feature_pipeline(held, labels, 16, shuffle=True, seed=3),
-        feature_pipeline(mapped, labels, 16, shuffle=True, seed=3),
+        KERAS.array_batches(held, labels, 16, shuffle=True, seed=3),
+        KERAS.array_batches(mapped, labels, 16, shuffle=True, seed=3),
     )
     orders = []
     for _ in range(2):  # two epochs: reshuffled, the same way in both
@@ -188,10 +179,7 @@ def test_features_larger_than_memory_cache_mib_stay_on_disk_and_train_the_same(t
         assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in batches)
         orders.append(np.concatenate([np.asarray(a[1]) for a, _ in batches]))
     assert not np.array_equal(*orders)
-    runs = [
-        run_plan(cfg, model(), head_phase(cfg), pipelines_for(dataset, splits), features=cache, seed=0)
-        for cache in (held_cache, mapped_cache)
-    ]
+    runs = [run_plan(cfg, dataset, splits, model(), head_phase(cfg), cache) for cache in (held_cache, mapped_cache)]
     a, b = ([e.metrics["val_accuracy"] for e in run.epochs] for run in runs)
     assert np.allclose(a, b, atol=1e-6), (a, b)
 
@@ -241,7 +229,7 @@ def test_the_feature_folder_drops_dead_writers_files_and_keeps_under_its_cap_lea
     dead.wait()
     killed = tmp_path / f"MobileNetV2-0123.partial-{diskcache._host()}-{dead.pid}.npy"  # its writer was killed
     killed.write_bytes(b"half a file")
-    cache = FeatureCache(tmp_path, dataset, splits)
+    cache = cache_of(tmp_path, dataset, splits)
     assert not killed.exists()  # gone when the next process opens the cache
     cache.features(model(), "train")
     cache.features(model(), "val")
@@ -252,13 +240,13 @@ def test_the_feature_folder_drops_dead_writers_files_and_keeps_under_its_cap_lea
     # Train was written first but is used again now (from this process's memory: still touched).
     cache.features(model(), "train")
     # A cap that holds the two sets already there, not a third: the one used longest ago (val) goes.
-    capped = FeatureCache(tmp_path, dataset, splits, max_gib=(train.stat().st_size + val.stat().st_size + 64) / 2**30)
+    capped = cache_of(tmp_path, dataset, splits, max_gib=(train.stat().st_size + val.stat().st_size + 64) / 2**30)
     capped.features(model(cut_fraction=0.5), "val")
     assert train.exists() and not val.exists() and len(list(tmp_path.glob("*.npy"))) == 2
     assert capped.features(model(), "val").shape[0] == len(splits.val)  # computed again when needed
 
 
 def _key(cache, tm, split):
-    from harness.features import feature_key, weights_digest
+    from harness.features import feature_key
 
-    return feature_key(tm, weights_digest(tm.backbone), cache._split_digest(split))
+    return feature_key(tm.spec, tm.n_blocks, KERAS.weights_digest(tm), cache._split_digest(split))

@@ -35,13 +35,42 @@ def test_class_weight_config_and_the_train_split_it_is_computed_on():
     assert train_class_weights(parse_config(BASE, "s.yaml"), ds, splits) is None
 
 
-def test_run_plan_passes_the_class_weights_to_every_phase(monkeypatch):
-    import harness.objective as objective
-    from harness.phases import Phase
+def test_the_trainer_passes_the_class_weights_to_every_phase(monkeypatch):
+    from harness.data import Splits
+    from harness.frameworks.base import ModelSpec
+    from harness.phases import History, Phase
+    from harness.training import Configuration, EpochHooks, Trainer, TrainingSettings
 
-    seen = []
-    monkeypatch.setattr(objective, "run_phases", lambda *a, **kw: seen.append(kw["class_weight"]))
-    cfg = parse_config(BASE, "s.yaml")
-    plan = [Phase("head", 1, 1e-3, 0), Phase("finetune", 1, 1e-4, 2)]
-    objective.run_plan(cfg, None, plan, lambda batch: (None, None), class_weight={0: 0.5, 1: 3.0})
-    assert seen == [{0: 0.5, 1: 3.0}, {0: 0.5, 1: 3.0}]
+    class Keeper:
+        start_phase = keep = restore = staticmethod(lambda: None)
+
+    class Recorder:  # a framework that records what each phase is given
+        seen: list = []
+
+        def image_batches(self, *args, **kwargs):
+            return None
+
+        def set_trainable(self, model, unfreeze_blocks):
+            return 0, 0
+
+        def weights_keeper(self, model):
+            return Keeper()
+
+        def run_phase(self, model, phase, data, run):
+            self.seen.append(run.class_weight)
+            return 0
+
+    fw = Recorder()
+    ds = Dataset(["a", "b"], np.array([0, 1]), images=np.zeros((2, 8, 8, 3), np.uint8), image_size=8)
+    everything = np.arange(2)
+    weights = {0: 0.5, 1: 3.0}
+    trainer = Trainer(
+        fw, ds, Splits(everything, everything, everything), TrainingSettings({"head": 1, "finetune": 1}, class_weight=weights)
+    )
+    plan = (Phase("head", 1, 1e-3, 0), Phase("finetune", 1, 1e-4, 2))
+
+    class Model:
+        spec, n_blocks = ModelSpec("MobileNetV2", 8, 2, None, {}), 4
+
+    trainer.run_plan(Model(), Configuration(Model.spec, plan, 0, 0), EpochHooks(), History())
+    assert fw.seen == [weights, weights]

@@ -122,8 +122,10 @@ def test_keras_file(keras_file, images, tmp_path, capsys):
 
 
 def test_predict_folder_direct(keras_file, images):
+    from harness.frameworks.keras.framework import KerasPredictor
+
     _, model = keras_file
-    df, skipped = predict_folder(model, CLASSES, images, batch_size=2)
+    df, skipped = predict_folder(KerasPredictor(model), CLASSES, images, batch_size=2)
     assert df["file"].tolist() == GOOD
     assert [f for f, _ in skipped] == ["broken.png"]
     np.testing.assert_allclose(df[[f"p_{c}" for c in CLASSES]], expected(model, images), atol=1e-5)
@@ -234,7 +236,9 @@ def test_images_over_the_pixel_limit_are_named_and_skipped_before_decoding(keras
     np.testing.assert_allclose(
         df[[f"p_{c}" for c in CLASSES]], model.predict(decoded(folder / "b.png")[None], verbose=0), atol=1e-5
     )
-    df, skipped = predict_folder(model, CLASSES, folder, max_pixels=256)
+    from harness.frameworks.keras.framework import KerasPredictor
+
+    df, skipped = predict_folder(KerasPredictor(model), CLASSES, folder, max_pixels=256)
     assert df["file"].tolist() == ["b.png"] and [f for f, _ in skipped] == ["a.png", "bomb.png", "huge.png"]
 
 
@@ -310,7 +314,7 @@ def test_the_registered_winner_loads_and_predicts_where_the_harness_is_not_insta
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from harness.model import BackbonePreprocess, ModelSpec, build_model, preprocessing
+    from harness.frameworks.keras.model import BackbonePreprocess, ModelSpec, build_model, preprocessing
     from harness.tracking import Tracker, global_tracking_uri
     from harness.winner import CHAMPION_ALIAS, deliver_winner
 

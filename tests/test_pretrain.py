@@ -35,7 +35,7 @@ def test_the_zoo_ships_four_families():
 def test_every_shipped_asset_is_small_used_by_a_demo_and_loads_into_its_backbone():
     import keras
 
-    from harness import backbones as bb
+    from harness.frameworks.keras import backbones as bb
     from harness.pretrain import ASSETS, find_source_weights
 
     used = {}
@@ -78,8 +78,8 @@ def test_a_missing_source_backbone_is_pretrained_once_then_found_in_its_cache(tm
     file without training again. (The end-to-end sweeps use the shipped files, to stay short.)"""
     import json
 
-    from harness import backbones as bb
     from harness.config import parse_config
+    from harness.frameworks.keras import backbones as bb
     from harness.pretrain import ensure_source_weights, weights_filename
 
     cfg = parse_config(

@@ -211,7 +211,7 @@ def test_second_process_on_the_local_study_is_refused(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Skipping nested container")  # Keras, on the file that does not fit
 def test_weights_file_that_does_not_fit_is_refused_before_anything_is_created(tmp_path):
-    from harness import backbones as bb
+    from harness.frameworks.keras import backbones as bb
 
     weights = tmp_path / "wide.weights.h5"
     bb.construct("MobileNetV2", 32, None, {"alpha": 1.0}).save_weights(weights)
@@ -234,7 +234,7 @@ def test_freeze_depth_impossible_for_the_backbone_is_refused(tmp_path):
 
 def test_imagenet_weights_offline_fail_up_front_with_the_reason(tmp_path):
     """Where ImageNet weights cannot be downloaded (as here), nothing runs and the user is told why."""
-    from harness.backbones import construct
+    from harness.frameworks.keras.backbones import construct
 
     try:
         construct("MobileNetV2", 32, "imagenet", {"alpha": 0.35})
@@ -312,7 +312,7 @@ def test_bad_worker_counts_are_refused_before_anything_is_created(tmp_path):
     proc = run_cli(str(write_config(tmp_path, KILLABLE.replace("seed: 0", "seed: 0\n  workers: 0"))), cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "study.workers: must be a count >= 1 or 'auto'; got 0" in proc.stderr, proc.stderr
     # more GPUs asked for than are visible (none here)
-    from harness.sweep import plan_workers
+    from harness.preflight import plan_workers
 
     with pytest.raises(Exception, match="3 workers asked for, but only 2 GPU"):
         plan_workers(3, ["0", "1"])

@@ -174,6 +174,7 @@ def test_quadrant_report_links_runs_and_tests_over_seeds(tmp_path):
     paths = report.build_report("quad", tracker, tmp_path, log=lambda *_: None, ui_url="http://ui.test:5000")
     assert {p.name for p in paths.values()} >= {"comparison.csv", "comparison.html", "trials.csv", "logme.csv"}
     assert {artifact for _, _, artifact in tracker.logged} == {"report"}
+    assert {run_id for run_id, _, _ in tracker.logged} == {"parent"} and tracker.parent_run_id is None  # left as it was
 
     long = pd.read_csv(paths["csv"]).set_index("strategy")
     assert json.loads(long.loc["features", "test_accuracies"]) == [0.82, 0.83, 0.80]
@@ -212,9 +213,18 @@ def test_report_links_and_lines_never_carry_a_password(tmp_path):
     texts = [p.read_text(encoding="utf-8") for p in paths.values() if p.suffix in (".csv", ".md", ".html", ".tex")]
     assert "https://bob:***@mlflow.lab/#/experiments/" in paths["html"].read_text(encoding="utf-8")
     assert not [t for t in texts + lines if "Pw4711" in t]
-    with pytest.raises(SystemExit) as refused:
+    with pytest.raises(report.SweepNotFound) as refused:
         report.build_report("quad", FakeTracker([], uri="https://bob:Pw4711@mlflow.lab"), tmp_path)
     assert "Pw4711" not in str(refused.value) and "bob:***@mlflow.lab" in str(refused.value)
+
+
+def test_the_report_command_says_when_the_store_holds_no_such_sweep(tmp_path, capsys):
+    from harness.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    Tracker(uri, "quad", str(tmp_path / "a"))  # the experiment exists, but no sweep ran in it
+    assert report.main(["quad", "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: no sweep named 'quad' in {uri}"
 
 
 def test_report_and_summary_never_write_two_tables_to_one_file_name(tmp_path):

@@ -1,5 +1,6 @@
 """Process-wide state of a trial process: the device switches (mixed precision, XLA) with their auto rule,
-the preflight that refuses a switch the GPUs cannot honour, the GPU memory rule, and what survives clean-up."""
+the GPU memory rule, and what survives clean-up. (The preflight that refuses a switch the GPUs cannot
+honour: tests/test_preflight.py.)"""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import keras
 import pytest
 
 from harness import runtime
-from harness.config import ConfigError, TrainConfig, parse_config
+from harness.config import TrainConfig
 from harness.runtime import resolve_switch
-from tests.conftest import DATA
 
 pytestmark = pytest.mark.usefixtures("float32_afterwards")
 
@@ -44,52 +44,23 @@ def test_resolve_switch_refuses_other_settings():
         resolve_switch("fast", [(8, 0)])
 
 
-# --- the preflight ---------------------------------------------------------------------------
-
-
-def test_mixed_precision_on_is_refused_without_a_capable_gpu(monkeypatch):
-    from harness import sweep
-
-    cfg = parse_config(f"{DATA}train: {{mixed_precision: on}}\n", "sweep.yaml")
-    monkeypatch.setattr(runtime, "_GPUS_BEFORE_HIDING", [])  # the sweep process's GPUs before hiding: none
-    with pytest.raises(
-        ConfigError,
-        match=r"sweep.yaml: train\.mixed_precision: on needs a GPU of compute "
-        r"capability >= 7\.0; GPUs visible: none \(CPU only\)",
-    ):
-        sweep.check_mixed_precision(cfg)
-    monkeypatch.setattr(runtime, "gpu_capabilities", lambda gpus=None: [(6, 1)])
-    with pytest.raises(ConfigError, match=r"GPUs visible: 6\.1\. Use auto"):
-        sweep.check_mixed_precision(cfg)
-    monkeypatch.setattr(runtime, "gpu_capabilities", lambda gpus=None: [(6, 1), (8, 0)])
-    sweep.check_mixed_precision(cfg)  # a capable GPU: accepted
-
-
-@pytest.mark.parametrize("setting", ["auto", "off"])
-def test_auto_and_off_pass_the_preflight_on_cpu(monkeypatch, setting):
-    from harness import sweep
-
-    monkeypatch.setattr(runtime, "_GPUS_BEFORE_HIDING", [])
-    sweep.check_mixed_precision(parse_config(f"{DATA}train: {{mixed_precision: {setting}, jit_compile: on}}\n"))
-
-
 # --- the trial process -----------------------------------------------------------------------
 
 
 def test_apply_device_switches_on_cpu():
-    from harness.runtime import apply_device_switches
+    from harness.frameworks.keras import device
 
-    assert apply_device_switches(TrainConfig()) == (False, False)  # auto on CPU: both off
+    assert device.apply_device_switches(TrainConfig()) == (False, False)  # auto on CPU: both off
     assert keras.mixed_precision.global_policy().name == "float32"
-    assert runtime._jit_compile is False  # off is passed to compile explicitly, not Keras' "auto"
-    assert apply_device_switches(TrainConfig(mixed_precision="on", jit_compile=True)) == (True, True)
+    assert device._jit_compile is False  # off is passed to compile explicitly, not Keras' "auto"
+    assert device.apply_device_switches(TrainConfig(mixed_precision="on", jit_compile=True)) == (True, True)
     assert keras.mixed_precision.global_policy().name == "mixed_float16"
-    assert runtime._jit_compile is True
+    assert device._jit_compile is True
 
 
 def test_the_policy_survives_the_clean_up_between_trials():
     """Keras' clear_session resets the global dtype policy; the next trial must still be mixed."""
-    from harness.runtime import release_memory
+    from harness.frameworks.keras.device import release_memory
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     release_memory()
@@ -100,7 +71,8 @@ def test_the_policy_survives_the_clean_up_between_trials():
 
 
 def test_each_gpu_gets_memory_growth_or_the_configured_limit():
-    from harness.runtime import configure_gpu_memory, gpu_memory_plan
+    from harness.frameworks.keras.device import configure_gpu_memory
+    from harness.runtime import gpu_memory_plan
 
     gpus = ["/physical_device:GPU:0", "/physical_device:GPU:1"]
     assert gpu_memory_plan(gpus, None) == dict.fromkeys(gpus, "memory growth")
@@ -118,8 +90,6 @@ def test_frozen_import_objects_are_skipped_and_new_garbage_is_still_collected():
     is still freed: nothing that could be garbage is kept."""
     import gc
     import weakref
-
-    from harness import runtime
 
     runtime.freeze_imported_objects()
     assert gc.get_freeze_count() > 0

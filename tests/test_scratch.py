@@ -112,14 +112,14 @@ def _runner(folder):
 def scratch_history(folder, warm_up: bool = False) -> dict:
     """The tiny config's baseline trained in this process (after a trial, when `warm_up`): what it
     logged, as JSON-able lists."""
-    from harness.scratch import train_from_scratch
+    from harness.scratch import ScratchRun, train_from_scratch
 
     runner = _runner(Path(folder))
     if warm_up:  # another task first, as a warm trial process has run: its own seed, its own model
         trial = runner.tracker.start_child("trial 1", "trial", {"optuna.trial_number": 1})
         run_trial(runner, 1, SCRATCH_PARAMS, trial, report=lambda epoch: False)
     run_id = runner.tracker.start_child("baseline", "baseline", {})
-    _, history, facts = train_from_scratch(runner, SCRATCH_PARAMS, runner.cfg.study.seed, run_id)
+    _, history, facts = train_from_scratch(ScratchRun(runner, SCRATCH_PARAMS, runner.cfg.study.seed, run_id))
     search = runner.tracker.client.download_artifacts(run_id, "learning_rate_search.csv", str(folder))
     return {
         "search": Path(search).read_text(),
@@ -196,7 +196,7 @@ def _tiny_baseline(folder, recipe: str):
         # The tiny config's 4 blocks fit the training images within the floor at the best rate, 1e-2
         # (at 1e-3 they need more than 150 steps)
         params = {**SCRATCH_PARAMS, "augment": False}
-        _, history, facts = scratch.train_from_scratch(runner, params, 0, run_id, label="baseline")
+        _, history, facts = scratch.train_from_scratch(scratch.ScratchRun(runner, params, 0, run_id, label="baseline"))
     attempts = pd.read_csv(runner.tracker.client.download_artifacts(run_id, "learning_rate_attempts.csv", str(folder)))
     return history, facts, attempts, runner.tracker.client.get_run(run_id), err.getvalue().splitlines()
 

@@ -129,6 +129,14 @@ def test_no_password_is_printed_written_logged_or_stored(secret_sweep, auth_serv
         assert not _database_rows_holding(secret_sweep["storage"], secret), f"the {kind} password is in the study's database"
 
 
+def test_the_sweeps_log_holds_no_mlflow_run_links_download_bars_or_leak_warnings(secret_sweep):
+    """A sweep on a tracking server: MLflow's "View run ... at:" lines, its artifact download bars
+    (the winner's model is reloaded for its test) and the resource tracker's warning stay out."""
+    log = secret_sweep["result"].stdout + secret_sweep["result"].stderr
+    assert "View run" not in log and "View experiment" not in log
+    assert "Downloading artifacts" not in log and "leaked semaphore" not in log
+
+
 @pytest.fixture
 def admin_view(secret_sweep, auth_server, monkeypatch):
     """An MLflow client logged in as the server's admin (through the environment), and the sweep's experiment."""
@@ -173,3 +181,28 @@ def test_a_client_without_the_login_is_refused(auth_server):
         url, headers={"Authorization": "Basic " + base64.b64encode(f"{ADMIN}:{password}".encode()).decode()}
     )
     assert urllib.request.urlopen(good, timeout=10).status == 200
+
+
+def test_runs_ended_on_a_tracking_server_print_no_view_run_lines(auth_server, monkeypatch, capsys):
+    """MLflow prints "View run ... at: http://..." and "View experiment at: ..." to stdout whenever a
+    run on a server ends; a sweep's log holds only its own lines."""
+    import mlflow
+
+    from harness.tracking import URL_LINES_OFF, Tracker, global_tracking_uri
+
+    uri, password, _ = auth_server
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    monkeypatch.setenv(URL_LINES_OFF, "")
+    monkeypatch.delenv(URL_LINES_OFF)  # unset, as in a fresh process (and restored after the test)
+    tracker = Tracker(uri, f"quiet-{uuid.uuid4().hex[:8]}")
+    tracker.start_study_run("quiet", {}, "sqlite:///x.db")
+    tracker.end_run(tracker.start_child("trial 0", "trial", {}), "FINISHED")
+    with global_tracking_uri(uri), mlflow.start_run(run_id=tracker.start_child("trial 1", "trial", {})):
+        pass  # the fluent API's end, as when a model is logged
+    tracker.end_study_run()
+    out = capsys.readouterr().out
+    assert "View run" not in out and "View experiment" not in out
+    monkeypatch.setenv(URL_LINES_OFF, "false")  # not vacuous: with MLflow's switch off, the same end prints them
+    tracker.end_run(tracker.start_child("trial 2", "trial", {}), "FINISHED")
+    assert f"View run trial 2 at: {uri}/#/experiments/{tracker.experiment_id}/runs/" in capsys.readouterr().out

@@ -63,9 +63,8 @@ def test_each_strategy_pins_what_it_means(weights_file):
 
 @pytest.mark.parametrize("strategy", ["features", "intermediate", "partial", "full", "scratch"])
 def test_strategy_maps_to_the_trainable_layers_of_each_phase(strategy, weights_file):
-    from harness.model import build_model
+    from harness.frameworks.keras.model import build_model, set_trainable
     from harness.objective import model_spec, plan_for
-    from harness.phases import apply_phase_trainability
 
     cfg = parse_config(quad(weights_file), "q.yaml")
     search = strategy_search(strategy, cfg.search, cfg.quadrants)
@@ -74,7 +73,7 @@ def test_strategy_maps_to_the_trainable_layers_of_each_phase(strategy, weights_f
     plan = plan_for(cfg, params, len(tm.blocks))
     trainable = []
     for phase in plan:
-        apply_phase_trainability(tm, phase)
+        set_trainable(tm, phase.unfreeze_blocks)
         trainable.append({l.name for l in tm.backbone.layers if l.trainable and l.weights})
     all_layers = {l.name for l in tm.backbone.layers if l.weights}
     bn = {l.name for l in tm.backbone.layers if isinstance(l, keras.layers.BatchNormalization)}

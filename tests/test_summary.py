@@ -30,3 +30,11 @@ def test_summary_table_is_optunas_trials_dataframe_with_the_run_id():
     pd.testing.assert_frame_equal(frame.drop(columns=["mlflow_run_id"]), expected.drop(columns=["user_attrs_mlflow_run_id"]))
     empty = summary.trials_frame(optuna.create_study())
     assert {"number", "value", "state", "mlflow_run_id"} <= set(empty.columns) and empty.empty
+
+
+def test_the_summary_table_keeps_its_value_column_when_the_study_names_its_metric():
+    study = _study_with_trials()
+    before = summary.trials_frame(study)
+    study.set_metric_names(["val_accuracy"])  # Optuna's own table then says value_val_accuracy
+    assert "value_val_accuracy" in study.trials_dataframe().columns
+    pd.testing.assert_frame_equal(summary.trials_frame(study), before)

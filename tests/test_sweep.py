@@ -161,8 +161,9 @@ def test_the_winner_is_registered_and_its_model_scores_its_logged_value(finished
     import numpy as np
 
     from harness.config import load_config
-    from harness.data import load_dataset, make_splits, tf_dataset
+    from harness.data import load_dataset, make_splits
     from harness.evaluation import scores
+    from harness.frameworks.keras.data import tf_dataset
     from harness.tracking import load_keras_model
 
     work, first, second = finished_sweep

@@ -73,11 +73,10 @@ def test_a_trial_logs_its_model_only_when_it_leads(runner):
 
 def test_the_winners_test_logs_auc_per_class_accuracy_and_the_confusion_matrix(tmp_path):
     """A binary target (merged with class_map): TestTask scores the logged model and logs every extra."""
-    from types import SimpleNamespace
-
     import pandas as pd
 
-    from harness.model import ModelSpec, build_model
+    from harness.frameworks.keras.model import ModelSpec, build_model
+    from harness.objective import TrialRunner
     from harness.tasks import TestTask
     from harness.tracking import Tracker
 
@@ -90,7 +89,7 @@ def test_the_winners_test_logs_auc_per_class_accuracy_and_the_confusion_matrix(t
     run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
     tm = build_model(ModelSpec("MobileNetV2", 32, 2, None, {"alpha": 0.35}))
     uri = tracker.log_keras_model(run_id, tm.model, ds.class_names, 32)
-    runner = SimpleNamespace(tracker=tracker, dataset=ds, splits=splits, cfg=cfg)
+    runner = TrialRunner(cfg, ds, splits, tracker, {})
     out = TestTask("targets", uri, run_id).run(runner, None)
 
     metrics = tracker.client.get_run(run_id).data.metrics
@@ -123,16 +122,17 @@ def test_confirmation_reads_the_test_split_exactly_once_per_seed(tmp_path, weigh
     dataset = load_dataset(target.data)
     splits = make_splits(dataset.labels, target.data)
     built = []
-    real = tasks.tf_dataset
+    from harness.frameworks.keras import data as keras_data
+
+    real = keras_data.tf_dataset
 
     def spy(ds, indices, *args, **kwargs):
         built.append(np.array(indices))
         return real(ds, indices, *args, **kwargs)
 
-    from harness import features
-
-    monkeypatch.setattr(tasks, "tf_dataset", spy)
-    monkeypatch.setattr(features, "tf_dataset", spy)  # phase 1 reads the train split once, for cached features
+    # Every split any training or evaluation reads goes through the framework's one pipeline maker
+    # (phase 1 reads the train split once, for cached features).
+    monkeypatch.setattr(keras_data, "tf_dataset", spy)
     monkeypatch.chdir(tmp_path)  # a feature cache of its own (results/features), computed here
     tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "spy", str(tmp_path / "a"))
     tracker.start_study_run("spy", {}, "none")

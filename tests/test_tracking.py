@@ -10,20 +10,22 @@ from pathlib import Path
 import pytest
 
 from harness.config import parse_config, with_overrides
+from harness.redaction import login_to_environment
 from harness.tracking import (
+    ARTIFACT_BARS,
     NEWEST_FIRST,
     OLDEST_FIRST,
     ROLE,
     TRIAL_TAG,
+    URL_LINES_OFF,
     RunRecord,
     Tracker,
     TrackingError,
-    login_to_environment,
     plain_tracking_errors,
-    redact,
-    redact_config,
+    quiet_mlflow,
     resolve_tracking_uri,
     run_filter,
+    run_url,
     ui_command,
 )
 from tests.conftest import TINY
@@ -58,69 +60,11 @@ def test_command_line_flags_override_the_yaml():
     assert with_overrides(parse_config(TINY, "t.yaml")).study.n_trials == 2  # None = not given
 
 
-def test_redact_masks_the_password_of_a_uri_and_keeps_the_user():
-    assert redact("postgresql://user:secret@127.0.0.1/db") == "postgresql://user:***@127.0.0.1/db"
-    assert redact("postgresql+psycopg://u:pa/ss@[::1]:5432/db") == "postgresql+psycopg://u:***@[::1]:5432/db"
-    assert redact("https://bob:p%40ss@mlflow.example.com/") == "https://bob:***@mlflow.example.com/"
-    assert redact("https://bob:p@ss@mlflow.example.com/") == "https://bob:***@mlflow.example.com/"  # split at the last @
-    assert redact("mysql://root:@db/x") == "mysql://root:***@db/x"
-
-
-def test_redact_masks_password_like_query_parameters_whatever_their_case():
-    assert redact("postgresql://u@h/db?sslmode=require&password=s3") == "postgresql://u@h/db?sslmode=require&password=***"
-    assert (
-        redact("postgresql://u@h/db?PassWord=a&sslpassword=b&passwd=c&PWD=d&application_name=x")
-        == "postgresql://u@h/db?PassWord=***&sslpassword=***&passwd=***&PWD=***&application_name=x"
-    )
-    assert (
-        redact("https://h/x?Token=a&api_key=b&client_secret=c&X-Amz-Signature=d&page=2#top")
-        == "https://h/x?Token=***&api_key=***&client_secret=***&X-Amz-Signature=***&page=2#top"
-    )
-
-
-def test_redact_leaves_uris_without_secrets_paths_and_plain_text_unchanged():
-    for text in (
-        "postgresql://harness@127.0.0.1:5432/harness",
-        "http://127.0.0.1:5000",
-        "https://h:8443/a/@me?page=2",
-        "sqlite:////tmp/a:b@c/optuna.db",
-        "sqlite:///results/mlflow.db",
-        "results/demo/optuna.db",
-        "file:///tmp/artifacts",
-        "models:/demo/3",
-        "lr password=1 key: 2",
-        "",
-    ):
-        assert redact(text) == text
-
-
-def test_redact_masks_every_uri_inside_a_line_of_text():
-    line = "sharing the study through postgresql://u:pw1@db/s, logging to 'https://a:pw2@mlflow/' now"
-    assert redact(line) == "sharing the study through postgresql://u:***@db/s, logging to 'https://a:***@mlflow/' now"
-
-
 def test_the_ui_command_printed_after_a_sweep_names_no_password():
     assert ui_command("https://bob:pw@mlflow.lab", "3") == (
         "open https://bob:***@mlflow.lab/#/experiments/3?workflowType=machine_learning in a browser"
     )
     assert ui_command("postgresql://u:pw@db/mlflow").startswith("mlflow ui --backend-store-uri postgresql://u:***@db/mlflow ")
-
-
-def test_redact_config_masks_every_uri_in_a_nested_config_and_copies_it():
-    config = {
-        "study": {"storage": "postgresql://u:pw@db/x", "n_trials": 3},
-        "tracking": {"uri": "https://u:pw@mlflow/", "experiment": None},
-        "quadrants": {"targets": [{"data": {"path": "s3://b/x?token=pw"}}]},
-        "search": {"lr": [0.1, 0.2]},
-    }
-    safe = redact_config(config)
-    assert safe == {
-        "study": {"storage": "postgresql://u:***@db/x", "n_trials": 3},
-        "tracking": {"uri": "https://u:***@mlflow/", "experiment": None},
-        "quadrants": {"targets": [{"data": {"path": "s3://b/x?token=***"}}]},
-        "search": {"lr": [0.1, 0.2]},
-    }
-    assert config["study"]["storage"] == "postgresql://u:pw@db/x"  # the caller's config is left as it was
 
 
 def test_nothing_a_tracker_writes_holds_a_password(workdir):
@@ -259,3 +203,23 @@ def test_a_store_refusal_comes_out_as_a_plain_error_with_the_stores_words(workdi
         t.get_run_record("0" * 32)
     assert "0" * 32 in refused.value.message and str(refused.value) == refused.value.message
     assert type(refused.value.__cause__).__name__ == "MlflowException"
+
+
+def test_run_url():
+    assert run_url("abc", "4") == "http://127.0.0.1:5000/#/experiments/4/runs/abc"
+    assert run_url("abc", 4, "http://mlflow:8080/") == "http://mlflow:8080/#/experiments/4/runs/abc"
+    assert run_url(None, "4") is None and run_url("abc", None) is None
+    assert run_url("abc", "4", "") == "#/experiments/4/runs/abc"  # from any page of the UI: a run's description
+
+
+def test_a_tracking_process_turns_off_mlflows_own_lines_unless_they_were_asked_for(monkeypatch):
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR, MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+
+    for name in (URL_LINES_OFF, ARTIFACT_BARS):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)  # unset, as in a fresh process (and restored after the test)
+    quiet_mlflow()
+    assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get() is True and MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get() is False
+    monkeypatch.setenv(ARTIFACT_BARS, "true")  # the user's own choice stands
+    quiet_mlflow()
+    assert MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get() is True

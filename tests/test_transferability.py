@@ -57,7 +57,7 @@ def test_published_top1_only_for_imagenet_weights_of_the_default_variant():
     assert tr.published_top1("ResNet50", "imagenet", {}) == 74.9
     assert tr.published_top1("MobileNetV2", "imagenet", {"alpha": 0.35}) is None
     assert tr.published_top1("ResNet50", "/w/source.weights.h5", {}) is None
-    from harness.backbones import BACKBONES, IMAGENET_TOP1
+    from harness.frameworks.keras.backbones import BACKBONES, IMAGENET_TOP1
 
     assert set(IMAGENET_TOP1) <= set(BACKBONES) and all(50 < v < 90 for v in IMAGENET_TOP1.values())
 

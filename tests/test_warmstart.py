@@ -314,7 +314,7 @@ def test_a_listed_experiment_missing_from_the_store_is_named_and_refused_before_
 
 def test_a_listed_experiment_is_refused_when_the_store_does_not_exist_yet(tmp_path):
     from harness.config import SweepRefused
-    from harness.sweep import check_stores
+    from harness.preflight import check_stores
 
     cfg = config("[team]")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

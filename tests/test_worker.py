@@ -24,6 +24,14 @@ def handle(task, channel):
         raise ConfigError(arg)
     if kind == "die":
         os.kill(os.getpid(), arg)
+    if kind == "bar":  # as MLflow draws one when it downloads a model's artifacts
+        import io
+
+        from tqdm.auto import tqdm
+
+        with tqdm(total=1, file=io.StringIO()) as bar:
+            bar.update()
+        return "drawn"
     if kind == "work_until_stopped":
         from harness.runtime import stop_requested
 
@@ -125,6 +133,31 @@ def test_a_child_dies_with_its_parent(tmp_path):
         time.sleep(0.2)
     else:
         raise AssertionError(f"child {child_pid} outlived its parent")
+
+
+def test_a_process_that_drew_a_progress_bar_leaves_no_semaphore_behind(tmp_path):
+    """The resource tracker names what a process tree left behind when the parent exits; the parent
+    and its child both end by os._exit, as the sweep and its trial processes do."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(os.path.dirname(os.path.dirname(__file__)))!r})\n"
+        "from harness.worker import TrialProcess\n"
+        "from tests.test_worker import handle, next_outcome\n"
+        "if __name__ == '__main__':\n"
+        "    p = TrialProcess(handle)\n"
+        "    p.start_task(('bar', None))\n"
+        "    print(next_outcome(p)[1], flush=True)\n"
+        "    p.retire()\n"
+        "    p.process.join(60)\n"
+        "    os._exit(0)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "drawn", done.stderr[-3000:]
+    assert "leaked" not in done.stderr, done.stderr[-3000:]
 
 
 def test_exit_descriptions():

@@ -32,7 +32,7 @@ def open_stores_at(args):
     """One sweep process's start-up (schema, experiment, parent run), released at the barrier."""
     config_text, storage, tracking, barrier = args
     from harness.config import parse_config, with_overrides
-    from harness.sweep import open_stores
+    from harness.stores import open_stores
 
     cfg = with_overrides(parse_config(config_text, "race.yaml"), storage=storage, tracking_uri=tracking)
     barrier.wait()
@@ -138,7 +138,7 @@ def test_two_machines_split_a_quadrant_sweep_with_one_cell_run_and_each_seed_onc
     The backbone is VGG16, the Keras application with the fewest layers: training a backbone from
     scratch costs mostly the tracing of its graph, which grows with its layers, and at 32 px its
     convolutions are cheap. This sweep took 31 CPU-seconds with it, 78 with MobileNetV2."""
-    from harness import backbones as bb
+    from harness.frameworks.keras import backbones as bb
 
     weights = tmp_path / "src.weights.h5"
     bb.construct("VGG16", 32, None, {}).save_weights(weights)

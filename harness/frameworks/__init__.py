@@ -13,6 +13,7 @@ torch backbones never imports TensorFlow.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,13 +29,49 @@ def framework_of(backbone: str) -> str:
     return "torch" if slash and zoo in TORCH_ZOOS else "keras"
 
 
+def frameworks_of(backbones: Iterable[str]) -> list[str]:
+    """The frameworks `backbones` train with, sorted. Pure."""
+    return sorted({framework_of(name) for name in backbones})
+
+
 def framework_named(name: str) -> Framework:
-    """The implementation called `name` ("keras" or "torch"), imported now."""
+    """The implementation called `name` ("keras" or "torch"), imported now: quietly first (each
+    framework's `device.import_quietly`), so that no start-up banner reaches a sweep's log."""
     if name not in FRAMEWORKS:
         raise ValueError(f"unknown framework {name!r}: one of {', '.join(FRAMEWORKS)}")
-    return importlib.import_module(f"harness.frameworks.{name}").FRAMEWORK
+    importlib.import_module(f"harness.frameworks.{name}.device").import_quietly()
+    return importlib.import_module(f"harness.frameworks.{name}.framework").FRAMEWORK
 
 
 def framework_for(backbone: str) -> Framework:
     """The implementation that builds and trains `backbone`."""
     return framework_named(framework_of(backbone))
+
+
+GPU = tuple[str, "tuple[int, int] | None"]  # (its CUDA_VISIBLE_DEVICES name, compute capability)
+_TRIAL_GPUS: list[GPU] | None = None  # the sweep process's answer, found once
+
+
+def trial_gpus(frameworks: Iterable[str]) -> list[GPU]:
+    """In the sweep process: the GPUs its trial processes may use, found once and kept from this
+    process's own use by every framework it will need (`Framework.sweep_process_gpus`)."""
+    global _TRIAL_GPUS
+    if _TRIAL_GPUS is None:
+        found = [framework_named(name).sweep_process_gpus() for name in sorted(set(frameworks))]
+        _TRIAL_GPUS = found[0] if found else []
+    return _TRIAL_GPUS
+
+
+def seed_loaded_frameworks(seed: int) -> None:
+    """Seed Python's and NumPy's generators and those of every framework this process has loaded
+    (a trial process loads one): a task starts from seeded generators, whatever ran before it."""
+    import random
+    import sys
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    for name in FRAMEWORKS:
+        if f"harness.frameworks.{name}.framework" in sys.modules:
+            framework_named(name).seed(seed)

@@ -20,7 +20,7 @@ how many epochs, which blocks unfreeze, the stopping rules), which weights count
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -79,8 +79,6 @@ class PhaseRun:
     monitor: str = "val_accuracy"
     direction: str = "maximize"
     class_weight: dict[int, float] | None = None  # label -> loss weight; validation stays unweighted
-    keeper: WeightsKeeper | None = None  # the best epoch's weights across phases (kept by the caller's rule)
-    history: list[EpochRecord] = field(default_factory=list)  # filled as epochs end
 
 
 class WeightsKeeper(Protocol):
@@ -100,13 +98,22 @@ class WeightsKeeper(Protocol):
 
 
 class Predictor(Protocol):
-    """A model loaded back from the MLflow store: uint8 images (N, H, W, 3) -> class probabilities."""
+    """A model loaded back from the MLflow store (or a file): uint8 images (N, H, W, 3) -> class
+    probabilities, with its input shape (None where unsized), its output shape and the decoder
+    training read its images with."""
+
+    input_shape: tuple  # (batch, height, width, 3), None where unsized
+    output_shape: tuple  # (batch, classes)
 
     def predict(self, images: np.ndarray) -> np.ndarray: ...
+
+    def decode(self, raw: bytes, size: tuple[int, int]) -> np.ndarray:
+        """An image file's bytes -> uint8 (height, width, 3) at `size`, as training decoded it."""
 
 
 class Framework(Protocol):
     name: str  # "keras" | "torch": the run param `framework`
+    decoder_formats: str  # what the training decoder reads, in words ("tf.io.decode_image: JPEG, PNG, ...")
 
     # --- this process ----------------------------------------------------------------------
     def prepare_process(self, train: TrainConfig) -> None:
@@ -115,6 +122,10 @@ class Framework(Protocol):
 
     def seed(self, seed: int) -> None:
         """Seed every generator a task draws from (Python, NumPy and the framework's own)."""
+
+    def make_reproducible(self, seed: int) -> None:
+        """A clean state, every generator seeded and deterministic ops: for a run that must
+        reproduce bit for bit (the shipped source backbone)."""
 
     def release_memory(self) -> None:
         """Drop what the last task left (graphs, caches, GPU memory) before the next one."""
@@ -134,6 +145,30 @@ class Framework(Protocol):
 
     def weights_keeper(self, model: Model) -> WeightsKeeper: ...
 
+    def backbone_size(self, model: Model) -> int:
+        """The backbone's parameter count (screening's size ranking)."""
+
+    def weights_of(self, model: Model) -> Any:
+        """A copy of every weight (and statistic) of `model`, to put into another model built from
+        the same spec (`load_weights`): an earlier from-scratch attempt that came closer."""
+
+    def load_weights(self, model: Model, weights: Any) -> None: ...
+
+    def out_of_memory(self, message: str) -> BaseException:
+        """The error this framework raises when the device runs out of memory (fault injection)."""
+
+    def sweep_process_gpus(self) -> list[tuple[str, tuple[int, int] | None]]:
+        """In the sweep process, which trains nothing: the GPUs the trial processes may use, as
+        (CUDA_VISIBLE_DEVICES name, compute capability), kept from this process's own use."""
+
+    def backbone_blocks(self, name: str, image_size: int, weights: str | None, options: dict) -> int:
+        """Build the backbone alone with its weights and count its blocks, keeping nothing: fails
+        fast, before the night, on a download that cannot happen or a file that does not fit."""
+
+    def start_trial_process(self, threads: int, gpu_memory_limit_mib: float | None) -> dict:
+        """First thing in a trial process, after CUDA_VISIBLE_DEVICES is set: the quiet import,
+        the thread count (0: the default), the GPU memory rule; returns what the parent is told."""
+
     # --- data --------------------------------------------------------------------------------
     def image_batches(self, dataset: Dataset, indices: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0) -> Batches:
         """(uint8 image, label) batches of one split: every framework sees the same images."""
@@ -143,9 +178,19 @@ class Framework(Protocol):
 
     # --- training ----------------------------------------------------------------------------
     def run_phase(self, model: Model, phase: Phase, data: PhaseData, run: PhaseRun) -> int:
-        """Train one phase of a plan (trainability already set); returns the epochs it ran. Each
-        epoch ends with `run.on_epoch(record)` on the shared timeline; a NaN or infinite loss
-        raises phases.NonFiniteLoss; a stop request (runtime.check_stop) is honoured within a batch."""
+        """Train one phase of a plan (trainability already set, a fresh optimizer at
+        `phase.learning_rate` over the trainable weights only); returns the epochs it ran. Each
+        epoch ends with `run.on_epoch(record)` on the shared timeline (the caller keeps the best
+        weights there, and may raise to stop: pruned, stop requested); a NaN or infinite loss
+        raises phases.NonFiniteLoss; a stop request (runtime.check_stop) is honoured within a
+        batch. Early stopping follows `phase.patience` (`phases.uses_stall_stopping`: the
+        from-scratch rule); a phase whose BatchNormalization trains re-estimates its statistics
+        before each validation."""
+
+    def short_runs(self, model: Model, train: Batches, rates: list[float], steps: int) -> dict[float, float]:
+        """Train `model` (trainability set) two epochs of `steps` batches at each rate in turn,
+        each from the weights it has now and a fresh optimizer state; returns each rate's last
+        epoch's training loss (NaN or inf where it diverged). The model ends as it started."""
 
     def evaluate(self, model: Model, batches: Batches) -> dict[str, float]:
         """Inference-mode {"loss", "accuracy"} over a split."""
@@ -175,7 +220,8 @@ class Framework(Protocol):
     def log_model(self, tracker: Any, run_id: str, model: Model, class_names: list[str], tags: dict) -> None:
         """Log the model to the run with MLflow's flavour for this framework (harness/tracking.py)."""
 
-    def load_model(self, model_uri: str, tracking_uri: str | None = None) -> Predictor: ...
+    def load_model(self, model_uri: str, tracking_uri: str | None = None) -> Predictor:
+        """A logged model (`models:/`, `runs:/`), or a model file of this framework's own format."""
 
     def save_backbone_weights(self, model: Model, path: str) -> None:
         """The backbone's weights alone, as `ModelSpec.weights` loads them (a source backbone)."""
@@ -183,3 +229,6 @@ class Framework(Protocol):
     # --- preflight ---------------------------------------------------------------------------
     def undecodable(self, paths: list[str], image_size: int) -> list[str]:
         """The image files this framework's decoder cannot read (the decoder training uses)."""
+
+    def decoder_name(self) -> str:
+        """The training decoder and its version: a file it read is trusted only by the same one."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import pytest
 
-from harness import backbones as bb
+from harness.frameworks.keras import backbones as bb
 
 
 def test_clean_cuts_skip_over_a_residual_connection():
@@ -146,7 +146,7 @@ def fresh_keras():
 # cell layout, which is what block detection has to get right.
 @pytest.mark.parametrize("name", list(bb.BACKBONES))
 def test_every_backbone_splits_into_clean_blocks_that_each_train(name, fresh_keras):
-    from harness.model import ModelSpec, TransferModel, set_backbone_trainable
+    from harness.frameworks.keras.model import ModelSpec, TransferModel, set_backbone_trainable
 
     size = bb.get_spec(name).min_size
     backbone = bb.construct(name, size, None, {})
@@ -205,7 +205,7 @@ def test_preprocessing_in_built_in_layers_matches_preprocess_input(name):
     own preprocess_input gives, to float32 rounding (caffe and identity exactly)."""
     import numpy as np
 
-    from harness.model import preprocessing
+    from harness.frameworks.keras.model import preprocessing
 
     rng = np.random.default_rng(0)
     for pixels in (rng.integers(0, 256, (4, 9, 7, 3)).astype("uint8"), rng.uniform(0, 255, (2, 5, 5, 3))):

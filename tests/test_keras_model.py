@@ -8,17 +8,17 @@ import keras
 import numpy as np
 import pytest
 
-from harness.model import (
+from harness.frameworks.keras.loop import compile_for
+from harness.frameworks.keras.model import (
     BackbonePreprocess,
     ModelSpec,
-    blocks_to_unfreeze,
     build_model,
     count_params,
     set_all_trainable,
     set_backbone_trainable,
     trainable_layer_names,
 )
-from harness.phases import compile_for
+from harness.phases import blocks_to_unfreeze
 
 
 def spec(weights, **kw):

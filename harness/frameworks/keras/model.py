@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import keras
 
-from harness import backbones as bb
+from harness.frameworks.base import ModelSpec
+from harness.frameworks.keras import backbones as bb
+from harness.phases import blocks_to_keep
 
 RANDOM_INIT_BN_MOMENTUM = 0.9  # fits moving statistics within ~50 steps
 
@@ -60,30 +62,16 @@ class BackbonePreprocess(keras.layers.Layer):
         return {**super().get_config(), "backbone": self.backbone}
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    backbone: str
-    image_size: int
-    num_classes: int
-    weights: str | None  # "imagenet", None (random init) or a weights-file path
-    backbone_options: dict
-    head_units: int = 0
-    dropout: float = 0.0
-    pooling: str = "avg"
-    augment: bool = False
-    cut_fraction: float = 1.0  # keep this share of the backbone's blocks (intermediate features)
-
-    @property
-    def pretrained(self) -> bool:
-        return self.weights is not None
-
-
 @dataclass
 class TransferModel:
     model: keras.Model
     backbone: keras.Model
     blocks: list[list[str]]  # backbone layer names grouped into blocks, input to output
     spec: ModelSpec
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
 
 
 def augmentation_layers(seed: int = 0) -> keras.Sequential:
@@ -95,11 +83,6 @@ def augmentation_layers(seed: int = 0) -> keras.Sequential:
         ],
         name="augment",
     )
-
-
-def blocks_to_keep(n_blocks: int, cut_fraction: float) -> int:
-    """How many blocks (from the input) an intermediate-feature backbone keeps; at least one."""
-    return max(1, min(n_blocks, math.ceil(n_blocks * cut_fraction - 1e-9)))
 
 
 # The head's layers after pooling, input to output (those the spec leaves out are absent):
@@ -137,21 +120,7 @@ def build_model(spec: ModelSpec, seed: int = 0) -> TransferModel:
     return TransferModel(model, backbone, blocks, spec)
 
 
-# --- freeze policy (pure) --------------------------------------------------------------------
-
-
-def blocks_to_unfreeze(n_blocks: int, unfreeze_fraction: float | None = None, unfreeze_blocks: int | None = None) -> int:
-    """Number of top blocks phase 2 unfreezes, snapped to whole blocks.
-
-    A fraction rounds to the nearest block so that 0.5 of a 17-block MobileNetV2 and of a
-    16-block ResNet50 both mean "the top half"; any fraction above zero unfreezes at least one.
-    """
-    if unfreeze_blocks is not None:
-        return max(0, min(n_blocks, unfreeze_blocks))
-    fraction = unfreeze_fraction or 0.0
-    if fraction <= 0:
-        return 0
-    return max(1, min(n_blocks, round(n_blocks * fraction)))
+# --- freezing by blocks (the policy of how many: harness/phases.py blocks_to_unfreeze) ----------
 
 
 def trainable_layer_names(blocks: list[list[str]], n_unfrozen: int) -> set[str]:
@@ -184,6 +153,24 @@ def set_all_trainable(tm: TransferModel) -> None:
     tm.backbone.trainable = True
     for layer in tm.backbone.layers:
         layer.trainable = True
+
+
+def set_trainable(tm: TransferModel, unfreeze_blocks: int) -> tuple[int, int]:
+    """A phase's trainability (-1: everything, BatchNormalization included); returns the
+    (trainable, total) parameter counts the optimizer will see."""
+    if unfreeze_blocks < 0:
+        set_all_trainable(tm)
+    else:
+        set_backbone_trainable(tm, unfreeze_blocks)
+    return count_params(tm.model)
+
+
+def all_layers(model):
+    """Every layer of `model`, nested models' layers included."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
 
 
 def count_params(model: keras.Model) -> tuple[int, int]:

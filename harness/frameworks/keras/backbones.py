@@ -427,6 +427,17 @@ def backbone_blocks(backbone, name: str) -> list[list[str]]:
     return merge_weightless([b for b in blocks if b], weighted)
 
 
+def count_blocks(name: str, image_size: int, weights: str | None, options: dict | None = None) -> int:
+    """How many blocks backbone `name` has, built once with `weights` (so weights that do not fit
+    fail here, before any trial: harness/preflight.py `resolve_weights`). Keras' session is
+    cleared afterwards: the sweep process keeps no model."""
+    import keras
+
+    count = len(backbone_blocks(construct(name, image_size, weights, options), name))
+    keras.backend.clear_session()
+    return count
+
+
 def output_of(backbone, name: str):
     """The output tensor of the backbone's operation `name`, a layer or a plain op (see above)."""
     return next(op.output for op in backbone.operations if op.name == name)
