@@ -1,11 +1,16 @@
 """Image files to pixels without TensorFlow: the decoder of every framework but Keras.
 
-`decode_image` gives what harness/data.py `decode_image` gives (TensorFlow's `tf.io.decode_image`,
-then `tf.image.resize` bilinear, clip, uint8 cast), so a torch trial sees the images a Keras
-trial sees. It decodes with Pillow and resizes with NumPy the way TensorFlow 2 resizes by
-default: bilinear, half-pixel centres, no antialiasing, float32 arithmetic in TensorFlow's order,
-then truncation to uint8. NumPy and Pillow only: a process that never imports TensorFlow (a
-torch trial, preflight on a machine without TensorFlow) reads images with it.
+`decode_image` gives what the Keras side's decoder gives (harness/frameworks/keras/data.py:
+`tf.io.decode_image`, then `tf.image.resize` bilinear, clip, uint8 cast), so a torch trial sees
+the images a Keras trial sees. It decodes with Pillow and resizes with NumPy the way TensorFlow 2
+resizes by default: bilinear, half-pixel centres, no antialiasing, float32 arithmetic in
+TensorFlow's order, then truncation to uint8. NumPy and Pillow only: a process that never imports
+TensorFlow (a torch trial, preflight on a machine without TensorFlow) reads images with it.
+
+PNG, GIF and BMP give the same pixels as TensorFlow, bit for bit (tests/test_images.py). JPEG
+differs by a few levels: `tf.io.decode_image` uses libjpeg's fast integer inverse transform,
+Pillow the accurate one (TensorFlow's `decode_jpeg(dct_method="INTEGER_ACCURATE")`, which gives
+Pillow's pixels exactly). No option of Pillow's selects the fast transform.
 
     >>> pixels = read_image("cat.jpg", (224, 224))   # uint8 (224, 224, 3)
 """
@@ -17,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+DECODER_VERSION = "numpy-bilinear-1"  # bump when what `decode_image` gives changes: files read before are read again
 
 # 16-bit modes Pillow opens (grayscale PNG): TensorFlow keeps the high byte (libpng's strip_16).
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
@@ -61,8 +68,8 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def decode_image(raw: bytes, size: tuple[int, int]) -> np.ndarray:
-    """An image file's bytes -> uint8 (size[0], size[1], 3), as harness/data.py `decode_image`
-    gives it. Raises on bytes Pillow cannot read (OSError, ValueError and their kin)."""
+    """An image file's bytes -> uint8 (size[0], size[1], 3), as the Keras side's `decode_image`
+    gives it (JPEG: see the module's note). Raises on bytes Pillow cannot read (OSError, ValueError and their kin)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(raw)) as image:

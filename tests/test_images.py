@@ -1,5 +1,5 @@
-"""harness/images.py: Pillow and NumPy decode and resize as TensorFlow does (harness/data.py
-decode_image), on generated files of odd sizes in each format the harness reads."""
+"""harness/images.py: Pillow and NumPy decode and resize as TensorFlow does (harness/frameworks/
+keras/data.py decode_image), on generated files of odd sizes in each format the harness reads."""
 
 from __future__ import annotations
 
@@ -48,14 +48,14 @@ SIZES = [(32, 32), (24, 24), (96, 96), (45, 17)]
 
 
 def accurate_tf_decode(raw: bytes, size) -> np.ndarray:
-    """harness/data.py decode_image with TensorFlow's accurate JPEG transform (INTEGER_ACCURATE, the
+    """The Keras side's decode_image with TensorFlow's accurate JPEG transform (INTEGER_ACCURATE, the
     one Pillow's libjpeg uses) instead of tf.io.decode_image's fast one."""
     img = tf.io.decode_jpeg(raw, channels=3, dct_method="INTEGER_ACCURATE")
     return tf.cast(tf.clip_by_value(tf.image.resize(img, size), 0, 255), tf.uint8).numpy()
 
 
 def test_every_pixel_matches_tensorflows_decode_and_resize():
-    from harness.data import decode_image
+    from harness.frameworks.keras.data import decode_image
 
     jpeg_gap = 0
     for name, raw in samples().items():

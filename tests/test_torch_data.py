@@ -14,7 +14,8 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 
 from harness.config import DataConfig  # noqa: E402
-from harness.data import load_dataset, make_splits, tf_dataset  # noqa: E402
+from harness.data import load_dataset, make_splits  # noqa: E402
+from harness.frameworks.keras.data import tf_dataset  # noqa: E402
 from harness.frameworks.torch.data import READER, array_batches, decoded_split_file, image_batches  # noqa: E402
 
 

@@ -33,8 +33,9 @@ def train(mixed="auto", jit="auto"):
 
 
 def test_the_switches_resolve_as_on_the_keras_side(restored, monkeypatch):
-    assert dev.prepare(train(), threads=1) == dev.Settings(torch.device("cpu"))  # auto: off without a GPU
-    assert torch.get_num_threads() == 1
+    assert dev.prepare(train()) == dev.Settings(torch.device("cpu"))  # auto: off without a GPU
+    assert dev.start_trial_process(1, None) == {"gpu_memory": {}}
+    assert torch.get_num_threads() == 1  # this process's share of the cores
     assert dev.prepare(train(jit="on")).compile is True
     monkeypatch.setattr(dev, "gpu_capabilities", lambda: [(9, 0)])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)

@@ -83,8 +83,10 @@ def test_the_logged_model_loads_back_and_predicts_the_same_probabilities(logged)
     loaded = io.load_model(uri, tracker.uri)
     np.testing.assert_allclose(loaded.predict(pixels), in_harness, atol=1e-6)
     with global_tracking_uri(tracker.uri):
-        assert logged_model_metadata(uri) == {"class_names": CLASSES, "image_size": 32}
+        assert logged_model_metadata(uri) == {"class_names": CLASSES, "image_size": 32, "framework": "torch"}
         info = mlflow.models.get_model_info(uri)
+    assert tracker.logged_model_framework(uri) == "torch"  # how harness.predict picks the framework that loads it
+    assert loaded.output_shape == (None, 3) and loaded.input_shape == (None, None, None, 3)
     [spec] = info.signature.inputs.inputs
     assert spec.type == np.dtype("uint8") and tuple(spec.shape) == (-1, 32, 32, 3)
     assert info.tags["harness.framework"] == "torch"

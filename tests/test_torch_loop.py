@@ -36,12 +36,17 @@ def data(n=16, seed=0, batch_size=8):
     return PhaseData(array_batches(x, y, batch_size, shuffle=True, seed=seed), array_batches(x, y, batch_size, shuffle=False))
 
 
-def run_plan(model, plan, phase_data, on_epoch=lambda r: None, keeper=None):
+def run_plan(model, plan, phase_data, on_epoch=lambda r: None):
     """The plan's phases in turn on one epoch axis, as the one training path runs them."""
     epoch, history = 0, []
+
+    def record(r):
+        history.append(r)
+        on_epoch(r)
+
     for phase in plan:
         tm.set_trainable(model, phase.unfreeze_blocks)
-        epoch += loop.run_phase(model, phase, phase_data, PhaseRun(epoch, on_epoch, keeper=keeper, history=history))
+        epoch += loop.run_phase(model, phase, phase_data, PhaseRun(epoch, record))
     return history
 
 

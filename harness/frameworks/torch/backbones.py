@@ -16,7 +16,7 @@ A backbone is one of two kinds:
 
 Either way a block is a list of entries (a submodule's path or a parameter's name inside the
 backbone), input to output, and every block owns a weight that is not a normalisation's
-(`harness.backbones.merge_weightless`, the rule the Keras side follows): unfreezing one block
+(`merge_weightless`, the rule the Keras side follows): unfreezing one block
 always gives the optimizer something to train.
 
     >>> bb = construct("torchvision/resnet18", weights=None, options={}, pooling="avg")
@@ -36,13 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.backbones import merge_weightless
+from harness.frameworks.keras.backbones import merge_weightless  # pure: the same rule for both frameworks
 from harness.frameworks.torch.names import BackboneError, check_exists, install_problem, split_name
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DOWNLOAD_TIMEOUT_S = 30  # a silent network (offline, firewalled) fails the download after this, not after minutes
 
-# Normalisation layers: never a block on their own (harness/backbones.py `_trains_when_unfrozen`).
+# Normalisation layers: never a block on their own (harness/frameworks/keras/backbones.py `_trains_when_unfrozen`).
 NORMS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -83,7 +83,7 @@ def construct(name: str, weights: str | None, options: dict, pooling: str = "avg
 
 
 # Pretrained weights, read once per process: a warm trial process builds the same backbone for
-# trial after trial (as harness/backbones.py `_LOADED_WEIGHTS` does for Keras).
+# trial after trial (as harness/frameworks/keras/backbones.py `_LOADED_WEIGHTS` does for Keras).
 _LOADED: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
@@ -293,6 +293,22 @@ def cut(backbone: Backbone, keep: int, name: str) -> Backbone:
 def position(chain: nn.Sequential, child: str) -> int:
     """The index of the chain's child named `child`."""
     return list(chain._modules).index(child)
+
+
+def count_blocks(name: str, image_size: int, weights: str | None, options: dict) -> int:
+    """How many blocks backbone `name` has, built once with `weights` and run once on a blank image
+    of `image_size` px, keeping nothing (harness/preflight.py `resolve_weights`): a download that
+    cannot happen, a weights file that does not fit or a size the model cannot take fail here,
+    before any trial."""
+    backbone = construct(name, weights, options)
+    backbone.module.eval()
+    try:
+        with torch.no_grad():
+            backbone.module(torch.zeros(1, 3, image_size, image_size))
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        raise BackboneError(f"{name} cannot take {image_size}-px images: {exc}") from exc
+    _LOADED.clear()  # the sweep process keeps no weights
+    return len(backbone.blocks)
 
 
 # --- state dicts -------------------------------------------------------------------------------

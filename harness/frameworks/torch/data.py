@@ -2,7 +2,7 @@
 
 Every framework sees the same images: an in-memory dataset (built-in, TFDS) gives its arrays as
 they are, and a folder's files are decoded by harness/images.py, which gives what TensorFlow's
-decoder gives (harness/data.py `decode_image`). As `tf_dataset` does, a folder split is decoded
+decoder gives (harness/frameworks/keras/data.py `decode_image`). As `tf_dataset` does, a folder split is decoded
 once and kept in memory when it fits data.memory_cache_mib, decoded once into a file shared by
 every process under data.disk_cache_dir, or else decoded again every epoch, a few batches ahead
 in threads.

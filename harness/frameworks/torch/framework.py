@@ -1,40 +1,52 @@
-"""The seam's interface (harness/frameworks/base.py `Framework`) for PyTorch, over this package's
-modules: one object, `FRAMEWORK`, that the one training path calls."""
+"""The PyTorch implementation of the framework seam (harness/frameworks/base.py), over this
+package's modules: one object, `FRAMEWORK`, that the one training path calls."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import torch
 
-# Before anything that may import TensorFlow (harness.phases still imports Keras): torchvision
-# imports triton (CUDA builds of torch), which crashes the process once TensorFlow is loaded.
-import torchvision  # noqa: F401
-
+from harness import images
 from harness.frameworks.base import Framework, ModelSpec, PhaseData, PhaseRun
-from harness.frameworks.torch import data, device, features, io, loop
+from harness.frameworks.torch import backbones, data, device, features, io, loop
 from harness.frameworks.torch.model import TorchModel, build, set_trainable
-from harness.images import undecodable
 from harness.phases import Phase
+
+DECODER_FORMATS = "Pillow: JPEG, PNG, GIF, BMP, WebP, TIFF and more"  # what harness/images.py reads
 
 
 class TorchFramework:
     name = "torch"
+    decoder_formats = DECODER_FORMATS
 
     # --- this process ----------------------------------------------------------------------
-    def prepare_process(self, train, threads: int = 0) -> None:
-        """train.mixed_precision and train.jit_compile on this process's GPU; `threads`: its share
-        of the CPU cores (0: all), as the engine splits them between trial processes."""
-        device.prepare(train, threads)
+    def prepare_process(self, train) -> None:
+        device.import_quietly()
+        device.prepare(train)
 
     def seed(self, seed: int) -> None:
         device.seed(seed)
+
+    def make_reproducible(self, seed: int) -> None:
+        device.make_reproducible(seed)
 
     def release_memory(self) -> None:
         device.release()
 
     def trial_level_errors(self) -> tuple[type[BaseException], ...]:
         return device.trial_errors()
+
+    def out_of_memory(self, message: str) -> BaseException:
+        return device.out_of_memory(message)
+
+    def sweep_process_gpus(self) -> list[tuple[str, tuple[int, int] | None]]:
+        return device.sweep_process_gpus()
+
+    def start_trial_process(self, threads: int, gpu_memory_limit_mib: float | None) -> dict:
+        device.import_quietly()
+        return device.start_trial_process(threads, gpu_memory_limit_mib)
 
     # --- models ------------------------------------------------------------------------------
     def build(self, spec: ModelSpec, seed: int) -> TorchModel:
@@ -46,6 +58,19 @@ class TorchFramework:
     def weights_keeper(self, model: TorchModel) -> loop.WeightsKeeper:
         return loop.WeightsKeeper(model)
 
+    def backbone_size(self, model: TorchModel) -> int:
+        """Parameters and BatchNorm statistics, as Keras' count_params counts a backbone's weights."""
+        return sum(t.numel() for name, t in model.backbone.state_dict().items() if not name.endswith("num_batches_tracked"))
+
+    def weights_of(self, model: TorchModel) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in model.net.state_dict().items()}
+
+    def load_weights(self, model: TorchModel, weights: dict[str, torch.Tensor]) -> None:
+        model.net.load_state_dict(weights)
+
+    def backbone_blocks(self, name: str, image_size: int, weights: str | None, options: dict) -> int:
+        return backbones.count_blocks(name, image_size, weights, options)
+
     # --- data --------------------------------------------------------------------------------
     def image_batches(self, dataset, indices: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0) -> data.Batches:
         return data.image_batches(dataset, indices, batch_size, shuffle, seed)
@@ -56,6 +81,9 @@ class TorchFramework:
     # --- training ----------------------------------------------------------------------------
     def run_phase(self, model: TorchModel, phase: Phase, phase_data: PhaseData, run: PhaseRun) -> int:
         return loop.run_phase(model, phase, phase_data, run)
+
+    def short_runs(self, model: TorchModel, train, rates: list[float], steps: int) -> dict[float, float]:
+        return loop.short_runs(model, train, rates, steps)
 
     def evaluate(self, model: TorchModel, batches) -> dict[str, float]:
         return loop.evaluate_with(model, model.logits, batches)
@@ -91,7 +119,12 @@ class TorchFramework:
 
     # --- preflight ---------------------------------------------------------------------------
     def undecodable(self, paths: list[str], image_size: int) -> list[str]:
-        return undecodable(paths, (image_size, image_size))
+        return images.undecodable(paths, (image_size, image_size))
+
+    def decoder_name(self) -> str:
+        import PIL
+
+        return f"pillow {PIL.__version__} {images.DECODER_VERSION} {DECODER_FORMATS}"
 
 
 FRAMEWORK: Framework = TorchFramework()  # checked against the seam's interface by mypy

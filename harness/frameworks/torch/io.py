@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 import torch
 
+from harness import images
 from harness.frameworks.torch import backbones as bb
 from harness.frameworks.torch import device as dev
 from harness.frameworks.torch.model import TorchModel
@@ -48,10 +49,17 @@ def log_model(tracker, run_id: str, model: TorchModel, class_names: list[str], t
 
 
 class Predictor:
-    """A logged model loaded back: uint8 images (N, H, W, 3) -> class probabilities (N, classes)."""
+    """A logged model loaded back: uint8 images (N, H, W, 3) of any size -> class probabilities
+    (N, classes), decoding files as training did (harness/images.py)."""
 
     def __init__(self, net: torch.nn.Module, device: torch.device):
         self.net, self.device = net.to(device).eval(), device
+        classes = [m.out_features for m in net.modules() if isinstance(m, torch.nn.Linear)]
+        self.input_shape = (None, None, None, 3)  # the size it was trained at is in the logged metadata
+        self.output_shape = (None, classes[-1] if classes else None)
+
+    def decode(self, raw: bytes, size: tuple[int, int]) -> np.ndarray:
+        return images.decode_image(raw, size)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         out = []
@@ -63,6 +71,7 @@ class Predictor:
 
 
 def load_model(model_uri: str, tracking_uri: str | None = None) -> Predictor:
+    """A logged model (`models:/`, `runs:/`) or an MLflow model folder of the PyTorch flavour."""
     from harness.tracking import load_pytorch_model
 
     device = dev.settings().device

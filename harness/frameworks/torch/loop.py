@@ -9,7 +9,7 @@
   transfer phase (the phase ends with its best epoch's weights), and `scratch_keeps_training` in a
   phase whose BatchNorm trains or that asks for it (`phase.stall_stopping`).
 - A phase whose BatchNorm trains (from scratch) re-estimates the running statistics on training
-  batches under the current weights before every validation (as harness/phases.py
+  batches under the current weights before every validation (as harness/frameworks/keras/loop.py
   `BatchNormReestimator`: cumulative averages, torch's `momentum=None`).
 - The loss is the cross-entropy, each example weighted by its class's `run.class_weight` and
   averaged over the batch (Keras' class_weight); a NaN or infinite loss raises NonFiniteLoss in
@@ -30,10 +30,10 @@ from harness.direction import better
 from harness.frameworks.base import PhaseData, PhaseRun
 from harness.frameworks.torch import device as dev
 from harness.frameworks.torch.model import Augmentation, TorchModel, train_mode, training_batchnorms
-from harness.phases import EpochRecord, NonFiniteLoss, Phase, scratch_keeps_training
+from harness.phases import EpochRecord, NonFiniteLoss, Phase, scratch_keeps_training, uses_stall_stopping
 
 ADAM_EPSILON = 1e-7  # Keras' Adam default (torch's is 1e-8)
-REESTIMATE_BATCHES = 20  # training batches averaged for BatchNorm statistics (harness/phases.py)
+REESTIMATE_BATCHES = 20  # training batches averaged for BatchNorm statistics (as BatchNormReestimator)
 
 
 class WeightsKeeper:
@@ -132,7 +132,7 @@ class NoStopping:
 
 
 def stopping_rule(model: TorchModel, phase: Phase, run: PhaseRun):
-    if phase.unfreeze_blocks < 0 or phase.stall_stopping:
+    if uses_stall_stopping(phase):
         return ScratchStopping(run.monitor, run.direction, phase.patience, phase.min_epochs)
     if phase.patience:
         return EarlyStopping(model, run.monitor, run.direction, phase.patience)
@@ -152,26 +152,46 @@ def run_phase(model: TorchModel, phase: Phase, data: PhaseData, run: PhaseRun) -
     step.augment = model.augment if data.fitted is None else None  # cached activations are not images
     rule = stopping_rule(model, phase, run)
     stream = _forever(data.train) if phase.steps_per_epoch else None  # validations further apart than a pass
-    if run.keeper is not None:
-        run.keeper.start_phase()
     ran = 0
     for ran in range(1, phase.epochs + 1):
         epoch = run.start_epoch + ran - 1
         metrics = step.epoch(stream or iter(data.train), phase.steps_per_epoch or len(data.train))
         if data.val is not None:
-            if phase.unfreeze_blocks < 0:  # BatchNorm trains: statistics fit to the current weights first
+            if phase.trains_batchnorm:  # statistics fit to the current weights first
                 reestimate_batchnorm(model, data.train)
             metrics.update({f"val_{k}": v for k, v in evaluate_with(model, forward, data.val).items()})
         for key in ("loss", "val_loss"):
             if key in metrics and not math.isfinite(metrics[key]):
                 raise NonFiniteLoss(f"{phase.name} phase, epoch {epoch}: {key} is {metrics[key]}")
-        record = EpochRecord(epoch, phase.name, metrics)
-        run.history.append(record)
-        run.on_epoch(record)
+        run.on_epoch(EpochRecord(epoch, phase.name, metrics))
         if rule.stops(epoch, metrics):
             break
     rule.finish()
     return ran
+
+
+def short_runs(model: TorchModel, train, rates: list[float], steps: int) -> dict[float, float]:
+    """Two epochs of `steps` batches at each rate (trainability set by the caller), each from the
+    weights the model has now with a fresh Adam; returns each rate's last epoch's training loss,
+    NaN or inf where it diverged. The model ends as it started, statistics included."""
+    initial = {k: v.detach().clone() for k, v in model.net.state_dict().items()}
+    forward = compiled(model, model.logits)
+    trainable = [p for p in model.net.parameters() if p.requires_grad]
+    stream = _forever(train)
+    losses = {}
+    for rate in rates:
+        model.net.load_state_dict(initial)
+        step = Step(model, forward, torch.optim.Adam(trainable, lr=rate, eps=ADAM_EPSILON), None)
+        step.augment = model.augment
+        try:
+            for _ in range(2):
+                loss = step.epoch(stream, steps)["loss"]
+        except NonFiniteLoss:
+            loss = math.inf  # diverged: Keras' fit runs on and reports NaN or inf, which rank the same
+        losses[rate] = loss
+    model.net.load_state_dict(initial)
+    model.net.eval()
+    return losses
 
 
 def _forever(batches) -> Iterator:
@@ -291,7 +311,7 @@ def predict(model: TorchModel, batches) -> np.ndarray:
 def reestimate_batchnorm(model: TorchModel, batches, max_batches: int = REESTIMATE_BATCHES) -> None:
     """Set the running statistics of every BatchNorm that trains to their average over up to
     `max_batches` training batches under the current weights (torch's cumulative average,
-    `momentum=None`), as harness/phases.py BatchNormReestimator does for Keras. The batches run
+    `momentum=None`), as the Keras side's BatchNormReestimator does. The batches run
     through the backbone in training mode, augmented as in training; nothing else changes."""
     norms = training_batchnorms(model)
     if not norms:

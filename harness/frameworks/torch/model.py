@@ -13,7 +13,7 @@ so VGG16's `features` with `nn.Sequential(nn.Linear, nn.ReLU, nn.Linear)` is `to
 with `head_units` set and no dropout. Augmentation (random flip, rotation and zoom, with Keras'
 meaning) runs on uint8 batches in the training loop, outside the saved model.
 
-Modes, as the Keras side has them (harness/model.py): a pretrained backbone runs in inference
+Modes, as the Keras side has them (harness/frameworks/keras/model.py): a pretrained backbone runs in inference
 mode in every phase, even once unfrozen (its BatchNorm statistics, dropout and stochastic depth
 stay as pretrained), and its BatchNorm parameters never train. A randomly initialised backbone's
 BatchNorm trains where its block trains, with momentum 0.1 (Keras' 0.9) so its statistics fit
@@ -33,9 +33,10 @@ from torch import nn
 from harness.frameworks.base import ModelSpec
 from harness.frameworks.torch import backbones as bb
 from harness.frameworks.torch.names import BackboneError
+from harness.phases import blocks_to_keep
 
-# torch's convention (new = (1 - momentum) * old + momentum * batch): Keras' 0.9, harness/model.py
-# RANDOM_INIT_BN_MOMENTUM, which fits moving statistics within ~50 steps.
+# torch's convention (new = (1 - momentum) * old + momentum * batch): Keras' 0.9, harness/frameworks/
+# keras/model.py RANDOM_INIT_BN_MOMENTUM, which fits moving statistics within ~50 steps.
 RANDOM_INIT_BN_MOMENTUM = 0.1
 ROTATION = 0.1  # of a full turn either way (36 degrees), as keras.layers.RandomRotation(0.1)
 ZOOM = 0.1  # +-10% of the height and width, as keras.layers.RandomZoom(0.1)
@@ -102,13 +103,6 @@ def build(spec: ModelSpec, seed: int, device: torch.device) -> TorchModel:
     net.to(device).eval()
     augment = Augmentation(seed) if spec.augment else None
     return TorchModel(net, spec, backbone.blocks, backbone.chain, device, augment)
-
-
-def blocks_to_keep(n_blocks: int, cut_fraction: float) -> int:
-    """harness/model.py `blocks_to_keep` (one rule for every framework), imported where it lives."""
-    from harness.model import blocks_to_keep as rule
-
-    return rule(n_blocks, cut_fraction)
 
 
 def preprocessing(mean, std) -> nn.Sequential:

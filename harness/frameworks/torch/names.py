@@ -65,8 +65,16 @@ def install_problem(backbone: str) -> str | None:
     return f"{backbone} is a PyTorch backbone, and {', '.join(missing)} {verb} not installed: {INSTALL}"
 
 
+def _import_zoos() -> None:
+    """torch and torchvision, imported as this process can (harness/frameworks/torch/device.py)."""
+    from harness.frameworks.torch.device import import_quietly
+
+    import_quietly()
+
+
 def model_names(zoo: str) -> list[str]:
     """Every model a zoo can build: torchvision's classification builders, timm's architectures."""
+    _import_zoos()
     if zoo == "torchvision":
         import torchvision
 
@@ -89,6 +97,7 @@ def existence_problem(backbone: str) -> str | None:
         return problem
     zoo, _, model = backbone.partition("/")
     if zoo == "timm":
+        _import_zoos()
         import timm
 
         if timm.is_model(model):  # the architecture, with or without a pretrained tag
