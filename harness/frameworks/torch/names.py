@@ -14,7 +14,6 @@ import difflib
 import importlib.util
 import re
 
-from harness.config import ConfigError
 from harness.frameworks import TORCH_ZOOS
 
 INSTALL = 'pip install -e ".[torch]"'  # the extra in pyproject.toml
@@ -24,9 +23,10 @@ ZOO_PACKAGES = {"torchvision": ("torch", "torchvision"), "timm": ("torch", "torc
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-class BackboneError(ConfigError):
+class BackboneError(ValueError):
     """A torch backbone that cannot be built as named: unknown, not installed, no blocks, weights
-    that cannot be fetched or do not fit. Raised before anything is written."""
+    that cannot be fetched or do not fit. Raised before anything is written (preflight builds each
+    backbone once). Not a ConfigError: harness/config.py may import this module for `name_problem`."""
 
 
 def split_name(backbone: str) -> tuple[str, str]:
