@@ -166,15 +166,21 @@ class FeatureCache:
 
     def boundary_fits(self, model: Model, unfrozen_blocks: int) -> bool:
         """Whether the boundary activations of the train and val splits fit data.memory_cache_mib
-        (they are held in memory while phase 2 runs; larger ones leave phase 2 on images)."""
-        shape = self.fw.activation_shape(model, self.fw.boundary_layer(model, unfrozen_blocks))
+        (they are held in memory while phase 2 runs; larger ones leave phase 2 on images). False
+        for a model that cannot be entered at that boundary (a backbone that is no chain of blocks)."""
+        layer = self.fw.boundary_layer(model, unfrozen_blocks)
+        if layer is None:
+            return False
+        shape = self.fw.activation_shape(model, layer)
         mib = (len(self.splits.train) + len(self.splits.val)) * int(np.prod(shape)) * 4 / 2**20
         return mib <= self.dataset.memory_cache_mib
 
     def top_inputs(self, model: Model, unfrozen_blocks: int, batch_size: int, seed: int) -> PhaseData:
         """The backbone's top `unfrozen_blocks` with the head, and train/val batches of the cached
         activations at the freeze boundary below them."""
-        return self._inputs(model, self.fw.boundary_layer(model, unfrozen_blocks), batch_size, seed)
+        layer = self.fw.boundary_layer(model, unfrozen_blocks)
+        assert layer is not None, "top_inputs follows boundary_fits, which refuses a model without the boundary"
+        return self._inputs(model, layer, batch_size, seed)
 
     def _inputs(self, model: Model, layer: str, batch_size: int, seed: int) -> PhaseData:
         weights = self.fw.weights_digest(model)

@@ -475,6 +475,52 @@ class Tracker:
         self.client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
         return info.model_uri
 
+    def log_pytorch_model(
+        self,
+        run_id: str,
+        model,
+        class_names: list[str],
+        image_size: int,
+        tags: dict[str, Any] | None = None,
+        requirements: list[str] | None = None,
+    ) -> str:
+        """Log a trained PyTorch model to its run (MLflow's PyTorch flavour: the module pickled
+        whole, so it must be built of torch's and its zoo's classes alone and loads where the
+        harness is not installed); returns its `models:/` URI, also kept on the run as the tag
+        harness.model_uri. As `log_keras_model`: uint8 pixels in (preprocessing is inside the
+        model), class probabilities out, the class names in the model's metadata. `requirements`:
+        the pip requirements the module needs (torch, torchvision, timm), pinned by the caller."""
+        import logging
+
+        import mlflow
+        import numpy as np
+        from mlflow.models import infer_signature
+
+        example = np.zeros((1, image_size, image_size, 3), np.uint8)
+        signature = infer_signature(example, np.zeros((1, len(class_names)), np.float32))  # one probability per class
+        # Pickled, not MLflow's default "pt2" (torch.export): exporting the zoo's models fixed the
+        # batch size at the example's (mobilenet_v3_small: "Guard failed: input.size()[0] == 1"),
+        # so the program would serve one image at a time. MLflow warns of pickle on every call; the
+        # module is built of torch's and its zoo's classes, so that warning says nothing here.
+        pytorch_logger = logging.getLogger("mlflow.pytorch")
+        level = pytorch_logger.level
+        pytorch_logger.setLevel(logging.ERROR)
+        try:
+            with global_tracking_uri(self.uri), mlflow.start_run(run_id=run_id):
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    signature=signature,
+                    metadata={"class_names": list(class_names), "image_size": int(image_size), "framework": "torch"},
+                    pip_requirements=requirements or ["torch"],  # no slow requirement inference
+                    tags=_redacted(tags or {}),
+                    serialization_format="pickle",
+                )
+        finally:
+            pytorch_logger.setLevel(level)
+        self.client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
+        return info.model_uri
+
     def logged_model_framework(self, model_uri: str) -> str:
         """The framework a logged model was trained with ("keras" for models logged before the
         metadata named it)."""
@@ -755,6 +801,15 @@ def load_keras_model(model_uri: str, tracking_uri: str | None = None):
 
     with global_tracking_uri(tracking_uri) if tracking_uri else nullcontext():
         return mlflow.keras.load_model(model_uri, load_model_kwargs={"compile": False})
+
+
+def load_pytorch_model(model_uri: str, tracking_uri: str | None = None, map_location: str | None = None):
+    """The PyTorch module logged at `model_uri` (as `load_keras_model`), its tensors on
+    `map_location` (default: where they were saved)."""
+    import mlflow.pytorch
+
+    with global_tracking_uri(tracking_uri) if tracking_uri else nullcontext():
+        return mlflow.pytorch.load_model(model_uri, map_location=map_location)
 
 
 def logged_model_metadata(model_uri: str) -> dict:

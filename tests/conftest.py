@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import sys
@@ -71,6 +72,12 @@ def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
         from harness import runtime
         from harness.frameworks import framework_named
+
+        # The torch stack first, where the torch extra is installed: imported after TensorFlow,
+        # torchvision's import of triton (CUDA builds of torch) crashes the process. A trial
+        # process imports one framework only; a test process runs the tests of both.
+        if importlib.util.find_spec("torchvision") is not None:
+            import torchvision  # noqa: F401
 
         framework_named("keras")  # TensorFlow, quietly, and Keras
         import harness.tasks  # noqa: F401 - MLflow and the harness, as a trial process has them

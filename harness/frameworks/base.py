@@ -202,8 +202,10 @@ class Framework(Protocol):
     def weights_digest(self, model: Model) -> str:
         """A hash of the backbone's weight values: the content its features depend on."""
 
-    def boundary_layer(self, model: Model, unfrozen_blocks: int) -> str:
-        """The name of the activations that feed the first unfrozen block ("pool": the pooled features)."""
+    def boundary_layer(self, model: Model, unfrozen_blocks: int) -> str | None:
+        """The name of the activations that feed the first unfrozen block ("pool": the pooled
+        features); None when the model cannot be entered there (a backbone that is not a chain of
+        blocks, such as a timm or ViT model: that phase trains on images)."""
 
     def activation_shape(self, model: Model, layer: str) -> tuple[int, ...]:
         """One image's activations at `layer` ("pool" or a boundary_layer)."""
