@@ -27,7 +27,7 @@ from harness.config import ConfigError, DataConfig, SweepConfig, SweepRefused, T
 from harness.data import Dataset, Splits, load_dataset, make_splits
 from harness.frameworks import framework_for, framework_named, trial_gpus
 from harness.frameworks.base import Framework
-from harness.zoo import frameworks_of
+from harness.zoo import framework_of, frameworks_of
 
 # --- config files ------------------------------------------------------------------------------------
 
@@ -97,6 +97,31 @@ def sweep_frameworks(cfg: SweepConfig) -> list[str]:
     from harness.config import backbone_candidates
 
     return frameworks_of(backbone_candidates(cfg.search))
+
+
+TENSORFLOW_EXTRA = (
+    'pip install -e ".[cpu]" on a CPU-only box, pip install -e ".[gpu]" on an NVIDIA GPU box (see the README)'
+)
+
+
+def check_frameworks_installed(cfg: SweepConfig) -> None:
+    """Every framework the sweep's backbones need is installed (found without importing it): a
+    Keras backbone needs TensorFlow, a torchvision or timm one torch, torchvision (and timm)."""
+    import importlib.util
+
+    from harness.config import backbone_candidates
+    from harness.frameworks.torch.names import install_problem
+
+    problems = []
+    names = backbone_candidates(cfg.search)
+    keras = [name for name in names if framework_of(name) == "keras"]
+    if keras and importlib.util.find_spec("tensorflow") is None:
+        problems.append(
+            f"{', '.join(keras)}: TensorFlow is not installed. It is an extra, chosen per machine: {TENSORFLOW_EXTRA}"
+        )
+    problems += [problem for name in names if framework_of(name) == "torch" and (problem := install_problem(name))]
+    if problems:
+        raise SweepRefused("search.backbone: " + "\n  ".join(problems))
 
 
 def training_decoder(cfg: SweepConfig) -> str:
@@ -489,10 +514,14 @@ def resolve_weights(cfg: SweepConfig, source_weights: Callable[[str], str | Path
     (model.weights: source), pretrained first if need be (harness/pretrain.py `ensure_source_weights`).
     It is passed in because pretraining reads its source data through this module's checks."""
     from harness.config import backbone_candidates
+    from harness.frameworks.torch.names import BackboneError, existence_problem
 
     size = cfg.quadrants.targets[0].data.image_size if cfg.quadrants else cfg.data.image_size
     resolved: dict[str, str | None] = {}
     for name in backbone_candidates(cfg.search):
+        unknown = existence_problem(name) if framework_of(name) == "torch" else None
+        if unknown:  # named, with the closest names its zoo has
+            raise SweepRefused(f"search.backbone: {unknown}")
         w = cfg.model.weights
         if w == "none":
             weights = None
@@ -502,6 +531,8 @@ def resolve_weights(cfg: SweepConfig, source_weights: Callable[[str], str | Path
             weights = w
         try:
             n_blocks = framework_for(name).backbone_blocks(name, size, weights, cfg.model.backbone_options.get(name, {}))
+        except BackboneError as exc:  # says itself what is wrong and where (layers, files, the cache folder)
+            raise SweepRefused(f"model.weights: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any failure here means no trial could run
             if weights not in (None, "imagenet"):
                 problem = f"weights file {weights} does not fit {name} with options {cfg.model.backbone_options.get(name, {})}"

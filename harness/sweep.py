@@ -203,21 +203,12 @@ def main(argv: list[str] | None = None) -> int:
             tracking_uri=args.tracking_uri,
             workers=args.workers,
         )
-        preflight.check_stores(cfg)  # before TensorFlow loads and anything is written
+        preflight.check_stores(cfg)  # before a framework loads and anything is written
+        preflight.check_frameworks_installed(cfg)
     except (ConfigError, SweepRefused) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
-    try:
-        trial_gpus(preflight.sweep_frameworks(cfg))  # the framework's import; GPUs kept from this process
-    except ModuleNotFoundError as exc:
-        if exc.name != "tensorflow":
-            raise
-        print(
-            'error: TensorFlow is not installed. It is an extra, chosen per machine: pip install -e ".[cpu]" '
-            'on a CPU-only box, pip install -e ".[gpu]" on an NVIDIA GPU box (see the README)',
-            file=sys.stderr,
-        )
-        return EXIT_CONFIG
+    trial_gpus(preflight.sweep_frameworks(cfg))  # the frameworks' imports; GPUs kept from this process
     runtime.freeze_imported_objects()
     try:
         run(cfg)

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import re
 
-from harness.frameworks import TORCH_ZOOS
+from harness.zoo import backbone_name_problem
 
 INSTALL = 'pip install -e ".[torch]"'  # the extra in pyproject.toml
 # What each zoo needs installed: timm builds on torchvision's transforms.
 ZOO_PACKAGES = {"torchvision": ("torch", "torchvision"), "timm": ("torch", "torchvision", "timm")}
-# A model name: timm's may carry a pretrained tag after a dot ("vit_small_patch16_224.augreg_in21k").
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 class BackboneError(ValueError):
@@ -40,14 +37,7 @@ def split_name(backbone: str) -> tuple[str, str]:
 
 def name_problem(backbone: str) -> str | None:
     """What is wrong with a torch backbone's name as written, or None. Pure: imports nothing."""
-    zoo, slash, model = backbone.partition("/")
-    if not slash or zoo not in TORCH_ZOOS:
-        return f"{backbone}: a torch backbone is named <zoo>/<model>, the zoo one of {', '.join(TORCH_ZOOS)}"
-    if not model:
-        return f"{backbone}: no model name after '{zoo}/'"
-    if not _MODEL_NAME.match(model):
-        return f"{backbone}: {model!r} is not a model name (letters, digits, '_', '-' and '.' only)"
-    return None
+    return backbone_name_problem(backbone)
 
 
 def missing_packages(backbone: str) -> list[str]:
