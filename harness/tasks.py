@@ -20,6 +20,7 @@ and `TestTask`, once per run, after all training.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import optuna
 from harness import runtime
 from harness.direction import at_least_as_good
 from harness.evaluation import class_metric_keys, classification_metrics, confusion_csv, confusion_figure, is_number, scores
-from harness.frameworks import framework_for, framework_named, seed_loaded_frameworks
+from harness.frameworks import FRAMEWORKS, framework_for, framework_named, seed_loaded_frameworks
 from harness.objective import TrialFailed, TrialRunner, log_history, plan_for, trial_level_errors
 from harness.phases import History
 from harness.scratch import ScratchRun, confirmation_plan, images_seen, print_note, train_from_scratch
@@ -66,6 +67,9 @@ def execute(task, channel: Channel):
 
     Every task starts from seeded generators (the study's seed; a task with a seed of its own
     seeds again with it), so no task inherits the random state its process's last task left."""
+    loaded_elsewhere = [f for f in FRAMEWORKS if f != task.framework and f"harness.frameworks.{f}.framework" in sys.modules]
+    if loaded_elsewhere:  # the engine keeps processes per framework (harness/trials.py `_process_for`)
+        raise RuntimeError(f"a {task.framework} task in a process that loaded {', '.join(loaded_elsewhere)}")
     if task.context is not None and task.context_key not in _RUNNERS:
         _RUNNERS[task.context_key] = task.context.load()
     runner = _RUNNERS[task.context_key]

@@ -83,17 +83,24 @@ def trial_runs(runs):
     return [r for r in runs if r.data.tags.get("harness.role") == "trial"]
 
 
+# The same sweep with a PyTorch backbone (the plain PyTorch loop in its trial processes).
+TORCH_KILLABLE = KILLABLE.replace("backbone: MobileNetV2", "backbone: torchvision/mobilenet_v3_small")
+
+
 @pytest.mark.parametrize(
-    "sig, kill_at",
+    "sig, kill_at, config_text",
     [
-        (signal.SIGKILL, "trial 1 head epoch 1/2"),  # mid-phase, between the two phases
-        (signal.SIGKILL, "trial 1 starts"),  # right after the run was created and params logged
-        (signal.SIGTERM, "trial 1 finetune epoch 2/2"),  # during end-of-trial logging
-        (signal.SIGINT, "trial 1 head epoch 1/2"),  # Ctrl-C
+        (signal.SIGKILL, "trial 1 head epoch 1/2", KILLABLE),  # mid-phase, between the two phases
+        (signal.SIGKILL, "trial 1 starts", KILLABLE),  # right after the run was created and params logged
+        (signal.SIGTERM, "trial 1 finetune epoch 2/2", KILLABLE),  # during end-of-trial logging
+        (signal.SIGINT, "trial 1 head epoch 1/2", KILLABLE),  # Ctrl-C
+        (signal.SIGKILL, "trial 1 head epoch 1/2", TORCH_KILLABLE),  # a torch sweep, killed mid-phase
+        (signal.SIGTERM, "trial 1 finetune epoch 2/2", TORCH_KILLABLE),  # and stopped while it logs
     ],
+    ids=["kill-mid-phase", "kill-at-start", "term-while-logging", "ctrl-c", "torch-kill-mid-phase", "torch-term-while-logging"],
 )
-def test_killed_sweep_loses_nothing_and_resumes(tmp_path, sig, kill_at):
-    config = write_config(tmp_path, KILLABLE)
+def test_killed_sweep_loses_nothing_and_resumes(tmp_path, sig, kill_at, config_text):
+    config = write_config(tmp_path, config_text)
     sweep = Sweep(tmp_path, str(config), "--n-trials", "2")
     sweep.wait_for("trial 0 COMPLETE")
     sweep.wait_for(kill_at)
