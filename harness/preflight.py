@@ -99,9 +99,7 @@ def sweep_frameworks(cfg: SweepConfig) -> list[str]:
     return frameworks_of(backbone_candidates(cfg.search))
 
 
-TENSORFLOW_EXTRA = (
-    'pip install -e ".[cpu]" on a CPU-only box, pip install -e ".[gpu]" on an NVIDIA GPU box (see the README)'
-)
+TENSORFLOW_EXTRA = 'pip install -e ".[cpu]" on a CPU-only box, pip install -e ".[gpu]" on an NVIDIA GPU box (see the README)'
 
 
 def check_frameworks_installed(cfg: SweepConfig) -> None:
