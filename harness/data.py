@@ -354,7 +354,7 @@ def make_splits(labels: np.ndarray, cfg: DataConfig, official: np.ndarray | None
 # --- decoded images, where they are kept --------------------------------------------------------
 
 
-DECODED_FORMAT = 1  # bump when the layout of a decoded split's file changes, so old files are never read
+DECODED_FORMAT = 2  # bump when a decoded split's file changes (2: JPEGs by the accurate transform), so old files are never read
 
 
 def cache_plan(n_images: int, image_size: int, memory_cache_mib: float, disk_cache_dir: str | None) -> str:

@@ -7,10 +7,9 @@ resizes by default: bilinear, half-pixel centres, no antialiasing, float32 arith
 TensorFlow's order, then truncation to uint8. NumPy and Pillow only: a process that never imports
 TensorFlow (a torch trial, preflight on a machine without TensorFlow) reads images with it.
 
-PNG, GIF and BMP give the same pixels as TensorFlow, bit for bit (tests/test_images.py). JPEG
-differs by a few levels: `tf.io.decode_image` uses libjpeg's fast integer inverse transform,
-Pillow the accurate one (TensorFlow's `decode_jpeg(dct_method="INTEGER_ACCURATE")`, which gives
-Pillow's pixels exactly). No option of Pillow's selects the fast transform.
+PNG, GIF, BMP and JPEG give the same pixels as the Keras side, bit for bit (tests/test_images.py):
+a JPEG by libjpeg's accurate integer inverse transform on both sides (Pillow has no other; the
+Keras side asks TensorFlow for it, `decode_jpeg(dct_method="INTEGER_ACCURATE")`).
 
     >>> pixels = read_image("cat.jpg", (224, 224))   # uint8 (224, 224, 3)
 """
@@ -69,7 +68,7 @@ def resize_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def decode_image(raw: bytes, size: tuple[int, int]) -> np.ndarray:
     """An image file's bytes -> uint8 (size[0], size[1], 3), as the Keras side's `decode_image`
-    gives it (JPEG: see the module's note). Raises on bytes Pillow cannot read (OSError, ValueError and their kin)."""
+    gives it. Raises on bytes Pillow cannot read (OSError, ValueError and their kin)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(raw)) as image:

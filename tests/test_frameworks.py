@@ -117,7 +117,7 @@ def test_unknown_torch_names_are_refused_with_the_closest_names(tmp_path):
 @pytest.mark.parametrize("source", ["builtin", "folder"])
 def test_every_source_gives_both_frameworks_the_same_images_in_the_same_splits(tmp_path, source):
     """The splits are the framework-free harness/data.py's; the pixels of a split, read in order,
-    are the same from tf.data and from the torch batches (a folder of PNGs of odd sizes too)."""
+    are the same from tf.data and from the torch batches (a folder of PNGs and JPEGs of odd sizes too)."""
     from PIL import Image
 
     from harness.config import DataConfig
@@ -129,7 +129,8 @@ def test_every_source_gives_both_frameworks_the_same_images_in_the_same_splits(t
         for c in ("cat", "dog"):
             (tmp_path / c).mkdir()
             for i in range(6):
-                Image.fromarray(rng.integers(0, 256, (37 + i, 29 + 2 * i, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+                pixels = rng.integers(0, 256, (37 + i, 29 + 2 * i, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / c / f"{i}.{'jpg' if i % 2 else 'png'}")
         cfg = DataConfig(source="folder", path=str(tmp_path), image_size=24, val_fraction=0.25, test_fraction=0.25)
     else:
         cfg = DataConfig(source="builtin", name="shapes", image_size=32, builtin_size=10, seed=3)

@@ -13,10 +13,18 @@ DECODER_FORMATS = "tf.io.decode_image: JPEG, PNG, GIF, BMP, WebP"  # what `decod
 
 def decode_image(raw, size: tuple[int, int]):
     """An image file's bytes -> uint8 (height, width, 3) at `size`: how every image the models see
-    is decoded, in training (inside tf.data) and in `harness.predict` (eagerly)."""
+    is decoded, in training (inside tf.data) and in `harness.predict` (eagerly).
+
+    A JPEG is decoded with libjpeg's accurate inverse transform (`dct_method="INTEGER_ACCURATE"`),
+    the one Pillow uses, so a torch trial (harness/images.py) sees the same pixels as a Keras
+    trial; `tf.io.decode_image` would take the fast one, a few levels apart."""
     import tensorflow as tf
 
-    img = tf.io.decode_image(raw, channels=3, expand_animations=False)
+    img = tf.cond(
+        tf.io.is_jpeg(raw),
+        lambda: tf.io.decode_jpeg(raw, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(raw, channels=3, expand_animations=False),
+    )
     img = tf.image.resize(img, size)
     return tf.cast(tf.clip_by_value(img, 0, 255), tf.uint8)
 
