@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -377,6 +378,42 @@ def decoded_split_path(ds: Dataset, indices: np.ndarray) -> Path:
     """The shared file of one split's decoded images: named by its content and the input size."""
     assert ds.disk_cache_dir is not None  # used only with data.disk_cache_dir set
     return Path(ds.disk_cache_dir) / f"decoded-{split_digest(ds, indices)}-{ds.image_size}px-v{DECODED_FORMAT}.npy"
+
+
+def decoded_split(ds: Dataset, indices: np.ndarray, decode: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
+    """The split's images decoded (uint8, in `indices` order), memory-mapped from `ds.disk_cache_dir`.
+
+    `decode(files, out)` writes the images of `files` into `out` (a framework's decoder: every
+    framework's gives the same pixels, so the file is shared by all of them). Decoded once for
+    every process and seed: the first process to need it writes a private temporary file and
+    renames it into place (harness/diskcache.py), and later ones map that file. The folder stays
+    under data.disk_cache_max_gib: the splits used longest ago are deleted first."""
+    from harness import diskcache
+
+    path = decoded_split_path(ds, indices)
+    shape = (len(indices), ds.image_size, ds.image_size, 3)
+    if diskcache.use(path):
+        try:
+            found = np.load(path, mmap_mode="r")
+            if found.shape == shape and found.dtype == np.uint8:
+                return found
+        except (OSError, ValueError):  # truncated or foreign: decoded again below
+            pass
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    diskcache.remove_stale_partials(folder)
+    diskcache.evict(folder, diskcache.gib(ds.disk_cache_max_gib), incoming=int(np.prod(shape)), keep=path)
+    partial = diskcache.partial_path(path)
+    try:
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        decode(split_files(ds, indices), out)
+        out.flush()
+        del out
+        diskcache.publish(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return np.load(path, mmap_mode="r")
 
 
 # --- what a run trained on ---------------------------------------------------------------------

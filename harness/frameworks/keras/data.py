@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.data import Dataset, cache_plan, decoded_split_path, split_files
+from harness import data
+from harness.data import Dataset, cache_plan, split_files
 
 DECODER_FORMATS = "tf.io.decode_image: JPEG, PNG, GIF, BMP, WebP"  # what `decode_image` reads
 
@@ -92,49 +93,23 @@ def rows_pipeline(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, 
 
 
 def decoded_split(ds: Dataset, indices: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """The split's images decoded (uint8, in `indices` order), memory-mapped from `ds.disk_cache_dir`.
-
-    Decoded once for every process and seed: the first process to need it writes a private
-    temporary file and renames it into place (harness/diskcache.py), and later ones map that file.
-    The folder stays under data.disk_cache_max_gib: the splits used longest ago are deleted first."""
+    """The split's images, decoded once by tf.data into the file every process shares (harness/data.py)."""
     import tensorflow as tf
 
-    from harness import diskcache
-
-    path = decoded_split_path(ds, indices)
-    shape = (len(indices), ds.image_size, ds.image_size, 3)
-    if diskcache.use(path):
-        try:
-            found = np.load(path, mmap_mode="r")
-            if found.shape == shape and found.dtype == np.uint8:
-                return found
-        except (OSError, ValueError):  # truncated or foreign: decoded again below
-            pass
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    diskcache.remove_stale_partials(folder)
-    diskcache.evict(folder, diskcache.gib(ds.disk_cache_max_gib), incoming=int(np.prod(shape)), keep=path)
-    partial = diskcache.partial_path(path)
     size = (ds.image_size, ds.image_size)
-    files = split_files(ds, indices)
-    try:
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
-        at = 0
+
+    def decode(files: np.ndarray, out: np.ndarray) -> None:
         pipe = (
             tf.data.Dataset.from_tensor_slices(files)
             .map(lambda f: decode_image(tf.io.read_file(f), size), num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch_size)
         )
+        at = 0
         for batch in pipe:
             out[at : at + len(batch)] = batch.numpy()
             at += len(batch)
-        out.flush()
-        del out
-        diskcache.publish(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return np.load(path, mmap_mode="r")
+
+    return data.decoded_split(ds, indices, decode)
 
 
 def undecodable_images(paths: list[str], image_size: int = 32) -> list[str]:

@@ -19,15 +19,13 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from harness import diskcache, images
-from harness.data import Dataset, cache_plan, decoded_split_path, split_files
+from harness import data, images
+from harness.data import Dataset, cache_plan, split_files
 
-DECODED_FORMAT = 1  # bump when this decoder's output changes, so old files are never read
 PREFETCH = 2  # batches decoded ahead of training when a folder split is decoded every epoch
 READER = "harness-read-ahead"  # the reading thread's name
 
@@ -131,38 +129,12 @@ def image_batches(dataset: Dataset, indices: np.ndarray, batch_size: int, shuffl
     return batches
 
 
-def decoded_split_file(dataset: Dataset, indices: np.ndarray) -> Path:
-    """This decoder's shared file of one split (harness/data.py names TensorFlow's; Pillow's
-    differs in JPEG pixels, so the two never share a file)."""
-    tf_path = decoded_split_path(dataset, indices)
-    return tf_path.with_name(tf_path.name.replace(".npy", f"-pil-v{DECODED_FORMAT}.npy"))
-
-
 def decoded_split(dataset: Dataset, indices: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """The split's images decoded (uint8, in `indices` order), memory-mapped from the file every
-    process shares under data.disk_cache_dir, written once (harness/diskcache.py)."""
-    path = decoded_split_file(dataset, indices)
-    shape = (len(indices), dataset.image_size, dataset.image_size, 3)
-    if diskcache.use(path):
-        try:
-            found = np.load(path, mmap_mode="r")
-            if found.shape == shape and found.dtype == np.uint8:
-                return found
-        except (OSError, ValueError):  # truncated or foreign: decoded again below
-            pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    diskcache.remove_stale_partials(path.parent)
-    diskcache.evict(path.parent, diskcache.gib(dataset.disk_cache_max_gib), incoming=int(np.prod(shape)), keep=path)
-    partial = diskcache.partial_path(path)
-    files = split_files(dataset, indices)
-    try:
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+    """The split's images, decoded once into the file every process shares (harness/data.py),
+    whichever framework decoded it: both give the same pixels."""
+
+    def decode(files: np.ndarray, out: np.ndarray) -> None:
         for at in range(0, len(files), batch_size):
-            images.read_images(files[at : at + batch_size], shape[1:3], out[at : at + batch_size])
-        out.flush()
-        del out
-        diskcache.publish(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return np.load(path, mmap_mode="r")
+            images.read_images(files[at : at + batch_size], out.shape[1:3], out[at : at + batch_size])
+
+    return data.decoded_split(dataset, indices, decode)
