@@ -255,22 +255,25 @@ def test_imagenet_weights_offline_fail_up_front_with_the_reason(tmp_path):
     assert not (tmp_path / "results" / "mlflow.db").exists()
 
 
-def test_out_of_memory_trial_fails_alone_then_a_warm_process_runs_trials_per_process_trials(tmp_path):
-    """TensorFlow's out-of-memory error fails its trial alone, with the reason; the warm process
+@pytest.mark.parametrize(
+    "config_text, error", [(KILLABLE, "ResourceExhaustedError"), (TORCH_KILLABLE, "OutOfMemoryError")], ids=["keras", "torch"]
+)
+def test_out_of_memory_trial_fails_alone_then_a_warm_process_runs_trials_per_process_trials(tmp_path, config_text, error):
+    """The framework's out-of-memory error fails its trial alone, with the reason; the warm process
     goes on to its next trial, retires after trials_per_process, and a fresh one takes over."""
-    text = KILLABLE.replace("n_trials: 3", "n_trials: 3\n  trials_per_process: 2")
+    text = config_text.replace("n_trials: 3", "n_trials: 3\n  trials_per_process: 2")
     proc = run_main(str(write_config(tmp_path, text)), cwd=tmp_path, env={"HARNESS_INJECT_FAULT": "oom:0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     study, client, runs = load(tmp_path)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
     failed = study.trials[0]
-    assert failed.user_attrs["fail_reason"].startswith("ResourceExhaustedError")
+    assert failed.user_attrs["fail_reason"].startswith(error)
     assert "simulated out of memory" in failed.user_attrs["fail_reason"]
     run = client.get_run(failed.user_attrs["mlflow_run_id"])
-    assert run.info.status == "FAILED" and "ResourceExhaustedError" in run.data.tags["harness.fail_reason"]
+    assert run.info.status == "FAILED" and error in run.data.tags["harness.fail_reason"]
     assert "traceback.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
     workers = [t.user_attrs["worker"] for t in study.trials]
-    # an error inside Keras does not cost the process: trial 1 runs in the same one, then it retires
+    # an error inside the framework does not cost the process: trial 1 runs in the same one, then it retires
     assert workers[0] == workers[1] != workers[2] == workers[3]
     assert sweep_pid_of(study) not in {w.rsplit(":", 1)[1] for w in workers}
     assert all(client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics["system/rss_mib"] > 0 for t in study.trials[1:])
