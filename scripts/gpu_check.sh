@@ -25,9 +25,8 @@ timeout=${GPU_CHECK_TIMEOUT:-360}
 config=$(realpath -m "${GPU_CHECK_CONFIG:-sweeps/gpu-check.yaml}")
 budget_mib=64  # what may travel with the working tree to the GPU machine: tracked files and wheels together
 
-# Packages torch, torchvision and timm require, so any machine with those three has them: not carried.
-# numpy and pillow are most of the weight of what would be (about 23 MB of wheels).
-have_default="numpy pillow pyyaml"
+# What torchvision requires, so any machine with it has them: not carried (22 MiB of wheels).
+have_default="numpy pillow"
 
 die() {
     echo "gpu_check: $*" >&2
@@ -38,7 +37,7 @@ die() {
 # scikit-learn (only the digits data, two-class AUC, balanced class weights and screening import it;
 # the check uses none of them), with mlflow-skinny for mlflow (the client, the SQLite tracking store and
 # the model registry, without the UI server and its pyarrow, scikit-learn and Flask: with the full
-# mlflow the set is 161 MiB for Python 3.12, against 86), SQLAlchemy and alembic for that store, nvidia-ml-py
+# mlflow the set is 162 MiB for Python 3.12, against 87), SQLAlchemy and alembic for that store, nvidia-ml-py
 # for the GPU's system metrics (the gpu extra), and setuptools and wheel to install the harness itself offline.
 requirements() {
     python3 - <<'EOF'
@@ -91,8 +90,9 @@ download() {
     for f in "$wheels"/*.whl; do
         local name
         name=$(basename "$f" | cut -d- -f1 | tr '[:upper:]_.' '[:lower:]--')
-        # What builds the harness stays, in case the machine's is older than it needs.
-        if [[ $skip == *" $name "* && " setuptools wheel packaging " != *" $name "* ]]; then
+        # Wheels under 1 MiB stay all the same: where the machine's copy is too old for a carried
+        # package (protobuf for opentelemetry, say), pip takes the carried one instead of failing.
+        if [[ $skip == *" $name "* ]] && [ "$(stat -c %s "$f")" -ge 1048576 ]; then
             dropped+=("$name")
             rm -f "$f"
         fi
