@@ -62,7 +62,7 @@ baseline:
 # tests fill in around them. Collection order is dispatch order: xdist's own reordering by group
 # size is off (--no-loadscope-reorder in pyproject.toml).
 _LONGEST_GROUPS = ("quad", "sweep", "servers", "retry", "secrets")
-_LONG_FILES = ("test_reliability.py", "test_scratch.py")
+_LONG_FILES = ("test_reliability.py", "test_scratch.py", "test_frameworks.py")
 
 
 def pytest_configure(config):
