@@ -199,14 +199,15 @@ def scratch_attempt(run: ScratchRun, trainer: Trainer, config: Configuration, at
     return model, history, False
 
 
-def judge_attempt(run: ScratchRun, trainer: Trainer, model, history: History, diverged: bool, rate: float, budget) -> Attempt:
-    """An attempt's facts: its training accuracy (inference mode, the whole training split) and
-    whether that counts as fitted."""
+def judge_attempt(run: ScratchRun, trainer: Trainer, model, history: History, diverged: bool, phase: Phase) -> Attempt:
+    """An attempt's facts (`phase`: its one phase, at its rate): its training accuracy (inference
+    mode, the whole training split) and whether that counts as fitted."""
     cfg, splits = run.runner.cfg, run.runner.splits
     train_accuracy = math.nan if diverged else trainer.evaluate(model, splits.train)["accuracy"]
+    assert phase.steps_per_epoch is not None  # a from-scratch phase is budgeted in steps (scratch_budget)
     return Attempt(
-        rate,
-        len(history.epochs) * budget.steps_per_round,
+        phase.learning_rate,
+        len(history.epochs) * phase.steps_per_epoch,
         train_accuracy,
         history.best(cfg.study.metric, cfg.study.direction),
         not diverged and fit_verdict(train_accuracy, len(splits.train)),
@@ -266,9 +267,10 @@ def train_from_scratch(run: ScratchRun):
     kept = None  # (weights, history) of the best unfitted attempt, while another is tried
     first_epoch = 0  # attempts follow each other on the run's one epoch axis
     for i, rate in enumerate(rates):
-        model, history, diverged = scratch_attempt(run, trainer, configuration(rate), i, first_epoch)
+        config = configuration(rate)
+        model, history, diverged = scratch_attempt(run, trainer, config, i, first_epoch)
         first_epoch += len(history.epochs)
-        attempts.append(judge_attempt(run, trainer, model, history, diverged, rate, budget))
+        attempts.append(judge_attempt(run, trainer, model, history, diverged, config.plan[0]))
         announce_attempt(run, attempts, rates)
         if attempts[-1].fitted or i + 1 == len(rates):
             break

@@ -447,33 +447,16 @@ class Tracker:
         self, run_id: str, model, class_names: list[str], image_size: int, tags: dict[str, Any] | None = None
     ) -> str:
         """Log a trained Keras model to its run (MLflow's Keras flavour, a `.keras` file inside);
-        returns its `models:/` URI, also kept on the run as the tag harness.model_uri.
-
-        The input is raw uint8 pixels (preprocessing is inside the model); the class names go in
-        the model's metadata, so `python -m harness.predict` names its predictions."""
+        returns its `models:/` URI (`_log_model`)."""
         from importlib.metadata import version
 
         import mlflow
-        import numpy as np
-        from mlflow.models import infer_signature
 
-        # The signature needs only the shapes and dtypes: class probabilities, one row per image. A
-        # `model.predict` to get them would trace a predict function just for this (seconds a model).
-        example = np.zeros((1, image_size, image_size, 3), np.uint8)
-        signature = infer_signature(example, np.zeros((1, int(model.output_shape[-1])), np.float32))
-        # The fluent API is the only way to log a flavour; the `with` ends the run as FINISHED, so
-        # this is called once the trial has succeeded, just before its run ends anyway.
-        with global_tracking_uri(self.uri), mlflow.start_run(run_id=run_id):
-            info = mlflow.keras.log_model(
-                model,
-                name="model",
-                signature=signature,
-                metadata={"class_names": list(class_names), "image_size": int(image_size), "framework": "keras"},
-                pip_requirements=[f"keras=={version('keras')}", "tensorflow"],  # no slow requirement inference
-                tags=_redacted(tags or {}),
-            )
-        self.client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
-        return info.model_uri
+        # The signature needs only the output's width. A `model.predict` to get it would trace a
+        # predict function just for this (seconds a model).
+        card = _model_card(class_names, image_size, "keras")
+        requirements = [f"keras=={version('keras')}", "tensorflow"]
+        return self._log_model(run_id, mlflow.keras.log_model, model, card, int(model.output_shape[-1]), tags, requirements)
 
     def log_pytorch_model(
         self,
@@ -486,18 +469,12 @@ class Tracker:
     ) -> str:
         """Log a trained PyTorch model to its run (MLflow's PyTorch flavour: the module pickled
         whole, so it must be built of torch's and its zoo's classes alone and loads where the
-        harness is not installed); returns its `models:/` URI, also kept on the run as the tag
-        harness.model_uri. As `log_keras_model`: uint8 pixels in (preprocessing is inside the
-        model), class probabilities out, the class names in the model's metadata. `requirements`:
-        the pip requirements the module needs (torch, torchvision, timm), pinned by the caller."""
+        harness is not installed); returns its `models:/` URI (`_log_model`). `requirements`: the
+        pip requirements the module needs (torch, torchvision, timm), pinned by the caller."""
         import logging
 
         import mlflow
-        import numpy as np
-        from mlflow.models import infer_signature
 
-        example = np.zeros((1, image_size, image_size, 3), np.uint8)
-        signature = infer_signature(example, np.zeros((1, len(class_names)), np.float32))  # one probability per class
         # Pickled, not MLflow's default "pt2" (torch.export): exporting the zoo's models fixed the
         # batch size at the example's (mobilenet_v3_small: "Guard failed: input.size()[0] == 1"),
         # so the program would serve one image at a time. MLflow warns of pickle on every call; the
@@ -506,18 +483,45 @@ class Tracker:
         level = pytorch_logger.level
         pytorch_logger.setLevel(logging.ERROR)
         try:
-            with global_tracking_uri(self.uri), mlflow.start_run(run_id=run_id):
-                info = mlflow.pytorch.log_model(
-                    model,
-                    name="model",
-                    signature=signature,
-                    metadata={"class_names": list(class_names), "image_size": int(image_size), "framework": "torch"},
-                    pip_requirements=requirements or ["torch"],  # no slow requirement inference
-                    tags=_redacted(tags or {}),
-                    serialization_format="pickle",
-                )
+            card = _model_card(class_names, image_size, "torch")
+            return self._log_model(
+                run_id,
+                mlflow.pytorch.log_model,
+                model,
+                card,
+                len(class_names),
+                tags,
+                requirements or ["torch"],
+                serialization_format="pickle",
+            )
         finally:
             pytorch_logger.setLevel(level)
+
+    def _log_model(self, run_id, log_flavour, model, card: dict, classes: int, tags, requirements, **extra):
+        """Log `model` with an MLflow flavour's `log_model` into the run; returns its `models:/` URI,
+        also kept on the run as the tag harness.model_uri.
+
+        The input is raw uint8 pixels of the card's image size (preprocessing is inside the model),
+        the output one probability per `classes`; the card (`_model_card`) is the model's
+        metadata, so `python -m harness.predict` names its predictions and loads it with its
+        framework. The fluent API is the only way to log a flavour; the `with` ends the run as
+        FINISHED, so this is called once the trial has succeeded, just before its run ends anyway."""
+        import mlflow
+        import numpy as np
+        from mlflow.models import infer_signature
+
+        size = card["image_size"]
+        signature = infer_signature(np.zeros((1, size, size, 3), np.uint8), np.zeros((1, classes), np.float32))
+        with global_tracking_uri(self.uri), mlflow.start_run(run_id=run_id):
+            info = log_flavour(
+                model,
+                name="model",
+                signature=signature,
+                metadata=card,
+                pip_requirements=requirements,  # no slow requirement inference
+                tags=_redacted(tags or {}),
+                **extra,
+            )
         self.client.set_tag(run_id, MODEL_URI_TAG, info.model_uri)
         return info.model_uri
 
@@ -842,6 +846,11 @@ def run_model_uri(tracking_uri: str, run_id: str) -> str:
     if found:
         return found[0].model_uri
     return tag or f"runs:/{run_id}/model"
+
+
+def _model_card(class_names: list[str], image_size: int, framework: str) -> dict[str, Any]:
+    """A logged model's metadata: its class names, input size and the framework that loads it."""
+    return {"class_names": list(class_names), "image_size": int(image_size), "framework": framework}
 
 
 def _redacted(tags: dict[str, Any]) -> dict[str, str]:
